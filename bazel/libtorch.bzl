@@ -1,0 +1,49 @@
+"""Finds LibTorch inside the project's venv (the PyPI torch wheel) and exposes it to Bazel.
+
+The venv's location comes from tools/venv.sh (a per-user cache keyed by
+tools/requirements.txt); tools/setup.sh creates it.
+"""
+
+def _libtorch_impl(rctx):
+    rctx.read(Label("@//tools:requirements.txt"))  # refetch when the pins change
+    res = rctx.execute(["bash", str(rctx.path(Label("@//tools:venv.sh"))), "path"])
+    if res.return_code != 0:
+        fail("tools/venv.sh failed: " + res.stderr)
+    python = res.stdout.strip() + "/bin/python"
+    res = rctx.execute([python, "-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
+    if res.return_code != 0:
+        fail("No LibTorch in the project's venv ({}). Run tools/setup.sh first.\n{}".format(python, res.stderr))
+    torch_dir = res.stdout.strip()
+    rctx.symlink(torch_dir + "/include", "include")
+    rctx.symlink(torch_dir + "/lib", "lib")
+    lib = torch_dir + "/lib"
+    rctx.file("BUILD", """
+package(default_visibility = ["//visibility:public"])
+
+cc_library(
+    name = "headers",
+    hdrs = glob(["include/**/*.h", "include/**/*.hpp", "include/**/*.cuh"]),
+    includes = ["include", "include/torch/csrc/api/include"],
+)
+
+# LibTorch for the CPU: libtorch_cpu and libc10.
+cc_library(
+    name = "torch_cpu",
+    linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-Wl,--no-as-needed", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"],
+    deps = [":headers"],
+)
+
+# LibTorch with its CUDA backend (--config=cuda).
+cc_library(
+    name = "torch_cuda",
+    linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-Wl,--no-as-needed", "-ltorch_cuda", "-lc10_cuda", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"],
+    deps = [":headers"],
+)
+
+exports_files(["lib"])
+""".format(lib = lib))
+
+libtorch_repository = repository_rule(
+    implementation = _libtorch_impl,
+    local = True,
+)

@@ -1,0 +1,384 @@
+#include "core/lm_head.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+
+#include <cmath>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/dtype.h"
+#include "core/layer_norm.h"
+#include "core/torch_errors.h"
+
+namespace lmhead {
+namespace {
+
+std::string ShapeString(at::IntArrayRef shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+std::string DTypeString(c10::ScalarType type) { return std::string(c10::toString(type)); }
+
+// Hugging Face spellings of our parameter names.
+const std::map<std::string, std::string>& HuggingFaceNames() {
+  static const auto* names = new std::map<std::string, std::string>{
+      {"lm_head.weight", "w_out.weight"},
+      {"lm_head.bias", "w_out.bias"},
+      {"model.norm.weight", "norm.weight"},
+      {"model.norm.bias", "norm.bias"},
+  };
+  return *names;
+}
+
+// h[:, -k:, :] with Python slice semantics, or a per-row gather along dim 1 (spec §2.1 step 3).
+at::Tensor SelectPositions(const at::Tensor& t, const std::variant<int64_t, at::Tensor>& keep) {
+  if (const auto* k = std::get_if<int64_t>(&keep)) {
+    if (*k == 0) return t;
+    const int64_t length = t.size(1);
+    // t[:, -k:]: k > 0 keeps the last min(k, S); k < 0 drops the first min(|k|, S).
+    const int64_t start = *k > 0 ? std::max<int64_t>(length - *k, 0) : std::min(-*k, length);
+    return t.slice(1, start, length);
+  }
+  const at::Tensor& positions = std::get<at::Tensor>(keep);
+  if (t.dim() == 3) {
+    return t.gather(1, positions.unsqueeze(-1).expand({-1, -1, t.size(-1)}));
+  }
+  return t.gather(1, positions);
+}
+
+// _finalize_loss without tensor or context parallelism (spec §2.5).
+at::Tensor FinalizeLoss(const at::Tensor& loss, int64_t batch, LossReduction reduction,
+                        const std::variant<std::monostate, double, at::Tensor>& div_factor) {
+  at::Tensor out = reduction == LossReduction::kNone ? loss.view({batch, -1}) : loss;
+  if (const auto* d = std::get_if<double>(&div_factor)) return out / *d;
+  if (const auto* d = std::get_if<at::Tensor>(&div_factor)) return out / *d;
+  return out;
+}
+
+// LMOutputWithLoss: logits unless return_logits=False, and the finalised losses.
+LMOutput MakeOutput(std::optional<at::Tensor> logits, const LossTerms& terms, int64_t batch,
+                    const ForwardOptions& options) {
+  const auto finalize = [&](const at::Tensor& t) {
+    return FinalizeLoss(t, batch, options.loss_reduction, options.loss_div_factor);
+  };
+  LMOutput out;
+  if (options.return_logits != false) out.logits = std::move(logits);
+  out.loss = finalize(terms.loss);
+  out.ce_loss = finalize(terms.ce_loss);
+  if (terms.z_loss.has_value()) out.z_loss = finalize(*terms.z_loss);
+  return out;
+}
+
+absl::Status InvalidArgument(absl::string_view field, absl::string_view message) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", message));
+}
+
+}  // namespace
+
+LMHead::LMHead(const LMHeadConfig& config, int64_t d_model, int64_t vocab_size)
+    : config_(config), d_model_(d_model), vocab_size_(vocab_size) {}
+
+LMHead::~LMHead() = default;
+
+c10::Device LMHead::device() const { return weight_.device(); }
+
+absl::StatusOr<std::unique_ptr<LMHead>> LMHead::Build(const LMHeadConfig& config,
+                                                      int64_t d_model, int64_t vocab_size,
+                                                      const std::string& device,
+                                                      uint64_t seed) {
+  if (absl::Status status = config.Validate(); !status.ok()) return status;
+  if (d_model <= 0) return InvalidArgument("d_model", absl::StrCat("must be positive, got ", d_model));
+  if (vocab_size <= 0) {
+    return InvalidArgument("vocab_size", absl::StrCat("must be positive, got ", vocab_size));
+  }
+  absl::StatusOr<c10::Device> parsed = CatchTorchErrors(
+      [&]() -> absl::StatusOr<c10::Device> { return c10::Device(device); });
+  if (!parsed.ok()) return InvalidArgument("device", parsed.status().message());
+
+  std::unique_ptr<LMHead> head;
+  if (config.name == LMHeadType::kNormalized) {
+    head.reset(new NormalizedLMHead(config, d_model, vocab_size));
+  } else {
+    head.reset(new LMHead(config, d_model, vocab_size));
+  }
+  if (absl::Status status = head->CreateParameters(*parsed); !status.ok()) return status;
+  if (absl::Status status = head->ResetParameters(seed); !status.ok()) return status;
+  return head;
+}
+
+absl::Status LMHead::CreateParameters(const c10::Device& device) {
+  if (config_.layer_norm.has_value()) {
+    absl::StatusOr<std::unique_ptr<LayerNorm>> norm =
+        LayerNorm::Build(*config_.layer_norm, d_model_, device);
+    if (!norm.ok()) return norm.status();
+    norm_ = *std::move(norm);
+    if (norm_->weight().defined()) parameters_.emplace_back("norm.weight", norm_->weight());
+    if (norm_->bias().defined()) parameters_.emplace_back("norm.bias", norm_->bias());
+  }
+  return CatchTorchErrors([&]() -> absl::Status {
+    const auto options = at::TensorOptions().dtype(ToScalarType(config_.dtype)).device(device);
+    weight_ = at::empty({vocab_size_, d_model_}, options);
+    parameters_.emplace_back("w_out.weight", weight_);
+    if (config_.EffectiveBias()) {
+      bias_ = at::empty({vocab_size_}, options);
+      parameters_.emplace_back("w_out.bias", bias_);
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status LMHead::ResetParameters(uint64_t seed) {
+  return CatchTorchErrors([&]() -> absl::Status {
+    if (norm_ != nullptr) norm_->ResetParameters();
+    if (weight_.is_meta()) return absl::OkStatus();
+    // nn.Linear's default: kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(D), 1/sqrt(D)) for the
+    // weight, and the bias uses the same bound. Drawn on the CPU so every device gets the same
+    // values for one seed.
+    at::Generator generator = at::detail::createCPUGenerator(seed);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(d_model_));
+    const auto cpu_fp32 = at::TensorOptions().dtype(at::kFloat);
+    weight_.copy_(at::empty(weight_.sizes(), cpu_fp32).uniform_(-bound, bound, generator));
+    if (bias_.defined()) {
+      bias_.copy_(at::empty(bias_.sizes(), cpu_fp32).uniform_(-bound, bound, generator));
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status LMHead::NormalizeMatrices() {
+  return absl::FailedPreconditionError(
+      "normalize_matrices exists only on the normalized head (name='normalized')");
+}
+
+int64_t LMHead::NumFlopsPerToken() const {
+  int64_t params = 0;
+  for (const auto& [name, tensor] : parameters_) params += tensor.numel();
+  return 6 * params;
+}
+
+absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tensors) {
+  // Resolve every given name to one of ours before touching any parameter.
+  std::map<std::string, std::pair<std::string, at::Tensor>> resolved;  // ours -> (given, tensor)
+  std::set<std::string> ours;
+  for (const auto& [name, tensor] : parameters_) ours.insert(name);
+  for (const auto& [given, tensor] : tensors) {
+    std::string name = given;
+    if (auto hf = HuggingFaceNames().find(given); hf != HuggingFaceNames().end()) {
+      name = hf->second;
+    } else if (absl::string_view(given).substr(0, 8) == "lm_head.") {
+      name = given.substr(8);
+    }
+    if (ours.count(name) == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unexpected key '", given, "': this head has ", absl::StrJoin(ours, ", ")));
+    }
+    auto [it, inserted] = resolved.emplace(name, std::make_pair(given, tensor));
+    if (!inserted) {
+      return absl::InvalidArgumentError(absl::StrCat("keys '", it->second.first, "' and '", given,
+                                                     "' both give '", name, "'"));
+    }
+  }
+  for (const auto& [name, param] : parameters_) {
+    auto it = resolved.find(name);
+    if (it == resolved.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("missing key '", name, "'"));
+    }
+    const auto& [given, tensor] = it->second;
+    if (!tensor.defined() || tensor.sizes() != param.sizes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "key '", given, "': expected shape ", ShapeString(param.sizes()), ", got ",
+          tensor.defined() ? ShapeString(tensor.sizes()) : "an undefined tensor"));
+    }
+    if (tensor.scalar_type() != param.scalar_type()) {
+      return absl::InvalidArgumentError(absl::StrCat("key '", given, "': expected dtype ",
+                                                     DTypeString(param.scalar_type()), ", got ",
+                                                     DTypeString(tensor.scalar_type())));
+    }
+  }
+  return CatchTorchErrors([&]() -> absl::Status {
+    for (auto& [name, param] : parameters_) {
+      if (!param.is_meta()) param.copy_(resolved.at(name).second);
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
+                                         const ForwardOptions& options) const {
+  // Every input is checked before any compute (docs/SEMANTICS.md lists where this is stricter
+  // than upstream).
+  if (!x.defined() || x.dim() != 3 || x.size(2) != d_model_) {
+    return InvalidArgument(
+        "x", absl::StrCat("expected shape (batch, seq_len, d_model=", d_model_, "), got ",
+                          x.defined() ? ShapeString(x.sizes()) : "an undefined tensor"));
+  }
+  if (x.scalar_type() != weight_.scalar_type()) {
+    return InvalidArgument("x", absl::StrCat("dtype ", DTypeString(x.scalar_type()),
+                                             " does not match the head's dtype ",
+                                             DTypeString(weight_.scalar_type())));
+  }
+  if (x.device() != weight_.device()) {
+    return InvalidArgument("x", absl::StrCat("is on ", x.device().str(), ", the head on ",
+                                             weight_.device().str()));
+  }
+  const int64_t batch = x.size(0);
+  const int64_t length = x.size(1);
+  if (const auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep)) {
+    if (!positions->defined() || positions->dim() != 2 || positions->size(0) != batch ||
+        positions->scalar_type() != at::kLong) {
+      return InvalidArgument(
+          "logits_to_keep",
+          absl::StrCat("a positions tensor must be int64 of shape (batch=", batch, ", K), got ",
+                       positions->defined() ? absl::StrCat(DTypeString(positions->scalar_type()),
+                                                           " ", ShapeString(positions->sizes()))
+                                            : "an undefined tensor"));
+    }
+    if (positions->device() != x.device()) {
+      return InvalidArgument("logits_to_keep", "must be on the same device as x");
+    }
+    if (positions->numel() > 0) {
+      const int64_t low = positions->min().item<int64_t>();
+      const int64_t high = positions->max().item<int64_t>();
+      if (low < 0 || high >= length) {
+        return InvalidArgument("logits_to_keep",
+                               absl::StrCat("positions must lie in [0, seq_len=", length,
+                                            "), got values in [", low, ", ", high, "]"));
+      }
+    }
+  }
+  const LossImplementation implementation =
+      options.loss_implementation.value_or(config_.loss_implementation);
+  if (!options.labels.has_value()) {
+    if (options.return_logits == false) {
+      return absl::InvalidArgumentError(
+          "'return_logits=False' is only valid when 'labels' is provided");
+    }
+  } else {
+    const at::Tensor& labels = *options.labels;
+    if (!labels.defined() || labels.scalar_type() != at::kLong || labels.dim() != 2 ||
+        labels.size(0) != batch || labels.size(1) != length) {
+      return InvalidArgument(
+          "labels", absl::StrCat("expected int64 of shape (batch=", batch, ", seq_len=", length,
+                                 "), got ",
+                                 labels.defined() ? absl::StrCat(DTypeString(labels.scalar_type()),
+                                                                 " ", ShapeString(labels.sizes()))
+                                                  : "an undefined tensor"));
+    }
+    if (labels.device() != x.device()) {
+      return InvalidArgument("labels", "must be on the same device as x");
+    }
+    if (config_.name == LMHeadType::kNormalized &&
+        implementation != LossImplementation::kDefault) {
+      return absl::UnimplementedError(absl::StrCat("'", Name(implementation),
+                                                   "' loss implementation is not supported by "
+                                                   "'NormalizedLMHead'"));
+    }
+    if (implementation == LossImplementation::kFusedLinear && options.return_logits == true) {
+      return absl::InvalidArgumentError(
+          "'return_logits=True' is not compatible 'fused_linear' loss implementation");
+    }
+    if (options.loss_reduction == LossReduction::kNone && batch == 0) {
+      return InvalidArgument("loss_reduction",
+                             "'none' needs a non-empty batch (the loss is reshaped to (B, -1))");
+    }
+    if (options.fused_chunk_bytes <= 0) {
+      return InvalidArgument("fused_chunk_bytes", "must be positive");
+    }
+    // Only the kept positions are scored, so only their labels must be valid class ids.
+    absl::Status labels_ok = CatchTorchErrors([&]() -> absl::Status {
+      const at::Tensor kept = SelectPositions(labels, options.logits_to_keep);
+      const at::Tensor scored = kept.masked_select(kept.ne(options.ignore_index));
+      if (scored.numel() == 0) return absl::OkStatus();
+      const int64_t low = scored.min().item<int64_t>();
+      const int64_t high = scored.max().item<int64_t>();
+      if (low < 0 || high >= vocab_size_) {
+        return InvalidArgument(
+            "labels", absl::StrCat("values must lie in [0, vocab_size=", vocab_size_,
+                                   ") or equal ignore_index=", options.ignore_index,
+                                   ", got values in [", low, ", ", high, "]"));
+      }
+      return absl::OkStatus();
+    });
+    if (!labels_ok.ok()) return labels_ok;
+  }
+  return CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
+    c10::InferenceMode inference;
+    return ForwardChecked(x, options);
+  });
+}
+
+LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const {
+  const int64_t batch = x.size(0);
+  const at::Tensor h = SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x,
+                                       options.logits_to_keep);
+  const std::optional<at::Tensor> bias =
+      bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt;
+  if (!options.labels.has_value()) return {at::linear(h, weight_, bias)};
+
+  const at::Tensor labels =
+      SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
+  std::optional<at::Tensor> logits;
+  LossTerms terms;
+  if (options.loss_implementation.value_or(config_.loss_implementation) ==
+      LossImplementation::kDefault) {
+    logits = at::linear(h, weight_, bias);
+    terms = DefaultLoss(logits->view({-1, vocab_size_}), labels, options.ignore_index,
+                        options.loss_reduction, options.z_loss_multiplier);
+  } else {
+    terms = FusedLinearLoss(h.contiguous().view({-1, d_model_}), weight_, bias_, labels,
+                            options.ignore_index, options.loss_reduction,
+                            options.z_loss_multiplier, options.fused_chunk_bytes);
+  }
+  return MakeOutput(std::move(logits), terms, batch, options);
+}
+
+absl::Status NormalizedLMHead::CreateParameters(const c10::Device& device) {
+  absl::Status status = LMHead::CreateParameters(device);
+  if (!status.ok()) return status;
+  return CatchTorchErrors([&]() -> absl::Status {
+    sz_ = at::empty({vocab_size_}, weight_.options());
+    parameters_.emplace_back("sz", sz_);
+    return absl::OkStatus();
+  });
+}
+
+absl::Status NormalizedLMHead::ResetParameters(uint64_t seed) {
+  absl::Status status = LMHead::ResetParameters(seed);
+  if (!status.ok() || sz_.is_meta()) return status;
+  return CatchTorchErrors([&]() -> absl::Status {
+    // sz <- 1, then sz <- sz * (1/sqrt(D)) in place, as upstream.
+    sz_.fill_(1.0);
+    sz_.mul_(1.0 / std::sqrt(static_cast<double>(d_model_)));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status NormalizedLMHead::NormalizeMatrices() {
+  return CatchTorchErrors([&]() -> absl::Status {
+    // l2_normalize over each vocab row: the norm in fp32, cast back, divide in W's dtype.
+    weight_.copy_(weight_ / at::linalg_vector_norm(weight_, 2, {-1}, /*keepdim=*/true, at::kFloat)
+                                .type_as(weight_));
+    return absl::OkStatus();
+  });
+}
+
+LMOutput NormalizedLMHead::ForwardChecked(const at::Tensor& x,
+                                          const ForwardOptions& options) const {
+  const int64_t batch = x.size(0);
+  const at::Tensor h = SelectPositions(x, options.logits_to_keep);
+  // sz * (sz_init_value / sz_init_scaling), the factor computed in double as upstream.
+  const double factor = 1.0 / (1.0 / std::sqrt(static_cast<double>(d_model_)));
+  const at::Tensor scale = sz_ * factor;
+  const at::Tensor logits = scale * at::linear(h, weight_);
+  if (!options.labels.has_value()) return {logits};
+
+  const at::Tensor labels =
+      SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
+  LossTerms terms = DefaultLoss(logits.view({-1, vocab_size_}), labels, options.ignore_index,
+                                options.loss_reduction, options.z_loss_multiplier);
+  return MakeOutput(std::move(logits), terms, batch, options);
+}
+
+}  // namespace lmhead

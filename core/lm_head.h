@@ -1,0 +1,146 @@
+// LMHead and NormalizedLMHead: OLMo-core's language-model heads (olmo_core.nn.lm_head) on
+// LibTorch, for one device, forward only. Behaviour: ../shared/spec/olmo_lm_head.md; what we
+// reproduce and where we deliberately differ: docs/SEMANTICS.md.
+#ifndef LMHEAD_CORE_LM_HEAD_H_
+#define LMHEAD_CORE_LM_HEAD_H_
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/config.h"
+#include "core/losses.h"
+
+namespace lmhead {
+
+// The keyword arguments of LMHead.forward, plus two service extensions at the end.
+struct ForwardOptions {
+  // (B, S) int64 target token ids; unset: return logits only.
+  std::optional<at::Tensor> labels;
+  int64_t ignore_index = -100;
+  LossReduction loss_reduction = LossReduction::kMean;
+  // Unset turns z-loss off (default implementation). 0.0 acts as 1e-4, as upstream.
+  std::optional<double> z_loss_multiplier;
+  // Divides loss, ce_loss and z_loss: nothing, a number, or a tensor that broadcasts.
+  std::variant<std::monostate, double, at::Tensor> loss_div_factor;
+  // Unset: logits are returned when the implementation has them.
+  std::optional<bool> return_logits;
+  // An int k (0 keeps all, k > 0 the last k positions, k < 0 drops the first |k|, Python slice
+  // semantics) or a (B, K) int64 tensor of positions in [0, S) gathered per row.
+  std::variant<int64_t, at::Tensor> logits_to_keep = int64_t{0};
+
+  // Extension: overrides the head's configured loss implementation for this call.
+  std::optional<LossImplementation> loss_implementation;
+  // Extension: the most bytes of transient logits `fused_linear` keeps at once (per chunk of
+  // tokens, counting the logits in the input dtype and their fp32 working copies).
+  int64_t fused_chunk_bytes = int64_t{128} << 20;
+};
+
+// What forward returns: logits alone when no labels were given, else LMOutputWithLoss
+// (logits?, loss, ce_loss, z_loss?) with upstream's shapes and dtypes (spec §3).
+struct LMOutput {
+  std::optional<at::Tensor> logits;
+  std::optional<at::Tensor> loss;
+  std::optional<at::Tensor> ce_loss;
+  std::optional<at::Tensor> z_loss;
+
+  bool has_loss() const { return loss.has_value(); }
+};
+
+// A parameter name in OLMo-core's state-dict spelling ("w_out.weight") and its tensor.
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+class LayerNorm;
+
+// LMHead (an optional layer norm, then w_out) built from an LMHeadConfig. Immutable after
+// building and loading: Forward is const and safe to call from many threads at once. Owns its
+// parameters. Errors are returned as Status, never thrown.
+class LMHead {
+ public:
+  // LMHeadConfig.build(d_model, vocab_size, init_device): validates the config, then creates
+  // the head of the config's type on `device` ("cpu", "cuda:0", "meta") with PyTorch's default
+  // initialisation drawn from a generator seeded with `seed`.
+  static absl::StatusOr<std::unique_ptr<LMHead>> Build(const LMHeadConfig& config,
+                                                       int64_t d_model, int64_t vocab_size,
+                                                       const std::string& device = "cpu",
+                                                       uint64_t seed = 0);
+  virtual ~LMHead();
+  LMHead(const LMHead&) = delete;
+  LMHead& operator=(const LMHead&) = delete;
+
+  // LMHead.forward(x, **options) on x of shape (B, S, d_model) in the head's dtype.
+  absl::StatusOr<LMOutput> Forward(const at::Tensor& x, const ForwardOptions& options) const;
+
+  // Parameters in registration order with OLMo-core's names (spec §6). The tensors share
+  // storage with the head's own.
+  const NamedTensors& NamedParameters() const { return parameters_; }
+
+  // Copies weights into the parameters. Accepts OLMo-core names with or without the
+  // "lm_head." prefix and Hugging Face names ("lm_head.weight", "lm_head.bias",
+  // "model.norm.weight", "model.norm.bias"). Every parameter must be given exactly once with its
+  // shape and dtype; a missing, extra, duplicate or mismatched key is INVALID_ARGUMENT naming it.
+  absl::Status LoadStateDict(const std::map<std::string, at::Tensor>& tensors);
+
+  // Re-initialises the parameters as at construction (nn.Linear's default init, norm 1/0,
+  // NormalizedLMHead's sz = 1/sqrt(d_model)).
+  virtual absl::Status ResetParameters(uint64_t seed);
+
+  // NormalizedLMHead.normalize_matrices(): rows of w_out.weight scaled to unit L2 norm.
+  // FAILED_PRECONDITION on the default head, which has no such method.
+  virtual absl::Status NormalizeMatrices();
+
+  // 6 x the number of parameters (upstream ignores the sequence length).
+  int64_t NumFlopsPerToken() const;
+
+  const LMHeadConfig& config() const { return config_; }
+  int64_t d_model() const { return d_model_; }
+  int64_t vocab_size() const { return vocab_size_; }
+  c10::Device device() const;
+
+ protected:
+  LMHead(const LMHeadConfig& config, int64_t d_model, int64_t vocab_size);
+
+  // Creates the parameters on `device` (the layer norm for the default head).
+  virtual absl::Status CreateParameters(const c10::Device& device);
+  // Forward after validation; may throw c10::Error, which Forward turns into a Status.
+  virtual LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const;
+
+  LMHeadConfig config_;
+  int64_t d_model_;
+  int64_t vocab_size_;
+  std::unique_ptr<LayerNorm> norm_;  // null without a layer norm
+  at::Tensor weight_;                // w_out.weight (V, D)
+  at::Tensor bias_;                  // w_out.bias (V,), undefined without a bias
+  NamedTensors parameters_;          // all of the above (and sz), in registration order
+};
+
+// NormalizedLMHead (nGPT): logits = (sz * sqrt(d_model)) * (x W^T), no norm, no bias; the
+// default loss implementation only.
+class NormalizedLMHead final : public LMHead {
+ public:
+  absl::Status ResetParameters(uint64_t seed) override;
+  absl::Status NormalizeMatrices() override;
+
+ private:
+  friend class LMHead;
+  using LMHead::LMHead;
+
+  absl::Status CreateParameters(const c10::Device& device) override;
+  LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const override;
+
+  at::Tensor sz_;  // (V,)
+};
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_CORE_LM_HEAD_H_

@@ -1,0 +1,48 @@
+// The two loss implementations behind LMHead.forward (spec §2.3, §2.4), before finalisation.
+#ifndef LMHEAD_CORE_LOSSES_H_
+#define LMHEAD_CORE_LOSSES_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "core/config.h"
+
+namespace lmhead {
+
+// loss = ce_loss + z_loss (when z_loss is present), unreduced for kNone.
+struct LossTerms {
+  at::Tensor loss;
+  at::Tensor ce_loss;
+  std::optional<at::Tensor> z_loss;  // present iff a z-loss multiplier was given
+};
+
+// The multiplier upstream passes on: `z_loss_multiplier or 1e-4` (so 0.0 acts as 1e-4).
+double EffectiveZLossMultiplier(std::optional<double> z_loss_multiplier);
+
+// `default`: olmo_core's cross_entropy_loss on logits (N, V) of any float dtype, upcast to fp32,
+// with labels (N,) int64; z-loss only when a multiplier is given. For kNone the z-loss is not
+// masked at ignored rows, as upstream. May throw c10::Error.
+LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                      LossReduction reduction, std::optional<double> z_loss_multiplier);
+
+// `fused_linear`: what OLMo-core's Liger path returns, forward only, without ever holding more
+// than one chunk of logits. h (N, D) and weight (V, D) share a dtype; bias (V,) may be undefined.
+// Tokens are processed in chunks sized so the chunk's logits (input dtype plus two fp32 working
+// copies) fit in `chunk_bytes`. Per token: lse and the label logit in fp32; ce = lse - label
+// logit and z = s * lse^2 with s = EffectiveZLossMultiplier (added to `loss` even when no
+// multiplier is given, as upstream); ignored rows are 0; "mean" divides each row by the number
+// of valid tokens (0 valid tokens gives 0). z_loss is in the input dtype; ce_loss = loss - z_loss
+// when a multiplier is given, else loss. May throw c10::Error.
+LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& labels, int64_t ignore_index,
+                          LossReduction reduction, std::optional<double> z_loss_multiplier,
+                          int64_t chunk_bytes);
+
+// Tokens per chunk for FusedLinearLoss: at least 1.
+int64_t FusedChunkRows(int64_t vocab_size, int64_t input_element_size, int64_t chunk_bytes);
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_CORE_LOSSES_H_

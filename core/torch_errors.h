@@ -1,0 +1,38 @@
+// The one place in core where LibTorch exceptions become absl::Status (style rule 5).
+#ifndef LMHEAD_CORE_TORCH_ERRORS_H_
+#define LMHEAD_CORE_TORCH_ERRORS_H_
+
+#include <c10/util/Exception.h>
+
+#include <exception>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lmhead {
+
+// c10::OutOfMemoryError -> RESOURCE_EXHAUSTED; value, index, type and other tensor errors ->
+// INVALID_ARGUMENT; anything else -> INTERNAL. The message keeps LibTorch's first line.
+absl::Status StatusFromTorchError(const c10::Error& error);
+absl::Status StatusFromException(const std::exception& error);
+
+// Runs `fn` (returning T, Status or StatusOr<T>) and converts whatever LibTorch throws.
+template <typename Fn>
+auto CatchTorchErrors(Fn&& fn) -> decltype(fn()) {
+  try {
+    return std::forward<Fn>(fn)();
+  } catch (const c10::Error& error) {
+    return StatusFromTorchError(error);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of host memory");
+  } catch (const std::exception& error) {
+    return StatusFromException(error);
+  }
+}
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_CORE_TORCH_ERRORS_H_

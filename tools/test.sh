@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test that needs no GPU: the Bazel unit and end-to-end tests, then the parity suite
+# against the real olmo_core package. Installs what is missing first (tools/setup.sh).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+venv=$(tools/setup.sh | tail -n 1)
+
+bazel test //...
+
+if [[ -d tests/parity ]]; then
+  bazel build //tests/parity:parity_runner
+  LMHEAD_PARITY_RUNNER="$root/bazel-bin/tests/parity/parity_runner" \
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/parity
+fi
