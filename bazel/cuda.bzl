@@ -14,7 +14,8 @@ cc_library(name = "cuda_runtime")
 """)
         rctx.file("missing_nvcc.sh", "#!/bin/sh\necho 'nvcc not found under {}: set CUDA_HOME' >&2\nexit 1\n".format(cuda_home), executable = True)
         return
-    rctx.symlink(cuda_home + "/bin/nvcc", "nvcc")
+    # A wrapper, not a symlink: nvcc finds cicc and its other tools relative to its own path.
+    rctx.file("nvcc", "#!/bin/sh\nexec {}/bin/nvcc \"$@\"\n".format(cuda_home), executable = True)
     rctx.symlink(cuda_home + "/include", "include")
     lib = cuda_home + "/lib64"
     rctx.file("BUILD", """

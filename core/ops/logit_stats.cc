@@ -1,0 +1,60 @@
+#include "core/ops/logit_stats.h"
+
+#include <ATen/ATen.h>
+
+#ifdef LMHEAD_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "core/ops/cuda/logit_stats_cuda.h"
+#endif
+
+namespace lmhead {
+namespace {
+
+// Any device: ATen ops on an fp32 copy of the chunk.
+void AccumulateWithAten(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
+                        at::Tensor& lse, at::Tensor& label_logit) {
+  const int64_t cols = logits.size(1);
+  const at::Tensor logits_fp32 = logits.to(at::kFloat);
+  lse.copy_(at::logaddexp(lse, at::logsumexp(logits_fp32, {1})));
+  const at::Tensor in_chunk = safe_labels.ge(col0).logical_and(safe_labels.lt(col0 + cols));
+  const at::Tensor column = (safe_labels - col0).clamp(0, cols - 1).unsqueeze(1);
+  label_logit.copy_(
+      at::where(in_chunk, logits_fp32.gather(1, column).squeeze(1), label_logit));
+}
+
+#ifdef LMHEAD_WITH_CUDA
+void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
+                        at::Tensor& lse, at::Tensor& label_logit) {
+  TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
+  TORCH_CHECK(lse.is_contiguous() && label_logit.is_contiguous() && safe_labels.is_contiguous(),
+              "per-token statistics must be contiguous");
+  cuda::LogitType type = cuda::LogitType::kFloat32;
+  switch (logits.scalar_type()) {
+    case at::kFloat: type = cuda::LogitType::kFloat32; break;
+    case at::kBFloat16: type = cuda::LogitType::kBFloat16; break;
+    case at::kHalf: type = cuda::LogitType::kFloat16; break;
+    default: TORCH_CHECK(false, "unsupported logit dtype ", logits.scalar_type());
+  }
+  C10_CUDA_CHECK(cuda::AccumulateLogitStats(
+      logits.data_ptr(), type, logits.size(0), logits.size(1), logits.stride(0), col0,
+      safe_labels.data_ptr<int64_t>(), lse.data_ptr<float>(), label_logit.data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
+}
+#endif
+
+}  // namespace
+
+void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
+                          at::Tensor& lse, at::Tensor& label_logit) {
+#ifdef LMHEAD_WITH_CUDA
+  if (logits.is_cuda()) {
+    AccumulateWithCuda(logits, col0, safe_labels, lse, label_logit);
+    return;
+  }
+#endif
+  AccumulateWithAten(logits, col0, safe_labels, lse, label_logit);
+}
+
+}  // namespace lmhead
