@@ -14,7 +14,15 @@ def _libtorch_impl(rctx):
     if res.return_code != 0:
         fail("No LibTorch in the project's venv ({}). Run tools/setup.sh first.\n{}".format(python, res.stderr))
     torch_dir = res.stdout.strip()
-    rctx.symlink(torch_dir + "/include", "include")
+    # Every top-level include folder except google/: the wheel bundles protobuf headers of
+    # another version, which would shadow Debian's (/usr/include) in any target that also
+    # uses gRPC or protobuf.
+    listing = rctx.execute(["ls", "-1", torch_dir + "/include"])
+    if listing.return_code != 0:
+        fail("cannot list {}/include: {}".format(torch_dir, listing.stderr))
+    for entry in listing.stdout.strip().split("\n"):
+        if entry and entry != "google":
+            rctx.symlink(torch_dir + "/include/" + entry, "include/" + entry)
     rctx.symlink(torch_dir + "/lib", "lib")
     lib = torch_dir + "/lib"
     rctx.file("BUILD", """

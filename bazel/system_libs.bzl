@@ -50,10 +50,11 @@ def _system_libs_impl(rctx):
         lines.append("    linkopts = {},".format(repr(libs)))
         lines.append(")")
         lines.append("")
-    lines.append('exports_files(["protoc", "grpc_cpp_plugin", "grpc/health/v1/health.proto"])')
+    lines.append('exports_files(["protoc", "grpc_cpp_plugin", "grpc/health/v1/health.proto", "grpc/reflection/v1alpha/reflection.proto"])')
     rctx.symlink(rctx.which("protoc"), "protoc")
-    # The standard health API (Debian's grpc-proto), for health-check clients.
-    rctx.symlink("/usr/share/grpc-proto/grpc/health/v1/health.proto", "grpc/health/v1/health.proto")
+    # The standard health and reflection APIs (Debian's grpc-proto), for their clients.
+    for proto in ["grpc/health/v1/health.proto", "grpc/reflection/v1alpha/reflection.proto"]:
+        rctx.symlink("/usr/share/grpc-proto/" + proto, proto)
     rctx.symlink(rctx.which("grpc_cpp_plugin"), "grpc_cpp_plugin")
     rctx.file("BUILD", "\n".join(lines))
 

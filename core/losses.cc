@@ -46,10 +46,8 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
   return {ce + z, ce, z};
 }
 
-FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size,
-                              int64_t input_element_size, int64_t chunk_bytes) {
-  // Each logit of a chunk costs its input-dtype value, an fp32 copy and an fp32 temporary.
-  const int64_t bytes_per_logit = input_element_size + 8;
+FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
+                              int64_t chunk_bytes) {
   const int64_t budget = std::max<int64_t>(chunk_bytes / bytes_per_logit, 1);  // logits
   FusedChunkShape shape;
   // Many tokens per GEMM keep the weight from being re-read; wide vocabulary slices keep each
@@ -76,8 +74,8 @@ LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const a
   // time; the log-sum-exp of the slices is merged as it goes.
   at::Tensor lse = at::full({num_tokens}, -std::numeric_limits<float>::infinity(), fp32);
   at::Tensor label_logit = at::zeros({num_tokens}, fp32);
-  const FusedChunkShape chunk =
-      FusedChunking(num_tokens, vocab_size, h.element_size(), chunk_bytes);
+  const FusedChunkShape chunk = FusedChunking(
+      num_tokens, vocab_size, h.element_size() + LogitStatsWorkingBytes(h.device()), chunk_bytes);
   for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
     const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
     const at::Tensor h_rows = h.narrow(0, t0, rows);

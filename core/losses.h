@@ -30,7 +30,8 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
 // `fused_linear`: what OLMo-core's Liger path returns, forward only, without ever holding more
 // than one chunk of logits. h (N, D) and weight (V, D) share a dtype; bias (V,) may be undefined.
 // The logits are formed one chunk (token rows x vocabulary columns, see FusedChunking) at a
-// time, sized so the chunk (input dtype plus two fp32 working copies) fits in `chunk_bytes`.
+// time, sized so the chunk (input dtype, plus the epilogue's working copies where it needs them,
+// see LogitStatsWorkingBytes) fits in `chunk_bytes`.
 // Per token: lse (merged across vocabulary slices) and the label logit in fp32; ce = lse - label
 // logit and z = s * lse^2 with s = EffectiveZLossMultiplier (added to `loss` even when no
 // multiplier is given, as upstream); ignored rows are 0; "mean" divides each row by the number
@@ -42,13 +43,13 @@ LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const a
                           int64_t chunk_bytes);
 
 // How FusedLinearLoss tiles the (tokens x vocabulary) logits: chunks of token_rows x
-// vocab_columns logits, both at least 1, sized to `chunk_bytes`.
+// vocab_columns logits, both at least 1, of at most `chunk_bytes` at `bytes_per_logit`.
 struct FusedChunkShape {
   int64_t token_rows = 1;
   int64_t vocab_columns = 1;
 };
-FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size,
-                              int64_t input_element_size, int64_t chunk_bytes);
+FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
+                              int64_t chunk_bytes);
 
 }  // namespace lmhead
 

@@ -46,6 +46,13 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
 
 }  // namespace
 
+int64_t LogitStatsWorkingBytes(const c10::Device& device) {
+#ifdef LMHEAD_WITH_CUDA
+  if (device.is_cuda()) return 0;
+#endif
+  return 8;
+}
+
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                           at::Tensor& lse, at::Tensor& label_logit) {
 #ifdef LMHEAD_WITH_CUDA

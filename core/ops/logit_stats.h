@@ -4,6 +4,7 @@
 #define LMHEAD_CORE_OPS_LOGIT_STATS_H_
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 
@@ -14,6 +15,10 @@ namespace lmhead {
 // label_logit: (rows,) fp32 views updated in place: lse <- logaddexp(lse, logsumexp(row)) in
 // fp32, label_logit <- the row's label logit where the label lies in this chunk. May throw
 // c10::Error.
+// Extra bytes per logit AccumulateLogitStats needs while it runs on `device`: two fp32 copies
+// for the ATen path, none for the CUDA kernel.
+int64_t LogitStatsWorkingBytes(const c10::Device& device);
+
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                           at::Tensor& lse, at::Tensor& label_logit);
 

@@ -1,0 +1,89 @@
+"""Liger-Kernel and Cut Cross-Entropy forward on the shapes of gpu_lm_head_bench, with the cuBLAS
+x @ W^T time measured in the same process as the baseline. Runs on the GPU machine:
+
+    python3 bench/gpu_baselines.py [--quick]
+
+Prints markdown rows: d, V, N, impl, median ms, TFLOP/s, peak extra MB, ratio to cublas.
+"""
+
+import sys
+
+import torch
+
+
+def measure(fn, reps):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before) / 1e6
+        times = []
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        times.sort()
+        return times[len(times) // 2], peak
+    except torch.OutOfMemoryError:
+        return None, None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def main():
+    quick = "--quick" in sys.argv
+    print(f"card: {torch.cuda.get_device_name(0)}\n")
+    print("| d | V | N | impl | ms | TFLOP/s | peak extra MB | ratio to cublas |")
+    print("|---|---|---|---|---|---|---|---|")
+    impls = {}
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyFunction,
+        )
+
+        def liger(x, w, y):
+            # OLMo-core's call: bias None, ignore -100, lse_square_scale 1e-4, sum, z-loss on.
+            return LigerFusedLinearCrossEntropyFunction.apply(
+                x, w, y, None, None, -100, 1e-4, 0.0, "sum", None, True, torch.float32
+            )
+
+        impls["liger"] = liger
+    except Exception as e:  # noqa: BLE001 - report and go on with the others
+        print(f"liger-kernel unavailable: {e}", file=sys.stderr)
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        impls["cce"] = lambda x, w, y: linear_cross_entropy(x, w, y, reduction="sum")
+    except Exception as e:  # noqa: BLE001
+        print(f"cut-cross-entropy unavailable: {e}", file=sys.stderr)
+
+    reps = 5 if quick else 10
+    for d in (2048, 4096):
+        for v in (128256,) if quick else (100352, 128256, 256000):
+            w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.02
+            for n in (8192,) if quick else (8192, 32768):
+                x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+                y = torch.randint(v, (n,), device="cuda")
+                flops = 2.0 * n * d * v
+                out = torch.empty(n, v, device="cuda", dtype=torch.bfloat16)
+                base, peak = measure(lambda: torch.mm(x, w.t(), out=out), reps)
+                del out
+                print(f"| {d} | {v} | {n} | cublas(py) | {base:.2f} | {flops / base / 1e9:.0f} | {peak:.0f} | x1.000 |")
+                for name, fn in impls.items():
+                    with torch.no_grad():
+                        ms, peak = measure(lambda: fn(x, w, y), reps)
+                    if ms is None:
+                        print(f"| {d} | {v} | {n} | {name} | failed (OOM) | | | |")
+                    else:
+                        print(f"| {d} | {v} | {n} | {name} | {ms:.2f} | {flops / ms / 1e9:.0f} | {peak:.0f} | x{ms / base:.3f} |")
+                    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

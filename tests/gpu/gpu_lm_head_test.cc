@@ -1,0 +1,193 @@
+// GPU tests (tag requires-gpu; run on the GPU machine by tools/gpu/run.sh): both loss
+// implementations on CUDA against an fp64 reference and against the CPU path, over dtypes, vocab
+// sizes that are not multiples of any tile, N=1, ignored and all-ignored labels, every
+// logits_to_keep form and chunkings that split tokens and vocabulary.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/lm_head.h"
+#include "gtest/gtest.h"
+
+namespace lmhead {
+namespace {
+
+struct Case {
+  DType dtype;
+  int64_t vocab;
+  int64_t batch;
+  int64_t seq;
+  LossReduction reduction;
+  std::optional<double> z;
+  int ignore;  // 0 none, 1 some, 2 all
+  int keep;    // 0: 0, 1: -3, 2: positions tensor
+  int64_t chunk_bytes;
+  bool bias;
+};
+
+std::string Describe(const Case& c) {
+  return absl::StrCat(Name(c.dtype), " V=", c.vocab, " B=", c.batch, " S=", c.seq, " ",
+                      Name(c.reduction), " z=", c.z ? std::to_string(*c.z) : "None",
+                      " ignore=", c.ignore, " keep=", c.keep, " chunk=", c.chunk_bytes,
+                      " bias=", c.bias);
+}
+
+std::vector<Case> Grid() {
+  std::vector<Case> cases;
+  const std::vector<int64_t> vocabs = {37, 1000, 50304, 100352 + 3};
+  int i = 0;
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    for (int64_t vocab : vocabs) {
+      for (LossReduction reduction :
+           {LossReduction::kMean, LossReduction::kSum, LossReduction::kNone}) {
+        for (int ignore : {0, 1, 2}) {
+          ++i;
+          Case c{dtype, vocab, 1 + i % 3, (i % 4 == 0) ? 1 : 5 + i % 7, reduction,
+                 i % 2 ? std::optional<double>(1e-3) : std::nullopt, ignore, i % 3,
+                 // small budgets split tokens and vocabulary into many chunks
+                 i % 2 ? int64_t{128} << 20 : int64_t{4096} + 97 * i, i % 3 != 1};
+          cases.push_back(c);
+        }
+      }
+    }
+  }
+  // N = 1.
+  cases.push_back({DType::kBFloat16, 50304, 1, 1, LossReduction::kSum, 1e-4, 0, 0, 128 << 20, false});
+  return cases;
+}
+
+// Per-token ce and lse in fp64 from (possibly rounded) logits.
+struct Reference {
+  at::Tensor ce, lse, valid;
+};
+Reference Fp64(const at::Tensor& logits2d, const at::Tensor& labels1d, int64_t ignore_index) {
+  const at::Tensor l = logits2d.to(at::kDouble).cpu();
+  const at::Tensor y = labels1d.cpu();
+  const at::Tensor valid = y.ne(ignore_index);
+  const at::Tensor safe = at::where(valid, y, at::zeros_like(y));
+  const at::Tensor lse = at::logsumexp(l, {1});
+  const at::Tensor ce = at::where(valid, lse - l.gather(1, safe.unsqueeze(1)).squeeze(1),
+                                  at::zeros_like(lse));
+  return {ce, lse, valid};
+}
+
+class GpuLMHeadTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Case& c = GetParam();
+  SCOPED_TRACE(Describe(c));
+  constexpr int64_t kD = 64;
+  LMHeadConfig config;
+  config.dtype = c.dtype;
+  config.bias = c.bias;
+  config.layer_norm = LayerNormConfig{LayerNormType::kRms};
+  auto cpu = LMHead::Build(config, kD, c.vocab, "cpu", /*seed=*/7);
+  auto gpu = LMHead::Build(config, kD, c.vocab, "cuda:0", /*seed=*/7);
+  ASSERT_TRUE(cpu.ok() && gpu.ok());
+  std::map<std::string, at::Tensor> weights;
+  for (const auto& [name, t] : (*cpu)->NamedParameters()) weights[name] = t;
+  ASSERT_TRUE((*gpu)->LoadStateDict(weights).ok());
+
+  at::Generator gen = at::detail::createCPUGenerator(c.vocab * 31 + c.seq);
+  const at::ScalarType st = c.dtype == DType::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor x = (at::randn({c.batch, c.seq, kD}, gen) * 3).to(st);
+  at::Tensor labels = at::randint(c.vocab, {c.batch, c.seq}, gen, at::TensorOptions(at::kLong));
+  if (c.ignore == 1) labels.select(1, 0).fill_(-100);
+  if (c.ignore == 2) labels.fill_(-100);
+
+  ForwardOptions options;
+  options.labels = labels;
+  options.loss_reduction = c.reduction;
+  options.z_loss_multiplier = c.z;
+  options.fused_chunk_bytes = c.chunk_bytes;
+  options.loss_div_factor = 3.0;
+  if (c.keep == 1) options.logits_to_keep = int64_t{-3};
+  if (c.keep == 2) {
+    options.logits_to_keep = at::randint(c.seq, {c.batch, 2}, gen, at::TensorOptions(at::kLong));
+  }
+  auto to_gpu = [](ForwardOptions o) {
+    o.labels = o.labels->cuda();
+    if (auto* p = std::get_if<at::Tensor>(&o.logits_to_keep)) o.logits_to_keep = p->cuda();
+    return o;
+  };
+
+  // Logits on the GPU, rounded to the head dtype by the GEMM: the reference's input.
+  ForwardOptions logits_only = to_gpu(options);
+  logits_only.labels.reset();
+  auto logits = (*gpu)->Forward(x.cuda(), logits_only);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  const int64_t kept = logits->logits->size(1);
+
+  for (LossImplementation impl : {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+    SCOPED_TRACE(Name(impl));
+    options.loss_implementation = impl;
+    auto g = (*gpu)->Forward(x.cuda(), to_gpu(options));
+    auto h = (*cpu)->Forward(x, options);
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE(h.ok()) << h.status();
+    ASSERT_EQ(g->loss->sizes(), h->loss->sizes());
+    ASSERT_EQ(g->loss->scalar_type(), h->loss->scalar_type());
+    ASSERT_EQ(g->z_loss.has_value(), h->z_loss.has_value());
+    if (g->z_loss) ASSERT_EQ(g->z_loss->scalar_type(), h->z_loss->scalar_type());
+
+    // Selected labels, flattened as the head does.
+    at::Tensor kept_labels = labels;
+    if (c.keep == 1) kept_labels = labels.slice(1, std::min<int64_t>(3, c.seq));  // [3:]
+    if (c.keep == 2) kept_labels = labels.gather(1, std::get<at::Tensor>(options.logits_to_keep));
+    const Reference ref = Fp64(logits->logits->reshape({-1, c.vocab}),
+                               kept_labels.reshape({-1}), -100);
+    ASSERT_EQ(ref.ce.size(0), c.batch * kept);
+
+    // Per-token loss against fp64 over the same logits: the epilogue is exact to fp32 rounding.
+    // loss = ce + s * lse^2, where the z term is present with a multiplier (default: at every
+    // row; fused: at valid rows) and also without one in fused (s = 1e-4).
+    if (c.reduction == LossReduction::kNone) {
+      const at::Tensor got = g->loss->reshape({-1}).to(at::kDouble).cpu() * 3.0;
+      at::Tensor want = ref.ce;
+      const bool fused = impl == LossImplementation::kFusedLinear;
+      if (c.z || fused) {
+        const double s = c.z ? *c.z : 1e-4;
+        const at::Tensor z = s * ref.lse * ref.lse;
+        want = want + (fused ? at::where(ref.valid, z, at::zeros_like(z)) : z);
+      }
+      const double max_err = got.numel() ? (got - want).abs().max().item<double>() : 0.0;
+      EXPECT_LT(max_err, 1e-3) << "per-token loss differs from fp64 by " << max_err;
+      if (got.numel() > 0) EXPECT_LT((got - want).abs().median().item<double>(), 1e-4);
+    }
+    // GPU vs CPU, same implementation, tolerance of the head dtype.
+    const double rtol = c.dtype == DType::kBFloat16 ? 1.6e-2 : 1e-4;
+    const at::Tensor gl = g->loss->to(at::kDouble).cpu(), hl = h->loss->to(at::kDouble).cpu();
+    EXPECT_TRUE(at::allclose(gl, hl, rtol, 1e-4, /*equal_nan=*/true))
+        << "gpu " << gl << " cpu " << hl;
+    if (c.ignore == 2 && c.reduction == LossReduction::kMean) {
+      EXPECT_EQ(std::isnan(gl.item<double>()), impl == LossImplementation::kDefault);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, GpuLMHeadTest, ::testing::ValuesIn(Grid()));
+
+TEST(GpuLMHeadSmokeTest, SmallCaseForComputeSanitizer) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  LMHeadConfig config;
+  config.dtype = DType::kBFloat16;
+  auto gpu = LMHead::Build(config, 32, 1003, "cuda:0", 1);
+  ASSERT_TRUE(gpu.ok());
+  ForwardOptions options;
+  options.labels = at::randint(1003, {2, 9}, at::TensorOptions(at::kLong)).cuda();
+  options.loss_implementation = LossImplementation::kFusedLinear;
+  options.fused_chunk_bytes = 3000;  // many chunks, ragged edges
+  options.loss_reduction = LossReduction::kNone;
+  auto out = (*gpu)->Forward(at::randn({2, 9, 32}).to(at::kBFloat16).cuda(), options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE(at::isfinite(*out->loss).all().item<bool>());
+}
+
+}  // namespace
+}  // namespace lmhead
