@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "core/lm_head.h"
+#include "core/losses.h"
+#include "core/ops/logit_stats.h"
 
 namespace lmhead {
 namespace {
@@ -84,12 +86,59 @@ void Row(const char* impl, int64_t d, int64_t v, int64_t n, const Timing& t, dou
   std::fflush(stdout);
 }
 
+// Where ours spends its time at one shape: the chunked GEMMs alone, the epilogue alone over
+// the same chunks, and the whole forward.
+void Breakdown(int64_t d, int64_t v, int64_t n, int reps) {
+  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const at::Tensor x = at::randn({n, d}, opts);
+  const at::Tensor w = at::randn({v, d}, opts) * 0.02;
+  const at::Tensor labels =
+      at::randint(v, {n}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
+  const FusedChunkShape chunk = FusedChunking(n, v, 2, DefaultFusedChunkBytes(x.device()));
+  at::Tensor buffer = at::empty({chunk.token_rows, chunk.vocab_columns}, opts);
+  at::Tensor lse = at::full({n}, -INFINITY, opts.dtype(at::kFloat));
+  at::Tensor picked = at::zeros({n}, opts.dtype(at::kFloat));
+  const auto for_each_chunk = [&](const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn) {
+    for (int64_t t0 = 0; t0 < n; t0 += chunk.token_rows) {
+      const int64_t rows = std::min(chunk.token_rows, n - t0);
+      for (int64_t v0 = 0; v0 < v; v0 += chunk.vocab_columns) {
+        fn(t0, rows, v0, std::min(chunk.vocab_columns, v - v0));
+      }
+    }
+  };
+  const Timing full_gemm = Measure([&] { at::mm(x, w.t()); }, reps);
+  const Timing gemms = Measure(
+      [&] {
+        for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
+          at::Tensor out = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
+          at::mm_out(out, x.narrow(0, t0, rows), w.narrow(0, v0, cols).t());
+        });
+      },
+      reps);
+  const Timing epilogue = Measure(
+      [&] {
+        for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
+          at::Tensor lse_rows = lse.narrow(0, t0, rows);
+          at::Tensor picked_rows = picked.narrow(0, t0, rows);
+          AccumulateLogitStats(buffer.narrow(0, 0, rows).narrow(1, 0, cols), v0,
+                               labels.narrow(0, t0, rows), lse_rows, picked_rows);
+        });
+      },
+      reps);
+  std::printf("breakdown d=%lld V=%lld N=%lld chunk=%lldx%lld: full GEMM %.2f ms, chunked GEMMs %.2f ms, epilogue %.2f ms (%.0f GB/s)\n",
+              static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
+              static_cast<long long>(chunk.token_rows), static_cast<long long>(chunk.vocab_columns),
+              full_gemm.median_ms, gemms.median_ms, epilogue.median_ms,
+              2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9);
+}
+
 }  // namespace
 }  // namespace lmhead
 
 int main(int argc, char** argv) {
   using namespace lmhead;
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const bool breakdown = argc > 1 && std::string(argv[1]) == "--breakdown";
   if (c10::cuda::device_count() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
@@ -97,6 +146,10 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
+  if (breakdown) {
+    for (int64_t d : {2048, 4096}) Breakdown(d, 128256, 8192, 10);
+    return 0;
+  }
   std::printf("| d | V | N | impl | ms | TFLOP/s | peak extra MB | ratio to cublas |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   const std::vector<int64_t> ds = {2048, 4096};

@@ -238,15 +238,17 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
     if (positions->device() != x.device()) {
       return InvalidArgument("logits_to_keep", "must be on the same device as x");
     }
-    if (positions->numel() > 0) {
-      const int64_t low = positions->min().item<int64_t>();
-      const int64_t high = positions->max().item<int64_t>();
-      if (low < 0 || high >= length) {
-        return InvalidArgument("logits_to_keep",
-                               absl::StrCat("positions must lie in [0, seq_len=", length,
-                                            "), got values in [", low, ", ", high, "]"));
+    absl::Status in_range = CatchTorchErrors([&]() -> absl::Status {
+      // One device sync on the good path; the range is computed only for the message.
+      if (!positions->lt(0).logical_or(positions->ge(length)).any().item<bool>()) {
+        return absl::OkStatus();
       }
-    }
+      return InvalidArgument("logits_to_keep",
+                             absl::StrCat("positions must lie in [0, seq_len=", length,
+                                          "), got values in [", positions->min().item<int64_t>(),
+                                          ", ", positions->max().item<int64_t>(), "]"));
+    });
+    if (!in_range.ok()) return in_range;
   }
   const LossImplementation implementation =
       options.loss_implementation.value_or(config_.loss_implementation);
@@ -283,23 +285,21 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
       return InvalidArgument("loss_reduction",
                              "'none' needs a non-empty batch (the loss is reshaped to (B, -1))");
     }
-    if (options.fused_chunk_bytes <= 0) {
-      return InvalidArgument("fused_chunk_bytes", "must be positive");
+    if (options.fused_chunk_bytes < 0) {
+      return InvalidArgument("fused_chunk_bytes", "must be positive, or 0 for the default");
     }
     // Only the kept positions are scored, so only their labels must be valid class ids.
     absl::Status labels_ok = CatchTorchErrors([&]() -> absl::Status {
       const at::Tensor kept = SelectPositions(labels, options.logits_to_keep);
+      const at::Tensor bad =
+          kept.ne(options.ignore_index).logical_and(kept.lt(0).logical_or(kept.ge(vocab_size_)));
+      if (!bad.any().item<bool>()) return absl::OkStatus();  // one device sync
       const at::Tensor scored = kept.masked_select(kept.ne(options.ignore_index));
-      if (scored.numel() == 0) return absl::OkStatus();
-      const int64_t low = scored.min().item<int64_t>();
-      const int64_t high = scored.max().item<int64_t>();
-      if (low < 0 || high >= vocab_size_) {
-        return InvalidArgument(
-            "labels", absl::StrCat("values must lie in [0, vocab_size=", vocab_size_,
-                                   ") or equal ignore_index=", options.ignore_index,
-                                   ", got values in [", low, ", ", high, "]"));
-      }
-      return absl::OkStatus();
+      return InvalidArgument(
+          "labels", absl::StrCat("values must lie in [0, vocab_size=", vocab_size_,
+                                 ") or equal ignore_index=", options.ignore_index,
+                                 ", got values in [", scored.min().item<int64_t>(), ", ",
+                                 scored.max().item<int64_t>(), "]"));
     });
     if (!labels_ok.ok()) return labels_ok;
   }
@@ -329,7 +329,9 @@ LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& optio
   } else {
     terms = FusedLinearLoss(h.contiguous().view({-1, d_model_}), weight_, bias_, labels,
                             options.ignore_index, options.loss_reduction,
-                            options.z_loss_multiplier, options.fused_chunk_bytes);
+                            options.z_loss_multiplier,
+                            options.fused_chunk_bytes > 0 ? options.fused_chunk_bytes
+                                                          : DefaultFusedChunkBytes(x.device()));
   }
   return MakeOutput(std::move(logits), terms, batch, options);
 }

@@ -41,9 +41,11 @@ struct ForwardOptions {
 
   // Extension: overrides the head's configured loss implementation for this call.
   std::optional<LossImplementation> loss_implementation;
-  // Extension: the most bytes of transient logits `fused_linear` keeps at once (per chunk of
-  // tokens, counting the logits in the input dtype and their fp32 working copies).
-  int64_t fused_chunk_bytes = int64_t{128} << 20;
+  // Extension: the most bytes of transient logits `fused_linear` keeps at once (one chunk of
+  // tokens x vocabulary columns, counting the logits in the input dtype and any working copies
+  // the device's epilogue needs). 0 picks the device's default: 128 MiB on the CPU, 224 MiB on
+  // CUDA (larger GEMMs; the whole forward then stays under 256 MB of extra device memory).
+  int64_t fused_chunk_bytes = 0;
 };
 
 // What forward returns: logits alone when no labels were given, else LMOutputWithLoss

@@ -46,13 +46,17 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
   return {ce + z, ce, z};
 }
 
+int64_t DefaultFusedChunkBytes(const c10::Device& device) {
+  return (device.is_cuda() ? int64_t{224} : int64_t{128}) << 20;
+}
+
 FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
                               int64_t chunk_bytes) {
   const int64_t budget = std::max<int64_t>(chunk_bytes / bytes_per_logit, 1);  // logits
   FusedChunkShape shape;
   // Many tokens per GEMM keep the weight from being re-read; wide vocabulary slices keep each
   // GEMM large. Tokens first, down to what still leaves room for kMinVocabColumns.
-  constexpr int64_t kMaxTokenRows = 4096;
+  constexpr int64_t kMaxTokenRows = 8192;
   constexpr int64_t kMinVocabColumns = 1024;
   shape.token_rows = std::clamp<int64_t>(budget / std::min(vocab_size, kMinVocabColumns), 1,
                                          std::max<int64_t>(std::min(num_tokens, kMaxTokenRows), 1));

@@ -3,6 +3,7 @@
 #define LMHEAD_CORE_LOSSES_H_
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <optional>
@@ -41,6 +42,9 @@ LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const a
                           const at::Tensor& labels, int64_t ignore_index,
                           LossReduction reduction, std::optional<double> z_loss_multiplier,
                           int64_t chunk_bytes);
+
+// The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
+int64_t DefaultFusedChunkBytes(const c10::Device& device);
 
 // How FusedLinearLoss tiles the (tokens x vocabulary) logits: chunks of token_rows x
 // vocab_columns logits, both at least 1, of at most `chunk_bytes` at `bytes_per_logit`.

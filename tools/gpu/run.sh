@@ -2,7 +2,7 @@
 # Builds lmhead's CUDA path on the GPU machine (no Bazel, no network there) and runs the GPU
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
-#   tools/gpu/run.sh [test|bench|all] [--quick]
+#   tools/gpu/run.sh [test|bench|all|breakdown] [--quick]
 #
 # Needs, carried in .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh):
 # .gpu/debs/*.deb (Debian's abseil and GoogleTest, unpacked into a private prefix) and
@@ -59,6 +59,9 @@ if [[ $what == test || $what == all ]]; then
   compute-sanitizer --tool memcheck --error-exitcode 1 "$build/gpu_lm_head_test" \
     --gtest_filter='GpuLMHeadSmokeTest.*' > "$out/memcheck.txt" 2>&1 \
     && echo "memcheck: clean" || { echo "memcheck: errors"; tail -30 "$out/memcheck.txt"; }
+fi
+if [[ $what == breakdown ]]; then
+  "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
   echo "== benchmark: ours vs cuBLAS and eager"

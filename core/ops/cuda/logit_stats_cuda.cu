@@ -8,7 +8,7 @@
 namespace lmhead::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -35,6 +35,23 @@ __device__ __forceinline__ void Add(MaxSum& state, float x) {
   }
 }
 
+// Adds n values: the running max moves at most once, then one exp per value.
+template <int N>
+__device__ __forceinline__ void AddMany(MaxSum& state, const float (&x)[N]) {
+  float hi = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) hi = fmaxf(hi, x[k]);
+  if (hi > state.m) {
+    state.s *= __expf(state.m - hi);  // exp(-inf) = 0 on the first values
+    state.m = hi;
+  }
+  if (state.m == -INFINITY) return;  // every value so far is -inf
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < N; ++k) sum += __expf(x[k] - state.m);
+  state.s += sum;
+}
+
 // One block per row. Each thread reads 16-byte vectors when the row is aligned for them, then the
 // block merges the threads' (max, sum) pairs.
 template <typename T>
@@ -47,17 +64,32 @@ __global__ void __launch_bounds__(kThreads)
   MaxSum state{-INFINITY, 0.f};
 
   constexpr int kVec = 16 / sizeof(T);
+  // Vectors each thread keeps in flight before using them: the loads, not the exps, set the pace.
+  constexpr int kInFlight = 8;
   struct alignas(16) Vec {
     T v[kVec];
   };
   int64_t vec_end = 0;
   if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-    vec_end = cols / kVec * kVec;
+    const int64_t num_vecs = cols / kVec;
+    vec_end = num_vecs * kVec;
     const Vec* xv = reinterpret_cast<const Vec*>(x);
-    for (int64_t i = threadIdx.x; i < vec_end / kVec; i += kThreads) {
-      const Vec chunk = xv[i];
+    for (int64_t base = threadIdx.x; base < num_vecs; base += kThreads * kInFlight) {
+      Vec loaded[kInFlight];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) Add(state, ToFloat(chunk.v[k]));
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t i = base + u * kThreads;
+        if (i < num_vecs) loaded[u] = xv[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        if (base + u * kThreads < num_vecs) {
+          float values[kVec];
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) values[k] = ToFloat(loaded[u].v[k]);
+          AddMany(state, values);
+        }
+      }
     }
   }
   for (int64_t j = vec_end + threadIdx.x; j < cols; j += kThreads) Add(state, ToFloat(x[j]));
