@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's Python environment (LibTorch for the build, olmo_core for parity tests).
+# The project's Python environment (LibTorch for the build, olmo_core for parity tests, gRPC for
+# the Python client and end-to-end tests).
 #
 #   tools/venv.sh path     print where the venv for tools/requirements.txt lives
 #   tools/venv.sh ensure   create it there unless it is already complete; print the path
@@ -24,6 +25,14 @@ case "${1:-path}" in
       "$venv/bin/pip" install --quiet --upgrade pip >&2
       "$venv/bin/pip" install --quiet -r "$root/tools/requirements.txt" >&2
       touch "$venv/.complete"
+    fi
+    # The gRPC packages on top, tracked by their own file's hash.
+    grpc_key=$(sha256sum "$root/tools/requirements-grpc.txt" | cut -c1-16)
+    if [[ ! -f "$venv/.grpc-$grpc_key" ]]; then
+      echo "lmhead: installing the Python gRPC packages into $venv" >&2
+      "$venv/bin/pip" install --quiet -r "$root/tools/requirements-grpc.txt" >&2
+      rm -f "$venv"/.grpc-*
+      touch "$venv/.grpc-$grpc_key"
     fi
     echo "$venv"
     ;;
