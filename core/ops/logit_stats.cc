@@ -1,6 +1,6 @@
 #include "core/ops/logit_stats.h"
 
-#include <ATen/ATen.h>
+#include "core/ops/cpu/logit_stats_cpu.h"
 
 #ifdef LMHEAD_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -11,18 +11,6 @@
 
 namespace lmhead {
 namespace {
-
-// Any device: ATen ops on an fp32 copy of the chunk.
-void AccumulateWithAten(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
-                        at::Tensor& lse, at::Tensor& label_logit) {
-  const int64_t cols = logits.size(1);
-  const at::Tensor logits_fp32 = logits.to(at::kFloat);
-  lse.copy_(at::logaddexp(lse, at::logsumexp(logits_fp32, {1})));
-  const at::Tensor in_chunk = safe_labels.ge(col0).logical_and(safe_labels.lt(col0 + cols));
-  const at::Tensor column = (safe_labels - col0).clamp(0, cols - 1).unsqueeze(1);
-  label_logit.copy_(
-      at::where(in_chunk, logits_fp32.gather(1, column).squeeze(1), label_logit));
-}
 
 #ifdef LMHEAD_WITH_CUDA
 void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
@@ -50,7 +38,7 @@ int64_t LogitStatsWorkingBytes(const c10::Device& device) {
 #ifdef LMHEAD_WITH_CUDA
   if (device.is_cuda()) return 0;
 #endif
-  return 8;
+  return cpu::kLogitStatsWorkingBytes;
 }
 
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
@@ -61,7 +49,7 @@ void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tens
     return;
   }
 #endif
-  AccumulateWithAten(logits, col0, safe_labels, lse, label_logit);
+  cpu::AccumulateLogitStats(logits, col0, safe_labels, lse, label_logit);
 }
 
 }  // namespace lmhead

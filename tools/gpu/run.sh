@@ -33,7 +33,7 @@ ldflags=(-Wl,--disable-new-dtags -L"$torch/lib" -Wl,-rpath,"$torch/lib" -Wl,--no
 
 echo "== build ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 sources=(core/config.cc core/torch_errors.cc core/layer_norm.cc core/losses.cc core/lm_head.cc
-  core/ops/logit_stats.cc)
+  core/ops/logit_stats.cc core/ops/cpu/logit_stats_cpu.cc)
 pids=()
 for src in "${sources[@]}"; do
   g++ "${cxxflags[@]}" -c "$src" -o "$build/$(basename "$src" .cc).o" & pids+=($!)
@@ -44,7 +44,7 @@ nvcc -std=c++17 -O3 -Xcompiler -fPIC -I. -gencode=arch=compute_90a,code=sm_90a \
 g++ "${cxxflags[@]}" -c tests/gpu/gpu_lm_head_test.cc -o "$build/gpu_lm_head_test.o" & pids+=($!)
 g++ "${cxxflags[@]}" -c bench/gpu_lm_head_bench.cc -o "$build/gpu_lm_head_bench.o" & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
-objs=("$build"/{config,torch_errors,layer_norm,losses,lm_head,logit_stats,logit_stats_cuda}.o)
+objs=("$build"/{config,torch_errors,layer_norm,losses,lm_head,logit_stats,logit_stats_cpu,logit_stats_cuda}.o)
 g++ -o "$build/gpu_lm_head_test" "$build/gpu_lm_head_test.o" "${objs[@]}" \
   "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
 g++ -o "$build/gpu_lm_head_bench" "$build/gpu_lm_head_bench.o" "${objs[@]}" "${ldflags[@]}"
