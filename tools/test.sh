@@ -7,6 +7,8 @@ cd "$root"
 venv=$(tools/setup.sh | tail -n 1)
 
 bazel test //...
+# The CUDA sources and the GPU tests must keep compiling, although they only run on a GPU machine.
+bazel build --config=cuda //core/... //tests/gpu:all //bench:gpu_lm_head_bench
 
 if [[ -d tests/parity ]]; then
   bazel build //tests/parity:parity_runner
