@@ -1,0 +1,59 @@
+"""cc_grpc_library: C++ message and gRPC stub code from one .proto, with Debian's protoc.
+
+Bazel 4.2.3 offline has no rules_proto/grpc rules, so a genrule runs protoc with the
+grpc_cpp_plugin and a cc_library wraps what it writes.
+"""
+
+def cc_grpc_library(
+        name,
+        proto,
+        proto_path = ".",
+        import_name = None,
+        out_dir = "",
+        deps = [],
+        **kwargs):
+    """Generates <import_name>.pb.{h,cc} and .grpc.pb.{h,cc} and wraps them in a cc_library.
+
+    Args:
+      name: the cc_library's name.
+      proto: label of the .proto file.
+      proto_path: the protoc import root (-I), relative to the execution root.
+      import_name: the proto's path under proto_path, without ".proto" (its import name);
+        defaults to the package-relative path of `proto`.
+      out_dir: folder under this package's output folder where the files are written; the
+        cc_library adds it to the include path (so includes read "<import_name>.pb.h" from it).
+        With the default "" and proto_path ".", includes are workspace-relative.
+      deps: further cc_library deps (other generated protos).
+      **kwargs: passed on to the cc_library (visibility, ...).
+    """
+    if import_name == None:
+        import_name = proto[:-len(".proto")]
+    prefix = out_dir + "/" if out_dir else ""
+    suffixes = [".pb.h", ".pb.cc", ".grpc.pb.h", ".grpc.pb.cc"]
+    outs = [prefix + import_name + s for s in suffixes]
+    gen_root = "$(GENDIR)/" + native.package_name() + ("/" + out_dir if out_dir else "")
+    if not out_dir and proto_path == ".":
+        gen_root = "$(GENDIR)"  # import names already start with the package
+        outs = [o[len(native.package_name()) + 1:] for o in outs]
+    native.genrule(
+        name = name + "_gen",
+        srcs = [proto],
+        outs = outs,
+        tools = ["@system_libs//:protoc", "@system_libs//:grpc_cpp_plugin"],
+        cmd = " ".join([
+            "$(location @system_libs//:protoc)",
+            "--proto_path=" + proto_path,
+            "--cpp_out=" + gen_root,
+            "--grpc_out=" + gen_root,
+            "--plugin=protoc-gen-grpc=$(location @system_libs//:grpc_cpp_plugin)",
+            "$(location {})".format(proto),
+        ]),
+    )
+    native.cc_library(
+        name = name,
+        srcs = [o for o in outs if o.endswith(".cc")],
+        hdrs = [o for o in outs if o.endswith(".h")],
+        includes = [out_dir] if out_dir else [],
+        deps = deps + ["@system_libs//:grpc", "@system_libs//:protobuf"],
+        **kwargs
+    )

@@ -1,0 +1,378 @@
+// lmhead: command-line client of the lmhead service.
+//
+//   lmhead health  --address HOST:PORT [--service NAME]
+//   lmhead models  --address HOST:PORT [--json]
+//   lmhead forward --address HOST:PORT --hidden FILE [--labels FILE] --output OUT.safetensors ...
+//
+// `lmhead <command> --help` lists a command's flags. Exit status: 0 success, 1 the server said
+// no (or is not serving), 2 bad usage.
+#include <google/protobuf/util/json_util.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "client/lmhead_client.h"
+#include "client/tensor_file.h"
+
+namespace lmhead {
+namespace {
+
+struct Flag {
+  std::string name;
+  std::string value;  // the placeholder in --help; empty: a switch without a value
+  std::string help;
+  std::string default_value;
+};
+
+using Values = std::map<std::string, std::string>;
+
+struct Command {
+  std::string name;
+  std::string summary;
+  std::vector<Flag> flags;
+  std::function<int(const Values&)> run;
+};
+
+void PrintCommandHelp(const Command& command, std::ostream& out) {
+  out << "usage: lmhead " << command.name << " [flags]\n\n" << command.summary << "\n\nflags:\n";
+  for (const Flag& flag : command.flags) {
+    const std::string spelled = flag.value.empty() ? absl::StrCat("--", flag.name)
+                                                   : absl::StrCat("--", flag.name, " ", flag.value);
+    out << absl::StrFormat("  %-30s %s", spelled, flag.help);
+    if (!flag.default_value.empty()) out << " (default " << flag.default_value << ")";
+    out << "\n";
+  }
+  out << absl::StrFormat("  %-30s %s\n", "--help", "show this help");
+}
+
+void PrintUsage(const std::vector<Command>& commands, std::ostream& out) {
+  out << "usage: lmhead <command> [flags]   (lmhead <command> --help for its flags)\n\n"
+         "commands:\n";
+  for (const Command& command : commands) {
+    out << absl::StrFormat("  %-8s %s\n", command.name,
+                           command.summary.substr(0, command.summary.find('\n')));
+  }
+}
+
+// Parses --flag=value, --flag value and --switch. Returns false (after printing why) on error.
+bool ParseFlags(const Command& command, int argc, char** argv, Values* values, bool* help) {
+  for (const Flag& flag : command.flags) {
+    if (!flag.default_value.empty()) (*values)[flag.name] = flag.default_value;
+  }
+  for (int i = 0; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      *help = true;
+      return true;
+    }
+    if (!absl::StartsWith(arg, "--")) {
+      std::cerr << "lmhead " << command.name << ": unexpected argument '" << arg << "'\n";
+      return false;
+    }
+    arg = arg.substr(2);
+    std::string value;
+    bool has_value = false;
+    if (const size_t eq = arg.find('='); eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      has_value = true;
+    }
+    const Flag* flag = nullptr;
+    for (const Flag& f : command.flags) {
+      if (f.name == arg) flag = &f;
+    }
+    if (flag == nullptr) {
+      std::cerr << "lmhead " << command.name << ": unknown flag --" << arg << " (see lmhead "
+                << command.name << " --help)\n";
+      return false;
+    }
+    if (flag->value.empty()) {
+      (*values)[arg] = has_value ? value : "true";
+      continue;
+    }
+    if (!has_value) {
+      if (i + 1 >= argc) {
+        std::cerr << "lmhead " << command.name << ": --" << arg << " needs a value\n";
+        return false;
+      }
+      value = argv[++i];
+    }
+    (*values)[arg] = value;
+  }
+  return true;
+}
+
+std::string Get(const Values& values, const std::string& name) {
+  auto it = values.find(name);
+  return it == values.end() ? "" : it->second;
+}
+
+// Prints `message` as a usage error and returns 2.
+int UsageError(const std::string& command, const std::string& message) {
+  std::cerr << "lmhead " << command << ": " << message << "\n";
+  return 2;
+}
+
+int Failed(const absl::Status& status) {
+  std::cerr << "error: " << absl::StatusCodeToString(status.code()) << ": " << status.message()
+            << "\n";
+  return 1;
+}
+
+ClientOptions ClientOptionsFrom(const Values& values) {
+  ClientOptions options;
+  double seconds = 0;
+  if (absl::SimpleAtod(Get(values, "timeout"), &seconds) && seconds > 0) {
+    options.timeout = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  }
+  return options;
+}
+
+const Flag kAddress{"address", "HOST:PORT", "the server to talk to (required)", ""};
+const Flag kTimeout{"timeout", "SECONDS", "deadline of each call; 0 for none", "10"};
+
+int RunHealth(const Values& values) {
+  if (Get(values, "address").empty()) return UsageError("health", "--address is required");
+  auto client = LMHeadClient::Connect(Get(values, "address"), ClientOptionsFrom(values));
+  auto status = client->Health(Get(values, "service"));
+  if (!status.ok()) return Failed(status.status());
+  std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(*status) << "\n";
+  return *status == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+}
+
+std::string DataTypeShortName(int dtype) {
+  const std::string name = v1::DataType_Name(static_cast<v1::DataType>(dtype));
+  return name.empty() ? absl::StrCat(dtype) : name.substr(std::string("DATA_TYPE_").size());
+}
+
+int RunModels(const Values& values) {
+  if (Get(values, "address").empty()) return UsageError("models", "--address is required");
+  auto client = LMHeadClient::Connect(Get(values, "address"), ClientOptionsFrom(values));
+  auto models = client->ListModels();
+  if (!models.ok()) return Failed(models.status());
+  if (Get(values, "json") == "true") {
+    std::string json;
+    google::protobuf::util::JsonPrintOptions options;
+    options.add_whitespace = true;
+    options.preserve_proto_field_names = true;
+    (void)google::protobuf::util::MessageToJsonString(*models, &json, options);
+    std::cout << json;
+    return 0;
+  }
+  std::cout << absl::StrFormat("%-16s %-8s %-11s %-6s %-12s %-7s %s\n", "NAME", "D_MODEL",
+                               "VOCAB_SIZE", "DTYPE", "NUM_PARAMS", "DEVICE", "VERSION");
+  for (const v1::ModelInfo& model : models->models()) {
+    std::cout << absl::StrFormat(
+        "%-16s %-8d %-11d %-6s %-12d %-7s %s%s\n", model.name(), model.d_model(),
+        model.vocab_size(), DataTypeShortName(model.dtype()), model.num_params(), model.device(),
+        model.version(), model.name() == models->default_model() ? " (default)" : "");
+  }
+  return 0;
+}
+
+template <typename Enum>
+bool ParseEnum(const std::string& text, const std::map<std::string, Enum>& names, Enum* out) {
+  auto it = names.find(text);
+  if (it == names.end()) return false;
+  *out = it->second;
+  return true;
+}
+
+int RunForward(const Values& values) {
+  const std::string command = "forward";
+  for (const char* required : {"address", "hidden", "output"}) {
+    if (Get(values, required).empty()) {
+      return UsageError(command, absl::StrCat("--", required, " is required"));
+    }
+  }
+  ForwardArgs args;
+  args.model = Get(values, "model");
+  const std::map<std::string, v1::DataType> dtypes = {
+      {"bf16", v1::DATA_TYPE_BF16}, {"fp16", v1::DATA_TYPE_FP16}, {"fp32", v1::DATA_TYPE_FP32}};
+  if (const std::string text = Get(values, "dtype");
+      !text.empty() && !ParseEnum(text, dtypes, &args.compute_dtype)) {
+    return UsageError(command, "--dtype: expected bf16, fp16 or fp32");
+  }
+  if (const std::string text = Get(values, "logits_dtype");
+      !text.empty() && !ParseEnum(text, dtypes, &args.logits_dtype)) {
+    return UsageError(command, "--logits_dtype: expected bf16, fp16 or fp32");
+  }
+  if (const std::string text = Get(values, "loss_reduction");
+      !text.empty() &&
+      !ParseEnum(text,
+                 std::map<std::string, v1::LossReduction>{{"mean", v1::LOSS_REDUCTION_MEAN},
+                                                          {"sum", v1::LOSS_REDUCTION_SUM},
+                                                          {"none", v1::LOSS_REDUCTION_NONE}},
+                 &args.loss_reduction)) {
+    return UsageError(command, "--loss_reduction: expected mean, sum or none");
+  }
+  if (const std::string text = Get(values, "loss_implementation");
+      !text.empty() && !ParseEnum(text,
+                                  std::map<std::string, v1::LossImplementation>{
+                                      {"default", v1::LOSS_IMPLEMENTATION_DEFAULT},
+                                      {"fused_linear", v1::LOSS_IMPLEMENTATION_FUSED_LINEAR}},
+                                  &args.loss_implementation)) {
+    return UsageError(command, "--loss_implementation: expected default or fused_linear");
+  }
+  if (const std::string text = Get(values, "ignore_index"); !text.empty()) {
+    int64_t value = 0;
+    if (!absl::SimpleAtoi(text, &value))
+      return UsageError(command, "--ignore_index: not an integer");
+    args.ignore_index = value;
+  }
+  if (const std::string text = Get(values, "z_loss_multiplier"); !text.empty()) {
+    double value = 0;
+    if (!absl::SimpleAtod(text, &value))
+      return UsageError(command, "--z_loss_multiplier: not a number");
+    args.z_loss_multiplier = value;
+  }
+  if (const std::string text = Get(values, "loss_div_factor"); !text.empty()) {
+    double value = 0;
+    if (!absl::SimpleAtod(text, &value))
+      return UsageError(command, "--loss_div_factor: not a number");
+    args.loss_div_factor = value;
+  }
+  if (const std::string text = Get(values, "return_logits"); !text.empty()) {
+    if (text != "true" && text != "false") {
+      return UsageError(command, "--return_logits: expected true or false");
+    }
+    args.return_logits = text == "true";
+  }
+  if (const std::string text = Get(values, "logits_to_keep"); !text.empty()) {
+    int64_t value = 0;
+    if (!absl::SimpleAtoi(text, &value))
+      return UsageError(command, "--logits_to_keep: not an integer");
+    args.logits_to_keep = value;
+  }
+  double chunk_mib = 0;
+  if (!absl::SimpleAtod(Get(values, "chunk_mib"), &chunk_mib) || chunk_mib < 0) {
+    return UsageError(command, "--chunk_mib: expected a number >= 0");
+  }
+
+  absl::StatusOr<v1::Tensor> hidden =
+      ReadTensorFile(Get(values, "hidden"), Get(values, "hidden_name"));
+  if (!hidden.ok()) return Failed(hidden.status());
+  if (!Get(values, "labels").empty()) {
+    absl::StatusOr<v1::Tensor> labels =
+        ReadTensorFile(Get(values, "labels"), Get(values, "labels_name"));
+    if (!labels.ok()) return Failed(labels.status());
+    args.labels = *std::move(labels);
+  }
+
+  auto client = LMHeadClient::Connect(Get(values, "address"), ClientOptionsFrom(values));
+  absl::StatusOr<v1::ForwardResponse> response;
+  const auto max_chunk_bytes = static_cast<int64_t>(chunk_mib * (1 << 20));
+  if (max_chunk_bytes == 0 || static_cast<int64_t>(hidden->data().size()) <= max_chunk_bytes) {
+    response = client->Forward(*hidden, args);
+  } else {
+    const bool tty = isatty(STDERR_FILENO);
+    response =
+        client->ForwardChunked(*hidden, args, max_chunk_bytes, [tty](int64_t done, int64_t total) {
+          constexpr int kWidth = 30;
+          const int filled = static_cast<int>(kWidth * done / std::max<int64_t>(total, 1));
+          std::cerr << (tty ? "\r" : "") << "[" << std::string(filled, '#')
+                    << std::string(kWidth - filled, '.') << "] " << done << "/" << total
+                    << " micro-batches" << (tty && done < total ? "" : "\n") << std::flush;
+        });
+  }
+  if (!response.ok()) return Failed(response.status());
+
+  std::map<std::string, v1::Tensor> outputs;
+  if (response->has_logits()) outputs["logits"] = response->logits();
+  if (response->has_loss()) outputs["loss"] = response->loss();
+  if (response->has_ce_loss()) outputs["ce_loss"] = response->ce_loss();
+  if (response->has_z_loss()) outputs["z_loss"] = response->z_loss();
+  const std::map<std::string, std::string> metadata = {
+      {"model", response->model()},
+      {"model_version", response->model_version()},
+      {"num_scored_tokens", absl::StrCat(response->num_scored_tokens())},
+      {"num_nonfinite_inputs", absl::StrCat(response->num_nonfinite_inputs())}};
+  if (absl::Status status = WriteSafetensorsFile(Get(values, "output"), outputs, metadata);
+      !status.ok()) {
+    return Failed(status);
+  }
+  std::cout << "model " << response->model() << " (" << response->model_version() << "); wrote";
+  for (const auto& [name, tensor] : outputs) {
+    std::cout << " " << name << "[";
+    for (int i = 0; i < tensor.shape_size(); ++i) std::cout << (i ? "," : "") << tensor.shape(i);
+    std::cout << "]";
+  }
+  std::cout << " to " << Get(values, "output") << "; " << response->num_scored_tokens()
+            << " scored tokens\n";
+  return 0;
+}
+
+std::vector<Command> Commands() {
+  return {
+      {"health",
+       "Asks the standard grpc.health.v1 service whether the server is SERVING; exits 0 if so.",
+       {kAddress,
+        {"service", "NAME", "the service to ask about; empty: the whole server", ""},
+        kTimeout},
+       RunHealth},
+      {"models",
+       "Lists the loaded models (name, d_model, vocab_size, dtype, parameters, device, version).",
+       {kAddress, {"json", "", "print the full ListModels response as JSON", ""}, kTimeout},
+       RunModels},
+      {"forward",
+       "Runs LMHead.forward on the server: reads hidden states (and labels) from .npy or\n"
+       ".safetensors, writes logits/loss/ce_loss/z_loss to a .safetensors file (metadata: model,\n"
+       "model_version, num_scored_tokens). Inputs larger than --chunk_mib are streamed in\n"
+       "micro-batches along the batch dimension, with a progress bar.",
+       {kAddress,
+        {"hidden", "FILE", "(batch, seq_len, d_model) hidden states, .npy or .safetensors", ""},
+        {"hidden_name", "NAME", "tensor name inside a .safetensors --hidden file", ""},
+        {"labels", "FILE", "(batch, seq_len) int64/int32 labels, .npy or .safetensors", ""},
+        {"labels_name", "NAME", "tensor name inside a .safetensors --labels file", ""},
+        {"output", "FILE", "where to write the outputs (.safetensors, required)", ""},
+        {"model", "NAME", "model to use; empty: the server's default", ""},
+        {"ignore_index", "INT", "label value that is not scored", "-100"},
+        {"loss_reduction", "mean|sum|none", "how losses are reduced", "mean"},
+        {"z_loss_multiplier", "X", "turns z-loss on with this multiplier", ""},
+        {"loss_div_factor", "X", "divides loss, ce_loss and z_loss", ""},
+        {"return_logits", "true|false", "whether logits are returned with the losses", ""},
+        {"logits_to_keep", "K", "0 all; K>0 the last K positions; K<0 drops the first |K|", ""},
+        {"loss_implementation", "default|fused_linear", "override the model's", ""},
+        {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
+        {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},
+        {"chunk_mib", "MIB", "micro-batch size for streaming; 0 sends one request", "64"},
+        {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"}},
+       RunForward},
+  };
+}
+
+}  // namespace
+}  // namespace lmhead
+
+int main(int argc, char** argv) {
+  const std::vector<lmhead::Command> commands = lmhead::Commands();
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h" ||
+      std::string(argv[1]) == "help") {
+    lmhead::PrintUsage(commands, argc < 2 ? std::cerr : std::cout);
+    return argc < 2 ? 2 : 0;
+  }
+  for (const lmhead::Command& command : commands) {
+    if (command.name != argv[1]) continue;
+    lmhead::Values values;
+    bool help = false;
+    if (!lmhead::ParseFlags(command, argc - 2, argv + 2, &values, &help)) return 2;
+    if (help) {
+      lmhead::PrintCommandHelp(command, std::cout);
+      return 0;
+    }
+    return command.run(values);
+  }
+  std::cerr << "lmhead: unknown command '" << argv[1] << "'\n";
+  lmhead::PrintUsage(commands, std::cerr);
+  return 2;
+}

@@ -1,0 +1,108 @@
+// LMHeadClient: a C++ client of lmhead.v1.LMHeadService whose Forward mirrors LMHead.forward
+// (hidden states plus the same keyword arguments), with helpers that stream a large job as
+// micro-batches. No LibTorch: tensors are lmhead.v1.Tensor messages (see tensor_file.h for
+// reading them from .npy/.safetensors). Thread-safe: one client may serve many threads.
+#ifndef LMHEAD_CLIENT_LMHEAD_CLIENT_H_
+#define LMHEAD_CLIENT_LMHEAD_CLIENT_H_
+
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "proto/lmhead/v1/lmhead.grpc.pb.h"
+
+namespace lmhead {
+
+struct ClientOptions {
+  // Per-call deadline; zero: none. Default none.
+  std::chrono::milliseconds timeout{0};
+  // Sent as the `x-request-id` header (the server logs it on every line); empty: the server
+  // makes one up. Default empty.
+  std::string request_id;
+};
+
+// LMHead.forward's keyword arguments (labels included) and the service's own controls. Unset
+// fields take the server's defaults, which are upstream's.
+struct ForwardArgs {
+  std::string model;                    // empty: the server's default model
+  std::optional<v1::Tensor> labels;     // (batch, seq_len) INT64/INT32
+  std::optional<int64_t> ignore_index;  // default -100
+  v1::LossReduction loss_reduction = v1::LOSS_REDUCTION_UNSPECIFIED;  // mean
+  std::optional<double> z_loss_multiplier;
+  std::variant<std::monostate, double, v1::Tensor> loss_div_factor;
+  std::optional<bool> return_logits;
+  std::variant<int64_t, v1::Tensor> logits_to_keep = int64_t{0};
+  v1::LossImplementation loss_implementation = v1::LOSS_IMPLEMENTATION_UNSPECIFIED;
+  v1::DataType compute_dtype = v1::DATA_TYPE_UNSPECIFIED;  // the model's dtype
+  v1::DataType logits_dtype = v1::DATA_TYPE_UNSPECIFIED;   // the compute dtype
+  std::optional<int64_t> fused_chunk_bytes;
+};
+
+// The request Forward sends for `hidden_states` and `args`.
+v1::ForwardRequest MakeForwardRequest(const v1::Tensor& hidden_states, const ForwardArgs& args);
+
+// grpc::Status -> absl::Status (same code and message); the client's one such conversion.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+class LMHeadClient {
+ public:
+  // An insecure channel to `address` ("host:port") that sends and receives messages of any
+  // size gRPC allows (the server enforces its own limit).
+  static std::unique_ptr<LMHeadClient> Connect(const std::string& address,
+                                               ClientOptions options = {});
+  LMHeadClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options);
+
+  // LMHead.forward(hidden_states, **args) on the server, in one message each way.
+  absl::StatusOr<v1::ForwardResponse> Forward(const v1::Tensor& hidden_states,
+                                              const ForwardArgs& args);
+  absl::StatusOr<v1::ForwardResponse> Forward(const v1::ForwardRequest& request);
+
+  // One ForwardStream call: `next` fills the next micro-batch and returns false when there is
+  // none; `on_response` receives each answer, in order, with its index (returning false
+  // cancels the call). Requests are written while responses are read, so the server always
+  // has work. `context` may be given to cancel from another thread (TryCancel).
+  using NextRequest = std::function<bool(v1::ForwardRequest* request)>;
+  using OnResponse = std::function<bool(int64_t index, const v1::ForwardResponse& response)>;
+  absl::Status ForwardStream(const NextRequest& next, const OnResponse& on_response,
+                             grpc::ClientContext* context = nullptr);
+
+  // Forward for a job of any size: splits hidden_states (and labels, positions) along the
+  // batch dimension into micro-batches of at most `max_chunk_bytes` of hidden states (at least
+  // one row each), streams them, and combines the answers into what one Forward returns:
+  // logits concatenated, per-token losses concatenated, and mean/sum losses recombined from
+  // per-chunk sums and num_scored_tokens (scalar losses come back as FP32; a mean over zero
+  // scored tokens is NaN). A tensor loss_div_factor is only accepted with reduction none.
+  // `progress` is called after each micro-batch with (done, total).
+  absl::StatusOr<v1::ForwardResponse> ForwardChunked(
+      const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_chunk_bytes,
+      const std::function<void(int64_t done, int64_t total)>& progress = {});
+
+  absl::StatusOr<v1::ListModelsResponse> ListModels();
+  absl::StatusOr<v1::ModelInfo> GetModel(const std::string& name = "");
+
+  // grpc.health.v1.Health/Check for `service` ("" is the server as a whole).
+  absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
+      const std::string& service = "");
+
+ private:
+  void Prepare(grpc::ClientContext* context) const;
+
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::LMHeadService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_CLIENT_LMHEAD_CLIENT_H_

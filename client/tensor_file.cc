@@ -1,0 +1,294 @@
+#include "client/tensor_file.h"
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "nlohmann/json.hpp"
+
+namespace lmhead {
+namespace {
+
+int64_t ElementBytes(v1::DataType dtype) {
+  switch (dtype) {
+    case v1::DATA_TYPE_BF16:
+    case v1::DATA_TYPE_FP16: return 2;
+    case v1::DATA_TYPE_FP32:
+    case v1::DATA_TYPE_INT32: return 4;
+    case v1::DATA_TYPE_INT64: return 8;
+    default: return 0;
+  }
+}
+
+// numel * element size of `shape`, or -1 when a dim is negative or the product overflows.
+int64_t ByteSize(const std::vector<int64_t>& shape, v1::DataType dtype) {
+  int64_t bytes = ElementBytes(dtype);
+  for (int64_t dim : shape) {
+    if (dim < 0 || __builtin_mul_overflow(bytes, dim, &bytes)) return -1;
+  }
+  return bytes;
+}
+
+const std::map<std::string, v1::DataType>& SafetensorsDTypes() {
+  static const auto* types = new std::map<std::string, v1::DataType>{{"BF16", v1::DATA_TYPE_BF16},
+                                                                     {"F16", v1::DATA_TYPE_FP16},
+                                                                     {"F32", v1::DATA_TYPE_FP32},
+                                                                     {"I32", v1::DATA_TYPE_INT32},
+                                                                     {"I64", v1::DATA_TYPE_INT64}};
+  return *types;
+}
+
+std::string SafetensorsName(v1::DataType dtype) {
+  for (const auto& [name, type] : SafetensorsDTypes()) {
+    if (type == dtype) return name;
+  }
+  return "";
+}
+
+uint64_t ReadLittleEndian64(absl::string_view bytes) {
+  uint64_t value = 0;
+  for (int i = 7; i >= 0; --i) value = (value << 8) | static_cast<unsigned char>(bytes[i]);
+  return value;
+}
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError(absl::StrCat("cannot open '", path, "'"));
+  std::ostringstream bytes;
+  bytes << file.rdbuf();
+  return bytes.str();
+}
+
+// The value of `key` in a .npy header dict ("{'descr': '<f4', 'fortran_order': False, ...}").
+std::string NpyHeaderValue(absl::string_view header, absl::string_view key) {
+  const size_t at = header.find(absl::StrCat("'", key, "'"));
+  if (at == absl::string_view::npos) return "";
+  size_t start = header.find(':', at);
+  if (start == absl::string_view::npos) return "";
+  ++start;
+  while (start < header.size() && header[start] == ' ') ++start;
+  size_t end = start;
+  if (start < header.size() && header[start] == '(') {
+    end = header.find(')', start);
+    if (end == absl::string_view::npos) return "";
+    ++end;
+  } else {
+    end = header.find_first_of(",}", start);
+    if (end == absl::string_view::npos) end = header.size();
+  }
+  return std::string(absl::StripAsciiWhitespace(header.substr(start, end - start)));
+}
+
+}  // namespace
+
+absl::StatusOr<v1::Tensor> ParseNpy(absl::string_view bytes) {
+  if (bytes.size() < 10 || bytes.substr(0, 6) != "\x93NUMPY") {
+    return absl::InvalidArgumentError("npy: not a .npy file (no \\x93NUMPY magic)");
+  }
+  const int major = static_cast<unsigned char>(bytes[6]);
+  size_t header_length = 0;
+  size_t header_start = 0;
+  if (major == 1) {
+    header_length = static_cast<unsigned char>(bytes[8]) |
+                    (static_cast<size_t>(static_cast<unsigned char>(bytes[9])) << 8);
+    header_start = 10;
+  } else if (major == 2 || major == 3) {
+    if (bytes.size() < 12) return absl::InvalidArgumentError("npy: truncated header");
+    header_length = 0;
+    for (int i = 11; i >= 8; --i) {
+      header_length = (header_length << 8) | static_cast<unsigned char>(bytes[i]);
+    }
+    header_start = 12;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("npy: unsupported format version ", major));
+  }
+  if (header_start + header_length > bytes.size()) {
+    return absl::InvalidArgumentError("npy: truncated header");
+  }
+  const absl::string_view header = bytes.substr(header_start, header_length);
+  const std::string descr = NpyHeaderValue(header, "descr");
+  static const auto* kTypes =
+      new std::map<std::string, v1::DataType>{{"'<f2'", v1::DATA_TYPE_FP16},
+                                              {"'<f4'", v1::DATA_TYPE_FP32},
+                                              {"'<i4'", v1::DATA_TYPE_INT32},
+                                              {"'<i8'", v1::DATA_TYPE_INT64}};
+  auto type = kTypes->find(descr);
+  if (type == kTypes->end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("npy: dtype ", descr,
+                     " is not supported; expected '<f2', '<f4', '<i4' or '<i8' (use "
+                     ".safetensors for bfloat16)"));
+  }
+  if (NpyHeaderValue(header, "fortran_order") != "False") {
+    return absl::InvalidArgumentError(
+        "npy: fortran_order arrays are not supported; save in C order");
+  }
+  const std::string shape_text = NpyHeaderValue(header, "shape");
+  if (shape_text.size() < 2 || shape_text.front() != '(' || shape_text.back() != ')') {
+    return absl::InvalidArgumentError(absl::StrCat("npy: cannot read shape ", shape_text));
+  }
+  std::vector<int64_t> shape;
+  for (absl::string_view part :
+       absl::StrSplit(absl::string_view(shape_text).substr(1, shape_text.size() - 2), ',',
+                      absl::SkipWhitespace())) {
+    int64_t dim = 0;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &dim) || dim < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("npy: cannot read shape ", shape_text));
+    }
+    shape.push_back(dim);
+  }
+  const int64_t expected = ByteSize(shape, type->second);
+  const absl::string_view data = bytes.substr(header_start + header_length);
+  if (expected < 0 || static_cast<int64_t>(data.size()) != expected) {
+    return absl::InvalidArgumentError(absl::StrCat("npy: expected ", expected,
+                                                   " bytes of data for shape ", shape_text,
+                                                   ", got ", data.size()));
+  }
+  v1::Tensor tensor;
+  tensor.set_dtype(type->second);
+  for (int64_t dim : shape) tensor.add_shape(dim);
+  tensor.set_data(std::string(data));
+  return tensor;
+}
+
+absl::StatusOr<std::map<std::string, v1::Tensor>> ParseSafetensorsTensors(absl::string_view bytes) {
+  if (bytes.size() < 8) return absl::InvalidArgumentError("safetensors: shorter than 8 bytes");
+  const uint64_t header_length = ReadLittleEndian64(bytes);
+  if (header_length > bytes.size() - 8) {
+    return absl::InvalidArgumentError("safetensors: header length beyond the end of the file");
+  }
+  const absl::string_view data = bytes.substr(8 + header_length);
+  nlohmann::json header = nlohmann::json::parse(bytes.substr(8, header_length), nullptr,
+                                                /*allow_exceptions=*/false);
+  if (!header.is_object()) {
+    return absl::InvalidArgumentError("safetensors: the header is not a JSON object");
+  }
+  std::map<std::string, v1::Tensor> tensors;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    if (!entry.is_object() || !entry.contains("dtype") || !entry["dtype"].is_string() ||
+        !entry.contains("shape") || !entry["shape"].is_array() || !entry.contains("data_offsets") ||
+        !entry["data_offsets"].is_array() || entry["data_offsets"].size() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("safetensors: tensor '", name, "': malformed entry"));
+    }
+    auto type = SafetensorsDTypes().find(entry["dtype"].get<std::string>());
+    if (type == SafetensorsDTypes().end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "safetensors: tensor '", name, "': dtype ", entry["dtype"].get<std::string>(),
+          " is not supported; expected BF16, F16, F32, I32 or I64"));
+    }
+    std::vector<int64_t> shape;
+    for (const auto& dim : entry["shape"]) {
+      if (!dim.is_number_unsigned()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("safetensors: tensor '", name, "': malformed shape"));
+      }
+      shape.push_back(dim.get<int64_t>());
+    }
+    const auto& offsets = entry["data_offsets"];
+    if (!offsets[0].is_number_unsigned() || !offsets[1].is_number_unsigned()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("safetensors: tensor '", name, "': malformed data_offsets"));
+    }
+    const uint64_t begin = offsets[0].get<uint64_t>();
+    const uint64_t end = offsets[1].get<uint64_t>();
+    const int64_t expected = ByteSize(shape, type->second);
+    if (begin > end || end > data.size() || expected < 0 ||
+        static_cast<int64_t>(end - begin) != expected) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "safetensors: tensor '", name, "': data_offsets [", begin, ", ", end,
+          ") do not hold the ", expected, " bytes its shape needs within ", data.size()));
+    }
+    v1::Tensor& tensor = tensors[name];
+    tensor.set_dtype(type->second);
+    for (int64_t dim : shape) tensor.add_shape(dim);
+    tensor.set_data(std::string(data.substr(begin, end - begin)));
+  }
+  return tensors;
+}
+
+std::string SerializeSafetensorsTensors(const std::map<std::string, v1::Tensor>& tensors,
+                                        const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    const uint64_t size = tensor.data().size();
+    header[name] = {{"dtype", SafetensorsName(tensor.dtype())},
+                    {"shape", std::vector<int64_t>(tensor.shape().begin(), tensor.shape().end())},
+                    {"data_offsets", {offset, offset + size}}};
+    offset += size;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
+  std::string out;
+  out.reserve(8 + text.size() + offset);
+  uint64_t length = text.size();
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((length >> (8 * i)) & 0xff));
+  out += text;
+  for (const auto& [name, tensor] : tensors) out += tensor.data();
+  return out;
+}
+
+absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path, absl::string_view name) {
+  absl::StatusOr<std::string> bytes = ReadWholeFile(path);
+  if (!bytes.ok()) return bytes.status();
+  const auto in_file = [&](const absl::Status& status) {
+    return absl::Status(status.code(), absl::StrCat(path, ": ", status.message()));
+  };
+  if (absl::EndsWith(path, ".npy")) {
+    absl::StatusOr<v1::Tensor> tensor = ParseNpy(*bytes);
+    if (!tensor.ok()) return in_file(tensor.status());
+    return tensor;
+  }
+  if (!absl::EndsWith(path, ".safetensors")) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": expected a .npy or .safetensors file"));
+  }
+  absl::StatusOr<std::map<std::string, v1::Tensor>> tensors = ParseSafetensorsTensors(*bytes);
+  if (!tensors.ok()) return in_file(tensors.status());
+  if (name.empty()) {
+    if (tensors->size() != 1) {
+      std::vector<std::string> names;
+      for (const auto& [n, t] : *tensors) names.push_back(n);
+      return absl::InvalidArgumentError(absl::StrCat(path, ": holds ", tensors->size(),
+                                                     " tensors (", absl::StrJoin(names, ", "),
+                                                     "); name the one to use"));
+    }
+    return std::move(tensors->begin()->second);
+  }
+  auto it = tensors->find(std::string(name));
+  if (it == tensors->end()) {
+    return absl::NotFoundError(absl::StrCat(path, ": no tensor named '", name, "'"));
+  }
+  return std::move(it->second);
+}
+
+absl::Status WriteSafetensorsFile(const std::string& path,
+                                  const std::map<std::string, v1::Tensor>& tensors,
+                                  const std::map<std::string, std::string>& metadata) {
+  const std::string temporary = path + ".tmp";
+  {
+    std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
+    if (!file) return absl::PermissionDeniedError(absl::StrCat("cannot write '", temporary, "'"));
+    const std::string bytes = SerializeSafetensorsTensors(tensors, metadata);
+    file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!file) return absl::DataLossError(absl::StrCat("cannot write '", temporary, "'"));
+  }
+  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat("cannot rename to '", path, "'"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lmhead

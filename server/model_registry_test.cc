@@ -1,0 +1,68 @@
+#include "server/model_registry.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+
+#include "core/lm_head.h"
+#include "gtest/gtest.h"
+
+namespace lmhead {
+namespace {
+
+TEST(ModelRegistryTest, ServesTheDemoHeadWhenNoModelIsGiven) {
+  Options options;
+  options.demo_d_model = 8;
+  options.demo_vocab_size = 20;
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry = ModelRegistry::Load(options);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  EXPECT_EQ((*registry)->default_model(), "demo");
+  absl::StatusOr<std::shared_ptr<const Model>> model = (*registry)->Find("");
+  ASSERT_TRUE(model.ok());
+  EXPECT_EQ((*model)->name(), "demo");
+  EXPECT_EQ((*model)->head().d_model(), 8);
+  EXPECT_EQ((*model)->head().vocab_size(), 20);
+  absl::StatusOr<std::shared_ptr<const Model>> missing = (*registry)->Find("other");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(missing.status().message(), "model: unknown model 'other'; this server has demo");
+}
+
+TEST(ModelRegistryTest, ConvertedCopiesAreCachedAndBounded) {
+  absl::StatusOr<std::unique_ptr<Model>> model =
+      Model::Demo(8, 20, /*seed=*/0, "cpu", /*max_variants=*/1);
+  ASSERT_TRUE(model.ok()) << model.status();
+  LMHeadConfig config = (*model)->head().config();
+  config.loss_implementation = LossImplementation::kFusedLinear;  // needs no copy
+  absl::StatusOr<std::shared_ptr<const LMHead>> same = (*model)->HeadFor(config);
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(same->get(), &(*model)->head());
+
+  config.dtype = DType::kBFloat16;
+  absl::StatusOr<std::shared_ptr<const LMHead>> bf16 = (*model)->HeadFor(config);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_NE(bf16->get(), &(*model)->head());
+  EXPECT_EQ((*bf16)->config().dtype, DType::kBFloat16);
+  // The copy holds the model's weights, converted.
+  const at::Tensor& original = (*model)->head().NamedParameters().back().second;
+  const at::Tensor& converted = (*bf16)->NamedParameters().back().second;
+  EXPECT_TRUE(at::equal(converted, original.to(at::kBFloat16)));
+  EXPECT_EQ((*model)->HeadFor(config)->get(), bf16->get());  // cached
+
+  config.dtype = DType::kFloat16;
+  EXPECT_EQ((*model)->HeadFor(config).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST(ModelRegistryTest, LoadErrorsNameTheModelAndFile) {
+  Options options;
+  options.models = {{"m", "/nonexistent/head.safetensors"}};
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry = ModelRegistry::Load(options);
+  EXPECT_EQ(registry.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(registry.status().message().find("model 'm' (/nonexistent/head.safetensors)"),
+            std::string::npos)
+      << registry.status();
+  options.models = {{"a", "x.safetensors"}, {"a", "y.safetensors"}};
+  EXPECT_NE(ModelRegistry::Load(options).status().message().find("given twice"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lmhead

@@ -1,0 +1,71 @@
+// Options: every setting of the lmhead server, with its unit and default. main.cc fills it from
+// flags; tests may fill it directly. Free of gRPC and LibTorch.
+#ifndef LMHEAD_SERVER_OPTIONS_H_
+#define LMHEAD_SERVER_OPTIONS_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace lmhead {
+
+// One `--model NAME=PATH.safetensors`.
+struct ModelSpec {
+  std::string name;  // what requests put in ForwardRequest.model
+  std::string path;  // a safetensors file with the head's parameters (OLMo-core or HF names)
+};
+
+enum class LogFormat { kText, kJson };
+
+struct Options {
+  // Address to listen on. Default "0.0.0.0" (all IPv4 interfaces).
+  std::string host = "0.0.0.0";
+  // TCP port; 0 picks a free one (written to port_file and logged). Default 50051.
+  int port = 50051;
+  // When set, the bound port is written there (decimal, then a newline) once the server is
+  // serving. Default: unset.
+  std::string port_file;
+
+  // Models to load, in flag order; the first is the default model. Empty: the demo head.
+  std::vector<ModelSpec> models;
+  // Head configuration (LMHeadConfig JSON, core/config_json.h) for models that have no
+  // `<weights without .safetensors>.json` beside their weights. Default: unset (such a model
+  // fails to load, naming both places).
+  std::string head_config_json;
+  // Where weights live and compute runs: "cpu" or "cuda:N". Default "cpu".
+  std::string device = "cpu";
+
+  // The demo head served when no model is given (name "demo"): an rms layer norm without
+  // bias, w_out without bias, fp32, PyTorch's default initialisation from `demo_seed`.
+  int64_t demo_d_model = 64;       // hidden size; default 64
+  int64_t demo_vocab_size = 1000;  // classes; default 1000
+  uint64_t demo_seed = 0;          // initialisation seed; default 0
+
+  // Largest request message accepted, in bytes (larger: RESOURCE_EXHAUSTED from gRPC).
+  // Default 288 MiB: a 256 MiB request with room to spare, e.g. 256 MiB of hidden states plus
+  // their int64 labels (16 MiB for bf16 at d_model 64, less for wider models).
+  int64_t max_message_bytes = int64_t{288} << 20;
+  // Largest response, in bytes; a request whose logits would exceed it is rejected with
+  // RESOURCE_EXHAUSTED before any compute. Default 2 GiB - 1 MiB (protobuf's 2 GiB limit less
+  // room for the envelope).
+  int64_t max_response_bytes = (int64_t{2} << 30) - (int64_t{1} << 20);
+  // Forward/ForwardStream calls running at once; more get RESOURCE_EXHAUSTED at once (a
+  // stream holds its slot until it ends). Default 4.
+  int max_concurrent_requests = 4;
+  // Per-request configurations (dtype, layer-norm dtype or precision) other than the loaded
+  // one that a model keeps converted copies of its weights for; a request that needs one more
+  // gets RESOURCE_EXHAUSTED. 0 disables such overrides. Default 4.
+  int max_config_variants = 4;
+  // How long a graceful shutdown waits for in-flight calls before cancelling them, seconds.
+  // Default 30.
+  double shutdown_grace_seconds = 30;
+
+  // Log lines as plain text or one JSON object per line. Default text.
+  LogFormat log_format = LogFormat::kText;
+  // spdlog level name: trace, debug, info, warn, error, critical, off. Default "info".
+  std::string log_level = "info";
+};
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_SERVER_OPTIONS_H_

@@ -1,0 +1,112 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include <chrono>
+#include <climits>
+#include <fstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "proto/lmhead/v1/lmhead.grpc.pb.h"
+#include "server/logging.h"
+#include "server/model_registry.h"
+#include "server/service.h"
+
+namespace lmhead {
+namespace {
+
+// The health status of the server as a whole ("") and of lmhead.v1.LMHeadService.
+void SetServing(grpc::Server* server, bool serving) {
+  if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
+    health->SetServingStatus(v1::LMHeadService::service_full_name(), serving);
+    health->SetServingStatus(serving);  // every service named so far, "" included
+  }
+}
+
+}  // namespace
+
+Server::Server(const Options& options, std::unique_ptr<LMHeadServiceImpl> service)
+    : options_(options), service_(std::move(service)) {}
+
+Server::~Server() {
+  Shutdown();
+  Wait();
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  auto server =
+      std::unique_ptr<Server>(new Server(options, std::make_unique<LMHeadServiceImpl>(options)));
+
+  const std::string address = absl::StrCat(options.host, ":", options.port);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.SetMaxReceiveMessageSize(
+      static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT_MAX)));
+  builder.SetMaxSendMessageSize(INT_MAX);
+  builder.RegisterService(server->service_.get());
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || server->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
+  }
+  SetServing(server->server_.get(), false);
+  LogInfo(kNoRequest, absl::StrCat("listening on ", options.host, ":", server->port_,
+                                   " (NOT_SERVING while loading models)"));
+
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry = ModelRegistry::Load(options);
+  if (!registry.ok()) {
+    server->Shutdown();
+    return registry.status();
+  }
+  for (const auto& model : (*registry)->List()) {
+    LogInfo(kNoRequest, absl::StrCat("model '", model->name(), "' version ", model->version(),
+                                     " from ", model->source()));
+  }
+  server->service_->SetRegistry(std::shared_ptr<const ModelRegistry>(*std::move(registry)));
+  SetServing(server->server_.get(), true);
+  LogInfo(kNoRequest, absl::StrCat("serving on port ", server->port_));
+  if (!options.port_file.empty()) {
+    // Written under another name and renamed, so readers never see a partial file.
+    const std::string temporary = options.port_file + ".tmp";
+    std::ofstream(temporary) << server->port_ << "\n";
+    if (std::rename(temporary.c_str(), options.port_file.c_str()) != 0) {
+      server->Shutdown();
+      return absl::InternalError(absl::StrCat("cannot write --port_file ", options.port_file));
+    }
+  }
+  return server;
+}
+
+void Server::Shutdown() {
+  {
+    absl::MutexLock lock(&shutdown_mu_);
+    if (shut_down_ || server_ == nullptr) return;
+    shut_down_ = true;
+  }
+  // Health watchers and probes see NOT_SERVING first; new work is refused while running
+  // calls finish. Only then are the listeners closed and what remains (health watches,
+  // calls past the grace period) cancelled: gRPC's own Shutdown would wait for endless
+  // health watches until the deadline.
+  SetServing(server_.get(), false);
+  service_->StartDraining();
+  LogInfo(kNoRequest, absl::StrCat("draining: NOT_SERVING, waiting up to ",
+                                   options_.shutdown_grace_seconds, " s for in-flight calls"));
+  const auto grace = std::chrono::duration_cast<std::chrono::system_clock::duration>(
+      std::chrono::duration<double>(options_.shutdown_grace_seconds));
+  if (!service_->WaitIdle(std::chrono::system_clock::now() + grace)) {
+    LogWarning(kNoRequest, "grace period over: cancelling the calls still running");
+  }
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  LogInfo(kNoRequest, "shut down");
+}
+
+void Server::Wait() {
+  if (server_ != nullptr) server_->Wait();
+}
+
+}  // namespace lmhead

@@ -1,0 +1,51 @@
+// Server: the lmhead gRPC server's life cycle. Binds, answers health checks with NOT_SERVING
+// while the models load, then SERVING; on Shutdown it drains (NOT_SERVING, no new calls,
+// in-flight calls finish within the grace period). Serves lmhead.v1.LMHeadService, the
+// standard grpc.health.v1.Health service and server reflection. Thread-safe.
+#ifndef LMHEAD_SERVER_SERVER_H_
+#define LMHEAD_SERVER_SERVER_H_
+
+#include <grpcpp/server.h>
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "server/options.h"
+
+namespace lmhead {
+
+class LMHeadServiceImpl;
+
+class Server {
+ public:
+  // Binds options.host:options.port, loads the models and starts serving; logs the bound port
+  // and writes it to options.port_file once serving. UNAVAILABLE when the address cannot be
+  // bound; a model's load error otherwise (the server is shut down again).
+  static absl::StatusOr<std::unique_ptr<Server>> Start(const Options& options);
+  ~Server();
+
+  // The bound TCP port.
+  int port() const { return port_; }
+
+  // Graceful shutdown: health NOT_SERVING, stop accepting calls, wait for in-flight calls up to
+  // options.shutdown_grace_seconds, then cancel what remains. Idempotent.
+  void Shutdown();
+
+  // Blocks until Shutdown has completed.
+  void Wait();
+
+ private:
+  Server(const Options& options, std::unique_ptr<LMHeadServiceImpl> service);
+
+  const Options options_;
+  std::unique_ptr<LMHeadServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  absl::Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+};
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_SERVER_SERVER_H_

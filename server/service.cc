@@ -1,0 +1,630 @@
+#include "server/service.h"
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <variant>
+
+#include "absl/strings/str_cat.h"
+#include "core/config.h"
+#include "core/lm_head.h"
+#include "core/torch_errors.h"
+#include "server/logging.h"
+#include "server/model_registry.h"
+#include "server/status.h"
+#include "server/tensor_codec.h"
+
+namespace lmhead {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t MicrosBetween(Clock::time_point start, Clock::time_point end) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(end - start).count();
+}
+
+absl::Status Invalid(absl::string_view field, absl::string_view message) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", message));
+}
+
+// ---- Enums: wire -> core (unset gives nullopt; unknown values are errors naming the field).
+
+absl::StatusOr<std::optional<DType>> ParamDTypeFromWire(int value, absl::string_view field) {
+  switch (value) {
+    case v1::DATA_TYPE_UNSPECIFIED: return std::optional<DType>();
+    case v1::DATA_TYPE_BF16: return std::optional<DType>(DType::kBFloat16);
+    case v1::DATA_TYPE_FP16: return std::optional<DType>(DType::kFloat16);
+    case v1::DATA_TYPE_FP32: return std::optional<DType>(DType::kFloat32);
+    default:
+      return Invalid(
+          field, absl::StrCat("expected BF16, FP16 or FP32 (or unset), got ", DataTypeName(value)));
+  }
+}
+
+absl::StatusOr<std::optional<LayerNormType>> LayerNormTypeFromWire(int value,
+                                                                   absl::string_view field) {
+  switch (value) {
+    case v1::LAYER_NORM_TYPE_UNSPECIFIED: return std::optional<LayerNormType>();
+    case v1::LAYER_NORM_TYPE_DEFAULT: return std::optional(LayerNormType::kDefault);
+    case v1::LAYER_NORM_TYPE_RMS: return std::optional(LayerNormType::kRms);
+    case v1::LAYER_NORM_TYPE_QWEN_RMS: return std::optional(LayerNormType::kQwenRms);
+    case v1::LAYER_NORM_TYPE_CUTE_RMS: return std::optional(LayerNormType::kCuteRms);
+    case v1::LAYER_NORM_TYPE_FUSED_RMS: return std::optional(LayerNormType::kFusedRms);
+    case v1::LAYER_NORM_TYPE_L2_NORM: return std::optional(LayerNormType::kL2Norm);
+    default: return Invalid(field, absl::StrCat("unknown LayerNormType value ", value));
+  }
+}
+
+absl::StatusOr<std::optional<LMHeadType>> HeadTypeFromWire(int value, absl::string_view field) {
+  switch (value) {
+    case v1::HEAD_TYPE_UNSPECIFIED: return std::optional<LMHeadType>();
+    case v1::HEAD_TYPE_DEFAULT: return std::optional(LMHeadType::kDefault);
+    case v1::HEAD_TYPE_NORMALIZED: return std::optional(LMHeadType::kNormalized);
+    default: return Invalid(field, absl::StrCat("unknown HeadType value ", value));
+  }
+}
+
+absl::StatusOr<std::optional<LossImplementation>> LossImplementationFromWire(
+    int value, absl::string_view field) {
+  switch (value) {
+    case v1::LOSS_IMPLEMENTATION_UNSPECIFIED: return std::optional<LossImplementation>();
+    case v1::LOSS_IMPLEMENTATION_DEFAULT: return std::optional(LossImplementation::kDefault);
+    case v1::LOSS_IMPLEMENTATION_FUSED_LINEAR:
+      return std::optional(LossImplementation::kFusedLinear);
+    default: return Invalid(field, absl::StrCat("unknown LossImplementation value ", value));
+  }
+}
+
+absl::StatusOr<LossReduction> LossReductionFromWire(int value, absl::string_view field) {
+  switch (value) {
+    case v1::LOSS_REDUCTION_UNSPECIFIED:
+    case v1::LOSS_REDUCTION_MEAN: return LossReduction::kMean;
+    case v1::LOSS_REDUCTION_SUM: return LossReduction::kSum;
+    case v1::LOSS_REDUCTION_NONE: return LossReduction::kNone;
+    default: return Invalid(field, absl::StrCat("unknown LossReduction value ", value));
+  }
+}
+
+// ---- Core -> wire.
+
+v1::DataType ToWire(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16: return v1::DATA_TYPE_BF16;
+    case DType::kFloat16: return v1::DATA_TYPE_FP16;
+    case DType::kFloat32: return v1::DATA_TYPE_FP32;
+  }
+  return v1::DATA_TYPE_UNSPECIFIED;
+}
+
+v1::HeadConfig ToWire(const LMHeadConfig& config) {
+  v1::HeadConfig out;
+  out.set_name(config.name == LMHeadType::kNormalized ? v1::HEAD_TYPE_NORMALIZED
+                                                      : v1::HEAD_TYPE_DEFAULT);
+  if (config.layer_norm.has_value()) {
+    const LayerNormConfig& norm = *config.layer_norm;
+    v1::LayerNormConfig* wire = out.mutable_layer_norm();
+    wire->set_name(static_cast<v1::LayerNormType>(static_cast<int>(norm.name) + 1));
+    if (norm.eps) wire->set_eps(*norm.eps);
+    if (norm.elementwise_affine) wire->set_elementwise_affine(*norm.elementwise_affine);
+    if (norm.bias) wire->set_bias(*norm.bias);
+    if (norm.full_precision) wire->set_full_precision(*norm.full_precision);
+    if (norm.dtype) wire->set_dtype(ToWire(*norm.dtype));
+  }
+  if (config.bias) out.set_bias(*config.bias);
+  out.set_dtype(ToWire(config.dtype));
+  out.set_loss_implementation(config.loss_implementation == LossImplementation::kFusedLinear
+                                  ? v1::LOSS_IMPLEMENTATION_FUSED_LINEAR
+                                  : v1::LOSS_IMPLEMENTATION_DEFAULT);
+  return out;
+}
+
+v1::ModelInfo ToWire(const Model& model) {
+  const LMHead& head = model.head();
+  v1::ModelInfo info;
+  info.set_name(model.name());
+  info.set_version(model.version());
+  info.set_d_model(head.d_model());
+  info.set_vocab_size(head.vocab_size());
+  *info.mutable_config() = ToWire(head.config());
+  info.set_dtype(ToWire(head.config().dtype));
+  info.set_num_params(head.config().NumParams(head.d_model(), head.vocab_size()));
+  info.set_device(head.device().str());
+  info.set_source(model.source());
+  return info;
+}
+
+// ---- Requests.
+
+// The model's configuration with the request's overrides applied. Fields that define the
+// weights must agree with the model's (INVALID_ARGUMENT naming the field); the dtypes, the
+// layer norm's precision and the loss implementation may change.
+absl::StatusOr<LMHeadConfig> EffectiveConfig(const Model& model, const v1::HeadConfig& wire) {
+  const LMHeadConfig& base = model.head().config();
+  LMHeadConfig config = base;
+  const auto contradicts = [&](absl::string_view field, absl::string_view model_has,
+                               absl::string_view request_has) {
+    return Invalid(field,
+                   absl::StrCat("model '", model.name(), "' has ", model_has, "; the request's ",
+                                request_has, " contradicts its weights"));
+  };
+  absl::StatusOr<std::optional<LMHeadType>> name = HeadTypeFromWire(wire.name(), "config.name");
+  if (!name.ok()) return name.status();
+  if (*name && **name != base.name) {
+    return contradicts("config.name", absl::StrCat("a '", Name(base.name), "' head"),
+                       absl::StrCat("'", Name(**name), "'"));
+  }
+  if (wire.has_bias() && wire.bias() != base.EffectiveBias()) {
+    return contradicts("config.bias", base.EffectiveBias() ? "a w_out bias" : "no w_out bias",
+                       absl::StrCat("bias=", wire.bias() ? "true" : "false"));
+  }
+  if (wire.has_layer_norm()) {
+    const v1::LayerNormConfig& norm = wire.layer_norm();
+    if (!base.layer_norm.has_value()) {
+      return contradicts("config.layer_norm", "no layer norm", "layer_norm");
+    }
+    const LayerNormConfig& base_norm = *base.layer_norm;
+    absl::StatusOr<std::optional<LayerNormType>> type =
+        LayerNormTypeFromWire(norm.name(), "config.layer_norm.name");
+    if (!type.ok()) return type.status();
+    if (*type && **type != base_norm.name) {
+      return contradicts("config.layer_norm.name",
+                         absl::StrCat("a '", Name(base_norm.name), "' layer norm"),
+                         absl::StrCat("'", Name(**type), "'"));
+    }
+    if (norm.has_eps() && norm.eps() != base_norm.EffectiveEps()) {
+      return contradicts("config.layer_norm.eps", absl::StrCat("eps=", base_norm.EffectiveEps()),
+                         absl::StrCat("eps=", norm.eps()));
+    }
+    if (norm.has_elementwise_affine() && norm.elementwise_affine() != base_norm.EffectiveAffine()) {
+      return contradicts("config.layer_norm.elementwise_affine",
+                         base_norm.EffectiveAffine() ? "a norm weight" : "no norm weight",
+                         absl::StrCat("elementwise_affine=", norm.elementwise_affine()));
+    }
+    if (norm.has_bias() && norm.bias() != base_norm.EffectiveBias()) {
+      return contradicts("config.layer_norm.bias",
+                         base_norm.EffectiveBias() ? "a norm bias" : "no norm bias",
+                         absl::StrCat("bias=", norm.bias()));
+    }
+    if (norm.has_full_precision()) config.layer_norm->full_precision = norm.full_precision();
+    absl::StatusOr<std::optional<DType>> dtype =
+        ParamDTypeFromWire(norm.dtype(), "config.layer_norm.dtype");
+    if (!dtype.ok()) return dtype.status();
+    if (*dtype) config.layer_norm->dtype = **dtype;
+  }
+  absl::StatusOr<std::optional<DType>> dtype = ParamDTypeFromWire(wire.dtype(), "config.dtype");
+  if (!dtype.ok()) return dtype.status();
+  if (*dtype) config.dtype = **dtype;
+  absl::StatusOr<std::optional<LossImplementation>> implementation =
+      LossImplementationFromWire(wire.loss_implementation(), "config.loss_implementation");
+  if (!implementation.ok()) return implementation.status();
+  if (*implementation) config.loss_implementation = **implementation;
+  if (absl::Status status = config.Validate(); !status.ok()) {
+    return absl::Status(status.code(), absl::StrCat("config: ", status.message()));
+  }
+  return config;
+}
+
+c10::ScalarType ComputeType(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16: return at::kBFloat16;
+    case DType::kFloat16: return at::kHalf;
+    case DType::kFloat32: return at::kFloat;
+  }
+  return at::kFloat;
+}
+
+constexpr std::initializer_list<v1::DataType> kFloatTypes = {v1::DATA_TYPE_BF16, v1::DATA_TYPE_FP16,
+                                                             v1::DATA_TYPE_FP32};
+
+// Positions kept by an integer logits_to_keep, with Python slice semantics.
+int64_t KeptPositions(int64_t k, int64_t length) {
+  if (k == 0) return length;
+  return k > 0 ? std::min(k, length) : length - std::min(-k, length);
+}
+
+const TensorRule kHiddenRule{"hidden_states", kFloatTypes, 3};
+const TensorRule kLabelsRule{"labels", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32}, 2};
+const TensorRule kPositionsRule{"options.logits_to_keep_positions", {v1::DATA_TYPE_INT64}, 2};
+const TensorRule kDivFactorRule{"options.loss_div_factor_tensor", kFloatTypes, -1};
+
+// A validated request: what to run and how, before any tensor exists.
+struct Plan {
+  std::shared_ptr<const Model> model;
+  LMHeadConfig config;     // the model's, with the request's overrides
+  ForwardOptions options;  // the scalar options; tensors are added by DecodeInputs
+  v1::DataType logits_dtype = v1::DATA_TYPE_UNSPECIFIED;
+  int64_t batch = 0;
+  int64_t length = 0;
+  int64_t kept = 0;  // positions per row that logits_to_keep keeps
+};
+
+// Checks every field of `request` against the model and the server's limits. Reads shapes
+// and enums only; allocates no tensor.
+absl::StatusOr<Plan> PlanForward(const ModelRegistry& registry, const Options& limits,
+                                 const v1::ForwardRequest& request) {
+  Plan plan;
+  absl::StatusOr<std::shared_ptr<const Model>> model = registry.Find(request.model());
+  if (!model.ok()) return model.status();
+  plan.model = *std::move(model);
+  const LMHead& base = plan.model->head();
+  absl::StatusOr<LMHeadConfig> config = EffectiveConfig(*plan.model, request.config());
+  if (!config.ok()) return config.status();
+  plan.config = *std::move(config);
+
+  // Scalar options.
+  const v1::ForwardOptions& wire = request.options();
+  ForwardOptions& options = plan.options;
+  if (wire.has_ignore_index()) options.ignore_index = wire.ignore_index();
+  absl::StatusOr<LossReduction> reduction =
+      LossReductionFromWire(wire.loss_reduction(), "options.loss_reduction");
+  if (!reduction.ok()) return reduction.status();
+  options.loss_reduction = *reduction;
+  if (wire.has_z_loss_multiplier()) options.z_loss_multiplier = wire.z_loss_multiplier();
+  if (wire.has_return_logits()) options.return_logits = wire.return_logits();
+  if (wire.has_fused_chunk_bytes()) {
+    if (wire.fused_chunk_bytes() <= 0) {
+      return Invalid(
+          "options.fused_chunk_bytes",
+          absl::StrCat("expected a positive byte count, got ", wire.fused_chunk_bytes()));
+    }
+    options.fused_chunk_bytes = wire.fused_chunk_bytes();
+  }
+  options.loss_implementation = plan.config.loss_implementation;
+  if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
+    options.logits_to_keep = wire.logits_to_keep_count();
+  }
+  if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorValue) {
+    options.loss_div_factor = wire.loss_div_factor_value();
+  }
+  plan.logits_dtype = ToWire(plan.config.dtype);
+  if (wire.logits_dtype() != v1::DATA_TYPE_UNSPECIFIED) {
+    absl::StatusOr<std::optional<DType>> dtype =
+        ParamDTypeFromWire(wire.logits_dtype(), "options.logits_dtype");
+    if (!dtype.ok()) return dtype.status();
+    plan.logits_dtype = ToWire(**dtype);
+  }
+
+  // Tensor shapes.
+  absl::StatusOr<std::vector<int64_t>> x_shape =
+      ValidateTensor(request.hidden_states(), kHiddenRule);
+  if (!x_shape.ok()) return x_shape.status();
+  plan.batch = (*x_shape)[0];
+  plan.length = (*x_shape)[1];
+  if ((*x_shape)[2] != base.d_model()) {
+    return Invalid(
+        "hidden_states.shape",
+        absl::StrCat("expected (batch, seq_len, d_model=", base.d_model(), ") for model '",
+                     plan.model->name(), "', got d_model=", (*x_shape)[2]));
+  }
+  if (request.has_labels()) {
+    absl::StatusOr<std::vector<int64_t>> shape = ValidateTensor(request.labels(), kLabelsRule);
+    if (!shape.ok()) return shape.status();
+    if ((*shape)[0] != plan.batch || (*shape)[1] != plan.length) {
+      return Invalid("labels.shape", absl::StrCat("expected (batch=", plan.batch, ", seq_len=",
+                                                  plan.length, ") like hidden_states, got (",
+                                                  (*shape)[0], ", ", (*shape)[1], ")"));
+    }
+  }
+  plan.kept = plan.length;
+  if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions) {
+    absl::StatusOr<std::vector<int64_t>> shape =
+        ValidateTensor(wire.logits_to_keep_positions(), kPositionsRule);
+    if (!shape.ok()) return shape.status();
+    if ((*shape)[0] != plan.batch) {
+      return Invalid("options.logits_to_keep_positions.shape",
+                     absl::StrCat("expected (batch=", plan.batch, ", K), got (", (*shape)[0], ", ",
+                                  (*shape)[1], ")"));
+    }
+    plan.kept = (*shape)[1];
+  } else if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
+    plan.kept = KeptPositions(wire.logits_to_keep_count(), plan.length);
+  }
+  if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
+    absl::StatusOr<std::vector<int64_t>> shape =
+        ValidateTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
+    if (!shape.ok()) return shape.status();
+  }
+
+  // Limits: the logits this call would return must fit in a response.
+  const bool returns_logits =
+      !request.has_labels() || (options.return_logits != false &&
+                                plan.config.loss_implementation == LossImplementation::kDefault);
+  int64_t logits_bytes = 0;
+  if (returns_logits &&
+      (__builtin_mul_overflow(plan.batch, plan.kept, &logits_bytes) ||
+       __builtin_mul_overflow(logits_bytes, base.vocab_size(), &logits_bytes) ||
+       __builtin_mul_overflow(logits_bytes, ElementSize(plan.logits_dtype), &logits_bytes) ||
+       logits_bytes > limits.max_response_bytes)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "options: the logits (batch=", plan.batch, " x positions=", plan.kept,
+        " x vocab_size=", base.vocab_size(), " in ", DataTypeName(plan.logits_dtype),
+        ") would exceed the response limit of ", limits.max_response_bytes,
+        " bytes; send smaller micro-batches (ForwardStream), keep fewer positions, or set "
+        "return_logits=false"));
+  }
+  return plan;
+}
+
+// The request's tensors on `device`: hidden states in the compute dtype (returned), and
+// labels, positions and a divisor tensor into plan->options. They alias the request where
+// they can. `nonfinite` receives the number of NaN/infinite hidden-state values. May throw.
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
+                                        const c10::Device& device, Plan* plan, int64_t* nonfinite) {
+  absl::StatusOr<at::Tensor> x = DecodeTensor(request.hidden_states(), kHiddenRule);
+  if (!x.ok()) return x.status();
+  // A finite sum means every value is finite (a NaN or an infinity would make it NaN or
+  // infinite); only otherwise are they counted, which costs a mask as large as x.
+  *nonfinite = 0;
+  if (x->numel() > 0 && !at::isfinite(x->sum()).item<bool>()) {
+    *nonfinite = at::isfinite(*x).logical_not().sum().item<int64_t>();
+  }
+  ForwardOptions& options = plan->options;
+  if (request.has_labels()) {
+    absl::StatusOr<at::Tensor> labels = DecodeTensor(request.labels(), kLabelsRule);
+    if (!labels.ok()) return labels.status();
+    options.labels = labels->to(device, at::kLong);
+  }
+  const v1::ForwardOptions& wire = request.options();
+  if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions) {
+    absl::StatusOr<at::Tensor> positions =
+        DecodeTensor(wire.logits_to_keep_positions(), kPositionsRule);
+    if (!positions.ok()) return positions.status();
+    options.logits_to_keep = positions->to(device);
+  }
+  if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
+    absl::StatusOr<at::Tensor> factor = DecodeTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
+    if (!factor.ok()) return factor.status();
+    options.loss_div_factor = factor->to(device);
+  }
+  return x->to(device, ComputeType(plan->config.dtype));
+}
+
+// Writes LMHead.forward's outputs and the bookkeeping fields into `response`. May throw.
+absl::Status EncodeOutputs(const LMOutput& output, const Plan& plan,
+                           v1::ForwardResponse* response) {
+  if (output.logits.has_value()) {
+    absl::Status status =
+        EncodeTensor(*output.logits, plan.logits_dtype, response->mutable_logits());
+    if (!status.ok()) return status;
+  }
+  for (const auto& [value, field] :
+       {std::pair{&output.loss, &v1::ForwardResponse::mutable_loss},
+        std::pair{&output.ce_loss, &v1::ForwardResponse::mutable_ce_loss},
+        std::pair{&output.z_loss, &v1::ForwardResponse::mutable_z_loss}}) {
+    if (!value->has_value()) continue;
+    absl::Status status =
+        EncodeTensor(**value, DataTypeOf((*value)->scalar_type()), (response->*field)());
+    if (!status.ok()) return status;
+  }
+  if (plan.options.labels.has_value()) {
+    at::Tensor scored = *plan.options.labels;
+    if (const auto* positions = std::get_if<at::Tensor>(&plan.options.logits_to_keep)) {
+      scored = scored.gather(1, *positions);
+    } else {
+      scored = scored.slice(1, plan.length - plan.kept, plan.length);
+    }
+    response->set_num_scored_tokens(scored.ne(plan.options.ignore_index).sum().item<int64_t>());
+  }
+  response->set_model(plan.model->name());
+  response->set_model_version(plan.model->version());
+  return absl::OkStatus();
+}
+
+// Everything between the wire request and a response; may throw c10::Error (RunForward
+// converts it).
+absl::Status RunForwardUnchecked(const ModelRegistry& registry, const Options& limits,
+                                 const v1::ForwardRequest& request, v1::ForwardResponse* response) {
+  const Clock::time_point start = Clock::now();
+  absl::StatusOr<Plan> plan = PlanForward(registry, limits, request);
+  if (!plan.ok()) return plan.status();
+  // The head for this configuration: the model's, or a converted copy.
+  absl::StatusOr<std::shared_ptr<const LMHead>> head = plan->model->HeadFor(plan->config);
+  if (!head.ok()) return head.status();
+  int64_t nonfinite = 0;
+  absl::StatusOr<at::Tensor> x = DecodeInputs(request, (*head)->device(), &*plan, &nonfinite);
+  if (!x.ok()) return x.status();
+  const Clock::time_point decoded = Clock::now();
+
+  absl::StatusOr<LMOutput> output = (*head)->Forward(*x, plan->options);
+  if (!output.ok()) return output.status();
+  const Clock::time_point computed = Clock::now();
+
+  response->Clear();
+  if (absl::Status status = EncodeOutputs(*output, *plan, response); !status.ok()) return status;
+  response->set_num_nonfinite_inputs(nonfinite);
+  const Clock::time_point encoded = Clock::now();
+  v1::ServerTimings* timings = response->mutable_timings();
+  timings->set_decode_us(MicrosBetween(start, decoded));
+  timings->set_compute_us(MicrosBetween(decoded, computed));
+  timings->set_encode_us(MicrosBetween(computed, encoded));
+  timings->set_total_us(MicrosBetween(start, encoded));
+  return absl::OkStatus();
+}
+
+absl::Status RunForward(const ModelRegistry& registry, const Options& options,
+                        const v1::ForwardRequest& request, v1::ForwardResponse* response) {
+  return CatchTorchErrors(
+      [&]() { return RunForwardUnchecked(registry, options, request, response); });
+}
+
+// The caller's `x-request-id` header, or a fresh id.
+std::string RequestIdOf(const grpc::ServerContext& context) {
+  const auto& metadata = context.client_metadata();
+  if (auto it = metadata.find("x-request-id");
+      it != metadata.end() && !it->second.empty() && it->second.size() <= 128) {
+    return std::string(it->second.data(), it->second.size());
+  }
+  return NewRequestId();
+}
+
+// OK, or CANCELLED / DEADLINE_EXCEEDED when the call should stop now.
+absl::Status CheckStillWanted(const grpc::ServerContext& context) {
+  if (std::chrono::system_clock::now() > context.deadline()) {
+    return absl::DeadlineExceededError("deadline exceeded before the work was done");
+  }
+  if (context.IsCancelled()) return absl::CancelledError("the client cancelled the call");
+  return absl::OkStatus();
+}
+
+void LogOutcome(absl::string_view request_id, absl::string_view what, const absl::Status& status) {
+  if (status.ok()) {
+    LogInfo(request_id, absl::StrCat(what, " ok"));
+  } else if (status.code() == absl::StatusCode::kInternal ||
+             status.code() == absl::StatusCode::kUnknown) {
+    LogError(request_id, absl::StrCat(what, " failed: ", status.ToString()));
+  } else {
+    LogWarning(request_id, absl::StrCat(what, " failed: ", status.ToString()));
+  }
+}
+
+}  // namespace
+
+LMHeadServiceImpl::LMHeadServiceImpl(const Options& options)
+    : options_(options), limiter_(options.max_concurrent_requests) {}
+
+LMHeadServiceImpl::~LMHeadServiceImpl() = default;
+
+void LMHeadServiceImpl::SetRegistry(std::shared_ptr<const ModelRegistry> registry) {
+  std::atomic_store(&registry_, std::move(registry));
+}
+
+std::shared_ptr<const ModelRegistry> LMHeadServiceImpl::registry() const {
+  return std::atomic_load(&registry_);
+}
+
+bool LMHeadServiceImpl::WaitIdle(std::chrono::system_clock::time_point deadline) const {
+  while (limiter_.in_use() > 0) {
+    if (std::chrono::system_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
+grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
+                                        const v1::ForwardRequest* request,
+                                        v1::ForwardResponse* response) {
+  const std::string request_id = RequestIdOf(*context);
+  context->AddInitialMetadata("x-request-id", request_id);
+  absl::Status status;
+  if (draining_) {
+    status = absl::UnavailableError("the server is shutting down");
+  } else if (std::shared_ptr<const ModelRegistry> models = registry(); models == nullptr) {
+    status = absl::UnavailableError("the server is still loading its models");
+  } else if (ConcurrencyLimiter::Slot slot = limiter_.TryAcquire(); !slot) {
+    status = absl::ResourceExhaustedError(
+        absl::StrCat("too many concurrent requests: ", limiter_.max_in_use(),
+                     " running (--max_concurrent_requests); retry later"));
+  } else if (status = CheckStillWanted(*context); status.ok()) {
+    status = RunForward(*models, options_, *request, response);
+    if (status.ok()) {
+      nonfinite_inputs_ += response->num_nonfinite_inputs();
+      if (response->num_nonfinite_inputs() > 0) {
+        LogWarning(request_id, absl::StrCat(response->num_nonfinite_inputs(),
+                                            " non-finite hidden-state values (propagated)"));
+      }
+    }
+  }
+  LogOutcome(
+      request_id,
+      absl::StrCat("Forward model='", request->model(), "'",
+                   status.ok() ? absl::StrCat(" total_us=", response->timings().total_us()) : ""),
+      status);
+  return ToGrpcStatus(status);
+}
+
+grpc::Status LMHeadServiceImpl::ForwardStream(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::ForwardResponse, v1::ForwardRequest>* stream) {
+  const std::string request_id = RequestIdOf(*context);
+  context->AddInitialMetadata("x-request-id", request_id);
+  std::shared_ptr<const ModelRegistry> models = registry();
+  if (draining_ || models == nullptr) {
+    const absl::Status status = absl::UnavailableError(
+        draining_ ? "the server is shutting down" : "the server is still loading its models");
+    LogOutcome(request_id, "ForwardStream", status);
+    return ToGrpcStatus(status);
+  }
+  ConcurrencyLimiter::Slot slot = limiter_.TryAcquire();
+  if (!slot) {
+    const absl::Status status = absl::ResourceExhaustedError(
+        absl::StrCat("too many concurrent requests: ", limiter_.max_in_use(),
+                     " running (--max_concurrent_requests); retry later"));
+    LogOutcome(request_id, "ForwardStream", status);
+    return ToGrpcStatus(status);
+  }
+  // One micro-batch at a time: the request and response are reused, so memory stays bounded
+  // by the largest micro-batch whatever the stream's total size.
+  v1::ForwardRequest request;
+  v1::ForwardResponse response;
+  int64_t index = 0;
+  int64_t nonfinite = 0;
+  absl::Status status;
+  while (stream->Read(&request)) {
+    if (status = CheckStillWanted(*context); !status.ok()) break;
+    status = RunForward(*models, options_, request, &response);
+    if (!status.ok()) {
+      status =
+          absl::Status(status.code(), absl::StrCat("micro-batch ", index, ": ", status.message()));
+      break;
+    }
+    nonfinite += response.num_nonfinite_inputs();
+    LogDebug(request_id,
+             absl::StrCat("micro-batch ", index, " total_us=", response.timings().total_us()));
+    if (!stream->Write(response)) {
+      status = absl::CancelledError("the client went away");
+      break;
+    }
+    ++index;
+  }
+  if (status.ok() && context->IsCancelled()) {
+    status = absl::CancelledError("the client cancelled the stream");
+  }
+  nonfinite_inputs_ += nonfinite;
+  if (nonfinite > 0) {
+    LogWarning(request_id, absl::StrCat(nonfinite, " non-finite hidden-state values (propagated)"));
+  }
+  LogOutcome(request_id, absl::StrCat("ForwardStream ", index, " micro-batches"), status);
+  return ToGrpcStatus(status);
+}
+
+grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
+                                           const v1::ListModelsRequest* /*request*/,
+                                           v1::ListModelsResponse* response) {
+  const std::string request_id = RequestIdOf(*context);
+  context->AddInitialMetadata("x-request-id", request_id);
+  std::shared_ptr<const ModelRegistry> models = registry();
+  absl::Status status;
+  if (models == nullptr) {
+    status = absl::UnavailableError("the server is still loading its models");
+  } else {
+    for (const auto& model : models->List()) *response->add_models() = ToWire(*model);
+    response->set_default_model(models->default_model());
+  }
+  LogOutcome(request_id, "ListModels", status);
+  return ToGrpcStatus(status);
+}
+
+grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
+                                         const v1::GetModelRequest* request,
+                                         v1::ModelInfo* response) {
+  const std::string request_id = RequestIdOf(*context);
+  context->AddInitialMetadata("x-request-id", request_id);
+  std::shared_ptr<const ModelRegistry> models = registry();
+  absl::Status status;
+  if (models == nullptr) {
+    status = absl::UnavailableError("the server is still loading its models");
+  } else if (absl::StatusOr<std::shared_ptr<const Model>> model = models->Find(request->name());
+             model.ok()) {
+    *response = ToWire(**model);
+  } else {
+    status = model.status();
+  }
+  LogOutcome(request_id, absl::StrCat("GetModel name='", request->name(), "'"), status);
+  return ToGrpcStatus(status);
+}
+
+}  // namespace lmhead

@@ -1,0 +1,60 @@
+// LMHeadServiceImpl: the lmhead.v1.LMHeadService RPCs, translating between the wire messages and
+// the core (proto <-> core only; design: docs/API.md). Thread-safe: the loaded models are
+// immutable and shared by concurrent calls; a ConcurrencyLimiter caps Forward and
+// ForwardStream calls running at once.
+#ifndef LMHEAD_SERVER_SERVICE_H_
+#define LMHEAD_SERVER_SERVICE_H_
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+
+#include "proto/lmhead/v1/lmhead.grpc.pb.h"
+#include "server/concurrency_limiter.h"
+#include "server/options.h"
+
+namespace lmhead {
+
+class ModelRegistry;
+
+class LMHeadServiceImpl final : public v1::LMHeadService::Service {
+ public:
+  explicit LMHeadServiceImpl(const Options& options);
+  ~LMHeadServiceImpl() override;
+
+  // Makes the models available. Until then every RPC answers UNAVAILABLE ("loading").
+  void SetRegistry(std::shared_ptr<const ModelRegistry> registry);
+
+  grpc::Status Forward(grpc::ServerContext* context, const v1::ForwardRequest* request,
+                       v1::ForwardResponse* response) override;
+  grpc::Status ForwardStream(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<v1::ForwardResponse, v1::ForwardRequest>* stream) override;
+  grpc::Status ListModels(grpc::ServerContext* context, const v1::ListModelsRequest* request,
+                          v1::ListModelsResponse* response) override;
+  grpc::Status GetModel(grpc::ServerContext* context, const v1::GetModelRequest* request,
+                        v1::ModelInfo* response) override;
+
+  // Graceful shutdown: from now on new Forward/ForwardStream calls get UNAVAILABLE; calls
+  // already running go on.
+  void StartDraining() { draining_ = true; }
+  // Waits until no Forward/ForwardStream call is running, or until `deadline`; true if idle.
+  bool WaitIdle(std::chrono::system_clock::time_point deadline) const;
+
+  // Non-finite hidden-state values seen since start (they propagate, see ForwardResponse).
+  int64_t nonfinite_inputs() const { return nonfinite_inputs_.load(); }
+
+ private:
+  std::shared_ptr<const ModelRegistry> registry() const;
+
+  const Options options_;
+  ConcurrencyLimiter limiter_;
+  std::atomic<int64_t> nonfinite_inputs_{0};
+  std::atomic<bool> draining_{false};
+  // Written once by SetRegistry, read by every call.
+  std::shared_ptr<const ModelRegistry> registry_;
+};
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_SERVER_SERVICE_H_

@@ -1,0 +1,56 @@
+// Wire tensors (lmhead.v1.Tensor) <-> at::Tensor. Every wire field is checked before anything
+// is allocated: a known dtype from the accepted set, the rank, dims >= 0, a shape product that
+// does not overflow, and a byte length equal to numel * element size. Messages start with the
+// field's name ("hidden_states.shape[2]: ...") and say what was expected.
+#ifndef LMHEAD_SERVER_TENSOR_CODEC_H_
+#define LMHEAD_SERVER_TENSOR_CODEC_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "proto/lmhead/v1/lmhead.pb.h"
+
+namespace lmhead {
+
+// The largest rank a wire tensor may have.
+inline constexpr int kMaxTensorRank = 8;
+
+// Bytes per element; 0 for DATA_TYPE_UNSPECIFIED and unknown values.
+int64_t ElementSize(v1::DataType dtype);
+
+// "BF16", "FP16", "FP32", "INT32", "INT64", or "unknown value N".
+std::string DataTypeName(int dtype);
+
+// What a field must look like.
+struct TensorRule {
+  absl::string_view field;                     // the field's name in messages
+  std::initializer_list<v1::DataType> dtypes;  // accepted element types
+  int rank = -1;                               // required rank; -1: any up to kMaxTensorRank
+};
+
+// Checks `tensor` against `rule` and returns its shape. Allocates nothing beyond the shape.
+absl::StatusOr<std::vector<int64_t>> ValidateTensor(const v1::Tensor& tensor,
+                                                    const TensorRule& rule);
+
+// Validates, then returns a CPU tensor over `tensor.data()` without copying when the bytes are
+// aligned for the element type (else a copy). The result aliases the message: it must not
+// outlive it and must not be written to.
+absl::StatusOr<at::Tensor> DecodeTensor(const v1::Tensor& tensor, const TensorRule& rule);
+
+// Writes `value` (any device, layout or dtype) into `out` as `dtype` (a floating dtype or the
+// value's own integer dtype). INVALID_ARGUMENT for a dtype it cannot be written as.
+absl::Status EncodeTensor(const at::Tensor& value, v1::DataType dtype, v1::Tensor* out);
+
+// The wire dtype of a LibTorch scalar type; DATA_TYPE_UNSPECIFIED when it has none.
+v1::DataType DataTypeOf(c10::ScalarType type);
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_SERVER_TENSOR_CODEC_H_

@@ -1,0 +1,156 @@
+// End-to-end tests of the `lmhead` command-line client against the real server.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "client/tensor_file.h"
+#include "gtest/gtest.h"
+#include "tests/e2e/server_process.h"
+
+namespace lmhead {
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string out;  // stdout and stderr
+};
+
+// Runs the lmhead binary from this test's runfiles with `args`.
+Result RunCli(const std::string& args) {
+  const std::string binary = absl::StrCat(std::getenv("TEST_SRCDIR"), "/",
+                                          std::getenv("TEST_WORKSPACE"), "/client/lmhead");
+  Result result;
+  FILE* pipe = popen(absl::StrCat(binary, " ", args, " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return result;
+  char buffer[4096];
+  while (size_t n = fread(buffer, 1, sizeof(buffer), pipe)) result.out.append(buffer, n);
+  const int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+// A version-1 .npy file of little-endian `descr` values with `shape` ("(2, 3, 64)").
+void WriteNpy(const std::string& path, const std::string& descr, const std::string& shape,
+              const std::string& data) {
+  std::string header =
+      absl::StrCat("{'descr': '", descr, "', 'fortran_order': False, 'shape': ", shape, ", }");
+  header.append(64 - (10 + header.size() + 1) % 64, ' ');
+  header += '\n';
+  std::ofstream file(path, std::ios::binary);
+  file << "\x93NUMPY" << '\x01' << '\x00' << static_cast<char>(header.size() & 0xff)
+       << static_cast<char>(header.size() >> 8) << header << data;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({});
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    EXPECT_EQ(server_->Stop(), 0);
+    delete server_;
+  }
+  static std::string Address() { return "--address " + server_->address(); }
+  static ServerProcess* server_;
+};
+
+ServerProcess* CliTest::server_ = nullptr;
+
+TEST_F(CliTest, HealthAndModels) {
+  Result health = RunCli("health " + Address());
+  EXPECT_EQ(health.exit_code, 0) << health.out;
+  EXPECT_EQ(health.out, "SERVING\n");
+  Result models = RunCli("models " + Address());
+  EXPECT_EQ(models.exit_code, 0) << models.out;
+  EXPECT_NE(models.out.find("demo             64       1000        FP32   64064"),
+            std::string::npos)
+      << models.out;
+  Result json = RunCli("models --json " + Address());
+  EXPECT_EQ(json.exit_code, 0) << json.out;
+  EXPECT_NE(json.out.find("\"default_model\": \"demo\""), std::string::npos) << json.out;
+}
+
+TEST_F(CliTest, ForwardReadsNpyAndWritesSafetensors) {
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  std::string hidden(2 * 3 * 64 * 4, '\0');
+  for (size_t i = 0; i < hidden.size() / 4; ++i) {
+    const float value = static_cast<float>(i % 17) / 8.0f - 1.0f;
+    std::memcpy(&hidden[i * 4], &value, 4);
+  }
+  WriteNpy(dir + "/hidden.npy", "<f4", "(2, 3, 64)", hidden);
+  std::string labels(2 * 3 * 8, '\0');
+  const int64_t ids[6] = {1, 2, -100, 999, 0, 5};
+  std::memcpy(labels.data(), ids, sizeof(ids));
+  WriteNpy(dir + "/labels.npy", "<i8", "(2, 3)", labels);
+
+  for (const std::string chunking : {"", " --chunk_mib 0.0008"}) {
+    SCOPED_TRACE(chunking);
+    const std::string output = dir + "/out.safetensors";
+    Result run = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
+                                     "/hidden.npy --labels ", dir, "/labels.npy --output ", output,
+                                     " --z_loss_multiplier 1e-4 --logits_dtype bf16", chunking));
+    ASSERT_EQ(run.exit_code, 0) << run.out;
+    EXPECT_NE(run.out.find("5 scored tokens"), std::string::npos) << run.out;
+    if (!chunking.empty()) {
+      EXPECT_NE(run.out.find("2/2 micro-batches"), std::string::npos) << run.out;
+    }
+    std::ifstream file(output, std::ios::binary);
+    std::stringstream bytes;
+    bytes << file.rdbuf();
+    absl::StatusOr<std::map<std::string, v1::Tensor>> tensors =
+        ParseSafetensorsTensors(bytes.str());
+    ASSERT_TRUE(tensors.ok()) << tensors.status();
+    ASSERT_EQ(tensors->count("logits"), 1u);
+    EXPECT_EQ(tensors->at("logits").dtype(), v1::DATA_TYPE_BF16);
+    EXPECT_EQ(tensors->at("logits").data().size(), 2u * 3 * 1000 * 2);
+    for (const char* name : {"loss", "ce_loss", "z_loss"}) {
+      ASSERT_EQ(tensors->count(name), 1u) << name;
+      EXPECT_EQ(tensors->at(name).shape_size(), 0) << name;
+    }
+  }
+}
+
+TEST_F(CliTest, ErrorsAndHelp) {
+  for (const std::string command : {"health", "models", "forward"}) {
+    Result help = RunCli(command + " --help");
+    EXPECT_EQ(help.exit_code, 0) << help.out;
+    EXPECT_NE(help.out.find("usage: lmhead " + command), std::string::npos) << help.out;
+    EXPECT_NE(help.out.find("--address HOST:PORT"), std::string::npos) << help.out;
+  }
+  EXPECT_NE(RunCli("forward --help").out.find("--logits_to_keep K"), std::string::npos);
+  Result top = RunCli("--help");
+  EXPECT_EQ(top.exit_code, 0);
+  EXPECT_NE(top.out.find("forward"), std::string::npos);
+
+  Result unknown_flag = RunCli("health --adress x");
+  EXPECT_EQ(unknown_flag.exit_code, 2) << unknown_flag.out;
+  EXPECT_NE(unknown_flag.out.find("unknown flag --adress"), std::string::npos);
+  EXPECT_EQ(RunCli("frobnicate").exit_code, 2);
+  EXPECT_EQ(RunCli("models").exit_code, 2);  // --address is required
+
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  WriteNpy(dir + "/h.npy", "<f4", "(1, 1, 64)", std::string(256, '\0'));
+  Result bad_model = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
+                                         "/h.npy --output ", dir, "/o.safetensors --model nope"));
+  EXPECT_EQ(bad_model.exit_code, 1);
+  EXPECT_NE(bad_model.out.find("error: NOT_FOUND: model: unknown model 'nope'"), std::string::npos)
+      << bad_model.out;
+  Result missing = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
+                                       "/missing.npy --output ", dir, "/o.safetensors"));
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.out.find("cannot open"), std::string::npos) << missing.out;
+  Result down = RunCli("health --address 127.0.0.1:1 --timeout 2");
+  EXPECT_EQ(down.exit_code, 1);
+  EXPECT_NE(down.out.find("UNAVAILABLE"), std::string::npos) << down.out;
+}
+
+}  // namespace
+}  // namespace lmhead
