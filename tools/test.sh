@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Runs every test that needs no GPU: the Bazel unit and end-to-end tests, then the parity suite
-# against the real olmo_core package. Installs what is missing first (tools/setup.sh).
+# Runs every test that needs no GPU. Installs what is missing first (tools/setup.sh).
+#  1. Bazel: unit tests, and the end-to-end tests of the real server and CLI over loopback.
+#  2. The CUDA sources and GPU tests must keep compiling (they run on the GPU machine only).
+#  3. The parity suite: our core against the real olmo_core package.
+#  4. The Python client against the real server: the parity grid over gRPC, reflection, health,
+#     streaming.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 venv=$(tools/setup.sh | tail -n 1)
 
 bazel test //...
-# The CUDA sources and the GPU tests must keep compiling, although they only run on a GPU machine.
 bazel build --config=cuda //core/... //tests/gpu:all //bench:gpu_lm_head_bench
 
-if [[ -d tests/parity ]]; then
-  bazel build //tests/parity:parity_runner
-  LMHEAD_PARITY_RUNNER="$root/bazel-bin/tests/parity/parity_runner" \
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/parity
-fi
+bazel build //tests/parity:parity_runner //server:lmhead_server
+LMHEAD_PARITY_RUNNER="$root/bazel-bin/tests/parity/parity_runner" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/parity
+
+PYTHON="$venv/bin/python" client/python/generate_stubs.sh
+LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2e_python

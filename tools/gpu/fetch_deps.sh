@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Downloads, on the development machine, what tools/gpu/run.sh needs on the GPU machine (which
-# has no network) into .gpu/ (git-ignored; pass it as `carry`): Debian's abseil and GoogleTest
-# packages, and the Liger-Kernel and Cut Cross-Entropy wheels for the side-by-side benchmark.
+# Gathers, on the development machine, what tools/gpu/run.sh needs on the GPU machine (which
+# has no network and no Bazel) into .gpu/ (git-ignored; pass it as `carry`):
+#   .gpu/debs  Debian's abseil, GoogleTest, gRPC, protobuf, spdlog, fmt, nlohmann-json packages
+#   .gpu/whl   the Liger-Kernel and Cut Cross-Entropy wheels for the side-by-side benchmark
+#   .gpu/gen   the C++ code protoc generates for lmhead.v1 and grpc.health.v1
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-mkdir -p .gpu/debs .gpu/whl
-(cd .gpu/debs && apt-get download libabsl-dev libabsl20220623 libgtest-dev libgmock-dev)
+rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen
+(cd .gpu/debs && apt-get download -q libabsl-dev libabsl20220623 libgtest-dev libgmock-dev \
+  libgrpc++-dev libgrpc++1.51 libgrpc-dev libgrpc29 libprotobuf-dev libprotobuf32 \
+  libre2-9 libre2-dev libc-ares2 libc-ares-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 \
+  nlohmann-json3-dev 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/whl liger-kernel==0.6.4 cut-cross-entropy==25.1.1
-ls -la .gpu/debs .gpu/whl
+bazel build //proto:lmhead_cc_grpc //proto:health_cc_grpc
+mkdir -p .gpu/gen/proto/lmhead/v1 .gpu/gen/grpc/health/v1
+cp bazel-bin/proto/lmhead/v1/lmhead.{pb,grpc.pb}.{h,cc} .gpu/gen/proto/lmhead/v1/
+cp bazel-bin/proto/health/grpc/health/v1/health.{pb,grpc.pb}.{h,cc} .gpu/gen/grpc/health/v1/
+chmod -R u+w .gpu/gen
+du -sh .gpu/*

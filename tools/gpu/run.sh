@@ -2,11 +2,10 @@
 # Builds lmhead's CUDA path on the GPU machine (no Bazel, no network there) and runs the GPU
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
-#   tools/gpu/run.sh [test|bench|all|breakdown] [--quick]
+#   tools/gpu/run.sh [test|bench|all|breakdown|server] [--quick]
 #
-# Needs, carried in .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh):
-# .gpu/debs/*.deb (Debian's abseil and GoogleTest, unpacked into a private prefix) and
-# .gpu/whl/*.whl (Liger-Kernel and Cut Cross-Entropy, for the side-by-side benchmark).
+# Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
+# Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
 # Logs and results go to $OUT (or /tmp/lmhead-out).
 set -euo pipefail
@@ -59,6 +58,81 @@ if [[ $what == test || $what == all ]]; then
   compute-sanitizer --tool memcheck --error-exitcode 1 "$build/gpu_lm_head_test" \
     --gtest_filter='GpuLMHeadSmokeTest.*' > "$out/memcheck.txt" 2>&1 \
     && echo "memcheck: clean" || { echo "memcheck: errors"; tail -30 "$out/memcheck.txt"; }
+fi
+if [[ $what == server ]]; then
+  echo "== build the server and the CLI"
+  # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
+  [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
+    > "$libdir/pkgconfig/openssl.pc"
+  grpc_flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --cflags --libs \
+    grpc++ grpc protobuf spdlog fmt absl_flags absl_flags_parse absl_flags_usage)
+  srv=(core/config_json.cc core/safetensors.cc server/status.cc server/logging.cc
+    server/tensor_codec.cc server/model_registry.cc server/service.cc server/server.cc
+    server/main.cc .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc)
+  pids=()
+  for src in "${srv[@]}"; do
+    g++ "${cxxflags[@]}" -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -c "$src" \
+      -o "$build/srv_$(basename "$src" .cc).o" & pids+=($!)
+  done
+  cli=(client/lmhead_client.cc client/tensor_file.cc client/lmhead_cli.cc
+    .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc
+    .gpu/gen/grpc/health/v1/health.pb.cc .gpu/gen/grpc/health/v1/health.grpc.pb.cc)
+  for src in "${cli[@]}"; do
+    g++ -std=c++17 -O2 -I. -I.gpu/gen -isystem "$deps/usr/include" -c "$src" \
+      -o "$build/cli_$(basename "$src" .cc).o" & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  g++ -o "$build/lmhead_server" "$build"/srv_*.o "${objs[@]}" "${ldflags[@]}" $grpc_flags \
+    -lgrpc++_reflection
+  g++ -o "$build/lmhead" "$build"/cli_*.o -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" \
+    $grpc_flags
+  echo "== the same demo head served from the CPU and from cuda:0"
+  work=$(mktemp -d)
+  "$build/lmhead_server" --host 127.0.0.1 --port 0 --port_file "$work/cpu" --device cpu \
+    > "$out/server_cpu.log" 2>&1 &
+  "$build/lmhead_server" --host 127.0.0.1 --port 0 --port_file "$work/gpu" --device cuda:0 \
+    > "$out/server_gpu.log" 2>&1 &
+  "$build/lmhead_server" --host 127.0.0.1 --port 0 --port_file "$work/big" --device cuda:0 \
+    --demo_d_model 4096 --demo_vocab_size 128256 > "$out/server_big.log" 2>&1 &
+  for _ in $(seq 300); do [[ -s $work/cpu && -s $work/gpu && -s $work/big ]] && break; sleep 0.2; done
+  python3 - "$work" <<'PY'
+import sys, numpy as np
+rng = np.random.default_rng(0)
+w = sys.argv[1]
+np.save(f"{w}/x.npy", rng.standard_normal((3, 7, 64), dtype=np.float32))
+y = rng.integers(0, 1000, size=(3, 7)); y[0, :2] = -100
+np.save(f"{w}/y.npy", y)
+np.save(f"{w}/xbig.npy", rng.standard_normal((16, 2048, 4096), dtype=np.float32))
+np.save(f"{w}/ybig.npy", rng.integers(0, 128256, size=(16, 2048)))
+PY
+  for impl in default fused_linear; do
+    for dev in cpu gpu; do
+      "$build/lmhead" forward --address "127.0.0.1:$(cat "$work/$dev")" --hidden "$work/x.npy" \
+        --labels "$work/y.npy" --z_loss_multiplier 1e-3 --loss_reduction none \
+        --loss_implementation $impl --output "$work/$dev-$impl.safetensors"
+    done
+  done
+  python3 - "$work" <<'PY'
+import sys, torch
+from safetensors.torch import load_file
+w = sys.argv[1]
+for impl in ("default", "fused_linear"):
+    c, g = load_file(f"{w}/cpu-{impl}.safetensors"), load_file(f"{w}/gpu-{impl}.safetensors")
+    assert c.keys() == g.keys(), (c.keys(), g.keys())
+    for k in sorted(c):
+        torch.testing.assert_close(g[k], c[k], rtol=1e-4, atol=1e-5)
+    print(f"cuda:0 server == cpu server for {impl}: {sorted(c)}")
+PY
+  echo "== 16 x 2048 tokens, d=4096, V=128256, bf16 compute, fused_linear, streamed in 64 MiB"
+  for i in 1 2 3; do
+    start=$(date +%s.%N)
+    "$build/lmhead" forward --address "127.0.0.1:$(cat "$work/big")" --hidden "$work/xbig.npy" \
+      --labels "$work/ybig.npy" --dtype bf16 --loss_implementation fused_linear \
+      --loss_reduction sum --return_logits false --output "$work/big.safetensors" > /dev/null
+    echo "run $i: $(python3 -c "print(f'{$(date +%s.%N) - $start:.2f}')") s wall for 32768 tokens (512 MiB of fp32 hidden states)"
+  done
+  grep -h "micro-batch" "$out/server_big.log" | tail -3 || true
+  kill -TERM $(jobs -p) 2>/dev/null; wait || true
 fi
 if [[ $what == breakdown ]]; then
   "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"

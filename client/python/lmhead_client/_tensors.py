@@ -1,0 +1,147 @@
+"""Arrays <-> lmhead.v1.Tensor.
+
+Encoding accepts torch tensors (when torch is installed), numpy arrays, and `BF16` (raw bfloat16
+bits in a uint16 array, since numpy has no bfloat16). Decoding yields `Decoded`: a numpy array
+plus the wire dtype; bfloat16 values are widened to float32 there (exactly), and converted back
+to torch.bfloat16 when the caller wants torch.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
+
+try:  # torch is optional
+    import torch
+except ImportError:  # pragma: no cover - exercised only where torch is absent
+    torch = None
+
+
+class BF16:
+    """bfloat16 values given as their raw bits: a uint16 (or int16) numpy array.
+
+    `BF16(bits)` can stand wherever the client takes a tensor (hidden states, a loss div
+    factor). `BF16.from_float32(a)` rounds float32 values to the nearest bfloat16.
+    """
+
+    def __init__(self, bits):
+        bits = np.asarray(bits)
+        if bits.dtype not in (np.uint16, np.int16):
+            raise TypeError(f"BF16 takes the raw bits as uint16 or int16, got {bits.dtype}")
+        self.bits = bits.view(np.uint16)
+
+    @classmethod
+    def from_float32(cls, values) -> "BF16":
+        return cls(float32_to_bf16_bits(np.asarray(values, dtype=np.float32)))
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+    def __getitem__(self, index) -> "BF16":
+        return BF16(self.bits[index])
+
+    def to_float32(self) -> np.ndarray:
+        return bf16_bits_to_float32(self.bits)
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    wide = np.asarray(bits, dtype=np.uint32).copy()
+    np.left_shift(wide, 16, out=wide)  # in place: 0-d arrays stay arrays
+    return wide.view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch does; NaN stays NaN."""
+    values = np.asarray(values, dtype=np.float32)
+    u = values.view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded).reshape(values.shape)
+
+
+_NUMPY_TO_WIRE = {
+    np.dtype(np.float16): pb.DATA_TYPE_FP16,
+    np.dtype(np.float32): pb.DATA_TYPE_FP32,
+    np.dtype(np.int32): pb.DATA_TYPE_INT32,
+    np.dtype(np.int64): pb.DATA_TYPE_INT64,
+}
+_WIRE_TO_NUMPY = {v: k for k, v in _NUMPY_TO_WIRE.items()}
+_WIRE_TO_NUMPY[pb.DATA_TYPE_BF16] = np.dtype(np.uint16)
+
+_DTYPE_NAMES = {
+    "bf16": pb.DATA_TYPE_BF16, "bfloat16": pb.DATA_TYPE_BF16,
+    "fp16": pb.DATA_TYPE_FP16, "float16": pb.DATA_TYPE_FP16, "half": pb.DATA_TYPE_FP16,
+    "fp32": pb.DATA_TYPE_FP32, "float32": pb.DATA_TYPE_FP32, "float": pb.DATA_TYPE_FP32,
+}
+
+
+def is_torch(value) -> bool:
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def wire_dtype(dtype) -> int:
+    """A float dtype named by a string ("bf16", "float32", ...), torch or numpy, as DataType."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype '{dtype}'; expected one of {sorted(_DTYPE_NAMES)}")
+        return _DTYPE_NAMES[dtype.lower()]
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return _DTYPE_NAMES[str(dtype).replace("torch.", "")]
+    return _NUMPY_TO_WIRE[np.dtype(dtype)]
+
+
+def encode(value) -> pb.Tensor:
+    """A tensor as lmhead.v1.Tensor. Dtypes are never converted: a dtype the wire lacks
+    (float64, uint8, bool, ...) is a TypeError."""
+    if isinstance(value, BF16):
+        array, dtype = value.bits, pb.DATA_TYPE_BF16
+    elif is_torch(value):
+        value = value.detach().cpu().contiguous()
+        if value.dtype == torch.bfloat16:
+            array, dtype = value.view(torch.int16).numpy().view(np.uint16), pb.DATA_TYPE_BF16
+        else:
+            array = value.numpy()
+            dtype = _NUMPY_TO_WIRE.get(array.dtype)
+    else:
+        array = np.asarray(value)
+        dtype = _NUMPY_TO_WIRE.get(array.dtype)
+    if dtype is None:
+        raise TypeError(f"dtype {array.dtype} has no lmhead.v1.DataType (expected bfloat16, "
+                        "float16, float32, int32 or int64); convert it first")
+    little = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
+    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=little.tobytes())
+
+
+class Decoded(NamedTuple):
+    """A decoded tensor: values (bfloat16 widened to float32) and the wire dtype."""
+
+    array: np.ndarray
+    dtype: int
+
+
+def decode(tensor: pb.Tensor) -> Decoded:
+    numpy_dtype = _WIRE_TO_NUMPY.get(tensor.dtype)
+    if numpy_dtype is None:
+        raise ValueError(f"the server sent a tensor of unknown dtype {tensor.dtype}")
+    array = np.frombuffer(tensor.data, dtype=numpy_dtype.newbyteorder("<"))
+    array = array.astype(numpy_dtype).reshape(tuple(tensor.shape))  # a native, writable copy
+    if tensor.dtype == pb.DATA_TYPE_BF16:
+        array = bf16_bits_to_float32(array)
+    return Decoded(array, tensor.dtype)
+
+
+def round_to(array: np.ndarray, dtype: int) -> np.ndarray:
+    """Values computed in a wider type (float64), rounded to the wire dtype `dtype` (bfloat16
+    values stay in float32 arrays)."""
+    if dtype == pb.DATA_TYPE_BF16:
+        return bf16_bits_to_float32(float32_to_bf16_bits(array.astype(np.float32)))
+    return array.astype(_WIRE_TO_NUMPY[dtype])
+
+
+def to_user(decoded: Decoded, as_torch: bool):
+    """The decoded tensor as torch (bfloat16 restored) or numpy (bfloat16 as float32)."""
+    if not as_torch:
+        return decoded.array
+    tensor = torch.from_numpy(decoded.array)
+    return tensor.to(torch.bfloat16) if decoded.dtype == pb.DATA_TYPE_BF16 else tensor

@@ -1,0 +1,318 @@
+"""RemoteLMHead: OLMo-core's LMHead.forward, run by an lmhead server over gRPC (lmhead.v1).
+
+Thread-safety: a RemoteLMHead may be shared by threads (gRPC channels are thread-safe).
+"""
+
+from typing import Iterator, List, NamedTuple, Optional, Tuple
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lmhead_client import _tensors
+from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
+from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
+
+_REDUCTIONS = {
+    "mean": pb.LOSS_REDUCTION_MEAN,
+    "sum": pb.LOSS_REDUCTION_SUM,
+    "none": pb.LOSS_REDUCTION_NONE,
+}
+_IMPLEMENTATIONS = {
+    "default": pb.LOSS_IMPLEMENTATION_DEFAULT,
+    "fused_linear": pb.LOSS_IMPLEMENTATION_FUSED_LINEAR,
+}
+_LOSS_FIELDS = ("loss", "ce_loss", "z_loss")
+
+
+class LMHeadError(Exception):
+    """A failed call. `code` is the grpc.StatusCode (e.g. INVALID_ARGUMENT, NOT_FOUND,
+    UNIMPLEMENTED, RESOURCE_EXHAUSTED, UNAVAILABLE), `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class LMOutputWithLoss(NamedTuple):
+    """As olmo_core.nn.lm_head.LMOutputWithLoss: logits (None when not returned), loss,
+    ce_loss, z_loss (None without a z-loss)."""
+
+    logits: Optional[object]
+    loss: object
+    ce_loss: object
+    z_loss: Optional[object]
+
+
+class StreamChunk(NamedTuple):
+    """One micro-batch of `iter_forward_stream`: rows [start, stop) of the batch, what
+    `forward` returns for them, and how many of their tokens were scored."""
+
+    start: int
+    stop: int
+    output: object
+    num_scored_tokens: int
+
+
+def _reraise(error: grpc.RpcError):
+    raise LMHeadError(error.code(), error.details() or "") from None
+
+
+class RemoteLMHead:
+    """A client of one lmhead server.
+
+    address: "host:port". model: the model every call uses (None: the server's default).
+    timeout: seconds per call (a stream's whole duration); None: no deadline.
+    Messages of any size are allowed on the client side (the server enforces its limits).
+    """
+
+    def __init__(self, address: str, model: Optional[str] = None,
+                 timeout: Optional[float] = None):
+        self.address = address
+        self.model = model
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1),
+        ])
+        self._stub = pb_grpc.LMHeadServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RemoteLMHead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- Models and health ---------------------------------------------------------------------
+
+    def health(self, service: str = "") -> str:
+        """The standard health check's status name ("SERVING", "NOT_SERVING", ...); `service`
+        "" asks about the whole server, "lmhead.v1.LMHeadService" about the service."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                  timeout=self.timeout)
+        except grpc.RpcError as e:
+            _reraise(e)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def list_models(self) -> List[pb.ModelInfo]:
+        """Every loaded model (lmhead.v1.ModelInfo messages), sorted by name."""
+        try:
+            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        except grpc.RpcError as e:
+            _reraise(e)
+
+    def get_model(self, name: Optional[str] = None) -> pb.ModelInfo:
+        """One model's lmhead.v1.ModelInfo; name None: this client's model (or the default)."""
+        name = self.model if name is None else name
+        try:
+            return self._stub.GetModel(pb.GetModelRequest(name=name or ""), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _reraise(e)
+
+    # -- Forward -------------------------------------------------------------------------------
+
+    def forward(self, x, *, labels=None, ignore_index: int = -100, loss_reduction: str = "mean",
+                z_loss_multiplier: Optional[float] = None, loss_div_factor=None,
+                return_logits: Optional[bool] = None, logits_to_keep=0,
+                loss_implementation: Optional[str] = None, logits_dtype=None,
+                fused_chunk_bytes: Optional[int] = None):
+        """LMHead.forward(x, ...) on the server; the arguments are upstream's.
+
+        x: (B, S, d_model) hidden states, a torch tensor (float32/bfloat16/float16) or a numpy
+        array (float32/float16; `BF16(bits)` for bfloat16). labels, logits_to_keep (an int or
+        a (B, K) int64 tensor) and loss_div_factor (a number or a tensor) likewise.
+        Extensions: loss_implementation ("default" or "fused_linear") overrides the model's for
+        this call; logits_dtype (e.g. "bf16", torch.float32) is the dtype of returned logits;
+        fused_chunk_bytes bounds fused_linear's transient logits.
+
+        Returns the logits when `labels` is None, else an LMOutputWithLoss; torch tensors when
+        x is a torch tensor, numpy arrays otherwise (bfloat16 values as float32).
+        Raises LMHeadError (with the gRPC status code) when the server refuses the call.
+        """
+        request = self._request(
+            x, labels=labels, ignore_index=ignore_index, loss_reduction=loss_reduction,
+            z_loss_multiplier=z_loss_multiplier, loss_div_factor=loss_div_factor,
+            return_logits=return_logits, logits_to_keep=logits_to_keep,
+            loss_implementation=loss_implementation, logits_dtype=logits_dtype,
+            fused_chunk_bytes=fused_chunk_bytes)
+        try:
+            response = self._stub.Forward(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            _reraise(e)
+        return _output(response, _tensors.is_torch(x), labels is not None)
+
+    def iter_forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
+                            max_chunk_bytes: int = 64 << 20,
+                            **forward_args) -> Iterator[StreamChunk]:
+        """Runs forward over one ForwardStream call in micro-batches of rows of x, yielding
+        each micro-batch's result as it arrives (see StreamChunk). Each micro-batch is reduced
+        on its own: "mean" gives per-micro-batch means. `forward_stream` combines them."""
+        for start, stop, response in self._stream(x, micro_batch_size, max_chunk_bytes,
+                                                  forward_args):
+            output = _output(response, _tensors.is_torch(x), forward_args.get("labels") is not None)
+            yield StreamChunk(start, stop, output, response.num_scored_tokens)
+
+    def forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
+                       max_chunk_bytes: int = 64 << 20, **forward_args):
+        """forward(x, **forward_args) for jobs of any size: x is split along the batch into
+        micro-batches (`micro_batch_size` rows, or as many as fit `max_chunk_bytes` of hidden
+        states), sent over one ForwardStream, and the results combined into what one forward
+        call returns (up to float summation order):
+
+        - logits and "none" losses: concatenated along the batch.
+        - "sum": the micro-batches' sums added (in float64, then rounded to the losses' dtype).
+        - "mean": sent as "sum", then divided by the total number of scored tokens. With no
+          scored token that is 0/0 = NaN for the default implementation and 0 for
+          fused_linear, as upstream.
+        A loss_div_factor tensor must be a scalar for "mean"/"sum"; for "none" one with B rows
+        is split with the batch. Rows never interact in LMHead.forward, so nothing else changes.
+        """
+        reduction = forward_args.get("loss_reduction", "mean")
+        has_labels = forward_args.get("labels") is not None
+        sent_args = dict(forward_args)
+        if has_labels and reduction == "mean":
+            sent_args["loss_reduction"] = "sum"
+        parts, scored = {}, 0
+        for _, _, response in self._stream(x, micro_batch_size, max_chunk_bytes, sent_args):
+            scored += response.num_scored_tokens
+            for name in ("logits",) + _LOSS_FIELDS:
+                if response.HasField(name):
+                    parts.setdefault(name, []).append(_tensors.decode(getattr(response, name)))
+
+        combined = {}
+        for name, decoded in parts.items():
+            dtype = decoded[0].dtype
+            if name == "logits" or reduction == "none":
+                array = np.concatenate([d.array for d in decoded], axis=0)
+            else:
+                total = np.sum([d.array.astype(np.float64) for d in decoded], axis=0)
+                if reduction == "mean":
+                    total = (total / scored if scored
+                             else np.full_like(total, self._empty_mean(forward_args)))
+                array = _tensors.round_to(np.asarray(total), dtype)
+            combined[name] = _tensors.to_user(_tensors.Decoded(array, dtype),
+                                              _tensors.is_torch(x))
+        if not has_labels:
+            return combined.get("logits")
+        return LMOutputWithLoss(*(combined.get(name) for name in ("logits",) + _LOSS_FIELDS))
+
+    # -- Internals -----------------------------------------------------------------------------
+
+    def _request(self, x, *, labels=None, ignore_index=-100, loss_reduction="mean",
+                 z_loss_multiplier=None, loss_div_factor=None, return_logits=None,
+                 logits_to_keep=0, loss_implementation=None, logits_dtype=None,
+                 fused_chunk_bytes=None) -> pb.ForwardRequest:
+        if loss_reduction not in _REDUCTIONS:
+            raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
+                             f"got {loss_reduction!r}")
+        options = pb.ForwardOptions(ignore_index=int(ignore_index),
+                                    loss_reduction=_REDUCTIONS[loss_reduction])
+        if z_loss_multiplier is not None:
+            options.z_loss_multiplier = float(z_loss_multiplier)
+        if isinstance(loss_div_factor, (int, float, np.number)):
+            options.loss_div_factor_value = float(loss_div_factor)
+        elif loss_div_factor is not None:
+            options.loss_div_factor_tensor.CopyFrom(_tensors.encode(loss_div_factor))
+        if return_logits is not None:
+            options.return_logits = bool(return_logits)
+        if isinstance(logits_to_keep, (int, np.integer)):
+            options.logits_to_keep_count = int(logits_to_keep)
+        else:
+            options.logits_to_keep_positions.CopyFrom(_tensors.encode(logits_to_keep))
+        if logits_dtype is not None:
+            options.logits_dtype = _tensors.wire_dtype(logits_dtype)
+        if fused_chunk_bytes is not None:
+            options.fused_chunk_bytes = int(fused_chunk_bytes)
+
+        request = pb.ForwardRequest(model=self.model or "", hidden_states=_tensors.encode(x),
+                                    options=options)
+        if labels is not None:
+            request.labels.CopyFrom(_tensors.encode(labels))
+        if loss_implementation is not None:
+            if loss_implementation not in _IMPLEMENTATIONS:
+                raise ValueError(f"loss_implementation: expected one of "
+                                 f"{sorted(_IMPLEMENTATIONS)}, got {loss_implementation!r}")
+            request.config.loss_implementation = _IMPLEMENTATIONS[loss_implementation]
+        return request
+
+    def _stream(self, x, micro_batch_size, max_chunk_bytes,
+                forward_args) -> Iterator[Tuple[int, int, pb.ForwardResponse]]:
+        """(start, stop, response) per micro-batch of one ForwardStream call."""
+        batch = int(x.shape[0])
+        if micro_batch_size is None:
+            row_bytes = int(np.prod(x.shape[1:])) * _itemsize(x)
+            micro_batch_size = max(1, max_chunk_bytes // max(1, row_bytes))
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        bounds = [(a, min(a + micro_batch_size, batch))
+                  for a in range(0, batch, micro_batch_size)] or [(0, 0)]
+        row_args = _row_arguments(batch, forward_args)
+
+        def request(start, stop):
+            args = dict(forward_args)
+            for name in row_args:
+                args[name] = forward_args[name][start:stop]
+            return self._request(x[start:stop], **args)
+
+        first = request(*bounds[0])  # argument errors surface here, not in gRPC's thread
+        requests = (first if i == 0 else request(*b) for i, b in enumerate(bounds))
+        call = self._stub.ForwardStream(requests, timeout=self.timeout)
+        try:
+            for (start, stop), response in zip(bounds, call):
+                yield start, stop, response
+        except grpc.RpcError as e:
+            _reraise(e)
+        finally:
+            call.cancel()  # a no-op once the call has finished; stops it if abandoned
+
+    def _empty_mean(self, forward_args) -> float:
+        """upstream's "mean" over zero scored tokens: NaN by default, 0 from fused_linear."""
+        implementation = forward_args.get("loss_implementation")
+        if implementation is None:
+            configured = self.get_model().config.loss_implementation
+            implementation = ("fused_linear" if configured == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
+                              else "default")
+        return 0.0 if implementation == "fused_linear" else float("nan")
+
+
+def _output(response: pb.ForwardResponse, as_torch: bool, has_labels: bool):
+    """The response shaped as LMHead.forward's return value."""
+    fields = {name: _tensors.to_user(_tensors.decode(getattr(response, name)), as_torch)
+              for name in ("logits",) + _LOSS_FIELDS if response.HasField(name)}
+    if not has_labels:
+        return fields.get("logits")
+    return LMOutputWithLoss(*(fields.get(name) for name in ("logits",) + _LOSS_FIELDS))
+
+
+def _itemsize(x) -> int:
+    if isinstance(x, _tensors.BF16):
+        return 2
+    return x.element_size() if _tensors.is_torch(x) else np.asarray(x).itemsize
+
+
+def _row_arguments(batch: int, forward_args: dict) -> List[str]:
+    """The forward arguments split with the batch: labels, a (B, K) logits_to_keep, and for
+    "none" a loss_div_factor with B rows. Refuses what cannot be split."""
+    names = ["labels"] if forward_args.get("labels") is not None else []
+    keep = forward_args.get("logits_to_keep", 0)
+    if not isinstance(keep, (int, np.integer)) and len(keep.shape) == 2 and keep.shape[0] == batch:
+        names.append("logits_to_keep")
+    div = forward_args.get("loss_div_factor")
+    if div is not None and not isinstance(div, (int, float, np.number)):
+        shape = tuple(div.shape)
+        if forward_args.get("loss_reduction", "mean") != "none":
+            if int(np.prod(shape)) != 1:
+                raise ValueError(f"forward_stream: a loss_div_factor of shape {list(shape)} "
+                                 "cannot be split with a 'mean' or 'sum' loss; use a scalar")
+        elif len(shape) > 2:
+            raise ValueError(f"forward_stream: loss_div_factor of rank {len(shape)}; expected "
+                             "at most 2")
+        elif len(shape) == 2 and shape[0] == batch:
+            names.append("loss_div_factor")
+    return names

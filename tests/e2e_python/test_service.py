@@ -1,0 +1,235 @@
+"""The service through the Python client and standard gRPC clients, against the real server:
+reflection, health, models, streamed forward == unary forward, errors and dtypes."""
+
+import json
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase)
+from safetensors.torch import save_file
+
+from lmhead_client import BF16, LMHeadError, LMOutputWithLoss, RemoteLMHead
+from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
+from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
+from olmo_core.config import DType
+from olmo_core.nn.layer_norm import LayerNormConfig, LayerNormType
+from olmo_core.nn.lm_head import LMHeadConfig, LMLossImplementation
+from parity_cases import TOLERANCES
+from server_process import ServerProcess
+
+D, V = 32, 97
+# name -> (olmo_core config, our config JSON); the first is the server's default model.
+MODELS = {
+    "rms_fp32": (
+        LMHeadConfig(layer_norm=LayerNormConfig(name=LayerNormType.rms, bias=False), bias=False),
+        {"name": "default", "layer_norm": {"name": "rms", "bias": False}, "bias": False},
+    ),
+    "fused_bf16": (
+        LMHeadConfig(layer_norm=LayerNormConfig(name=LayerNormType.default), dtype=DType.bfloat16,
+                     loss_implementation=LMLossImplementation.fused_linear),
+        {"name": "default", "layer_norm": {"name": "default"}, "dtype": "bfloat16",
+         "loss_implementation": "fused_linear"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def server(server_binary, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("service")
+    args = []
+    for seed, (name, (config, config_json)) in enumerate(MODELS.items()):
+        torch.manual_seed(seed)
+        head = config.build(d_model=D, vocab_size=V)
+        path = tmp / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
+        path.with_suffix(".json").write_text(json.dumps(config_json))
+        args.append(f"--model={name}={path}")
+    process = ServerProcess(args, tmp / "server")
+    yield process
+    assert process.stop() == 0, process.log()[-2000:]
+
+
+def inputs(B=6, S=7, seed=0, ignored=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, D, generator=gen)
+    labels = torch.randint(0, V, (B, S), generator=gen)
+    labels[torch.rand(B, S, generator=gen) < ignored] = -100
+    return x, labels
+
+
+def assert_same(streamed, unary, model="rms_fp32"):
+    """Equal up to float summation order, with the parity suite's tolerances for the head's
+    dtype (fused_linear's ce_loss = loss - z_loss inherits the bf16 rounding of z_loss)."""
+    rtol, atol = TOLERANCES["bfloat16" if model == "fused_bf16" else "float32"]
+    if isinstance(unary, torch.Tensor):
+        torch.testing.assert_close(streamed, unary, rtol=rtol, atol=atol, equal_nan=True)
+        return
+    assert type(streamed) is LMOutputWithLoss
+    for name, want in unary._asdict().items():
+        have = getattr(streamed, name)
+        assert (have is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(have, want, rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+# -- Reflection and health -------------------------------------------------------------------
+
+
+def test_reflection_lists_services(server):
+    with grpc.insecure_channel(server.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"lmhead.v1.LMHeadService", "grpc.health.v1.Health"} <= services, services
+        methods = {m.name for m in database.FindFileContainingSymbol(
+            "lmhead.v1.LMHeadService").service[0].method}
+        assert methods == {"Forward", "ForwardStream", "ListModels", "GetModel"}
+
+
+def test_health_serving(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "lmhead.v1.LMHeadService"):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+    with RemoteLMHead(server.address, timeout=10) as head:
+        assert head.health() == "SERVING"
+        assert head.health("lmhead.v1.LMHeadService") == "SERVING"
+
+
+# -- Models ----------------------------------------------------------------------------------
+
+
+def test_list_and_get_models(server):
+    with RemoteLMHead(server.address, timeout=10) as head:
+        models = head.list_models()
+        assert [m.name for m in models] == sorted(MODELS)
+        assert head.get_model().name == "rms_fp32"  # the first --model is the default
+        info = head.get_model("fused_bf16")
+        assert (info.d_model, info.vocab_size, info.dtype) == (D, V, pb.DATA_TYPE_BF16)
+        assert info.config.loss_implementation == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
+        with pytest.raises(LMHeadError) as error:
+            head.get_model("nope")
+        assert error.value.code == grpc.StatusCode.NOT_FOUND
+
+
+# -- Streaming -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("micro_batch_size", [1, 4])
+def test_forward_stream_equals_forward(server, model, reduction, micro_batch_size):
+    x, labels = inputs()
+    gen = torch.Generator().manual_seed(1)
+    keep = torch.randint(0, x.shape[1], (x.shape[0], 4), generator=gen)
+    div = 0.5 + torch.rand(x.shape[0], 1, generator=gen) if reduction == "none" else 3.0
+    args = dict(labels=labels, loss_reduction=reduction, z_loss_multiplier=1e-3,
+                loss_div_factor=div, logits_to_keep=keep)
+    with RemoteLMHead(server.address, model=model, timeout=60) as head:
+        unary = head.forward(x, **args)
+        streamed = head.forward_stream(x, micro_batch_size=micro_batch_size, **args)
+        chunks = list(head.iter_forward_stream(x, micro_batch_size=micro_batch_size, **args))
+    assert_same(streamed, unary, model)
+    rows = list(range(0, x.shape[0], micro_batch_size))
+    assert [(c.start, c.stop) for c in chunks] == [(a, min(a + micro_batch_size, 6)) for a in rows]
+    assert sum(c.num_scored_tokens for c in chunks) == int((labels.gather(1, keep) != -100).sum())
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_forward_stream_mean_with_nothing_scored(server, model):
+    """upstream: NaN from the default implementation, 0 from fused_linear."""
+    x, labels = inputs(ignored=1.0)
+    with RemoteLMHead(server.address, model=model, timeout=60) as head:
+        unary = head.forward(x, labels=labels, z_loss_multiplier=1e-3)
+        streamed = head.forward_stream(x, labels=labels, z_loss_multiplier=1e-3,
+                                       micro_batch_size=2)
+    assert_same(streamed, unary, model)
+    assert unary.loss.isnan().item() == (model == "rms_fp32")
+
+
+def test_forward_stream_logits_numpy_and_byte_budget(server):
+    x, _ = inputs(B=5)
+    with RemoteLMHead(server.address, timeout=60) as head:
+        unary = head.forward(x.numpy())
+        # 2 rows of 7 x 32 fp32 per micro-batch.
+        chunks = list(head.iter_forward_stream(x.numpy(), max_chunk_bytes=2 * 7 * D * 4))
+        streamed = head.forward_stream(x.numpy(), max_chunk_bytes=2 * 7 * D * 4)
+    assert isinstance(unary, np.ndarray) and isinstance(streamed, np.ndarray)
+    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 4), (4, 5)]
+    np.testing.assert_allclose(streamed, unary, rtol=1.3e-6, atol=1e-5)
+
+
+def test_forward_stream_refuses_what_cannot_be_split(server):
+    x, labels = inputs()
+    with RemoteLMHead(server.address, timeout=60) as head:
+        with pytest.raises(ValueError, match="cannot be split"):
+            head.forward_stream(x, labels=labels, loss_reduction="sum",
+                                loss_div_factor=torch.ones(6, 1), micro_batch_size=2)
+
+
+def test_stream_error_names_the_micro_batch(server):
+    x, labels = inputs()
+    labels[3, 0] = V  # out of range, in the second micro-batch of 2 rows
+    with RemoteLMHead(server.address, timeout=60) as head:
+        with pytest.raises(LMHeadError) as error:
+            head.forward_stream(x, labels=labels, micro_batch_size=2)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "micro-batch 1" in error.value.details, error.value.details
+
+
+# -- Errors and dtypes -----------------------------------------------------------------------
+
+
+def test_errors_carry_the_status_code(server):
+    x, labels = inputs()
+    with RemoteLMHead(server.address, timeout=60) as head:
+        with pytest.raises(LMHeadError) as error:
+            head.forward(x[:, :, :16])
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "d_model" in error.value.details
+        with pytest.raises(LMHeadError) as error:
+            head.forward(x, return_logits=False)
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(TypeError, match="float64"):
+            head.forward(x.double())
+    with RemoteLMHead(server.address, model="nope", timeout=60) as head:
+        with pytest.raises(LMHeadError) as error:
+            head.forward(x)
+        assert error.value.code == grpc.StatusCode.NOT_FOUND
+    with RemoteLMHead(server.address, model="fused_bf16", timeout=60) as head:
+        with pytest.raises(LMHeadError) as error:
+            head.forward(x.bfloat16(), labels=labels, return_logits=True)
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_enum_value_is_invalid_argument(server):
+    """Values the client cannot produce, sent with the raw stub."""
+    x, _ = inputs()
+    request = pb.ForwardRequest(hidden_states=pb.Tensor(
+        dtype=pb.DATA_TYPE_FP32, shape=list(x.shape), data=x.numpy().tobytes()))
+    request.options.loss_reduction = 99
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            pb_grpc.LMHeadServiceStub(channel).Forward(request, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "loss_reduction" in error.value.details()
+
+
+def test_bf16_from_torch_and_from_raw_bits(server):
+    x, labels = inputs()
+    x16 = x.bfloat16()
+    bits = BF16(x16.view(torch.int16).numpy())
+    with RemoteLMHead(server.address, model="fused_bf16", timeout=60) as head:
+        from_torch = head.forward(x16, labels=labels, loss_implementation="default",
+                                  logits_dtype="bf16")
+        from_bits = head.forward(bits, labels=labels.numpy(), loss_implementation="default",
+                                 logits_dtype="bf16")
+    assert from_torch.logits.dtype == torch.bfloat16
+    assert from_bits.logits.dtype == np.float32  # numpy has no bfloat16: widened exactly
+    assert torch.equal(from_torch.logits.float(), torch.from_numpy(from_bits.logits))
+    assert from_torch.loss.item() == from_bits.loss.item()
