@@ -12,20 +12,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "proto/wire_dtype.h"
 
 namespace lmhead {
 namespace {
-
-int64_t ElementBytes(v1::DataType dtype) {
-  switch (dtype) {
-    case v1::DATA_TYPE_BF16:
-    case v1::DATA_TYPE_FP16: return 2;
-    case v1::DATA_TYPE_FP32:
-    case v1::DATA_TYPE_INT32: return 4;
-    case v1::DATA_TYPE_INT64: return 8;
-    default: return 0;
-  }
-}
 
 float HalfToFloat(uint16_t half) {
   const uint32_t sign = (half & 0x8000u) << 16;
@@ -86,7 +76,7 @@ v1::Tensor Fp32Scalar(double value) {
 v1::Tensor SliceRows(const v1::Tensor& tensor, int64_t begin, int64_t end) {
   v1::Tensor out;
   out.set_dtype(tensor.dtype());
-  int64_t row_bytes = ElementBytes(tensor.dtype());
+  int64_t row_bytes = ElementSize(tensor.dtype());
   for (int i = 1; i < tensor.shape_size(); ++i) row_bytes *= tensor.shape(i);
   out.add_shape(end - begin);
   for (int i = 1; i < tensor.shape_size(); ++i) out.add_shape(tensor.shape(i));

@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "proto/wire_dtype.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -19,20 +20,9 @@
 namespace lmhead {
 namespace {
 
-int64_t ElementBytes(v1::DataType dtype) {
-  switch (dtype) {
-    case v1::DATA_TYPE_BF16:
-    case v1::DATA_TYPE_FP16: return 2;
-    case v1::DATA_TYPE_FP32:
-    case v1::DATA_TYPE_INT32: return 4;
-    case v1::DATA_TYPE_INT64: return 8;
-    default: return 0;
-  }
-}
-
 // numel * element size of `shape`, or -1 when a dim is negative or the product overflows.
 int64_t ByteSize(const std::vector<int64_t>& shape, v1::DataType dtype) {
-  int64_t bytes = ElementBytes(dtype);
+  int64_t bytes = ElementSize(dtype);
   for (int64_t dim : shape) {
     if (dim < 0 || __builtin_mul_overflow(bytes, dim, &bytes)) return -1;
   }

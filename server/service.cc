@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/config.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/torch_errors.h"
 #include "server/logging.h"
@@ -208,15 +209,6 @@ absl::StatusOr<LMHeadConfig> EffectiveConfig(const Model& model, const v1::HeadC
   return config;
 }
 
-c10::ScalarType ComputeType(DType dtype) {
-  switch (dtype) {
-    case DType::kBFloat16: return at::kBFloat16;
-    case DType::kFloat16: return at::kHalf;
-    case DType::kFloat32: return at::kFloat;
-  }
-  return at::kFloat;
-}
-
 constexpr std::initializer_list<v1::DataType> kFloatTypes = {v1::DATA_TYPE_BF16, v1::DATA_TYPE_FP16,
                                                              v1::DATA_TYPE_FP32};
 
@@ -391,7 +383,7 @@ absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
     options.loss_div_factor = ToDevice(*factor, device);
   }
   // The dtype conversion runs after the transfer, on the device.
-  return ToDevice(*x, device).to(ComputeType(plan->config.dtype));
+  return ToDevice(*x, device).to(ToScalarType(plan->config.dtype));
 }
 
 // Writes LMHead.forward's outputs and the bookkeeping fields into `response`. May throw.

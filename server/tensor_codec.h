@@ -16,14 +16,12 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "proto/lmhead/v1/lmhead.pb.h"
+#include "proto/wire_dtype.h"
 
 namespace lmhead {
 
 // The largest rank a wire tensor may have.
 inline constexpr int kMaxTensorRank = 8;
-
-// Bytes per element; 0 for DATA_TYPE_UNSPECIFIED and unknown values.
-int64_t ElementSize(v1::DataType dtype);
 
 // "BF16", "FP16", "FP32", "INT32", "INT64", or "unknown value N".
 std::string DataTypeName(int dtype);
