@@ -37,9 +37,7 @@ at::Tensor SelectPositions(const at::Tensor& t, const std::variant<int64_t, at::
   if (const auto* k = std::get_if<int64_t>(&keep)) {
     if (*k == 0) return t;
     const int64_t length = t.size(1);
-    // t[:, -k:]: k > 0 keeps the last min(k, S); k < 0 drops the first min(|k|, S).
-    const int64_t start = *k > 0 ? std::max<int64_t>(length - *k, 0) : std::min(-*k, length);
-    return t.slice(1, start, length);
+    return t.slice(1, KeptStart(*k, length), length);
   }
   const at::Tensor& positions = std::get<at::Tensor>(keep);
   if (t.dim() == 3) {
@@ -76,6 +74,14 @@ absl::Status InvalidArgument(absl::string_view field, absl::string_view message)
 }
 
 }  // namespace
+
+int64_t KeptStart(int64_t logits_to_keep, int64_t seq_len) {
+  const int64_t k = logits_to_keep;
+  if (k == 0) return 0;
+  if (k > 0) return k >= seq_len ? 0 : seq_len - k;
+  // Compared before negating: -k overflows for INT64_MIN.
+  return k <= -seq_len ? seq_len : -k;
+}
 
 LMHead::LMHead(const LMHeadConfig& config, int64_t d_model, int64_t vocab_size)
     : config_(config), d_model_(d_model), vocab_size_(vocab_size) {}

@@ -62,6 +62,11 @@ struct LMOutput {
 // A parameter name in OLMo-core's state-dict spelling ("w_out.weight") and its tensor.
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
+// The positions [start, seq_len) that an integer logits_to_keep k keeps, with Python slice
+// semantics (x[:, -k:]): 0 keeps all, k > 0 the last min(k, seq_len), k < 0 drops the first
+// min(|k|, seq_len). Defined for every int64 k (INT64_MIN included).
+int64_t KeptStart(int64_t logits_to_keep, int64_t seq_len);
+
 class LayerNorm;
 
 // LMHead (an optional layer norm, then w_out) built from an LMHeadConfig. Immutable after

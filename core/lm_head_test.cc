@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -321,6 +322,19 @@ TEST(LMHeadTest, ForwardErrorsNameTheArgument) {
   options.labels->index_put_({0, 0}, 1000);
   options.logits_to_keep = int64_t{2};
   EXPECT_TRUE(head->Forward(x, options).ok());
+}
+
+TEST(KeptStartTest, PythonSliceSemanticsForEveryInt64) {
+  EXPECT_EQ(KeptStart(0, 5), 0);
+  EXPECT_EQ(KeptStart(2, 5), 3);
+  EXPECT_EQ(KeptStart(5, 5), 0);
+  EXPECT_EQ(KeptStart(9, 5), 0);
+  EXPECT_EQ(KeptStart(-2, 5), 2);
+  EXPECT_EQ(KeptStart(-5, 5), 5);
+  EXPECT_EQ(KeptStart(-7, 5), 5);
+  EXPECT_EQ(KeptStart(std::numeric_limits<int64_t>::max(), 5), 0);
+  EXPECT_EQ(KeptStart(std::numeric_limits<int64_t>::min(), 5), 5);  // found by the random test
+  EXPECT_EQ(KeptStart(-1, 0), 0);
 }
 
 TEST(NormalizedLMHeadTest, ScalesByEffectiveSzAndRefusesFused) {

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <random>
 #include <string>
 
 #include "absl/strings/escaping.h"
@@ -370,6 +371,49 @@ TEST(SafetensorsTest, RejectsMetadataThatIsNotStringToString) {
                 "'__metadata__' is array, expected an object of strings");
   ExpectInvalid(MakeFile(R"({"__metadata__":{"nested":{"a":"b"}}})"),
                 "'__metadata__' entry 'nested' is object");
+}
+
+}  // namespace
+}  // namespace lmhead
+
+namespace lmhead {
+namespace {
+
+// Random corruptions of a valid file (seeded, bounded): each parse either succeeds with
+// tensors whose byte counts match their shapes, or fails with INVALID_ARGUMENT; never crashes.
+TEST(SafetensorsTest, RandomCorruptionsNeverCrash) {
+  absl::StatusOr<std::string> valid = SerializeSafetensors(
+      {{"w_out.weight", at::arange(24, at::kFloat).view({4, 6})},
+       {"w_out.bias", at::arange(4, at::kBFloat16)},
+       {"norm.weight", at::ones({6}, at::kHalf)}},
+      {{"format", "pt"}});
+  ASSERT_TRUE(valid.ok());
+  std::mt19937_64 rng(20261128);
+  int parsed = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string bytes = *valid;
+    const int edits = 1 + static_cast<int>(rng() % 4);
+    for (int e = 0; e < edits; ++e) {
+      const size_t at = rng() % bytes.size();
+      switch (rng() % 3) {
+        case 0: bytes[at] = static_cast<char>(rng()); break;             // flip a byte
+        case 1: bytes.resize(at); break;                                  // truncate
+        case 2: bytes.insert(at, 1, "{}[]\",:0-9e"[rng() % 11]); break;  // insert JSON-ish
+      }
+      if (bytes.empty()) break;
+    }
+    absl::StatusOr<SafetensorsFile> file = ParseSafetensors(bytes);
+    if (file.ok()) {
+      ++parsed;
+      for (const auto& [name, tensor] : file->tensors) {
+        EXPECT_TRUE(tensor.defined()) << name;
+        EXPECT_TRUE(tensor.is_contiguous()) << name;
+      }
+    } else {
+      EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument) << file.status();
+    }
+  }
+  EXPECT_GT(parsed, 0);  // flips inside the data section leave the file valid
 }
 
 }  // namespace

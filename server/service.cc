@@ -212,12 +212,6 @@ absl::StatusOr<LMHeadConfig> EffectiveConfig(const Model& model, const v1::HeadC
 constexpr std::initializer_list<v1::DataType> kFloatTypes = {v1::DATA_TYPE_BF16, v1::DATA_TYPE_FP16,
                                                              v1::DATA_TYPE_FP32};
 
-// Positions kept by an integer logits_to_keep, with Python slice semantics.
-int64_t KeptPositions(int64_t k, int64_t length) {
-  if (k == 0) return length;
-  return k > 0 ? std::min(k, length) : length - std::min(-k, length);
-}
-
 const TensorRule kHiddenRule{"hidden_states", kFloatTypes, 3};
 const TensorRule kLabelsRule{"labels", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32}, 2};
 const TensorRule kPositionsRule{"options.logits_to_keep_positions", {v1::DATA_TYPE_INT64}, 2};
@@ -313,7 +307,7 @@ absl::StatusOr<Plan> PlanForward(const ModelRegistry& registry, const Options& l
     }
     plan.kept = (*shape)[1];
   } else if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
-    plan.kept = KeptPositions(wire.logits_to_keep_count(), plan.length);
+    plan.kept = plan.length - KeptStart(wire.logits_to_keep_count(), plan.length);
   }
   if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
     absl::StatusOr<std::vector<int64_t>> shape =
