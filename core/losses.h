@@ -30,9 +30,8 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
 
 // `fused_linear`: what OLMo-core's Liger path returns, forward only, without ever holding more
 // than one chunk of logits. h (N, D) and weight (V, D) share a dtype; bias (V,) may be undefined.
-// The logits are formed one chunk (token rows x vocabulary columns, see FusedChunking) at a
-// time, sized so the chunk (input dtype, plus the epilogue's working copies where it needs them,
-// see LogitStatsWorkingBytes) fits in `chunk_bytes`.
+// The logits are formed one chunk (token rows x vocabulary columns) at a time, and never more
+// than `chunk_bytes` of them exist at once (ComputeLogitStats, core/ops/logit_stats.h).
 // Per token: lse (merged across vocabulary slices) and the label logit in fp32; ce = lse - label
 // logit and z = s * lse^2 with s = EffectiveZLossMultiplier (added to `loss` even when no
 // multiplier is given, as upstream); ignored rows are 0; "mean" divides each row by the number
@@ -45,15 +44,6 @@ LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const a
 
 // The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
 int64_t DefaultFusedChunkBytes(const c10::Device& device);
-
-// How FusedLinearLoss tiles the (tokens x vocabulary) logits: chunks of token_rows x
-// vocab_columns logits, both at least 1, of at most `chunk_bytes` at `bytes_per_logit`.
-struct FusedChunkShape {
-  int64_t token_rows = 1;
-  int64_t vocab_columns = 1;
-};
-FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
-                              int64_t chunk_bytes);
 
 }  // namespace lmhead
 

@@ -1,5 +1,10 @@
 #include "core/ops/logit_stats.h"
 
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+
 #include "core/ops/cpu/logit_stats_cpu.h"
 
 #ifdef LMHEAD_WITH_CUDA
@@ -30,15 +35,55 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
       safe_labels.data_ptr<int64_t>(), lse.data_ptr<float>(), label_logit.data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
 }
+
 #endif
 
 }  // namespace
 
-int64_t LogitStatsWorkingBytes(const c10::Device& device) {
+FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
+                              int64_t chunk_bytes) {
+  const int64_t budget = std::max<int64_t>(chunk_bytes / bytes_per_logit, 1);  // logits
+  FusedChunkShape shape;
+  // Many tokens per GEMM keep the weight from being re-read; wide vocabulary slices keep each
+  // GEMM large. Tokens first, down to what still leaves room for kMinVocabColumns.
+  constexpr int64_t kMaxTokenRows = 8192;
+  constexpr int64_t kMinVocabColumns = 1024;
+  shape.token_rows = std::clamp<int64_t>(budget / std::min(vocab_size, kMinVocabColumns), 1,
+                                         std::max<int64_t>(std::min(num_tokens, kMaxTokenRows), 1));
+  shape.vocab_columns = std::clamp<int64_t>(budget / shape.token_rows, 1, vocab_size);
+  return shape;
+}
+
+LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& safe_labels, int64_t chunk_bytes) {
+  const int64_t num_tokens = h.size(0);
+  const int64_t vocab_size = weight.size(0);
+  const auto fp32 = h.options().dtype(at::kFloat);
+  LogitStats stats{at::full({num_tokens}, -std::numeric_limits<float>::infinity(), fp32),
+                   at::zeros({num_tokens}, fp32)};
+  // The CUDA kernel reads the chunk as it is; the ATen path also holds two fp32 copies.
+  int64_t working_bytes = cpu::kLogitStatsWorkingBytes;
 #ifdef LMHEAD_WITH_CUDA
-  if (device.is_cuda()) return 0;
+  if (h.is_cuda()) working_bytes = 0;
 #endif
-  return cpu::kLogitStatsWorkingBytes;
+  const FusedChunkShape chunk =
+      FusedChunking(num_tokens, vocab_size, h.element_size() + working_bytes, chunk_bytes);
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
+    const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
+    const at::Tensor h_rows = h.narrow(0, t0, rows);
+    const at::Tensor labels_rows = safe_labels.narrow(0, t0, rows);
+    at::Tensor lse_rows = stats.lse.narrow(0, t0, rows);
+    at::Tensor label_logit_rows = stats.label_logit.narrow(0, t0, rows);
+    for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
+      const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
+      const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
+      const at::Tensor logits = bias.defined()
+                                    ? at::addmm(bias.narrow(0, v0, cols), h_rows, w_cols)
+                                    : at::mm(h_rows, w_cols);
+      AccumulateLogitStats(logits, v0, labels_rows, lse_rows, label_logit_rows);
+    }
+  }
+  return stats;
 }
 
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,

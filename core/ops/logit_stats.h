@@ -1,5 +1,7 @@
-// The epilogue of fused_linear: folds one chunk of logits into per-token running statistics.
-// CUDA tensors use the kernel in core/ops/cuda (in --config=cuda builds); other devices use ATen.
+// The per-token statistics behind fused_linear: log-sum-exp and label logit of h W^T (+ b),
+// computed without ever holding more than a chunk of the logits: a GEMM per chunk, then an
+// epilogue that folds the chunk into the statistics. CUDA tensors use the epilogue kernel in
+// core/ops/cuda (in --config=cuda builds); other devices use ATen (core/ops/cpu).
 #ifndef LMHEAD_CORE_OPS_LOGIT_STATS_H_
 #define LMHEAD_CORE_OPS_LOGIT_STATS_H_
 
@@ -10,15 +12,32 @@
 
 namespace lmhead {
 
-// logits: (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit column
-// stride. safe_labels: (rows,) int64 (ignored tokens hold any in-range value). lse and
-// label_logit: (rows,) fp32 views updated in place: lse <- logaddexp(lse, logsumexp(row)) in
-// fp32, label_logit <- the row's label logit where the label lies in this chunk. May throw
-// c10::Error.
-// Extra bytes per logit AccumulateLogitStats needs while it runs on `device`: two fp32 copies
-// for the ATen path, none for the CUDA kernel.
-int64_t LogitStatsWorkingBytes(const c10::Device& device);
+// How the (tokens x vocabulary) logits are tiled: chunks of token_rows x vocab_columns, both at
+// least 1, of at most `chunk_bytes` at `bytes_per_logit`.
+struct FusedChunkShape {
+  int64_t token_rows = 1;
+  int64_t vocab_columns = 1;
+};
+FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
+                              int64_t chunk_bytes);
 
+// (N,) fp32 each.
+struct LogitStats {
+  at::Tensor lse;          // log-sum-exp over the vocabulary, in fp32
+  at::Tensor label_logit;  // the logit of the token's label, in fp32
+};
+
+// h (N, D) and weight (V, D) of one dtype, bias (V,) or undefined, safe_labels (N,) int64 in
+// [0, V) (ignored tokens hold any valid id). The logits are formed in h's dtype, chunk by chunk,
+// and at most `chunk_bytes` of logits and their working copies exist at any time. May throw
+// c10::Error.
+LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& safe_labels, int64_t chunk_bytes);
+
+// One chunk: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
+// column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,
+// logsumexp(row)), label_logit <- the row's label logit where the label lies in this chunk. On
+// CUDA it runs on the current stream. May throw c10::Error.
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                           at::Tensor& lse, at::Tensor& label_logit);
 
