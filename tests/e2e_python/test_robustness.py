@@ -123,3 +123,25 @@ def test_random_malformed_requests_get_clear_errors(server):
         assert list(response.logits.shape) == [2, 3, V]
     print("random requests by status:", codes)
     assert codes.get("INVALID_ARGUMENT", 0) > 100  # the generator really produces bad input
+
+
+def test_random_malformed_streams_end_cleanly(server):
+    """Streams of random micro-batches: each stream ends with OK or a clear error status, and
+    the server keeps serving."""
+    rng = random.Random(int(os.environ.get("LMHEAD_ROBUSTNESS_SEED", "1234")) + 1)
+    codes = {}
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LMHeadServiceStub(channel)
+        for i in range(60):
+            requests = [random_request(rng) for _ in range(rng.randint(1, 5))]
+            try:
+                for _ in stub.ForwardStream(iter(requests), timeout=30):
+                    pass
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as error:
+                code = error.code()
+                codes[code.name] = codes.get(code.name, 0) + 1
+                assert code in ACCEPTED_ERRORS, (i, code, error.details())
+                assert "micro-batch" in error.details(), (i, error.details())
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    print("random streams by status:", codes)
