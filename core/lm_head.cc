@@ -309,6 +309,9 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
     });
     if (!labels_ok.ok()) return labels_ok;
   }
+  if (options.interrupt_check) {
+    if (absl::Status status = options.interrupt_check(); !status.ok()) return status;
+  }
   return CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
     c10::InferenceMode inference;
     return ForwardChecked(x, options);
@@ -333,11 +336,16 @@ LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& optio
     terms = DefaultLoss(logits->view({-1, vocab_size_}), labels, options.ignore_index,
                         options.loss_reduction, options.z_loss_multiplier);
   } else {
+    const auto between_chunks = [&options]() {
+      if (!options.interrupt_check) return;
+      if (absl::Status status = options.interrupt_check(); !status.ok()) throw StatusError(status);
+    };
     terms = FusedLinearLoss(h.contiguous().view({-1, d_model_}), weight_, bias_, labels,
                             options.ignore_index, options.loss_reduction,
                             options.z_loss_multiplier,
                             options.fused_chunk_bytes > 0 ? options.fused_chunk_bytes
-                                                          : DefaultFusedChunkBytes(x.device()));
+                                                          : DefaultFusedChunkBytes(x.device()),
+                            between_chunks);
   }
   return MakeOutput(std::move(logits), terms, batch, options);
 }

@@ -8,6 +8,7 @@
 #include <c10/core/Device.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -46,6 +47,10 @@ struct ForwardOptions {
   // the device's epilogue needs). 0 picks the device's default: 128 MiB on the CPU, 224 MiB on
   // CUDA (larger GEMMs; the whole forward then stays under 256 MB of extra device memory).
   int64_t fused_chunk_bytes = 0;
+  // Extension: polled before the compute starts and between fused_linear chunks; the first
+  // non-OK status it returns stops the forward, and Forward returns that status (the server
+  // passes deadline and cancellation checks). Unset: never stops.
+  std::function<absl::Status()> interrupt_check;
 };
 
 // What forward returns: logits alone when no labels were given, else LMOutputWithLoss

@@ -324,6 +324,31 @@ TEST(LMHeadTest, ForwardErrorsNameTheArgument) {
   EXPECT_TRUE(head->Forward(x, options).ok());
 }
 
+TEST(LMHeadTest, InterruptCheckStopsBetweenFusedChunks) {
+  auto head = MakeHead(LMHeadConfig{});
+  const at::Tensor x = RandomX(2, 8, 21);
+  ForwardOptions options;
+  options.labels = RandomLabels(2, 8, 22);
+  options.loss_implementation = LossImplementation::kFusedLinear;
+  options.fused_chunk_bytes = 4 * kV * 12;  // 4 tokens a chunk: 4 chunks
+  int checks = 0;
+  options.interrupt_check = [&checks]() {
+    return ++checks < 3 ? absl::OkStatus() : absl::DeadlineExceededError("deadline passed");
+  };
+  absl::StatusOr<LMOutput> out = head->Forward(x, options);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(checks, 3);  // before the compute, then before chunks 1 and 2
+
+  options.interrupt_check = [&checks]() { return ++checks, absl::OkStatus(); };
+  checks = 0;
+  out = head->Forward(x, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(checks, 5);  // before the compute and before each of the 4 chunks
+  options.interrupt_check = []() { return absl::CancelledError("client went away"); };
+  options.loss_implementation = LossImplementation::kDefault;
+  EXPECT_EQ(head->Forward(x, options).status().code(), absl::StatusCode::kCancelled);
+}
+
 TEST(KeptStartTest, PythonSliceSemanticsForEveryInt64) {
   EXPECT_EQ(KeptStart(0, 5), 0);
   EXPECT_EQ(KeptStart(2, 5), 3);

@@ -53,12 +53,13 @@ int64_t DefaultFusedChunkBytes(const c10::Device& device) {
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index,
                           LossReduction reduction, std::optional<double> z_loss_multiplier,
-                          int64_t chunk_bytes) {
+                          int64_t chunk_bytes, const std::function<void()>& between_chunks) {
   const at::Tensor valid = labels.ne(ignore_index);
   const at::Tensor safe_labels = at::where(valid, labels, at::zeros_like(labels));
 
   // Per-token log-sum-exp and label logit, never more than chunk_bytes of logits at a time.
-  const LogitStats stats = ComputeLogitStats(h, weight, bias, safe_labels, chunk_bytes);
+  const LogitStats stats =
+      ComputeLogitStats(h, weight, bias, safe_labels, chunk_bytes, between_chunks);
   const at::Tensor& lse = stats.lse;
   const at::Tensor& label_logit = stats.label_logit;
 

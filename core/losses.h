@@ -6,6 +6,7 @@
 #include <c10/core/Device.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 
 #include "core/config.h"
@@ -40,7 +41,7 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index,
                           LossReduction reduction, std::optional<double> z_loss_multiplier,
-                          int64_t chunk_bytes);
+                          int64_t chunk_bytes, const std::function<void()>& between_chunks = {});
 
 // The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
 int64_t DefaultFusedChunkBytes(const c10::Device& device);

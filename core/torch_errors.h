@@ -19,11 +19,25 @@ namespace lmhead {
 absl::Status StatusFromTorchError(const c10::Error& error);
 absl::Status StatusFromException(const std::exception& error);
 
-// Runs `fn` (returning T, Status or StatusOr<T>) and converts whatever LibTorch throws.
+// Thrown by core code to abandon a computation with a given status (an interrupted forward).
+class StatusError : public std::exception {
+ public:
+  explicit StatusError(absl::Status status) : status_(std::move(status)) {}
+  const char* what() const noexcept override { return "lmhead::StatusError"; }
+  const absl::Status& status() const { return status_; }
+
+ private:
+  absl::Status status_;
+};
+
+// Runs `fn` (returning T, Status or StatusOr<T>) and converts whatever LibTorch throws, and
+// StatusError into its status.
 template <typename Fn>
 auto CatchTorchErrors(Fn&& fn) -> decltype(fn()) {
   try {
     return std::forward<Fn>(fn)();
+  } catch (const StatusError& error) {
+    return error.status();
   } catch (const c10::Error& error) {
     return StatusFromTorchError(error);
   } catch (const std::bad_alloc&) {

@@ -411,13 +411,26 @@ absl::Status EncodeOutputs(const LMOutput& output, const Plan& plan,
   return absl::OkStatus();
 }
 
+// OK while the caller still wants the answer: DEADLINE_EXCEEDED past the call's deadline,
+// CANCELLED once the client cancelled.
+absl::Status CheckStillWanted(const grpc::ServerContext& context) {
+  if (std::chrono::system_clock::now() > context.deadline()) {
+    return absl::DeadlineExceededError("deadline exceeded before the work was done");
+  }
+  if (context.IsCancelled()) return absl::CancelledError("the client cancelled the call");
+  return absl::OkStatus();
+}
+
 // Everything between the wire request and a response; may throw c10::Error (RunForward
 // converts it).
 absl::Status RunForwardUnchecked(const ModelRegistry& registry, const Options& limits,
+                                 const grpc::ServerContext& context,
                                  const v1::ForwardRequest& request, v1::ForwardResponse* response) {
   const Clock::time_point start = Clock::now();
   absl::StatusOr<Plan> plan = PlanForward(registry, limits, request);
   if (!plan.ok()) return plan.status();
+  // The deadline and cancellation are checked again between chunks of a fused forward.
+  plan->options.interrupt_check = [&context]() { return CheckStillWanted(context); };
   // The head for this configuration: the model's, or a converted copy.
   absl::StatusOr<std::shared_ptr<const LMHead>> head = plan->model->HeadFor(plan->config);
   if (!head.ok()) return head.status();
@@ -443,9 +456,10 @@ absl::Status RunForwardUnchecked(const ModelRegistry& registry, const Options& l
 }
 
 absl::Status RunForward(const ModelRegistry& registry, const Options& options,
-                        const v1::ForwardRequest& request, v1::ForwardResponse* response) {
+                        const grpc::ServerContext& context, const v1::ForwardRequest& request,
+                        v1::ForwardResponse* response) {
   return CatchTorchErrors(
-      [&]() { return RunForwardUnchecked(registry, options, request, response); });
+      [&]() { return RunForwardUnchecked(registry, options, context, request, response); });
 }
 
 // The caller's `x-request-id` header, or a fresh id.
@@ -456,15 +470,6 @@ std::string RequestIdOf(const grpc::ServerContext& context) {
     return std::string(it->second.data(), it->second.size());
   }
   return NewRequestId();
-}
-
-// OK, or CANCELLED / DEADLINE_EXCEEDED when the call should stop now.
-absl::Status CheckStillWanted(const grpc::ServerContext& context) {
-  if (std::chrono::system_clock::now() > context.deadline()) {
-    return absl::DeadlineExceededError("deadline exceeded before the work was done");
-  }
-  if (context.IsCancelled()) return absl::CancelledError("the client cancelled the call");
-  return absl::OkStatus();
 }
 
 void LogOutcome(absl::string_view request_id, absl::string_view what, const absl::Status& status) {
@@ -516,7 +521,7 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
         absl::StrCat("too many concurrent requests: ", limiter_.max_in_use(),
                      " running (--max_concurrent_requests); retry later"));
   } else if (status = CheckStillWanted(*context); status.ok()) {
-    status = RunForward(*models, options_, *request, response);
+    status = RunForward(*models, options_, *context, *request, response);
     if (status.ok()) {
       nonfinite_inputs_ += response->num_nonfinite_inputs();
       if (response->num_nonfinite_inputs() > 0) {
@@ -562,7 +567,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
   absl::Status status;
   while (stream->Read(&request)) {
     if (status = CheckStillWanted(*context); !status.ok()) break;
-    status = RunForward(*models, options_, request, &response);
+    status = RunForward(*models, options_, *context, request, &response);
     if (!status.ok()) {
       status =
           absl::Status(status.code(), absl::StrCat("micro-batch ", index, ": ", status.message()));

@@ -55,7 +55,8 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
 }
 
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                             const at::Tensor& safe_labels, int64_t chunk_bytes) {
+                             const at::Tensor& safe_labels, int64_t chunk_bytes,
+                             const std::function<void()>& between_chunks) {
   const int64_t num_tokens = h.size(0);
   const int64_t vocab_size = weight.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
@@ -76,6 +77,7 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
     at::Tensor label_logit_rows = stats.label_logit.narrow(0, t0, rows);
     for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
       const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
+      if (between_chunks) between_chunks();
       const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
       const at::Tensor logits = bias.defined()
                                     ? at::addmm(bias.narrow(0, v0, cols), h_rows, w_cols)

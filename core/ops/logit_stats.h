@@ -9,6 +9,7 @@
 #include <c10/core/Device.h>
 
 #include <cstdint>
+#include <functional>
 
 namespace lmhead {
 
@@ -31,8 +32,10 @@ struct LogitStats {
 // [0, V) (ignored tokens hold any valid id). The logits are formed in h's dtype, chunk by chunk,
 // and at most `chunk_bytes` of logits and their working copies exist at any time. May throw
 // c10::Error.
+// `between_chunks`, when set, runs before each chunk (it may throw to abandon the work).
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                             const at::Tensor& safe_labels, int64_t chunk_bytes);
+                             const at::Tensor& safe_labels, int64_t chunk_bytes,
+                             const std::function<void()>& between_chunks = {});
 
 // One chunk: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
 // column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,

@@ -5,6 +5,7 @@ tests/e2e/server_e2e_test.cc with inputs nobody thought of."""
 
 import os
 import random
+import time
 
 import grpc
 import numpy as np
@@ -145,3 +146,35 @@ def test_random_malformed_streams_end_cleanly(server):
                 assert "micro-batch" in error.details(), (i, error.details())
         assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     print("random streams by status:", codes)
+
+
+def test_deadline_stops_a_long_fused_forward_between_chunks(server_binary, tmp_path):
+    """A CPU forward that takes seconds stops at its deadline (checked between fused chunks)
+    instead of running on after the client has given up."""
+    process = ServerProcess(["--demo_d_model=1024", "--demo_vocab_size=50304"], tmp_path)
+    try:
+        x = np.random.default_rng(0).standard_normal((1, 2048, 1024), dtype=np.float32)
+        labels = np.random.default_rng(1).integers(0, 50304, size=(1, 2048))
+        request = pb.ForwardRequest(
+            hidden_states=pb.Tensor(dtype=pb.DATA_TYPE_FP32, shape=x.shape, data=x.tobytes()),
+            labels=pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=labels.shape, data=labels.tobytes()))
+        request.config.loss_implementation = pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
+        request.options.fused_chunk_bytes = 8 << 20  # many small chunks
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.LMHeadServiceStub(channel)
+            start = time.monotonic()
+            stub.Forward(request, timeout=60)  # warm-up, and the full time
+            full = time.monotonic() - start
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Forward(request, timeout=full / 5)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The server's own outcome for that call: DEADLINE_EXCEEDED, logged long before
+            # the forward could have finished.
+            while "DEADLINE_EXCEEDED" not in process.log() and time.monotonic() - start < 3 * full:
+                time.sleep(0.02)
+            stopped_after = time.monotonic() - start
+        assert "DEADLINE_EXCEEDED" in process.log(), process.log()[-2000:]
+        assert stopped_after < 0.7 * full, (full, stopped_after)
+    finally:
+        assert process.stop() == 0, process.log()[-2000:]
