@@ -52,63 +52,61 @@ __device__ __forceinline__ void AddMany(MaxSum& state, const float (&x)[N]) {
   state.s += sum;
 }
 
-// One block per row. Each thread reads 16-byte vectors when the row is aligned for them, then the
-// block merges the threads' (max, sum) pairs.
+// One warp per row, kWarps rows per block: each lane reads 16-byte vectors (after a scalar
+// prologue up to the first 16-byte boundary), keeping kInFlight of them in flight, then the warp
+// merges its lanes' (max, sum) pairs with shuffles; no block-wide barrier.
+constexpr int kWarps = kThreads / 32;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    AccumulateLogitStatsKernel(const T* __restrict__ logits, int64_t cols, int64_t row_stride,
-                               int64_t col0, const int64_t* __restrict__ labels,
-                               float* __restrict__ lse, float* __restrict__ label_logit) {
-  const int64_t row = blockIdx.x;
+    AccumulateLogitStatsKernel(const T* __restrict__ logits, int64_t rows, int64_t cols,
+                               int64_t row_stride, int64_t col0,
+                               const int64_t* __restrict__ labels, float* __restrict__ lse,
+                               float* __restrict__ label_logit) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= rows) return;
   const T* x = logits + row * row_stride;
   MaxSum state{-INFINITY, 0.f};
 
   constexpr int kVec = 16 / sizeof(T);
-  // Vectors each thread keeps in flight before using them: the loads, not the exps, set the pace.
   constexpr int kInFlight = 8;
   struct alignas(16) Vec {
     T v[kVec];
   };
-  int64_t vec_end = 0;
-  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-    const int64_t num_vecs = cols / kVec;
-    vec_end = num_vecs * kVec;
-    const Vec* xv = reinterpret_cast<const Vec*>(x);
-    for (int64_t base = threadIdx.x; base < num_vecs; base += kThreads * kInFlight) {
-      Vec loaded[kInFlight];
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) % 16);
+  const int64_t to_boundary =
+      misalignment == 0 ? 0 : (16 - misalignment) / static_cast<int64_t>(sizeof(T));
+  const int64_t head = to_boundary < cols ? to_boundary : cols;
+  if (lane < head) Add(state, ToFloat(x[lane]));
+  const int64_t num_vecs = (cols - head) / kVec;
+  const Vec* xv = reinterpret_cast<const Vec*>(x + head);
+  for (int64_t base = lane; base < num_vecs; base += 32 * kInFlight) {
+    Vec loaded[kInFlight];
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int64_t i = base + u * kThreads;
-        if (i < num_vecs) loaded[u] = xv[i];
-      }
+    for (int u = 0; u < kInFlight; ++u) {
+      if (base + u * 32 < num_vecs) loaded[u] = xv[base + u * 32];
+    }
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        if (base + u * kThreads < num_vecs) {
-          float values[kVec];
+    for (int u = 0; u < kInFlight; ++u) {
+      if (base + u * 32 < num_vecs) {
+        float values[kVec];
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) values[k] = ToFloat(loaded[u].v[k]);
-          AddMany(state, values);
-        }
+        for (int k = 0; k < kVec; ++k) values[k] = ToFloat(loaded[u].v[k]);
+        AddMany(state, values);
       }
     }
   }
-  for (int64_t j = vec_end + threadIdx.x; j < cols; j += kThreads) Add(state, ToFloat(x[j]));
+  for (int64_t j = head + num_vecs * kVec + lane; j < cols; j += 32) Add(state, ToFloat(x[j]));
 
-  // Warp, then block reduction of (m, s).
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
     MaxSum other{__shfl_xor_sync(0xffffffff, state.m, offset),
                  __shfl_xor_sync(0xffffffff, state.s, offset)};
     state = Merge(state, other);
   }
-  __shared__ MaxSum warp_states[kThreads / 32];
-  const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 == 0) warp_states[warp] = state;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    MaxSum total = warp_states[0];
-    for (int w = 1; w < kThreads / 32; ++w) total = Merge(total, warp_states[w]);
-    const float chunk_lse = total.m == -INFINITY ? -INFINITY : total.m + __logf(total.s);
+  if (lane == 0) {
+    const float chunk_lse = state.m == -INFINITY ? -INFINITY : state.m + __logf(state.s);
     const float old = lse[row];
     const float hi = fmaxf(old, chunk_lse);
     lse[row] = hi == -INFINITY ? -INFINITY
@@ -123,8 +121,9 @@ cudaError_t Launch(const void* logits, int64_t rows, int64_t cols, int64_t row_s
                    int64_t col0, const int64_t* labels, float* lse, float* label_logit,
                    cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  AccumulateLogitStatsKernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      static_cast<const T*>(logits), cols, row_stride, col0, labels, lse, label_logit);
+  const auto blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
+  AccumulateLogitStatsKernel<T><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const T*>(logits), rows, cols, row_stride, col0, labels, lse, label_logit);
   return cudaGetLastError();
 }
 
