@@ -6,7 +6,7 @@ plus the wire dtype; bfloat16 values are widened to float32 there (exactly), and
 to torch.bfloat16 when the caller wants torch.
 """
 
-from typing import NamedTuple
+from typing import List, NamedTuple, Tuple
 
 import numpy as np
 
@@ -91,9 +91,10 @@ def wire_dtype(dtype) -> int:
     return _NUMPY_TO_WIRE[np.dtype(dtype)]
 
 
-def encode(value) -> pb.Tensor:
-    """A tensor as lmhead.v1.Tensor. Dtypes are never converted: a dtype the wire lacks
-    (float64, uint8, bool, ...) is a TypeError."""
+def wire_array(value) -> Tuple[np.ndarray, int]:
+    """(C-contiguous little-endian array, lmhead.v1.DataType) of a tensor, without copying when
+    it is already laid out so. Dtypes are never converted: a dtype the wire lacks (float64,
+    uint8, bool, ...) is a TypeError."""
     if isinstance(value, BF16):
         array, dtype = value.bits, pb.DATA_TYPE_BF16
     elif is_torch(value):
@@ -109,8 +110,62 @@ def encode(value) -> pb.Tensor:
     if dtype is None:
         raise TypeError(f"dtype {array.dtype} has no lmhead.v1.DataType (expected bfloat16, "
                         "float16, float32, int32 or int64); convert it first")
-    little = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
-    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=little.tobytes())
+    # order="C" keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+    return array.astype(array.dtype.newbyteorder("<"), order="C", copy=False), dtype
+
+
+def encode(value) -> pb.Tensor:
+    """A tensor as an lmhead.v1.Tensor message (for small tensors; see WireRequest)."""
+    array, dtype = wire_array(value)
+    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=array.tobytes())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class WireRequest:
+    """A ForwardRequest whose large tensors are written straight from their arrays.
+
+    Building a protobuf message copies a bytes field, and serialising it copies it again; for
+    hidden states of hundreds of MiB those copies cost more than the network. `serialize()`
+    writes the small fields with protobuf and appends each large tensor as its encoded field
+    (protobuf merges repeated occurrences of a message field), copying the data once.
+    """
+
+    # ForwardRequest field numbers of the tensors sent this way.
+    HIDDEN_STATES = 2
+    LABELS = 3
+
+    def __init__(self, small: pb.ForwardRequest):
+        self.small = small
+        self.large: List[Tuple[int, np.ndarray, int]] = []  # (field, array, dtype)
+
+    def add(self, field: int, value) -> None:
+        array, dtype = wire_array(value)
+        self.large.append((field, array, dtype))
+
+    def serialize(self) -> bytes:
+        parts = [self.small.SerializeToString()]
+        for field, array, dtype in self.large:
+            header = pb.Tensor(dtype=dtype, shape=list(array.shape)).SerializeToString()
+            data = memoryview(array).cast("B") if array.size else b""
+            data_field = b"\x1a" + _varint(len(data))  # Tensor.data is field 3, bytes
+            length = len(header) + len(data_field) + len(data)
+            parts += [_varint(field << 3 | 2), _varint(length), header, data_field, data]
+        return b"".join(parts)
+
+    def proto(self) -> pb.ForwardRequest:
+        """The same request as a protobuf message (copies; for inspection and tests)."""
+        return pb.ForwardRequest.FromString(self.serialize())
 
 
 class Decoded(NamedTuple):

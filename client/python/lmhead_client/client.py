@@ -77,6 +77,15 @@ class RemoteLMHead:
             ("grpc.max_receive_message_length", -1),
         ])
         self._stub = pb_grpc.LMHeadServiceStub(self._channel)
+        # Forward and ForwardStream with requests serialised by WireRequest (one copy of the
+        # hidden states instead of three).
+        method = "/lmhead.v1.LMHeadService/"
+        self._forward = self._channel.unary_unary(
+            method + "Forward", request_serializer=_tensors.WireRequest.serialize,
+            response_deserializer=pb.ForwardResponse.FromString)
+        self._forward_stream = self._channel.stream_stream(
+            method + "ForwardStream", request_serializer=_tensors.WireRequest.serialize,
+            response_deserializer=pb.ForwardResponse.FromString)
 
     def close(self) -> None:
         self._channel.close()
@@ -142,7 +151,7 @@ class RemoteLMHead:
             loss_implementation=loss_implementation, logits_dtype=logits_dtype,
             fused_chunk_bytes=fused_chunk_bytes)
         try:
-            response = self._stub.Forward(request, timeout=self.timeout)
+            response = self._forward(request, timeout=self.timeout)
         except grpc.RpcError as e:
             _reraise(e)
         return _output(response, _tensors.is_torch(x), labels is not None)
@@ -207,7 +216,7 @@ class RemoteLMHead:
     def _request(self, x, *, labels=None, ignore_index=-100, loss_reduction="mean",
                  z_loss_multiplier=None, loss_div_factor=None, return_logits=None,
                  logits_to_keep=0, loss_implementation=None, logits_dtype=None,
-                 fused_chunk_bytes=None) -> pb.ForwardRequest:
+                 fused_chunk_bytes=None) -> _tensors.WireRequest:
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
@@ -230,16 +239,17 @@ class RemoteLMHead:
         if fused_chunk_bytes is not None:
             options.fused_chunk_bytes = int(fused_chunk_bytes)
 
-        request = pb.ForwardRequest(model=self.model or "", hidden_states=_tensors.encode(x),
-                                    options=options)
-        if labels is not None:
-            request.labels.CopyFrom(_tensors.encode(labels))
+        request = pb.ForwardRequest(model=self.model or "", options=options)
         if loss_implementation is not None:
             if loss_implementation not in _IMPLEMENTATIONS:
                 raise ValueError(f"loss_implementation: expected one of "
                                  f"{sorted(_IMPLEMENTATIONS)}, got {loss_implementation!r}")
             request.config.loss_implementation = _IMPLEMENTATIONS[loss_implementation]
-        return request
+        wire = _tensors.WireRequest(request)
+        wire.add(_tensors.WireRequest.HIDDEN_STATES, x)
+        if labels is not None:
+            wire.add(_tensors.WireRequest.LABELS, labels)
+        return wire
 
     def _stream(self, x, micro_batch_size, max_chunk_bytes,
                 forward_args) -> Iterator[Tuple[int, int, pb.ForwardResponse]]:
@@ -262,7 +272,7 @@ class RemoteLMHead:
 
         first = request(*bounds[0])  # argument errors surface here, not in gRPC's thread
         requests = (first if i == 0 else request(*b) for i, b in enumerate(bounds))
-        call = self._stub.ForwardStream(requests, timeout=self.timeout)
+        call = self._forward_stream(requests, timeout=self.timeout)
         try:
             for (start, stop), response in zip(bounds, call):
                 yield start, stop, response
