@@ -2,8 +2,6 @@
 
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <utility>
 #include <vector>
 
@@ -11,11 +9,11 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "core/safetensors_format.h"
 #include "proto/wire_dtype.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "nlohmann/json.hpp"
 
 namespace lmhead {
 namespace {
@@ -29,7 +27,8 @@ int64_t ByteSize(const std::vector<int64_t>& shape, v1::DataType dtype) {
   return bytes;
 }
 
-const std::map<std::string, v1::DataType>& SafetensorsDTypes() {
+// The safetensors dtype names the wire has.
+const std::map<std::string, v1::DataType>& WireDTypes() {
   static const auto* types = new std::map<std::string, v1::DataType>{{"BF16", v1::DATA_TYPE_BF16},
                                                                      {"F16", v1::DATA_TYPE_FP16},
                                                                      {"F32", v1::DATA_TYPE_FP32},
@@ -39,27 +38,12 @@ const std::map<std::string, v1::DataType>& SafetensorsDTypes() {
 }
 
 std::string SafetensorsName(v1::DataType dtype) {
-  for (const auto& [name, type] : SafetensorsDTypes()) {
+  for (const auto& [name, type] : WireDTypes()) {
     if (type == dtype) return name;
   }
   return "";
 }
 
-uint64_t ReadLittleEndian64(absl::string_view bytes) {
-  uint64_t value = 0;
-  for (int i = 7; i >= 0; --i) value = (value << 8) | static_cast<unsigned char>(bytes[i]);
-  return value;
-}
-
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return absl::NotFoundError(absl::StrCat("cannot open '", path, "'"));
-  std::ostringstream bytes;
-  bytes << file.rdbuf();
-  return bytes.str();
-}
-
-// The value of `key` in a .npy header dict ("{'descr': '<f4', 'fortran_order': False, ...}").
 std::string NpyHeaderValue(absl::string_view header, absl::string_view key) {
   const size_t at = header.find(absl::StrCat("'", key, "'"));
   if (at == absl::string_view::npos) return "";
@@ -152,83 +136,35 @@ absl::StatusOr<v1::Tensor> ParseNpy(absl::string_view bytes) {
 }
 
 absl::StatusOr<std::map<std::string, v1::Tensor>> ParseSafetensorsTensors(absl::string_view bytes) {
-  if (bytes.size() < 8) return absl::InvalidArgumentError("safetensors: shorter than 8 bytes");
-  const uint64_t header_length = ReadLittleEndian64(bytes);
-  if (header_length > bytes.size() - 8) {
-    return absl::InvalidArgumentError("safetensors: header length beyond the end of the file");
-  }
-  const absl::string_view data = bytes.substr(8 + header_length);
-  nlohmann::json header = nlohmann::json::parse(bytes.substr(8, header_length), nullptr,
-                                                /*allow_exceptions=*/false);
-  if (!header.is_object()) {
-    return absl::InvalidArgumentError("safetensors: the header is not a JSON object");
-  }
+  absl::StatusOr<SafetensorsContents> contents = ParseSafetensorsContents(bytes);
+  if (!contents.ok()) return contents.status();
   std::map<std::string, v1::Tensor> tensors;
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") continue;
-    if (!entry.is_object() || !entry.contains("dtype") || !entry["dtype"].is_string() ||
-        !entry.contains("shape") || !entry["shape"].is_array() || !entry.contains("data_offsets") ||
-        !entry["data_offsets"].is_array() || entry["data_offsets"].size() != 2) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("safetensors: tensor '", name, "': malformed entry"));
-    }
-    auto type = SafetensorsDTypes().find(entry["dtype"].get<std::string>());
-    if (type == SafetensorsDTypes().end()) {
+  for (const auto& [name, entry] : contents->tensors) {
+    auto type = WireDTypes().find(entry.dtype);
+    if (type == WireDTypes().end()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "safetensors: tensor '", name, "': dtype ", entry["dtype"].get<std::string>(),
+          "safetensors: tensor '", name, "': dtype ", entry.dtype,
           " is not supported; expected BF16, F16, F32, I32 or I64"));
-    }
-    std::vector<int64_t> shape;
-    for (const auto& dim : entry["shape"]) {
-      if (!dim.is_number_unsigned()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("safetensors: tensor '", name, "': malformed shape"));
-      }
-      shape.push_back(dim.get<int64_t>());
-    }
-    const auto& offsets = entry["data_offsets"];
-    if (!offsets[0].is_number_unsigned() || !offsets[1].is_number_unsigned()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("safetensors: tensor '", name, "': malformed data_offsets"));
-    }
-    const uint64_t begin = offsets[0].get<uint64_t>();
-    const uint64_t end = offsets[1].get<uint64_t>();
-    const int64_t expected = ByteSize(shape, type->second);
-    if (begin > end || end > data.size() || expected < 0 ||
-        static_cast<int64_t>(end - begin) != expected) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "safetensors: tensor '", name, "': data_offsets [", begin, ", ", end,
-          ") do not hold the ", expected, " bytes its shape needs within ", data.size()));
     }
     v1::Tensor& tensor = tensors[name];
     tensor.set_dtype(type->second);
-    for (int64_t dim : shape) tensor.add_shape(dim);
-    tensor.set_data(std::string(data.substr(begin, end - begin)));
+    for (int64_t dim : entry.shape) tensor.add_shape(dim);
+    tensor.set_data(entry.data.data(), entry.data.size());
   }
   return tensors;
 }
 
-std::string SerializeSafetensorsTensors(const std::map<std::string, v1::Tensor>& tensors,
-                                        const std::map<std::string, std::string>& metadata) {
-  nlohmann::json header = nlohmann::json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  uint64_t offset = 0;
+absl::StatusOr<std::string> SerializeSafetensorsTensors(
+    const std::map<std::string, v1::Tensor>& tensors,
+    const std::map<std::string, std::string>& metadata) {
+  SafetensorsContents contents;
+  contents.metadata = metadata;
   for (const auto& [name, tensor] : tensors) {
-    const uint64_t size = tensor.data().size();
-    header[name] = {{"dtype", SafetensorsName(tensor.dtype())},
-                    {"shape", std::vector<int64_t>(tensor.shape().begin(), tensor.shape().end())},
-                    {"data_offsets", {offset, offset + size}}};
-    offset += size;
+    contents.tensors[name] = {SafetensorsName(tensor.dtype()),
+                              std::vector<int64_t>(tensor.shape().begin(), tensor.shape().end()),
+                              absl::string_view(tensor.data())};
   }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
-  std::string out;
-  out.reserve(8 + text.size() + offset);
-  uint64_t length = text.size();
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((length >> (8 * i)) & 0xff));
-  out += text;
-  for (const auto& [name, tensor] : tensors) out += tensor.data();
-  return out;
+  return SerializeSafetensorsContents(contents);
 }
 
 absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path, absl::string_view name) {
@@ -267,18 +203,9 @@ absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path, absl::string_
 absl::Status WriteSafetensorsFile(const std::string& path,
                                   const std::map<std::string, v1::Tensor>& tensors,
                                   const std::map<std::string, std::string>& metadata) {
-  const std::string temporary = path + ".tmp";
-  {
-    std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
-    if (!file) return absl::PermissionDeniedError(absl::StrCat("cannot write '", temporary, "'"));
-    const std::string bytes = SerializeSafetensorsTensors(tensors, metadata);
-    file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!file) return absl::DataLossError(absl::StrCat("cannot write '", temporary, "'"));
-  }
-  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    return absl::PermissionDeniedError(absl::StrCat("cannot rename to '", path, "'"));
-  }
-  return absl::OkStatus();
+  absl::StatusOr<std::string> bytes = SerializeSafetensorsTensors(tensors, metadata);
+  if (!bytes.ok()) return bytes.status();
+  return WriteFileAtomically(path, *bytes);
 }
 
 }  // namespace lmhead

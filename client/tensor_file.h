@@ -18,12 +18,15 @@ namespace lmhead {
 // Parses a whole .npy file's bytes.
 absl::StatusOr<v1::Tensor> ParseNpy(absl::string_view bytes);
 
-// Parses a whole .safetensors file's bytes; every tensor, by name.
+// Parses a whole .safetensors file's bytes (validated by core/safetensors_format.h); every
+// tensor, by name. INVALID_ARGUMENT for dtypes the wire lacks (F64, I16, I8, U8, BOOL).
 absl::StatusOr<std::map<std::string, v1::Tensor>> ParseSafetensorsTensors(absl::string_view bytes);
 
-// Serialises tensors (in name order) with optional string metadata.
-std::string SerializeSafetensorsTensors(const std::map<std::string, v1::Tensor>& tensors,
-                                        const std::map<std::string, std::string>& metadata = {});
+// Serialises tensors (in name order) with optional string metadata. INVALID_ARGUMENT for data
+// that does not match a tensor's shape and dtype.
+absl::StatusOr<std::string> SerializeSafetensorsTensors(
+    const std::map<std::string, v1::Tensor>& tensors,
+    const std::map<std::string, std::string>& metadata = {});
 
 // Reads one tensor: a .npy file's array, or from a .safetensors file the tensor called `name`
 // (empty `name`: the file's only tensor). INVALID_ARGUMENT for other extensions.

@@ -67,7 +67,7 @@ TEST(TensorFileTest, SafetensorsRoundTripWithMetadata) {
   v1::Tensor b;
   b.set_dtype(v1::DATA_TYPE_INT64);
   b.set_data(std::string(8, '\x07'));
-  const std::string bytes = SerializeSafetensorsTensors({{"a", a}, {"b", b}}, {{"k", "v"}});
+  const std::string bytes = *SerializeSafetensorsTensors({{"a", a}, {"b", b}}, {{"k", "v"}});
   absl::StatusOr<std::map<std::string, v1::Tensor>> back = ParseSafetensorsTensors(bytes);
   ASSERT_TRUE(back.ok()) << back.status();
   ASSERT_EQ(back->size(), 2u);
@@ -91,7 +91,7 @@ TEST(TensorFileTest, RejectsSafetensorsWithBadOffsets) {
   a.set_dtype(v1::DATA_TYPE_FP32);
   a.add_shape(2);
   a.set_data(std::string(8, '\0'));
-  std::string bytes = SerializeSafetensorsTensors({{"a", a}});
+  std::string bytes = *SerializeSafetensorsTensors({{"a", a}});
   bytes.resize(bytes.size() - 4);  // truncated data
   absl::StatusOr<std::map<std::string, v1::Tensor>> parsed = ParseSafetensorsTensors(bytes);
   EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);

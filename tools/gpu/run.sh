@@ -66,7 +66,7 @@ if [[ $what == server ]]; then
     > "$libdir/pkgconfig/openssl.pc"
   grpc_flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --cflags --libs \
     grpc++ grpc protobuf spdlog fmt absl_flags absl_flags_parse absl_flags_usage)
-  srv=(core/config_json.cc core/safetensors.cc server/status.cc server/logging.cc
+  srv=(core/config_json.cc core/safetensors.cc core/safetensors_format.cc server/status.cc server/logging.cc
     server/tensor_codec.cc server/model_registry.cc server/service.cc server/server.cc
     server/main.cc .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc)
   pids=()
@@ -74,7 +74,7 @@ if [[ $what == server ]]; then
     g++ "${cxxflags[@]}" -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -c "$src" \
       -o "$build/srv_$(basename "$src" .cc).o" & pids+=($!)
   done
-  cli=(client/lmhead_client.cc client/tensor_file.cc client/lmhead_cli.cc
+  cli=(client/lmhead_client.cc client/tensor_file.cc client/lmhead_cli.cc core/safetensors_format.cc
     .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc
     .gpu/gen/grpc/health/v1/health.pb.cc .gpu/gen/grpc/health/v1/health.grpc.pb.cc)
   for src in "${cli[@]}"; do
