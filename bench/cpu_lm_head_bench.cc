@@ -42,8 +42,8 @@ void BM_Forward(benchmark::State& state, LossImplementation impl, DType dtype) {
     return;
   }
   at::Generator gen = at::detail::createCPUGenerator(1);
-  const at::Tensor x = at::randn({1, g_tokens, kDModel}, gen).to(
-      dtype == DType::kBFloat16 ? at::kBFloat16 : at::kFloat);
+  const at::Tensor x = at::randn({1, g_tokens, kDModel}, gen)
+                           .to(dtype == DType::kBFloat16 ? at::kBFloat16 : at::kFloat);
   at::Tensor labels = at::randint(kVocab, {1, g_tokens}, gen, at::TensorOptions(at::kLong));
   labels.slice(1, 0, g_tokens / 8).fill_(-100);  // some ignored tokens, as in real batches
   ForwardOptions options;
@@ -61,7 +61,8 @@ void BM_Forward(benchmark::State& state, LossImplementation impl, DType dtype) {
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<LMOutput> out = (*head)->Forward(x, options);
     benchmark::DoNotOptimize(out);
-    total_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    total_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     peak_extra = std::max(peak_extra, allocator.peak_bytes() - before);
     if (!out.ok()) {
       state.SkipWithError(std::string(out.status().message()).c_str());
@@ -69,9 +70,8 @@ void BM_Forward(benchmark::State& state, LossImplementation impl, DType dtype) {
     }
   }
   state.counters["peak_extra_MiB"] = peak_extra / double(1 << 20);
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * g_tokens * kDModel * kVocab * 1e-9 *
-                                                     state.iterations(),
-                                                 benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      2.0 * g_tokens * kDModel * kVocab * 1e-9 * state.iterations(), benchmark::Counter::kIsRate);
   Results()[std::string(Name(impl)) + "/" + std::string(Name(dtype))] = {
       total_seconds / state.iterations(), static_cast<double>(peak_extra)};
 }
@@ -86,10 +86,9 @@ void PrintComparison() {
     auto d = Results().find(std::string("default/") + dtype);
     auto f = Results().find(std::string("fused_linear/") + dtype);
     if (d == Results().end() || f == Results().end()) continue;
-    std::printf("%-9s %12.1f %12.1f %10.3f %14.1f %14.1f %12.4f\n", dtype,
-                d->second.seconds * 1e3, f->second.seconds * 1e3,
-                f->second.seconds / d->second.seconds, d->second.peak_extra_bytes / (1 << 20),
-                f->second.peak_extra_bytes / (1 << 20),
+    std::printf("%-9s %12.1f %12.1f %10.3f %14.1f %14.1f %12.4f\n", dtype, d->second.seconds * 1e3,
+                f->second.seconds * 1e3, f->second.seconds / d->second.seconds,
+                d->second.peak_extra_bytes / (1 << 20), f->second.peak_extra_bytes / (1 << 20),
                 f->second.peak_extra_bytes / d->second.peak_extra_bytes);
   }
 }

@@ -98,14 +98,15 @@ void Breakdown(int64_t d, int64_t v, int64_t n, int reps) {
   at::Tensor buffer = at::empty({chunk.token_rows, chunk.vocab_columns}, opts);
   at::Tensor lse = at::full({n}, -INFINITY, opts.dtype(at::kFloat));
   at::Tensor picked = at::zeros({n}, opts.dtype(at::kFloat));
-  const auto for_each_chunk = [&](const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn) {
-    for (int64_t t0 = 0; t0 < n; t0 += chunk.token_rows) {
-      const int64_t rows = std::min(chunk.token_rows, n - t0);
-      for (int64_t v0 = 0; v0 < v; v0 += chunk.vocab_columns) {
-        fn(t0, rows, v0, std::min(chunk.vocab_columns, v - v0));
-      }
-    }
-  };
+  const auto for_each_chunk =
+      [&](const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn) {
+        for (int64_t t0 = 0; t0 < n; t0 += chunk.token_rows) {
+          const int64_t rows = std::min(chunk.token_rows, n - t0);
+          for (int64_t v0 = 0; v0 < v; v0 += chunk.vocab_columns) {
+            fn(t0, rows, v0, std::min(chunk.vocab_columns, v - v0));
+          }
+        }
+      };
   const Timing full_gemm = Measure([&] { at::mm(x, w.t()); }, reps);
   const Timing gemms = Measure(
       [&] {
@@ -125,11 +126,13 @@ void Breakdown(int64_t d, int64_t v, int64_t n, int reps) {
         });
       },
       reps);
-  std::printf("breakdown d=%lld V=%lld N=%lld chunk=%lldx%lld: full GEMM %.2f ms, chunked GEMMs %.2f ms, epilogue %.2f ms (%.0f GB/s)\n",
-              static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
-              static_cast<long long>(chunk.token_rows), static_cast<long long>(chunk.vocab_columns),
-              full_gemm.median_ms, gemms.median_ms, epilogue.median_ms,
-              2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9);
+  std::printf(
+      "breakdown d=%lld V=%lld N=%lld chunk=%lldx%lld: full GEMM %.2f ms, chunked GEMMs %.2f ms, "
+      "epilogue %.2f ms (%.0f GB/s)\n",
+      static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
+      static_cast<long long>(chunk.token_rows), static_cast<long long>(chunk.vocab_columns),
+      full_gemm.median_ms, gemms.median_ms, epilogue.median_ms,
+      2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9);
 }
 
 }  // namespace
@@ -153,10 +156,10 @@ int main(int argc, char** argv) {
   std::printf("| d | V | N | impl | ms | TFLOP/s | peak extra MB | ratio to cublas |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   const std::vector<int64_t> ds = {2048, 4096};
-  const std::vector<int64_t> vs = quick ? std::vector<int64_t>{128256}
-                                        : std::vector<int64_t>{100352, 128256, 256000};
-  const std::vector<int64_t> ns = quick ? std::vector<int64_t>{8192}
-                                        : std::vector<int64_t>{8192, 32768};
+  const std::vector<int64_t> vs =
+      quick ? std::vector<int64_t>{128256} : std::vector<int64_t>{100352, 128256, 256000};
+  const std::vector<int64_t> ns =
+      quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 32768};
   const int reps = quick ? 5 : 10;
   const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
   for (int64_t d : ds) {

@@ -59,7 +59,8 @@ absl::StatusOr<double> ScalarValue(const v1::Tensor& tensor, absl::string_view f
         return HalfToFloat(half);
       }
       break;
-    default: break;
+    default:
+      break;
   }
   return absl::InternalError(absl::StrCat(field, ": expected a floating-point scalar"));
 }

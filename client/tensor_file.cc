@@ -9,11 +9,11 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "core/safetensors_format.h"
-#include "proto/wire_dtype.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "core/safetensors_format.h"
+#include "proto/wire_dtype.h"
 
 namespace lmhead {
 namespace {
@@ -142,9 +142,9 @@ absl::StatusOr<std::map<std::string, v1::Tensor>> ParseSafetensorsTensors(absl::
   for (const auto& [name, entry] : contents->tensors) {
     auto type = WireDTypes().find(entry.dtype);
     if (type == WireDTypes().end()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "safetensors: tensor '", name, "': dtype ", entry.dtype,
-          " is not supported; expected BF16, F16, F32, I32 or I64"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("safetensors: tensor '", name, "': dtype ", entry.dtype,
+                       " is not supported; expected BF16, F16, F32, I32 or I64"));
     }
     v1::Tensor& tensor = tensors[name];
     tensor.set_dtype(type->second);

@@ -56,19 +56,24 @@ absl::StatusOr<Enum> Parse(const NameTable<Enum, N>& table, absl::string_view na
     if (n == name) return e;
     names.push_back(n);
   }
-  return absl::InvalidArgumentError(absl::StrCat(field, ": unknown value '", name,
-                                                 "', expected one of: ",
-                                                 absl::StrJoin(names, ", ")));
+  return absl::InvalidArgumentError(absl::StrCat(
+      field, ": unknown value '", name, "', expected one of: ", absl::StrJoin(names, ", ")));
 }
 
 absl::string_view ClassName(LayerNormType type) {
   switch (type) {
-    case LayerNormType::kDefault: return "LayerNorm";
-    case LayerNormType::kRms: return "RMSNorm";
-    case LayerNormType::kQwenRms: return "QwenRMSNorm";
-    case LayerNormType::kCuteRms: return "CuTeRMSNorm";
-    case LayerNormType::kFusedRms: return "FusedRMSNorm";
-    case LayerNormType::kL2Norm: return "L2Norm";
+    case LayerNormType::kDefault:
+      return "LayerNorm";
+    case LayerNormType::kRms:
+      return "RMSNorm";
+    case LayerNormType::kQwenRms:
+      return "QwenRMSNorm";
+    case LayerNormType::kCuteRms:
+      return "CuTeRMSNorm";
+    case LayerNormType::kFusedRms:
+      return "FusedRMSNorm";
+    case LayerNormType::kL2Norm:
+      return "L2Norm";
   }
   return "LayerNorm";
 }
@@ -112,10 +117,8 @@ absl::Status LayerNormConfig::Validate() const {
   if (name == LayerNormType::kL2Norm) {
     // L2Norm takes only `size`: upstream's TypeError names the first field that is set.
     const std::pair<bool, absl::string_view> fields[] = {
-        {eps.has_value(), "eps"},
-        {elementwise_affine.has_value(), "elementwise_affine"},
-        {bias.has_value(), "bias"},
-        {full_precision.has_value(), "full_precision"},
+        {eps.has_value(), "eps"},     {elementwise_affine.has_value(), "elementwise_affine"},
+        {bias.has_value(), "bias"},   {full_precision.has_value(), "full_precision"},
         {dtype.has_value(), "dtype"},
     };
     for (const auto& [set, field] : fields) {

@@ -6,10 +6,10 @@
 
 #include <cstdint>
 #include <optional>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace lmhead {
 
@@ -39,7 +39,8 @@ absl::string_view Name(LossReduction reduction);
 // Parsers for those names. `field` names the setting in the error message.
 absl::StatusOr<LayerNormType> ParseLayerNormType(absl::string_view name,
                                                  absl::string_view field = "layer_norm.name");
-absl::StatusOr<LMHeadType> ParseLMHeadType(absl::string_view name, absl::string_view field = "name");
+absl::StatusOr<LMHeadType> ParseLMHeadType(absl::string_view name,
+                                           absl::string_view field = "name");
 absl::StatusOr<LossImplementation> ParseLossImplementation(
     absl::string_view name, absl::string_view field = "loss_implementation");
 absl::StatusOr<DType> ParseDType(absl::string_view name, absl::string_view field = "dtype");

@@ -57,8 +57,7 @@ TEST(LayerNormConfigTest, L2NormTakesNoOptions) {
   config.elementwise_affine = true;
   absl::Status status = config.Validate();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(status.message(),
-              HasSubstr("invalid options for 'l2_norm' LayerNormConfig"));
+  EXPECT_THAT(status.message(), HasSubstr("invalid options for 'l2_norm' LayerNormConfig"));
   EXPECT_THAT(status.message(), HasSubstr("'elementwise_affine'"));
   EXPECT_EQ(config.NumParams(64), 64);  // bias defaults to off for l2_norm
   config.bias = true;

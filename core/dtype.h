@@ -10,9 +10,12 @@ namespace lmhead {
 
 inline c10::ScalarType ToScalarType(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return c10::ScalarType::Float;
-    case DType::kBFloat16: return c10::ScalarType::BFloat16;
-    case DType::kFloat16: return c10::ScalarType::Half;
+    case DType::kFloat32:
+      return c10::ScalarType::Float;
+    case DType::kBFloat16:
+      return c10::ScalarType::BFloat16;
+    case DType::kFloat16:
+      return c10::ScalarType::Half;
   }
   return c10::ScalarType::Float;
 }

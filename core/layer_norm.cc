@@ -17,15 +17,14 @@ at::Tensor RmsNormalize(const at::Tensor& x, double eps) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<LayerNorm>> LayerNorm::Build(const LayerNormConfig& config,
-                                                             int64_t size,
-                                                             const c10::Device& device) {
+                                                            int64_t size,
+                                                            const c10::Device& device) {
   if (absl::Status status = config.Validate(); !status.ok()) return status;
   std::unique_ptr<LayerNorm> norm(new LayerNorm(config, size));
   absl::Status created = CatchTorchErrors([&]() -> absl::Status {
     if (config.EffectiveAffine()) {
-      const auto options = at::TensorOptions()
-                               .dtype(ToScalarType(config.EffectiveDType()))
-                               .device(device);
+      const auto options =
+          at::TensorOptions().dtype(ToScalarType(config.EffectiveDType())).device(device);
       norm->weight_ = at::ones({size}, options);
       if (config.EffectiveBias()) norm->bias_ = at::zeros({size}, options);
     }

@@ -20,8 +20,7 @@ class LayerNorm {
   // LayerNormConfig.build(size, init_device): validates, then creates weight = 1 and bias = 0
   // in the config's parameter dtype on `device`.
   static absl::StatusOr<std::unique_ptr<LayerNorm>> Build(const LayerNormConfig& config,
-                                                          int64_t size,
-                                                          const c10::Device& device);
+                                                          int64_t size, const c10::Device& device);
 
   // y = norm(x) in x's dtype. May throw c10::Error (callers convert it).
   at::Tensor Forward(const at::Tensor& x) const;

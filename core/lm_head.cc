@@ -90,17 +90,17 @@ LMHead::~LMHead() = default;
 
 c10::Device LMHead::device() const { return weight_.device(); }
 
-absl::StatusOr<std::unique_ptr<LMHead>> LMHead::Build(const LMHeadConfig& config,
-                                                      int64_t d_model, int64_t vocab_size,
-                                                      const std::string& device,
+absl::StatusOr<std::unique_ptr<LMHead>> LMHead::Build(const LMHeadConfig& config, int64_t d_model,
+                                                      int64_t vocab_size, const std::string& device,
                                                       uint64_t seed) {
   if (absl::Status status = config.Validate(); !status.ok()) return status;
-  if (d_model <= 0) return InvalidArgument("d_model", absl::StrCat("must be positive, got ", d_model));
+  if (d_model <= 0)
+    return InvalidArgument("d_model", absl::StrCat("must be positive, got ", d_model));
   if (vocab_size <= 0) {
     return InvalidArgument("vocab_size", absl::StrCat("must be positive, got ", vocab_size));
   }
-  absl::StatusOr<c10::Device> parsed = CatchTorchErrors(
-      [&]() -> absl::StatusOr<c10::Device> { return c10::Device(device); });
+  absl::StatusOr<c10::Device> parsed =
+      CatchTorchErrors([&]() -> absl::StatusOr<c10::Device> { return c10::Device(device); });
   if (!parsed.ok()) return InvalidArgument("device", parsed.status().message());
 
   std::unique_ptr<LMHead> head;
@@ -177,13 +177,13 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
       name = given.substr(8);
     }
     if (ours.count(name) == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unexpected key '", given, "': this head has ", absl::StrJoin(ours, ", ")));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected key '", given, "': this head has ", absl::StrJoin(ours, ", ")));
     }
     auto [it, inserted] = resolved.emplace(name, std::make_pair(given, tensor));
     if (!inserted) {
-      return absl::InvalidArgumentError(absl::StrCat("keys '", it->second.first, "' and '", given,
-                                                     "' both give '", name, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("keys '", it->second.first, "' and '", given, "' both give '", name, "'"));
     }
   }
   for (const auto& [name, param] : parameters_) {
@@ -193,9 +193,9 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
     }
     const auto& [given, tensor] = it->second;
     if (!tensor.defined() || tensor.sizes() != param.sizes()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "key '", given, "': expected shape ", ShapeString(param.sizes()), ", got ",
-          tensor.defined() ? ShapeString(tensor.sizes()) : "an undefined tensor"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("key '", given, "': expected shape ", ShapeString(param.sizes()), ", got ",
+                       tensor.defined() ? ShapeString(tensor.sizes()) : "an undefined tensor"));
     }
     if (tensor.scalar_type() != param.scalar_type()) {
       return absl::InvalidArgumentError(absl::StrCat("key '", given, "': expected dtype ",
@@ -211,8 +211,7 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
   });
 }
 
-absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
-                                         const ForwardOptions& options) const {
+absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptions& options) const {
   // Every input is checked before any compute (docs/SEMANTICS.md lists where this is stricter
   // than upstream).
   if (!x.defined() || x.dim() != 3 || x.size(2) != d_model_) {
@@ -221,13 +220,13 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
                           x.defined() ? ShapeString(x.sizes()) : "an undefined tensor"));
   }
   if (x.scalar_type() != weight_.scalar_type()) {
-    return InvalidArgument("x", absl::StrCat("dtype ", DTypeString(x.scalar_type()),
-                                             " does not match the head's dtype ",
-                                             DTypeString(weight_.scalar_type())));
+    return InvalidArgument(
+        "x", absl::StrCat("dtype ", DTypeString(x.scalar_type()),
+                          " does not match the head's dtype ", DTypeString(weight_.scalar_type())));
   }
   if (x.device() != weight_.device()) {
-    return InvalidArgument("x", absl::StrCat("is on ", x.device().str(), ", the head on ",
-                                             weight_.device().str()));
+    return InvalidArgument(
+        "x", absl::StrCat("is on ", x.device().str(), ", the head on ", weight_.device().str()));
   }
   const int64_t batch = x.size(0);
   const int64_t length = x.size(1);
@@ -268,17 +267,16 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
     if (!labels.defined() || labels.scalar_type() != at::kLong || labels.dim() != 2 ||
         labels.size(0) != batch || labels.size(1) != length) {
       return InvalidArgument(
-          "labels", absl::StrCat("expected int64 of shape (batch=", batch, ", seq_len=", length,
-                                 "), got ",
-                                 labels.defined() ? absl::StrCat(DTypeString(labels.scalar_type()),
-                                                                 " ", ShapeString(labels.sizes()))
-                                                  : "an undefined tensor"));
+          "labels",
+          absl::StrCat("expected int64 of shape (batch=", batch, ", seq_len=", length, "), got ",
+                       labels.defined() ? absl::StrCat(DTypeString(labels.scalar_type()), " ",
+                                                       ShapeString(labels.sizes()))
+                                        : "an undefined tensor"));
     }
     if (labels.device() != x.device()) {
       return InvalidArgument("labels", "must be on the same device as x");
     }
-    if (config_.name == LMHeadType::kNormalized &&
-        implementation != LossImplementation::kDefault) {
+    if (config_.name == LMHeadType::kNormalized && implementation != LossImplementation::kDefault) {
       return absl::UnimplementedError(absl::StrCat("'", Name(implementation),
                                                    "' loss implementation is not supported by "
                                                    "'NormalizedLMHead'"));
@@ -302,10 +300,10 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
       if (!bad.any().item<bool>()) return absl::OkStatus();  // one device sync
       const at::Tensor scored = kept.masked_select(kept.ne(options.ignore_index));
       return InvalidArgument(
-          "labels", absl::StrCat("values must lie in [0, vocab_size=", vocab_size_,
-                                 ") or equal ignore_index=", options.ignore_index,
-                                 ", got values in [", scored.min().item<int64_t>(), ", ",
-                                 scored.max().item<int64_t>(), "]"));
+          "labels",
+          absl::StrCat("values must lie in [0, vocab_size=", vocab_size_,
+                       ") or equal ignore_index=", options.ignore_index, ", got values in [",
+                       scored.min().item<int64_t>(), ", ", scored.max().item<int64_t>(), "]"));
     });
     if (!labels_ok.ok()) return labels_ok;
   }
@@ -320,8 +318,8 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x,
 
 LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const {
   const int64_t batch = x.size(0);
-  const at::Tensor h = SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x,
-                                       options.logits_to_keep);
+  const at::Tensor h =
+      SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x, options.logits_to_keep);
   const std::optional<at::Tensor> bias =
       bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt;
   if (!options.labels.has_value()) return {at::linear(h, weight_, bias)};
@@ -341,8 +339,7 @@ LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& optio
       if (absl::Status status = options.interrupt_check(); !status.ok()) throw StatusError(status);
     };
     terms = FusedLinearLoss(h.contiguous().view({-1, d_model_}), weight_, bias_, labels,
-                            options.ignore_index, options.loss_reduction,
-                            options.z_loss_multiplier,
+                            options.ignore_index, options.loss_reduction, options.z_loss_multiplier,
                             options.fused_chunk_bytes > 0 ? options.fused_chunk_bytes
                                                           : DefaultFusedChunkBytes(x.device()),
                             between_chunks);
@@ -374,8 +371,9 @@ absl::Status NormalizedLMHead::ResetParameters(uint64_t seed) {
 absl::Status NormalizedLMHead::NormalizeMatrices() {
   return CatchTorchErrors([&]() -> absl::Status {
     // l2_normalize over each vocab row: the norm in fp32, cast back, divide in W's dtype.
-    weight_.copy_(weight_ / at::linalg_vector_norm(weight_, 2, {-1}, /*keepdim=*/true, at::kFloat)
-                                .type_as(weight_));
+    weight_.copy_(
+        weight_ /
+        at::linalg_vector_norm(weight_, 2, {-1}, /*keepdim=*/true, at::kFloat).type_as(weight_));
     return absl::OkStatus();
   });
 }

@@ -82,8 +82,8 @@ class LMHead {
   // LMHeadConfig.build(d_model, vocab_size, init_device): validates the config, then creates
   // the head of the config's type on `device` ("cpu", "cuda:0", "meta") with PyTorch's default
   // initialisation drawn from a generator seeded with `seed`.
-  static absl::StatusOr<std::unique_ptr<LMHead>> Build(const LMHeadConfig& config,
-                                                       int64_t d_model, int64_t vocab_size,
+  static absl::StatusOr<std::unique_ptr<LMHead>> Build(const LMHeadConfig& config, int64_t d_model,
+                                                       int64_t vocab_size,
                                                        const std::string& device = "cpu",
                                                        uint64_t seed = 0);
   virtual ~LMHead();

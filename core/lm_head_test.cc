@@ -63,8 +63,8 @@ TEST(LMHeadTest, StateDictNamesMatchOlmoCore) {
   auto head = MakeHead(config);
   std::vector<std::string> names;
   for (const auto& [name, t] : head->NamedParameters()) names.push_back(name);
-  EXPECT_THAT(names, ::testing::ElementsAre("norm.weight", "norm.bias", "w_out.weight",
-                                            "w_out.bias"));
+  EXPECT_THAT(names,
+              ::testing::ElementsAre("norm.weight", "norm.bias", "w_out.weight", "w_out.bias"));
   EXPECT_EQ(head->NumFlopsPerToken(), 6 * config.NumParams(kD, kV));
 
   LMHeadConfig normalized;
@@ -95,13 +95,14 @@ TEST(LMHeadTest, LoadStateDictAcceptsOlmoPrefixedAndHuggingFaceNames) {
   const at::Tensor w = at::full({kV, kD}, 0.5);
   const at::Tensor b = at::full({kV}, -1.0);
   const at::Tensor n = at::full({kD}, 2.0);
-  ASSERT_TRUE(head->LoadStateDict({{"lm_head.weight", w}, {"lm_head.bias", b},
-                                   {"model.norm.weight", n}})
-                  .ok());
+  ASSERT_TRUE(
+      head->LoadStateDict({{"lm_head.weight", w}, {"lm_head.bias", b}, {"model.norm.weight", n}})
+          .ok());
   EXPECT_TRUE(at::equal(head->NamedParameters()[0].second, n));
-  ASSERT_TRUE(head->LoadStateDict({{"lm_head.w_out.weight", w * 2}, {"w_out.bias", b},
-                                   {"lm_head.norm.weight", n}})
-                  .ok());
+  ASSERT_TRUE(
+      head->LoadStateDict(
+              {{"lm_head.w_out.weight", w * 2}, {"w_out.bias", b}, {"lm_head.norm.weight", n}})
+          .ok());
   EXPECT_TRUE(at::equal(head->NamedParameters()[1].second, w * 2));
 }
 
@@ -115,12 +116,12 @@ TEST(LMHeadTest, LoadStateDictNamesTheBadKey) {
   };
   const std::vector<Case> cases = {
       {{{"w_out.weight", w}}, "missing key 'w_out.bias'"},
-      {{{"w_out.weight", w}, {"w_out.bias", b}, {"norm.weight", b}}, "unexpected key 'norm.weight'"},
+      {{{"w_out.weight", w}, {"w_out.bias", b}, {"norm.weight", b}},
+       "unexpected key 'norm.weight'"},
       {{{"w_out.weight", w.t()}, {"w_out.bias", b}}, "key 'w_out.weight': expected shape [37, 16]"},
       {{{"w_out.weight", w}, {"w_out.bias", b.to(at::kBFloat16)}},
        "key 'w_out.bias': expected dtype Float, got BFloat16"},
-      {{{"w_out.weight", w}, {"lm_head.weight", w}, {"w_out.bias", b}},
-       "both give 'w_out.weight'"},
+      {{{"w_out.weight", w}, {"lm_head.weight", w}, {"w_out.bias", b}}, "both give 'w_out.weight'"},
   };
   for (const Case& c : cases) {
     absl::Status status = head->LoadStateDict(c.tensors);
@@ -288,10 +289,16 @@ TEST(LMHeadTest, ForwardErrorsNameTheArgument) {
        absl::StatusCode::kInvalidArgument, "labels: expected int64 of shape (batch=2, seq_len=3)"},
       {[&](ForwardOptions& o) { o.labels = labels.to(at::kInt); }, x,
        absl::StatusCode::kInvalidArgument, "labels: expected int64"},
-      {[](ForwardOptions& o) { o.logits_to_keep = at::tensor({0, 3}, at::kLong).view({2, 1}); },
-       x, absl::StatusCode::kInvalidArgument, "logits_to_keep: positions must lie in [0, seq_len=3)"},
-      {[](ForwardOptions& o) { o.logits_to_keep = at::tensor({0, 1}, at::kLong).view({1, 2}); },
-       x, absl::StatusCode::kInvalidArgument, "logits_to_keep: a positions tensor must be int64 of shape (batch=2, K)"},
+      {[](ForwardOptions& o) {
+         o.logits_to_keep = at::tensor({0, 3}, at::kLong).view({2, 1});
+       },
+       x, absl::StatusCode::kInvalidArgument,
+       "logits_to_keep: positions must lie in [0, seq_len=3)"},
+      {[](ForwardOptions& o) {
+         o.logits_to_keep = at::tensor({0, 1}, at::kLong).view({1, 2});
+       },
+       x, absl::StatusCode::kInvalidArgument,
+       "logits_to_keep: a positions tensor must be int64 of shape (batch=2, K)"},
       {[](ForwardOptions&) {}, x.to(at::kBFloat16), absl::StatusCode::kInvalidArgument,
        "x: dtype BFloat16 does not match the head's dtype Float"},
       {[](ForwardOptions&) {}, x.slice(2, 0, 8), absl::StatusCode::kInvalidArgument,
@@ -300,7 +307,8 @@ TEST(LMHeadTest, ForwardErrorsNameTheArgument) {
          o.labels = labels.slice(0, 0, 0);
          o.loss_reduction = LossReduction::kNone;
        },
-       x.slice(0, 0, 0), absl::StatusCode::kInvalidArgument, "loss_reduction: 'none' needs a non-empty batch"},
+       x.slice(0, 0, 0), absl::StatusCode::kInvalidArgument,
+       "loss_reduction: 'none' needs a non-empty batch"},
       {[&](ForwardOptions& o) {
          o.labels = labels;
          o.loss_reduction = LossReduction::kNone;  // (2, 3) losses do not broadcast with (5,)
@@ -378,8 +386,9 @@ TEST(NormalizedLMHeadTest, ScalesByEffectiveSzAndRefusesFused) {
   options.loss_implementation = LossImplementation::kFusedLinear;
   absl::StatusOr<LMOutput> fused = head->Forward(x, options);
   EXPECT_EQ(fused.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(fused.status().message(),
-              HasSubstr("'fused_linear' loss implementation is not supported by 'NormalizedLMHead'"));
+  EXPECT_THAT(
+      fused.status().message(),
+      HasSubstr("'fused_linear' loss implementation is not supported by 'NormalizedLMHead'"));
   // Logits-only calls work with fused_linear configured.
   options.labels.reset();
   EXPECT_TRUE(head->Forward(x, options).ok());

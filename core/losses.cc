@@ -13,9 +13,12 @@ namespace {
 
 int64_t ToAtenReduction(LossReduction reduction) {
   switch (reduction) {
-    case LossReduction::kMean: return at::Reduction::Mean;
-    case LossReduction::kSum: return at::Reduction::Sum;
-    case LossReduction::kNone: return at::Reduction::None;
+    case LossReduction::kMean:
+      return at::Reduction::Mean;
+    case LossReduction::kSum:
+      return at::Reduction::Sum;
+    case LossReduction::kNone:
+      return at::Reduction::None;
   }
   return at::Reduction::Mean;
 }
@@ -51,9 +54,9 @@ int64_t DefaultFusedChunkBytes(const c10::Device& device) {
 }
 
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                          const at::Tensor& labels, int64_t ignore_index,
-                          LossReduction reduction, std::optional<double> z_loss_multiplier,
-                          int64_t chunk_bytes, const std::function<void()>& between_chunks) {
+                          const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
+                          std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
+                          const std::function<void()>& between_chunks) {
   const at::Tensor valid = labels.ne(ignore_index);
   const at::Tensor safe_labels = at::where(valid, labels, at::zeros_like(labels));
 

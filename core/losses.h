@@ -39,9 +39,9 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
 // of valid tokens (0 valid tokens gives 0). z_loss is in the input dtype; ce_loss = loss - z_loss
 // when a multiplier is given, else loss. May throw c10::Error.
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                          const at::Tensor& labels, int64_t ignore_index,
-                          LossReduction reduction, std::optional<double> z_loss_multiplier,
-                          int64_t chunk_bytes, const std::function<void()>& between_chunks = {});
+                          const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
+                          std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
+                          const std::function<void()>& between_chunks = {});
 
 // The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
 int64_t DefaultFusedChunkBytes(const c10::Device& device);

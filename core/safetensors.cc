@@ -26,7 +26,7 @@ struct DtypeName {
 };
 
 constexpr DtypeName kDtypes[] = {
-    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
     {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
     {"U8", at::kByte},    {"BOOL", at::kBool},
 };
@@ -104,9 +104,9 @@ absl::StatusOr<std::string> SerializeSafetensors(
       // resolve_neg(): a negated view is contiguous but its memory holds the un-negated values.
       at::Tensor cpu = tensor.to(at::kCPU).resolve_conj().resolve_neg().contiguous();
       const size_t size = static_cast<size_t>(cpu.numel()) * cpu.element_size();
-      contents.tensors[name] = {std::string(*dtype), cpu.sizes().vec(),
-                                absl::string_view(static_cast<const char*>(cpu.const_data_ptr()),
-                                                  size)};
+      contents.tensors[name] = {
+          std::string(*dtype), cpu.sizes().vec(),
+          absl::string_view(static_cast<const char*>(cpu.const_data_ptr()), size)};
       keep_alive.push_back(std::move(cpu));
     }
     return SerializeSafetensorsContents(contents);

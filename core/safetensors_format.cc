@@ -336,8 +336,8 @@ absl::StatusOr<std::string> SerializeSafetensorsContents(const SafetensorsConten
     if (!IsValidUtf8(name)) return FileError("a tensor name is not valid UTF-8");
     const DtypeInfo* dtype = FindDtype(entry.dtype);
     if (dtype == nullptr) {
-      return TensorError(name, "dtype '", entry.dtype, "' is not supported (supported: ",
-                         SafetensorsDtypeNames(), ")");
+      return TensorError(name, "dtype '", entry.dtype,
+                         "' is not supported (supported: ", SafetensorsDtypeNames(), ")");
     }
     uint64_t numel = 1;
     for (int64_t dim : entry.shape) {
@@ -366,7 +366,8 @@ absl::StatusOr<std::string> SerializeSafetensorsContents(const SafetensorsConten
     out.push_back(static_cast<char>((header_bytes >> (8 * i)) & 0xFF));
   }
   out.append(header_text);
-  for (const auto& [name, entry] : contents.tensors) out.append(entry.data.data(), entry.data.size());
+  for (const auto& [name, entry] : contents.tensors)
+    out.append(entry.data.data(), entry.data.size());
   return out;
 }
 

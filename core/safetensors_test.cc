@@ -382,11 +382,11 @@ namespace {
 // Random corruptions of a valid file (seeded, bounded): each parse either succeeds with
 // tensors whose byte counts match their shapes, or fails with INVALID_ARGUMENT; never crashes.
 TEST(SafetensorsTest, RandomCorruptionsNeverCrash) {
-  absl::StatusOr<std::string> valid = SerializeSafetensors(
-      {{"w_out.weight", at::arange(24, at::kFloat).view({4, 6})},
-       {"w_out.bias", at::arange(4, at::kBFloat16)},
-       {"norm.weight", at::ones({6}, at::kHalf)}},
-      {{"format", "pt"}});
+  absl::StatusOr<std::string> valid =
+      SerializeSafetensors({{"w_out.weight", at::arange(24, at::kFloat).view({4, 6})},
+                            {"w_out.bias", at::arange(4, at::kBFloat16)},
+                            {"norm.weight", at::ones({6}, at::kHalf)}},
+                           {{"format", "pt"}});
   ASSERT_TRUE(valid.ok());
   std::mt19937_64 rng(20261128);
   int parsed = 0;
@@ -396,9 +396,15 @@ TEST(SafetensorsTest, RandomCorruptionsNeverCrash) {
     for (int e = 0; e < edits; ++e) {
       const size_t at = rng() % bytes.size();
       switch (rng() % 3) {
-        case 0: bytes[at] = static_cast<char>(rng()); break;             // flip a byte
-        case 1: bytes.resize(at); break;                                  // truncate
-        case 2: bytes.insert(at, 1, "{}[]\",:0-9e"[rng() % 11]); break;  // insert JSON-ish
+        case 0:
+          bytes[at] = static_cast<char>(rng());
+          break;  // flip a byte
+        case 1:
+          bytes.resize(at);
+          break;  // truncate
+        case 2:
+          bytes.insert(at, 1, "{}[]\",:0-9e"[rng() % 11]);
+          break;  // insert JSON-ish
       }
       if (bytes.empty()) break;
     }

@@ -19,8 +19,9 @@ TEST(CatchTorchErrorsTest, ShapeErrorBecomesInvalidArgumentWithoutBacktrace) {
 }
 
 TEST(CatchTorchErrorsTest, ValuePassesThrough) {
-  absl::StatusOr<int64_t> result =
-      CatchTorchErrors([]() -> absl::StatusOr<int64_t> { return at::ones({3, 4}).numel(); });
+  absl::StatusOr<int64_t> result = CatchTorchErrors([]() -> absl::StatusOr<int64_t> {
+    return at::ones({3, 4}).numel();
+  });
   ASSERT_TRUE(result.ok());
   EXPECT_EQ(*result, 12);
 }

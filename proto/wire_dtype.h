@@ -12,11 +12,15 @@ namespace lmhead {
 inline int64_t ElementSize(v1::DataType dtype) {
   switch (dtype) {
     case v1::DATA_TYPE_BF16:
-    case v1::DATA_TYPE_FP16: return 2;
+    case v1::DATA_TYPE_FP16:
+      return 2;
     case v1::DATA_TYPE_FP32:
-    case v1::DATA_TYPE_INT32: return 4;
-    case v1::DATA_TYPE_INT64: return 8;
-    default: return 0;
+    case v1::DATA_TYPE_INT32:
+      return 4;
+    case v1::DATA_TYPE_INT64:
+      return 8;
+    default:
+      return 0;
   }
 }
 

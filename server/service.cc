@@ -36,10 +36,14 @@ absl::Status Invalid(absl::string_view field, absl::string_view message) {
 
 absl::StatusOr<std::optional<DType>> ParamDTypeFromWire(int value, absl::string_view field) {
   switch (value) {
-    case v1::DATA_TYPE_UNSPECIFIED: return std::optional<DType>();
-    case v1::DATA_TYPE_BF16: return std::optional<DType>(DType::kBFloat16);
-    case v1::DATA_TYPE_FP16: return std::optional<DType>(DType::kFloat16);
-    case v1::DATA_TYPE_FP32: return std::optional<DType>(DType::kFloat32);
+    case v1::DATA_TYPE_UNSPECIFIED:
+      return std::optional<DType>();
+    case v1::DATA_TYPE_BF16:
+      return std::optional<DType>(DType::kBFloat16);
+    case v1::DATA_TYPE_FP16:
+      return std::optional<DType>(DType::kFloat16);
+    case v1::DATA_TYPE_FP32:
+      return std::optional<DType>(DType::kFloat32);
     default:
       return Invalid(
           field, absl::StrCat("expected BF16, FP16 or FP32 (or unset), got ", DataTypeName(value)));
@@ -49,44 +53,63 @@ absl::StatusOr<std::optional<DType>> ParamDTypeFromWire(int value, absl::string_
 absl::StatusOr<std::optional<LayerNormType>> LayerNormTypeFromWire(int value,
                                                                    absl::string_view field) {
   switch (value) {
-    case v1::LAYER_NORM_TYPE_UNSPECIFIED: return std::optional<LayerNormType>();
-    case v1::LAYER_NORM_TYPE_DEFAULT: return std::optional(LayerNormType::kDefault);
-    case v1::LAYER_NORM_TYPE_RMS: return std::optional(LayerNormType::kRms);
-    case v1::LAYER_NORM_TYPE_QWEN_RMS: return std::optional(LayerNormType::kQwenRms);
-    case v1::LAYER_NORM_TYPE_CUTE_RMS: return std::optional(LayerNormType::kCuteRms);
-    case v1::LAYER_NORM_TYPE_FUSED_RMS: return std::optional(LayerNormType::kFusedRms);
-    case v1::LAYER_NORM_TYPE_L2_NORM: return std::optional(LayerNormType::kL2Norm);
-    default: return Invalid(field, absl::StrCat("unknown LayerNormType value ", value));
+    case v1::LAYER_NORM_TYPE_UNSPECIFIED:
+      return std::optional<LayerNormType>();
+    case v1::LAYER_NORM_TYPE_DEFAULT:
+      return std::optional(LayerNormType::kDefault);
+    case v1::LAYER_NORM_TYPE_RMS:
+      return std::optional(LayerNormType::kRms);
+    case v1::LAYER_NORM_TYPE_QWEN_RMS:
+      return std::optional(LayerNormType::kQwenRms);
+    case v1::LAYER_NORM_TYPE_CUTE_RMS:
+      return std::optional(LayerNormType::kCuteRms);
+    case v1::LAYER_NORM_TYPE_FUSED_RMS:
+      return std::optional(LayerNormType::kFusedRms);
+    case v1::LAYER_NORM_TYPE_L2_NORM:
+      return std::optional(LayerNormType::kL2Norm);
+    default:
+      return Invalid(field, absl::StrCat("unknown LayerNormType value ", value));
   }
 }
 
 absl::StatusOr<std::optional<LMHeadType>> HeadTypeFromWire(int value, absl::string_view field) {
   switch (value) {
-    case v1::HEAD_TYPE_UNSPECIFIED: return std::optional<LMHeadType>();
-    case v1::HEAD_TYPE_DEFAULT: return std::optional(LMHeadType::kDefault);
-    case v1::HEAD_TYPE_NORMALIZED: return std::optional(LMHeadType::kNormalized);
-    default: return Invalid(field, absl::StrCat("unknown HeadType value ", value));
+    case v1::HEAD_TYPE_UNSPECIFIED:
+      return std::optional<LMHeadType>();
+    case v1::HEAD_TYPE_DEFAULT:
+      return std::optional(LMHeadType::kDefault);
+    case v1::HEAD_TYPE_NORMALIZED:
+      return std::optional(LMHeadType::kNormalized);
+    default:
+      return Invalid(field, absl::StrCat("unknown HeadType value ", value));
   }
 }
 
 absl::StatusOr<std::optional<LossImplementation>> LossImplementationFromWire(
     int value, absl::string_view field) {
   switch (value) {
-    case v1::LOSS_IMPLEMENTATION_UNSPECIFIED: return std::optional<LossImplementation>();
-    case v1::LOSS_IMPLEMENTATION_DEFAULT: return std::optional(LossImplementation::kDefault);
+    case v1::LOSS_IMPLEMENTATION_UNSPECIFIED:
+      return std::optional<LossImplementation>();
+    case v1::LOSS_IMPLEMENTATION_DEFAULT:
+      return std::optional(LossImplementation::kDefault);
     case v1::LOSS_IMPLEMENTATION_FUSED_LINEAR:
       return std::optional(LossImplementation::kFusedLinear);
-    default: return Invalid(field, absl::StrCat("unknown LossImplementation value ", value));
+    default:
+      return Invalid(field, absl::StrCat("unknown LossImplementation value ", value));
   }
 }
 
 absl::StatusOr<LossReduction> LossReductionFromWire(int value, absl::string_view field) {
   switch (value) {
     case v1::LOSS_REDUCTION_UNSPECIFIED:
-    case v1::LOSS_REDUCTION_MEAN: return LossReduction::kMean;
-    case v1::LOSS_REDUCTION_SUM: return LossReduction::kSum;
-    case v1::LOSS_REDUCTION_NONE: return LossReduction::kNone;
-    default: return Invalid(field, absl::StrCat("unknown LossReduction value ", value));
+    case v1::LOSS_REDUCTION_MEAN:
+      return LossReduction::kMean;
+    case v1::LOSS_REDUCTION_SUM:
+      return LossReduction::kSum;
+    case v1::LOSS_REDUCTION_NONE:
+      return LossReduction::kNone;
+    default:
+      return Invalid(field, absl::StrCat("unknown LossReduction value ", value));
   }
 }
 
@@ -94,9 +117,12 @@ absl::StatusOr<LossReduction> LossReductionFromWire(int value, absl::string_view
 
 v1::DataType ToWire(DType dtype) {
   switch (dtype) {
-    case DType::kBFloat16: return v1::DATA_TYPE_BF16;
-    case DType::kFloat16: return v1::DATA_TYPE_FP16;
-    case DType::kFloat32: return v1::DATA_TYPE_FP32;
+    case DType::kBFloat16:
+      return v1::DATA_TYPE_BF16;
+    case DType::kFloat16:
+      return v1::DATA_TYPE_FP16;
+    case DType::kFloat32:
+      return v1::DATA_TYPE_FP32;
   }
   return v1::DATA_TYPE_UNSPECIFIED;
 }

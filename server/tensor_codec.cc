@@ -17,12 +17,18 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 
 c10::ScalarType ScalarTypeOf(v1::DataType dtype) {
   switch (dtype) {
-    case v1::DATA_TYPE_BF16: return c10::ScalarType::BFloat16;
-    case v1::DATA_TYPE_FP16: return c10::ScalarType::Half;
-    case v1::DATA_TYPE_FP32: return c10::ScalarType::Float;
-    case v1::DATA_TYPE_INT32: return c10::ScalarType::Int;
-    case v1::DATA_TYPE_INT64: return c10::ScalarType::Long;
-    default: return c10::ScalarType::Undefined;
+    case v1::DATA_TYPE_BF16:
+      return c10::ScalarType::BFloat16;
+    case v1::DATA_TYPE_FP16:
+      return c10::ScalarType::Half;
+    case v1::DATA_TYPE_FP32:
+      return c10::ScalarType::Float;
+    case v1::DATA_TYPE_INT32:
+      return c10::ScalarType::Int;
+    case v1::DATA_TYPE_INT64:
+      return c10::ScalarType::Long;
+    default:
+      return c10::ScalarType::Undefined;
   }
 }
 
@@ -34,24 +40,37 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 
 std::string DataTypeName(int dtype) {
   switch (dtype) {
-    case v1::DATA_TYPE_BF16: return "BF16";
-    case v1::DATA_TYPE_FP16: return "FP16";
-    case v1::DATA_TYPE_FP32: return "FP32";
-    case v1::DATA_TYPE_INT32: return "INT32";
-    case v1::DATA_TYPE_INT64: return "INT64";
-    case v1::DATA_TYPE_UNSPECIFIED: return "DATA_TYPE_UNSPECIFIED";
-    default: return absl::StrCat("unknown value ", dtype);
+    case v1::DATA_TYPE_BF16:
+      return "BF16";
+    case v1::DATA_TYPE_FP16:
+      return "FP16";
+    case v1::DATA_TYPE_FP32:
+      return "FP32";
+    case v1::DATA_TYPE_INT32:
+      return "INT32";
+    case v1::DATA_TYPE_INT64:
+      return "INT64";
+    case v1::DATA_TYPE_UNSPECIFIED:
+      return "DATA_TYPE_UNSPECIFIED";
+    default:
+      return absl::StrCat("unknown value ", dtype);
   }
 }
 
 v1::DataType DataTypeOf(c10::ScalarType type) {
   switch (type) {
-    case c10::ScalarType::BFloat16: return v1::DATA_TYPE_BF16;
-    case c10::ScalarType::Half: return v1::DATA_TYPE_FP16;
-    case c10::ScalarType::Float: return v1::DATA_TYPE_FP32;
-    case c10::ScalarType::Int: return v1::DATA_TYPE_INT32;
-    case c10::ScalarType::Long: return v1::DATA_TYPE_INT64;
-    default: return v1::DATA_TYPE_UNSPECIFIED;
+    case c10::ScalarType::BFloat16:
+      return v1::DATA_TYPE_BF16;
+    case c10::ScalarType::Half:
+      return v1::DATA_TYPE_FP16;
+    case c10::ScalarType::Float:
+      return v1::DATA_TYPE_FP32;
+    case c10::ScalarType::Int:
+      return v1::DATA_TYPE_INT32;
+    case c10::ScalarType::Long:
+      return v1::DATA_TYPE_INT64;
+    default:
+      return v1::DATA_TYPE_UNSPECIFIED;
   }
 }
 

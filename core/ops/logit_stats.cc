@@ -25,10 +25,17 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
               "per-token statistics must be contiguous");
   cuda::LogitType type = cuda::LogitType::kFloat32;
   switch (logits.scalar_type()) {
-    case at::kFloat: type = cuda::LogitType::kFloat32; break;
-    case at::kBFloat16: type = cuda::LogitType::kBFloat16; break;
-    case at::kHalf: type = cuda::LogitType::kFloat16; break;
-    default: TORCH_CHECK(false, "unsupported logit dtype ", logits.scalar_type());
+    case at::kFloat:
+      type = cuda::LogitType::kFloat32;
+      break;
+    case at::kBFloat16:
+      type = cuda::LogitType::kBFloat16;
+      break;
+    case at::kHalf:
+      type = cuda::LogitType::kFloat16;
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported logit dtype ", logits.scalar_type());
   }
   C10_CUDA_CHECK(cuda::AccumulateLogitStats(
       logits.data_ptr(), type, logits.size(0), logits.size(1), logits.stride(0), col0,
@@ -79,9 +86,8 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
       const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
       if (between_chunks) between_chunks();
       const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
-      const at::Tensor logits = bias.defined()
-                                    ? at::addmm(bias.narrow(0, v0, cols), h_rows, w_cols)
-                                    : at::mm(h_rows, w_cols);
+      const at::Tensor logits = bias.defined() ? at::addmm(bias.narrow(0, v0, cols), h_rows, w_cols)
+                                               : at::mm(h_rows, w_cols);
       AccumulateLogitStats(logits, v0, labels_rows, lse_rows, label_logit_rows);
     }
   }

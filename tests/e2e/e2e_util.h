@@ -14,23 +14,35 @@ namespace lmhead {
 
 inline v1::DataType WireType(c10::ScalarType type) {
   switch (type) {
-    case at::kBFloat16: return v1::DATA_TYPE_BF16;
-    case at::kHalf: return v1::DATA_TYPE_FP16;
-    case at::kFloat: return v1::DATA_TYPE_FP32;
-    case at::kInt: return v1::DATA_TYPE_INT32;
-    case at::kLong: return v1::DATA_TYPE_INT64;
-    default: return v1::DATA_TYPE_UNSPECIFIED;
+    case at::kBFloat16:
+      return v1::DATA_TYPE_BF16;
+    case at::kHalf:
+      return v1::DATA_TYPE_FP16;
+    case at::kFloat:
+      return v1::DATA_TYPE_FP32;
+    case at::kInt:
+      return v1::DATA_TYPE_INT32;
+    case at::kLong:
+      return v1::DATA_TYPE_INT64;
+    default:
+      return v1::DATA_TYPE_UNSPECIFIED;
   }
 }
 
 inline c10::ScalarType TorchType(int type) {
   switch (type) {
-    case v1::DATA_TYPE_BF16: return at::kBFloat16;
-    case v1::DATA_TYPE_FP16: return at::kHalf;
-    case v1::DATA_TYPE_FP32: return at::kFloat;
-    case v1::DATA_TYPE_INT32: return at::kInt;
-    case v1::DATA_TYPE_INT64: return at::kLong;
-    default: return at::kFloat;
+    case v1::DATA_TYPE_BF16:
+      return at::kBFloat16;
+    case v1::DATA_TYPE_FP16:
+      return at::kHalf;
+    case v1::DATA_TYPE_FP32:
+      return at::kFloat;
+    case v1::DATA_TYPE_INT32:
+      return at::kInt;
+    case v1::DATA_TYPE_INT64:
+      return at::kLong;
+    default:
+      return at::kFloat;
   }
 }
 

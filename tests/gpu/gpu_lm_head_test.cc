@@ -57,7 +57,8 @@ std::vector<Case> Grid() {
     }
   }
   // N = 1.
-  cases.push_back({DType::kBFloat16, 50304, 1, 1, LossReduction::kSum, 1e-4, 0, 0, 128 << 20, false});
+  cases.push_back(
+      {DType::kBFloat16, 50304, 1, 1, LossReduction::kSum, 1e-4, 0, 0, 128 << 20, false});
   return cases;
 }
 
@@ -71,8 +72,8 @@ Reference Fp64(const at::Tensor& logits2d, const at::Tensor& labels1d, int64_t i
   const at::Tensor valid = y.ne(ignore_index);
   const at::Tensor safe = at::where(valid, y, at::zeros_like(y));
   const at::Tensor lse = at::logsumexp(l, {1});
-  const at::Tensor ce = at::where(valid, lse - l.gather(1, safe.unsqueeze(1)).squeeze(1),
-                                  at::zeros_like(lse));
+  const at::Tensor ce =
+      at::where(valid, lse - l.gather(1, safe.unsqueeze(1)).squeeze(1), at::zeros_like(lse));
   return {ce, lse, valid};
 }
 
@@ -140,8 +141,8 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
     at::Tensor kept_labels = labels;
     if (c.keep == 1) kept_labels = labels.slice(1, std::min<int64_t>(3, c.seq));  // [3:]
     if (c.keep == 2) kept_labels = labels.gather(1, std::get<at::Tensor>(options.logits_to_keep));
-    const Reference ref = Fp64(logits->logits->reshape({-1, c.vocab}),
-                               kept_labels.reshape({-1}), -100);
+    const Reference ref =
+        Fp64(logits->logits->reshape({-1, c.vocab}), kept_labels.reshape({-1}), -100);
     ASSERT_EQ(ref.ce.size(0), c.batch * kept);
 
     // Per-token loss against fp64 over the same logits: the epilogue is exact to fp32 rounding.

@@ -11,8 +11,7 @@ void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tens
   lse.copy_(at::logaddexp(lse, at::logsumexp(logits_fp32, {1})));
   const at::Tensor in_chunk = safe_labels.ge(col0).logical_and(safe_labels.lt(col0 + cols));
   const at::Tensor column = (safe_labels - col0).clamp(0, cols - 1).unsqueeze(1);
-  label_logit.copy_(
-      at::where(in_chunk, logits_fp32.gather(1, column).squeeze(1), label_logit));
+  label_logit.copy_(at::where(in_chunk, logits_fp32.gather(1, column).squeeze(1), label_logit));
 }
 
 }  // namespace lmhead::cpu

@@ -60,9 +60,8 @@ constexpr int kWarps = kThreads / 32;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     AccumulateLogitStatsKernel(const T* __restrict__ logits, int64_t rows, int64_t cols,
-                               int64_t row_stride, int64_t col0,
-                               const int64_t* __restrict__ labels, float* __restrict__ lse,
-                               float* __restrict__ label_logit) {
+                               int64_t row_stride, int64_t col0, const int64_t* __restrict__ labels,
+                               float* __restrict__ lse, float* __restrict__ label_logit) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= rows) return;
@@ -109,17 +108,15 @@ __global__ void __launch_bounds__(kThreads)
     const float chunk_lse = state.m == -INFINITY ? -INFINITY : state.m + __logf(state.s);
     const float old = lse[row];
     const float hi = fmaxf(old, chunk_lse);
-    lse[row] = hi == -INFINITY ? -INFINITY
-                               : hi + log1pf(__expf(fminf(old, chunk_lse) - hi));
+    lse[row] = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(fminf(old, chunk_lse) - hi));
     const int64_t column = labels[row] - col0;
     if (column >= 0 && column < cols) label_logit[row] = ToFloat(x[column]);
   }
 }
 
 template <typename T>
-cudaError_t Launch(const void* logits, int64_t rows, int64_t cols, int64_t row_stride,
-                   int64_t col0, const int64_t* labels, float* lse, float* label_logit,
-                   cudaStream_t stream) {
+cudaError_t Launch(const void* logits, int64_t rows, int64_t cols, int64_t row_stride, int64_t col0,
+                   const int64_t* labels, float* lse, float* label_logit, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const auto blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
   AccumulateLogitStatsKernel<T><<<blocks, kThreads, 0, stream>>>(
@@ -136,11 +133,10 @@ cudaError_t AccumulateLogitStats(const void* logits, LogitType type, int64_t row
     case LogitType::kFloat32:
       return Launch<float>(logits, rows, cols, row_stride, col0, labels, lse, label_logit, stream);
     case LogitType::kBFloat16:
-      return Launch<__nv_bfloat16>(logits, rows, cols, row_stride, col0, labels, lse,
-                                   label_logit, stream);
+      return Launch<__nv_bfloat16>(logits, rows, cols, row_stride, col0, labels, lse, label_logit,
+                                   stream);
     case LogitType::kFloat16:
-      return Launch<__half>(logits, rows, cols, row_stride, col0, labels, lse, label_logit,
-                            stream);
+      return Launch<__half>(logits, rows, cols, row_stride, col0, labels, lse, label_logit, stream);
   }
   return cudaErrorInvalidValue;
 }
