@@ -10,7 +10,7 @@ packages=(
   bazel-bootstrap bazel-platforms bazel-rules-java pkg-config
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev
-  nlohmann-json3-dev python3-venv
+  nlohmann-json3-dev python3-venv clang-format
 )
 missing=()
 for p in "${packages[@]}"; do

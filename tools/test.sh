@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test that needs no GPU. Installs what is missing first (tools/setup.sh).
+#  0. Every C++/CUDA source is formatted as .clang-format says.
 #  1. Bazel: unit tests, and the end-to-end tests of the real server and CLI over loopback.
 #  2. The CUDA sources and GPU tests must keep compiling (they run on the GPU machine only).
 #  3. The parity suite: our core against the real olmo_core package.
@@ -9,6 +10,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 venv=$(tools/setup.sh | tail -n 1)
+
+git ls-files -z '*.cc' '*.h' '*.cu' ':!bazel/' | xargs -0 clang-format --dry-run --Werror
 
 bazel test //...
 bazel build --config=cuda //core/... //tests/gpu:all //bench:gpu_lm_head_bench
