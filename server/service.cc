@@ -278,10 +278,10 @@ absl::StatusOr<Plan> PlanForward(const ModelRegistry& registry, const Options& l
   if (wire.has_z_loss_multiplier()) options.z_loss_multiplier = wire.z_loss_multiplier();
   if (wire.has_return_logits()) options.return_logits = wire.return_logits();
   if (wire.has_fused_chunk_bytes()) {
-    if (wire.fused_chunk_bytes() <= 0) {
-      return Invalid(
-          "options.fused_chunk_bytes",
-          absl::StrCat("expected a positive byte count, got ", wire.fused_chunk_bytes()));
+    if (wire.fused_chunk_bytes() < 0) {
+      return Invalid("options.fused_chunk_bytes",
+                     absl::StrCat("expected a positive byte count (or 0 for the default), got ",
+                                  wire.fused_chunk_bytes()));
     }
     options.fused_chunk_bytes = wire.fused_chunk_bytes();
   }

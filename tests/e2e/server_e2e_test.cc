@@ -515,8 +515,8 @@ TEST_F(ServerTest, BadInputMatrixGetsExactCodesAndTheServerKeepsServing) {
        [](v1::ForwardRequest* r) { r->mutable_config()->set_dtype(v1::DATA_TYPE_INT32); }, kInvalid,
        "config.dtype: expected BF16, FP16 or FP32 (or unset), got INT32"},
       {"non-positive fused chunk",
-       [](v1::ForwardRequest* r) { r->mutable_options()->set_fused_chunk_bytes(0); }, kInvalid,
-       "options.fused_chunk_bytes: expected a positive byte count, got 0"},
+       [](v1::ForwardRequest* r) { r->mutable_options()->set_fused_chunk_bytes(-1); }, kInvalid,
+       "options.fused_chunk_bytes: expected a positive byte count (or 0 for the default), got -1"},
       {"return_logits false without labels",
        [](v1::ForwardRequest* r) {
          r->clear_labels();
