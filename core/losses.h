@@ -37,7 +37,8 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
 // logit and z = s * lse^2 with s = EffectiveZLossMultiplier (added to `loss` even when no
 // multiplier is given, as upstream); ignored rows are 0; "mean" divides each row by the number
 // of valid tokens (0 valid tokens gives 0). z_loss is in the input dtype; ce_loss = loss - z_loss
-// when a multiplier is given, else loss. May throw c10::Error.
+// when a multiplier is given, else loss. `between_chunks`, when set, runs before each chunk and
+// may throw to abandon the work. May throw c10::Error.
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
                           std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
