@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "core/dtype.h"
 #include "core/layer_norm.h"
+#include "core/losses.h"
 #include "core/torch_errors.h"
 
 namespace lmhead {

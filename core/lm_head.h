@@ -20,7 +20,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/config.h"
-#include "core/losses.h"
 
 namespace lmhead {
 
