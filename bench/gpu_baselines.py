@@ -11,36 +11,46 @@ import sys
 import torch
 
 
-def measure(fn, reps):
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        fn()
-        fn()
+def measure_interleaved(fns, rounds):
+    """Times implementations of one shape under the same conditions, as gpu_lm_head_bench does:
+    each is warmed up alone (2 runs, giving its peak extra memory), then the timed runs alternate,
+    one run of each per round. Returns (median ms, min ms, max ms, peak MB) or None (OOM) each."""
+    peaks, times = [], [[] for _ in fns]
+    for fn in fns:
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - before) / 1e6
-        times = []
-        for _ in range(reps):
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            fn()
+            fn()
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - before) / 1e6)
+        except torch.OutOfMemoryError:
+            peaks.append(None)
+        torch.cuda.empty_cache()
+    for _ in range(rounds):
+        for fn, peak, ms in zip(fns, peaks, times):
+            if peak is None:
+                continue
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             stop.record()
             stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        times.sort()
-        return times[len(times) // 2], peak
-    except torch.OutOfMemoryError:
-        return None, None
-    finally:
-        torch.cuda.empty_cache()
+            ms.append(start.elapsed_time(stop))
+    torch.cuda.empty_cache()
+    results = []
+    for peak, ms in zip(peaks, times):
+        ms.sort()
+        results.append(None if peak is None else (ms[len(ms) // 2], ms[0], ms[-1], peak))
+    return results
 
 
 def main():
     quick = "--quick" in sys.argv
     print(f"card: {torch.cuda.get_device_name(0)}\n")
-    print("| d | V | N | impl | ms | TFLOP/s | peak extra MB | ratio to cublas |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| d | V | N | impl | ms (median) | min–max ms | TFLOP/s | peak extra MB | ratio to cublas |")
+    print("|---|---|---|---|---|---|---|---|---|")
     impls = {}
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import (
@@ -63,7 +73,7 @@ def main():
     except Exception as e:  # noqa: BLE001
         print(f"cut-cross-entropy unavailable: {e}", file=sys.stderr)
 
-    reps = 5 if quick else 10
+    rounds = 5 if quick else 15
     for d in (2048, 4096):
         for v in (128256,) if quick else (100352, 128256, 256000):
             w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -72,17 +82,23 @@ def main():
                 y = torch.randint(v, (n,), device="cuda")
                 flops = 2.0 * n * d * v
                 out = torch.empty(n, v, device="cuda", dtype=torch.bfloat16)
-                base, peak = measure(lambda: torch.mm(x, w.t(), out=out), reps)
+                names = ["cublas(py)", *impls]
+                fns = [lambda: torch.mm(x, w.t(), out=out)]
+                fns += [lambda fn=fn: fn(x, w, y) for fn in impls.values()]
+                with torch.no_grad():
+                    results = measure_interleaved(fns, rounds)
                 del out
-                print(f"| {d} | {v} | {n} | cublas(py) | {base:.2f} | {flops / base / 1e9:.0f} | {peak:.0f} | x1.000 |")
-                for name, fn in impls.items():
-                    with torch.no_grad():
-                        ms, peak = measure(lambda: fn(x, w, y), reps)
-                    if ms is None:
-                        print(f"| {d} | {v} | {n} | {name} | failed (OOM) | | | |")
-                    else:
-                        print(f"| {d} | {v} | {n} | {name} | {ms:.2f} | {flops / ms / 1e9:.0f} | {peak:.0f} | x{ms / base:.3f} |")
-                    sys.stdout.flush()
+                base = results[0][0]
+                for name, result in zip(names, results):
+                    if result is None:
+                        print(f"| {d} | {v} | {n} | {name} | failed (OOM) | | | | |")
+                        continue
+                    ms, lo, hi, peak = result
+                    print(
+                        f"| {d} | {v} | {n} | {name} | {ms:.2f} | {lo:.2f}–{hi:.2f} | "
+                        f"{flops / ms / 1e9:.0f} | {peak:.0f} | x{ms / base:.3f} |"
+                    )
+                sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 // GPU benchmark (issue 4): for bf16 LM-head shapes, the time and peak extra device memory of
 //   cublas  x @ W^T alone (at::mm into a preallocated output), the floor for any forward;
 //   eager   PyTorch eager: bf16 matmul -> fp32 -> logsumexp and label gather;
-//   ours    LMHead fused_linear forward (reduction sum, z-loss on);
+//   ours    LMHead fused_linear forward (reduction sum, z-loss on, labels on the host);
 // all measured in this process, with ours/cublas printed as `fused/cublas=<ratio>`.
 // bench/gpu_baselines.py measures Liger-Kernel and Cut Cross-Entropy the same way.
 //
@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,6 +29,8 @@ namespace {
 
 struct Timing {
   double median_ms = 0;
+  double min_ms = 0;
+  double max_ms = 0;
   double peak_extra_mb = 0;
   bool oom = false;
 };
@@ -42,59 +46,110 @@ int64_t PeakBytes() {
       .peak;
 }
 
-// Median over `reps` timed runs (CUDA events on the current stream) after 2 warm-up runs.
-Timing Measure(const std::function<void()>& fn, int reps) {
-  Timing t;
-  try {
-    c10::cuda::device_synchronize();
-    const int64_t before = AllocatedBytes();
-    c10::cuda::CUDACachingAllocator::resetPeakStats(0);
-    fn();
-    fn();
-    c10::cuda::device_synchronize();
-    t.peak_extra_mb = (PeakBytes() - before) / 1e6;
-    std::vector<double> ms;
-    for (int i = 0; i < reps; ++i) {
-      at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-      start.record();
-      fn();
-      stop.record();
-      stop.synchronize();
-      ms.push_back(start.elapsed_time(stop));
+// Times implementations of one shape under the same conditions. Each is warmed up alone (2 runs,
+// which also give its peak extra memory); then the timed runs alternate, one run of each per
+// round for `rounds` rounds, so that the card's clock and power changes during the measurement
+// reach all of them alike. Median, min and max of each from CUDA events on the current stream.
+std::vector<Timing> MeasureInterleaved(const std::vector<std::function<void()>>& fns, int rounds) {
+  std::vector<Timing> timings(fns.size());
+  std::vector<std::vector<double>> ms(fns.size());
+  const auto guarded = [&](size_t i, const std::function<void()>& step) {
+    if (timings[i].oom) return;
+    try {
+      step();
+    } catch (const std::exception& e) {  // out of memory, reported by LibTorch or by our Status
+      std::fprintf(stderr, "failed: %.200s\n", e.what());
+      timings[i].oom = true;
     }
-    std::sort(ms.begin(), ms.end());
-    t.median_ms = ms[ms.size() / 2];
-  } catch (const std::exception& e) {  // out of memory, reported by LibTorch or by our Status
-    std::fprintf(stderr, "failed: %.200s\n", e.what());
-    t.oom = true;
+  };
+  for (size_t i = 0; i < fns.size(); ++i) {
+    guarded(i, [&] {
+      c10::cuda::device_synchronize();
+      const int64_t before = AllocatedBytes();
+      c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+      fns[i]();
+      fns[i]();
+      c10::cuda::device_synchronize();
+      timings[i].peak_extra_mb = (PeakBytes() - before) / 1e6;
+    });
+  }
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t i = 0; i < fns.size(); ++i) {
+      guarded(i, [&] {
+        at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+        start.record();
+        fns[i]();
+        stop.record();
+        stop.synchronize();
+        ms[i].push_back(start.elapsed_time(stop));
+      });
+    }
+  }
+  for (size_t i = 0; i < fns.size(); ++i) {
+    if (timings[i].oom) continue;
+    std::sort(ms[i].begin(), ms[i].end());
+    timings[i].median_ms = ms[i][ms[i].size() / 2];
+    timings[i].min_ms = ms[i].front();
+    timings[i].max_ms = ms[i].back();
   }
   c10::cuda::CUDACachingAllocator::emptyCache();
-  return t;
+  return timings;
+}
+
+Timing Measure(const std::function<void()>& fn, int reps) {
+  return MeasureInterleaved({fn}, reps)[0];
 }
 
 void Row(const char* impl, int64_t d, int64_t v, int64_t n, const Timing& t, double flops,
          double cublas_ms) {
   if (t.oom) {
-    std::printf("| %d | %lld | %lld | %s | failed (OOM) | | | |\n", static_cast<int>(d),
+    std::printf("| %d | %lld | %lld | %s | failed (OOM) | | | | |\n", static_cast<int>(d),
                 static_cast<long long>(v), static_cast<long long>(n), impl);
     return;
   }
-  std::printf("| %d | %lld | %lld | %s | %.2f | %.0f | %.0f | %s%.3f |\n", static_cast<int>(d),
-              static_cast<long long>(v), static_cast<long long>(n), impl, t.median_ms,
-              flops / (t.median_ms * 1e-3) / 1e12, t.peak_extra_mb,
+  std::printf("| %d | %lld | %lld | %s | %.2f | %.2f–%.2f | %.0f | %.0f | %s%.3f |\n",
+              static_cast<int>(d), static_cast<long long>(v), static_cast<long long>(n), impl,
+              t.median_ms, t.min_ms, t.max_ms, flops / (t.median_ms * 1e-3) / 1e12, t.peak_extra_mb,
               std::string(impl) == "ours" ? "fused/cublas=" : "x", t.median_ms / cublas_ms);
   std::fflush(stdout);
 }
 
-// Where ours spends its time at one shape: the chunked GEMMs alone, the epilogue alone over
-// the same chunks, and the whole forward.
-void Breakdown(int64_t d, int64_t v, int64_t n, int reps) {
+// A bf16 LMHead without bias or norm using fused_linear, random weights, on cuda:0; exits on
+// failure.
+std::unique_ptr<LMHead> BenchHead(int64_t d, int64_t v) {
+  LMHeadConfig config;
+  config.dtype = DType::kBFloat16;
+  config.bias = false;
+  config.loss_implementation = LossImplementation::kFusedLinear;
+  auto head = LMHead::Build(config, d, v, "cuda:0", 0);
+  if (!head.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(head.status().message()).c_str());
+    std::exit(1);
+  }
+  return std::move(*head);
+}
+
+// The forward being measured: reduction sum, z-loss on, labels as given.
+void ForwardOrThrow(const LMHead& head, const at::Tensor& x, const at::Tensor& labels) {
+  ForwardOptions options;
+  options.labels = labels;
+  options.loss_reduction = LossReduction::kSum;
+  options.z_loss_multiplier = 1e-4;
+  auto result = head.Forward(x, options);
+  if (!result.ok()) throw std::runtime_error(std::string(result.status().message()));
+}
+
+// Where ours spends its time at one shape, measured interleaved: one GEMM over everything (its
+// output allocated), the GEMMs over chunks of `chunk` alone, the epilogue alone over the same
+// chunks, and the whole forward with its labels on the device and on the host (pinned).
+void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, int reps) {
   const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const std::unique_ptr<LMHead> head = BenchHead(d, v);
+  const at::Tensor w = head->NamedParameters()[0].second;
   const at::Tensor x = at::randn({n, d}, opts);
-  const at::Tensor w = at::randn({v, d}, opts) * 0.02;
   const at::Tensor labels =
       at::randint(v, {n}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
-  const FusedChunkShape chunk = FusedChunking(n, v, 2, DefaultFusedChunkBytes(x.device()));
+  const at::Tensor host_labels = labels.cpu().pin_memory();
   at::Tensor buffer = at::empty({chunk.token_rows, chunk.vocab_columns}, opts);
   at::Tensor lse = at::full({n}, -INFINITY, opts.dtype(at::kFloat));
   at::Tensor picked = at::zeros({n}, opts.dtype(at::kFloat));
@@ -107,32 +162,44 @@ void Breakdown(int64_t d, int64_t v, int64_t n, int reps) {
           }
         }
       };
-  const Timing full_gemm = Measure([&] { at::mm(x, w.t()); }, reps);
-  const Timing gemms = Measure(
-      [&] {
-        for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
-          at::Tensor out = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-          at::mm_out(out, x.narrow(0, t0, rows), w.narrow(0, v0, cols).t());
-        });
-      },
+  const std::vector<Timing> timed = MeasureInterleaved(
+      {[&] { at::mm(x, w.t()); },
+       [&] {
+         for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
+           at::Tensor out = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
+           at::mm_out(out, x.narrow(0, t0, rows), w.narrow(0, v0, cols).t());
+         });
+       },
+       [&] {
+         for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
+           at::Tensor lse_rows = lse.narrow(0, t0, rows);
+           at::Tensor picked_rows = picked.narrow(0, t0, rows);
+           AccumulateLogitStats(buffer.narrow(0, 0, rows).narrow(1, 0, cols), v0,
+                                labels.narrow(0, t0, rows), lse_rows, picked_rows);
+         });
+       },
+       [&] {
+         ForwardOrThrow(*head, x.view({1, n, d}), labels.view({1, n}));
+       },
+       [&] {
+         ForwardOrThrow(*head, x.view({1, n, d}), host_labels.view({1, n}));
+       }},
       reps);
-  const Timing epilogue = Measure(
-      [&] {
-        for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
-          at::Tensor lse_rows = lse.narrow(0, t0, rows);
-          at::Tensor picked_rows = picked.narrow(0, t0, rows);
-          AccumulateLogitStats(buffer.narrow(0, 0, rows).narrow(1, 0, cols), v0,
-                               labels.narrow(0, t0, rows), lse_rows, picked_rows);
-        });
-      },
-      reps);
+  const Timing& full_gemm = timed[0];
+  const Timing& gemms = timed[1];
+  const Timing& epilogue = timed[2];
+  const Timing& forward_device_labels = timed[3];
+  const Timing& forward_host_labels = timed[4];
   std::printf(
       "breakdown d=%lld V=%lld N=%lld chunk=%lldx%lld: full GEMM %.2f ms, chunked GEMMs %.2f ms, "
-      "epilogue %.2f ms (%.0f GB/s)\n",
+      "epilogue %.2f ms (%.0f GB/s); forward with labels on the device %.2f ms, on the host "
+      "%.2f ms (%.2f ms over GEMMs + epilogue)\n",
       static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
       static_cast<long long>(chunk.token_rows), static_cast<long long>(chunk.vocab_columns),
       full_gemm.median_ms, gemms.median_ms, epilogue.median_ms,
-      2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9);
+      2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9, forward_device_labels.median_ms,
+      forward_host_labels.median_ms,
+      forward_host_labels.median_ms - gemms.median_ms - epilogue.median_ms);
 }
 
 }  // namespace
@@ -150,41 +217,48 @@ int main(int argc, char** argv) {
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
   if (breakdown) {
-    for (int64_t d : {2048, 4096}) Breakdown(d, 128256, 8192, 10);
+    for (int64_t d : {2048, 4096}) {
+      for (int64_t v : {100352, 128256}) {
+        Breakdown(d, v, 8192, FusedChunking(8192, v, 2, DefaultFusedChunkBytes(at::kCUDA)), 15);
+      }
+    }
     return 0;
   }
-  std::printf("| d | V | N | impl | ms | TFLOP/s | peak extra MB | ratio to cublas |\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| d | V | N | impl | ms (median) | min–max ms | TFLOP/s | peak extra MB | ratio to cublas "
+      "|\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
   const std::vector<int64_t> ds = {2048, 4096};
   const std::vector<int64_t> vs =
       quick ? std::vector<int64_t>{128256} : std::vector<int64_t>{100352, 128256, 256000};
   const std::vector<int64_t> ns =
       quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 32768};
-  const int reps = quick ? 5 : 10;
+  const int reps = quick ? 5 : 15;
   const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
   for (int64_t d : ds) {
     for (int64_t v : vs) {
-      LMHeadConfig config;
-      config.dtype = DType::kBFloat16;
-      config.bias = false;
-      config.loss_implementation = LossImplementation::kFusedLinear;
-      auto head = LMHead::Build(config, d, v, "cuda:0", 0);
-      if (!head.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(head.status().message()).c_str());
-        return 1;
-      }
-      const at::Tensor w = (*head)->NamedParameters()[0].second;
+      const std::unique_ptr<LMHead> head = BenchHead(d, v);
+      const at::Tensor w = head->NamedParameters()[0].second;
       for (int64_t n : ns) {
         const double flops = 2.0 * n * d * v;
         const at::Tensor x = at::randn({1, n, d}, opts);
         const at::Tensor labels =
             at::randint(v, {1, n}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
         const at::Tensor x2 = x.view({n, d});
-        Timing cublas;
+        // cuBLAS and ours alternate run by run (MeasureInterleaved); eager, whose logits alone
+        // may not fit beside cuBLAS's output buffer, is measured on its own afterwards.
+        // Ours gets its labels on the host, pinned, as the server passes them (`--breakdown`
+        // also times them on the device, which costs a synchronisation for the range check).
+        const at::Tensor host_labels = labels.cpu().pin_memory();
+        std::vector<Timing> timed;
         {
           at::Tensor out = at::empty({n, v}, opts);
-          cublas = Measure([&] { at::mm_out(out, x2, w.t()); }, reps);
+          timed = MeasureInterleaved(
+              {[&] { at::mm_out(out, x2, w.t()); }, [&] { ForwardOrThrow(*head, x, host_labels); }},
+              reps);
         }
+        const Timing& cublas = timed[0];
+        const Timing& ours = timed[1];
         Row("cublas", d, v, n, cublas, flops, cublas.median_ms);
         const Timing eager = Measure(
             [&] {
@@ -195,16 +269,6 @@ int main(int argc, char** argv) {
             },
             reps);
         Row("eager", d, v, n, eager, flops, cublas.median_ms);
-        ForwardOptions options;
-        options.labels = labels;
-        options.loss_reduction = LossReduction::kSum;
-        options.z_loss_multiplier = 1e-4;
-        const Timing ours = Measure(
-            [&] {
-              auto out = (*head)->Forward(x, options);
-              if (!out.ok()) throw std::runtime_error(std::string(out.status().message()));
-            },
-            reps);
         Row("ours", d, v, n, ours, flops, cublas.median_ms);
       }
     }

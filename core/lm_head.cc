@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/device_copy.h"
 #include "core/dtype.h"
 #include "core/layer_norm.h"
 #include "core/losses.h"
@@ -241,11 +242,13 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptio
                                                            " ", ShapeString(positions->sizes()))
                                             : "an undefined tensor"));
     }
-    if (positions->device() != x.device()) {
-      return InvalidArgument("logits_to_keep", "must be on the same device as x");
+    if (positions->device() != x.device() && !positions->is_cpu()) {
+      return InvalidArgument("logits_to_keep",
+                             absl::StrCat("must be on x's device (", x.device().str(),
+                                          ") or on the CPU, got ", positions->device().str()));
     }
     absl::Status in_range = CatchTorchErrors([&]() -> absl::Status {
-      // One device sync on the good path; the range is computed only for the message.
+      // Free on the CPU, one device sync elsewhere; the range is computed only for the message.
       if (!positions->lt(0).logical_or(positions->ge(length)).any().item<bool>()) {
         return absl::OkStatus();
       }
@@ -274,8 +277,10 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptio
                                                        ShapeString(labels.sizes()))
                                         : "an undefined tensor"));
     }
-    if (labels.device() != x.device()) {
-      return InvalidArgument("labels", "must be on the same device as x");
+    if (labels.device() != x.device() && !labels.is_cpu()) {
+      return InvalidArgument("labels",
+                             absl::StrCat("must be on x's device (", x.device().str(),
+                                          ") or on the CPU, got ", labels.device().str()));
     }
     if (config_.name == LMHeadType::kNormalized && implementation != LossImplementation::kDefault) {
       return absl::UnimplementedError(absl::StrCat("'", Name(implementation),
@@ -295,10 +300,14 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptio
     }
     // Only the kept positions are scored, so only their labels must be valid class ids.
     absl::Status labels_ok = CatchTorchErrors([&]() -> absl::Status {
-      const at::Tensor kept = SelectPositions(labels, options.logits_to_keep);
+      std::variant<int64_t, at::Tensor> keep = options.logits_to_keep;
+      if (auto* positions = std::get_if<at::Tensor>(&keep))
+        *positions = positions->to(labels.device());
+      const at::Tensor kept = SelectPositions(labels, keep);
       const at::Tensor bad =
           kept.ne(options.ignore_index).logical_and(kept.lt(0).logical_or(kept.ge(vocab_size_)));
-      if (!bad.any().item<bool>()) return absl::OkStatus();  // one device sync
+      // Free on the CPU, one device sync elsewhere.
+      if (!bad.any().item<bool>()) return absl::OkStatus();
       const at::Tensor scored = kept.masked_select(kept.ne(options.ignore_index));
       return InvalidArgument(
           "labels",
@@ -313,7 +322,14 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptio
   }
   return CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
     c10::InferenceMode inference;
-    return ForwardChecked(x, options);
+    // Index tensors validated on the host join x on its device without a synchronisation.
+    ForwardOptions on_device = options;
+    if (on_device.labels.has_value())
+      on_device.labels = CopyToDevice(*on_device.labels, x.device());
+    if (auto* positions = std::get_if<at::Tensor>(&on_device.logits_to_keep)) {
+      *positions = CopyToDevice(*positions, x.device());
+    }
+    return ForwardChecked(x, on_device);
   });
 }
 

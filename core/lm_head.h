@@ -26,6 +26,9 @@ namespace lmhead {
 // The keyword arguments of LMHead.forward, plus two service extensions at the end.
 struct ForwardOptions {
   // (B, S) int64 target token ids; unset: return logits only.
+  // Index tensors (labels and logits_to_keep positions) may be on x's device or on the CPU. Their
+  // range check is free on the CPU, and from there they are copied to x's device without waiting
+  // for it; on a CUDA device the check costs the forward's only host synchronisation.
   std::optional<at::Tensor> labels;
   int64_t ignore_index = -100;
   LossReduction loss_reduction = LossReduction::kMean;

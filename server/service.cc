@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/config.h"
+#include "core/device_copy.h"
 #include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/torch_errors.h"
@@ -361,19 +362,10 @@ absl::StatusOr<Plan> PlanForward(const ModelRegistry& registry, const Options& l
   return plan;
 }
 
-// A decoded (CPU) tensor on `device`. For CUDA the bytes go through a pinned staging buffer
-// (LibTorch's caching host allocator keeps and reuses them) and a non-blocking copy on the
-// current stream, so the transfer runs at full PCIe speed and the host can go on decoding.
-at::Tensor ToDevice(const at::Tensor& host, const c10::Device& device) {
-  if (!device.is_cuda()) return host.to(device);
-  at::Tensor staged = at::empty(host.sizes(), host.options().pinned_memory(true));
-  staged.copy_(host);
-  return staged.to(device, /*non_blocking=*/true);
-}
-
-// The request's tensors on `device`: hidden states in the compute dtype (returned), and
-// labels, positions and a divisor tensor into plan->options. They alias the request where
-// they can. `nonfinite` receives the number of NaN/infinite hidden-state values. May throw.
+// The request's tensors: hidden states on `device` in the compute dtype (returned), and labels,
+// positions and a divisor tensor into plan->options. Labels and positions stay on the host, where
+// LMHead checks their range without a device synchronisation and copies them over. They alias
+// the request where they can. `nonfinite` receives the number of NaN/infinite hidden-state values. May throw.
 absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
                                         const c10::Device& device, Plan* plan, int64_t* nonfinite) {
   absl::StatusOr<at::Tensor> x = DecodeTensor(request.hidden_states(), kHiddenRule);
@@ -388,22 +380,22 @@ absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
   if (request.has_labels()) {
     absl::StatusOr<at::Tensor> labels = DecodeTensor(request.labels(), kLabelsRule);
     if (!labels.ok()) return labels.status();
-    options.labels = ToDevice(*labels, device).to(at::kLong);
+    options.labels = labels->to(at::kLong);
   }
   const v1::ForwardOptions& wire = request.options();
   if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions) {
     absl::StatusOr<at::Tensor> positions =
         DecodeTensor(wire.logits_to_keep_positions(), kPositionsRule);
     if (!positions.ok()) return positions.status();
-    options.logits_to_keep = ToDevice(*positions, device);
+    options.logits_to_keep = *positions;
   }
   if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
     absl::StatusOr<at::Tensor> factor = DecodeTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
     if (!factor.ok()) return factor.status();
-    options.loss_div_factor = ToDevice(*factor, device);
+    options.loss_div_factor = CopyToDevice(*factor, device);
   }
   // The dtype conversion runs after the transfer, on the device.
-  return ToDevice(*x, device).to(ToScalarType(plan->config.dtype));
+  return CopyToDevice(*x, device).to(ToScalarType(plan->config.dtype));
 }
 
 // Writes LMHead.forward's outputs and the bookkeeping fields into `response`. May throw.

@@ -130,8 +130,12 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
     options.loss_implementation = impl;
     auto g = (*gpu)->Forward(x.cuda(), to_gpu(options));
     auto h = (*cpu)->Forward(x, options);
+    // Labels and positions may also stay on the host (the server's way): the same numbers.
+    auto g_host_labels = (*gpu)->Forward(x.cuda(), options);
     ASSERT_TRUE(g.ok()) << g.status();
     ASSERT_TRUE(h.ok()) << h.status();
+    ASSERT_TRUE(g_host_labels.ok()) << g_host_labels.status();
+    EXPECT_TRUE(at::allclose(g_host_labels->loss->cpu(), g->loss->cpu(), 0, 0, /*equal_nan=*/true));
     ASSERT_EQ(g->loss->sizes(), h->loss->sizes());
     ASSERT_EQ(g->loss->scalar_type(), h->loss->scalar_type());
     ASSERT_EQ(g->z_loss.has_value(), h->z_loss.has_value());
@@ -173,6 +177,48 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Grid, GpuLMHeadTest, ::testing::ValuesIn(Grid()));
+
+// Out-of-range labels and positions get the same InvalidArgument whether they are on the host or
+// on the device, and the head keeps working afterwards.
+TEST(GpuLMHeadErrorsTest, IndexTensorsOnHostOrDevice) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  LMHeadConfig config;
+  auto gpu = LMHead::Build(config, 16, 50, "cuda:0", 1);
+  ASSERT_TRUE(gpu.ok());
+  const at::Tensor x = at::randn({2, 5, 16}).cuda();
+  for (const bool on_device : {false, true}) {
+    SCOPED_TRACE(on_device ? "index tensors on cuda:0" : "index tensors on the host");
+    const auto place = [&](at::Tensor t) { return on_device ? t.cuda() : t; };
+    for (LossImplementation impl :
+         {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+      ForwardOptions bad_labels;
+      bad_labels.loss_implementation = impl;
+      at::Tensor labels = at::randint(50, {2, 5}, at::TensorOptions(at::kLong));
+      labels[1][3] = 50;
+      bad_labels.labels = place(labels);
+      auto out = (*gpu)->Forward(x, bad_labels);
+      ASSERT_FALSE(out.ok());
+      EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_NE(out.status().message().find("labels"), std::string::npos) << out.status();
+
+      ForwardOptions bad_positions;
+      bad_positions.loss_implementation = impl;
+      bad_positions.labels = place(at::randint(50, {2, 5}, at::TensorOptions(at::kLong)));
+      bad_positions.logits_to_keep = place(at::tensor({0, 5, 1, 2}, at::kLong).view({2, 2}));
+      out = (*gpu)->Forward(x, bad_positions);
+      ASSERT_FALSE(out.ok());
+      EXPECT_NE(out.status().message().find("logits_to_keep"), std::string::npos) << out.status();
+
+      labels[1][3] = -100;
+      ForwardOptions good;
+      good.loss_implementation = impl;
+      good.labels = place(labels);
+      out = (*gpu)->Forward(x, good);
+      ASSERT_TRUE(out.ok()) << out.status();
+      EXPECT_TRUE(at::isfinite(*out->loss).item<bool>());
+    }
+  }
+}
 
 TEST(GpuLMHeadSmokeTest, SmallCaseForComputeSanitizer) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";

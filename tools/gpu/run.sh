@@ -4,6 +4,7 @@
 #
 #   tools/gpu/run.sh [test|bench|all|breakdown|server] [--quick]
 #
+# Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
@@ -15,6 +16,7 @@ out=${OUT:-/tmp/lmhead-out}
 build=/tmp/lmhead-build
 deps=/tmp/lmhead-deps
 mkdir -p "$out" "$build" "$deps"
+wants() { [[ " $what " == *" $1 "* || ($what == all && ($1 == test || $1 == bench)) ]]; }
 
 for deb in .gpu/debs/*.deb; do dpkg -x "$deb" "$deps"; done
 torch=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')
@@ -31,7 +33,7 @@ ldflags=(-Wl,--disable-new-dtags -L"$torch/lib" -Wl,-rpath,"$torch/lib" -Wl,--no
   -L"$libdir" -Wl,-rpath,"$libdir" $absl -lpthread)
 
 echo "== build ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-sources=(core/config.cc core/torch_errors.cc core/layer_norm.cc core/losses.cc core/lm_head.cc
+sources=(core/config.cc core/torch_errors.cc core/device_copy.cc core/layer_norm.cc core/losses.cc core/lm_head.cc
   core/ops/logit_stats.cc core/ops/cpu/logit_stats_cpu.cc)
 pids=()
 for src in "${sources[@]}"; do
@@ -43,13 +45,13 @@ nvcc -std=c++17 -O3 -Xcompiler -fPIC -I. -gencode=arch=compute_90a,code=sm_90a \
 g++ "${cxxflags[@]}" -c tests/gpu/gpu_lm_head_test.cc -o "$build/gpu_lm_head_test.o" & pids+=($!)
 g++ "${cxxflags[@]}" -c bench/gpu_lm_head_bench.cc -o "$build/gpu_lm_head_bench.o" & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
-objs=("$build"/{config,torch_errors,layer_norm,losses,lm_head,logit_stats,logit_stats_cpu,logit_stats_cuda}.o)
+objs=("$build"/{config,torch_errors,device_copy,layer_norm,losses,lm_head,logit_stats,logit_stats_cpu,logit_stats_cuda}.o)
 g++ -o "$build/gpu_lm_head_test" "$build/gpu_lm_head_test.o" "${objs[@]}" \
   "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
 g++ -o "$build/gpu_lm_head_bench" "$build/gpu_lm_head_bench.o" "${objs[@]}" "${ldflags[@]}"
 grep -E "registers|spill" "$out/ptxas.txt" | head -6 || true
 
-if [[ $what == test || $what == all ]]; then
+if wants test; then
   echo "== GPU tests"
   "$build/gpu_lm_head_test" > "$out/gpu_test.txt" 2>&1 && echo "gpu tests: passed" \
     || echo "gpu tests: FAILED"
@@ -59,7 +61,7 @@ if [[ $what == test || $what == all ]]; then
     --gtest_filter='GpuLMHeadSmokeTest.*' > "$out/memcheck.txt" 2>&1 \
     && echo "memcheck: clean" || { echo "memcheck: errors"; tail -30 "$out/memcheck.txt"; }
 fi
-if [[ $what == server ]]; then
+if wants server; then
   echo "== build the server and the CLI"
   # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
@@ -134,13 +136,18 @@ PY
   grep -h "micro-batch" "$out/server_big.log" | tail -3 || true
   kill -TERM $(jobs -p) 2>/dev/null; wait || true
 fi
-if [[ $what == breakdown ]]; then
+if wants breakdown; then
   "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"
 fi
-if [[ $what == bench || $what == all ]]; then
+if wants bench; then
   echo "== benchmark: ours vs cuBLAS and eager"
+  # The card's clocks, power and temperature once a second, for reading the timings.
+  nvidia-smi dmon -s pc -d 1 > "$out/gpu_clocks.txt" 2>&1 & dmon=$!
   "$build/gpu_lm_head_bench" $quick | tee "$out/gpu_bench.txt"
   echo "== benchmark: Liger-Kernel and Cut Cross-Entropy"
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lmhead-site .gpu/whl/*.whl
   PYTHONPATH=/tmp/lmhead-site python3 bench/gpu_baselines.py $quick | tee "$out/gpu_baselines.txt"
+  kill "$dmon" 2>/dev/null || true
+  echo "SM clock MHz during the benchmarks (min/median/max): $(awk '$1 !~ /#/ && NF > 5 {print $NF}' \
+    "$out/gpu_clocks.txt" | sort -n | awk '{a[NR]=$1} END {if (NR) print a[1] "/" a[int((NR+1)/2)] "/" a[NR]}')"
 fi
