@@ -365,7 +365,8 @@ absl::StatusOr<Plan> PlanForward(const ModelRegistry& registry, const Options& l
 // The request's tensors: hidden states on `device` in the compute dtype (returned), and labels,
 // positions and a divisor tensor into plan->options. Labels and positions stay on the host, where
 // LMHead checks their range without a device synchronisation and copies them over. They alias
-// the request where they can. `nonfinite` receives the number of NaN/infinite hidden-state values. May throw.
+// the request where they can. `nonfinite` receives the number of NaN/infinite hidden-state values.
+// May throw.
 absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
                                         const c10::Device& device, Plan* plan, int64_t* nonfinite) {
   absl::StatusOr<at::Tensor> x = DecodeTensor(request.hidden_states(), kHiddenRule);
