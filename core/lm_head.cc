@@ -213,7 +213,7 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
   });
 }
 
-absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptions& options) const {
+absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& options) const {
   // Every input is checked before any compute (docs/SEMANTICS.md lists where this is stricter
   // than upstream).
   if (!x.defined() || x.dim() != 3 || x.size(2) != d_model_) {
@@ -317,6 +317,11 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptio
     });
     if (!labels_ok.ok()) return labels_ok;
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptions& options) const {
+  if (absl::Status status = ValidateForward(x, options); !status.ok()) return status;
   if (options.interrupt_check) {
     if (absl::Status status = options.interrupt_check(); !status.ok()) return status;
   }

@@ -92,8 +92,13 @@ class LMHead {
   LMHead(const LMHead&) = delete;
   LMHead& operator=(const LMHead&) = delete;
 
-  // LMHead.forward(x, **options) on x of shape (B, S, d_model) in the head's dtype.
+  // LMHead.forward(x, **options) on x of shape (B, S, d_model) in the head's dtype. On CUDA it
+  // returns once the work is queued (no host synchronisation when the index tensors are on the
+  // host): reading the outputs waits for the device.
   absl::StatusOr<LMOutput> Forward(const at::Tensor& x, const ForwardOptions& options) const;
+  // The checks Forward makes before computing anything, alone: the status Forward would return
+  // for invalid inputs. Index tensors on a CUDA device cost a synchronisation here too.
+  absl::Status ValidateForward(const at::Tensor& x, const ForwardOptions& options) const;
 
   // Parameters in registration order with OLMo-core's names (spec §6). The tensors share
   // storage with the head's own.

@@ -1,8 +1,13 @@
 #include "server/service.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <chrono>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -17,6 +22,7 @@
 #include "core/torch_errors.h"
 #include "server/logging.h"
 #include "server/model_registry.h"
+#include "server/read_ahead.h"
 #include "server/status.h"
 #include "server/tensor_codec.h"
 
@@ -440,45 +446,129 @@ absl::Status CheckStillWanted(const grpc::ServerContext& context) {
   return absl::OkStatus();
 }
 
-// Everything between the wire request and a response; may throw c10::Error (RunForward
-// converts it).
-absl::Status RunForwardUnchecked(const ModelRegistry& registry, const Options& limits,
-                                 const grpc::ServerContext& context,
-                                 const v1::ForwardRequest& request, v1::ForwardResponse* response) {
-  const Clock::time_point start = Clock::now();
+// One Forward request (or stream micro-batch) between decoding and its response.
+struct PreparedForward {
+  // Streams: the message the decoded tensors may alias (unary calls keep their own).
+  std::unique_ptr<v1::ForwardRequest> owned_request;
+  Plan plan;
+  std::shared_ptr<const LMHead> head;
+  at::Tensor x;  // on the head's device, in the compute dtype
+  int64_t nonfinite = 0;
+  Clock::time_point start;
+  Clock::time_point decoded;
+  // Set when the inputs were copied on a side stream: the compute waits for it.
+  std::optional<c10::Event> uploaded;
+};
+
+// Checks `request` against the model and the limits, decodes its tensors, copies them to the
+// head's device on the current stream, and checks them as LMHead::Forward will. May throw
+// c10::Error.
+absl::StatusOr<PreparedForward> PrepareForwardUnchecked(const ModelRegistry& registry,
+                                                        const Options& limits,
+                                                        const grpc::ServerContext& context,
+                                                        const v1::ForwardRequest& request) {
+  PreparedForward prepared;
+  prepared.start = Clock::now();
   absl::StatusOr<Plan> plan = PlanForward(registry, limits, request);
   if (!plan.ok()) return plan.status();
+  prepared.plan = *std::move(plan);
   // The deadline and cancellation are checked again between chunks of a fused forward.
-  plan->options.interrupt_check = [&context]() { return CheckStillWanted(context); };
+  prepared.plan.options.interrupt_check = [&context]() { return CheckStillWanted(context); };
   // The head for this configuration: the model's, or a converted copy.
-  absl::StatusOr<std::shared_ptr<const LMHead>> head = plan->model->HeadFor(plan->config);
+  absl::StatusOr<std::shared_ptr<const LMHead>> head =
+      prepared.plan.model->HeadFor(prepared.plan.config);
   if (!head.ok()) return head.status();
-  int64_t nonfinite = 0;
-  absl::StatusOr<at::Tensor> x = DecodeInputs(request, (*head)->device(), &*plan, &nonfinite);
+  prepared.head = *std::move(head);
+  absl::StatusOr<at::Tensor> x =
+      DecodeInputs(request, prepared.head->device(), &prepared.plan, &prepared.nonfinite);
   if (!x.ok()) return x.status();
-  const Clock::time_point decoded = Clock::now();
+  prepared.x = *std::move(x);
+  if (absl::Status status = prepared.head->ValidateForward(prepared.x, prepared.plan.options);
+      !status.ok()) {
+    return status;
+  }
+  prepared.decoded = Clock::now();
+  return prepared;
+}
 
-  absl::StatusOr<LMOutput> output = (*head)->Forward(*x, plan->options);
+// LMHead.forward's outputs on the host; waits for the device.
+LMOutput OnHost(const LMOutput& output) {
+  LMOutput host;
+  for (const auto& [from, to] :
+       {std::pair{&output.logits, &host.logits}, std::pair{&output.loss, &host.loss},
+        std::pair{&output.ce_loss, &host.ce_loss}, std::pair{&output.z_loss, &host.z_loss}}) {
+    if (from->has_value()) *to = (*from)->cpu();
+  }
+  return host;
+}
+
+// Runs the forward of `prepared` on the current stream and writes the response. May throw
+// c10::Error.
+absl::Status FinishForwardUnchecked(PreparedForward& prepared, v1::ForwardResponse* response) {
+  if (prepared.uploaded.has_value()) {
+    const c10::Device device = prepared.x.device();
+    const c10::impl::VirtualGuardImpl guard(device.type());
+    const c10::Stream compute = guard.getStream(device);
+    prepared.uploaded->block(compute);
+    // The inputs were allocated on the upload stream; their memory must outlive this stream's
+    // use of it too.
+    guard.recordDataPtrOnStream(prepared.x.storage().data_ptr(), compute);
+    if (const auto* factor = std::get_if<at::Tensor>(&prepared.plan.options.loss_div_factor)) {
+      guard.recordDataPtrOnStream(factor->storage().data_ptr(), compute);
+    }
+  }
+  absl::StatusOr<LMOutput> output = prepared.head->Forward(prepared.x, prepared.plan.options);
   if (!output.ok()) return output.status();
+  const LMOutput host = OnHost(*output);
   const Clock::time_point computed = Clock::now();
 
   response->Clear();
-  if (absl::Status status = EncodeOutputs(*output, *plan, response); !status.ok()) return status;
-  response->set_num_nonfinite_inputs(nonfinite);
+  if (absl::Status status = EncodeOutputs(host, prepared.plan, response); !status.ok()) {
+    return status;
+  }
+  response->set_num_nonfinite_inputs(prepared.nonfinite);
   const Clock::time_point encoded = Clock::now();
   v1::ServerTimings* timings = response->mutable_timings();
-  timings->set_decode_us(MicrosBetween(start, decoded));
-  timings->set_compute_us(MicrosBetween(decoded, computed));
+  timings->set_decode_us(MicrosBetween(prepared.start, prepared.decoded));
+  timings->set_compute_us(MicrosBetween(prepared.decoded, computed));
   timings->set_encode_us(MicrosBetween(computed, encoded));
-  timings->set_total_us(MicrosBetween(start, encoded));
+  timings->set_total_us(MicrosBetween(prepared.start, encoded));
   return absl::OkStatus();
 }
 
+// A unary Forward, all on the calling thread.
 absl::Status RunForward(const ModelRegistry& registry, const Options& options,
                         const grpc::ServerContext& context, const v1::ForwardRequest& request,
                         v1::ForwardResponse* response) {
-  return CatchTorchErrors(
-      [&]() { return RunForwardUnchecked(registry, options, context, request, response); });
+  return CatchTorchErrors([&]() -> absl::Status {
+    absl::StatusOr<PreparedForward> prepared =
+        PrepareForwardUnchecked(registry, options, context, request);
+    if (!prepared.ok()) return prepared.status();
+    return FinishForwardUnchecked(*prepared, response);
+  });
+}
+
+// A stream's micro-batch, prepared on the read-ahead thread. With `upload_stream` (CUDA) the
+// inputs are copied on that stream and `uploaded` marks their arrival.
+absl::StatusOr<PreparedForward> PrepareMicroBatch(const ModelRegistry& registry,
+                                                  const Options& options,
+                                                  const grpc::ServerContext& context,
+                                                  std::unique_ptr<v1::ForwardRequest> request,
+                                                  const std::optional<c10::Stream>& upload_stream) {
+  return CatchTorchErrors([&]() -> absl::StatusOr<PreparedForward> {
+    std::optional<c10::StreamGuard> on_upload_stream;
+    if (upload_stream.has_value()) on_upload_stream.emplace(*upload_stream);
+    absl::StatusOr<PreparedForward> prepared =
+        PrepareForwardUnchecked(registry, options, context, *request);
+    if (!prepared.ok()) return prepared.status();
+    prepared->owned_request = std::move(request);
+    if (upload_stream.has_value()) {
+      c10::Event uploaded(upload_stream->device_type());
+      uploaded.record(*upload_stream);
+      prepared->uploaded = std::move(uploaded);
+    }
+    return prepared;
+  });
 }
 
 // The caller's `x-request-id` header, or a fresh id.
@@ -577,16 +667,35 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     LogOutcome(request_id, "ForwardStream", status);
     return ToGrpcStatus(status);
   }
-  // One micro-batch at a time: the request and response are reused, so memory stays bounded
-  // by the largest micro-batch whatever the stream's total size.
-  v1::ForwardRequest request;
+  // Two micro-batches at most are held: the one computing and the next, which a second thread
+  // reads, decodes and copies to the device meanwhile (on CUDA, on a stream of its own).
+  const c10::Device device(options_.device);
+  std::optional<c10::Stream> upload_stream;
+  if (device.is_cuda()) {
+    upload_stream =
+        c10::impl::VirtualGuardImpl(device.type())
+            .getStreamFromGlobalPool(
+                {device.type(), device.has_index() ? device.index() : c10::DeviceIndex{0}});
+  }
+  using Prepared = absl::StatusOr<PreparedForward>;
+  ReadAhead<Prepared> micro_batches(
+      [&]() -> std::optional<Prepared> {
+        auto request = std::make_unique<v1::ForwardRequest>();
+        if (!stream->Read(request.get())) return std::nullopt;
+        return PrepareMicroBatch(*models, options_, *context, std::move(request), upload_stream);
+      },
+      [](const Prepared& prepared) { return !prepared.ok(); });  // a bad one ends the stream
   v1::ForwardResponse response;
   int64_t index = 0;
   int64_t nonfinite = 0;
   absl::Status status;
-  while (stream->Read(&request)) {
+  while (true) {
     if (status = CheckStillWanted(*context); !status.ok()) break;
-    status = RunForward(*models, options_, *context, request, &response);
+    std::optional<Prepared> prepared = micro_batches.Next();
+    if (!prepared.has_value()) break;
+    status = prepared->ok()
+                 ? CatchTorchErrors([&]() { return FinishForwardUnchecked(**prepared, &response); })
+                 : prepared->status();
     if (!status.ok()) {
       status =
           absl::Status(status.code(), absl::StrCat("micro-batch ", index, ": ", status.message()));
@@ -601,6 +710,11 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     }
     ++index;
   }
+  // When the stream ends early the read-ahead thread may be inside Read: a message still
+  // arriving is let finish (up to a second), so the client gets this status; a client that
+  // sends each message only after the previous answer would keep Read waiting, and cancelling
+  // the call releases it (that client then sees CANCELLED).
+  if (!micro_batches.Stop(std::chrono::seconds(1))) context->TryCancel();
   if (status.ok() && context->IsCancelled()) {
     status = absl::CancelledError("the client cancelled the stream");
   }

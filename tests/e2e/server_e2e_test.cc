@@ -338,6 +338,49 @@ TEST_F(ServerTest, ForwardStreamAnswersEachMicroBatchInOrder) {
   EXPECT_EQ(answered, batches);
 }
 
+// The server reads the next micro-batch while computing the current one; a client that sends
+// each message only after the previous answer must still be served, and still get the error
+// that ends its stream.
+TEST_F(ServerTest, ForwardStreamServesAClientThatWaitsForEachAnswer) {
+  auto channel = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+  auto stub = v1::LMHeadService::NewStub(channel);
+  for (const bool end_with_bad_labels : {false, true}) {
+    SCOPED_TRACE(end_with_bad_labels ? "the third micro-batch is bad" : "all good");
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto stream = stub->ForwardStream(&context);
+    for (int i = 0; i < 3; ++i) {
+      Inputs inputs = MakeInputs(2, 5, 40 + i);
+      if (end_with_bad_labels && i == 2) inputs.labels.index_put_({1, 1}, kVocab);
+      ForwardArgs args;
+      args.labels = ToWire(inputs.labels);
+      args.loss_reduction = v1::LOSS_REDUCTION_NONE;
+      ASSERT_TRUE(stream->Write(MakeForwardRequest(ToWire(inputs.x), args)));
+      v1::ForwardResponse response;
+      if (end_with_bad_labels && i == 2) {
+        EXPECT_FALSE(stream->Read(&response));
+        break;
+      }
+      ASSERT_TRUE(stream->Read(&response)) << "micro-batch " << i;
+      ForwardOptions options;
+      options.labels = inputs.labels;
+      options.loss_reduction = LossReduction::kNone;
+      ExpectClose(response.loss(), *reference_->Forward(inputs.x, options)->loss,
+                  absl::StrCat("micro-batch ", i));
+    }
+    stream->WritesDone();
+    const grpc::Status status = stream->Finish();
+    if (end_with_bad_labels) {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+      EXPECT_NE(status.error_message().find("micro-batch 2: labels"), std::string::npos)
+          << status.error_message();
+    } else {
+      EXPECT_TRUE(status.ok()) << status.error_message();
+    }
+  }
+  ExpectStillServing();
+}
+
 TEST_F(ServerTest, ForwardChunkedCombinesLikeOneForward) {
   auto client = Connect(*server_);
   const Inputs inputs = MakeInputs(7, 6);

@@ -104,6 +104,9 @@ w = sys.argv[1]
 np.save(f"{w}/x.npy", rng.standard_normal((3, 7, 64), dtype=np.float32))
 y = rng.integers(0, 1000, size=(3, 7)); y[0, :2] = -100
 np.save(f"{w}/y.npy", y)
+np.save(f"{w}/xs.npy", rng.standard_normal((48, 256, 64), dtype=np.float32))  # 3 MiB: 3 micro-batches
+ys = rng.integers(0, 1000, size=(48, 256)); ys[5, :7] = -100
+np.save(f"{w}/ys.npy", ys)
 np.save(f"{w}/xbig.npy", rng.standard_normal((16, 2048, 4096), dtype=np.float32))
 np.save(f"{w}/ybig.npy", rng.integers(0, 128256, size=(16, 2048)))
 PY
@@ -112,18 +115,21 @@ PY
       "$build/lmhead" forward --address "127.0.0.1:$(cat "$work/$dev")" --hidden "$work/x.npy" \
         --labels "$work/y.npy" --z_loss_multiplier 1e-3 --loss_reduction none \
         --loss_implementation $impl --output "$work/$dev-$impl.safetensors"
+      "$build/lmhead" forward --address "127.0.0.1:$(cat "$work/$dev")" --hidden "$work/xs.npy" \
+        --labels "$work/ys.npy" --loss_reduction none --chunk_mib 1 --return_logits false \
+        --loss_implementation $impl --output "$work/$dev-$impl-stream.safetensors" > /dev/null
     done
   done
   python3 - "$work" <<'PY'
 import sys, torch
 from safetensors.torch import load_file
 w = sys.argv[1]
-for impl in ("default", "fused_linear"):
+for impl in ("default", "fused_linear", "default-stream", "fused_linear-stream"):
     c, g = load_file(f"{w}/cpu-{impl}.safetensors"), load_file(f"{w}/gpu-{impl}.safetensors")
     assert c.keys() == g.keys(), (c.keys(), g.keys())
     for k in sorted(c):
         torch.testing.assert_close(g[k], c[k], rtol=1e-4, atol=1e-5)
-    print(f"cuda:0 server == cpu server for {impl}: {sorted(c)}")
+    print(f"cuda:0 server == cpu server for {impl}: {sorted(c)} {[tuple(c[k].shape) for k in sorted(c)]}")
 PY
   echo "== 16 x 2048 tokens, d=4096, V=128256, bf16 compute, fused_linear, streamed in 64 MiB"
   for i in 1 2 3; do
@@ -134,6 +140,7 @@ PY
     echo "run $i: $(python3 -c "print(f'{$(date +%s.%N) - $start:.2f}')") s wall for 32768 tokens (512 MiB of fp32 hidden states)"
   done
   grep -h "micro-batch" "$out/server_big.log" | tail -3 || true
+  grep -h "ForwardStream" "$out/server_gpu.log" | tail -4 || true
   kill -TERM $(jobs -p) 2>/dev/null; wait || true
 fi
 if wants breakdown; then
