@@ -42,6 +42,9 @@ ABSL_FLAG(int64_t, max_response_bytes, (int64_t{2} << 30) - (int64_t{1} << 20),
           "Largest response, bytes; requests whose logits exceed it are rejected up front.");
 ABSL_FLAG(int, max_concurrent_requests, 4,
           "Forward/ForwardStream calls running at once; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(bool, stream_read_ahead, true,
+          "ForwardStream reads, decodes and uploads the next micro-batch while the current one "
+          "computes (two held at most); false: one at a time.");
 ABSL_FLAG(int, max_config_variants, 4,
           "Converted weight copies a model keeps for per-request dtype overrides; 0: none.");
 ABSL_FLAG(double, shutdown_grace_seconds, 30,
@@ -122,6 +125,7 @@ int main(int argc, char** argv) {
   options.max_response_bytes = absl::GetFlag(FLAGS_max_response_bytes);
   options.max_concurrent_requests = absl::GetFlag(FLAGS_max_concurrent_requests);
   options.max_config_variants = absl::GetFlag(FLAGS_max_config_variants);
+  options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
   options.log_level = absl::GetFlag(FLAGS_log_level);
   const std::string log_format = absl::GetFlag(FLAGS_log_format);

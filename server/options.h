@@ -52,6 +52,9 @@ struct Options {
   // Forward/ForwardStream calls running at once; more get RESOURCE_EXHAUSTED at once (a
   // stream holds its slot until it ends). Default 4.
   int max_concurrent_requests = 4;
+  // ForwardStream reads, decodes and uploads micro-batch k+1 on a second thread while k computes
+  // (two micro-batches held at most). false: one micro-batch at a time. Default true.
+  bool stream_read_ahead = true;
   // Per-request configurations (dtype, layer-norm dtype or precision) other than the loaded
   // one that a model keeps converted copies of its weights for; a request that needs one more
   // gets RESOURCE_EXHAUSTED. 0 disables such overrides. Default 4.

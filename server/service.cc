@@ -667,31 +667,35 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     LogOutcome(request_id, "ForwardStream", status);
     return ToGrpcStatus(status);
   }
-  // Two micro-batches at most are held: the one computing and the next, which a second thread
-  // reads, decodes and copies to the device meanwhile (on CUDA, on a stream of its own).
+  // With --stream_read_ahead two micro-batches at most are held: the one computing and the next,
+  // which a second thread reads, decodes and copies to the device meanwhile (on CUDA, on a
+  // stream of its own). Without, one at a time on this thread.
   const c10::Device device(options_.device);
   std::optional<c10::Stream> upload_stream;
-  if (device.is_cuda()) {
+  if (options_.stream_read_ahead && device.is_cuda()) {
     upload_stream =
         c10::impl::VirtualGuardImpl(device.type())
             .getStreamFromGlobalPool(
                 {device.type(), device.has_index() ? device.index() : c10::DeviceIndex{0}});
   }
   using Prepared = absl::StatusOr<PreparedForward>;
-  ReadAhead<Prepared> micro_batches(
-      [&]() -> std::optional<Prepared> {
-        auto request = std::make_unique<v1::ForwardRequest>();
-        if (!stream->Read(request.get())) return std::nullopt;
-        return PrepareMicroBatch(*models, options_, *context, std::move(request), upload_stream);
-      },
-      [](const Prepared& prepared) { return !prepared.ok(); });  // a bad one ends the stream
+  const auto read_and_prepare = [&]() -> std::optional<Prepared> {
+    auto request = std::make_unique<v1::ForwardRequest>();
+    if (!stream->Read(request.get())) return std::nullopt;
+    return PrepareMicroBatch(*models, options_, *context, std::move(request), upload_stream);
+  };
+  std::optional<ReadAhead<Prepared>> read_ahead;
+  if (options_.stream_read_ahead) {
+    read_ahead.emplace(read_and_prepare,
+                       [](const Prepared& prepared) { return !prepared.ok(); });  // ends reading
+  }
   v1::ForwardResponse response;
   int64_t index = 0;
   int64_t nonfinite = 0;
   absl::Status status;
   while (true) {
     if (status = CheckStillWanted(*context); !status.ok()) break;
-    std::optional<Prepared> prepared = micro_batches.Next();
+    std::optional<Prepared> prepared = read_ahead ? read_ahead->Next() : read_and_prepare();
     if (!prepared.has_value()) break;
     status = prepared->ok()
                  ? CatchTorchErrors([&]() { return FinishForwardUnchecked(**prepared, &response); })
@@ -714,7 +718,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
   // arriving is let finish (up to a second), so the client gets this status; a client that
   // sends each message only after the previous answer would keep Read waiting, and cancelling
   // the call releases it (that client then sees CANCELLED).
-  if (!micro_batches.Stop(std::chrono::seconds(1))) context->TryCancel();
+  if (read_ahead && !read_ahead->Stop(std::chrono::seconds(1))) context->TryCancel();
   if (status.ok() && context->IsCancelled()) {
     status = absl::CancelledError("the client cancelled the stream");
   }

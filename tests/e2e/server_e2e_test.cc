@@ -338,11 +338,10 @@ TEST_F(ServerTest, ForwardStreamAnswersEachMicroBatchInOrder) {
   EXPECT_EQ(answered, batches);
 }
 
-// The server reads the next micro-batch while computing the current one; a client that sends
-// each message only after the previous answer must still be served, and still get the error
-// that ends its stream.
-TEST_F(ServerTest, ForwardStreamServesAClientThatWaitsForEachAnswer) {
-  auto channel = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+// Streams three micro-batches to `address`, sending each only after the previous answer, with
+// and without a bad third micro-batch, and checks the answers and the final status.
+void ExpectLockStepStreamServed(const std::string& address, const LMHead& reference) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
   auto stub = v1::LMHeadService::NewStub(channel);
   for (const bool end_with_bad_labels : {false, true}) {
     SCOPED_TRACE(end_with_bad_labels ? "the third micro-batch is bad" : "all good");
@@ -365,7 +364,7 @@ TEST_F(ServerTest, ForwardStreamServesAClientThatWaitsForEachAnswer) {
       ForwardOptions options;
       options.labels = inputs.labels;
       options.loss_reduction = LossReduction::kNone;
-      ExpectClose(response.loss(), *reference_->Forward(inputs.x, options)->loss,
+      ExpectClose(response.loss(), *reference.Forward(inputs.x, options)->loss,
                   absl::StrCat("micro-batch ", i));
     }
     stream->WritesDone();
@@ -378,6 +377,21 @@ TEST_F(ServerTest, ForwardStreamServesAClientThatWaitsForEachAnswer) {
       EXPECT_TRUE(status.ok()) << status.error_message();
     }
   }
+}
+
+// The server reads the next micro-batch while computing the current one; a client that sends
+// each message only after the previous answer must still be served, and still get the error
+// that ends its stream. Also with reading ahead switched off.
+TEST_F(ServerTest, ForwardStreamServesAClientThatWaitsForEachAnswer) {
+  ExpectLockStepStreamServed(server_->address(), *reference_);
+  absl::StatusOr<std::unique_ptr<ServerProcess>> one_at_a_time =
+      ServerProcess::Start({"--stream_read_ahead=false"});
+  ASSERT_TRUE(one_at_a_time.ok()) << one_at_a_time.status();
+  {
+    SCOPED_TRACE("--stream_read_ahead=false");
+    ExpectLockStepStreamServed((*one_at_a_time)->address(), *reference_);
+  }
+  EXPECT_EQ((*one_at_a_time)->Stop(), 0) << (*one_at_a_time)->Log();
   ExpectStillServing();
 }
 

@@ -16,6 +16,7 @@ out=${OUT:-/tmp/lmhead-out}
 build=/tmp/lmhead-build
 deps=/tmp/lmhead-deps
 mkdir -p "$out" "$build" "$deps"
+exec > >(tee "$out/run.txt") 2>&1  # everything printed is also kept in $OUT/run.txt
 wants() { [[ " $what " == *" $1 "* || ($what == all && ($1 == test || $1 == bench)) ]]; }
 
 for deb in .gpu/debs/*.deb; do dpkg -x "$deb" "$deps"; done
@@ -96,7 +97,14 @@ if wants server; then
     > "$out/server_gpu.log" 2>&1 &
   "$build/lmhead_server" --host 127.0.0.1 --port 0 --port_file "$work/big" --device cuda:0 \
     --demo_d_model 4096 --demo_vocab_size 128256 > "$out/server_big.log" 2>&1 &
-  for _ in $(seq 300); do [[ -s $work/cpu && -s $work/gpu && -s $work/big ]] && break; sleep 0.2; done
+  "$build/lmhead_server" --host 127.0.0.1 --port 0 --port_file "$work/big_one_at_a_time" \
+    --device cuda:0 --demo_d_model 4096 --demo_vocab_size 128256 --stream_read_ahead=false \
+    > "$out/server_big_one_at_a_time.log" 2>&1 &
+  servers=($(jobs -p))
+  for _ in $(seq 300); do
+    [[ -s $work/cpu && -s $work/gpu && -s $work/big && -s $work/big_one_at_a_time ]] && break
+    sleep 0.2
+  done
   python3 - "$work" <<'PY'
 import sys, numpy as np
 rng = np.random.default_rng(0)
@@ -132,16 +140,29 @@ for impl in ("default", "fused_linear", "default-stream", "fused_linear-stream")
     print(f"cuda:0 server == cpu server for {impl}: {sorted(c)} {[tuple(c[k].shape) for k in sorted(c)]}")
 PY
   echo "== 16 x 2048 tokens, d=4096, V=128256, bf16 compute, fused_linear, streamed in 64 MiB"
-  for i in 1 2 3; do
-    start=$(date +%s.%N)
-    "$build/lmhead" forward --address "127.0.0.1:$(cat "$work/big")" --hidden "$work/xbig.npy" \
-      --labels "$work/ybig.npy" --dtype bf16 --loss_implementation fused_linear \
-      --loss_reduction sum --return_logits false --output "$work/big.safetensors" > /dev/null
-    echo "run $i: $(python3 -c "print(f'{$(date +%s.%N) - $start:.2f}')") s wall for 32768 tokens (512 MiB of fp32 hidden states)"
+  echo "   (servers alternating: reading ahead, the default, and --stream_read_ahead=false)"
+  for i in 1 2 3 4; do
+    for server in big big_one_at_a_time; do
+      start=$(date +%s.%N)
+      "$build/lmhead" forward --address "127.0.0.1:$(cat "$work/$server")" --hidden "$work/xbig.npy" \
+        --labels "$work/ybig.npy" --dtype bf16 --loss_implementation fused_linear \
+        --loss_reduction sum --return_logits false --output "$work/$server.safetensors" \
+        > /dev/null 2> "$work/cli.err"
+      echo "run $i, $server: $(python3 -c "print(f'{$(date +%s.%N) - $start:.2f}')") s wall for 32768 tokens (512 MiB of fp32 hidden states)"
+    done
   done
+  python3 - "$work" <<'PY'
+import sys, torch
+from safetensors.torch import load_file
+w = sys.argv[1]
+a, b = load_file(f"{w}/big.safetensors"), load_file(f"{w}/big_one_at_a_time.safetensors")
+for k in sorted(a):
+    torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=0)
+print(f"reading ahead == one at a time (rtol 1e-6): {sorted(a)}")
+PY
   grep -h "micro-batch" "$out/server_big.log" | tail -3 || true
   grep -h "ForwardStream" "$out/server_gpu.log" | tail -4 || true
-  kill -TERM $(jobs -p) 2>/dev/null; wait || true
+  kill -TERM "${servers[@]}" 2>/dev/null; wait "${servers[@]}" || true
 fi
 if wants breakdown; then
   "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"
