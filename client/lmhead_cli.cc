@@ -248,6 +248,12 @@ int RunForward(const Values& values) {
     }
     args.return_logits = text == "true";
   }
+  if (const std::string text = Get(values, "return_argmax"); !text.empty()) {
+    if (text != "true" && text != "false") {
+      return UsageError(command, "--return_argmax: expected true or false");
+    }
+    args.return_argmax = text == "true";
+  }
   if (const std::string text = Get(values, "logits_to_keep"); !text.empty()) {
     int64_t value = 0;
     if (!absl::SimpleAtoi(text, &value))
@@ -292,6 +298,7 @@ int RunForward(const Values& values) {
   if (response->has_loss()) outputs["loss"] = response->loss();
   if (response->has_ce_loss()) outputs["ce_loss"] = response->ce_loss();
   if (response->has_z_loss()) outputs["z_loss"] = response->z_loss();
+  if (response->has_argmax()) outputs["argmax"] = response->argmax();
   const std::map<std::string, std::string> metadata = {
       {"model", response->model()},
       {"model_version", response->model_version()},
@@ -326,8 +333,8 @@ std::vector<Command> Commands() {
        RunModels},
       {"forward",
        "Runs LMHead.forward on the server: reads hidden states (and labels) from .npy or\n"
-       ".safetensors, writes logits/loss/ce_loss/z_loss to a .safetensors file (metadata: model,\n"
-       "model_version, num_scored_tokens). Inputs larger than --chunk_mib are streamed in\n"
+       ".safetensors, writes logits/loss/ce_loss/z_loss/argmax to a .safetensors file (metadata:\n"
+       "model, model_version, num_scored_tokens). Inputs larger than --chunk_mib are streamed in\n"
        "micro-batches along the batch dimension, with a progress bar.",
        {kAddress,
         {"hidden", "FILE", "(batch, seq_len, d_model) hidden states, .npy or .safetensors", ""},
@@ -341,6 +348,8 @@ std::vector<Command> Commands() {
         {"z_loss_multiplier", "X", "turns z-loss on with this multiplier", ""},
         {"loss_div_factor", "X", "divides loss, ce_loss and z_loss", ""},
         {"return_logits", "true|false", "whether logits are returned with the losses", ""},
+        {"return_argmax", "true|false", "also write argmax: each position's most likely token id",
+         "false"},
         {"logits_to_keep", "K", "0 all; K>0 the last K positions; K<0 drops the first |K|", ""},
         {"loss_implementation", "default|fused_linear", "override the model's", ""},
         {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},

@@ -130,6 +130,7 @@ v1::ForwardRequest MakeForwardRequest(const v1::Tensor& hidden_states, const For
   }
   options->set_logits_dtype(args.logits_dtype);
   if (args.fused_chunk_bytes.has_value()) options->set_fused_chunk_bytes(*args.fused_chunk_bytes);
+  options->set_return_argmax(args.return_argmax);
   return request;
 }
 
@@ -266,6 +267,7 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
       combined.set_model_version(response.model_version());
     }
     if (response.has_logits()) AppendRows(response.logits(), combined.mutable_logits());
+    if (response.has_argmax()) AppendRows(response.argmax(), combined.mutable_argmax());
     if (response.has_loss()) {
       has_loss = true;
       if (scalar_losses) {

@@ -46,6 +46,7 @@ struct ForwardArgs {
   v1::DataType compute_dtype = v1::DATA_TYPE_UNSPECIFIED;  // the model's dtype
   v1::DataType logits_dtype = v1::DATA_TYPE_UNSPECIFIED;   // the compute dtype
   std::optional<int64_t> fused_chunk_bytes;
+  bool return_argmax = false;  // also return each kept position's most likely token id
 };
 
 // The request Forward sends for `hidden_states` and `args`.

@@ -344,17 +344,23 @@ LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& optio
       SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x, options.logits_to_keep);
   const std::optional<at::Tensor> bias =
       bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt;
-  if (!options.labels.has_value()) return {at::linear(h, weight_, bias)};
+  if (!options.labels.has_value()) {
+    LMOutput out{at::linear(h, weight_, bias)};
+    if (options.return_argmax) out.argmax = out.logits->argmax(-1);
+    return out;
+  }
 
   const at::Tensor labels =
       SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
   std::optional<at::Tensor> logits;
+  std::optional<at::Tensor> argmax;
   LossTerms terms;
   if (options.loss_implementation.value_or(config_.loss_implementation) ==
       LossImplementation::kDefault) {
     logits = at::linear(h, weight_, bias);
     terms = DefaultLoss(logits->view({-1, vocab_size_}), labels, options.ignore_index,
                         options.loss_reduction, options.z_loss_multiplier);
+    if (options.return_argmax) argmax = logits->argmax(-1);
   } else {
     const auto between_chunks = [&options]() {
       if (!options.interrupt_check) return;
@@ -364,9 +370,12 @@ LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& optio
                             options.ignore_index, options.loss_reduction, options.z_loss_multiplier,
                             options.fused_chunk_bytes > 0 ? options.fused_chunk_bytes
                                                           : DefaultFusedChunkBytes(x.device()),
-                            between_chunks);
+                            between_chunks, options.return_argmax);
+    if (options.return_argmax) argmax = terms.argmax->view({h.size(0), h.size(1)});
   }
-  return MakeOutput(std::move(logits), terms, batch, options);
+  LMOutput out = MakeOutput(std::move(logits), terms, batch, options);
+  out.argmax = std::move(argmax);
+  return out;
 }
 
 absl::Status NormalizedLMHead::CreateParameters(const c10::Device& device) {
@@ -408,13 +417,17 @@ LMOutput NormalizedLMHead::ForwardChecked(const at::Tensor& x,
   const double factor = 1.0 / (1.0 / std::sqrt(static_cast<double>(d_model_)));
   const at::Tensor scale = sz_ * factor;
   const at::Tensor logits = scale * at::linear(h, weight_);
-  if (!options.labels.has_value()) return {logits};
+  std::optional<at::Tensor> argmax;
+  if (options.return_argmax) argmax = logits.argmax(-1);
+  if (!options.labels.has_value()) return {logits, {}, {}, {}, argmax};
 
   const at::Tensor labels =
       SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
   LossTerms terms = DefaultLoss(logits.view({-1, vocab_size_}), labels, options.ignore_index,
                                 options.loss_reduction, options.z_loss_multiplier);
-  return MakeOutput(std::move(logits), terms, batch, options);
+  LMOutput out = MakeOutput(std::move(logits), terms, batch, options);
+  out.argmax = std::move(argmax);
+  return out;
 }
 
 }  // namespace lmhead

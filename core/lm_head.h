@@ -49,6 +49,9 @@ struct ForwardOptions {
   // the device's epilogue needs). 0 picks the device's default: 128 MiB on the CPU, 224 MiB on
   // CUDA (larger GEMMs; the whole forward then stays under 256 MB of extra device memory).
   int64_t fused_chunk_bytes = 0;
+  // Extension: also return LMOutput::argmax, each scored position's most likely token id. With
+  // fused_linear it is found in the same pass as the loss, without logits.
+  bool return_argmax = false;
   // Extension: polled before the compute starts and between fused_linear chunks; the first
   // non-OK status it returns stops the forward, and Forward returns that status (the server
   // passes deadline and cancellation checks). Unset: never stops.
@@ -62,6 +65,9 @@ struct LMOutput {
   std::optional<at::Tensor> loss;
   std::optional<at::Tensor> ce_loss;
   std::optional<at::Tensor> z_loss;
+  // Extension, with ForwardOptions::return_argmax: (B, S') int64, logits.argmax(-1) (the first
+  // id among equal logits), for every kept position (ignored labels too).
+  std::optional<at::Tensor> argmax;
 
   bool has_loss() const { return loss.has_value(); }
 };

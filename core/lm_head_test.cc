@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -355,6 +356,54 @@ TEST(LMHeadTest, InterruptCheckStopsBetweenFusedChunks) {
   options.interrupt_check = []() { return absl::CancelledError("client went away"); };
   options.loss_implementation = LossImplementation::kDefault;
   EXPECT_EQ(head->Forward(x, options).status().code(), absl::StatusCode::kCancelled);
+}
+
+// return_argmax: every implementation and path picks what torch.argmax picks on the logits, across
+// vocabulary chunks: the first of exactly tied maxima (integer data, so the logits are exact in
+// any summation order), and id 0 for an all-NaN row.
+TEST(LMHeadTest, ReturnArgmaxIsTorchArgmaxAcrossChunks) {
+  LMHeadConfig config;
+  config.bias = false;
+  std::unique_ptr<LMHead> head = MakeHead(config);
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  at::Tensor w = at::randint(-2, 3, {kV, kD}, gen, at::TensorOptions(at::kFloat));
+  for (const int64_t tied : {4, 20, 33}) w[tied].fill_(3);  // the maximum for positive x
+  ASSERT_TRUE(head->LoadStateDict({{"w_out.weight", w}}).ok());
+  at::Tensor x = at::randint(1, 4, {2, 5, kD}, gen, at::TensorOptions(at::kFloat));
+  x[1][2].fill_(std::numeric_limits<float>::quiet_NaN());
+  at::Tensor labels = RandomLabels(2, 5, 3);
+  labels[0][1] = -100;
+
+  ForwardOptions logits_only;
+  const at::Tensor logits = *head->Forward(x, logits_only)->logits;
+  const at::Tensor expected = logits.argmax(-1);
+  ASSERT_EQ(expected[0][0].item<int64_t>(), 4);
+  ASSERT_EQ(expected[1][2].item<int64_t>(), 0);
+
+  logits_only.return_argmax = true;
+  absl::StatusOr<LMOutput> without_labels = head->Forward(x, logits_only);
+  ASSERT_TRUE(without_labels.ok()) << without_labels.status();
+  EXPECT_TRUE(at::equal(*without_labels->argmax, expected));
+  for (LossImplementation impl : {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+    // 0: one chunk; 400 bytes: chunks of a few tokens x a few columns, the tie split across them.
+    for (const int64_t chunk_bytes : {int64_t{0}, int64_t{400}}) {
+      SCOPED_TRACE(absl::StrCat(Name(impl), " chunk_bytes=", chunk_bytes));
+      ForwardOptions options;
+      options.labels = labels;
+      options.loss_implementation = impl;
+      options.fused_chunk_bytes = chunk_bytes;
+      options.return_argmax = true;
+      options.logits_to_keep = int64_t{-1};
+      absl::StatusOr<LMOutput> out = head->Forward(x, options);
+      ASSERT_TRUE(out.ok()) << out.status();
+      ASSERT_TRUE(out->argmax.has_value());
+      EXPECT_EQ(out->argmax->scalar_type(), at::kLong);
+      EXPECT_TRUE(at::equal(*out->argmax, expected.slice(1, 1))) << *out->argmax;
+    }
+  }
+  ForwardOptions not_asked;
+  not_asked.labels = labels;
+  EXPECT_FALSE(head->Forward(x, not_asked)->argmax.has_value());
 }
 
 TEST(KeptStartTest, PythonSliceSemanticsForEveryInt64) {

@@ -56,13 +56,13 @@ int64_t DefaultFusedChunkBytes(const c10::Device& device) {
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
                           std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
-                          const std::function<void()>& between_chunks) {
+                          const std::function<void()>& between_chunks, bool with_argmax) {
   const at::Tensor valid = labels.ne(ignore_index);
   const at::Tensor safe_labels = at::where(valid, labels, at::zeros_like(labels));
 
   // Per-token log-sum-exp and label logit, never more than chunk_bytes of logits at a time.
   const LogitStats stats =
-      ComputeLogitStats(h, weight, bias, safe_labels, chunk_bytes, between_chunks);
+      ComputeLogitStats(h, weight, bias, safe_labels, chunk_bytes, between_chunks, with_argmax);
   const at::Tensor& lse = stats.lse;
   const at::Tensor& label_logit = stats.label_logit;
 
@@ -79,9 +79,11 @@ LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const a
   const at::Tensor z_rows_input_dtype = z_rows.to(h.scalar_type());
 
   at::Tensor loss = reduction == LossReduction::kNone ? loss_rows : loss_rows.sum();
-  if (!z_loss_multiplier.has_value()) return {loss, loss, std::nullopt};
+  std::optional<at::Tensor> argmax;
+  if (with_argmax) argmax = stats.argmax;
+  if (!z_loss_multiplier.has_value()) return {loss, loss, std::nullopt, argmax};
   at::Tensor z = reduction == LossReduction::kNone ? z_rows_input_dtype : z_rows_input_dtype.sum();
-  return {loss, loss - z, z};
+  return {loss, loss - z, z, argmax};
 }
 
 }  // namespace lmhead

@@ -18,6 +18,7 @@ struct LossTerms {
   at::Tensor loss;
   at::Tensor ce_loss;
   std::optional<at::Tensor> z_loss;  // present iff a z-loss multiplier was given
+  std::optional<at::Tensor> argmax;  // FusedLinearLoss with_argmax: (N,) int64 predicted ids
 };
 
 // The multiplier upstream passes on: `z_loss_multiplier or 1e-4` (so 0.0 acts as 1e-4).
@@ -38,11 +39,13 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
 // multiplier is given, as upstream); ignored rows are 0; "mean" divides each row by the number
 // of valid tokens (0 valid tokens gives 0). z_loss is in the input dtype; ce_loss = loss - z_loss
 // when a multiplier is given, else loss. `between_chunks`, when set, runs before each chunk and
-// may throw to abandon the work. May throw c10::Error.
+// may throw to abandon the work. `with_argmax` also returns each token's most likely id (what
+// torch.argmax gives on its logits), found in the same pass. May throw c10::Error.
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
                           std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
-                          const std::function<void()>& between_chunks = {});
+                          const std::function<void()>& between_chunks = {},
+                          bool with_argmax = false);
 
 // The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
 int64_t DefaultFusedChunkBytes(const c10::Device& device);

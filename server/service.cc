@@ -292,6 +292,7 @@ absl::StatusOr<Plan> PlanForward(const ModelRegistry& registry, const Options& l
     }
     options.fused_chunk_bytes = wire.fused_chunk_bytes();
   }
+  options.return_argmax = wire.return_argmax();
   options.loss_implementation = plan.config.loss_implementation;
   if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
     options.logits_to_keep = wire.logits_to_keep_count();
@@ -416,7 +417,8 @@ absl::Status EncodeOutputs(const LMOutput& output, const Plan& plan,
   for (const auto& [value, field] :
        {std::pair{&output.loss, &v1::ForwardResponse::mutable_loss},
         std::pair{&output.ce_loss, &v1::ForwardResponse::mutable_ce_loss},
-        std::pair{&output.z_loss, &v1::ForwardResponse::mutable_z_loss}}) {
+        std::pair{&output.z_loss, &v1::ForwardResponse::mutable_z_loss},
+        std::pair{&output.argmax, &v1::ForwardResponse::mutable_argmax}}) {
     if (!value->has_value()) continue;
     absl::Status status =
         EncodeTensor(**value, DataTypeOf((*value)->scalar_type()), (response->*field)());
@@ -496,7 +498,8 @@ LMOutput OnHost(const LMOutput& output) {
   LMOutput host;
   for (const auto& [from, to] :
        {std::pair{&output.logits, &host.logits}, std::pair{&output.loss, &host.loss},
-        std::pair{&output.ce_loss, &host.ce_loss}, std::pair{&output.z_loss, &host.z_loss}}) {
+        std::pair{&output.ce_loss, &host.ce_loss}, std::pair{&output.z_loss, &host.z_loss},
+        std::pair{&output.argmax, &host.argmax}}) {
     if (from->has_value()) *to = (*from)->cpu();
   }
   return host;

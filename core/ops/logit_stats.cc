@@ -19,10 +19,12 @@ namespace {
 
 #ifdef LMHEAD_WITH_CUDA
 void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
-                        at::Tensor& lse, at::Tensor& label_logit) {
+                        at::Tensor& lse, at::Tensor& label_logit, RunningArgmax* argmax) {
   TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
   TORCH_CHECK(lse.is_contiguous() && label_logit.is_contiguous() && safe_labels.is_contiguous(),
               "per-token statistics must be contiguous");
+  TORCH_CHECK(argmax == nullptr || (argmax->value.is_contiguous() && argmax->index.is_contiguous()),
+              "the running argmax must be contiguous");
   cuda::LogitType type = cuda::LogitType::kFloat32;
   switch (logits.scalar_type()) {
     case at::kFloat:
@@ -40,6 +42,8 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
   C10_CUDA_CHECK(cuda::AccumulateLogitStats(
       logits.data_ptr(), type, logits.size(0), logits.size(1), logits.stride(0), col0,
       safe_labels.data_ptr<int64_t>(), lse.data_ptr<float>(), label_logit.data_ptr<float>(),
+      argmax != nullptr ? argmax->value.data_ptr<float>() : nullptr,
+      argmax != nullptr ? argmax->index.data_ptr<int64_t>() : nullptr,
       c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
 }
 
@@ -63,12 +67,18 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
 
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
-                             const std::function<void()>& between_chunks) {
+                             const std::function<void()>& between_chunks, bool with_argmax) {
   const int64_t num_tokens = h.size(0);
   const int64_t vocab_size = weight.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
-  LogitStats stats{at::full({num_tokens}, -std::numeric_limits<float>::infinity(), fp32),
-                   at::zeros({num_tokens}, fp32)};
+  constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+  LogitStats stats{at::full({num_tokens}, kMinusInfinity, fp32), at::zeros({num_tokens}, fp32)};
+  RunningArgmax best;
+  if (with_argmax) {
+    best.value = at::full({num_tokens}, kMinusInfinity, fp32);
+    best.index =
+        at::full({num_tokens}, std::numeric_limits<int64_t>::max(), h.options().dtype(at::kLong));
+  }
   // The CUDA kernel reads the chunk as it is; the ATen path also holds two fp32 copies.
   int64_t working_bytes = cpu::kLogitStatsWorkingBytes;
 #ifdef LMHEAD_WITH_CUDA
@@ -82,27 +92,33 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
     const at::Tensor labels_rows = safe_labels.narrow(0, t0, rows);
     at::Tensor lse_rows = stats.lse.narrow(0, t0, rows);
     at::Tensor label_logit_rows = stats.label_logit.narrow(0, t0, rows);
+    RunningArgmax best_rows;
+    if (with_argmax) best_rows = {best.value.narrow(0, t0, rows), best.index.narrow(0, t0, rows)};
     for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
       const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
       if (between_chunks) between_chunks();
       const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
       const at::Tensor logits = bias.defined() ? at::addmm(bias.narrow(0, v0, cols), h_rows, w_cols)
                                                : at::mm(h_rows, w_cols);
-      AccumulateLogitStats(logits, v0, labels_rows, lse_rows, label_logit_rows);
+      AccumulateLogitStats(logits, v0, labels_rows, lse_rows, label_logit_rows,
+                           with_argmax ? &best_rows : nullptr);
     }
   }
+  stats.argmax = best.index;
   return stats;
 }
 
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
-                          at::Tensor& lse, at::Tensor& label_logit) {
+                          at::Tensor& lse, at::Tensor& label_logit, RunningArgmax* argmax) {
 #ifdef LMHEAD_WITH_CUDA
   if (logits.is_cuda()) {
-    AccumulateWithCuda(logits, col0, safe_labels, lse, label_logit);
+    AccumulateWithCuda(logits, col0, safe_labels, lse, label_logit, argmax);
     return;
   }
 #endif
-  cpu::AccumulateLogitStats(logits, col0, safe_labels, lse, label_logit);
+  cpu::AccumulateLogitStats(logits, col0, safe_labels, lse, label_logit,
+                            argmax != nullptr ? &argmax->value : nullptr,
+                            argmax != nullptr ? &argmax->index : nullptr);
 }
 
 }  // namespace lmhead

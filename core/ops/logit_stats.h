@@ -22,10 +22,20 @@ struct FusedChunkShape {
 FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
                               int64_t chunk_bytes);
 
-// (N,) fp32 each.
+// (N,) each.
 struct LogitStats {
   at::Tensor lse;          // log-sum-exp over the vocabulary, in fp32
   at::Tensor label_logit;  // the logit of the token's label, in fp32
+  // int64 vocabulary id of the largest logit, as torch.argmax picks it (NaN above every number,
+  // the lowest id among equals); undefined unless asked for.
+  at::Tensor argmax;
+};
+
+// A running argmax over vocabulary chunks that come in increasing column order: (N,) fp32 best
+// values (start at -inf) and (N,) int64 their vocabulary ids (start at INT64_MAX).
+struct RunningArgmax {
+  at::Tensor value;
+  at::Tensor index;
 };
 
 // h (N, D) and weight (V, D) of one dtype, bias (V,) or undefined, safe_labels (N,) int64 in
@@ -33,16 +43,20 @@ struct LogitStats {
 // and at most `chunk_bytes` of logits and their working copies exist at any time. May throw
 // c10::Error.
 // `between_chunks`, when set, runs before each chunk (it may throw to abandon the work).
+// `with_argmax` also fills LogitStats::argmax.
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
-                             const std::function<void()>& between_chunks = {});
+                             const std::function<void()>& between_chunks = {},
+                             bool with_argmax = false);
 
 // One chunk: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
 // column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,
-// logsumexp(row)), label_logit <- the row's label logit where the label lies in this chunk. On
-// CUDA it runs on the current stream. May throw c10::Error.
+// logsumexp(row)), label_logit <- the row's label logit where the label lies in this chunk;
+// `argmax`, when given, (rows,) views updated with the chunk's best. On CUDA it runs on the
+// current stream. May throw c10::Error.
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
-                          at::Tensor& lse, at::Tensor& label_logit);
+                          at::Tensor& lse, at::Tensor& label_logit,
+                          RunningArgmax* argmax = nullptr);
 
 }  // namespace lmhead
 

@@ -224,6 +224,21 @@ std::vector<Scenario> Scenarios() {
        }},
       {"int32 labels", [](const Inputs& in, ForwardArgs* a,
                           ForwardOptions*) { a->labels = ToWire(in.labels.to(at::kInt)); }},
+      {"argmax, default", [](const Inputs&, ForwardArgs* a,
+                             ForwardOptions* o) { a->return_argmax = o->return_argmax = true; }},
+      {"argmax, fused_linear, last 3",
+       [](const Inputs&, ForwardArgs* a, ForwardOptions* o) {
+         a->return_argmax = o->return_argmax = true;
+         a->loss_implementation = v1::LOSS_IMPLEMENTATION_FUSED_LINEAR;
+         o->loss_implementation = LossImplementation::kFusedLinear;
+         a->logits_to_keep = int64_t{3};
+         o->logits_to_keep = int64_t{3};
+       }},
+      {"argmax without labels",
+       [](const Inputs&, ForwardArgs* a, ForwardOptions* o) {
+         a->return_argmax = o->return_argmax = true;
+         o->labels.reset();
+       }},
   };
 }
 
@@ -251,6 +266,10 @@ TEST_F(ServerTest, ForwardMatchesTheCoreForEveryOption) {
     if (expected->ce_loss) ExpectClose(response->ce_loss(), *expected->ce_loss, "ce_loss");
     EXPECT_EQ(response->has_z_loss(), expected->z_loss.has_value());
     if (expected->z_loss) ExpectClose(response->z_loss(), *expected->z_loss, "z_loss");
+    EXPECT_EQ(response->has_argmax(), expected->argmax.has_value());
+    if (expected->argmax) {
+      EXPECT_TRUE(at::equal(FromWire(response->argmax()), *expected->argmax)) << "argmax";
+    }
     EXPECT_GT(response->timings().total_us(), 0);
     EXPECT_EQ(response->num_nonfinite_inputs(), 0);
   }

@@ -141,6 +141,32 @@ def test_forward_stream_equals_forward(server, model, reduction, micro_batch_siz
 
 
 @pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("implementation", ["default", "fused_linear"])
+def test_return_argmax_picks_the_largest_logit(server, model, implementation):
+    """return_argmax pairs the output with logits.argmax(-1), in a call and over a stream."""
+    x, labels = inputs()
+    args = dict(labels=labels, loss_implementation=implementation, logits_to_keep=-2,
+                return_argmax=True)
+    with RemoteLMHead(server.address, model=model, timeout=60) as head:
+        logits = head.forward(x)[:, 2:]
+        output, argmax = head.forward(x, **args)
+        streamed_output, streamed_argmax = head.forward_stream(x, micro_batch_size=4, **args)
+        logits_too, argmax_without_labels = head.forward(x, return_argmax=True)
+        chunks = list(head.iter_forward_stream(x, micro_batch_size=4, **args))
+    assert type(output) is LMOutputWithLoss
+    assert argmax.dtype == torch.int64 and argmax.shape == logits.shape[:2]
+    if implementation == "default":
+        assert torch.equal(argmax, logits.argmax(-1))
+    else:  # its own chunk GEMMs: the pick must reach the maximum up to one rounding unit
+        picked = logits.gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(picked, logits.max(-1).values, rtol=1.6e-2, atol=1e-5)
+    assert torch.equal(streamed_argmax, argmax)
+    assert_same(streamed_output, output, model)
+    assert torch.equal(argmax_without_labels, logits_too.argmax(-1))
+    assert torch.equal(torch.cat([c.output[1] for c in chunks]), argmax)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
 def test_forward_stream_mean_with_nothing_scored(server, model):
     """upstream: NaN from the default implementation, 0 from fused_linear."""
     x, labels = inputs(ignored=1.0)

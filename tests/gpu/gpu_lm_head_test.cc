@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -128,6 +129,7 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
   for (LossImplementation impl : {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
     SCOPED_TRACE(Name(impl));
     options.loss_implementation = impl;
+    options.return_argmax = true;
     auto g = (*gpu)->Forward(x.cuda(), to_gpu(options));
     auto h = (*cpu)->Forward(x, options);
     // Labels and positions may also stay on the host (the server's way): the same numbers.
@@ -136,6 +138,22 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
     ASSERT_TRUE(h.ok()) << h.status();
     ASSERT_TRUE(g_host_labels.ok()) << g_host_labels.status();
     EXPECT_TRUE(at::allclose(g_host_labels->loss->cpu(), g->loss->cpu(), 0, 0, /*equal_nan=*/true));
+    // The argmax picks a largest logit: default's equals torch.argmax on the same logits; the
+    // fused chunks' own GEMMs may round a logit differently by one unit, so fused's pick must
+    // reach the maximum within that.
+    const at::Tensor all_logits = *logits->logits;
+    ASSERT_TRUE(g->argmax.has_value());
+    ASSERT_EQ(g->argmax->sizes(), all_logits.sizes().slice(0, 2));
+    if (impl == LossImplementation::kDefault) {
+      EXPECT_TRUE(at::equal(*g->argmax, all_logits.argmax(-1)));
+    } else if (all_logits.numel() > 0) {
+      const at::Tensor picked =
+          all_logits.gather(-1, g->argmax->unsqueeze(-1)).squeeze(-1).to(at::kDouble);
+      const at::Tensor best = std::get<0>(all_logits.max(-1)).to(at::kDouble);
+      const double unit = c.dtype == DType::kBFloat16 ? 1.6e-2 : 1e-5;
+      EXPECT_TRUE((picked >= best - unit * best.abs() - 1e-6).all().item<bool>())
+          << "fused argmax misses the maximum by " << (best - picked).max().item<double>();
+    }
     ASSERT_EQ(g->loss->sizes(), h->loss->sizes());
     ASSERT_EQ(g->loss->scalar_type(), h->loss->scalar_type());
     ASSERT_EQ(g->z_loss.has_value(), h->z_loss.has_value());
@@ -177,6 +195,43 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Grid, GpuLMHeadTest, ::testing::ValuesIn(Grid()));
+
+// The fused epilogue's argmax is torch.argmax's: exactly tied maxima split across vocabulary chunks
+// (integer data: the logits are exact in any order) give the first id, an all-NaN row gives 0.
+TEST(GpuLMHeadArgmaxTest, FirstOfTiesAcrossChunksAndNaN) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    LMHeadConfig config;
+    config.dtype = dtype;
+    config.bias = false;
+    auto gpu = LMHead::Build(config, 64, 50304, "cuda:0", 1);
+    ASSERT_TRUE(gpu.ok());
+    const at::ScalarType st = dtype == DType::kBFloat16 ? at::kBFloat16 : at::kFloat;
+    at::Generator gen = at::detail::createCPUGenerator(9);
+    at::Tensor w = at::randint(-2, 3, {50304, 64}, gen, at::TensorOptions(at::kFloat));
+    for (const int64_t tied : {7, 20000, 50303}) w[tied].fill_(3);
+    ASSERT_TRUE((*gpu)->LoadStateDict({{"w_out.weight", w.to(st)}}).ok());
+    at::Tensor x = at::randint(1, 4, {3, 11, 64}, gen, at::TensorOptions(at::kFloat));
+    x[2][4].fill_(std::numeric_limits<float>::quiet_NaN());
+    x = x.to(st).cuda();
+    ForwardOptions logits_only;
+    const at::Tensor expected = (*gpu)->Forward(x, logits_only)->logits->argmax(-1);
+    ASSERT_EQ(expected[0][0].item<int64_t>(), 7);
+    ASSERT_EQ(expected[2][4].item<int64_t>(), 0);
+    for (const int64_t chunk_bytes : {int64_t{0}, int64_t{3000}, int64_t{1} << 20}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "dtype " << static_cast<int>(dtype) << " chunk_bytes " << chunk_bytes);
+      ForwardOptions options;
+      options.labels = at::randint(50304, {3, 11}, gen, at::TensorOptions(at::kLong));
+      options.loss_implementation = LossImplementation::kFusedLinear;
+      options.fused_chunk_bytes = chunk_bytes;
+      options.return_argmax = true;
+      auto out = (*gpu)->Forward(x, options);
+      ASSERT_TRUE(out.ok()) << out.status();
+      EXPECT_TRUE(at::equal(*out->argmax, expected)) << *out->argmax;
+    }
+  }
+}
 
 // Out-of-range labels and positions get the same InvalidArgument whether they are on the host or
 // on the device, and the head keeps working afterwards.

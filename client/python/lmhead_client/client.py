@@ -130,7 +130,7 @@ class RemoteLMHead:
                 z_loss_multiplier: Optional[float] = None, loss_div_factor=None,
                 return_logits: Optional[bool] = None, logits_to_keep=0,
                 loss_implementation: Optional[str] = None, logits_dtype=None,
-                fused_chunk_bytes: Optional[int] = None):
+                fused_chunk_bytes: Optional[int] = None, return_argmax: bool = False):
         """LMHead.forward(x, ...) on the server; the arguments are upstream's.
 
         x: (B, S, d_model) hidden states, a torch tensor (float32/bfloat16/float16) or a numpy
@@ -138,7 +138,9 @@ class RemoteLMHead:
         a (B, K) int64 tensor) and loss_div_factor (a number or a tensor) likewise.
         Extensions: loss_implementation ("default" or "fused_linear") overrides the model's for
         this call; logits_dtype (e.g. "bf16", torch.float32) is the dtype of returned logits;
-        fused_chunk_bytes bounds fused_linear's transient logits.
+        fused_chunk_bytes bounds fused_linear's transient logits; return_argmax=True also
+        returns each kept position's most likely token id, (B, S') int64, logits.argmax(-1)
+        (with fused_linear found without logits), as a pair (output, argmax).
 
         Returns the logits when `labels` is None, else an LMOutputWithLoss; torch tensors when
         x is a torch tensor, numpy arrays otherwise (bfloat16 values as float32).
@@ -149,12 +151,12 @@ class RemoteLMHead:
             z_loss_multiplier=z_loss_multiplier, loss_div_factor=loss_div_factor,
             return_logits=return_logits, logits_to_keep=logits_to_keep,
             loss_implementation=loss_implementation, logits_dtype=logits_dtype,
-            fused_chunk_bytes=fused_chunk_bytes)
+            fused_chunk_bytes=fused_chunk_bytes, return_argmax=return_argmax)
         try:
             response = self._forward(request, timeout=self.timeout)
         except grpc.RpcError as e:
             _reraise(e)
-        return _output(response, _tensors.is_torch(x), labels is not None)
+        return _output(response, _tensors.is_torch(x), labels is not None, return_argmax)
 
     def iter_forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
                             max_chunk_bytes: int = 64 << 20,
@@ -164,7 +166,8 @@ class RemoteLMHead:
         on its own: "mean" gives per-micro-batch means. `forward_stream` combines them."""
         for start, stop, response in self._stream(x, micro_batch_size, max_chunk_bytes,
                                                   forward_args):
-            output = _output(response, _tensors.is_torch(x), forward_args.get("labels") is not None)
+            output = _output(response, _tensors.is_torch(x), forward_args.get("labels") is not None,
+                             forward_args.get("return_argmax", False))
             yield StreamChunk(start, stop, output, response.num_scored_tokens)
 
     def forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
@@ -174,7 +177,7 @@ class RemoteLMHead:
         states), sent over one ForwardStream, and the results combined into what one forward
         call returns (up to float summation order):
 
-        - logits and "none" losses: concatenated along the batch.
+        - logits, argmax and "none" losses: concatenated along the batch.
         - "sum": the micro-batches' sums added (in float64, then rounded to the losses' dtype).
         - "mean": sent as "sum", then divided by the total number of scored tokens. With no
           scored token that is 0/0 = NaN for the default implementation and 0 for
@@ -190,14 +193,14 @@ class RemoteLMHead:
         parts, scored = {}, 0
         for _, _, response in self._stream(x, micro_batch_size, max_chunk_bytes, sent_args):
             scored += response.num_scored_tokens
-            for name in ("logits",) + _LOSS_FIELDS:
+            for name in ("logits", "argmax") + _LOSS_FIELDS:
                 if response.HasField(name):
                     parts.setdefault(name, []).append(_tensors.decode(getattr(response, name)))
 
         combined = {}
         for name, decoded in parts.items():
             dtype = decoded[0].dtype
-            if name == "logits" or reduction == "none":
+            if name in ("logits", "argmax") or reduction == "none":
                 array = np.concatenate([d.array for d in decoded], axis=0)
             else:
                 total = np.sum([d.array.astype(np.float64) for d in decoded], axis=0)
@@ -207,16 +210,16 @@ class RemoteLMHead:
                 array = _tensors.round_to(np.asarray(total), dtype)
             combined[name] = _tensors.to_user(_tensors.Decoded(array, dtype),
                                               _tensors.is_torch(x))
-        if not has_labels:
-            return combined.get("logits")
-        return LMOutputWithLoss(*(combined.get(name) for name in ("logits",) + _LOSS_FIELDS))
+        output = (LMOutputWithLoss(*(combined.get(name) for name in ("logits",) + _LOSS_FIELDS))
+                  if has_labels else combined.get("logits"))
+        return (output, combined.get("argmax")) if forward_args.get("return_argmax") else output
 
     # -- Internals -----------------------------------------------------------------------------
 
     def _request(self, x, *, labels=None, ignore_index=-100, loss_reduction="mean",
                  z_loss_multiplier=None, loss_div_factor=None, return_logits=None,
                  logits_to_keep=0, loss_implementation=None, logits_dtype=None,
-                 fused_chunk_bytes=None) -> _tensors.WireRequest:
+                 fused_chunk_bytes=None, return_argmax=False) -> _tensors.WireRequest:
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
@@ -238,6 +241,7 @@ class RemoteLMHead:
             options.logits_dtype = _tensors.wire_dtype(logits_dtype)
         if fused_chunk_bytes is not None:
             options.fused_chunk_bytes = int(fused_chunk_bytes)
+        options.return_argmax = bool(return_argmax)
 
         request = pb.ForwardRequest(model=self.model or "", options=options)
         if loss_implementation is not None:
@@ -291,13 +295,15 @@ class RemoteLMHead:
         return 0.0 if implementation == "fused_linear" else float("nan")
 
 
-def _output(response: pb.ForwardResponse, as_torch: bool, has_labels: bool):
-    """The response shaped as LMHead.forward's return value."""
+def _output(response: pb.ForwardResponse, as_torch: bool, has_labels: bool,
+            return_argmax: bool = False):
+    """The response shaped as LMHead.forward's return value, paired with the argmax when
+    return_argmax is set."""
     fields = {name: _tensors.to_user(_tensors.decode(getattr(response, name)), as_torch)
-              for name in ("logits",) + _LOSS_FIELDS if response.HasField(name)}
-    if not has_labels:
-        return fields.get("logits")
-    return LMOutputWithLoss(*(fields.get(name) for name in ("logits",) + _LOSS_FIELDS))
+              for name in ("logits", "argmax") + _LOSS_FIELDS if response.HasField(name)}
+    output = (LMOutputWithLoss(*(fields.get(name) for name in ("logits",) + _LOSS_FIELDS))
+              if has_labels else fields.get("logits"))
+    return (output, fields.get("argmax")) if return_argmax else output
 
 
 def _itemsize(x) -> int:

@@ -2,6 +2,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "core/ops/cuda/logit_stats_cuda.h"
 
@@ -52,21 +53,41 @@ __device__ __forceinline__ void AddMany(MaxSum& state, const float (&x)[N]) {
   state.s += sum;
 }
 
+// Argmax state: the best value so far and its column, in torch.argmax's order: NaN above every
+// number (the first NaN wins), then the larger value, then the lower column.
+struct Best {
+  float value;
+  int64_t column;
+};
+
+__device__ __forceinline__ bool Beats(float value, int64_t column, const Best& best) {
+  if (isnan(value)) return !isnan(best.value) || column < best.column;
+  if (isnan(best.value)) return false;
+  return value > best.value || (value == best.value && column < best.column);
+}
+
+__device__ __forceinline__ void Consider(Best& best, float value, int64_t column) {
+  if (Beats(value, column, best)) best = {value, column};
+}
+
 // One warp per row, kWarps rows per block: each lane reads 16-byte vectors (after a scalar
 // prologue up to the first 16-byte boundary), keeping kInFlight of them in flight, then the warp
-// merges its lanes' (max, sum) pairs with shuffles; no block-wide barrier.
+// merges its lanes' (max, sum) pairs with shuffles; no block-wide barrier. kArgmax also tracks
+// each lane's best (value, column) and merges those the same way.
 constexpr int kWarps = kThreads / 32;
 
-template <typename T>
+template <typename T, bool kArgmax>
 __global__ void __launch_bounds__(kThreads)
     AccumulateLogitStatsKernel(const T* __restrict__ logits, int64_t rows, int64_t cols,
                                int64_t row_stride, int64_t col0, const int64_t* __restrict__ labels,
-                               float* __restrict__ lse, float* __restrict__ label_logit) {
+                               float* __restrict__ lse, float* __restrict__ label_logit,
+                               float* __restrict__ best_value, int64_t* __restrict__ best_index) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= rows) return;
   const T* x = logits + row * row_stride;
   MaxSum state{-INFINITY, 0.f};
+  Best best{-INFINITY, INT64_MAX};
 
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kInFlight = 8;
@@ -77,7 +98,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t to_boundary =
       misalignment == 0 ? 0 : (16 - misalignment) / static_cast<int64_t>(sizeof(T));
   const int64_t head = to_boundary < cols ? to_boundary : cols;
-  if (lane < head) Add(state, ToFloat(x[lane]));
+  if (lane < head) {
+    Add(state, ToFloat(x[lane]));
+    if constexpr (kArgmax) Consider(best, ToFloat(x[lane]), lane);
+  }
   const int64_t num_vecs = (cols - head) / kVec;
   const Vec* xv = reinterpret_cast<const Vec*>(x + head);
   for (int64_t base = lane; base < num_vecs; base += 32 * kInFlight) {
@@ -93,16 +117,29 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < kVec; ++k) values[k] = ToFloat(loaded[u].v[k]);
         AddMany(state, values);
+        if constexpr (kArgmax) {
+          const int64_t first = head + (base + u * 32) * kVec;
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) Consider(best, values[k], first + k);
+        }
       }
     }
   }
-  for (int64_t j = head + num_vecs * kVec + lane; j < cols; j += 32) Add(state, ToFloat(x[j]));
+  for (int64_t j = head + num_vecs * kVec + lane; j < cols; j += 32) {
+    Add(state, ToFloat(x[j]));
+    if constexpr (kArgmax) Consider(best, ToFloat(x[j]), j);
+  }
 
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
     MaxSum other{__shfl_xor_sync(0xffffffff, state.m, offset),
                  __shfl_xor_sync(0xffffffff, state.s, offset)};
     state = Merge(state, other);
+    if constexpr (kArgmax) {
+      const float value = __shfl_xor_sync(0xffffffff, best.value, offset);
+      const int64_t column = __shfl_xor_sync(0xffffffff, best.column, offset);
+      Consider(best, value, column);
+    }
   }
   if (lane == 0) {
     const float chunk_lse = state.m == -INFINITY ? -INFINITY : state.m + __logf(state.s);
@@ -111,16 +148,31 @@ __global__ void __launch_bounds__(kThreads)
     lse[row] = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(fminf(old, chunk_lse) - hi));
     const int64_t column = labels[row] - col0;
     if (column >= 0 && column < cols) label_logit[row] = ToFloat(x[column]);
+    if constexpr (kArgmax) {
+      const Best so_far{best_value[row], best_index[row]};
+      if (Beats(best.value, col0 + best.column, so_far)) {
+        best_value[row] = best.value;
+        best_index[row] = col0 + best.column;
+      }
+    }
   }
 }
 
 template <typename T>
 cudaError_t Launch(const void* logits, int64_t rows, int64_t cols, int64_t row_stride, int64_t col0,
-                   const int64_t* labels, float* lse, float* label_logit, cudaStream_t stream) {
+                   const int64_t* labels, float* lse, float* label_logit, float* best_value,
+                   int64_t* best_index, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if ((best_value == nullptr) != (best_index == nullptr)) return cudaErrorInvalidValue;
   const auto blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
-  AccumulateLogitStatsKernel<T><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const T*>(logits), rows, cols, row_stride, col0, labels, lse, label_logit);
+  const T* typed = static_cast<const T*>(logits);
+  if (best_value != nullptr) {
+    AccumulateLogitStatsKernel<T, true><<<blocks, kThreads, 0, stream>>>(
+        typed, rows, cols, row_stride, col0, labels, lse, label_logit, best_value, best_index);
+  } else {
+    AccumulateLogitStatsKernel<T, false><<<blocks, kThreads, 0, stream>>>(
+        typed, rows, cols, row_stride, col0, labels, lse, label_logit, nullptr, nullptr);
+  }
   return cudaGetLastError();
 }
 
@@ -128,15 +180,18 @@ cudaError_t Launch(const void* logits, int64_t rows, int64_t cols, int64_t row_s
 
 cudaError_t AccumulateLogitStats(const void* logits, LogitType type, int64_t rows, int64_t cols,
                                  int64_t row_stride, int64_t col0, const int64_t* labels,
-                                 float* lse, float* label_logit, cudaStream_t stream) {
+                                 float* lse, float* label_logit, float* best_value,
+                                 int64_t* best_index, cudaStream_t stream) {
   switch (type) {
     case LogitType::kFloat32:
-      return Launch<float>(logits, rows, cols, row_stride, col0, labels, lse, label_logit, stream);
+      return Launch<float>(logits, rows, cols, row_stride, col0, labels, lse, label_logit,
+                           best_value, best_index, stream);
     case LogitType::kBFloat16:
       return Launch<__nv_bfloat16>(logits, rows, cols, row_stride, col0, labels, lse, label_logit,
-                                   stream);
+                                   best_value, best_index, stream);
     case LogitType::kFloat16:
-      return Launch<__half>(logits, rows, cols, row_stride, col0, labels, lse, label_logit, stream);
+      return Launch<__half>(logits, rows, cols, row_stride, col0, labels, lse, label_logit,
+                            best_value, best_index, stream);
   }
   return cudaErrorInvalidValue;
 }
