@@ -2,6 +2,7 @@
 reflection, health, models, streamed forward == unary forward, errors and dtypes."""
 
 import json
+import time
 
 import grpc
 import numpy as np
@@ -164,6 +165,23 @@ def test_return_argmax_picks_the_largest_logit(server, model, implementation):
     assert_same(streamed_output, output, model)
     assert torch.equal(argmax_without_labels, logits_too.argmax(-1))
     assert torch.equal(torch.cat([c.output[1] for c in chunks]), argmax)
+
+
+def test_finished_streams_end_ok_on_the_server(server):
+    """The client waits for a stream's status instead of cancelling it once the last answer is
+    in: the server logs each as completed."""
+    x, labels = inputs()
+    before = server.log().count("cancelled")
+    with RemoteLMHead(server.address, timeout=60) as head:
+        for _ in range(3):
+            head.forward_stream(x, labels=labels, micro_batch_size=2)
+        list(head.iter_forward_stream(x, labels=labels, micro_batch_size=3))
+    deadline = time.time() + 5
+    while server.log().count("ForwardStream 3 micro-batches ok") < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.log().count("ForwardStream 3 micro-batches ok") >= 3, server.log()[-2000:]
+    assert server.log().count("ForwardStream 2 micro-batches ok") >= 1, server.log()[-2000:]
+    assert server.log().count("cancelled") == before, server.log()[-2000:]
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -277,13 +277,25 @@ class RemoteLMHead:
         first = request(*bounds[0])  # argument errors surface here, not in gRPC's thread
         requests = (first if i == 0 else request(*b) for i, b in enumerate(bounds))
         call = self._forward_stream(requests, timeout=self.timeout)
+        finished = False
         try:
-            for (start, stop), response in zip(bounds, call):
+            responses = iter(call)
+            for start, stop in bounds:
+                response = next(responses, None)
+                if response is None:
+                    raise LMHeadError(grpc.StatusCode.INTERNAL,
+                                      f"the stream ended before micro-batch [{start}, {stop})")
                 yield start, stop, response
+            # Waits for the call's end, so that its status is seen (an error raises here) and
+            # the server records a completed call rather than a cancelled one.
+            if next(responses, None) is not None:
+                raise LMHeadError(grpc.StatusCode.INTERNAL, "more answers than micro-batches")
+            finished = True
         except grpc.RpcError as e:
             _reraise(e)
         finally:
-            call.cancel()  # a no-op once the call has finished; stops it if abandoned
+            if not finished:
+                call.cancel()  # stops a call that was abandoned or failed
 
     def _empty_mean(self, forward_args) -> float:
         """upstream's "mean" over zero scored tokens: NaN by default, 0 from fused_linear."""
