@@ -65,7 +65,7 @@ std::string NpyHeaderValue(absl::string_view header, absl::string_view key) {
 
 }  // namespace
 
-absl::StatusOr<v1::Tensor> ParseNpy(absl::string_view bytes) {
+absl::StatusOr<v1::Tensor> ParseNpy(std::string bytes) {
   if (bytes.size() < 10 || bytes.substr(0, 6) != "\x93NUMPY") {
     return absl::InvalidArgumentError("npy: not a .npy file (no \\x93NUMPY magic)");
   }
@@ -89,7 +89,7 @@ absl::StatusOr<v1::Tensor> ParseNpy(absl::string_view bytes) {
   if (header_start + header_length > bytes.size()) {
     return absl::InvalidArgumentError("npy: truncated header");
   }
-  const absl::string_view header = bytes.substr(header_start, header_length);
+  const absl::string_view header = absl::string_view(bytes).substr(header_start, header_length);
   const std::string descr = NpyHeaderValue(header, "descr");
   static const auto* kTypes =
       new std::map<std::string, v1::DataType>{{"'<f2'", v1::DATA_TYPE_FP16},
@@ -122,16 +122,17 @@ absl::StatusOr<v1::Tensor> ParseNpy(absl::string_view bytes) {
     shape.push_back(dim);
   }
   const int64_t expected = ByteSize(shape, type->second);
-  const absl::string_view data = bytes.substr(header_start + header_length);
-  if (expected < 0 || static_cast<int64_t>(data.size()) != expected) {
-    return absl::InvalidArgumentError(absl::StrCat("npy: expected ", expected,
-                                                   " bytes of data for shape ", shape_text,
-                                                   ", got ", data.size()));
+  const size_t data_size = bytes.size() - header_start - header_length;
+  if (expected < 0 || static_cast<int64_t>(data_size) != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "npy: expected ", expected, " bytes of data for shape ", shape_text, ", got ", data_size));
   }
   v1::Tensor tensor;
   tensor.set_dtype(type->second);
   for (int64_t dim : shape) tensor.add_shape(dim);
-  tensor.set_data(std::string(data));
+  // The file's bytes become the tensor's: the header is cut off in place, no second copy.
+  bytes.erase(0, header_start + header_length);
+  tensor.set_data(std::move(bytes));
   return tensor;
 }
 
@@ -174,7 +175,7 @@ absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path, absl::string_
     return absl::Status(status.code(), absl::StrCat(path, ": ", status.message()));
   };
   if (absl::EndsWith(path, ".npy")) {
-    absl::StatusOr<v1::Tensor> tensor = ParseNpy(*bytes);
+    absl::StatusOr<v1::Tensor> tensor = ParseNpy(*std::move(bytes));
     if (!tensor.ok()) return in_file(tensor.status());
     return tensor;
   }

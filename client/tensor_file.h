@@ -15,8 +15,8 @@
 
 namespace lmhead {
 
-// Parses a whole .npy file's bytes.
-absl::StatusOr<v1::Tensor> ParseNpy(absl::string_view bytes);
+// Parses a whole .npy file's bytes; they become the tensor's data (moved, not copied).
+absl::StatusOr<v1::Tensor> ParseNpy(std::string bytes);
 
 // Parses a whole .safetensors file's bytes (validated by core/safetensors_format.h); every
 // tensor, by name. INVALID_ARGUMENT for dtypes the wire lacks (F64, I16, I8, U8, BOOL).
