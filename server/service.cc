@@ -493,18 +493,6 @@ absl::StatusOr<PreparedForward> PrepareForwardUnchecked(const ModelRegistry& reg
   return prepared;
 }
 
-// LMHead.forward's outputs on the host; waits for the device.
-LMOutput OnHost(const LMOutput& output) {
-  LMOutput host;
-  for (const auto& [from, to] :
-       {std::pair{&output.logits, &host.logits}, std::pair{&output.loss, &host.loss},
-        std::pair{&output.ce_loss, &host.ce_loss}, std::pair{&output.z_loss, &host.z_loss},
-        std::pair{&output.argmax, &host.argmax}}) {
-    if (from->has_value()) *to = (*from)->cpu();
-  }
-  return host;
-}
-
 // Runs the forward of `prepared` on the current stream and writes the response. May throw
 // c10::Error.
 absl::Status FinishForwardUnchecked(PreparedForward& prepared, v1::ForwardResponse* response) {
@@ -522,11 +510,16 @@ absl::Status FinishForwardUnchecked(PreparedForward& prepared, v1::ForwardRespon
   }
   absl::StatusOr<LMOutput> output = prepared.head->Forward(prepared.x, prepared.plan.options);
   if (!output.ok()) return output.status();
-  const LMOutput host = OnHost(*output);
+  if (!prepared.x.is_cpu()) {
+    // Waits for the device, so that compute_us covers its work; encoding then converts the
+    // outputs to their wire dtypes on the device and copies them out.
+    const c10::impl::VirtualGuardImpl guard(prepared.x.device().type());
+    guard.synchronizeStream(guard.getStream(prepared.x.device()));
+  }
   const Clock::time_point computed = Clock::now();
 
   response->Clear();
-  if (absl::Status status = EncodeOutputs(host, prepared.plan, response); !status.ok()) {
+  if (absl::Status status = EncodeOutputs(*output, prepared.plan, response); !status.ok()) {
     return status;
   }
   response->set_num_nonfinite_inputs(prepared.nonfinite);
