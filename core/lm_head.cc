@@ -1,7 +1,9 @@
 #include "core/lm_head.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <cmath>
 #include <set>
@@ -213,7 +215,7 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
   });
 }
 
-absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& options) const {
+absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions& options) const {
   // Every input is checked before any compute (docs/SEMANTICS.md lists where this is stricter
   // than upstream).
   if (!x.defined() || x.dim() != 3 || x.size(2) != d_model_) {
@@ -247,17 +249,6 @@ absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& 
                              absl::StrCat("must be on x's device (", x.device().str(),
                                           ") or on the CPU, got ", positions->device().str()));
     }
-    absl::Status in_range = CatchTorchErrors([&]() -> absl::Status {
-      // Free on the CPU, one device sync elsewhere; the range is computed only for the message.
-      if (!positions->lt(0).logical_or(positions->ge(length)).any().item<bool>()) {
-        return absl::OkStatus();
-      }
-      return InvalidArgument("logits_to_keep",
-                             absl::StrCat("positions must lie in [0, seq_len=", length,
-                                          "), got values in [", positions->min().item<int64_t>(),
-                                          ", ", positions->max().item<int64_t>(), "]"));
-    });
-    if (!in_range.ok()) return in_range;
   }
   const LossImplementation implementation =
       options.loss_implementation.value_or(config_.loss_implementation);
@@ -298,8 +289,29 @@ absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& 
     if (options.fused_chunk_bytes < 0) {
       return InvalidArgument("fused_chunk_bytes", "must be positive, or 0 for the default");
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LMHead::ValidateIndexRanges(const at::Tensor& x, const ForwardOptions& options) const {
+  const int64_t length = x.size(1);
+  if (const auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep)) {
+    absl::Status in_range = CatchTorchErrors([&]() -> absl::Status {
+      // The range is computed only for the message.
+      if (!positions->lt(0).logical_or(positions->ge(length)).any().item<bool>()) {
+        return absl::OkStatus();
+      }
+      return InvalidArgument("logits_to_keep",
+                             absl::StrCat("positions must lie in [0, seq_len=", length,
+                                          "), got values in [", positions->min().item<int64_t>(),
+                                          ", ", positions->max().item<int64_t>(), "]"));
+    });
+    if (!in_range.ok()) return in_range;
+  }
+  if (options.labels.has_value()) {
+    const at::Tensor& labels = *options.labels;
     // Only the kept positions are scored, so only their labels must be valid class ids.
-    absl::Status labels_ok = CatchTorchErrors([&]() -> absl::Status {
+    return CatchTorchErrors([&]() -> absl::Status {
       std::variant<int64_t, at::Tensor> keep = options.logits_to_keep;
       if (auto* positions = std::get_if<at::Tensor>(&keep))
         *positions = positions->to(labels.device());
@@ -315,26 +327,86 @@ absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& 
                        ") or equal ignore_index=", options.ignore_index, ", got values in [",
                        scored.min().item<int64_t>(), ", ", scored.max().item<int64_t>(), "]"));
     });
-    if (!labels_ok.ok()) return labels_ok;
   }
   return absl::OkStatus();
 }
 
+absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& options) const {
+  if (absl::Status status = ValidateStructure(x, options); !status.ok()) return status;
+  return ValidateIndexRanges(x, options);
+}
+
+namespace {
+
+// An index range check queued on the device: the number of bad entries, copied to pinned host
+// memory behind the check's kernels, and the event after that copy.
+struct QueuedIndexCheck {
+  at::Tensor bad_count;  // () int64, pinned host memory
+  c10::Event copied;
+};
+
+// Queues the count of out-of-range positions (in [0, seq_len)) and kept labels (in
+// [0, vocab_size) or ignore_index) of `options`' device tensors, then makes them harmless to
+// compute with: positions clamped, bad labels replaced by ignore_index. Needs seq_len > 0.
+QueuedIndexCheck QueueIndexCheck(int64_t seq_len, int64_t vocab_size, ForwardOptions& options) {
+  at::Tensor bad_count;
+  const auto count = [&bad_count](const at::Tensor& bad) {
+    const at::Tensor n = bad.sum();
+    bad_count = bad_count.defined() ? bad_count + n : n;
+  };
+  if (auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep)) {
+    count(positions->lt(0).logical_or(positions->ge(seq_len)));
+    *positions = positions->clamp(0, seq_len - 1);
+  }
+  if (options.labels.has_value()) {
+    at::Tensor& labels = *options.labels;
+    const auto bad_label = [&](const at::Tensor& t) {
+      return t.ne(options.ignore_index).logical_and(t.lt(0).logical_or(t.ge(vocab_size)));
+    };
+    count(bad_label(SelectPositions(labels, options.logits_to_keep)));
+    labels = at::where(bad_label(labels), options.ignore_index, labels);
+  }
+  const c10::Device device = bad_count.device();
+  QueuedIndexCheck check{at::empty({}, bad_count.options().device(at::kCPU).pinned_memory(true)),
+                         c10::Event(device.type())};
+  check.bad_count.copy_(bad_count, /*non_blocking=*/true);
+  check.copied.record(c10::impl::VirtualGuardImpl(device.type()).getStream(device));
+  return check;
+}
+
+}  // namespace
+
 absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptions& options) const {
-  if (absl::Status status = ValidateForward(x, options); !status.ok()) return status;
+  if (absl::Status status = ValidateStructure(x, options); !status.ok()) return status;
+  const auto on_device = [](const at::Tensor& t) { return !t.is_cpu(); };
+  const auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep);
+  const bool queue_index_check =
+      x.size(1) > 0 && ((options.labels.has_value() && on_device(*options.labels)) ||
+                        (positions != nullptr && on_device(*positions)));
+  if (!queue_index_check) {
+    if (absl::Status status = ValidateIndexRanges(x, options); !status.ok()) return status;
+  }
   if (options.interrupt_check) {
     if (absl::Status status = options.interrupt_check(); !status.ok()) return status;
   }
   return CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
     c10::InferenceMode inference;
-    // Index tensors validated on the host join x on its device without a synchronisation.
-    ForwardOptions on_device = options;
-    if (on_device.labels.has_value())
-      on_device.labels = CopyToDevice(*on_device.labels, x.device());
-    if (auto* positions = std::get_if<at::Tensor>(&on_device.logits_to_keep)) {
-      *positions = CopyToDevice(*positions, x.device());
+    // Index tensors join x on its device without a synchronisation.
+    ForwardOptions on_x_device = options;
+    if (on_x_device.labels.has_value()) {
+      on_x_device.labels = CopyToDevice(*on_x_device.labels, x.device());
     }
-    return ForwardChecked(x, on_device);
+    if (auto* kept = std::get_if<at::Tensor>(&on_x_device.logits_to_keep)) {
+      *kept = CopyToDevice(*kept, x.device());
+    }
+    if (!queue_index_check) return ForwardChecked(x, on_x_device);
+    const QueuedIndexCheck check = QueueIndexCheck(x.size(1), vocab_size_, on_x_device);
+    LMOutput output = ForwardChecked(x, on_x_device);
+    check.copied.synchronize();  // done long before the forward's own work
+    if (check.bad_count.item<int64_t>() == 0) return output;
+    absl::Status status = ValidateIndexRanges(x, options);  // the message; synchronises
+    if (status.ok()) status = absl::InternalError("index check: counted bad entries, found none");
+    return status;
   });
 }
 

@@ -26,9 +26,10 @@ namespace lmhead {
 // The keyword arguments of LMHead.forward, plus two service extensions at the end.
 struct ForwardOptions {
   // (B, S) int64 target token ids; unset: return logits only.
-  // Index tensors (labels and logits_to_keep positions) may be on x's device or on the CPU. Their
-  // range check is free on the CPU, and from there they are copied to x's device without waiting
-  // for it; on a CUDA device the check costs the forward's only host synchronisation.
+  // Index tensors (labels and logits_to_keep positions) may be on x's device or on the CPU. On
+  // the CPU their range check is free and they are copied to x's device without waiting for it;
+  // on a CUDA device the check is queued ahead of the forward and read once the forward is queued
+  // (see LMHead::Forward).
   std::optional<at::Tensor> labels;
   int64_t ignore_index = -100;
   LossReduction loss_reduction = LossReduction::kMean;
@@ -98,12 +99,15 @@ class LMHead {
   LMHead(const LMHead&) = delete;
   LMHead& operator=(const LMHead&) = delete;
 
-  // LMHead.forward(x, **options) on x of shape (B, S, d_model) in the head's dtype. On CUDA it
-  // returns once the work is queued (no host synchronisation when the index tensors are on the
-  // host): reading the outputs waits for the device.
+  // LMHead.forward(x, **options) on x of shape (B, S, d_model) in the head's dtype. Invalid
+  // inputs are INVALID_ARGUMENT naming the argument. On CUDA no host synchronisation stalls the
+  // device: index tensors on the host are range-checked there before any work is queued; on the
+  // device their check is queued first (out-of-range entries are made harmless for the kernels)
+  // and its one-number result read after the whole forward is queued, by when it has long
+  // arrived. Reading the outputs waits for the device.
   absl::StatusOr<LMOutput> Forward(const at::Tensor& x, const ForwardOptions& options) const;
-  // The checks Forward makes before computing anything, alone: the status Forward would return
-  // for invalid inputs. Index tensors on a CUDA device cost a synchronisation here too.
+  // Forward's checks alone, made at once: the status Forward would return for invalid inputs.
+  // Index tensors on a CUDA device cost a synchronisation here.
   absl::Status ValidateForward(const at::Tensor& x, const ForwardOptions& options) const;
 
   // Parameters in registration order with OLMo-core's names (spec §6). The tensors share
@@ -139,6 +143,11 @@ class LMHead {
   virtual absl::Status CreateParameters(const c10::Device& device);
   // Forward after validation; may throw c10::Error, which Forward turns into a Status.
   virtual LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const;
+  // Everything ValidateForward checks except the values of the index tensors.
+  absl::Status ValidateStructure(const at::Tensor& x, const ForwardOptions& options) const;
+  // The values of the index tensors: positions in [0, seq_len), kept labels in [0, vocab_size)
+  // or ignore_index. Free on the CPU; synchronises with a device that holds them.
+  absl::Status ValidateIndexRanges(const at::Tensor& x, const ForwardOptions& options) const;
 
   LMHeadConfig config_;
   int64_t d_model_;

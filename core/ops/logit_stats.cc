@@ -86,6 +86,9 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
 #endif
   const FusedChunkShape chunk =
       FusedChunking(num_tokens, vocab_size, h.element_size() + working_bytes, chunk_bytes);
+  // One buffer for every chunk's logits; each chunk is a contiguous view of its front.
+  const at::Tensor buffer =
+      at::empty({std::min(chunk.token_rows, num_tokens) * chunk.vocab_columns}, h.options());
   for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
     const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
     const at::Tensor h_rows = h.narrow(0, t0, rows);
@@ -98,8 +101,12 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
       const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
       if (between_chunks) between_chunks();
       const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
-      const at::Tensor logits = bias.defined() ? at::addmm(bias.narrow(0, v0, cols), h_rows, w_cols)
-                                               : at::mm(h_rows, w_cols);
+      at::Tensor logits = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      if (bias.defined()) {
+        at::addmm_out(logits, bias.narrow(0, v0, cols), h_rows, w_cols);
+      } else {
+        at::mm_out(logits, h_rows, w_cols);
+      }
       AccumulateLogitStats(logits, v0, labels_rows, lse_rows, label_logit_rows,
                            with_argmax ? &best_rows : nullptr);
     }

@@ -4,6 +4,7 @@
 // logits_to_keep form and chunkings that split tokens and vocabulary.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cmath>
@@ -271,6 +272,44 @@ TEST(GpuLMHeadErrorsTest, IndexTensorsOnHostOrDevice) {
       out = (*gpu)->Forward(x, good);
       ASSERT_TRUE(out.ok()) << out.status();
       EXPECT_TRUE(at::isfinite(*out->loss).item<bool>());
+    }
+  }
+}
+
+// Forward returns once its work is queued, with labels and positions on the host or on the
+// device: the device is still busy with the forward's own GEMMs (milliseconds at this shape)
+// when it returns, so nothing inside it waited for them.
+TEST(GpuLMHeadAsyncTest, ForwardReturnsBeforeItsWorkIsDone) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  LMHeadConfig config;
+  config.dtype = DType::kBFloat16;
+  config.bias = false;
+  const int64_t d = 4096, vocab = 128256, n = 8192;
+  auto gpu = LMHead::Build(config, d, vocab, "cuda:0", 1);
+  ASSERT_TRUE(gpu.ok());
+  const at::Tensor x = at::randn({1, n, d}, at::TensorOptions(at::kCUDA).dtype(at::kBFloat16));
+  const at::Tensor labels = at::randint(vocab, {1, n}, at::TensorOptions(at::kLong));
+  const at::Tensor positions = at::arange(n, at::TensorOptions(at::kLong)).view({1, n});
+  for (LossImplementation impl : {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+    for (const bool on_device : {false, true}) {
+      for (const bool with_positions : {false, true}) {
+        SCOPED_TRACE(absl::StrCat(Name(impl),
+                                  on_device ? ", index tensors on cuda:0" : ", on the host",
+                                  with_positions ? ", positions tensor" : ""));
+        ForwardOptions options;
+        options.loss_implementation = impl;
+        options.labels = on_device ? labels.cuda() : labels;
+        if (with_positions) options.logits_to_keep = on_device ? positions.cuda() : positions;
+        options.return_logits = false;
+        ASSERT_TRUE((*gpu)->Forward(x, options).ok());  // warm-up: allocator, cuBLAS
+        c10::cuda::device_synchronize();
+        auto out = (*gpu)->Forward(x, options);
+        const bool busy_after_return = !c10::cuda::getCurrentCUDAStream().query();
+        c10::cuda::device_synchronize();
+        ASSERT_TRUE(out.ok()) << out.status();
+        EXPECT_TRUE(busy_after_return);
+        EXPECT_TRUE(at::isfinite(*out->loss).item<bool>());
+      }
     }
   }
 }
