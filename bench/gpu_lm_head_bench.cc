@@ -129,10 +129,12 @@ std::unique_ptr<LMHead> BenchHead(int64_t d, int64_t v) {
   return std::move(*head);
 }
 
-// The forward being measured: reduction sum, z-loss on, labels as given.
-void ForwardOrThrow(const LMHead& head, const at::Tensor& x, const at::Tensor& labels) {
+// The forward being measured: reduction sum, z-loss on, labels as given, argmax if asked.
+void ForwardOrThrow(const LMHead& head, const at::Tensor& x, const at::Tensor& labels,
+                    bool return_argmax = false) {
   ForwardOptions options;
   options.labels = labels;
+  options.return_argmax = return_argmax;
   options.loss_reduction = LossReduction::kSum;
   options.z_loss_multiplier = 1e-4;
   auto result = head.Forward(x, options);
@@ -141,7 +143,8 @@ void ForwardOrThrow(const LMHead& head, const at::Tensor& x, const at::Tensor& l
 
 // Where ours spends its time at one shape, measured interleaved: one GEMM over everything (its
 // output allocated), the GEMMs over chunks of `chunk` alone, the epilogue alone over the same
-// chunks, and the whole forward with its labels on the device and on the host (pinned).
+// chunks, and the whole forward with its labels on the device and on the host (pinned), and
+// with return_argmax (labels on the host).
 void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, int reps) {
   const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
   const std::unique_ptr<LMHead> head = BenchHead(d, v);
@@ -183,6 +186,9 @@ void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, in
        },
        [&] {
          ForwardOrThrow(*head, x.view({1, n, d}), host_labels.view({1, n}));
+       },
+       [&] {
+         ForwardOrThrow(*head, x.view({1, n, d}), host_labels.view({1, n}), true);
        }},
       reps);
   const Timing& full_gemm = timed[0];
@@ -190,16 +196,18 @@ void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, in
   const Timing& epilogue = timed[2];
   const Timing& forward_device_labels = timed[3];
   const Timing& forward_host_labels = timed[4];
+  const Timing& forward_argmax = timed[5];
   std::printf(
       "breakdown d=%lld V=%lld N=%lld chunk=%lldx%lld: full GEMM %.2f ms, chunked GEMMs %.2f ms, "
       "epilogue %.2f ms (%.0f GB/s); forward with labels on the device %.2f ms, on the host "
-      "%.2f ms (%.2f ms over GEMMs + epilogue)\n",
+      "%.2f ms (%.2f ms over GEMMs + epilogue), with return_argmax %.2f ms\n",
       static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
       static_cast<long long>(chunk.token_rows), static_cast<long long>(chunk.vocab_columns),
       full_gemm.median_ms, gemms.median_ms, epilogue.median_ms,
       2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9, forward_device_labels.median_ms,
       forward_host_labels.median_ms,
-      forward_host_labels.median_ms - gemms.median_ms - epilogue.median_ms);
+      forward_host_labels.median_ms - gemms.median_ms - epilogue.median_ms,
+      forward_argmax.median_ms);
 }
 
 }  // namespace
@@ -248,7 +256,7 @@ int main(int argc, char** argv) {
         // cuBLAS and ours alternate run by run (MeasureInterleaved); eager, whose logits alone
         // may not fit beside cuBLAS's output buffer, is measured on its own afterwards.
         // Ours gets its labels on the host, pinned, as the server passes them (`--breakdown`
-        // also times them on the device, which costs a synchronisation for the range check).
+        // also times them on the device).
         const at::Tensor host_labels = labels.cpu().pin_memory();
         std::vector<Timing> timed;
         {

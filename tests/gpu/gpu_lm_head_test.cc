@@ -198,38 +198,50 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
 INSTANTIATE_TEST_SUITE_P(Grid, GpuLMHeadTest, ::testing::ValuesIn(Grid()));
 
 // The fused epilogue's argmax is torch.argmax's: exactly tied maxima split across vocabulary chunks
-// (integer data: the logits are exact in any order) give the first id, an all-NaN row gives 0.
-TEST(GpuLMHeadArgmaxTest, FirstOfTiesAcrossChunksAndNaN) {
+// (integer data: the logits are exact in any order) give the first id; so do tied +inf columns;
+// the first NaN column wins over every number; an all-NaN row gives 0.
+TEST(GpuLMHeadArgmaxTest, FirstOfTiesAcrossChunksInfAndNaN) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
-    LMHeadConfig config;
-    config.dtype = dtype;
-    config.bias = false;
-    auto gpu = LMHead::Build(config, 64, 50304, "cuda:0", 1);
-    ASSERT_TRUE(gpu.ok());
-    const at::ScalarType st = dtype == DType::kBFloat16 ? at::kBFloat16 : at::kFloat;
-    at::Generator gen = at::detail::createCPUGenerator(9);
-    at::Tensor w = at::randint(-2, 3, {50304, 64}, gen, at::TensorOptions(at::kFloat));
-    for (const int64_t tied : {7, 20000, 50303}) w[tied].fill_(3);
-    ASSERT_TRUE((*gpu)->LoadStateDict({{"w_out.weight", w.to(st)}}).ok());
-    at::Tensor x = at::randint(1, 4, {3, 11, 64}, gen, at::TensorOptions(at::kFloat));
-    x[2][4].fill_(std::numeric_limits<float>::quiet_NaN());
-    x = x.to(st).cuda();
-    ForwardOptions logits_only;
-    const at::Tensor expected = (*gpu)->Forward(x, logits_only)->logits->argmax(-1);
-    ASSERT_EQ(expected[0][0].item<int64_t>(), 7);
-    ASSERT_EQ(expected[2][4].item<int64_t>(), 0);
-    for (const int64_t chunk_bytes : {int64_t{0}, int64_t{3000}, int64_t{1} << 20}) {
-      SCOPED_TRACE(::testing::Message()
-                   << "dtype " << static_cast<int>(dtype) << " chunk_bytes " << chunk_bytes);
-      ForwardOptions options;
-      options.labels = at::randint(50304, {3, 11}, gen, at::TensorOptions(at::kLong));
-      options.loss_implementation = LossImplementation::kFusedLinear;
-      options.fused_chunk_bytes = chunk_bytes;
-      options.return_argmax = true;
-      auto out = (*gpu)->Forward(x, options);
-      ASSERT_TRUE(out.ok()) << out.status();
-      EXPECT_TRUE(at::equal(*out->argmax, expected)) << *out->argmax;
+  struct Columns {
+    const char* what;
+    float value;
+    std::vector<int64_t> ids;  // set to `value` in every row; the first one wins
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (const Columns& special :
+       {Columns{"tied maxima", 3.f, {7, 20000, 50303}}, Columns{"+inf", inf, {12345, 45000}},
+        Columns{"NaN", nan, {30000, 40000}}}) {
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+      LMHeadConfig config;
+      config.dtype = dtype;
+      config.bias = false;
+      auto gpu = LMHead::Build(config, 64, 50304, "cuda:0", 1);
+      ASSERT_TRUE(gpu.ok());
+      const at::ScalarType st = dtype == DType::kBFloat16 ? at::kBFloat16 : at::kFloat;
+      at::Generator gen = at::detail::createCPUGenerator(9);
+      at::Tensor w = at::randint(-2, 3, {50304, 64}, gen, at::TensorOptions(at::kFloat));
+      for (const int64_t id : special.ids) w[id].fill_(special.value);
+      ASSERT_TRUE((*gpu)->LoadStateDict({{"w_out.weight", w.to(st)}}).ok());
+      at::Tensor x = at::randint(1, 4, {3, 11, 64}, gen, at::TensorOptions(at::kFloat));
+      x[2][4].fill_(nan);
+      x = x.to(st).cuda();
+      ForwardOptions logits_only;
+      const at::Tensor expected = (*gpu)->Forward(x, logits_only)->logits->argmax(-1);
+      ASSERT_EQ(expected[0][0].item<int64_t>(), special.ids[0]);
+      ASSERT_EQ(expected[2][4].item<int64_t>(), 0);
+      for (const int64_t chunk_bytes : {int64_t{0}, int64_t{3000}, int64_t{1} << 20}) {
+        SCOPED_TRACE(::testing::Message()
+                     << special.what << ", " << Name(dtype) << ", chunk_bytes " << chunk_bytes);
+        ForwardOptions options;
+        options.labels = at::randint(50304, {3, 11}, gen, at::TensorOptions(at::kLong));
+        options.loss_implementation = LossImplementation::kFusedLinear;
+        options.fused_chunk_bytes = chunk_bytes;
+        options.return_argmax = true;
+        auto out = (*gpu)->Forward(x, options);
+        ASSERT_TRUE(out.ok()) << out.status();
+        EXPECT_TRUE(at::equal(*out->argmax, expected)) << *out->argmax;
+      }
     }
   }
 }

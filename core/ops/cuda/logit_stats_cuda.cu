@@ -70,9 +70,35 @@ __device__ __forceinline__ void Consider(Best& best, float value, int64_t column
   if (Beats(value, column, best)) best = {value, column};
 }
 
+// The larger of a and b, or NaN if either is NaN (PTX max.NaN, sm_80 and later).
+__device__ __forceinline__ float MaxOrNaN(float a, float b) {
+  float larger;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(larger) : "f"(a), "f"(b));
+  return larger;
+}
+
+// Which of a lane's 16-byte vectors holds its best value, tracked with a few operations per
+// vector; the column inside it is found at the end by reading that one vector again. Vectors come
+// in increasing column order: a larger maximum, or a first NaN, moves `vector`; an equal maximum
+// keeps the earlier one, and after a NaN nothing moves it.
+struct BestVector {
+  float value;     // the largest value so far, NaN once one was seen
+  int64_t vector;  // the first vector holding it (the lane's first vector while all are -inf)
+};
+
+template <int N>
+__device__ __forceinline__ void Track(BestVector& best, const float (&x)[N], int64_t vector) {
+  float hi = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) hi = MaxOrNaN(hi, x[k]);
+  const bool moves = !(hi <= best.value) && !isnan(best.value);
+  best.value = moves ? hi : best.value;
+  best.vector = moves ? vector : best.vector;
+}
+
 // One warp per row, kWarps rows per block: each lane reads 16-byte vectors (after a scalar
 // prologue up to the first 16-byte boundary), keeping kInFlight of them in flight, then the warp
-// merges its lanes' (max, sum) pairs with shuffles; no block-wide barrier. kArgmax also tracks
+// merges its lanes' (max, sum) pairs with shuffles; no block-wide barrier. kArgmax also finds
 // each lane's best (value, column) and merges those the same way.
 constexpr int kWarps = kThreads / 32;
 
@@ -87,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
   if (row >= rows) return;
   const T* x = logits + row * row_stride;
   MaxSum state{-INFINITY, 0.f};
-  Best best{-INFINITY, INT64_MAX};
+  Best best{-INFINITY, INT64_MAX};  // no column yet
 
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kInFlight = 8;
@@ -104,6 +130,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t num_vecs = (cols - head) / kVec;
   const Vec* xv = reinterpret_cast<const Vec*>(x + head);
+  BestVector best_vector{-INFINITY, lane};
   for (int64_t base = lane; base < num_vecs; base += 32 * kInFlight) {
     Vec loaded[kInFlight];
 #pragma unroll
@@ -117,11 +144,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < kVec; ++k) values[k] = ToFloat(loaded[u].v[k]);
         AddMany(state, values);
-        if constexpr (kArgmax) {
-          const int64_t first = head + (base + u * 32) * kVec;
+        if constexpr (kArgmax) Track(best_vector, values, base + u * 32);
+      }
+    }
+  }
+  if constexpr (kArgmax) {
+    if (lane < num_vecs) {
+      const Vec again = xv[best_vector.vector];
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) Consider(best, values[k], first + k);
-        }
+      for (int k = 0; k < kVec; ++k) {
+        Consider(best, ToFloat(again.v[k]), head + best_vector.vector * kVec + k);
       }
     }
   }
