@@ -8,11 +8,13 @@
 //   gpu_lm_head_bench [--quick]
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/Sleep.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -20,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "core/device_copy.h"
 #include "core/lm_head.h"
 #include "core/losses.h"
 #include "core/ops/logit_stats.h"
@@ -31,9 +34,12 @@ struct Timing {
   double median_ms = 0;
   double min_ms = 0;
   double max_ms = 0;
+  double host_median_ms = 0;  // the host's time in the call: queueing, and any wait inside it
   double peak_extra_mb = 0;
   bool oom = false;
 };
+
+constexpr int64_t kSpinCycles = 4'000'000;  // ~2 ms at the H100's and H200's clocks
 
 int64_t AllocatedBytes() {
   return c10::cuda::CUDACachingAllocator::getDeviceStats(0)
@@ -50,9 +56,14 @@ int64_t PeakBytes() {
 // which also give its peak extra memory); then the timed runs alternate, one run of each per
 // round for `rounds` rounds, so that the card's clock and power changes during the measurement
 // reach all of them alike. Median, min and max of each from CUDA events on the current stream.
-std::vector<Timing> MeasureInterleaved(const std::vector<std::function<void()>>& fns, int rounds) {
+// `device_only` queues a ~2 ms spin kernel before each timed run, so that the host has queued the
+// run's work before the device reaches it: the time is then the device's alone, without the gaps
+// the host's queueing leaves when the device is idle (as in a pipeline that keeps it busy).
+std::vector<Timing> MeasureInterleaved(const std::vector<std::function<void()>>& fns, int rounds,
+                                       bool device_only = false) {
   std::vector<Timing> timings(fns.size());
   std::vector<std::vector<double>> ms(fns.size());
+  std::vector<std::vector<double>> host_ms(fns.size());
   const auto guarded = [&](size_t i, const std::function<void()>& step) {
     if (timings[i].oom) return;
     try {
@@ -77,8 +88,13 @@ std::vector<Timing> MeasureInterleaved(const std::vector<std::function<void()>>&
     for (size_t i = 0; i < fns.size(); ++i) {
       guarded(i, [&] {
         at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+        if (device_only) at::cuda::sleep(kSpinCycles);
         start.record();
+        const auto host_start = std::chrono::steady_clock::now();
         fns[i]();
+        host_ms[i].push_back(
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host_start)
+                .count());
         stop.record();
         stop.synchronize();
         ms[i].push_back(start.elapsed_time(stop));
@@ -91,6 +107,8 @@ std::vector<Timing> MeasureInterleaved(const std::vector<std::function<void()>>&
     timings[i].median_ms = ms[i][ms[i].size() / 2];
     timings[i].min_ms = ms[i].front();
     timings[i].max_ms = ms[i].back();
+    std::sort(host_ms[i].begin(), host_ms[i].end());
+    timings[i].host_median_ms = host_ms[i][host_ms[i].size() / 2];
   }
   c10::cuda::CUDACachingAllocator::emptyCache();
   return timings;
@@ -197,17 +215,73 @@ void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, in
   const Timing& forward_device_labels = timed[3];
   const Timing& forward_host_labels = timed[4];
   const Timing& forward_argmax = timed[5];
+  const std::vector<Timing> device_only =
+      MeasureInterleaved({[&] { at::mm(x, w.t()); },
+                          [&] {
+                            ForwardOrThrow(*head, x.view({1, n, d}), host_labels.view({1, n}));
+                          }},
+                         reps, /*device_only=*/true);
   std::printf(
       "breakdown d=%lld V=%lld N=%lld chunk=%lldx%lld: full GEMM %.2f ms, chunked GEMMs %.2f ms, "
       "epilogue %.2f ms (%.0f GB/s); forward with labels on the device %.2f ms, on the host "
-      "%.2f ms (%.2f ms over GEMMs + epilogue), with return_argmax %.2f ms\n",
+      "%.2f ms (%.2f ms over GEMMs + epilogue), with return_argmax %.2f ms; the host queues the "
+      "forward in %.2f ms; device only (queued behind a spin kernel): full GEMM %.2f ms, forward "
+      "%.2f ms, ratio %.3f\n",
       static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
       static_cast<long long>(chunk.token_rows), static_cast<long long>(chunk.vocab_columns),
       full_gemm.median_ms, gemms.median_ms, epilogue.median_ms,
       2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9, forward_device_labels.median_ms,
       forward_host_labels.median_ms,
       forward_host_labels.median_ms - gemms.median_ms - epilogue.median_ms,
-      forward_argmax.median_ms);
+      forward_argmax.median_ms, forward_host_labels.host_median_ms, device_only[0].median_ms,
+      device_only[1].median_ms, device_only[1].median_ms / device_only[0].median_ms);
+}
+
+// The host's time in each part of a forward (median of `reps`; the device is synchronised
+// between calls, outside the timing): what the host spends before the device has work.
+void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
+  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const std::unique_ptr<LMHead> head = BenchHead(d, v);
+  const at::Tensor w = head->NamedParameters()[0].second;
+  const at::Tensor x = at::randn({n, d}, opts);
+  const at::Tensor labels =
+      at::randint(v, {n}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
+  const at::Tensor host_labels = labels.cpu().pin_memory();
+  const at::Tensor small = at::zeros({n}, opts.dtype(at::kFloat));
+  ForwardOptions options;
+  options.labels = host_labels.view({1, n});
+  options.loss_reduction = LossReduction::kSum;
+  options.z_loss_multiplier = 1e-4;
+  const int64_t chunk_bytes = DefaultFusedChunkBytes(at::kCUDA);
+  const auto host_ms = [&](const std::function<void()>& fn) {
+    std::vector<double> ms;
+    for (int i = 0; i < reps + 2; ++i) {
+      c10::cuda::device_synchronize();
+      const auto start = std::chrono::steady_clock::now();
+      fn();
+      ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count());
+    }
+    c10::cuda::device_synchronize();
+    std::sort(ms.begin() + 2, ms.end());  // the first two are warm-up
+    return ms[2 + reps / 2];
+  };
+  std::printf(
+      "host d=%lld V=%lld N=%lld: small add %.3f ms, one GEMM %.3f ms, validate %.3f ms, copy "
+      "labels %.3f ms, chunk loop %.3f ms, fused loss %.3f ms, forward %.3f ms\n",
+      static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
+      host_ms([&] { small.add_(1.0); }), host_ms([&] { at::mm(x, w.t()); }), host_ms([&] {
+        if (!head->ValidateForward(x.view({1, n, d}), options).ok()) std::abort();
+      }),
+      host_ms([&] { CopyToDevice(host_labels, x.device()); }),
+      host_ms([&] { ComputeLogitStats(x, w, at::Tensor(), labels, chunk_bytes); }), host_ms([&] {
+        FusedLinearLoss(x, w, at::Tensor(), labels, -100, LossReduction::kSum, 1e-4, chunk_bytes,
+                        {}, false);
+      }),
+      host_ms([&] {
+        if (!head->Forward(x.view({1, n, d}), options).ok()) std::abort();
+      }));
 }
 
 }  // namespace
@@ -225,6 +299,8 @@ int main(int argc, char** argv) {
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
   if (breakdown) {
+    HostProfile(2048, 128256, 8192, 15);
+    HostProfile(4096, 128256, 8192, 15);
     for (int64_t d : {2048, 4096}) {
       for (int64_t v : {100352, 128256}) {
         Breakdown(d, v, 8192, FusedChunking(8192, v, 2, DefaultFusedChunkBytes(at::kCUDA)), 15);
