@@ -103,8 +103,9 @@ class LMHead {
   // inputs are INVALID_ARGUMENT naming the argument. On CUDA no host synchronisation stalls the
   // device: index tensors on the host are range-checked there before any work is queued; on the
   // device their check is queued first (out-of-range entries are made harmless for the kernels)
-  // and its one-number result read after the whole forward is queued, by when it has long
-  // arrived. Reading the outputs waits for the device.
+  // and its one-number result read after the whole forward is queued: the host then waits for
+  // the work queued before the check and for the check, never for the forward. Reading the
+  // outputs waits for the device.
   absl::StatusOr<LMOutput> Forward(const at::Tensor& x, const ForwardOptions& options) const;
   // Forward's checks alone, made at once: the status Forward would return for invalid inputs.
   // Index tensors on a CUDA device cost a synchronisation here.
