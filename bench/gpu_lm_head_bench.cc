@@ -147,12 +147,14 @@ std::unique_ptr<LMHead> BenchHead(int64_t d, int64_t v) {
   return std::move(*head);
 }
 
-// The forward being measured: reduction sum, z-loss on, labels as given, argmax if asked.
+// The forward being measured: reduction sum, z-loss on, labels as given, argmax if asked, the
+// default chunk budget unless one is given.
 void ForwardOrThrow(const LMHead& head, const at::Tensor& x, const at::Tensor& labels,
-                    bool return_argmax = false) {
+                    bool return_argmax = false, int64_t chunk_bytes = 0) {
   ForwardOptions options;
   options.labels = labels;
   options.return_argmax = return_argmax;
+  options.fused_chunk_bytes = chunk_bytes;
   options.loss_reduction = LossReduction::kSum;
   options.z_loss_multiplier = 1e-4;
   auto result = head.Forward(x, options);
@@ -237,6 +239,35 @@ void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, in
       device_only[1].median_ms, device_only[1].median_ms / device_only[0].median_ms);
 }
 
+// Ours at several chunk budgets against one GEMM into a preallocated output, all interleaved:
+// small chunks leave each chunk's logits in L2 for the epilogue that follows its GEMM, at the
+// price of more, smaller GEMMs.
+void ChunkSweep(int64_t d, int64_t v, int64_t n, int reps) {
+  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const std::unique_ptr<LMHead> head = BenchHead(d, v);
+  const at::Tensor w = head->NamedParameters()[0].second;
+  const at::Tensor x = at::randn({1, n, d}, opts);
+  const at::Tensor host_labels = at::randint(v, {1, n}, at::TensorOptions(at::kLong)).pin_memory();
+  const std::vector<int64_t> budgets_mib = {12, 16, 24, 32, 48, 64, 224};
+  at::Tensor out = at::empty({n, v}, opts);
+  std::vector<std::function<void()>> fns = {[&] { at::mm_out(out, x.view({n, d}), w.t()); }};
+  for (const int64_t mib : budgets_mib) {
+    fns.push_back([&, mib] { ForwardOrThrow(*head, x, host_labels, false, mib << 20); });
+  }
+  const std::vector<Timing> timed = MeasureInterleaved(fns, reps);
+  std::printf("chunks d=%lld V=%lld N=%lld: cublas %.2f ms", static_cast<long long>(d),
+              static_cast<long long>(v), static_cast<long long>(n), timed[0].median_ms);
+  for (size_t i = 0; i < budgets_mib.size(); ++i) {
+    const FusedChunkShape chunk = FusedChunking(n, v, 2, budgets_mib[i] << 20);
+    std::printf("; %lld MiB (%lldx%lld) %.2f ms x%.3f", static_cast<long long>(budgets_mib[i]),
+                static_cast<long long>(chunk.token_rows),
+                static_cast<long long>(chunk.vocab_columns), timed[i + 1].median_ms,
+                timed[i + 1].median_ms / timed[0].median_ms);
+  }
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
 // The host's time in each part of a forward (median of `reps`; the device is synchronised
 // between calls, outside the timing): what the host spends before the device has work.
 void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
@@ -291,6 +322,7 @@ int main(int argc, char** argv) {
   using namespace lmhead;
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   const bool breakdown = argc > 1 && std::string(argv[1]) == "--breakdown";
+  const bool chunk_sweep = argc > 1 && std::string(argv[1]) == "--chunk_sweep";
   if (c10::cuda::device_count() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
@@ -298,6 +330,13 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
+  if (chunk_sweep) {
+    for (int64_t d : {2048, 4096}) {
+      for (int64_t n : {8192, 32768}) ChunkSweep(d, 128256, n, 9);
+    }
+    ChunkSweep(4096, 256000, 8192, 9);
+    return 0;
+  }
   if (breakdown) {
     HostProfile(2048, 128256, 8192, 15);
     HostProfile(4096, 128256, 8192, 15);

@@ -2,7 +2,7 @@
 # Builds lmhead's CUDA path on the GPU machine (no Bazel, no network there) and runs the GPU
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
-#   tools/gpu/run.sh [test|bench|all|breakdown|server] [--quick]
+#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|server] [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
@@ -166,6 +166,9 @@ PY
 fi
 if wants breakdown; then
   "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"
+fi
+if wants chunks; then  # ours at several chunk budgets, interleaved with one GEMM
+  "$build/gpu_lm_head_bench" --chunk_sweep | tee "$out/gpu_chunks.txt"
 fi
 if wants bench; then
   echo "== benchmark: ours vs cuBLAS and eager"
