@@ -1,8 +1,9 @@
 // GPU tests (tag requires-gpu; run on the GPU machine by tools/gpu/run.sh): both loss
-// implementations on CUDA against an fp64 reference and against the CPU path, over dtypes, vocab
-// sizes that are not multiples of any tile, N=1, ignored and all-ignored labels, every
-// logits_to_keep form and chunkings that split tokens and vocabulary.
+// implementations on CUDA against an fp64 reference and against the CPU path, over dtypes, head
+// types and norms, vocab sizes that are not multiples of any tile, N=1, ignored and all-ignored
+// labels, every logits_to_keep form and chunkings that split tokens and vocabulary.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -30,20 +31,23 @@ struct Case {
   int keep;    // 0: 0, 1: -3, 2: positions tensor
   int64_t chunk_bytes;
   bool bias;
+  int head;  // 0: RMS norm, 1: layer norm, 2: no norm, 3: NormalizedLMHead
 };
+
+const char* const kHeadNames[] = {"rms norm", "layer norm", "no norm", "normalized"};
 
 std::string Describe(const Case& c) {
   return absl::StrCat(Name(c.dtype), " V=", c.vocab, " B=", c.batch, " S=", c.seq, " ",
                       Name(c.reduction), " z=", c.z ? std::to_string(*c.z) : "None",
                       " ignore=", c.ignore, " keep=", c.keep, " chunk=", c.chunk_bytes,
-                      " bias=", c.bias);
+                      " bias=", c.bias, " head=", kHeadNames[c.head]);
 }
 
 std::vector<Case> Grid() {
   std::vector<Case> cases;
   const std::vector<int64_t> vocabs = {37, 1000, 50304, 100352 + 3};
   int i = 0;
-  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
     for (int64_t vocab : vocabs) {
       for (LossReduction reduction :
            {LossReduction::kMean, LossReduction::kSum, LossReduction::kNone}) {
@@ -52,7 +56,7 @@ std::vector<Case> Grid() {
           Case c{dtype, vocab, 1 + i % 3, (i % 4 == 0) ? 1 : 5 + i % 7, reduction,
                  i % 2 ? std::optional<double>(1e-3) : std::nullopt, ignore, i % 3,
                  // small budgets split tokens and vocabulary into many chunks
-                 i % 2 ? int64_t{128} << 20 : int64_t{4096} + 97 * i, i % 3 != 1};
+                 i % 2 ? int64_t{128} << 20 : int64_t{4096} + 97 * i, i % 3 != 1, (i / 3) % 4};
           cases.push_back(c);
         }
       }
@@ -60,7 +64,7 @@ std::vector<Case> Grid() {
   }
   // N = 1.
   cases.push_back(
-      {DType::kBFloat16, 50304, 1, 1, LossReduction::kSum, 1e-4, 0, 0, 128 << 20, false});
+      {DType::kBFloat16, 50304, 1, 1, LossReduction::kSum, 1e-4, 0, 0, 128 << 20, false, 0});
   return cases;
 }
 
@@ -79,6 +83,32 @@ Reference Fp64(const at::Tensor& logits2d, const at::Tensor& labels1d, int64_t i
   return {ce, lse, valid};
 }
 
+at::ScalarType ScalarTypeOf(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return at::kBFloat16;
+    case DType::kFloat16:
+      return at::kHalf;
+    case DType::kFloat32:
+      return at::kFloat;
+  }
+  return at::kFloat;
+}
+
+// One rounding step of the dtype, relative (2^-7 for bf16, 2^-10 for fp16), with room for fp32
+// GEMMs that may round a last bit differently.
+double RoundingUnit(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return 1.6e-2;
+    case DType::kFloat16:
+      return 2e-3;
+    case DType::kFloat32:
+      return 1e-5;
+  }
+  return 1e-5;
+}
+
 class GpuLMHeadTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
@@ -88,8 +118,13 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
   constexpr int64_t kD = 64;
   LMHeadConfig config;
   config.dtype = c.dtype;
-  config.bias = c.bias;
-  config.layer_norm = LayerNormConfig{LayerNormType::kRms};
+  if (c.head == 3) {
+    config.name = LMHeadType::kNormalized;
+  } else {
+    config.bias = c.bias;
+    if (c.head == 0) config.layer_norm = LayerNormConfig{LayerNormType::kRms};
+    if (c.head == 1) config.layer_norm = LayerNormConfig{LayerNormType::kDefault};
+  }
   auto cpu = LMHead::Build(config, kD, c.vocab, "cpu", /*seed=*/7);
   auto gpu = LMHead::Build(config, kD, c.vocab, "cuda:0", /*seed=*/7);
   ASSERT_TRUE(cpu.ok() && gpu.ok());
@@ -98,7 +133,7 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
   ASSERT_TRUE((*gpu)->LoadStateDict(weights).ok());
 
   at::Generator gen = at::detail::createCPUGenerator(c.vocab * 31 + c.seq);
-  const at::ScalarType st = c.dtype == DType::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const at::ScalarType st = ScalarTypeOf(c.dtype);
   const at::Tensor x = (at::randn({c.batch, c.seq, kD}, gen) * 3).to(st);
   at::Tensor labels = at::randint(c.vocab, {c.batch, c.seq}, gen, at::TensorOptions(at::kLong));
   if (c.ignore == 1) labels.select(1, 0).fill_(-100);
@@ -135,6 +170,12 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
     auto h = (*cpu)->Forward(x, options);
     // Labels and positions may also stay on the host (the server's way): the same numbers.
     auto g_host_labels = (*gpu)->Forward(x.cuda(), options);
+    if (c.head == 3 && impl == LossImplementation::kFusedLinear) {
+      // NormalizedLMHead refuses fused_linear upstream too, on every device.
+      EXPECT_EQ(g.status().code(), absl::StatusCode::kUnimplemented) << g.status();
+      EXPECT_EQ(h.status().code(), absl::StatusCode::kUnimplemented) << h.status();
+      continue;
+    }
     ASSERT_TRUE(g.ok()) << g.status();
     ASSERT_TRUE(h.ok()) << h.status();
     ASSERT_TRUE(g_host_labels.ok()) << g_host_labels.status();
@@ -151,7 +192,7 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
       const at::Tensor picked =
           all_logits.gather(-1, g->argmax->unsqueeze(-1)).squeeze(-1).to(at::kDouble);
       const at::Tensor best = std::get<0>(all_logits.max(-1)).to(at::kDouble);
-      const double unit = c.dtype == DType::kBFloat16 ? 1.6e-2 : 1e-5;
+      const double unit = RoundingUnit(c.dtype);
       EXPECT_TRUE((picked >= best - unit * best.abs() - 1e-6).all().item<bool>())
           << "fused argmax misses the maximum by " << (best - picked).max().item<double>();
     }
@@ -185,7 +226,7 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
       if (got.numel() > 0) EXPECT_LT((got - want).abs().median().item<double>(), 1e-4);
     }
     // GPU vs CPU, same implementation, tolerance of the head dtype.
-    const double rtol = c.dtype == DType::kBFloat16 ? 1.6e-2 : 1e-4;
+    const double rtol = c.dtype == DType::kFloat32 ? 1e-4 : RoundingUnit(c.dtype);
     const at::Tensor gl = g->loss->to(at::kDouble).cpu(), hl = h->loss->to(at::kDouble).cpu();
     EXPECT_TRUE(at::allclose(gl, hl, rtol, 1e-4, /*equal_nan=*/true))
         << "gpu " << gl << " cpu " << hl;
@@ -324,6 +365,50 @@ TEST(GpuLMHeadAsyncTest, ForwardReturnsBeforeItsWorkIsDone) {
       }
     }
   }
+}
+
+// After one forward of each kind, further forwards of the same shapes get all their device
+// memory from LibTorch's caching allocator (no cudaMalloc), free all of it with their outputs,
+// and never make the allocator synchronise the streams.
+TEST(GpuLMHeadAsyncTest, NoDeviceAllocationAfterWarmUp) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  LMHeadConfig config;
+  config.dtype = DType::kBFloat16;
+  const int64_t d = 1024, vocab = 50304 + 3, n = 4096;
+  auto gpu = LMHead::Build(config, d, vocab, "cuda:0", 1);
+  ASSERT_TRUE(gpu.ok());
+  const at::Tensor x = at::randn({2, n / 2, d}, at::TensorOptions(at::kCUDA).dtype(at::kBFloat16));
+  const at::Tensor labels = at::randint(vocab, {2, n / 2}, at::TensorOptions(at::kLong));
+  const auto run_each_kind = [&] {
+    for (LossImplementation impl :
+         {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+      for (const bool on_device : {false, true}) {
+        ForwardOptions options;
+        options.loss_implementation = impl;
+        options.labels = on_device ? labels.cuda() : labels;
+        options.return_argmax = true;
+        options.z_loss_multiplier = 1e-4;
+        options.fused_chunk_bytes = 8 << 20;  // several chunks
+        auto out = (*gpu)->Forward(x, options);
+        ASSERT_TRUE(out.ok()) << out.status();
+        c10::cuda::device_synchronize();
+      }
+    }
+  };
+  const auto stats = [] { return c10::cuda::CUDACachingAllocator::getDeviceStats(0); };
+  const auto allocated = [&] {
+    return stats()
+        .allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+        .current;
+  };
+  run_each_kind();
+  const int64_t device_allocs = stats().num_device_alloc;
+  const int64_t stream_syncs = stats().num_sync_all_streams;
+  const int64_t bytes = allocated();
+  for (int i = 0; i < 3; ++i) run_each_kind();
+  EXPECT_EQ(stats().num_device_alloc, device_allocs);
+  EXPECT_EQ(stats().num_sync_all_streams, stream_syncs);
+  EXPECT_EQ(allocated(), bytes);
 }
 
 TEST(GpuLMHeadSmokeTest, SmallCaseForComputeSanitizer) {
