@@ -199,7 +199,9 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
     ASSERT_EQ(g->loss->sizes(), h->loss->sizes());
     ASSERT_EQ(g->loss->scalar_type(), h->loss->scalar_type());
     ASSERT_EQ(g->z_loss.has_value(), h->z_loss.has_value());
-    if (g->z_loss) ASSERT_EQ(g->z_loss->scalar_type(), h->z_loss->scalar_type());
+    if (g->z_loss) {
+      ASSERT_EQ(g->z_loss->scalar_type(), h->z_loss->scalar_type());
+    }
 
     // Selected labels, flattened as the head does.
     at::Tensor kept_labels = labels;
@@ -223,7 +225,9 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
       }
       const double max_err = got.numel() ? (got - want).abs().max().item<double>() : 0.0;
       EXPECT_LT(max_err, 1e-3) << "per-token loss differs from fp64 by " << max_err;
-      if (got.numel() > 0) EXPECT_LT((got - want).abs().median().item<double>(), 1e-4);
+      if (got.numel() > 0) {
+        EXPECT_LT((got - want).abs().median().item<double>(), 1e-4);
+      }
     }
     // GPU vs CPU, same implementation, tolerance of the head dtype.
     const double rtol = c.dtype == DType::kFloat32 ? 1e-4 : RoundingUnit(c.dtype);
