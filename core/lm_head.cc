@@ -402,7 +402,7 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptio
     if (!queue_index_check) return ForwardChecked(x, on_x_device);
     const QueuedIndexCheck check = QueueIndexCheck(x.size(1), vocab_size_, on_x_device);
     LMOutput output = ForwardChecked(x, on_x_device);
-    check.copied.synchronize();  // done long before the forward's own work
+    check.copied.synchronize();  // waits for the check, queued ahead of the forward
     if (check.bad_count.item<int64_t>() == 0) return output;
     absl::Status status = ValidateIndexRanges(x, options);  // the message; synchronises
     if (status.ok()) status = absl::InternalError("index check: counted bad entries, found none");
