@@ -161,18 +161,34 @@ void ForwardOrThrow(const LMHead& head, const at::Tensor& x, const at::Tensor& l
   if (!result.ok()) throw std::runtime_error(std::string(result.status().message()));
 }
 
+// One shape's head and inputs on cuda:0: x (N, d) bf16, labels (N,) on the device and the same
+// labels on the host, pinned.
+struct BenchInputs {
+  std::unique_ptr<LMHead> head;
+  at::Tensor w;
+  at::Tensor x;
+  at::Tensor labels;
+  at::Tensor host_labels;
+};
+BenchInputs MakeBenchInputs(int64_t d, int64_t v, int64_t n) {
+  BenchInputs in;
+  in.head = BenchHead(d, v);
+  in.w = in.head->NamedParameters()[0].second;
+  in.x = at::randn({n, d}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16));
+  in.labels = at::randint(v, {n}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
+  in.host_labels = in.labels.cpu().pin_memory();
+  return in;
+}
+
 // Where ours spends its time at one shape, measured interleaved: one GEMM over everything (its
 // output allocated), the GEMMs over chunks of `chunk` alone, the epilogue alone over the same
 // chunks, and the whole forward with its labels on the device and on the host (pinned), and
 // with return_argmax (labels on the host).
 void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, int reps) {
   const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
-  const std::unique_ptr<LMHead> head = BenchHead(d, v);
-  const at::Tensor w = head->NamedParameters()[0].second;
-  const at::Tensor x = at::randn({n, d}, opts);
-  const at::Tensor labels =
-      at::randint(v, {n}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
-  const at::Tensor host_labels = labels.cpu().pin_memory();
+  const BenchInputs in = MakeBenchInputs(d, v, n);
+  const LMHead* head = in.head.get();
+  const at::Tensor &w = in.w, &x = in.x, &labels = in.labels, &host_labels = in.host_labels;
   at::Tensor buffer = at::empty({chunk.token_rows, chunk.vocab_columns}, opts);
   at::Tensor lse = at::full({n}, -INFINITY, opts.dtype(at::kFloat));
   at::Tensor picked = at::zeros({n}, opts.dtype(at::kFloat));
@@ -243,13 +259,11 @@ void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, in
 // small chunks leave each chunk's logits in L2 for the epilogue that follows its GEMM, at the
 // price of more, smaller GEMMs.
 void ChunkSweep(int64_t d, int64_t v, int64_t n, int reps) {
-  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
-  const std::unique_ptr<LMHead> head = BenchHead(d, v);
-  const at::Tensor w = head->NamedParameters()[0].second;
-  const at::Tensor x = at::randn({1, n, d}, opts);
-  const at::Tensor host_labels = at::randint(v, {1, n}, at::TensorOptions(at::kLong)).pin_memory();
+  const BenchInputs in = MakeBenchInputs(d, v, n);
+  const LMHead* head = in.head.get();
+  const at::Tensor w = in.w, x = in.x.view({1, n, d}), host_labels = in.host_labels.view({1, n});
   const std::vector<int64_t> budgets_mib = {12, 16, 24, 32, 48, 64, 224};
-  at::Tensor out = at::empty({n, v}, opts);
+  at::Tensor out = at::empty({n, v}, in.x.options());
   std::vector<std::function<void()>> fns = {[&] { at::mm_out(out, x.view({n, d}), w.t()); }};
   for (const int64_t mib : budgets_mib) {
     fns.push_back([&, mib] { ForwardOrThrow(*head, x, host_labels, false, mib << 20); });
@@ -272,12 +286,9 @@ void ChunkSweep(int64_t d, int64_t v, int64_t n, int reps) {
 // between calls, outside the timing): what the host spends before the device has work.
 void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
   const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
-  const std::unique_ptr<LMHead> head = BenchHead(d, v);
-  const at::Tensor w = head->NamedParameters()[0].second;
-  const at::Tensor x = at::randn({n, d}, opts);
-  const at::Tensor labels =
-      at::randint(v, {n}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
-  const at::Tensor host_labels = labels.cpu().pin_memory();
+  const BenchInputs in = MakeBenchInputs(d, v, n);
+  const LMHead* head = in.head.get();
+  const at::Tensor &w = in.w, &x = in.x, &labels = in.labels, &host_labels = in.host_labels;
   const at::Tensor small = at::zeros({n}, opts.dtype(at::kFloat));
   ForwardOptions options;
   options.labels = host_labels.view({1, n});
