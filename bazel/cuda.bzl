@@ -42,14 +42,18 @@ CUDA_ARCH_FLAGS = [
     "-gencode=arch=compute_90,code=compute_90",
 ]
 
-def cuda_library(name, srcs, hdrs = [], deps = [], nvcc_flags = [], **kwargs):
-    """Compiles srcs (.cu) with nvcc; the objects and hdrs form a cc_library."""
+def cuda_library(name, srcs, hdrs = [], deps = [], nvcc_flags = [], nvcc_headers = [], **kwargs):
+    """Compiles srcs (.cu) with nvcc; the objects and hdrs form a cc_library.
+
+    nvcc_headers: more headers the sources include (filegroups, e.g. @cutlass//:headers); their
+    include paths go in nvcc_flags.
+    """
     objects = []
     for src in srcs:
         obj = "_{}_objs/{}.o".format(name, src.rsplit(".", 1)[0])
         native.genrule(
             name = "{}_{}_nvcc".format(name, src.replace("/", "_").replace(".", "_")),
-            srcs = [src] + hdrs,
+            srcs = [src] + hdrs + nvcc_headers,
             outs = [obj],
             tools = ["@cuda_toolkit//:nvcc"],
             cmd = " ".join([

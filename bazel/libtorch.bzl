@@ -4,16 +4,10 @@ The venv's location comes from tools/venv.sh (a per-user cache keyed by
 tools/requirements.txt); tools/setup.sh creates it.
 """
 
+load("//bazel:venv.bzl", "venv_package_dir")
+
 def _libtorch_impl(rctx):
-    rctx.read(Label("@//tools:requirements.txt"))  # refetch when the pins change
-    res = rctx.execute(["bash", str(rctx.path(Label("@//tools:venv.sh"))), "path"])
-    if res.return_code != 0:
-        fail("tools/venv.sh failed: " + res.stderr)
-    python = res.stdout.strip() + "/bin/python"
-    res = rctx.execute([python, "-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
-    if res.return_code != 0:
-        fail("No LibTorch in the project's venv ({}). Run tools/setup.sh first.\n{}".format(python, res.stderr))
-    torch_dir = res.stdout.strip()
+    torch_dir = venv_package_dir(rctx, Label("@//tools:requirements.txt"), "torch")
     # Every top-level include folder except google/: the wheel bundles protobuf headers of
     # another version, which would shadow Debian's (/usr/include) in any target that also
     # uses gRPC or protobuf.

@@ -26,14 +26,22 @@ case "${1:-path}" in
       "$venv/bin/pip" install --quiet -r "$root/tools/requirements.txt" >&2
       touch "$venv/.complete"
     fi
-    # The gRPC packages on top, tracked by their own file's hash.
-    grpc_key=$(sha256sum "$root/tools/requirements-grpc.txt" | cut -c1-16)
-    if [[ ! -f "$venv/.grpc-$grpc_key" ]]; then
-      echo "lmhead: installing the Python gRPC packages into $venv" >&2
-      "$venv/bin/pip" install --quiet -r "$root/tools/requirements-grpc.txt" >&2
-      rm -f "$venv"/.grpc-*
-      touch "$venv/.grpc-$grpc_key"
-    fi
+    # Packages on top, each file tracked by its own hash: gRPC, and the CUTLASS headers (no
+    # dependencies: only its C++ headers are used).
+    extra() {  # extra NAME [pip options]
+      local file="$root/tools/requirements-$1.txt" name=$1
+      shift
+      local key
+      key=$(sha256sum "$file" | cut -c1-16)
+      if [[ ! -f "$venv/.$name-$key" ]]; then
+        echo "lmhead: installing tools/requirements-$name.txt into $venv" >&2
+        "$venv/bin/pip" install --quiet "$@" -r "$file" >&2
+        rm -f "$venv/.$name"-*
+        touch "$venv/.$name-$key"
+      fi
+    }
+    extra grpc
+    extra cutlass --no-deps
     echo "$venv"
     ;;
   *) echo "usage: tools/venv.sh path|ensure" >&2; exit 2 ;;

@@ -2,7 +2,8 @@
 # Gathers, on the development machine, what tools/gpu/run.sh needs on the GPU machine (which
 # has no network and no Bazel) into .gpu/ (git-ignored; pass it as `carry`):
 #   .gpu/debs  Debian's abseil, GoogleTest, gRPC, protobuf, spdlog, fmt, nlohmann-json packages
-#   .gpu/whl   the Liger-Kernel and Cut Cross-Entropy wheels for the side-by-side benchmark
+#   .gpu/whl   the Liger-Kernel and Cut Cross-Entropy wheels for the side-by-side benchmark, and
+#              nvidia-cutlass (tools/requirements-cutlass.txt) for the CUTLASS headers
 #   .gpu/gen   the C++ code protoc generates for lmhead.v1 and grpc.health.v1
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -14,6 +15,7 @@ rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/whl liger-kernel==0.6.4 cut-cross-entropy==25.1.1
+python3 -m pip download -q --no-deps -d .gpu/whl -r tools/requirements-cutlass.txt
 bazel build //proto:lmhead_cc_grpc //proto:health_cc_grpc
 mkdir -p .gpu/gen/proto/lmhead/v1 .gpu/gen/grpc/health/v1
 cp bazel-bin/proto/lmhead/v1/lmhead.{pb,grpc.pb}.{h,cc} .gpu/gen/proto/lmhead/v1/
