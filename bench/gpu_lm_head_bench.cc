@@ -5,7 +5,7 @@
 // all measured in this process, with ours/cublas printed as `fused/cublas=<ratio>`.
 // bench/gpu_baselines.py measures Liger-Kernel and Cut Cross-Entropy the same way.
 //
-//   gpu_lm_head_bench [--quick]
+//   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick]]
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/Sleep.h>
@@ -282,6 +282,36 @@ void ChunkSweep(int64_t d, int64_t v, int64_t n, int reps) {
   std::fflush(stdout);
 }
 
+// The two ways to the statistics against one GEMM into a preallocated output, all interleaved:
+// the fused GEMM (ComputeLogitStats where FusedGemmApplies), the chunked GEMMs and epilogue, and
+// the whole forward; with argmax too.
+void Paths(int64_t d, int64_t v, int64_t n, int reps) {
+  const BenchInputs in = MakeBenchInputs(d, v, n);
+  const at::Tensor &w = in.w, &x = in.x, &labels = in.labels;
+  const int64_t chunk_bytes = DefaultFusedChunkBytes(at::kCUDA);
+  at::Tensor out = at::empty({n, v}, x.options());
+  const std::vector<Timing> timed = MeasureInterleaved(
+      {[&] { at::mm_out(out, x, w.t()); },
+       [&] { ComputeLogitStats(x, w, at::Tensor(), labels, chunk_bytes); },
+       [&] { ComputeLogitStatsChunked(x, w, at::Tensor(), labels, chunk_bytes); },
+       [&] { ComputeLogitStats(x, w, at::Tensor(), labels, chunk_bytes, {}, true); },
+       [&] {
+         ForwardOrThrow(*in.head, x.view({1, n, d}), in.host_labels.view({1, n}));
+       }},
+      reps);
+  const double cublas = timed[0].median_ms;
+  std::printf(
+      "paths d=%lld V=%lld N=%lld (fused GEMM %s): cublas %.2f ms; stats %.2f ms x%.3f (peak "
+      "%.0f MB); chunked stats %.2f ms x%.3f; stats with argmax %.2f ms x%.3f; forward %.2f ms "
+      "x%.3f\n",
+      static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
+      FusedGemmApplies(x, w, at::Tensor()) ? "applies" : "does not apply", cublas,
+      timed[1].median_ms, timed[1].median_ms / cublas, timed[1].peak_extra_mb, timed[2].median_ms,
+      timed[2].median_ms / cublas, timed[3].median_ms, timed[3].median_ms / cublas,
+      timed[4].median_ms, timed[4].median_ms / cublas);
+  std::fflush(stdout);
+}
+
 // The host's time in each part of a forward (median of `reps`; the device is synchronised
 // between calls, outside the timing): what the host spends before the device has work.
 void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
@@ -334,6 +364,7 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   const bool breakdown = argc > 1 && std::string(argv[1]) == "--breakdown";
   const bool chunk_sweep = argc > 1 && std::string(argv[1]) == "--chunk_sweep";
+  const bool paths = argc > 1 && std::string(argv[1]) == "--paths";
   if (c10::cuda::device_count() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
@@ -341,6 +372,18 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
+  if (paths && argc > 2 && std::string(argv[2]) == "--quick") {
+    for (int64_t d : {2048, 4096}) Paths(d, 128256, 8192, 9);
+    return 0;
+  }
+  if (paths) {
+    for (int64_t d : {2048, 4096}) {
+      for (int64_t v : {100352, 128256, 256000}) {
+        for (int64_t n : {8192, 32768}) Paths(d, v, n, 9);
+      }
+    }
+    return 0;
+  }
   if (chunk_sweep) {
     for (int64_t d : {2048, 4096}) {
       for (int64_t n : {8192, 32768}) ChunkSweep(d, 128256, n, 9);

@@ -8,9 +8,11 @@
 #include "core/ops/cpu/logit_stats_cpu.h"
 
 #ifdef LMHEAD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "core/ops/cuda/fused_logit_stats_cuda.h"
 #include "core/ops/cuda/logit_stats_cuda.h"
 #endif
 
@@ -18,6 +20,19 @@ namespace lmhead {
 namespace {
 
 #ifdef LMHEAD_WITH_CUDA
+cuda::LogitType CudaLogitType(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return cuda::LogitType::kFloat32;
+    case at::kBFloat16:
+      return cuda::LogitType::kBFloat16;
+    case at::kHalf:
+      return cuda::LogitType::kFloat16;
+    default:
+      TORCH_CHECK(false, "unsupported logit dtype ", dtype);
+  }
+}
+
 void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                         at::Tensor& lse, at::Tensor& label_logit, RunningArgmax* argmax) {
   TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
@@ -25,20 +40,7 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
               "per-token statistics must be contiguous");
   TORCH_CHECK(argmax == nullptr || (argmax->value.is_contiguous() && argmax->index.is_contiguous()),
               "the running argmax must be contiguous");
-  cuda::LogitType type = cuda::LogitType::kFloat32;
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      type = cuda::LogitType::kFloat32;
-      break;
-    case at::kBFloat16:
-      type = cuda::LogitType::kBFloat16;
-      break;
-    case at::kHalf:
-      type = cuda::LogitType::kFloat16;
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported logit dtype ", logits.scalar_type());
-  }
+  const cuda::LogitType type = CudaLogitType(logits.scalar_type());
   C10_CUDA_CHECK(cuda::AccumulateLogitStats(
       logits.data_ptr(), type, logits.size(0), logits.size(1), logits.stride(0), col0,
       safe_labels.data_ptr<int64_t>(), lse.data_ptr<float>(), label_logit.data_ptr<float>(),
@@ -49,6 +51,42 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
 
 #endif
 
+#ifdef LMHEAD_WITH_CUDA
+// ComputeLogitStats by cuda::FusedLogitStats (FusedGemmApplies holds), over slices of the tokens
+// whose partial state fits in chunk_bytes.
+LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
+                                      const at::Tensor& safe_labels, int64_t chunk_bytes,
+                                      const std::function<void()>& between_chunks,
+                                      bool with_argmax) {
+  const int64_t num_tokens = h.size(0);
+  const int64_t vocab_size = weight.size(0);
+  const auto fp32 = h.options().dtype(at::kFloat);
+  LogitStats stats{at::empty({num_tokens}, fp32), at::empty({num_tokens}, fp32)};
+  if (with_argmax) stats.argmax = at::empty({num_tokens}, h.options().dtype(at::kLong));
+  const int64_t bytes_per_row = cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax);
+  const auto* properties = at::cuda::getDeviceProperties(h.device().index());
+  // Whole 128-row tiles per slice, as many as the scratch budget holds (at least one: see the
+  // caller).
+  const int64_t slice_rows =
+      std::min(num_tokens, std::max<int64_t>(chunk_bytes / bytes_per_row / 128, 1) * 128);
+  const at::Tensor scratch =
+      at::empty({std::max<int64_t>(slice_rows, 1) * bytes_per_row}, h.options().dtype(at::kByte));
+  const at::Tensor labels = safe_labels.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h.device().index()).stream();
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += slice_rows) {
+    const int64_t rows = std::min(slice_rows, num_tokens - t0);
+    if (between_chunks) between_chunks();
+    C10_CUDA_CHECK(cuda::FusedLogitStats(
+        h.narrow(0, t0, rows).data_ptr(), h.stride(0), weight.data_ptr(), weight.stride(0),
+        CudaLogitType(h.scalar_type()), rows, vocab_size, h.size(1),
+        labels.data_ptr<int64_t>() + t0, stats.lse.data_ptr<float>() + t0,
+        stats.label_logit.data_ptr<float>() + t0,
+        with_argmax ? stats.argmax.data_ptr<int64_t>() + t0 : nullptr, scratch.data_ptr(),
+        properties->multiProcessorCount, stream));
+  }
+  return stats;
+}
+#endif
 }  // namespace
 
 FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
@@ -65,9 +103,10 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
   return shape;
 }
 
-LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                             const at::Tensor& safe_labels, int64_t chunk_bytes,
-                             const std::function<void()>& between_chunks, bool with_argmax) {
+LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weight,
+                                    const at::Tensor& bias, const at::Tensor& safe_labels,
+                                    int64_t chunk_bytes,
+                                    const std::function<void()>& between_chunks, bool with_argmax) {
   const int64_t num_tokens = h.size(0);
   const int64_t vocab_size = weight.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
@@ -113,6 +152,39 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
   }
   stats.argmax = best.index;
   return stats;
+}
+
+bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
+#ifdef LMHEAD_WITH_CUDA
+  if (!h.is_cuda() || bias.defined() || h.scalar_type() != weight.scalar_type() ||
+      h.stride(1) != 1 || weight.stride(1) != 1) {
+    return false;
+  }
+  const at::ScalarType dtype = h.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  const auto* properties = at::cuda::getDeviceProperties(h.device().index());
+  return cuda::FusedLogitStatsSupported(CudaLogitType(dtype), properties->major, properties->minor,
+                                        h.size(1), h.data_ptr(), h.stride(0), weight.data_ptr(),
+                                        weight.stride(0));
+#else
+  (void)h, (void)weight, (void)bias;
+  return false;
+#endif
+}
+
+LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& safe_labels, int64_t chunk_bytes,
+                             const std::function<void()>& between_chunks, bool with_argmax) {
+#ifdef LMHEAD_WITH_CUDA
+  // The fused GEMM's smallest slice is 128 tokens; a smaller budget takes the chunked path.
+  if (FusedGemmApplies(h, weight, bias) &&
+      128 * cuda::FusedLogitStatsScratchBytesPerRow(weight.size(0), with_argmax) <= chunk_bytes) {
+    return ComputeLogitStatsFusedGemm(h, weight, safe_labels, chunk_bytes, between_chunks,
+                                      with_argmax);
+  }
+#endif
+  return ComputeLogitStatsChunked(h, weight, bias, safe_labels, chunk_bytes, between_chunks,
+                                  with_argmax);
 }
 
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,

@@ -1,7 +1,8 @@
 // The per-token statistics behind fused_linear: log-sum-exp and label logit of h W^T (+ b),
-// computed without ever holding more than a chunk of the logits: a GEMM per chunk, then an
-// epilogue that folds the chunk into the statistics. CUDA tensors use the epilogue kernel in
-// core/ops/cuda (in --config=cuda builds); other devices use ATen (core/ops/cpu).
+// computed without ever holding the whole logits. On Hopper (bf16, fp16) one fused GEMM reduces
+// each tile of logits in registers (core/ops/cuda/fused_logit_stats_cuda.h); elsewhere a GEMM per
+// chunk into a buffer, then an epilogue that folds the chunk into the statistics: the kernel in
+// core/ops/cuda for CUDA tensors (--config=cuda builds), ATen (core/ops/cpu) for other devices.
 #ifndef LMHEAD_CORE_OPS_LOGIT_STATS_H_
 #define LMHEAD_CORE_OPS_LOGIT_STATS_H_
 
@@ -39,15 +40,31 @@ struct RunningArgmax {
 };
 
 // h (N, D) and weight (V, D) of one dtype, bias (V,) or undefined, safe_labels (N,) int64 in
-// [0, V) (ignored tokens hold any valid id). The logits are formed in h's dtype, chunk by chunk,
-// and at most `chunk_bytes` of logits and their working copies exist at any time. May throw
+// [0, V) (ignored tokens hold any valid id). The logits are formed in h's dtype, and at most
+// `chunk_bytes` of logits, their working copies or partial statistics exist at any time. May throw
 // c10::Error.
 // `between_chunks`, when set, runs before each chunk (it may throw to abandon the work).
 // `with_argmax` also fills LogitStats::argmax.
+// Where FusedGemmApplies, one fused GEMM per slice of tokens
+// (core/ops/cuda/fused_logit_stats_cuda.h: no logits in memory); elsewhere
+// ComputeLogitStatsChunked.
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
                              const std::function<void()>& between_chunks = {},
                              bool with_argmax = false);
+
+// The same by chunks: a GEMM into a reused buffer, then AccumulateLogitStats, per chunk of
+// FusedChunking's shape.
+LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weight,
+                                    const at::Tensor& bias, const at::Tensor& safe_labels,
+                                    int64_t chunk_bytes,
+                                    const std::function<void()>& between_chunks = {},
+                                    bool with_argmax = false);
+
+// Whether ComputeLogitStats takes the fused GEMM: a --config=cuda build, CUDA tensors of bf16 or
+// fp16 on a compute capability 9.0 device, no bias, and operands TMA can read (D a multiple of 8,
+// 16-byte aligned rows).
+bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
 
 // One chunk: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
 // column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,

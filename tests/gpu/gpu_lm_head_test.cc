@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/lm_head.h"
+#include "core/ops/logit_stats.h"
 #include "gtest/gtest.h"
 
 namespace lmhead {
@@ -415,20 +416,80 @@ TEST(GpuLMHeadAsyncTest, NoDeviceAllocationAfterWarmUp) {
   EXPECT_EQ(allocated(), bytes);
 }
 
+// The fused GEMM (where it applies: Hopper, bf16 and fp16, no bias) against the chunked path
+// and against fp64 over one cuBLAS GEMM's logits: ragged tiles in tokens and vocabulary, N=1,
+// several token slices, with argmax. The two
+// GEMMs may round a logit to the dtype differently (their fp32 sums differ in the last bits), so a
+// few rows may differ by one rounding unit.
+TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    int64_t n, v, d, chunk_bytes;
+  };
+  // Two slices of 512 rows at V=32003: 126 vocabulary tiles of 256, 16 bytes each with argmax.
+  const int64_t two_slices = 512 * 126 * 16;
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (const Shape& s : {Shape{1, 1000, 64, 1 << 20}, Shape{300, 5003, 128, 1 << 20},
+                           Shape{1000, 32003, 256, two_slices}, Shape{4099, 50304, 1024, 64 << 20},
+                           Shape{513, 256, 4096, 1 << 20}}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " N=" << s.n << " V=" << s.v << " d=" << s.d
+                                        << " chunk_bytes=" << s.chunk_bytes);
+      at::Generator gen = at::detail::createCPUGenerator(s.n * 7 + s.v);
+      const auto opts = at::TensorOptions(at::kCUDA).dtype(dtype);
+      const at::Tensor h = at::randn({s.n, s.d}, gen).to(opts);
+      const at::Tensor w = (at::randn({s.v, s.d}, gen) * (3.0 / std::sqrt(s.d))).to(opts);
+      if (!FusedGemmApplies(h, w, at::Tensor())) {
+        GTEST_SKIP() << "the fused GEMM needs a compute capability 9.0 device";
+      }
+      const at::Tensor labels = at::randint(s.v, {s.n}, gen, at::TensorOptions(at::kLong)).cuda();
+      const LogitStats fused =
+          ComputeLogitStats(h, w, at::Tensor(), labels, s.chunk_bytes, {}, true);
+      const LogitStats chunked =
+          ComputeLogitStatsChunked(h, w, at::Tensor(), labels, s.chunk_bytes, {}, true);
+      const at::Tensor logits = at::mm(h, w.t()).to(at::kDouble).cpu();
+      const at::Tensor lse = at::logsumexp(logits, {1});
+      const at::Tensor label_logit = logits.gather(1, labels.cpu().unsqueeze(1)).squeeze(1);
+      const double unit =
+          dtype == at::kBFloat16 ? RoundingUnit(DType::kBFloat16) : RoundingUnit(DType::kFloat16);
+      const double bound = unit * logits.abs().max().item<double>();
+      for (const LogitStats* got : {&fused, &chunked}) {
+        SCOPED_TRACE(got == &fused ? "fused GEMM" : "chunked");
+        const at::Tensor ce_error =
+            ((got->lse.cpu().to(at::kDouble) - got->label_logit.cpu().to(at::kDouble)) -
+             (lse - label_logit))
+                .abs();
+        EXPECT_LT(ce_error.median().item<double>(), 1e-4);
+        EXPECT_LT(ce_error.max().item<double>(), bound);
+        const at::Tensor picked = logits.gather(1, got->argmax.cpu().unsqueeze(1)).squeeze(1);
+        const at::Tensor best = std::get<0>(logits.max(1));
+        EXPECT_TRUE((picked >= best - unit * best.abs()).all().item<bool>());
+      }
+      EXPECT_TRUE(at::allclose(fused.lse, chunked.lse, 0, bound));
+    }
+  }
+}
+
 TEST(GpuLMHeadSmokeTest, SmallCaseForComputeSanitizer) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  LMHeadConfig config;
-  config.dtype = DType::kBFloat16;
-  auto gpu = LMHead::Build(config, 32, 1003, "cuda:0", 1);
-  ASSERT_TRUE(gpu.ok());
-  ForwardOptions options;
-  options.labels = at::randint(1003, {2, 9}, at::TensorOptions(at::kLong)).cuda();
-  options.loss_implementation = LossImplementation::kFusedLinear;
-  options.fused_chunk_bytes = 3000;  // many chunks, ragged edges
-  options.loss_reduction = LossReduction::kNone;
-  auto out = (*gpu)->Forward(at::randn({2, 9, 32}).to(at::kBFloat16).cuda(), options);
-  ASSERT_TRUE(out.ok()) << out.status();
-  EXPECT_TRUE(at::isfinite(*out->loss).all().item<bool>());
+  // With a bias and small chunks: the chunked path over ragged chunks. Without a bias, on
+  // Hopper: the fused GEMM, over a ragged tile in tokens and vocabulary.
+  for (const bool bias : {true, false}) {
+    SCOPED_TRACE(bias ? "bias, chunked" : "no bias, fused GEMM where it applies");
+    LMHeadConfig config;
+    config.dtype = DType::kBFloat16;
+    config.bias = bias;
+    auto gpu = LMHead::Build(config, 32, 1003, "cuda:0", 1);
+    ASSERT_TRUE(gpu.ok());
+    ForwardOptions options;
+    options.labels = at::randint(1003, {2, 90}, at::TensorOptions(at::kLong)).cuda();
+    options.loss_implementation = LossImplementation::kFusedLinear;
+    options.fused_chunk_bytes = bias ? 3000 : 1 << 20;
+    options.loss_reduction = LossReduction::kNone;
+    options.return_argmax = true;
+    auto out = (*gpu)->Forward(at::randn({2, 90, 32}).to(at::kBFloat16).cuda(), options);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_TRUE(at::isfinite(*out->loss).all().item<bool>());
+  }
 }
 
 }  // namespace

@@ -2,7 +2,7 @@
 # Builds lmhead's CUDA path on the GPU machine (no Bazel, no network there) and runs the GPU
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
-#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|server] [--quick]
+#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|variants|server] [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
@@ -20,6 +20,7 @@ exec > >(tee "$out/run.txt") 2>&1  # everything printed is also kept in $OUT/run
 wants() { [[ " $what " == *" $1 "* || ($what == all && ($1 == test || $1 == bench)) ]]; }
 
 for deb in .gpu/debs/*.deb; do dpkg -x "$deb" "$deps"; done
+python3 -m zipfile -e .gpu/whl/nvidia_cutlass-*.whl "$deps/cutlass"  # headers only
 torch=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 cuda=$(dirname "$(dirname "$(command -v nvcc)")")
 libdir="$deps/usr/lib/x86_64-linux-gnu"
@@ -40,17 +41,23 @@ pids=()
 for src in "${sources[@]}"; do
   g++ "${cxxflags[@]}" -c "$src" -o "$build/$(basename "$src" .cc).o" & pids+=($!)
 done
-nvcc -std=c++17 -O3 -Xcompiler -fPIC -I. -gencode=arch=compute_90a,code=sm_90a \
-  -gencode=arch=compute_90,code=compute_90 -Xptxas -v \
-  -c core/ops/cuda/logit_stats_cuda.cu -o "$build/logit_stats_cuda.o" 2> "$out/ptxas.txt" & pids+=($!)
+# The flags of core/ops/cuda/BUILD.
+nvcc_flags=(-std=c++17 -O3 -Xcompiler -fPIC --expt-relaxed-constexpr -DNDEBUG -I.
+  -isystem "$deps/cutlass/cutlass_library/source/include" -gencode=arch=compute_90a,code=sm_90a
+  -gencode=arch=compute_90,code=compute_90 -Xptxas -v)
+nvcc "${nvcc_flags[@]}" -c core/ops/cuda/logit_stats_cuda.cu -o "$build/logit_stats_cuda.o" \
+  2> "$out/ptxas.txt" & pids+=($!)
+nvcc "${nvcc_flags[@]}" -c core/ops/cuda/fused_logit_stats_cuda.cu \
+  -o "$build/fused_logit_stats_cuda.o" 2> "$out/ptxas_fused.txt" & pids+=($!)
 g++ "${cxxflags[@]}" -c tests/gpu/gpu_lm_head_test.cc -o "$build/gpu_lm_head_test.o" & pids+=($!)
 g++ "${cxxflags[@]}" -c bench/gpu_lm_head_bench.cc -o "$build/gpu_lm_head_bench.o" & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
-objs=("$build"/{config,torch_errors,device_copy,layer_norm,losses,lm_head,logit_stats,logit_stats_cpu,logit_stats_cuda}.o)
+objs=("$build"/{config,torch_errors,device_copy,layer_norm,losses,lm_head,logit_stats,logit_stats_cpu,logit_stats_cuda,fused_logit_stats_cuda}.o)
 g++ -o "$build/gpu_lm_head_test" "$build/gpu_lm_head_test.o" "${objs[@]}" \
   "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
 g++ -o "$build/gpu_lm_head_bench" "$build/gpu_lm_head_bench.o" "${objs[@]}" "${ldflags[@]}"
 grep -E "registers|spill" "$out/ptxas.txt" | head -6 || true
+grep -E "registers|spill|C7510" "$out/ptxas_fused.txt" | cut -c1-160 | head -8 || true
 
 if wants test; then
   echo "== GPU tests"
@@ -166,6 +173,25 @@ PY
 fi
 if wants breakdown; then
   "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"
+fi
+if wants paths; then  # the fused GEMM and the chunked path against one GEMM
+  "$build/gpu_lm_head_bench" --paths | tee "$out/gpu_paths.txt"
+fi
+if wants variants; then  # fused GEMM schedules (LMHEAD_FUSED_SCHEDULE; "e": an empty epilogue)
+  pids=()
+  for variant in ${LMHEAD_FUSED_VARIANTS:-1 0 1e 0e}; do
+    defines=(-DLMHEAD_FUSED_SCHEDULE="${variant%e}")
+    [[ $variant == *e ]] && defines+=(-DLMHEAD_FUSED_EMPTY_EPILOGUE)
+    nvcc "${nvcc_flags[@]}" "${defines[@]}" -c core/ops/cuda/fused_logit_stats_cuda.cu \
+      -o "$build/fused_$variant.o" 2> "$out/ptxas_fused_$variant.txt" & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # a bare `wait` would wait for tee too
+  for variant in ${LMHEAD_FUSED_VARIANTS:-1 0 1e 0e}; do
+    variant_objs=("${objs[@]/"$build/fused_logit_stats_cuda.o"/"$build/fused_$variant.o"}")
+    g++ -o "$build/bench_$variant" "$build/gpu_lm_head_bench.o" "${variant_objs[@]}" "${ldflags[@]}"
+    echo "variant $variant: $(grep -E "spill" "$out/ptxas_fused_$variant.txt" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+    timeout 120 "$build/bench_$variant" --paths --quick | grep paths || true
+  done
 fi
 if wants chunks; then  # ours at several chunk budgets, interleaved with one GEMM
   "$build/gpu_lm_head_bench" --chunk_sweep | tee "$out/gpu_chunks.txt"
