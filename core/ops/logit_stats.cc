@@ -1,6 +1,7 @@
 #include "core/ops/logit_stats.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
 #include <limits>
@@ -107,6 +108,7 @@ LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weigh
                                     const at::Tensor& bias, const at::Tensor& safe_labels,
                                     int64_t chunk_bytes,
                                     const std::function<void()>& between_chunks, bool with_argmax) {
+  const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
   const int64_t num_tokens = h.size(0);
   const int64_t vocab_size = weight.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
@@ -175,6 +177,7 @@ bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::T
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
                              const std::function<void()>& between_chunks, bool with_argmax) {
+  const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
 #ifdef LMHEAD_WITH_CUDA
   // The fused GEMM's smallest slice is 128 tokens; a smaller budget takes the chunked path.
   if (FusedGemmApplies(h, weight, bias) &&
@@ -189,6 +192,7 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
 
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                           at::Tensor& lse, at::Tensor& label_logit, RunningArgmax* argmax) {
+  const c10::DeviceGuard on_logits_device(logits.device());
 #ifdef LMHEAD_WITH_CUDA
   if (logits.is_cuda()) {
     AccumulateWithCuda(logits, col0, safe_labels, lse, label_logit, argmax);

@@ -469,6 +469,36 @@ TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
   }
 }
 
+// A head on the second card while the first is current (as in a server run with --device
+// cuda:1): both implementations give the CPU's numbers, whichever device is current.
+TEST(GpuLMHeadDeviceTest, HeadOnSecondDevice) {
+  if (c10::cuda::device_count() < 2) GTEST_SKIP() << "needs two CUDA devices";
+  c10::cuda::set_device(0);
+  LMHeadConfig config;
+  config.dtype = DType::kBFloat16;
+  config.bias = false;
+  auto cpu = LMHead::Build(config, 64, 5003, "cpu", 3);
+  auto gpu = LMHead::Build(config, 64, 5003, "cuda:1", 3);
+  ASSERT_TRUE(cpu.ok() && gpu.ok());
+  std::map<std::string, at::Tensor> weights;
+  for (const auto& [name, t] : (*cpu)->NamedParameters()) weights[name] = t;
+  ASSERT_TRUE((*gpu)->LoadStateDict(weights).ok());
+  const at::Tensor x = at::randn({2, 150, 64}).to(at::kBFloat16);
+  for (LossImplementation impl : {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+    SCOPED_TRACE(Name(impl));
+    ForwardOptions options;
+    options.labels = at::randint(5003, {2, 150}, at::TensorOptions(at::kLong));
+    options.loss_implementation = impl;
+    auto g = (*gpu)->Forward(x.to(at::Device("cuda:1")), options);
+    auto h = (*cpu)->Forward(x, options);
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE(h.ok()) << h.status();
+    EXPECT_EQ(g->loss->device(), at::Device("cuda:1"));
+    EXPECT_TRUE(
+        at::allclose(g->loss->cpu().to(at::kDouble), h->loss->to(at::kDouble), 1.6e-2, 1e-4));
+  }
+}
+
 TEST(GpuLMHeadSmokeTest, SmallCaseForComputeSanitizer) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   // With a bias and small chunks: the chunked path over ragged chunks. Without a bias, on
