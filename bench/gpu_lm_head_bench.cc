@@ -283,8 +283,8 @@ void ChunkSweep(int64_t d, int64_t v, int64_t n, int reps) {
 }
 
 // The two ways to the statistics against one GEMM into a preallocated output, all interleaved:
-// the fused GEMM (ComputeLogitStats where FusedGemmApplies), the chunked GEMMs and epilogue, and
-// the whole forward; with argmax too.
+// the fused GEMM, the chunked GEMMs and epilogue, the fused GEMM with argmax, and the whole
+// forward (which takes one of the two: ComputeLogitStats).
 void Paths(int64_t d, int64_t v, int64_t n, int reps) {
   const BenchInputs in = MakeBenchInputs(d, v, n);
   const at::Tensor &w = in.w, &x = in.x, &labels = in.labels;
@@ -292,20 +292,19 @@ void Paths(int64_t d, int64_t v, int64_t n, int reps) {
   at::Tensor out = at::empty({n, v}, x.options());
   const std::vector<Timing> timed = MeasureInterleaved(
       {[&] { at::mm_out(out, x, w.t()); },
-       [&] { ComputeLogitStats(x, w, at::Tensor(), labels, chunk_bytes); },
+       [&] { ComputeLogitStatsFusedGemm(x, w, labels, chunk_bytes); },
        [&] { ComputeLogitStatsChunked(x, w, at::Tensor(), labels, chunk_bytes); },
-       [&] { ComputeLogitStats(x, w, at::Tensor(), labels, chunk_bytes, {}, true); },
+       [&] { ComputeLogitStatsFusedGemm(x, w, labels, chunk_bytes, {}, true); },
        [&] {
          ForwardOrThrow(*in.head, x.view({1, n, d}), in.host_labels.view({1, n}));
        }},
       reps);
   const double cublas = timed[0].median_ms;
   std::printf(
-      "paths d=%lld V=%lld N=%lld (fused GEMM %s): cublas %.2f ms; stats %.2f ms x%.3f (peak "
-      "%.0f MB); chunked stats %.2f ms x%.3f; stats with argmax %.2f ms x%.3f; forward %.2f ms "
-      "x%.3f\n",
-      static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
-      FusedGemmApplies(x, w, at::Tensor()) ? "applies" : "does not apply", cublas,
+      "paths d=%lld V=%lld N=%lld: cublas %.2f ms; fused GEMM stats %.2f ms x%.3f (peak %.0f "
+      "MB); chunked stats %.2f ms x%.3f; fused GEMM stats with argmax %.2f ms x%.3f; forward "
+      "%.2f ms x%.3f\n",
+      static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n), cublas,
       timed[1].median_ms, timed[1].median_ms / cublas, timed[1].peak_extra_mb, timed[2].median_ms,
       timed[2].median_ms / cublas, timed[3].median_ms, timed[3].median_ms / cublas,
       timed[4].median_ms, timed[4].median_ms / cublas);

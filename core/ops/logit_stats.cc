@@ -52,42 +52,6 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
 
 #endif
 
-#ifdef LMHEAD_WITH_CUDA
-// ComputeLogitStats by cuda::FusedLogitStats (FusedGemmApplies holds), over slices of the tokens
-// whose partial state fits in chunk_bytes.
-LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
-                                      const at::Tensor& safe_labels, int64_t chunk_bytes,
-                                      const std::function<void()>& between_chunks,
-                                      bool with_argmax) {
-  const int64_t num_tokens = h.size(0);
-  const int64_t vocab_size = weight.size(0);
-  const auto fp32 = h.options().dtype(at::kFloat);
-  LogitStats stats{at::empty({num_tokens}, fp32), at::empty({num_tokens}, fp32)};
-  if (with_argmax) stats.argmax = at::empty({num_tokens}, h.options().dtype(at::kLong));
-  const int64_t bytes_per_row = cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax);
-  const auto* properties = at::cuda::getDeviceProperties(h.device().index());
-  // Whole 128-row tiles per slice, as many as the scratch budget holds (at least one: see the
-  // caller).
-  const int64_t slice_rows =
-      std::min(num_tokens, std::max<int64_t>(chunk_bytes / bytes_per_row / 128, 1) * 128);
-  const at::Tensor scratch =
-      at::empty({std::max<int64_t>(slice_rows, 1) * bytes_per_row}, h.options().dtype(at::kByte));
-  const at::Tensor labels = safe_labels.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h.device().index()).stream();
-  for (int64_t t0 = 0; t0 < num_tokens; t0 += slice_rows) {
-    const int64_t rows = std::min(slice_rows, num_tokens - t0);
-    if (between_chunks) between_chunks();
-    C10_CUDA_CHECK(cuda::FusedLogitStats(
-        h.narrow(0, t0, rows).data_ptr(), h.stride(0), weight.data_ptr(), weight.stride(0),
-        CudaLogitType(h.scalar_type()), rows, vocab_size, h.size(1),
-        labels.data_ptr<int64_t>() + t0, stats.lse.data_ptr<float>() + t0,
-        stats.label_logit.data_ptr<float>() + t0,
-        with_argmax ? stats.argmax.data_ptr<int64_t>() + t0 : nullptr, scratch.data_ptr(),
-        properties->multiProcessorCount, stream));
-  }
-  return stats;
-}
-#endif
 }  // namespace
 
 FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
@@ -174,18 +138,71 @@ bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::T
 #endif
 }
 
+int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax) {
+#ifdef LMHEAD_WITH_CUDA
+  return 128 * cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax);
+#else
+  (void)vocab_size, (void)with_argmax;
+  return 0;
+#endif
+}
+
+LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
+                                      const at::Tensor& safe_labels, int64_t chunk_bytes,
+                                      const std::function<void()>& between_chunks,
+                                      bool with_argmax) {
+#ifdef LMHEAD_WITH_CUDA
+  TORCH_CHECK(FusedGemmApplies(h, weight, at::Tensor()),
+              "the fused GEMM does not apply to these operands (see FusedGemmApplies)");
+  TORCH_CHECK(chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax),
+              "chunk_bytes is below one 128-token slice of the fused GEMM's partials");
+  const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
+  const int64_t num_tokens = h.size(0);
+  const int64_t vocab_size = weight.size(0);
+  const auto fp32 = h.options().dtype(at::kFloat);
+  LogitStats stats{at::empty({num_tokens}, fp32), at::empty({num_tokens}, fp32)};
+  if (with_argmax) stats.argmax = at::empty({num_tokens}, h.options().dtype(at::kLong));
+  const int64_t bytes_per_row = cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax);
+  const auto* properties = at::cuda::getDeviceProperties(h.device().index());
+  // Whole 128-row tiles per slice, as many as the scratch budget holds (at least one, checked
+  // above).
+  const int64_t slice_rows =
+      std::min(num_tokens, std::max<int64_t>(chunk_bytes / bytes_per_row / 128, 1) * 128);
+  const at::Tensor scratch =
+      at::empty({std::max<int64_t>(slice_rows, 1) * bytes_per_row}, h.options().dtype(at::kByte));
+  const at::Tensor labels = safe_labels.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h.device().index()).stream();
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += slice_rows) {
+    const int64_t rows = std::min(slice_rows, num_tokens - t0);
+    if (between_chunks) between_chunks();
+    C10_CUDA_CHECK(cuda::FusedLogitStats(
+        h.narrow(0, t0, rows).data_ptr(), h.stride(0), weight.data_ptr(), weight.stride(0),
+        CudaLogitType(h.scalar_type()), rows, vocab_size, h.size(1),
+        labels.data_ptr<int64_t>() + t0, stats.lse.data_ptr<float>() + t0,
+        stats.label_logit.data_ptr<float>() + t0,
+        with_argmax ? stats.argmax.data_ptr<int64_t>() + t0 : nullptr, scratch.data_ptr(),
+        properties->multiProcessorCount, stream));
+  }
+  return stats;
+#else
+  (void)h, (void)weight, (void)safe_labels, (void)chunk_bytes, (void)between_chunks,
+      (void)with_argmax;
+  TORCH_CHECK(false, "the fused GEMM needs a --config=cuda build");
+#endif
+}
+
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
                              const std::function<void()>& between_chunks, bool with_argmax) {
-  const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
-#ifdef LMHEAD_WITH_CUDA
-  // The fused GEMM's smallest slice is 128 tokens; a smaller budget takes the chunked path.
-  if (FusedGemmApplies(h, weight, bias) &&
-      128 * cuda::FusedLogitStatsScratchBytesPerRow(weight.size(0), with_argmax) <= chunk_bytes) {
+  // The fused GEMM where it was measured faster than the chunked path on both the H100 and the
+  // H200 (docs/BENCHMARKS.md, v9): rows of h up to 4 KiB (d <= 2048 in bf16). At d=4096 it was
+  // faster on the H200 but slower on the H100, so wider rows keep the chunked path.
+  constexpr int64_t kFusedGemmMaxRowBytes = 4096;
+  if (FusedGemmApplies(h, weight, bias) && h.size(1) * h.element_size() <= kFusedGemmMaxRowBytes &&
+      chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax)) {
     return ComputeLogitStatsFusedGemm(h, weight, safe_labels, chunk_bytes, between_chunks,
                                       with_argmax);
   }
-#endif
   return ComputeLogitStatsChunked(h, weight, bias, safe_labels, chunk_bytes, between_chunks,
                                   with_argmax);
 }

@@ -45,9 +45,9 @@ struct RunningArgmax {
 // c10::Error.
 // `between_chunks`, when set, runs before each chunk (it may throw to abandon the work).
 // `with_argmax` also fills LogitStats::argmax.
-// Where FusedGemmApplies, one fused GEMM per slice of tokens
-// (core/ops/cuda/fused_logit_stats_cuda.h: no logits in memory); elsewhere
-// ComputeLogitStatsChunked.
+// ComputeLogitStatsFusedGemm where FusedGemmApplies, rows of h are at most 4 KiB (where it was
+// measured faster on both Hopper cards) and chunk_bytes allows it; ComputeLogitStatsChunked
+// elsewhere.
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
                              const std::function<void()>& between_chunks = {},
@@ -61,10 +61,21 @@ LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weigh
                                     const std::function<void()>& between_chunks = {},
                                     bool with_argmax = false);
 
-// Whether ComputeLogitStats takes the fused GEMM: a --config=cuda build, CUDA tensors of bf16 or
-// fp16 on a compute capability 9.0 device, no bias, and operands TMA can read (D a multiple of 8,
-// 16-byte aligned rows).
+// Whether the fused GEMM can run: a --config=cuda build, CUDA tensors of bf16 or fp16 on a
+// compute capability 9.0 device, no bias, and operands TMA can read (D a multiple of 8, 16-byte
+// aligned rows).
 bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
+
+// The smallest chunk_bytes ComputeLogitStatsFusedGemm takes: one 128-token slice of partials.
+int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax);
+
+// The same by one fused GEMM per slice of tokens (core/ops/cuda/fused_logit_stats_cuda.h: no
+// logits in memory; the partials of a slice fit in chunk_bytes). Requires FusedGemmApplies (no
+// bias) and chunk_bytes >= FusedGemmMinChunkBytes; throws c10::Error otherwise.
+LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
+                                      const at::Tensor& safe_labels, int64_t chunk_bytes,
+                                      const std::function<void()>& between_chunks = {},
+                                      bool with_argmax = false);
 
 // One chunk: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
 // column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,

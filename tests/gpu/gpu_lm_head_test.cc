@@ -335,14 +335,17 @@ TEST(GpuLMHeadErrorsTest, IndexTensorsOnHostOrDevice) {
 }
 
 // Forward returns once its work is queued, with labels and positions on the host or on the
-// device: the device is still busy with the forward's own GEMMs (milliseconds at this shape)
-// when it returns, so nothing inside it waited for them.
-TEST(GpuLMHeadAsyncTest, ForwardReturnsBeforeItsWorkIsDone) {
+// device: the device is still busy with the forward's own GEMMs (milliseconds at these shapes)
+// when it returns, so nothing inside it waited for them. d=2048 takes the fused GEMM on Hopper,
+// d=4096 the chunked path.
+class GpuLMHeadAsyncWidthTest : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(GpuLMHeadAsyncWidthTest, ForwardReturnsBeforeItsWorkIsDone) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   LMHeadConfig config;
   config.dtype = DType::kBFloat16;
   config.bias = false;
-  const int64_t d = 4096, vocab = 128256, n = 8192;
+  const int64_t d = GetParam(), vocab = 128256, n = 8192;
   auto gpu = LMHead::Build(config, d, vocab, "cuda:0", 1);
   ASSERT_TRUE(gpu.ok());
   const at::Tensor x = at::randn({1, n, d}, at::TensorOptions(at::kCUDA).dtype(at::kBFloat16));
@@ -371,6 +374,8 @@ TEST(GpuLMHeadAsyncTest, ForwardReturnsBeforeItsWorkIsDone) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Widths, GpuLMHeadAsyncWidthTest, ::testing::Values(2048, 4096));
 
 // After one forward of each kind, further forwards of the same shapes get all their device
 // memory from LibTorch's caching allocator (no cudaMalloc), free all of it with their outputs,
@@ -416,7 +421,7 @@ TEST(GpuLMHeadAsyncTest, NoDeviceAllocationAfterWarmUp) {
   EXPECT_EQ(allocated(), bytes);
 }
 
-// The fused GEMM (where it applies: Hopper, bf16 and fp16, no bias) against the chunked path
+// The fused GEMM (where it can run: Hopper, bf16 and fp16, no bias) against the chunked path
 // and against fp64 over one cuBLAS GEMM's logits: ragged tiles in tokens and vocabulary, N=1,
 // several token slices, with argmax. The two
 // GEMMs may round a logit to the dtype differently (their fp32 sums differ in the last bits), so a
@@ -442,8 +447,7 @@ TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
         GTEST_SKIP() << "the fused GEMM needs a compute capability 9.0 device";
       }
       const at::Tensor labels = at::randint(s.v, {s.n}, gen, at::TensorOptions(at::kLong)).cuda();
-      const LogitStats fused =
-          ComputeLogitStats(h, w, at::Tensor(), labels, s.chunk_bytes, {}, true);
+      const LogitStats fused = ComputeLogitStatsFusedGemm(h, w, labels, s.chunk_bytes, {}, true);
       const LogitStats chunked =
           ComputeLogitStatsChunked(h, w, at::Tensor(), labels, s.chunk_bytes, {}, true);
       const at::Tensor logits = at::mm(h, w.t()).to(at::kDouble).cpu();
