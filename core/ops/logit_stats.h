@@ -1,6 +1,7 @@
 // The per-token statistics behind fused_linear: log-sum-exp and label logit of h W^T (+ b),
-// computed without ever holding the whole logits. On Hopper (bf16, fp16) one fused GEMM reduces
-// each tile of logits in registers (core/ops/cuda/fused_logit_stats_cuda.h); elsewhere a GEMM per
+// computed without ever holding the whole logits. On Hopper (bf16, fp16, rows of h up to 4 KiB)
+// one fused GEMM reduces each tile of logits in registers
+// (core/ops/cuda/fused_logit_stats_cuda.h); elsewhere a GEMM per
 // chunk into a buffer, then an epilogue that folds the chunk into the statistics: the kernel in
 // core/ops/cuda for CUDA tensors (--config=cuda builds), ATen (core/ops/cpu) for other devices.
 #ifndef LMHEAD_CORE_OPS_LOGIT_STATS_H_
@@ -81,7 +82,7 @@ LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& wei
 // column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,
 // logsumexp(row)), label_logit <- the row's label logit where the label lies in this chunk;
 // `argmax`, when given, (rows,) views updated with the chunk's best. On CUDA it runs on the
-// current stream. May throw c10::Error.
+// current stream of the logits' device. May throw c10::Error.
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                           at::Tensor& lse, at::Tensor& label_logit,
                           RunningArgmax* argmax = nullptr);
