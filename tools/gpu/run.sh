@@ -8,7 +8,8 @@
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
-# Logs and results go to $OUT (or /tmp/lmhead-out).
+# Logs and results go to $OUT (or /tmp/lmhead-out). LMHEAD_STEP_SECONDS (default 420) bounds each
+# GPU program's run.
 set -euo pipefail
 what=${1:-all}
 quick=${2:-}
@@ -17,6 +18,9 @@ build=/tmp/lmhead-build
 deps=/tmp/lmhead-deps
 mkdir -p "$out" "$build" "$deps"
 exec > >(tee "$out/run.txt") 2>&1  # everything printed is also kept in $OUT/run.txt
+# Each GPU program gets at most this long, so that a hang costs one step, not the whole call.
+limit=${LMHEAD_STEP_SECONDS:-420}
+step() { timeout "$limit" "$@" || echo "!! $1 ${2:-} failed or ran past ${limit} s (exit $?)"; }
 wants() { [[ " $what " == *" $1 "* || ($what == all && ($1 == test || $1 == bench)) ]]; }
 
 for deb in .gpu/debs/*.deb; do dpkg -x "$deb" "$deps"; done
@@ -61,11 +65,11 @@ grep -E "registers|spill|C7510" "$out/ptxas_fused.txt" | cut -c1-160 | head -8 |
 
 if wants test; then
   echo "== GPU tests"
-  "$build/gpu_lm_head_test" > "$out/gpu_test.txt" 2>&1 && echo "gpu tests: passed" \
+  timeout "$limit" "$build/gpu_lm_head_test" > "$out/gpu_test.txt" 2>&1 && echo "gpu tests: passed" \
     || echo "gpu tests: FAILED"
   grep -E "^\[==========\]|^\[  PASSED  \]|^\[  FAILED  \]" "$out/gpu_test.txt" || true
   echo "== compute-sanitizer memcheck (small case)"
-  compute-sanitizer --tool memcheck --error-exitcode 1 "$build/gpu_lm_head_test" \
+  timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 1 "$build/gpu_lm_head_test" \
     --gtest_filter='GpuLMHeadSmokeTest.*' > "$out/memcheck.txt" 2>&1 \
     && echo "memcheck: clean" || { echo "memcheck: errors"; tail -30 "$out/memcheck.txt"; }
 fi
@@ -172,10 +176,10 @@ PY
   kill -TERM "${servers[@]}" 2>/dev/null; wait "${servers[@]}" || true
 fi
 if wants breakdown; then
-  "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"
+  step "$build/gpu_lm_head_bench" --breakdown | tee "$out/gpu_breakdown.txt"
 fi
 if wants paths; then  # the fused GEMM and the chunked path against one GEMM
-  "$build/gpu_lm_head_bench" --paths | tee "$out/gpu_paths.txt"
+  step "$build/gpu_lm_head_bench" --paths | tee "$out/gpu_paths.txt"
 fi
 if wants variants; then  # fused GEMM schedules (LMHEAD_FUSED_SCHEDULE; "e": an empty epilogue)
   pids=()
@@ -190,20 +194,20 @@ if wants variants; then  # fused GEMM schedules (LMHEAD_FUSED_SCHEDULE; "e": an 
     variant_objs=("${objs[@]/"$build/fused_logit_stats_cuda.o"/"$build/fused_$variant.o"}")
     g++ -o "$build/bench_$variant" "$build/gpu_lm_head_bench.o" "${variant_objs[@]}" "${ldflags[@]}"
     echo "variant $variant: $(grep -E "spill" "$out/ptxas_fused_$variant.txt" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
-    timeout 120 "$build/bench_$variant" --paths --quick | grep paths || true
+    step "$build/bench_$variant" --paths --quick | grep paths || true
   done
 fi
 if wants chunks; then  # ours at several chunk budgets, interleaved with one GEMM
-  "$build/gpu_lm_head_bench" --chunk_sweep | tee "$out/gpu_chunks.txt"
+  step "$build/gpu_lm_head_bench" --chunk_sweep | tee "$out/gpu_chunks.txt"
 fi
 if wants bench; then
   echo "== benchmark: ours vs cuBLAS and eager"
   # The card's clocks, power and temperature once a second, for reading the timings.
   nvidia-smi dmon -s pc -d 1 > "$out/gpu_clocks.txt" 2>&1 & dmon=$!
-  "$build/gpu_lm_head_bench" $quick | tee "$out/gpu_bench.txt"
+  step "$build/gpu_lm_head_bench" $quick | tee "$out/gpu_bench.txt"
   echo "== benchmark: Liger-Kernel and Cut Cross-Entropy"
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lmhead-site .gpu/whl/*.whl
-  PYTHONPATH=/tmp/lmhead-site python3 bench/gpu_baselines.py $quick | tee "$out/gpu_baselines.txt"
+  step env PYTHONPATH=/tmp/lmhead-site python3 bench/gpu_baselines.py $quick | tee "$out/gpu_baselines.txt"
   kill "$dmon" 2>/dev/null || true
   echo "SM clock MHz during the benchmarks (min/median/max): $(awk '$1 !~ /#/ && NF > 5 {print $NF}' \
     "$out/gpu_clocks.txt" | sort -n | awk '{a[NR]=$1} END {if (NR) print a[1] "/" a[int((NR+1)/2)] "/" a[NR]}')"
