@@ -5,7 +5,7 @@
 // all measured in this process, with ours/cublas printed as `fused/cublas=<ratio>`.
 // bench/gpu_baselines.py measures Liger-Kernel and Cut Cross-Entropy the same way.
 //
-//   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick]]
+//   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick] | --sustained]
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/Sleep.h>
@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/device_copy.h"
@@ -311,6 +312,56 @@ void Paths(int64_t d, int64_t v, int64_t n, int reps) {
   std::fflush(stdout);
 }
 
+// Each path run back to back for `seconds`, with the card's SM clock and power read from
+// nvidia-smi halfway: whether a path is slowed by the power cap more than the GEMM is.
+void Sustained(int64_t d, int64_t v, int64_t n, double seconds) {
+  const BenchInputs in = MakeBenchInputs(d, v, n);
+  const at::Tensor &w = in.w, &x = in.x, &labels = in.labels;
+  const int64_t chunk_bytes = DefaultFusedChunkBytes(at::kCUDA);
+  at::Tensor out = at::empty({n, v}, x.options());
+  const std::vector<std::pair<const char*, std::function<void()>>> fns = {
+      {"cublas", [&] { at::mm_out(out, x, w.t()); }},
+      {"fused GEMM stats", [&] { ComputeLogitStatsFusedGemm(x, w, labels, chunk_bytes); }},
+      {"chunked stats",
+       [&] { ComputeLogitStatsChunked(x, w, at::Tensor(), labels, chunk_bytes); }}};
+  std::printf("sustained d=%lld V=%lld N=%lld, %.0f s each:\n", static_cast<long long>(d),
+              static_cast<long long>(v), static_cast<long long>(n), seconds);
+  double cublas_ms = 0;
+  for (const auto& [name, fn] : fns) {
+    fn();
+    fn();
+    c10::cuda::device_synchronize();
+    std::string reading;
+    std::thread reader([&] {
+      std::this_thread::sleep_for(std::chrono::duration<double>(seconds / 2));
+      FILE* pipe = popen(
+          "nvidia-smi -i 0 --format=csv,noheader "
+          "--query-gpu=clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active",
+          "r");
+      char line[256] = {};
+      if (pipe != nullptr && std::fgets(line, sizeof(line), pipe) != nullptr) reading = line;
+      if (pipe != nullptr) pclose(pipe);
+      if (!reading.empty() && reading.back() == '\n') reading.pop_back();
+    });
+    at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
+    start.record();
+    int calls = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < seconds) {
+      fn();
+      ++calls;
+    }
+    end.record();
+    end.synchronize();
+    reader.join();
+    const double ms = start.elapsed_time(end) / calls;
+    if (cublas_ms == 0) cublas_ms = ms;
+    std::printf("  %-17s %7.2f ms x%.3f over %d calls; mid-run: %s\n", name, ms, ms / cublas_ms,
+                calls, reading.c_str());
+  }
+  std::fflush(stdout);
+}
+
 // The host's time in each part of a forward (median of `reps`; the device is synchronised
 // between calls, outside the timing): what the host spends before the device has work.
 void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
@@ -364,6 +415,7 @@ int main(int argc, char** argv) {
   const bool breakdown = argc > 1 && std::string(argv[1]) == "--breakdown";
   const bool chunk_sweep = argc > 1 && std::string(argv[1]) == "--chunk_sweep";
   const bool paths = argc > 1 && std::string(argv[1]) == "--paths";
+  const bool sustained = argc > 1 && std::string(argv[1]) == "--sustained";
   if (c10::cuda::device_count() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
@@ -371,8 +423,14 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
+  if (sustained) {
+    Sustained(2048, 128256, 8192, 3);
+    Sustained(4096, 256000, 8192, 3);
+    return 0;
+  }
   if (paths && argc > 2 && std::string(argv[2]) == "--quick") {
     for (int64_t d : {2048, 4096}) Paths(d, 128256, 8192, 9);
+    Paths(4096, 256000, 8192, 9);
     return 0;
   }
   if (paths) {

@@ -2,7 +2,7 @@
 # Builds lmhead's CUDA path on the GPU machine (no Bazel, no network there) and runs the GPU
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
-#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|variants|server] [--quick]
+#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server] [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
@@ -180,6 +180,9 @@ if wants breakdown; then
 fi
 if wants paths; then  # the fused GEMM and the chunked path against one GEMM
   step "$build/gpu_lm_head_bench" --paths | tee "$out/gpu_paths.txt"
+fi
+if wants sustained; then  # each path back to back, with the SM clock and power under load
+  step "$build/gpu_lm_head_bench" --sustained | tee "$out/gpu_sustained.txt"
 fi
 if wants variants; then  # fused GEMM schedules (LMHEAD_FUSED_SCHEDULE; "e": an empty epilogue)
   pids=()
