@@ -195,8 +195,8 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
                              const std::function<void()>& between_chunks, bool with_argmax) {
   // The fused GEMM where it was measured faster than the chunked path on both the H100 and the
-  // H200 (docs/BENCHMARKS.md, v9): rows of h up to 4 KiB (d <= 2048 in bf16). At d=4096 it was
-  // faster on the H200 but slower on the H100, so wider rows keep the chunked path.
+  // H200: rows of h up to 4 KiB (d <= 2048 in bf16). At d=4096, run back to back at the cards'
+  // power cap, it is slower on both (docs/BENCHMARKS.md, v10), so wider rows keep the chunked path.
   constexpr int64_t kFusedGemmMaxRowBytes = 4096;
   if (FusedGemmApplies(h, weight, bias) && h.size(1) * h.element_size() <= kFusedGemmMaxRowBytes &&
       chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax)) {
