@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing lmhead needs, skipping whatever is already there:
 # Debian's packages (Bazel 4.2.3, gRPC, protobuf, abseil, spdlog, GoogleTest, Google Benchmark,
-# nlohmann-json) and the project's Python venv (LibTorch, olmo_core; see tools/venv.sh).
+# nlohmann-json, clang with libFuzzer) and the project's Python venv (LibTorch, olmo_core; see
+# tools/venv.sh).
 # Idempotent; safe to run on every build. Prints the venv path last.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -11,6 +12,8 @@ packages=(
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev python3-venv clang-format
+  # The fuzz targets (tools/fuzz.sh): clang, and compiler-rt's libFuzzer and sanitizer runtimes.
+  clang libclang-rt-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do
