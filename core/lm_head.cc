@@ -87,6 +87,55 @@ int64_t KeptStart(int64_t logits_to_keep, int64_t seq_len) {
   return k <= -seq_len ? seq_len : -k;
 }
 
+int64_t KeptLength(const std::variant<int64_t, at::Tensor>& logits_to_keep, int64_t seq_len) {
+  if (const auto* positions = std::get_if<at::Tensor>(&logits_to_keep)) {
+    return positions->dim() == 2 ? positions->size(1) : 0;
+  }
+  return seq_len - KeptStart(std::get<int64_t>(logits_to_keep), seq_len);
+}
+
+absl::StatusOr<LossOutputSpec> LossOutputs(const LMHeadConfig& config, int64_t batch, int64_t kept,
+                                           const ForwardOptions& options) {
+  LossOutputSpec spec;
+  if (options.loss_reduction == LossReduction::kNone) spec.shape = {batch, kept};
+  if (options.z_loss_multiplier.has_value()) {
+    spec.z_loss_dtype = options.loss_implementation.value_or(config.loss_implementation) ==
+                                LossImplementation::kFusedLinear
+                            ? ToScalarType(config.dtype)
+                            : at::kFloat;
+  }
+  const auto* divisor = std::get_if<at::Tensor>(&options.loss_div_factor);
+  if (divisor == nullptr) return spec;
+  if (!divisor->defined() || !at::isFloatingType(divisor->scalar_type())) {
+    return InvalidArgument("loss_div_factor", "a tensor divisor must be floating point");
+  }
+  // Broadcasting as LibTorch does: trailing dimensions aligned, each equal or 1.
+  const std::vector<int64_t> losses = spec.shape;
+  const at::IntArrayRef d = divisor->sizes();
+  std::vector<int64_t> shape(std::max<size_t>(losses.size(), d.size()));
+  for (size_t i = 0; i < shape.size(); ++i) {
+    const int64_t a = i < losses.size() ? losses[losses.size() - 1 - i] : 1;
+    const int64_t b = i < d.size() ? d[d.size() - 1 - i] : 1;
+    if (a != b && a != 1 && b != 1) {
+      return InvalidArgument(
+          "loss_div_factor",
+          absl::StrCat("shape ", ShapeString(d), " does not broadcast against the losses' shape ",
+                       ShapeString(losses)));
+    }
+    shape[shape.size() - 1 - i] = a == 1 ? b : a;
+  }
+  spec.shape = std::move(shape);
+  // Type promotion as the division does it (a 0-dim divisor counts less than a dimensioned loss).
+  const auto promoted = [&](c10::ScalarType dtype) {
+    return at::result_type(at::empty(losses, at::TensorOptions().dtype(dtype).device(at::kMeta)),
+                           at::empty(d, divisor->options().device(at::kMeta)));
+  };
+  spec.loss_dtype = promoted(spec.loss_dtype);
+  spec.ce_loss_dtype = promoted(spec.ce_loss_dtype);
+  if (spec.z_loss_dtype.has_value()) spec.z_loss_dtype = promoted(*spec.z_loss_dtype);
+  return spec;
+}
+
 LMHead::LMHead(const LMHeadConfig& config, int64_t d_model, int64_t vocab_size)
     : config_(config), d_model_(d_model), vocab_size_(vocab_size) {}
 
@@ -105,7 +154,10 @@ absl::StatusOr<std::unique_ptr<LMHead>> LMHead::Build(const LMHeadConfig& config
   }
   absl::StatusOr<c10::Device> parsed =
       CatchTorchErrors([&]() -> absl::StatusOr<c10::Device> { return c10::Device(device); });
-  if (!parsed.ok()) return InvalidArgument("device", parsed.status().message());
+  if (!parsed.ok()) {
+    return InvalidArgument("device", absl::StrCat("expected cpu, cuda or cuda:N, got '", device,
+                                                  "' (", LibraryErrorDetail(parsed.status()), ")"));
+  }
 
   std::unique_ptr<LMHead> head;
   if (config.name == LMHeadType::kNormalized) {
@@ -254,8 +306,8 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
       options.loss_implementation.value_or(config_.loss_implementation);
   if (!options.labels.has_value()) {
     if (options.return_logits == false) {
-      return absl::InvalidArgumentError(
-          "'return_logits=False' is only valid when 'labels' is provided");
+      return InvalidArgument("return_logits",
+                             "'return_logits=False' is only valid when 'labels' is provided");
     }
   } else {
     const at::Tensor& labels = *options.labels;
@@ -274,12 +326,13 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
                                           ") or on the CPU, got ", labels.device().str()));
     }
     if (config_.name == LMHeadType::kNormalized && implementation != LossImplementation::kDefault) {
-      return absl::UnimplementedError(absl::StrCat("'", Name(implementation),
+      return absl::UnimplementedError(absl::StrCat("loss_implementation: '", Name(implementation),
                                                    "' loss implementation is not supported by "
                                                    "'NormalizedLMHead'"));
     }
     if (implementation == LossImplementation::kFusedLinear && options.return_logits == true) {
-      return absl::InvalidArgumentError(
+      return InvalidArgument(
+          "return_logits",
           "'return_logits=True' is not compatible 'fused_linear' loss implementation");
     }
     if (options.loss_reduction == LossReduction::kNone && batch == 0) {
@@ -289,6 +342,18 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
     if (options.fused_chunk_bytes < 0) {
       return InvalidArgument("fused_chunk_bytes", "must be positive, or 0 for the default");
     }
+    if (const auto* divisor = std::get_if<at::Tensor>(&options.loss_div_factor)) {
+      if (divisor->defined() && divisor->device() != x.device() &&
+          !(divisor->is_cpu() && divisor->dim() == 0)) {
+        return InvalidArgument(
+            "loss_div_factor",
+            absl::StrCat("must be on x's device (", x.device().str(),
+                         ") or a 0-dim CPU tensor, got ", divisor->device().str()));
+      }
+    }
+    absl::StatusOr<LossOutputSpec> losses =
+        LossOutputs(config_, batch, KeptLength(options.logits_to_keep, length), options);
+    if (!losses.ok()) return losses.status();
   }
   return absl::OkStatus();
 }

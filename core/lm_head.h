@@ -81,6 +81,30 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 // min(|k|, seq_len). Defined for every int64 k (INT64_MIN included).
 int64_t KeptStart(int64_t logits_to_keep, int64_t seq_len);
 
+// The number of positions per row that `logits_to_keep` keeps of `seq_len`: K for a (B, K)
+// positions tensor, seq_len - KeptStart(k, seq_len) for an integer k.
+int64_t KeptLength(const std::variant<int64_t, at::Tensor>& logits_to_keep, int64_t seq_len);
+
+// The shape and dtype of the loss outputs Forward returns (spec §3).
+struct LossOutputSpec {
+  // (batch, kept) for "none", () for "mean" and "sum"; broadcast with the shape of a tensor
+  // loss_div_factor, as the division does.
+  std::vector<int64_t> shape;
+  c10::ScalarType loss_dtype = c10::ScalarType::Float;
+  c10::ScalarType ce_loss_dtype = c10::ScalarType::Float;
+  // Present iff a z-loss multiplier is given: fp32 (default), the head's dtype (fused_linear),
+  // promoted with a tensor divisor's dtype.
+  std::optional<c10::ScalarType> z_loss_dtype;
+};
+
+// What LMHead::Forward returns as loss, ce_loss and z_loss for a head configured as `config`,
+// `batch` rows of `kept` kept positions and `options`, from shapes alone: reads options'
+// loss_reduction, z_loss_multiplier, loss_implementation and loss_div_factor (a tensor divisor
+// only for its shape and dtype, so a meta tensor will do). INVALID_ARGUMENT "loss_div_factor: ..."
+// when a tensor divisor is not floating point or does not broadcast against the losses.
+absl::StatusOr<LossOutputSpec> LossOutputs(const LMHeadConfig& config, int64_t batch, int64_t kept,
+                                           const ForwardOptions& options);
+
 class LayerNorm;
 
 // LMHead (an optional layer norm, then w_out) built from an LMHeadConfig. Immutable after

@@ -276,14 +276,15 @@ TEST(LMHeadTest, ForwardErrorsNameTheArgument) {
   };
   const std::vector<Case> cases = {
       {[](ForwardOptions& o) { o.return_logits = false; }, x, absl::StatusCode::kInvalidArgument,
-       "'return_logits=False' is only valid when 'labels' is provided"},
+       "return_logits: 'return_logits=False' is only valid when 'labels' is provided"},
       {[&](ForwardOptions& o) {
          o.labels = labels;
          o.loss_implementation = LossImplementation::kFusedLinear;
          o.return_logits = true;
        },
        x, absl::StatusCode::kInvalidArgument,
-       "'return_logits=True' is not compatible 'fused_linear' loss implementation"},
+       "return_logits: 'return_logits=True' is not compatible 'fused_linear' loss "
+       "implementation"},
       {[&](ForwardOptions& o) { o.labels = labels + kV; }, x, absl::StatusCode::kInvalidArgument,
        "labels: values must lie in [0, vocab_size=37)"},
       {[&](ForwardOptions& o) { o.labels = labels.slice(1, 0, 2); }, x,
@@ -315,15 +316,40 @@ TEST(LMHeadTest, ForwardErrorsNameTheArgument) {
          o.loss_reduction = LossReduction::kNone;  // (2, 3) losses do not broadcast with (5,)
          o.loss_div_factor = at::ones({5});
        },
-       x, absl::StatusCode::kInvalidArgument, "size of tensor"},
+       x, absl::StatusCode::kInvalidArgument,
+       "loss_div_factor: shape [5] does not broadcast against the losses' shape [2, 3]"},
+      // Issue 11: these reached LibTorch's "The size of tensor a (2) must match ...".
+      {[&](ForwardOptions& o) {
+         o.labels = labels;
+         o.loss_reduction = LossReduction::kNone;
+         o.loss_div_factor = at::ones({3, 1});
+       },
+       x, absl::StatusCode::kInvalidArgument,
+       "loss_div_factor: shape [3, 1] does not broadcast against the losses' shape [2, 3]"},
+      {[&](ForwardOptions& o) {
+         o.labels = labels;
+         o.loss_reduction = LossReduction::kNone;
+         o.loss_div_factor = at::ones({2, 4});
+       },
+       x, absl::StatusCode::kInvalidArgument,
+       "loss_div_factor: shape [2, 4] does not broadcast against the losses' shape [2, 3]"},
+      {[&](ForwardOptions& o) {
+         o.labels = labels;
+         o.loss_div_factor = at::ones({2}, at::kLong);
+       },
+       x, absl::StatusCode::kInvalidArgument,
+       "loss_div_factor: a tensor divisor must be floating point"},
   };
   for (const Case& c : cases) {
     ForwardOptions options;
     c.set(options);
+    // Found by the checks, before any compute, and named by the argument.
+    EXPECT_THAT(std::string(head->ValidateForward(c.x, options).message()),
+                ::testing::StartsWith(c.expected));
     absl::StatusOr<LMOutput> out = head->Forward(c.x, options);
     ASSERT_FALSE(out.ok()) << c.expected;
     EXPECT_EQ(out.status().code(), c.code) << out.status();
-    EXPECT_THAT(out.status().message(), HasSubstr(c.expected));
+    EXPECT_THAT(std::string(out.status().message()), ::testing::StartsWith(c.expected));
   }
   // Out-of-range labels at positions logits_to_keep drops are never scored: accepted.
   ForwardOptions options;
@@ -331,6 +357,54 @@ TEST(LMHeadTest, ForwardErrorsNameTheArgument) {
   options.labels->index_put_({0, 0}, 1000);
   options.logits_to_keep = int64_t{2};
   EXPECT_TRUE(head->Forward(x, options).ok());
+}
+
+// LossOutputs describes, from shapes alone, exactly the loss outputs Forward returns.
+TEST(LMHeadTest, LossOutputsMatchWhatForwardReturns) {
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    LMHeadConfig config;
+    config.dtype = dtype == at::kFloat ? DType::kFloat32 : DType::kBFloat16;
+    auto head = MakeHead(config);
+    const at::Tensor x = RandomX(2, 3, 21, dtype);
+    const at::Tensor labels = RandomLabels(2, 3, 22);
+    for (const LossImplementation implementation :
+         {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+      for (const LossReduction reduction :
+           {LossReduction::kMean, LossReduction::kSum, LossReduction::kNone}) {
+        for (const std::optional<double> z :
+             {std::optional<double>(), std::optional<double>(1e-3)}) {
+          for (int divisor = 0; divisor < 5; ++divisor) {
+            ForwardOptions options;
+            options.labels = labels;
+            options.loss_implementation = implementation;
+            options.loss_reduction = reduction;
+            options.z_loss_multiplier = z;
+            options.logits_to_keep = int64_t{2};
+            if (divisor == 1) options.loss_div_factor = 2.0;
+            if (divisor == 2) options.loss_div_factor = at::full({}, 2.0, at::kBFloat16);
+            if (divisor == 3) options.loss_div_factor = at::full({2, 1}, 2.0, at::kHalf);
+            if (divisor == 4) options.loss_div_factor = at::full({3, 1, 1}, 2.0, at::kDouble);
+            const std::string what =
+                absl::StrCat(c10::toString(dtype), " ", Name(implementation), " ", Name(reduction),
+                             " z=", z.has_value(), " divisor=", divisor);
+            absl::StatusOr<LossOutputSpec> spec = LossOutputs(head->config(), 2, 2, options);
+            ASSERT_TRUE(spec.ok()) << what << ": " << spec.status();
+            absl::StatusOr<LMOutput> out = head->Forward(x, options);
+            ASSERT_TRUE(out.ok()) << what << ": " << out.status();
+            EXPECT_EQ(out->loss->sizes(), at::IntArrayRef(spec->shape)) << what;
+            EXPECT_EQ(out->ce_loss->sizes(), at::IntArrayRef(spec->shape)) << what;
+            EXPECT_EQ(out->loss->scalar_type(), spec->loss_dtype) << what;
+            EXPECT_EQ(out->ce_loss->scalar_type(), spec->ce_loss_dtype) << what;
+            ASSERT_EQ(out->z_loss.has_value(), spec->z_loss_dtype.has_value()) << what;
+            if (out->z_loss.has_value()) {
+              EXPECT_EQ(out->z_loss->sizes(), at::IntArrayRef(spec->shape)) << what;
+              EXPECT_EQ(out->z_loss->scalar_type(), *spec->z_loss_dtype) << what;
+            }
+          }
+        }
+      }
+    }
+  }
 }
 
 TEST(LMHeadTest, InterruptCheckStopsBetweenFusedChunks) {
@@ -436,8 +510,9 @@ TEST(NormalizedLMHeadTest, ScalesByEffectiveSzAndRefusesFused) {
   absl::StatusOr<LMOutput> fused = head->Forward(x, options);
   EXPECT_EQ(fused.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(
-      fused.status().message(),
-      HasSubstr("'fused_linear' loss implementation is not supported by 'NormalizedLMHead'"));
+      std::string(fused.status().message()),
+      ::testing::StartsWith("loss_implementation: 'fused_linear' loss implementation is not "
+                            "supported by 'NormalizedLMHead'"));
   // Logits-only calls work with fused_linear configured.
   options.labels.reset();
   EXPECT_TRUE(head->Forward(x, options).ok());

@@ -2,12 +2,13 @@
 
 #include <string>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 
 namespace lmhead {
 namespace {
 
-// LibTorch messages carry a C++ stack trace after the first lines; keep what a user can read.
+// LibTorch messages carry a C++ stack trace after the first lines; keep what a person can read.
 std::string Summary(const char* what) {
   std::string message(what);
   const size_t cut = message.find("\nException raised from");
@@ -16,21 +17,28 @@ std::string Summary(const char* what) {
   return message;
 }
 
+absl::Status WithDetail(absl::Status status, const char* what) {
+  status.SetPayload(kLibraryErrorPayload, absl::Cord(Summary(what)));
+  return status;
+}
+
 }  // namespace
 
 absl::Status StatusFromTorchError(const c10::Error& error) {
-  const std::string message = Summary(error.what_without_backtrace());
   if (dynamic_cast<const c10::OutOfMemoryError*>(&error) != nullptr) {
-    return absl::ResourceExhaustedError(absl::StrCat("out of device memory: ", message));
+    return WithDetail(absl::ResourceExhaustedError("out of device memory"),
+                      error.what_without_backtrace());
   }
-  if (dynamic_cast<const c10::NotImplementedError*>(&error) != nullptr) {
-    return absl::UnimplementedError(message);
-  }
-  return absl::InvalidArgumentError(message);
+  return WithDetail(absl::InternalError("LibTorch failed"), error.what_without_backtrace());
 }
 
 absl::Status StatusFromException(const std::exception& error) {
-  return absl::InternalError(Summary(error.what()));
+  return WithDetail(absl::InternalError("unexpected exception"), error.what());
+}
+
+std::string LibraryErrorDetail(const absl::Status& status) {
+  const auto detail = status.GetPayload(kLibraryErrorPayload);  // absl::optional<absl::Cord>
+  return detail.has_value() ? std::string(*detail) : std::string();
 }
 
 }  // namespace lmhead

@@ -6,18 +6,29 @@
 
 #include <exception>
 #include <new>
+#include <string>
 #include <type_traits>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace lmhead {
 
-// c10::OutOfMemoryError -> RESOURCE_EXHAUSTED; value, index, type and other tensor errors ->
-// INVALID_ARGUMENT; anything else -> INTERNAL. The message keeps LibTorch's first line.
+// Every argument is checked before LibTorch runs, so an exception from it is never the caller's
+// fault: c10::OutOfMemoryError -> RESOURCE_EXHAUSTED ("out of device memory"), anything else ->
+// INTERNAL. The message is ours and short; LibTorch's own text (without its stack trace) goes in
+// the payload kLibraryErrorPayload, for logs only: absl::Status::ToString shows it, and the
+// server never sends it to a caller (docs/API.md "Errors").
 absl::Status StatusFromTorchError(const c10::Error& error);
 absl::Status StatusFromException(const std::exception& error);
+
+// The payload type URL under which the library's own message is kept.
+inline constexpr absl::string_view kLibraryErrorPayload = "type.lmhead/library_error";
+
+// That message, or "" when `status` carries none.
+std::string LibraryErrorDetail(const absl::Status& status);
 
 // Thrown by core code to abandon a computation with a given status (an interrupted forward).
 class StatusError : public std::exception {
