@@ -13,6 +13,8 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -20,61 +22,75 @@
 #include "server/options.h"
 #include "server/server.h"
 
-ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
-ABSL_FLAG(int, port, 50051, "TCP port; 0 picks a free one (logged, and written to --port_file).");
-ABSL_FLAG(std::string, port_file, "",
+namespace {
+// The defaults of every flag come from Options (server/options.h), where they are documented.
+const lmhead::Options kDefaults;
+}  // namespace
+
+ABSL_FLAG(std::string, host, kDefaults.host, "Address to listen on (one socket).");
+ABSL_FLAG(int, port, kDefaults.port,
+          "TCP port; 0 picks a free one (logged, and written to --port_file).");
+ABSL_FLAG(std::string, port_file, kDefaults.port_file,
           "Write the bound port to this file once serving (for scripts and tests).");
 ABSL_FLAG(std::vector<std::string>, model, {},
-          "NAME=PATH.safetensors; repeatable (or comma-separated). The head config is read "
-          "from PATH with .safetensors replaced by .json, else from --head_config. The first "
-          "model is the default. None: the embedded demo head 'demo'.");
-ABSL_FLAG(std::string, head_config, "",
+          "NAME=PATH.safetensors; repeatable (or comma-separated). NAME is 1-128 characters of "
+          "[A-Za-z0-9._-]. The head config is read from PATH with .safetensors replaced by "
+          ".json, else from --head_config. The first model is the default. None: the embedded "
+          "demo head 'demo'.");
+ABSL_FLAG(std::string, head_config, kDefaults.head_config_json,
           "LMHeadConfig JSON for models without a .json beside their weights, e.g. "
           "'{\"name\":\"default\",\"layer_norm\":{\"name\":\"rms\"},\"bias\":false}'.");
-ABSL_FLAG(std::string, device, "cpu", "cpu or cuda:N (CUDA needs a --config=cuda build).");
-ABSL_FLAG(int64_t, demo_d_model, 64, "Hidden size of the demo head.");
-ABSL_FLAG(int64_t, demo_vocab_size, 1000, "Vocabulary size of the demo head.");
-ABSL_FLAG(uint64_t, demo_seed, 0, "Initialisation seed of the demo head.");
-ABSL_FLAG(int64_t, max_message_bytes, int64_t{288} << 20,
-          "Largest request message, bytes (default 288 MiB: 256 MiB of hidden states with "
-          "their labels fit).");
-ABSL_FLAG(int64_t, max_response_bytes, (int64_t{2} << 30) - (int64_t{1} << 20),
-          "Largest response, bytes; requests whose logits exceed it are rejected up front.");
-ABSL_FLAG(int, max_concurrent_requests, 4,
+ABSL_FLAG(std::string, device, kDefaults.device,
+          "cpu, cuda or cuda:N (CUDA needs a --config=cuda build).");
+ABSL_FLAG(bool, expose_model_paths, kDefaults.expose_model_paths,
+          "ListModels/GetModel show each weights file's full path; default: its file name only.");
+ABSL_FLAG(int64_t, demo_d_model, kDefaults.demo_d_model, "Hidden size of the demo head.");
+ABSL_FLAG(int64_t, demo_vocab_size, kDefaults.demo_vocab_size, "Vocabulary size of the demo head.");
+ABSL_FLAG(uint64_t, demo_seed, kDefaults.demo_seed, "Initialisation seed of the demo head.");
+ABSL_FLAG(int64_t, max_message_bytes, kDefaults.max_message_bytes,
+          "Largest request message, bytes, 1 to 2^31-1 (default 288 MiB: 256 MiB of hidden "
+          "states with their labels fit).");
+ABSL_FLAG(int64_t, max_response_bytes, kDefaults.max_response_bytes,
+          "Largest response, counted as the bytes of all its tensors (logits, losses, argmax), "
+          "1 to 2 GiB - 1 MiB (the default); larger requests are refused before any compute.");
+ABSL_FLAG(int, max_concurrent_requests, kDefaults.max_concurrent_requests,
           "Forward/ForwardStream calls running at once; more get RESOURCE_EXHAUSTED.");
-ABSL_FLAG(bool, stream_read_ahead, true,
+ABSL_FLAG(bool, stream_read_ahead, kDefaults.stream_read_ahead,
           "ForwardStream reads, decodes and uploads the next micro-batch while the current one "
           "computes (two held at most); false: one at a time.");
-ABSL_FLAG(int, max_config_variants, 4,
+ABSL_FLAG(int, max_config_variants, kDefaults.max_config_variants,
           "Converted weight copies a model keeps for per-request dtype overrides; 0: none.");
-ABSL_FLAG(double, shutdown_grace_seconds, 30,
+ABSL_FLAG(double, shutdown_grace_seconds, kDefaults.shutdown_grace_seconds,
           "On SIGTERM/SIGINT, how long in-flight calls may finish before being cancelled.");
 ABSL_FLAG(std::string, log_format, "text", "text or json (one JSON object per line).");
-ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error, critical or off.");
+ABSL_FLAG(std::string, log_level, kDefaults.log_level,
+          "trace, debug, info, warn, error, critical or off.");
 
 namespace {
 
-// absl keeps only the last value of a repeated flag; --model accumulates, so its occurrences
-// are collected from argv before absl parses (which then sees them too, harmlessly).
-std::vector<std::string> CollectModelFlags(int argc, char** argv) {
+// The value of every occurrence of --NAME in argv (as --NAME=VALUE or --NAME VALUE), in order.
+// absl keeps only the last value of a repeated flag, and cannot tell an explicitly empty value
+// from an unset one; these are read here, before absl parses argv (which then sees them too).
+std::vector<std::string> FlagValues(int argc, char** argv, absl::string_view name) {
+  const std::string bare = absl::StrCat("--", name);
+  const std::string with_value = absl::StrCat(bare, "=");
   std::vector<std::string> values;
   for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
+    const absl::string_view arg = argv[i];
     if (arg == "--") break;
-    std::string value;
-    if (absl::StartsWith(arg, "--model=")) {
-      value = arg.substr(8);
-    } else if ((arg == "--model") && i + 1 < argc) {
-      value = argv[++i];
-    } else {
-      continue;
-    }
-    for (absl::string_view part : absl::StrSplit(value, ',', absl::SkipEmpty())) {
-      values.emplace_back(part);
+    if (absl::StartsWith(arg, with_value)) {
+      values.emplace_back(arg.substr(with_value.size()));
+    } else if (arg == bare && i + 1 < argc) {
+      values.emplace_back(argv[++i]);
     }
   }
   return values;
 }
+
+// Flags whose value, when given, must not be empty (an empty --model would otherwise silently
+// serve the demo head).
+constexpr absl::string_view kNonEmptyFlags[] = {"model",  "host",      "port_file", "head_config",
+                                                "device", "log_level", "log_format"};
 
 }  // namespace
 
@@ -101,7 +117,18 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Serves OLMo-core LM heads over gRPC (lmhead.v1.LMHeadService, grpc.health.v1, "
       "reflection).\nUsage: lmhead_server [--port=50051] [--model=NAME=PATH.safetensors]...");
-  const std::vector<std::string> model_flags = CollectModelFlags(argc, argv);
+  for (const absl::string_view flag : kNonEmptyFlags) {
+    for (const std::string& value : FlagValues(argc, argv, flag)) {
+      if (absl::StripAsciiWhitespace(value).empty()) {
+        std::cerr << "--" << flag << ": given an empty value\n";
+        return 2;
+      }
+    }
+  }
+  std::vector<std::string> model_flags;
+  for (const std::string& value : FlagValues(argc, argv, "model")) {
+    for (absl::string_view part : absl::StrSplit(value, ',')) model_flags.emplace_back(part);
+  }
   absl::ParseCommandLine(argc, argv);
 
   lmhead::Options options;
@@ -111,13 +138,15 @@ int main(int argc, char** argv) {
   for (const std::string& spec : model_flags) {
     const std::vector<std::string> parts = absl::StrSplit(spec, absl::MaxSplits('=', 1));
     if (parts.size() != 2 || parts[0].empty() || parts[1].empty()) {
-      std::cerr << "--model '" << spec << "': expected NAME=PATH.safetensors\n";
+      std::cerr << "--model: expected NAME=PATH.safetensors, got '" << absl::CHexEscape(spec)
+                << "'\n";
       return 2;
     }
     options.models.push_back({parts[0], parts[1]});
   }
   options.head_config_json = absl::GetFlag(FLAGS_head_config);
   options.device = absl::GetFlag(FLAGS_device);
+  options.expose_model_paths = absl::GetFlag(FLAGS_expose_model_paths);
   options.demo_d_model = absl::GetFlag(FLAGS_demo_d_model);
   options.demo_vocab_size = absl::GetFlag(FLAGS_demo_vocab_size);
   options.demo_seed = absl::GetFlag(FLAGS_demo_seed);
@@ -134,6 +163,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   options.log_format = log_format == "json" ? lmhead::LogFormat::kJson : lmhead::LogFormat::kText;
+  if (absl::Status status = lmhead::ValidateOptions(options); !status.ok()) {
+    std::cerr << status.message() << "\n";
+    return 2;
+  }
   if (absl::Status status = lmhead::InitLogging(options.log_format, options.log_level);
       !status.ok()) {
     std::cerr << "--" << status.message() << "\n";

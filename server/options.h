@@ -7,7 +7,16 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace lmhead {
+
+// The largest --max_response_bytes: protobuf's 2 GiB message limit less 1 MiB for what a
+// response holds besides its tensor bytes (tensor headers, the model's name and version,
+// timings; all bounded, far below 1 MiB). docs/API.md "Limits".
+inline constexpr int64_t kMaxResponseBytesLimit = (int64_t{2} << 30) - (int64_t{1} << 20);
+// The longest model name, in bytes; names are also limited to [A-Za-z0-9._-].
+inline constexpr int kMaxModelNameBytes = 128;
 
 // One `--model NAME=PATH.safetensors`.
 struct ModelSpec {
@@ -32,8 +41,11 @@ struct Options {
   // `<weights without .safetensors>.json` beside their weights. Default: unset (such a model
   // fails to load, naming both places).
   std::string head_config_json;
-  // Where weights live and compute runs: "cpu" or "cuda:N". Default "cpu".
+  // Where weights live and compute runs: "cpu", "cuda" or "cuda:N". Default "cpu".
   std::string device = "cpu";
+  // ModelInfo.source shows each weights file's full path on the host; false: its file name only.
+  // Default false.
+  bool expose_model_paths = false;
 
   // The demo head served when no model is given (name "demo"): an rms layer norm without
   // bias, w_out without bias, fp32, PyTorch's default initialisation from `demo_seed`.
@@ -41,14 +53,14 @@ struct Options {
   int64_t demo_vocab_size = 1000;  // classes; default 1000
   uint64_t demo_seed = 0;          // initialisation seed; default 0
 
-  // Largest request message accepted, in bytes (larger: RESOURCE_EXHAUSTED from gRPC).
-  // Default 288 MiB: a 256 MiB request with room to spare, e.g. 256 MiB of hidden states plus
-  // their int64 labels (16 MiB for bf16 at d_model 64, less for wider models).
+  // Largest request message accepted, in bytes (larger: RESOURCE_EXHAUSTED from gRPC); in
+  // [1, 2^31 - 1]. Default 288 MiB: a 256 MiB request with room to spare, e.g. 256 MiB of hidden
+  // states plus their int64 labels (16 MiB for bf16 at d_model 64, less for wider models).
   int64_t max_message_bytes = int64_t{288} << 20;
-  // Largest response, in bytes; a request whose logits would exceed it is rejected with
-  // RESOURCE_EXHAUSTED before any compute. Default 2 GiB - 1 MiB (protobuf's 2 GiB limit less
-  // room for the envelope).
-  int64_t max_response_bytes = (int64_t{2} << 30) - (int64_t{1} << 20);
+  // Largest response, counted as the bytes of every tensor it would carry (logits, losses,
+  // argmax): a request over it is refused with RESOURCE_EXHAUSTED before any compute. In
+  // [1, kMaxResponseBytesLimit]; default kMaxResponseBytesLimit (2 GiB - 1 MiB).
+  int64_t max_response_bytes = kMaxResponseBytesLimit;
   // Forward/ForwardStream calls running at once; more get RESOURCE_EXHAUSTED at once (a
   // stream holds its slot until it ends). Default 4.
   int max_concurrent_requests = 4;
@@ -68,6 +80,10 @@ struct Options {
   // spdlog level name: trace, debug, info, warn, error, critical, off. Default "info".
   std::string log_level = "info";
 };
+
+// OK when every option is in range; else INVALID_ARGUMENT whose message starts with the flag's
+// name ("--max_response_bytes: ..."). Server::Start refuses options that fail it.
+absl::Status ValidateOptions(const Options& options);
 
 }  // namespace lmhead
 

@@ -38,6 +38,7 @@ Server::~Server() {
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
+  if (absl::Status status = ValidateOptions(options); !status.ok()) return status;
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   auto server =
@@ -46,8 +47,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   const std::string address = absl::StrCat(options.host, ":", options.port);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &server->port_);
-  builder.SetMaxReceiveMessageSize(
-      static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT_MAX)));
+  // One socket per address. With SO_REUSEPORT gRPC opens a second listener, which for port 0
+  // gets a port of its own that nobody is told about (and another process could share ours).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(INT_MAX);
   builder.RegisterService(server->service_.get());
   server->server_ = builder.BuildAndStart();

@@ -1,0 +1,89 @@
+#include "server/options.h"
+
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace lmhead {
+namespace {
+
+TEST(ValidateOptionsTest, DefaultsAreValid) { EXPECT_TRUE(ValidateOptions(Options()).ok()); }
+
+TEST(ValidateOptionsTest, LimitsAtTheirBoundsAreValid) {
+  Options options;
+  options.port = 65535;
+  options.max_message_bytes = 2147483647;
+  options.max_response_bytes = kMaxResponseBytesLimit;
+  options.max_concurrent_requests = 1;
+  options.max_config_variants = 0;
+  options.shutdown_grace_seconds = 0;
+  options.device = "cuda:12";
+  options.models = {{"olmo-2.7B_v1", "/weights/head.safetensors"}};
+  EXPECT_TRUE(ValidateOptions(options).ok()) << ValidateOptions(options);
+  options.max_response_bytes = 1;
+  options.max_message_bytes = 1;
+  EXPECT_TRUE(ValidateOptions(options).ok());
+}
+
+TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
+  struct Case {
+    std::function<void(Options&)> set;
+    std::string prefix;
+  };
+  const std::vector<Case> cases = {
+      {[](Options& o) { o.host = ""; }, "--host: "},
+      {[](Options& o) { o.port = -1; }, "--port: "},
+      {[](Options& o) { o.port = 65536; }, "--port: "},
+      {[](Options& o) {
+         o.models = {{"", "a.safetensors"}};
+       },
+       "--model: "},
+      {[](Options& o) {
+         o.models = {{"a", ""}};
+       },
+       "--model: "},
+      {[](Options& o) {
+         o.models = {{"a\nb", "a.safetensors"}};
+       },
+       "--model: "},
+      {[](Options& o) {
+         o.models = {{std::string(129, 'a'), "a.safetensors"}};
+       },
+       "--model: "},
+      {[](Options& o) {
+         o.models = {{"a", "x.safetensors"}, {"a", "y.safetensors"}};
+       },
+       "--model: "},
+      {[](Options& o) { o.device = ""; }, "--device: "},
+      {[](Options& o) { o.device = "cuda:"; }, "--device: "},
+      {[](Options& o) { o.device = "cuda:x"; }, "--device: "},
+      {[](Options& o) { o.device = "gpu"; }, "--device: "},
+      {[](Options& o) { o.demo_d_model = 0; }, "--demo_d_model: "},
+      {[](Options& o) { o.demo_vocab_size = -5; }, "--demo_vocab_size: "},
+      {[](Options& o) { o.max_message_bytes = 0; }, "--max_message_bytes: "},
+      {[](Options& o) { o.max_message_bytes = int64_t{1} << 31; }, "--max_message_bytes: "},
+      {[](Options& o) { o.max_response_bytes = 0; }, "--max_response_bytes: "},
+      // Issue 11: the server used to start with this and abort on the first large response.
+      {[](Options& o) { o.max_response_bytes = 4294967296; }, "--max_response_bytes: "},
+      {[](Options& o) { o.max_response_bytes = kMaxResponseBytesLimit + 1; },
+       "--max_response_bytes: "},
+      {[](Options& o) { o.max_concurrent_requests = 0; }, "--max_concurrent_requests: "},
+      {[](Options& o) { o.max_config_variants = -1; }, "--max_config_variants: "},
+      {[](Options& o) { o.shutdown_grace_seconds = -1; }, "--shutdown_grace_seconds: "},
+      {[](Options& o) { o.shutdown_grace_seconds = std::nan(""); }, "--shutdown_grace_seconds: "},
+  };
+  for (const Case& c : cases) {
+    Options options;
+    c.set(options);
+    const absl::Status status = ValidateOptions(options);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.prefix;
+    EXPECT_THAT(std::string(status.message()), ::testing::StartsWith(c.prefix)) << status;
+  }
+}
+
+}  // namespace
+}  // namespace lmhead
