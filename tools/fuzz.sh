@@ -11,7 +11,8 @@
 #
 # Environment:
 #   LMHEAD_FUZZ_TARGETS      names to run (e.g. "npy safetensors"); default: every target
-#   LMHEAD_FUZZ_OUTPUT_BASE  Bazel output base (default ~/.cache/lmhead/bazel-fuzz)
+#   LMHEAD_FUZZ_OUTPUT_BASE  Bazel output base (default ~/.cache/lmhead/bazel-fuzz/<hash of this
+#                            checkout's path>: one per checkout, as Bazel keys its own)
 #   LMHEAD_FUZZ_KEEP         a folder to keep each target's grown corpus and log in (default: a
 #                            temporary folder, removed when nothing failed)
 set -euo pipefail
@@ -24,7 +25,8 @@ if ! [[ $seconds =~ ^[0-9]+$ ]] || ((seconds < 1)); then
   exit 2
 fi
 tools/setup.sh >/dev/null
-bazel_fuzz=(bazel "--output_base=${LMHEAD_FUZZ_OUTPUT_BASE:-$HOME/.cache/lmhead/bazel-fuzz}")
+output_base=${LMHEAD_FUZZ_OUTPUT_BASE:-$HOME/.cache/lmhead/bazel-fuzz/$(printf %s "$root" | md5sum | cut -c1-12)}
+bazel_fuzz=(bazel "--output_base=$output_base")
 
 "${bazel_fuzz[@]}" build --config=fuzz //tests/fuzz:all
 bin=$("${bazel_fuzz[@]}" info --config=fuzz bazel-bin 2>/dev/null)

@@ -3,15 +3,18 @@
 // the clients' reader into wire tensors (client/tensor_file.h). Beyond what the sanitizers catch,
 // it checks that the three agree (what one accepts the others accept, with the same shapes,
 // dtypes and bytes, or the client refuses a dtype the wire lacks), that errors are
-// INVALID_ARGUMENT, and that an accepted file serialises (through both writers, byte for byte
-// alike) to a file that parses back to the same contents.
+// INVALID_ARGUMENT, that accepted tensors lie inside the file without sharing bytes, and that an
+// accepted file serialises (through both writers, byte for byte alike) to a file that parses back
+// to the same contents.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -25,6 +28,16 @@
 namespace lmhead {
 namespace {
 
+// numel * element size, or -1 for an unknown dtype or an overflow.
+int64_t SafetensorsByteSize(const std::vector<int64_t>& shape, const std::string& dtype) {
+  int64_t bytes = SafetensorsElementSize(dtype);
+  if (bytes == 0) return -1;
+  for (int64_t dim : shape) {
+    if (dim < 0 || __builtin_mul_overflow(bytes, dim, &bytes)) return -1;
+  }
+  return bytes;
+}
+
 // Whether two parses hold the same tensors (dtype, shape, bytes) and metadata.
 bool SameContents(const SafetensorsContents& a, const SafetensorsContents& b) {
   if (a.metadata != b.metadata || a.tensors.size() != b.tensors.size()) return false;
@@ -36,6 +49,25 @@ bool SameContents(const SafetensorsContents& a, const SafetensorsContents& b) {
     }
   }
   return true;
+}
+
+// Each tensor's data lies inside the file, after the header, and no two share a byte.
+void CheckLayout(absl::string_view bytes, const SafetensorsContents& contents) {
+  std::vector<std::pair<const char*, const char*>> ranges;
+  for (const auto& [name, entry] : contents.tensors) {
+    LMHEAD_FUZZ_CHECK(
+        static_cast<int64_t>(entry.data.size()) == SafetensorsByteSize(entry.shape, entry.dtype),
+        "tensor '%s': %zu bytes do not match its shape", name.c_str(), entry.data.size());
+    if (entry.data.empty()) continue;
+    LMHEAD_FUZZ_CHECK(entry.data.data() >= bytes.data() + 8 &&
+                          entry.data.data() + entry.data.size() <= bytes.data() + bytes.size(),
+                      "tensor '%s' lies outside the file's data", name.c_str());
+    ranges.emplace_back(entry.data.data(), entry.data.data() + entry.data.size());
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    LMHEAD_FUZZ_CHECK(ranges[i - 1].second <= ranges[i].first, "two tensors share bytes");
+  }
 }
 
 void CheckCoreReader(absl::string_view bytes, const absl::StatusOr<SafetensorsContents>& contents) {
@@ -128,6 +160,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       lmhead::ParseSafetensorsContents(bytes);
   LMHEAD_FUZZ_CHECK(contents.ok() || absl::IsInvalidArgument(contents.status()),
                     "unexpected status %s", contents.status().ToString().c_str());
+  if (contents.ok()) lmhead::CheckLayout(bytes, *contents);
   lmhead::CheckCoreReader(bytes, contents);
   lmhead::CheckClientReader(bytes, contents);
   return 0;
