@@ -11,6 +11,7 @@ def cc_grpc_library(
         import_name = None,
         out_dir = "",
         deps = [],
+        extra_header = None,
         **kwargs):
     """Generates <import_name>.pb.{h,cc} and .grpc.pb.{h,cc} and wraps them in a cc_library.
 
@@ -24,6 +25,8 @@ def cc_grpc_library(
         cc_library adds it to the include path (so includes read "<import_name>.pb.h" from it).
         With the default "" and proto_path ".", includes are workspace-relative.
       deps: further cc_library deps (other generated protos).
+      extra_header: a header of this package that the generated .grpc.pb.h includes (by its
+        workspace path) and the cc_library exports, e.g. SerializationTraits specialisations.
       **kwargs: passed on to the cc_library (visibility, ...).
     """
     if import_name == None:
@@ -44,7 +47,10 @@ def cc_grpc_library(
             "$(location @system_libs//:protoc)",
             "--proto_path=" + proto_path,
             "--cpp_out=" + gen_root,
-            "--grpc_out=" + gen_root,
+            "--grpc_out=" + (
+                "additional_header_includes=" + native.package_name() + "/" + extra_header + ":" +
+                gen_root if extra_header else gen_root
+            ),
             "--plugin=protoc-gen-grpc=$(location @system_libs//:grpc_cpp_plugin)",
             "$(location {})".format(proto),
         ]),
@@ -52,7 +58,7 @@ def cc_grpc_library(
     native.cc_library(
         name = name,
         srcs = [o for o in outs if o.endswith(".cc")],
-        hdrs = [o for o in outs if o.endswith(".h")],
+        hdrs = [o for o in outs if o.endswith(".h")] + ([extra_header] if extra_header else []),
         includes = [out_dir] if out_dir else [],
         deps = deps + ["@system_libs//:grpc", "@system_libs//:protobuf"],
         **kwargs

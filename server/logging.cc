@@ -3,10 +3,12 @@
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <random>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -47,14 +49,34 @@ std::string JsonEscape(absl::string_view text) {
   return out;
 }
 
+// Text-log form of `text`: control characters C-escaped, everything else as it is.
+std::string EscapeControl(absl::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte == 0x7f) {
+      out += absl::CHexEscape(absl::string_view(&c, 1));
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 void Log(spdlog::level::level_enum level, absl::string_view request_id, absl::string_view message) {
   if (!spdlog::should_log(level)) return;
+  std::string cut;
+  if (message.size() > kMaxLogMessageBytes) {
+    cut = absl::StrCat(message.substr(0, kMaxLogMessageBytes), "... (", message.size(), " bytes)");
+    message = cut;
+  }
   std::string line;
   if (g_format.load() == LogFormat::kJson) {
     line = absl::StrCat("\"request_id\":\"", JsonEscape(request_id), "\",\"message\":\"",
                         JsonEscape(message), "\"");
   } else {
-    line = absl::StrCat("request_id=", request_id, " ", message);
+    line = absl::StrCat("request_id=", EscapeControl(request_id), " ", EscapeControl(message));
   }
   spdlog::log(level, "{}", line);
 }
@@ -92,6 +114,13 @@ void LogError(absl::string_view request_id, absl::string_view message) {
 }
 void LogDebug(absl::string_view request_id, absl::string_view message) {
   Log(spdlog::level::debug, request_id, message);
+}
+
+std::string CallerText(absl::string_view text, size_t max_bytes) {
+  std::string quoted =
+      absl::StrCat("'", absl::CHexEscape(text.substr(0, std::min(text.size(), max_bytes))), "'");
+  if (text.size() > max_bytes) absl::StrAppend(&quoted, "... (", text.size(), " bytes)");
+  return quoted;
 }
 
 std::string NewRequestId() {

@@ -15,6 +15,7 @@
 #include "core/lm_head.h"
 #include "core/safetensors.h"
 #include "core/torch_errors.h"
+#include "server/logging.h"
 
 namespace lmhead {
 namespace {
@@ -201,10 +202,8 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Load(const Options
 absl::StatusOr<std::shared_ptr<const Model>> ModelRegistry::Find(absl::string_view name) const {
   if (name.empty()) name = default_model_;
   if (auto it = models_.find(name); it != models_.end()) return it->second;
-  std::vector<std::string> names;
-  for (const auto& [loaded, model] : models_) names.push_back(loaded);
-  return absl::NotFoundError(absl::StrCat("model: unknown model '", name, "'; this server has ",
-                                          absl::StrJoin(names, ", ")));
+  return absl::NotFoundError(absl::StrCat("model: no model named ", CallerText(name),
+                                          " (ListModels lists this server's models)"));
 }
 
 std::vector<std::shared_ptr<const Model>> ModelRegistry::List() const {

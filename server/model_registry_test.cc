@@ -24,7 +24,14 @@ TEST(ModelRegistryTest, ServesTheDemoHeadWhenNoModelIsGiven) {
   EXPECT_EQ((*model)->head().vocab_size(), 20);
   absl::StatusOr<std::shared_ptr<const Model>> missing = (*registry)->Find("other");
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(missing.status().message(), "model: unknown model 'other'; this server has demo");
+  // Issue 11: the message names the field, quotes what was asked, and lists no model.
+  EXPECT_EQ(missing.status().message(),
+            "model: no model named 'other' (ListModels lists this server's models)");
+  absl::StatusOr<std::shared_ptr<const Model>> long_name =
+      (*registry)->Find(std::string(64 << 10, 'x') + "\n");
+  EXPECT_EQ(long_name.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_LT(long_name.status().message().size(), 200u);
+  EXPECT_EQ(long_name.status().message().find('\n'), absl::string_view::npos);
 }
 
 TEST(ModelRegistryTest, ConvertedCopiesAreCachedAndBounded) {

@@ -6,6 +6,7 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -14,7 +15,11 @@
 #include <utility>
 #include <variant>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "core/config.h"
 #include "core/device_copy.h"
 #include "core/dtype.h"
@@ -156,7 +161,7 @@ v1::HeadConfig ToWire(const LMHeadConfig& config) {
   return out;
 }
 
-v1::ModelInfo ToWire(const Model& model) {
+v1::ModelInfo ToWire(const Model& model, bool expose_path) {
   const LMHead& head = model.head();
   v1::ModelInfo info;
   info.set_name(model.name());
@@ -167,7 +172,11 @@ v1::ModelInfo ToWire(const Model& model) {
   info.set_dtype(ToWire(head.config().dtype));
   info.set_num_params(head.config().NumParams(head.d_model(), head.vocab_size()));
   info.set_device(head.device().str());
-  info.set_source(model.source());
+  // The host's paths are the operator's business: callers see the file's name unless
+  // --expose_model_paths.
+  const std::string& source = model.source();
+  const size_t slash = source.find_last_of('/');
+  info.set_source(expose_path || slash == std::string::npos ? source : source.substr(slash + 1));
   return info;
 }
 
@@ -250,6 +259,39 @@ const TensorRule kLabelsRule{"labels", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32
 const TensorRule kPositionsRule{"options.logits_to_keep_positions", {v1::DATA_TYPE_INT64}, 2};
 const TensorRule kDivFactorRule{"options.loss_div_factor_tensor", kFloatTypes, -1};
 
+// A core status whose message starts with a forward argument's name ("labels: ..."), with that
+// name replaced by the request's field path ("options.logits_to_keep_positions: ...").
+absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest& request) {
+  const v1::ForwardOptions& wire = request.options();
+  const std::pair<absl::string_view, std::string> names[] = {
+      {"x", "hidden_states"},
+      {"labels", "labels"},
+      {"logits_to_keep", wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions
+                             ? "options.logits_to_keep_positions"
+                             : "options.logits_to_keep_count"},
+      {"loss_div_factor", wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor
+                              ? "options.loss_div_factor_tensor"
+                              : "options.loss_div_factor_value"},
+      {"loss_reduction", "options.loss_reduction"},
+      {"return_logits", "options.return_logits"},
+      {"ignore_index", "options.ignore_index"},
+      {"z_loss_multiplier", "options.z_loss_multiplier"},
+      {"fused_chunk_bytes", "options.fused_chunk_bytes"},
+      {"loss_implementation", "config.loss_implementation"},
+  };
+  const absl::string_view message = status.message();
+  for (const auto& [argument, field] : names) {
+    if (absl::StartsWith(message, absl::StrCat(argument, ": "))) {
+      absl::Status renamed(status.code(), absl::StrCat(field, message.substr(argument.size())));
+      status.ForEachPayload([&renamed](absl::string_view url, const absl::Cord& payload) {
+        renamed.SetPayload(url, payload);
+      });
+      return renamed;
+    }
+  }
+  return status;
+}
+
 // A validated request: what to run and how, before any tensor exists.
 struct Plan {
   std::shared_ptr<const Model> model;
@@ -260,6 +302,46 @@ struct Plan {
   int64_t length = 0;
   int64_t kept = 0;  // positions per row that logits_to_keep keeps
 };
+
+// RESOURCE_EXHAUSTED unless every tensor the response to `plan` would carry (logits, argmax,
+// loss, ce_loss, z_loss), counted in bytes, fits `limit`.
+absl::StatusOr<Plan> CheckResponseSize(Plan plan, const std::optional<LossOutputSpec>& losses,
+                                       int64_t vocab_size, int64_t limit) {
+  std::vector<std::pair<std::string, int64_t>> parts;  // (output, bytes)
+  bool overflow = false;
+  const auto add = [&](absl::string_view name, std::initializer_list<int64_t> sizes,
+                       int64_t element_size) {
+    int64_t bytes = element_size;
+    for (const int64_t size : sizes) overflow |= __builtin_mul_overflow(bytes, size, &bytes);
+    parts.emplace_back(name, bytes);
+  };
+  const bool returns_logits =
+      !losses.has_value() || (plan.options.return_logits != false &&
+                              plan.config.loss_implementation == LossImplementation::kDefault);
+  if (returns_logits) {
+    add("logits", {plan.batch, plan.kept, vocab_size}, ElementSize(plan.logits_dtype));
+  }
+  if (plan.options.return_argmax) add("argmax", {plan.batch, plan.kept}, 8);
+  if (losses.has_value()) {
+    int64_t numel = 1;
+    for (const int64_t size : losses->shape)
+      overflow |= __builtin_mul_overflow(numel, size, &numel);
+    add("loss", {numel}, c10::elementSize(losses->loss_dtype));
+    add("ce_loss", {numel}, c10::elementSize(losses->ce_loss_dtype));
+    if (losses->z_loss_dtype) add("z_loss", {numel}, c10::elementSize(*losses->z_loss_dtype));
+  }
+  int64_t total = 0;
+  for (const auto& [name, bytes] : parts) overflow |= __builtin_add_overflow(total, bytes, &total);
+  if (!overflow && total <= limit) return plan;
+  std::vector<std::string> described;
+  for (const auto& [name, bytes] : parts) described.push_back(absl::StrCat(name, " ", bytes));
+  return absl::ResourceExhaustedError(
+      absl::StrCat("hidden_states.shape: the response would carry ",
+                   overflow ? "more than 2^63" : absl::StrCat(total), " bytes of tensors (",
+                   absl::StrJoin(described, ", "), "), over the limit of ", limit,
+                   " bytes (--max_response_bytes); send fewer positions per call (ForwardStream "
+                   "micro-batches, options.logits_to_keep), or set options.return_logits=false"));
+}
 
 // Checks every field of `request` against the model and the server's limits. Reads shapes
 // and enums only; allocates no tensor.
@@ -343,30 +425,39 @@ absl::StatusOr<Plan> PlanForward(const ModelRegistry& registry, const Options& l
   } else if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
     plan.kept = plan.length - KeptStart(wire.logits_to_keep_count(), plan.length);
   }
-  if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
-    absl::StatusOr<std::vector<int64_t>> shape =
-        ValidateTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
-    if (!shape.ok()) return shape.status();
+  // Every tensor of the forward, empty dimensions counted as 1, must be addressable: the
+  // largest are the logits (batch, kept, vocab_size) and the hidden states.
+  int64_t extent = 8;
+  for (const int64_t size :
+       {plan.batch, plan.length, std::max(base.vocab_size(), base.d_model())}) {
+    if (__builtin_mul_overflow(extent, std::max<int64_t>(size, 1), &extent)) {
+      return Invalid("hidden_states.shape",
+                     absl::StrCat("(batch=", plan.batch, ", seq_len=", plan.length,
+                                  ") is too large for vocab_size ", base.vocab_size(),
+                                  ": the logits could not be indexed"));
+    }
   }
-
-  // Limits: the logits this call would return must fit in a response.
-  const bool returns_logits =
-      !request.has_labels() || (options.return_logits != false &&
-                                plan.config.loss_implementation == LossImplementation::kDefault);
-  int64_t logits_bytes = 0;
-  if (returns_logits &&
-      (__builtin_mul_overflow(plan.batch, plan.kept, &logits_bytes) ||
-       __builtin_mul_overflow(logits_bytes, base.vocab_size(), &logits_bytes) ||
-       __builtin_mul_overflow(logits_bytes, ElementSize(plan.logits_dtype), &logits_bytes) ||
-       logits_bytes > limits.max_response_bytes)) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "options: the logits (batch=", plan.batch, " x positions=", plan.kept,
-        " x vocab_size=", base.vocab_size(), " in ", DataTypeName(plan.logits_dtype),
-        ") would exceed the response limit of ", limits.max_response_bytes,
-        " bytes; send smaller micro-batches (ForwardStream), keep fewer positions, or set "
-        "return_logits=false"));
+  std::optional<LossOutputSpec> losses;
+  if (request.has_labels()) {
+    if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
+      absl::StatusOr<std::vector<int64_t>> shape =
+          ValidateTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
+      if (!shape.ok()) return shape.status();
+      // Only its shape and dtype are read here; the values come with DecodeInputs.
+      options.loss_div_factor =
+          at::empty(*shape, at::TensorOptions()
+                                .dtype(ScalarTypeOf(wire.loss_div_factor_tensor().dtype()))
+                                .device(at::kMeta));
+    }
+    absl::StatusOr<LossOutputSpec> spec =
+        LossOutputs(plan.config, plan.batch, plan.kept, plan.options);
+    if (!spec.ok()) return WithWireFields(spec.status(), request);
+    losses = *std::move(spec);
+    if (std::holds_alternative<at::Tensor>(options.loss_div_factor)) {
+      options.loss_div_factor = std::monostate();
+    }
   }
-  return plan;
+  return CheckResponseSize(plan, losses, base.vocab_size(), limits.max_response_bytes);
 }
 
 // The request's tensors: hidden states on `device` in the compute dtype (returned), and labels,
@@ -452,6 +543,7 @@ absl::Status CheckStillWanted(const grpc::ServerContext& context) {
 struct PreparedForward {
   // Streams: the message the decoded tensors may alias (unary calls keep their own).
   std::unique_ptr<v1::ForwardRequest> owned_request;
+  const v1::ForwardRequest* request = nullptr;  // the request, owned or the caller's
   Plan plan;
   std::shared_ptr<const LMHead> head;
   at::Tensor x;  // on the head's device, in the compute dtype
@@ -470,6 +562,7 @@ absl::StatusOr<PreparedForward> PrepareForwardUnchecked(const ModelRegistry& reg
                                                         const grpc::ServerContext& context,
                                                         const v1::ForwardRequest& request) {
   PreparedForward prepared;
+  prepared.request = &request;
   prepared.start = Clock::now();
   absl::StatusOr<Plan> plan = PlanForward(registry, limits, request);
   if (!plan.ok()) return plan.status();
@@ -487,7 +580,7 @@ absl::StatusOr<PreparedForward> PrepareForwardUnchecked(const ModelRegistry& reg
   prepared.x = *std::move(x);
   if (absl::Status status = prepared.head->ValidateForward(prepared.x, prepared.plan.options);
       !status.ok()) {
-    return status;
+    return WithWireFields(status, request);
   }
   prepared.decoded = Clock::now();
   return prepared;
@@ -509,7 +602,7 @@ absl::Status FinishForwardUnchecked(PreparedForward& prepared, v1::ForwardRespon
     }
   }
   absl::StatusOr<LMOutput> output = prepared.head->Forward(prepared.x, prepared.plan.options);
-  if (!output.ok()) return output.status();
+  if (!output.ok()) return WithWireFields(output.status(), *prepared.request);
   if (!prepared.x.is_cpu()) {
     // Waits for the device, so that compute_us covers its work; encoding then converts the
     // outputs to their wire dtypes on the device and copies them out.
@@ -570,11 +663,27 @@ absl::StatusOr<PreparedForward> PrepareMicroBatch(const ModelRegistry& registry,
 // The caller's `x-request-id` header, or a fresh id.
 std::string RequestIdOf(const grpc::ServerContext& context) {
   const auto& metadata = context.client_metadata();
+  // Used as given only when it is 1-128 characters of [A-Za-z0-9._:-] (it goes into every log
+  // line of the call).
   if (auto it = metadata.find("x-request-id");
-      it != metadata.end() && !it->second.empty() && it->second.size() <= 128) {
+      it != metadata.end() && !it->second.empty() && it->second.size() <= 128 &&
+      std::all_of(it->second.begin(), it->second.end(), [](char c) {
+        return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == ':' || c == '-';
+      })) {
     return std::string(it->second.data(), it->second.size());
   }
   return NewRequestId();
+}
+
+// What the caller is told: the status as it is, except that a library's failure (its text is
+// only in the log, see core/torch_errors.h) points to the log line by request id.
+grpc::Status ForCaller(const absl::Status& status, absl::string_view request_id) {
+  if (status.ok() || LibraryErrorDetail(status).empty()) return ToGrpcStatus(status);
+  const absl::string_view hint = status.code() == absl::StatusCode::kResourceExhausted
+                                     ? "; retry later or send fewer tokens per call"
+                                     : "; the server's log has the details";
+  return ToGrpcStatus(absl::Status(
+      status.code(), absl::StrCat(status.message(), hint, " (request id ", request_id, ")")));
 }
 
 void LogOutcome(absl::string_view request_id, absl::string_view what, const absl::Status& status) {
@@ -637,10 +746,10 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
   }
   LogOutcome(
       request_id,
-      absl::StrCat("Forward model='", request->model(), "'",
+      absl::StrCat("Forward model=", CallerText(request->model()),
                    status.ok() ? absl::StrCat(" total_us=", response->timings().total_us()) : ""),
       status);
-  return ToGrpcStatus(status);
+  return ForCaller(status, request_id);
 }
 
 grpc::Status LMHeadServiceImpl::ForwardStream(
@@ -677,7 +786,13 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
   using Prepared = absl::StatusOr<PreparedForward>;
   const auto read_and_prepare = [&]() -> std::optional<Prepared> {
     auto request = std::make_unique<v1::ForwardRequest>();
-    if (!stream->Read(request.get())) return std::nullopt;
+    TakeRequestParseFailure();
+    if (!stream->Read(request.get())) {
+      if (!TakeRequestParseFailure()) return std::nullopt;  // the client's end of the stream
+      return Prepared(absl::InvalidArgumentError(
+          "request: not a valid lmhead.v1.ForwardRequest message (the protobuf wire format could "
+          "not be parsed)"));
+    }
     return PrepareMicroBatch(*models, options_, *context, std::move(request), upload_stream);
   };
   std::optional<ReadAhead<Prepared>> read_ahead;
@@ -697,8 +812,12 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
                  ? CatchTorchErrors([&]() { return FinishForwardUnchecked(**prepared, &response); })
                  : prepared->status();
     if (!status.ok()) {
-      status =
-          absl::Status(status.code(), absl::StrCat("micro-batch ", index, ": ", status.message()));
+      absl::Status numbered(status.code(),
+                            absl::StrCat(status.message(), " (micro-batch ", index, ")"));
+      status.ForEachPayload([&numbered](absl::string_view url, const absl::Cord& payload) {
+        numbered.SetPayload(url, payload);
+      });
+      status = std::move(numbered);
       break;
     }
     nonfinite += response.num_nonfinite_inputs();
@@ -723,7 +842,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     LogWarning(request_id, absl::StrCat(nonfinite, " non-finite hidden-state values (propagated)"));
   }
   LogOutcome(request_id, absl::StrCat("ForwardStream ", index, " micro-batches"), status);
-  return ToGrpcStatus(status);
+  return ForCaller(status, request_id);
 }
 
 grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
@@ -736,7 +855,9 @@ grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
   if (models == nullptr) {
     status = absl::UnavailableError("the server is still loading its models");
   } else {
-    for (const auto& model : models->List()) *response->add_models() = ToWire(*model);
+    for (const auto& model : models->List()) {
+      *response->add_models() = ToWire(*model, options_.expose_model_paths);
+    }
     response->set_default_model(models->default_model());
   }
   LogOutcome(request_id, "ListModels", status);
@@ -754,11 +875,11 @@ grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
     status = absl::UnavailableError("the server is still loading its models");
   } else if (absl::StatusOr<std::shared_ptr<const Model>> model = models->Find(request->name());
              model.ok()) {
-    *response = ToWire(**model);
+    *response = ToWire(**model, options_.expose_model_paths);
   } else {
     status = model.status();
   }
-  LogOutcome(request_id, absl::StrCat("GetModel name='", request->name(), "'"), status);
+  LogOutcome(request_id, absl::StrCat("GetModel name=", CallerText(request->name())), status);
   return ToGrpcStatus(status);
 }
 

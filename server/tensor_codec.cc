@@ -15,6 +15,8 @@ namespace {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "the wire format is little-endian; a big-endian host would need byte swaps");
 
+}  // namespace
+
 c10::ScalarType ScalarTypeOf(v1::DataType dtype) {
   switch (dtype) {
     case v1::DATA_TYPE_BF16:
@@ -31,6 +33,8 @@ c10::ScalarType ScalarTypeOf(v1::DataType dtype) {
       return c10::ScalarType::Undefined;
   }
 }
+
+namespace {
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -95,28 +99,28 @@ absl::StatusOr<std::vector<int64_t>> ValidateTensor(const v1::Tensor& tensor,
                      ", got rank ", rank));
   }
   std::vector<int64_t> shape(tensor.shape().begin(), tensor.shape().end());
-  int64_t numel = 1;
+  // The product of the sizes with empty dimensions counted as 1 bounds every stride too: a
+  // (0, 2^62, 8) tensor has no element, but its strides would overflow.
+  int64_t extent = ElementSize(tensor.dtype());
   for (int i = 0; i < rank; ++i) {
     if (shape[i] < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(rule.field, ".shape[", i, "]: expected a size >= 0, got ", shape[i]));
     }
-    if (__builtin_mul_overflow(numel, shape[i], &numel)) {
-      return absl::InvalidArgumentError(absl::StrCat(rule.field,
-                                                     ".shape: the number of elements of ",
-                                                     ShapeString(shape), " overflows int64"));
+    if (__builtin_mul_overflow(extent, std::max<int64_t>(shape[i], 1), &extent)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          rule.field, ".shape: ", ShapeString(shape),
+          " is too large: the product of its sizes (empty ones counted as 1) times the element "
+          "size overflows int64"));
     }
   }
-  int64_t bytes = 0;
-  if (__builtin_mul_overflow(numel, ElementSize(tensor.dtype()), &bytes)) {
-    return absl::InvalidArgumentError(absl::StrCat(rule.field, ".shape: the byte size of ",
-                                                   ShapeString(shape), " overflows int64"));
-  }
+  int64_t bytes = ElementSize(tensor.dtype());
+  for (const int64_t size : shape) bytes *= size;  // cannot overflow: bounded by `extent`
   if (static_cast<int64_t>(tensor.data().size()) != bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(rule.field, ".data: expected ", bytes, " bytes (", numel, " elements of ",
-                     DataTypeName(tensor.dtype()), " for shape ", ShapeString(shape), "), got ",
-                     tensor.data().size()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        rule.field, ".data: expected ", bytes, " bytes (", bytes / ElementSize(tensor.dtype()),
+        " elements of ", DataTypeName(tensor.dtype()), " for shape ", ShapeString(shape), "), got ",
+        tensor.data().size()));
   }
   return shape;
 }

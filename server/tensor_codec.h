@@ -46,6 +46,9 @@ absl::StatusOr<at::Tensor> DecodeTensor(const v1::Tensor& tensor, const TensorRu
 // value's own integer dtype). INVALID_ARGUMENT for a dtype it cannot be written as.
 absl::Status EncodeTensor(const at::Tensor& value, v1::DataType dtype, v1::Tensor* out);
 
+// The LibTorch scalar type of a wire dtype; c10::ScalarType::Undefined when it has none.
+c10::ScalarType ScalarTypeOf(v1::DataType dtype);
+
 // The wire dtype of a LibTorch scalar type; DATA_TYPE_UNSPECIFIED when it has none.
 v1::DataType DataTypeOf(c10::ScalarType type);
 

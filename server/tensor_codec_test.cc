@@ -33,8 +33,12 @@ TEST(TensorCodecTest, ValidatesEveryFieldBeforeAllocating) {
       {Wire(v1::DATA_TYPE_FP32, {2, -1, 4}, 0),
        "hidden_states.shape[1]: expected a size >= 0, got -1"},
       {Wire(v1::DATA_TYPE_FP32, {int64_t{1} << 31, int64_t{1} << 31, int64_t{1} << 2}, 0),
-       "overflows int64"},
-      {Wire(v1::DATA_TYPE_FP32, {int64_t{1} << 61, 1, 1}, 0), "byte size"},
+       "hidden_states.shape: [2147483648, 2147483648, 4] is too large"},
+      {Wire(v1::DATA_TYPE_FP32, {int64_t{1} << 61, 1, 1}, 0), "is too large"},
+      // Issue 11: no element, but strides that overflow ("Stride calculation overflowed").
+      {Wire(v1::DATA_TYPE_FP32, {0, int64_t{1} << 62, 8}, 0),
+       "hidden_states.shape: [0, 4611686018427387904, 8] is too large"},
+      {Wire(v1::DATA_TYPE_BF16, {int64_t{1} << 62, 0, 2}, 0), "is too large"},
       {Wire(v1::DATA_TYPE_BF16, {2, 3, 4}, 96),
        "hidden_states.data: expected 48 bytes (24 elements of BF16 for shape [2, 3, 4]), got 96"},
   };
@@ -43,7 +47,13 @@ TEST(TensorCodecTest, ValidatesEveryFieldBeforeAllocating) {
     EXPECT_EQ(shape.status().code(), absl::StatusCode::kInvalidArgument) << c.message;
     EXPECT_NE(shape.status().message().find(c.message), std::string::npos)
         << shape.status().message();
+    EXPECT_EQ(DecodeTensor(c.tensor, kHidden).status(), shape.status());
   }
+  // The largest empty tensors whose strides still fit decode.
+  absl::StatusOr<at::Tensor> empty =
+      DecodeTensor(Wire(v1::DATA_TYPE_FP32, {0, int64_t{1} << 57, 8}, 0), kHidden);
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ(empty->numel(), 0);
   EXPECT_EQ(ValidateTensor(Wire(v1::DATA_TYPE_FP32, std::vector<int64_t>(9, 1), 4),
                            {"x", {v1::DATA_TYPE_FP32}, -1})
                 .status()
