@@ -12,90 +12,11 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/micro_batches.h"
 #include "proto/wire_dtype.h"
 
 namespace lmhead {
-namespace {
-
-float HalfToFloat(uint16_t half) {
-  const uint32_t sign = (half & 0x8000u) << 16;
-  const uint32_t exponent = (half >> 10) & 0x1f;
-  const uint32_t mantissa = half & 0x3ff;
-  if (exponent == 0) {
-    const float value = std::ldexp(static_cast<float>(mantissa), -24);
-    return sign ? -value : value;
-  }
-  uint32_t bits = exponent == 0x1f ? (sign | 0x7f800000u | (mantissa << 13))
-                                   : (sign | ((exponent + 112) << 23) | (mantissa << 13));
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-// The single value of a one-element floating tensor.
-absl::StatusOr<double> ScalarValue(const v1::Tensor& tensor, absl::string_view field) {
-  const std::string& data = tensor.data();
-  switch (tensor.dtype()) {
-    case v1::DATA_TYPE_FP32:
-      if (data.size() == 4) {
-        float value;
-        std::memcpy(&value, data.data(), 4);
-        return value;
-      }
-      break;
-    case v1::DATA_TYPE_BF16:
-      if (data.size() == 2) {
-        uint32_t bits = 0;
-        std::memcpy(reinterpret_cast<char*>(&bits) + 2, data.data(), 2);
-        float value;
-        std::memcpy(&value, &bits, 4);
-        return value;
-      }
-      break;
-    case v1::DATA_TYPE_FP16:
-      if (data.size() == 2) {
-        uint16_t half;
-        std::memcpy(&half, data.data(), 2);
-        return HalfToFloat(half);
-      }
-      break;
-    default:
-      break;
-  }
-  return absl::InternalError(absl::StrCat(field, ": expected a floating-point scalar"));
-}
-
-v1::Tensor Fp32Scalar(double value) {
-  v1::Tensor tensor;
-  tensor.set_dtype(v1::DATA_TYPE_FP32);
-  const float f = static_cast<float>(value);
-  tensor.set_data(std::string(reinterpret_cast<const char*>(&f), sizeof(f)));
-  return tensor;
-}
-
-// Rows [begin, end) of `tensor` along dimension 0.
-v1::Tensor SliceRows(const v1::Tensor& tensor, int64_t begin, int64_t end) {
-  v1::Tensor out;
-  out.set_dtype(tensor.dtype());
-  int64_t row_bytes = ElementSize(tensor.dtype());
-  for (int i = 1; i < tensor.shape_size(); ++i) row_bytes *= tensor.shape(i);
-  out.add_shape(end - begin);
-  for (int i = 1; i < tensor.shape_size(); ++i) out.add_shape(tensor.shape(i));
-  out.set_data(tensor.data().substr(begin * row_bytes, (end - begin) * row_bytes));
-  return out;
-}
-
-// Appends `part`'s rows to `whole` (same dtype and trailing dims).
-void AppendRows(const v1::Tensor& part, v1::Tensor* whole) {
-  if (whole->shape_size() == 0) {
-    *whole = part;
-    return;
-  }
-  whole->set_shape(0, whole->shape(0) + part.shape(0));
-  whole->mutable_data()->append(part.data());
-}
-
-}  // namespace
+namespace {}  // namespace
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
@@ -206,44 +127,53 @@ absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnRespon
 }
 
 absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
-    const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_chunk_bytes,
+    const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
     const std::function<void(int64_t, int64_t)>& progress) {
   if (hidden_states.shape_size() != 3) {
     return absl::InvalidArgumentError("hidden_states: expected (batch, seq_len, d_model)");
   }
-  const v1::LossReduction reduction = args.loss_reduction == v1::LOSS_REDUCTION_UNSPECIFIED
-                                          ? v1::LOSS_REDUCTION_MEAN
-                                          : args.loss_reduction;
-  const bool scalar_losses = reduction != v1::LOSS_REDUCTION_NONE;
-  if (const auto* factor = std::get_if<v1::Tensor>(&args.loss_div_factor);
-      factor != nullptr && (scalar_losses || factor->shape_size() >= 2)) {
-    return absl::InvalidArgumentError(
-        "loss_div_factor: a tensor cannot be split across micro-batches unless the reduction "
-        "is none and it has rank < 2; divide the combined result instead");
-  }
   const int64_t batch = hidden_states.shape(0);
+  const bool scalar_losses = args.loss_reduction != v1::LOSS_REDUCTION_NONE;
+  // The arguments split with the batch (docs/API.md "Combining micro-batches").
+  bool split_divisor = false;
+  if (const auto* factor = std::get_if<v1::Tensor>(&args.loss_div_factor)) {
+    if (scalar_losses) {
+      return absl::InvalidArgumentError(
+          "loss_div_factor: a tensor divisor cannot be applied to a mean or sum combined from "
+          "micro-batches; pass it as a number");
+    }
+    if (factor->shape_size() > 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("loss_div_factor: a tensor divisor of rank ", factor->shape_size(),
+                       " would change the losses' shape; expected rank 2 or less"));
+    }
+    split_divisor = factor->shape_size() == 2 && factor->shape(0) == batch && batch > 1;
+  }
   const int64_t row_bytes =
       std::max<int64_t>(hidden_states.data().size() / std::max<int64_t>(batch, 1), 1);
-  const int64_t rows_per_chunk = std::max<int64_t>(max_chunk_bytes / row_bytes, 1);
-  const int64_t chunks = batch == 0 ? 1 : (batch + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t rows_per_micro_batch = std::max<int64_t>(max_micro_batch_bytes / row_bytes, 1);
+  const int64_t micro_batches =
+      batch == 0 ? 1 : (batch + rows_per_micro_batch - 1) / rows_per_micro_batch;
 
-  // Per micro-batch: the same options, but sums (divided at the end) for mean/sum.
-  ForwardArgs chunk_args = args;
-  chunk_args.labels.reset();
-  chunk_args.logits_to_keep = int64_t{0};
+  // Per micro-batch: the same options, but sums without the divisor for mean/sum.
+  ForwardArgs micro_args = args;
+  micro_args.labels.reset();
+  micro_args.logits_to_keep = int64_t{0};
   if (scalar_losses) {
-    chunk_args.loss_reduction = v1::LOSS_REDUCTION_SUM;
-    chunk_args.loss_div_factor = std::monostate();
+    micro_args.loss_reduction = v1::LOSS_REDUCTION_SUM;
+    micro_args.loss_div_factor = std::monostate();
+  } else if (split_divisor) {
+    micro_args.loss_div_factor = std::monostate();
   }
   const v1::Tensor empty_hidden;
-  v1::ForwardRequest base = MakeForwardRequest(empty_hidden, chunk_args);
+  v1::ForwardRequest base = MakeForwardRequest(empty_hidden, micro_args);
   base.clear_hidden_states();
 
   int64_t sent = 0;
   const NextRequest next = [&](v1::ForwardRequest* request) {
-    if (sent == chunks) return false;
-    const int64_t begin = std::min(sent * rows_per_chunk, batch);
-    const int64_t end = std::min(begin + rows_per_chunk, batch);
+    if (sent == micro_batches) return false;
+    const int64_t begin = std::min(sent * rows_per_micro_batch, batch);
+    const int64_t end = std::min(begin + rows_per_micro_batch, batch);
     *request = base;
     *request->mutable_hidden_states() = SliceRows(hidden_states, begin, end);
     if (args.labels.has_value()) *request->mutable_labels() = SliceRows(*args.labels, begin, end);
@@ -253,78 +183,41 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
       *request->mutable_options()->mutable_logits_to_keep_positions() =
           SliceRows(*positions, begin, end);
     }
+    if (split_divisor) {
+      *request->mutable_options()->mutable_loss_div_factor_tensor() =
+          SliceRows(std::get<v1::Tensor>(args.loss_div_factor), begin, end);
+    }
     ++sent;
     return true;
   };
 
-  v1::ForwardResponse combined;
-  double loss = 0, ce_loss = 0, z_loss = 0;
-  bool has_loss = false, has_z_loss = false;
+  CombineOptions combine;
+  combine.reduction = args.loss_reduction;
+  if (const auto* factor = std::get_if<double>(&args.loss_div_factor)) {
+    combine.loss_div_factor = *factor;
+  }
+  combine.implementation = [&]() -> absl::StatusOr<v1::LossImplementation> {
+    if (args.loss_implementation != v1::LOSS_IMPLEMENTATION_UNSPECIFIED) {
+      return args.loss_implementation;
+    }
+    absl::StatusOr<v1::ModelInfo> model = GetModel(args.model);
+    if (!model.ok()) return model.status();
+    return model->config().loss_implementation() == v1::LOSS_IMPLEMENTATION_FUSED_LINEAR
+               ? v1::LOSS_IMPLEMENTATION_FUSED_LINEAR
+               : v1::LOSS_IMPLEMENTATION_DEFAULT;
+  };
+  MicroBatchCombiner combiner(std::move(combine));
   absl::Status failure;
   const OnResponse on_response = [&](int64_t index, const v1::ForwardResponse& response) {
-    if (index == 0) {
-      combined.set_model(response.model());
-      combined.set_model_version(response.model_version());
-    }
-    if (response.has_logits()) AppendRows(response.logits(), combined.mutable_logits());
-    if (response.has_argmax()) AppendRows(response.argmax(), combined.mutable_argmax());
-    if (response.has_loss()) {
-      has_loss = true;
-      if (scalar_losses) {
-        for (auto [field, tensor, sum] : {std::tuple{"loss", &response.loss(), &loss},
-                                          std::tuple{"ce_loss", &response.ce_loss(), &ce_loss}}) {
-          absl::StatusOr<double> value = ScalarValue(*tensor, field);
-          if (!value.ok()) {
-            failure = value.status();
-            return false;
-          }
-          *sum += *value;
-        }
-      } else {
-        AppendRows(response.loss(), combined.mutable_loss());
-        AppendRows(response.ce_loss(), combined.mutable_ce_loss());
-      }
-    }
-    if (response.has_z_loss()) {
-      has_z_loss = true;
-      if (scalar_losses) {
-        absl::StatusOr<double> value = ScalarValue(response.z_loss(), "z_loss");
-        if (!value.ok()) {
-          failure = value.status();
-          return false;
-        }
-        z_loss += *value;
-      } else {
-        AppendRows(response.z_loss(), combined.mutable_z_loss());
-      }
-    }
-    combined.set_num_scored_tokens(combined.num_scored_tokens() + response.num_scored_tokens());
-    combined.set_num_nonfinite_inputs(combined.num_nonfinite_inputs() +
-                                      response.num_nonfinite_inputs());
-    v1::ServerTimings* timings = combined.mutable_timings();
-    timings->set_decode_us(timings->decode_us() + response.timings().decode_us());
-    timings->set_compute_us(timings->compute_us() + response.timings().compute_us());
-    timings->set_encode_us(timings->encode_us() + response.timings().encode_us());
-    timings->set_total_us(timings->total_us() + response.timings().total_us());
-    if (progress) progress(index + 1, chunks);
+    failure = combiner.Add(response);
+    if (!failure.ok()) return false;
+    if (progress) progress(index + 1, micro_batches);
     return true;
   };
   absl::Status status = ForwardStream(next, on_response);
   if (!failure.ok()) return failure;
   if (!status.ok()) return status;
-
-  if (scalar_losses && has_loss) {
-    double divisor = 1.0;
-    if (reduction == v1::LOSS_REDUCTION_MEAN) {
-      divisor = static_cast<double>(combined.num_scored_tokens());  // 0 gives NaN, as upstream
-    }
-    if (const auto* factor = std::get_if<double>(&args.loss_div_factor)) divisor *= *factor;
-    const auto finish = [&](double sum) { return divisor == 0.0 ? std::nan("") : sum / divisor; };
-    *combined.mutable_loss() = Fp32Scalar(finish(loss));
-    *combined.mutable_ce_loss() = Fp32Scalar(finish(ce_loss));
-    if (has_z_loss) *combined.mutable_z_loss() = Fp32Scalar(finish(z_loss));
-  }
-  return combined;
+  return combiner.Finish();
 }
 
 absl::StatusOr<v1::ListModelsResponse> LMHeadClient::ListModels() {

@@ -77,15 +77,15 @@ class LMHeadClient {
   absl::Status ForwardStream(const NextRequest& next, const OnResponse& on_response,
                              grpc::ClientContext* context = nullptr);
 
-  // Forward for a job of any size: splits hidden_states (and labels, positions) along the
-  // batch dimension into micro-batches of at most `max_chunk_bytes` of hidden states (at least
-  // one row each), streams them, and combines the answers into what one Forward returns:
-  // logits concatenated, per-token losses concatenated, and mean/sum losses recombined from
-  // per-chunk sums and num_scored_tokens (scalar losses come back as FP32; a mean over zero
-  // scored tokens is NaN). A tensor loss_div_factor is only accepted with reduction none.
-  // `progress` is called after each micro-batch with (done, total).
+  // Forward for a job of any size: splits hidden_states along the batch dimension into
+  // micro-batches of at most `max_micro_batch_bytes` of hidden states (at least one row each),
+  // streams them, and combines the answers into what one Forward over the whole job returns, by
+  // the rule of docs/API.md "Combining micro-batches" (MicroBatchCombiner). Labels, a (B, K)
+  // logits_to_keep and, for "none", a (B, ...) loss_div_factor tensor are split with the batch.
+  // A tensor loss_div_factor with mean or sum is INVALID_ARGUMENT (pass a number). `progress` is
+  // called after each micro-batch with (done, total).
   absl::StatusOr<v1::ForwardResponse> ForwardChunked(
-      const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_chunk_bytes,
+      const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
       const std::function<void(int64_t done, int64_t total)>& progress = {});
 
   absl::StatusOr<v1::ListModelsResponse> ListModels();

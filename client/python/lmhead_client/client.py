@@ -10,6 +10,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmhead_client import _tensors
+from lmhead_client._micro_batches import MicroBatchCombiner
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
 
@@ -174,42 +175,37 @@ class RemoteLMHead:
                        max_chunk_bytes: int = 64 << 20, **forward_args):
         """forward(x, **forward_args) for jobs of any size: x is split along the batch into
         micro-batches (`micro_batch_size` rows, or as many as fit `max_chunk_bytes` of hidden
-        states), sent over one ForwardStream, and the results combined into what one forward
-        call returns (up to float summation order):
+        states), sent over one ForwardStream, and the answers combined into what one forward
+        call returns, by the rule of docs/API.md "Combining micro-batches" (the C++ client and
+        the CLI follow the same rule):
 
         - logits, argmax and "none" losses: concatenated along the batch.
-        - "sum": the micro-batches' sums added (in float64, then rounded to the losses' dtype).
-        - "mean": sent as "sum", then divided by the total number of scored tokens. With no
-          scored token that is 0/0 = NaN for the default implementation and 0 for
-          fused_linear, as upstream.
-        A loss_div_factor tensor must be a scalar for "mean"/"sum"; for "none" one with B rows
-        is split with the batch. Rows never interact in LMHead.forward, so nothing else changes.
+        - "sum" and "mean": each micro-batch is sent as "sum" without loss_div_factor; then
+          S / d for "sum" and S / n / d for "mean" (S the float64 sum of the sums, n the scored
+          tokens, d the loss_div_factor), rounded to the losses' dtype. With no scored token
+          "mean" is NaN for the default implementation and 0 for fused_linear, as upstream.
+        loss_div_factor must be a number for "mean"/"sum" (ValueError otherwise); for "none" a
+        tensor with B rows is split with the batch, and one of rank 2 or less that broadcasts
+        is sent whole. Rows never interact in LMHead.forward, so nothing else changes.
         """
         reduction = forward_args.get("loss_reduction", "mean")
         has_labels = forward_args.get("labels") is not None
+        divisor = forward_args.get("loss_div_factor")
         sent_args = dict(forward_args)
-        if has_labels and reduction == "mean":
+        if reduction != "none":
+            if divisor is not None and not isinstance(divisor, (int, float, np.number)):
+                raise ValueError("loss_div_factor: a tensor divisor cannot be applied to a "
+                                 f"'{reduction}' combined from micro-batches; pass a number")
             sent_args["loss_reduction"] = "sum"
-        parts, scored = {}, 0
+            sent_args["loss_div_factor"] = None
+        combiner = MicroBatchCombiner(
+            reduction, None if reduction == "none" or divisor is None else float(divisor),
+            lambda: self._implementation(forward_args))
         for _, _, response in self._stream(x, micro_batch_size, max_chunk_bytes, sent_args):
-            scored += response.num_scored_tokens
-            for name in ("logits", "argmax") + _LOSS_FIELDS:
-                if response.HasField(name):
-                    parts.setdefault(name, []).append(_tensors.decode(getattr(response, name)))
+            combiner.add(response)
 
-        combined = {}
-        for name, decoded in parts.items():
-            dtype = decoded[0].dtype
-            if name in ("logits", "argmax") or reduction == "none":
-                array = np.concatenate([d.array for d in decoded], axis=0)
-            else:
-                total = np.sum([d.array.astype(np.float64) for d in decoded], axis=0)
-                if reduction == "mean":
-                    total = (total / scored if scored
-                             else np.full_like(total, self._empty_mean(forward_args)))
-                array = _tensors.round_to(np.asarray(total), dtype)
-            combined[name] = _tensors.to_user(_tensors.Decoded(array, dtype),
-                                              _tensors.is_torch(x))
+        combined = {name: _tensors.to_user(decoded, _tensors.is_torch(x))
+                    for name, decoded in combiner.finish().items()}
         output = (LMOutputWithLoss(*(combined.get(name) for name in ("logits",) + _LOSS_FIELDS))
                   if has_labels else combined.get("logits"))
         return (output, combined.get("argmax")) if forward_args.get("return_argmax") else output
@@ -297,14 +293,14 @@ class RemoteLMHead:
             if not finished:
                 call.cancel()  # stops a call that was abandoned or failed
 
-    def _empty_mean(self, forward_args) -> float:
-        """upstream's "mean" over zero scored tokens: NaN by default, 0 from fused_linear."""
+    def _implementation(self, forward_args) -> str:
+        """The loss implementation a call with `forward_args` runs: its own, or the model's."""
         implementation = forward_args.get("loss_implementation")
         if implementation is None:
             configured = self.get_model().config.loss_implementation
             implementation = ("fused_linear" if configured == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
                               else "default")
-        return 0.0 if implementation == "fused_linear" else float("nan")
+        return implementation
 
 
 def _output(response: pb.ForwardResponse, as_torch: bool, has_labels: bool,
@@ -332,15 +328,12 @@ def _row_arguments(batch: int, forward_args: dict) -> List[str]:
     if not isinstance(keep, (int, np.integer)) and len(keep.shape) == 2 and keep.shape[0] == batch:
         names.append("logits_to_keep")
     div = forward_args.get("loss_div_factor")
-    if div is not None and not isinstance(div, (int, float, np.number)):
+    if (div is not None and not isinstance(div, (int, float, np.number))
+            and forward_args.get("loss_reduction", "mean") == "none"):
         shape = tuple(div.shape)
-        if forward_args.get("loss_reduction", "mean") != "none":
-            if int(np.prod(shape)) != 1:
-                raise ValueError(f"forward_stream: a loss_div_factor of shape {list(shape)} "
-                                 "cannot be split with a 'mean' or 'sum' loss; use a scalar")
-        elif len(shape) > 2:
-            raise ValueError(f"forward_stream: loss_div_factor of rank {len(shape)}; expected "
-                             "at most 2")
-        elif len(shape) == 2 and shape[0] == batch:
+        if len(shape) > 2:
+            raise ValueError(f"loss_div_factor: a tensor divisor of rank {len(shape)} would "
+                             "change the losses' shape; expected rank 2 or less")
+        if len(shape) == 2 and shape[0] == batch:
             names.append("loss_div_factor")
     return names
