@@ -1,8 +1,10 @@
 // End-to-end tests of the `lmhead` command-line client against the real server.
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -141,7 +143,7 @@ TEST_F(CliTest, ErrorsAndHelp) {
   Result bad_model = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
                                          "/h.npy --output ", dir, "/o.safetensors --model nope"));
   EXPECT_EQ(bad_model.exit_code, 1);
-  EXPECT_NE(bad_model.out.find("error: NOT_FOUND: model: unknown model 'nope'"), std::string::npos)
+  EXPECT_NE(bad_model.out.find("error: NOT_FOUND: model: no model named 'nope'"), std::string::npos)
       << bad_model.out;
   Result missing = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
                                        "/missing.npy --output ", dir, "/o.safetensors"));
@@ -150,6 +152,78 @@ TEST_F(CliTest, ErrorsAndHelp) {
   Result down = RunCli("health --address 127.0.0.1:1 --timeout 2");
   EXPECT_EQ(down.exit_code, 1);
   EXPECT_NE(down.out.find("UNAVAILABLE"), std::string::npos) << down.out;
+}
+
+// The value of the one-element FP32 tensor `name` in a .safetensors file the CLI wrote.
+float ScalarFromOutput(const std::string& path, const std::string& name) {
+  std::ifstream file(path, std::ios::binary);
+  std::stringstream bytes;
+  bytes << file.rdbuf();
+  absl::StatusOr<std::map<std::string, v1::Tensor>> tensors = ParseSafetensorsTensors(bytes.str());
+  EXPECT_TRUE(tensors.ok()) << tensors.status();
+  if (!tensors.ok() || tensors->count(name) == 0) {
+    ADD_FAILURE() << name << " missing in " << path;
+    return 0;
+  }
+  const v1::Tensor& tensor = tensors->at(name);
+  EXPECT_EQ(tensor.dtype(), v1::DATA_TYPE_FP32) << name;
+  float value = 0;
+  if (tensor.data().size() == 4) std::memcpy(&value, tensor.data().data(), 4);
+  return value;
+}
+
+// Issue 11: the CLI combined streamed micro-batches differently from one request. Hidden
+// states (2, 5, 16) fp32; the CLI streams when they exceed --chunk_mib.
+TEST(CliMicroBatchTest, StreamedJobsGiveWhatOneRequestGives) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--demo_d_model=16", "--demo_vocab_size=50"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  std::string hidden(2 * 5 * 16 * 4, '\0');
+  for (size_t i = 0; i < hidden.size() / 4; ++i) {
+    const float value = static_cast<float>(i % 13) / 4.0f - 1.5f;
+    std::memcpy(&hidden[i * 4], &value, 4);
+  }
+  WriteNpy(dir + "/h16.npy", "<f4", "(2, 5, 16)", hidden);
+  std::string ignored(2 * 5 * 8, '\0'), scored(2 * 5 * 8, '\0');
+  for (int i = 0; i < 10; ++i) {
+    const int64_t none = -100, id = (7 * i) % 50;
+    std::memcpy(&ignored[i * 8], &none, 8);
+    std::memcpy(&scored[i * 8], &id, 8);
+  }
+  WriteNpy(dir + "/ignored.npy", "<i8", "(2, 5)", ignored);
+  WriteNpy(dir + "/scored.npy", "<i8", "(2, 5)", scored);
+  const auto run = [&](const std::string& args, const std::string& chunking) {
+    const std::string output = dir + "/combined.safetensors";
+    Result result =
+        RunCli(absl::StrCat("forward --address ", (*server)->address(), " --hidden ", dir,
+                            "/h16.npy --output ", output, " ", args, " ", chunking));
+    EXPECT_EQ(result.exit_code, 0) << result.out;
+    return std::pair{ScalarFromOutput(output, "loss"), ScalarFromOutput(output, "ce_loss")};
+  };
+  // fused_linear, every label ignored, mean: 0.0, as one request and upstream's fused path.
+  const std::string all_ignored =
+      absl::StrCat("--labels ", dir, "/ignored.npy --loss_implementation fused_linear");
+  for (const std::string chunking : {"--chunk_mib 0", "--chunk_mib 0.0001"}) {
+    const auto [loss, ce_loss] = run(all_ignored, chunking);
+    EXPECT_EQ(loss, 0.0f) << chunking;
+    EXPECT_EQ(ce_loss, 0.0f) << chunking;
+  }
+  // sum over scored tokens divided by 0: +inf, as one request and torch.
+  const std::string divided_by_zero =
+      absl::StrCat("--labels ", dir, "/scored.npy --loss_reduction sum --loss_div_factor 0");
+  for (const std::string chunking : {"--chunk_mib 0", "--chunk_mib 0.0005"}) {
+    const auto [loss, ce_loss] = run(divided_by_zero, chunking);
+    EXPECT_TRUE(std::isinf(loss) && loss > 0) << chunking << ": " << loss;
+    EXPECT_TRUE(std::isinf(ce_loss) && ce_loss > 0) << chunking << ": " << ce_loss;
+  }
+  // A finite job: the streamed mean equals one request's up to summation order.
+  const std::string finite = absl::StrCat("--labels ", dir, "/scored.npy --z_loss_multiplier 1e-3");
+  const auto [one_loss, one_ce] = run(finite, "--chunk_mib 0");
+  const auto [streamed_loss, streamed_ce] = run(finite, "--chunk_mib 0.0001");
+  EXPECT_NEAR(streamed_loss, one_loss, 1e-5 * std::fabs(one_loss));
+  EXPECT_NEAR(streamed_ce, one_ce, 1e-5 * std::fabs(one_ce));
+  EXPECT_EQ((*server)->Stop(), 0);
 }
 
 }  // namespace

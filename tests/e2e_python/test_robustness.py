@@ -5,6 +5,7 @@ tests/e2e/server_e2e_test.cc with inputs nobody thought of."""
 
 import os
 import random
+import re
 import time
 
 import grpc
@@ -16,6 +17,10 @@ from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
 from server_process import ServerProcess
 
 D, V = 16, 50
+# What every error message starts with: a field path of the request ("hidden_states.shape[1]: ",
+# "options.loss_div_factor_tensor: ", "request: " for a message that is not protobuf).
+FIELD_PATH = re.compile(r"^[a-z_]+(\.[a-z_]+|\[[0-9]+\])*: ")
+
 ACCEPTED_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
@@ -118,7 +123,8 @@ def test_random_malformed_requests_get_clear_errors(server):
                 code = error.code()
                 codes[code.name] = codes.get(code.name, 0) + 1
                 assert code in ACCEPTED_ERRORS, (i, code, error.details(), request)
-                assert error.details(), (i, code, request)
+                # Every message is ours and starts with the field at fault (issue 11).
+                assert FIELD_PATH.match(error.details()), (i, code, error.details(), request)
         # Still serving, and still right.
         response = stub.Forward(good, timeout=30)
         assert list(response.logits.shape) == [2, 3, V]
@@ -143,6 +149,7 @@ def test_random_malformed_streams_end_cleanly(server):
                 code = error.code()
                 codes[code.name] = codes.get(code.name, 0) + 1
                 assert code in ACCEPTED_ERRORS, (i, code, error.details())
+                assert FIELD_PATH.match(error.details()), (i, error.details())
                 assert "micro-batch" in error.details(), (i, error.details())
         assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     print("random streams by status:", codes)

@@ -211,7 +211,7 @@ def test_forward_stream_logits_numpy_and_byte_budget(server):
 def test_forward_stream_refuses_what_cannot_be_split(server):
     x, labels = inputs()
     with RemoteLMHead(server.address, timeout=60) as head:
-        with pytest.raises(ValueError, match="cannot be split"):
+        with pytest.raises(ValueError, match="loss_div_factor: a tensor divisor cannot be applied"):
             head.forward_stream(x, labels=labels, loss_reduction="sum",
                                 loss_div_factor=torch.ones(6, 1), micro_batch_size=2)
 

@@ -1,0 +1,365 @@
+// Issue 11's failures, each with its exact inputs, against the real server over loopback: a
+// response over protobuf's limit, messages that must be ours, caller strings echoed without
+// bounds, a second listening socket, and flags that must be refused at start.
+#include <dirent.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "client/lmhead_client.h"
+#include "client/tensor_file.h"
+#include "core/config_json.h"
+#include "gtest/gtest.h"
+#include "tests/e2e/e2e_util.h"
+#include "tests/e2e/server_process.h"
+
+namespace lmhead {
+namespace {
+
+std::unique_ptr<LMHeadClient> Connect(const ServerProcess& server) {
+  ClientOptions options;
+  options.timeout = std::chrono::seconds(120);
+  return LMHeadClient::Connect(server.address(), options);
+}
+
+// The bytes of every tensor in `response`: what --max_response_bytes counts.
+int64_t TensorBytes(const v1::ForwardResponse& response) {
+  return response.logits().data().size() + response.loss().data().size() +
+         response.ce_loss().data().size() + response.z_loss().data().size() +
+         response.argmax().data().size();
+}
+
+// Issue 11's head: fp32 w_out (8188, 4), no norm, no bias, written to TEST_TMPDIR.
+std::string WriteIssueHead() {
+  LMHeadConfig config;
+  config.bias = false;
+  std::unique_ptr<LMHead> head = *LMHead::Build(config, 4, 8188, "cpu", /*seed=*/3);
+  std::map<std::string, v1::Tensor> tensors;
+  for (const auto& [name, tensor] : head->NamedParameters()) tensors[name] = ToWire(tensor);
+  const std::string path = absl::StrCat(std::getenv("TEST_TMPDIR"), "/issue11.safetensors");
+  EXPECT_TRUE(WriteSafetensorsFile(path, tensors).ok());
+  std::ofstream(absl::StrCat(std::getenv("TEST_TMPDIR"), "/issue11.json"))
+      << LMHeadConfigToJson(config);
+  return path;
+}
+
+// The request of issue 11: hidden states (1, 65536, 4) fp32, int64 labels, reduction none,
+// return_argmax. Its logits alone are exactly the default --max_response_bytes.
+v1::ForwardRequest IssueRequest() {
+  at::Generator generator = at::detail::createCPUGenerator(11);
+  ForwardArgs args;
+  args.model = "issue11";
+  args.labels = ToWire(at::randint(8188, {1, 65536}, generator, at::TensorOptions(at::kLong)));
+  args.loss_reduction = v1::LOSS_REDUCTION_NONE;
+  args.return_argmax = true;
+  return MakeForwardRequest(ToWire(at::randn({1, 65536, 4}, generator)), args);
+}
+
+TEST(ResponseSizeTest, IssueRequestIsRefusedBeforeAnyComputeAndTheServerKeepsServing) {
+  const std::string path = WriteIssueHead();
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--model=issue11=" + path});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto client = Connect(**server);
+  const v1::ForwardRequest request = IssueRequest();
+  ASSERT_EQ(int64_t{65536} * 8188 * 4, 2146435072);  // the default --max_response_bytes
+
+  absl::StatusOr<v1::ForwardResponse> unary = client->Forward(request);
+  EXPECT_EQ(unary.status().code(), absl::StatusCode::kResourceExhausted) << unary.status();
+  EXPECT_TRUE(absl::StartsWith(
+      unary.status().message(),
+      "hidden_states.shape: the response would carry 2147483648 bytes of tensors (logits "
+      "2146435072, argmax 524288, loss 262144, ce_loss 262144), over the limit of 2146435072 "
+      "bytes (--max_response_bytes)"))
+      << unary.status();
+
+  int sent = 0;
+  absl::Status stream = client->ForwardStream(
+      [&](v1::ForwardRequest* next) {
+        if (sent++ == 1) return false;
+        *next = request;
+        return true;
+      },
+      [](int64_t, const v1::ForwardResponse&) { return true; });
+  EXPECT_EQ(stream.code(), absl::StatusCode::kResourceExhausted) << stream;
+
+  // Still serving, and the logits (2 GiB) were never computed.
+  ForwardArgs small_args;
+  small_args.model = "issue11";
+  small_args.labels = ToWire(at::randint(8188, {1, 3}, at::TensorOptions(at::kLong)));
+  const v1::ForwardRequest small = MakeForwardRequest(ToWire(at::randn({1, 3, 4})), small_args);
+  absl::StatusOr<v1::ForwardResponse> after = client->Forward(small);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->logits().shape(2), 8188);
+  EXPECT_LT((*server)->PeakRssBytes(), int64_t{1} << 30);
+  EXPECT_EQ((*server)->Log().find("exceeded maximum protobuf size"), std::string::npos);
+  client.reset();
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+// One request shape for the boundary test, with what makes its response.
+struct Variant {
+  std::string name;
+  std::function<void(ForwardArgs&)> set;
+};
+
+TEST(ResponseSizeTest, TheLimitCountsEveryOutputExactlyOneByteEitherSide) {
+  const at::Tensor x = at::randn({2, 3, 64}, at::detail::createCPUGenerator(5));
+  const at::Tensor labels =
+      at::randint(1000, {2, 3}, at::detail::createCPUGenerator(6), at::TensorOptions(at::kLong));
+  const std::vector<Variant> variants = {
+      {"logits fp32", [](ForwardArgs&) {}},
+      {"logits bf16 and argmax",
+       [](ForwardArgs& a) {
+         a.logits_dtype = v1::DATA_TYPE_BF16;
+         a.return_argmax = true;
+       }},
+      {"none losses with z-loss and argmax, no logits",
+       [&](ForwardArgs& a) {
+         a.labels = ToWire(labels);
+         a.loss_reduction = v1::LOSS_REDUCTION_NONE;
+         a.z_loss_multiplier = 1e-4;
+         a.return_logits = false;
+         a.return_argmax = true;
+       }},
+      {"fused_linear sum in bf16 (z_loss in bf16)",
+       [&](ForwardArgs& a) {
+         a.labels = ToWire(labels);
+         a.loss_reduction = v1::LOSS_REDUCTION_SUM;
+         a.z_loss_multiplier = 1e-4;
+         a.loss_implementation = v1::LOSS_IMPLEMENTATION_FUSED_LINEAR;
+         a.compute_dtype = v1::DATA_TYPE_BF16;
+       }},
+      {"none losses broadcast by a (3, 1, 1) divisor, and logits",
+       [&](ForwardArgs& a) {
+         a.labels = ToWire(labels);
+         a.loss_reduction = v1::LOSS_REDUCTION_NONE;
+         a.loss_div_factor = ToWire(at::full({3, 1, 1}, 2.0, at::kHalf));
+       }},
+  };
+  std::vector<int64_t> bytes;
+  {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({});
+    ASSERT_TRUE(server.ok()) << server.status();
+    auto client = Connect(**server);
+    for (const Variant& variant : variants) {
+      ForwardArgs args;
+      variant.set(args);
+      absl::StatusOr<v1::ForwardResponse> response = client->Forward(ToWire(x), args);
+      ASSERT_TRUE(response.ok()) << variant.name << ": " << response.status();
+      bytes.push_back(TensorBytes(*response));
+    }
+    EXPECT_EQ(bytes[0], 2 * 3 * 1000 * 4);
+    EXPECT_EQ(bytes[3], 4 + 4 + 2);
+    EXPECT_EQ(bytes[4], 2 * 3 * 1000 * 4 + 2 * 3 * 2 * 3 * 4);
+    EXPECT_EQ((*server)->Stop(), 0);
+  }
+  for (size_t i = 0; i < variants.size(); ++i) {
+    SCOPED_TRACE(variants[i].name);
+    for (const int64_t limit : {bytes[i], bytes[i] - 1}) {
+      absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+          ServerProcess::Start({absl::StrCat("--max_response_bytes=", limit)});
+      ASSERT_TRUE(server.ok()) << server.status();
+      ForwardArgs args;
+      variants[i].set(args);
+      absl::StatusOr<v1::ForwardResponse> response = Connect(**server)->Forward(ToWire(x), args);
+      if (limit == bytes[i]) {
+        EXPECT_TRUE(response.ok()) << response.status();
+      } else {
+        EXPECT_EQ(response.status().code(), absl::StatusCode::kResourceExhausted);
+        EXPECT_TRUE(absl::StrContains(response.status().message(),
+                                      absl::StrCat("would carry ", bytes[i], " bytes")))
+            << response.status();
+      }
+      EXPECT_EQ((*server)->Stop(), 0);
+    }
+  }
+}
+
+// A request that is not valid protobuf, sent as raw bytes.
+grpc::Status SendRawBytes(const ServerProcess& server, const std::string& method,
+                          const std::string& bytes) {
+  grpc::GenericStub stub(grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1);
+  grpc::CompletionQueue queue;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
+      stub.PrepareUnaryCall(&context, method, request, &queue);
+  call->StartCall();
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  call->Finish(&response, &status, reinterpret_cast<void*>(1));
+  void* tag = nullptr;
+  bool ok = false;
+  EXPECT_TRUE(queue.Next(&tag, &ok));
+  queue.Shutdown();
+  while (queue.Next(&tag, &ok)) {
+  }
+  return status;
+}
+
+TEST(MessagesTest, ARequestThatIsNotProtobufIsInvalidArgumentNotInternal) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({});
+  ASSERT_TRUE(server.ok()) << server.status();
+  // A bad wire type; a field whose length runs past the end; a string that is not UTF-8.
+  const std::string garbage[] = {std::string("\xff\xff\xff\xff\x0f", 5),
+                                 std::string("\x12\x64\x08\x03", 4),
+                                 std::string("\x0a\x02\xc3\x28", 4)};
+  for (const std::string& bytes : garbage) {
+    for (const auto& [method, type] :
+         {std::pair{"/lmhead.v1.LMHeadService/Forward", "lmhead.v1.ForwardRequest"},
+          std::pair{"/lmhead.v1.LMHeadService/GetModel", "lmhead.v1.GetModelRequest"}}) {
+      const grpc::Status status = SendRawBytes(**server, method, bytes);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method;
+      EXPECT_EQ(status.error_message(),
+                absl::StrCat("request: not a valid ", type,
+                             " message (the protobuf wire format could not be parsed)"));
+    }
+  }
+  EXPECT_TRUE(Connect(**server)->ListModels().ok());
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+TEST(CallerStringsTest, NamesAreBoundedAndEscapedAndPathsAndModelsStayPrivate) {
+  const std::string path = WriteIssueHead();
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--model=issue11=" + path, "--model=other=" + path});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto client = Connect(**server);
+
+  // ModelInfo.source is the file's name, not where it lives on the host.
+  absl::StatusOr<v1::ListModelsResponse> models = client->ListModels();
+  ASSERT_TRUE(models.ok()) << models.status();
+  for (const v1::ModelInfo& model : models->models()) {
+    EXPECT_EQ(model.source(), "issue11.safetensors");
+  }
+
+  // A 64 KiB name: NOT_FOUND (it used to overflow gRPC's metadata limit), listing no model.
+  for (const std::string& name : {std::string(64 << 10, 'n'), std::string(4 << 20, 'n')}) {
+    v1::ForwardRequest request = IssueRequest();
+    request.set_model(name);
+    const size_t log_before = (*server)->Log().size();
+    absl::StatusOr<v1::ForwardResponse> response = client->Forward(request);
+    EXPECT_EQ(response.status().code(), absl::StatusCode::kNotFound) << response.status();
+    EXPECT_LT(response.status().message().size(), 200u);
+    EXPECT_EQ(response.status().message().find("issue11"), std::string::npos);
+    EXPECT_EQ(response.status().message().find("other"), std::string::npos);
+    absl::StatusOr<v1::ModelInfo> info = client->GetModel(name);
+    EXPECT_EQ(info.status().code(), absl::StatusCode::kNotFound);
+    // A 4 MiB name used to write 8 MiB of log per call.
+    EXPECT_LT((*server)->Log().size() - log_before, 2048u);
+  }
+
+  // A newline in a name cannot forge a log line.
+  v1::ForwardRequest request = IssueRequest();
+  request.set_model("x\n2026-11-30T00:00:00.000Z error [1] request_id=forged message");
+  EXPECT_EQ(client->Forward(request).status().code(), absl::StatusCode::kNotFound);
+  client->GetModel("y\r\nforged");
+  for (const absl::string_view line : absl::StrSplit((*server)->Log(), '\n', absl::SkipEmpty())) {
+    EXPECT_TRUE(std::regex_search(std::string(line),
+                                  std::regex(R"(^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \w+ )")))
+        << line;
+    EXPECT_FALSE(absl::StartsWith(line, "2026-11-30T00:00:00.000Z")) << line;
+  }
+  client.reset();
+  EXPECT_EQ((*server)->Stop(), 0);
+
+  // --expose_model_paths opts into the full path.
+  server = ServerProcess::Start({"--model=issue11=" + path, "--expose_model_paths"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  absl::StatusOr<v1::ModelInfo> info = Connect(**server)->GetModel("issue11");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->source(), path);
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+// The inodes of the sockets `pid` has open.
+std::set<std::string> SocketInodes(pid_t pid) {
+  std::set<std::string> inodes;
+  const std::string dir = absl::StrCat("/proc/", pid, "/fd");
+  DIR* fds = opendir(dir.c_str());
+  if (fds == nullptr) return inodes;
+  while (dirent* entry = readdir(fds)) {
+    char target[256] = {0};
+    const std::string link = absl::StrCat(dir, "/", entry->d_name);
+    if (readlink(link.c_str(), target, sizeof(target) - 1) > 0 &&
+        absl::StartsWith(target, "socket:[")) {
+      std::string inode(target + 8);
+      inode.pop_back();
+      inodes.insert(inode);
+    }
+  }
+  closedir(fds);
+  return inodes;
+}
+
+TEST(ListeningTest, PortZeroListensOnOneSocketTheReportedOne) {
+  for (const std::string host : {"0.0.0.0", "127.0.0.1", "localhost"}) {
+    SCOPED_TRACE(host);
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+        ServerProcess::Start({"--host=" + host});
+    ASSERT_TRUE(server.ok()) << server.status();
+    const std::set<std::string> inodes = SocketInodes((*server)->pid());
+    std::vector<int> listening_ports;
+    for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+      std::ifstream file(table);
+      std::string line;
+      std::getline(file, line);  // header
+      while (std::getline(file, line)) {
+        const std::vector<std::string> fields = absl::StrSplit(line, ' ', absl::SkipWhitespace());
+        // sl local_address rem_address st ... inode (field 9)
+        if (fields.size() < 10 || fields[3] != "0A" || inodes.count(fields[9]) == 0) continue;
+        const std::string port_hex = fields[1].substr(fields[1].find(':') + 1);
+        listening_ports.push_back(std::stoi(port_hex, nullptr, 16));
+      }
+    }
+    const std::string address = (*server)->address();
+    const int reported = std::stoi(address.substr(address.rfind(':') + 1));
+    EXPECT_EQ(listening_ports, std::vector<int>{reported});
+    EXPECT_EQ((*server)->Stop(), 0);
+  }
+}
+
+TEST(FlagsTest, EmptyAndOutOfRangeValuesAreRefusedAtStartNamingTheFlag) {
+  const std::pair<std::vector<std::string>, std::string> cases[] = {
+      {{"--model="}, "--model: given an empty value"},
+      {{"--model", ""}, "--model: given an empty value"},
+      {{"--model=demo"}, "--model: expected NAME=PATH.safetensors"},
+      {{"--model=a b=x.safetensors"}, "--model: a model name is 1 to 128 characters"},
+      {{"--host="}, "--host: given an empty value"},
+      {{"--device=gpu"}, "--device: expected cpu, cuda or cuda:N"},
+      {{"--log_level="}, "--log_level: given an empty value"},
+      {{"--max_response_bytes=4294967296"}, "--max_response_bytes: expected 1 to 2146435072"},
+      {{"--max_response_bytes=0"}, "--max_response_bytes: expected 1 to 2146435072"},
+      {{"--max_message_bytes=2147483648"}, "--max_message_bytes: expected 1 to 2147483647"},
+      {{"--max_concurrent_requests=0"}, "--max_concurrent_requests: must be at least 1"},
+      {{"--shutdown_grace_seconds=-1"}, "--shutdown_grace_seconds: must be a finite number"},
+      {{"--demo_vocab_size=0"}, "--demo_vocab_size: must be positive"},
+  };
+  for (const auto& [flags, message] : cases) {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(flags);
+    ASSERT_FALSE(server.ok()) << flags[0];
+    EXPECT_TRUE(absl::StrContains(server.status().message(), message))
+        << flags[0] << ": " << server.status();
+  }
+}
+
+}  // namespace
+}  // namespace lmhead
