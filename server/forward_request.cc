@@ -1,0 +1,505 @@
+#include "server/forward_request.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/config.h"
+#include "core/device_copy.h"
+#include "core/dtype.h"
+#include "server/tensor_codec.h"
+
+namespace lmhead {
+namespace {
+
+absl::Status Invalid(absl::string_view field, absl::string_view message) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", message));
+}
+
+// ---- Enums: wire -> core (unset gives nullopt; unknown values are errors naming the field).
+
+absl::StatusOr<std::optional<DType>> ParamDTypeFromWire(int value, absl::string_view field) {
+  switch (value) {
+    case v1::DATA_TYPE_UNSPECIFIED:
+      return std::optional<DType>();
+    case v1::DATA_TYPE_BF16:
+      return std::optional<DType>(DType::kBFloat16);
+    case v1::DATA_TYPE_FP16:
+      return std::optional<DType>(DType::kFloat16);
+    case v1::DATA_TYPE_FP32:
+      return std::optional<DType>(DType::kFloat32);
+    default:
+      return Invalid(
+          field, absl::StrCat("expected BF16, FP16 or FP32 (or unset), got ", DataTypeName(value)));
+  }
+}
+
+absl::StatusOr<std::optional<LayerNormType>> LayerNormTypeFromWire(int value,
+                                                                   absl::string_view field) {
+  switch (value) {
+    case v1::LAYER_NORM_TYPE_UNSPECIFIED:
+      return std::optional<LayerNormType>();
+    case v1::LAYER_NORM_TYPE_DEFAULT:
+      return std::optional(LayerNormType::kDefault);
+    case v1::LAYER_NORM_TYPE_RMS:
+      return std::optional(LayerNormType::kRms);
+    case v1::LAYER_NORM_TYPE_QWEN_RMS:
+      return std::optional(LayerNormType::kQwenRms);
+    case v1::LAYER_NORM_TYPE_CUTE_RMS:
+      return std::optional(LayerNormType::kCuteRms);
+    case v1::LAYER_NORM_TYPE_FUSED_RMS:
+      return std::optional(LayerNormType::kFusedRms);
+    case v1::LAYER_NORM_TYPE_L2_NORM:
+      return std::optional(LayerNormType::kL2Norm);
+    default:
+      return Invalid(field, absl::StrCat("unknown LayerNormType value ", value));
+  }
+}
+
+absl::StatusOr<std::optional<LMHeadType>> HeadTypeFromWire(int value, absl::string_view field) {
+  switch (value) {
+    case v1::HEAD_TYPE_UNSPECIFIED:
+      return std::optional<LMHeadType>();
+    case v1::HEAD_TYPE_DEFAULT:
+      return std::optional(LMHeadType::kDefault);
+    case v1::HEAD_TYPE_NORMALIZED:
+      return std::optional(LMHeadType::kNormalized);
+    default:
+      return Invalid(field, absl::StrCat("unknown HeadType value ", value));
+  }
+}
+
+absl::StatusOr<std::optional<LossImplementation>> LossImplementationFromWire(
+    int value, absl::string_view field) {
+  switch (value) {
+    case v1::LOSS_IMPLEMENTATION_UNSPECIFIED:
+      return std::optional<LossImplementation>();
+    case v1::LOSS_IMPLEMENTATION_DEFAULT:
+      return std::optional(LossImplementation::kDefault);
+    case v1::LOSS_IMPLEMENTATION_FUSED_LINEAR:
+      return std::optional(LossImplementation::kFusedLinear);
+    default:
+      return Invalid(field, absl::StrCat("unknown LossImplementation value ", value));
+  }
+}
+
+absl::StatusOr<LossReduction> LossReductionFromWire(int value, absl::string_view field) {
+  switch (value) {
+    case v1::LOSS_REDUCTION_UNSPECIFIED:
+    case v1::LOSS_REDUCTION_MEAN:
+      return LossReduction::kMean;
+    case v1::LOSS_REDUCTION_SUM:
+      return LossReduction::kSum;
+    case v1::LOSS_REDUCTION_NONE:
+      return LossReduction::kNone;
+    default:
+      return Invalid(field, absl::StrCat("unknown LossReduction value ", value));
+  }
+}
+
+// ---- Core -> wire.
+
+v1::DataType ToWire(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return v1::DATA_TYPE_BF16;
+    case DType::kFloat16:
+      return v1::DATA_TYPE_FP16;
+    case DType::kFloat32:
+      return v1::DATA_TYPE_FP32;
+  }
+  return v1::DATA_TYPE_UNSPECIFIED;
+}
+
+v1::HeadConfig ToWire(const LMHeadConfig& config) {
+  v1::HeadConfig out;
+  out.set_name(config.name == LMHeadType::kNormalized ? v1::HEAD_TYPE_NORMALIZED
+                                                      : v1::HEAD_TYPE_DEFAULT);
+  if (config.layer_norm.has_value()) {
+    const LayerNormConfig& norm = *config.layer_norm;
+    v1::LayerNormConfig* wire = out.mutable_layer_norm();
+    wire->set_name(static_cast<v1::LayerNormType>(static_cast<int>(norm.name) + 1));
+    if (norm.eps) wire->set_eps(*norm.eps);
+    if (norm.elementwise_affine) wire->set_elementwise_affine(*norm.elementwise_affine);
+    if (norm.bias) wire->set_bias(*norm.bias);
+    if (norm.full_precision) wire->set_full_precision(*norm.full_precision);
+    if (norm.dtype) wire->set_dtype(ToWire(*norm.dtype));
+  }
+  if (config.bias) out.set_bias(*config.bias);
+  out.set_dtype(ToWire(config.dtype));
+  out.set_loss_implementation(config.loss_implementation == LossImplementation::kFusedLinear
+                                  ? v1::LOSS_IMPLEMENTATION_FUSED_LINEAR
+                                  : v1::LOSS_IMPLEMENTATION_DEFAULT);
+  return out;
+}
+
+}  // namespace
+
+v1::ModelInfo ModelInfoToWire(const Model& model, bool expose_path) {
+  const LMHead& head = model.head();
+  v1::ModelInfo info;
+  info.set_name(model.name());
+  info.set_version(model.version());
+  info.set_d_model(head.d_model());
+  info.set_vocab_size(head.vocab_size());
+  *info.mutable_config() = ToWire(head.config());
+  info.set_dtype(ToWire(head.config().dtype));
+  info.set_num_params(head.config().NumParams(head.d_model(), head.vocab_size()));
+  info.set_device(head.device().str());
+  // The host's paths are the operator's business: callers see the file's name unless
+  // --expose_model_paths.
+  const std::string& source = model.source();
+  const size_t slash = source.find_last_of('/');
+  info.set_source(expose_path || slash == std::string::npos ? source : source.substr(slash + 1));
+  return info;
+}
+
+namespace {
+
+// ---- Requests.
+
+// The model's configuration with the request's overrides applied. Fields that define the
+// weights must agree with the model's (INVALID_ARGUMENT naming the field); the dtypes, the
+// layer norm's precision and the loss implementation may change.
+absl::StatusOr<LMHeadConfig> EffectiveConfig(const Model& model, const v1::HeadConfig& wire) {
+  const LMHeadConfig& base = model.head().config();
+  LMHeadConfig config = base;
+  const auto contradicts = [&](absl::string_view field, absl::string_view model_has,
+                               absl::string_view request_has) {
+    return Invalid(field,
+                   absl::StrCat("model '", model.name(), "' has ", model_has, "; the request's ",
+                                request_has, " contradicts its weights"));
+  };
+  absl::StatusOr<std::optional<LMHeadType>> name = HeadTypeFromWire(wire.name(), "config.name");
+  if (!name.ok()) return name.status();
+  if (*name && **name != base.name) {
+    return contradicts("config.name", absl::StrCat("a '", Name(base.name), "' head"),
+                       absl::StrCat("'", Name(**name), "'"));
+  }
+  if (wire.has_bias() && wire.bias() != base.EffectiveBias()) {
+    return contradicts("config.bias", base.EffectiveBias() ? "a w_out bias" : "no w_out bias",
+                       absl::StrCat("bias=", wire.bias() ? "true" : "false"));
+  }
+  if (wire.has_layer_norm()) {
+    const v1::LayerNormConfig& norm = wire.layer_norm();
+    if (!base.layer_norm.has_value()) {
+      return contradicts("config.layer_norm", "no layer norm", "layer_norm");
+    }
+    const LayerNormConfig& base_norm = *base.layer_norm;
+    absl::StatusOr<std::optional<LayerNormType>> type =
+        LayerNormTypeFromWire(norm.name(), "config.layer_norm.name");
+    if (!type.ok()) return type.status();
+    if (*type && **type != base_norm.name) {
+      return contradicts("config.layer_norm.name",
+                         absl::StrCat("a '", Name(base_norm.name), "' layer norm"),
+                         absl::StrCat("'", Name(**type), "'"));
+    }
+    if (norm.has_eps() && norm.eps() != base_norm.EffectiveEps()) {
+      return contradicts("config.layer_norm.eps", absl::StrCat("eps=", base_norm.EffectiveEps()),
+                         absl::StrCat("eps=", norm.eps()));
+    }
+    if (norm.has_elementwise_affine() && norm.elementwise_affine() != base_norm.EffectiveAffine()) {
+      return contradicts("config.layer_norm.elementwise_affine",
+                         base_norm.EffectiveAffine() ? "a norm weight" : "no norm weight",
+                         absl::StrCat("elementwise_affine=", norm.elementwise_affine()));
+    }
+    if (norm.has_bias() && norm.bias() != base_norm.EffectiveBias()) {
+      return contradicts("config.layer_norm.bias",
+                         base_norm.EffectiveBias() ? "a norm bias" : "no norm bias",
+                         absl::StrCat("bias=", norm.bias()));
+    }
+    if (norm.has_full_precision()) config.layer_norm->full_precision = norm.full_precision();
+    absl::StatusOr<std::optional<DType>> dtype =
+        ParamDTypeFromWire(norm.dtype(), "config.layer_norm.dtype");
+    if (!dtype.ok()) return dtype.status();
+    if (*dtype) config.layer_norm->dtype = **dtype;
+  }
+  absl::StatusOr<std::optional<DType>> dtype = ParamDTypeFromWire(wire.dtype(), "config.dtype");
+  if (!dtype.ok()) return dtype.status();
+  if (*dtype) config.dtype = **dtype;
+  absl::StatusOr<std::optional<LossImplementation>> implementation =
+      LossImplementationFromWire(wire.loss_implementation(), "config.loss_implementation");
+  if (!implementation.ok()) return implementation.status();
+  if (*implementation) config.loss_implementation = **implementation;
+  if (absl::Status status = config.Validate(); !status.ok()) {
+    return absl::Status(status.code(), absl::StrCat("config: ", status.message()));
+  }
+  return config;
+}
+
+constexpr std::initializer_list<v1::DataType> kFloatTypes = {v1::DATA_TYPE_BF16, v1::DATA_TYPE_FP16,
+                                                             v1::DATA_TYPE_FP32};
+
+const TensorRule kHiddenRule{"hidden_states", kFloatTypes, 3};
+const TensorRule kLabelsRule{"labels", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32}, 2};
+const TensorRule kPositionsRule{"options.logits_to_keep_positions", {v1::DATA_TYPE_INT64}, 2};
+const TensorRule kDivFactorRule{"options.loss_div_factor_tensor", kFloatTypes, -1};
+
+}  // namespace
+
+absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest& request) {
+  const v1::ForwardOptions& wire = request.options();
+  const std::pair<absl::string_view, std::string> names[] = {
+      {"x", "hidden_states"},
+      {"labels", "labels"},
+      {"logits_to_keep", wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions
+                             ? "options.logits_to_keep_positions"
+                             : "options.logits_to_keep_count"},
+      {"loss_div_factor", wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor
+                              ? "options.loss_div_factor_tensor"
+                              : "options.loss_div_factor_value"},
+      {"loss_reduction", "options.loss_reduction"},
+      {"return_logits", "options.return_logits"},
+      {"ignore_index", "options.ignore_index"},
+      {"z_loss_multiplier", "options.z_loss_multiplier"},
+      {"fused_chunk_bytes", "options.fused_chunk_bytes"},
+      {"loss_implementation", "config.loss_implementation"},
+  };
+  const absl::string_view message = status.message();
+  for (const auto& [argument, field] : names) {
+    if (absl::StartsWith(message, absl::StrCat(argument, ": "))) {
+      absl::Status renamed(status.code(), absl::StrCat(field, message.substr(argument.size())));
+      status.ForEachPayload([&renamed](absl::string_view url, const absl::Cord& payload) {
+        renamed.SetPayload(url, payload);
+      });
+      return renamed;
+    }
+  }
+  return status;
+}
+
+namespace {
+
+// RESOURCE_EXHAUSTED unless every tensor the response to `plan` would carry (logits, argmax,
+// loss, ce_loss, z_loss), counted in bytes, fits `limit`.
+absl::StatusOr<ForwardPlan> CheckResponseSize(ForwardPlan plan,
+                                              const std::optional<LossOutputSpec>& losses,
+                                              int64_t vocab_size, int64_t limit) {
+  std::vector<std::pair<std::string, int64_t>> parts;  // (output, bytes)
+  bool overflow = false;
+  const auto add = [&](absl::string_view name, std::initializer_list<int64_t> sizes,
+                       int64_t element_size) {
+    int64_t bytes = element_size;
+    for (const int64_t size : sizes) overflow |= __builtin_mul_overflow(bytes, size, &bytes);
+    parts.emplace_back(name, bytes);
+  };
+  const bool returns_logits =
+      !losses.has_value() || (plan.options.return_logits != false &&
+                              plan.config.loss_implementation == LossImplementation::kDefault);
+  if (returns_logits) {
+    add("logits", {plan.batch, plan.kept, vocab_size}, ElementSize(plan.logits_dtype));
+  }
+  if (plan.options.return_argmax) add("argmax", {plan.batch, plan.kept}, 8);
+  if (losses.has_value()) {
+    int64_t numel = 1;
+    for (const int64_t size : losses->shape)
+      overflow |= __builtin_mul_overflow(numel, size, &numel);
+    add("loss", {numel}, c10::elementSize(losses->loss_dtype));
+    add("ce_loss", {numel}, c10::elementSize(losses->ce_loss_dtype));
+    if (losses->z_loss_dtype) add("z_loss", {numel}, c10::elementSize(*losses->z_loss_dtype));
+  }
+  int64_t total = 0;
+  for (const auto& [name, bytes] : parts) overflow |= __builtin_add_overflow(total, bytes, &total);
+  if (!overflow && total <= limit) return plan;
+  std::vector<std::string> described;
+  for (const auto& [name, bytes] : parts) described.push_back(absl::StrCat(name, " ", bytes));
+  return absl::ResourceExhaustedError(
+      absl::StrCat("hidden_states.shape: the response would carry ",
+                   overflow ? "more than 2^63" : absl::StrCat(total), " bytes of tensors (",
+                   absl::StrJoin(described, ", "), "), over the limit of ", limit,
+                   " bytes (--max_response_bytes); send fewer positions per call (ForwardStream "
+                   "micro-batches, options.logits_to_keep), or set options.return_logits=false"));
+}
+
+}  // namespace
+
+absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
+                                        const v1::ForwardRequest& request) {
+  ForwardPlan plan;
+  absl::StatusOr<std::shared_ptr<const Model>> model = registry.Find(request.model());
+  if (!model.ok()) return model.status();
+  plan.model = *std::move(model);
+  const LMHead& base = plan.model->head();
+  absl::StatusOr<LMHeadConfig> config = EffectiveConfig(*plan.model, request.config());
+  if (!config.ok()) return config.status();
+  plan.config = *std::move(config);
+
+  // Scalar options.
+  const v1::ForwardOptions& wire = request.options();
+  ForwardOptions& options = plan.options;
+  if (wire.has_ignore_index()) options.ignore_index = wire.ignore_index();
+  absl::StatusOr<LossReduction> reduction =
+      LossReductionFromWire(wire.loss_reduction(), "options.loss_reduction");
+  if (!reduction.ok()) return reduction.status();
+  options.loss_reduction = *reduction;
+  if (wire.has_z_loss_multiplier()) options.z_loss_multiplier = wire.z_loss_multiplier();
+  if (wire.has_return_logits()) options.return_logits = wire.return_logits();
+  if (wire.has_fused_chunk_bytes()) {
+    if (wire.fused_chunk_bytes() < 0) {
+      return Invalid("options.fused_chunk_bytes",
+                     absl::StrCat("expected a positive byte count (or 0 for the default), got ",
+                                  wire.fused_chunk_bytes()));
+    }
+    options.fused_chunk_bytes = wire.fused_chunk_bytes();
+  }
+  options.return_argmax = wire.return_argmax();
+  options.loss_implementation = plan.config.loss_implementation;
+  if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
+    options.logits_to_keep = wire.logits_to_keep_count();
+  }
+  if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorValue) {
+    options.loss_div_factor = wire.loss_div_factor_value();
+  }
+  plan.logits_dtype = ToWire(plan.config.dtype);
+  if (wire.logits_dtype() != v1::DATA_TYPE_UNSPECIFIED) {
+    absl::StatusOr<std::optional<DType>> dtype =
+        ParamDTypeFromWire(wire.logits_dtype(), "options.logits_dtype");
+    if (!dtype.ok()) return dtype.status();
+    plan.logits_dtype = ToWire(**dtype);
+  }
+
+  // Tensor shapes.
+  absl::StatusOr<std::vector<int64_t>> x_shape =
+      ValidateTensor(request.hidden_states(), kHiddenRule);
+  if (!x_shape.ok()) return x_shape.status();
+  plan.batch = (*x_shape)[0];
+  plan.length = (*x_shape)[1];
+  if ((*x_shape)[2] != base.d_model()) {
+    return Invalid(
+        "hidden_states.shape",
+        absl::StrCat("expected (batch, seq_len, d_model=", base.d_model(), ") for model '",
+                     plan.model->name(), "', got d_model=", (*x_shape)[2]));
+  }
+  if (request.has_labels()) {
+    absl::StatusOr<std::vector<int64_t>> shape = ValidateTensor(request.labels(), kLabelsRule);
+    if (!shape.ok()) return shape.status();
+    if ((*shape)[0] != plan.batch || (*shape)[1] != plan.length) {
+      return Invalid("labels.shape", absl::StrCat("expected (batch=", plan.batch, ", seq_len=",
+                                                  plan.length, ") like hidden_states, got (",
+                                                  (*shape)[0], ", ", (*shape)[1], ")"));
+    }
+  }
+  plan.kept = plan.length;
+  if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions) {
+    absl::StatusOr<std::vector<int64_t>> shape =
+        ValidateTensor(wire.logits_to_keep_positions(), kPositionsRule);
+    if (!shape.ok()) return shape.status();
+    if ((*shape)[0] != plan.batch) {
+      return Invalid("options.logits_to_keep_positions.shape",
+                     absl::StrCat("expected (batch=", plan.batch, ", K), got (", (*shape)[0], ", ",
+                                  (*shape)[1], ")"));
+    }
+    plan.kept = (*shape)[1];
+  } else if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
+    plan.kept = plan.length - KeptStart(wire.logits_to_keep_count(), plan.length);
+  }
+  // Every tensor of the forward, empty dimensions counted as 1, must be addressable: the
+  // largest are the logits (batch, kept, vocab_size) and the hidden states.
+  int64_t extent = 8;
+  for (const int64_t size :
+       {plan.batch, plan.length, std::max(base.vocab_size(), base.d_model())}) {
+    if (__builtin_mul_overflow(extent, std::max<int64_t>(size, 1), &extent)) {
+      return Invalid("hidden_states.shape",
+                     absl::StrCat("(batch=", plan.batch, ", seq_len=", plan.length,
+                                  ") is too large for vocab_size ", base.vocab_size(),
+                                  ": the logits could not be indexed"));
+    }
+  }
+  std::optional<LossOutputSpec> losses;
+  if (request.has_labels()) {
+    if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
+      absl::StatusOr<std::vector<int64_t>> shape =
+          ValidateTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
+      if (!shape.ok()) return shape.status();
+      // Only its shape and dtype are read here; the values come with DecodeInputs.
+      options.loss_div_factor =
+          at::empty(*shape, at::TensorOptions()
+                                .dtype(ScalarTypeOf(wire.loss_div_factor_tensor().dtype()))
+                                .device(at::kMeta));
+    }
+    absl::StatusOr<LossOutputSpec> spec =
+        LossOutputs(plan.config, plan.batch, plan.kept, plan.options);
+    if (!spec.ok()) return WithWireFields(spec.status(), request);
+    losses = *std::move(spec);
+    if (std::holds_alternative<at::Tensor>(options.loss_div_factor)) {
+      options.loss_div_factor = std::monostate();
+    }
+  }
+  return CheckResponseSize(plan, losses, base.vocab_size(), limits.max_response_bytes);
+}
+
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
+                                        const c10::Device& device, ForwardPlan* plan,
+                                        int64_t* nonfinite) {
+  absl::StatusOr<at::Tensor> x = DecodeTensor(request.hidden_states(), kHiddenRule);
+  if (!x.ok()) return x.status();
+  // A finite sum means every value is finite (a NaN or an infinity would make it NaN or
+  // infinite); only otherwise are they counted, which costs a mask as large as x.
+  *nonfinite = 0;
+  if (x->numel() > 0 && !at::isfinite(x->sum()).item<bool>()) {
+    *nonfinite = at::isfinite(*x).logical_not().sum().item<int64_t>();
+  }
+  ForwardOptions& options = plan->options;
+  if (request.has_labels()) {
+    absl::StatusOr<at::Tensor> labels = DecodeTensor(request.labels(), kLabelsRule);
+    if (!labels.ok()) return labels.status();
+    options.labels = labels->to(at::kLong);
+  }
+  const v1::ForwardOptions& wire = request.options();
+  if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions) {
+    absl::StatusOr<at::Tensor> positions =
+        DecodeTensor(wire.logits_to_keep_positions(), kPositionsRule);
+    if (!positions.ok()) return positions.status();
+    options.logits_to_keep = *positions;
+  }
+  if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
+    absl::StatusOr<at::Tensor> factor = DecodeTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
+    if (!factor.ok()) return factor.status();
+    options.loss_div_factor = CopyToDevice(*factor, device);
+  }
+  // The dtype conversion runs after the transfer, on the device.
+  return CopyToDevice(*x, device).to(ToScalarType(plan->config.dtype));
+}
+
+absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
+                           v1::ForwardResponse* response) {
+  if (output.logits.has_value()) {
+    absl::Status status =
+        EncodeTensor(*output.logits, plan.logits_dtype, response->mutable_logits());
+    if (!status.ok()) return status;
+  }
+  for (const auto& [value, field] :
+       {std::pair{&output.loss, &v1::ForwardResponse::mutable_loss},
+        std::pair{&output.ce_loss, &v1::ForwardResponse::mutable_ce_loss},
+        std::pair{&output.z_loss, &v1::ForwardResponse::mutable_z_loss},
+        std::pair{&output.argmax, &v1::ForwardResponse::mutable_argmax}}) {
+    if (!value->has_value()) continue;
+    absl::Status status =
+        EncodeTensor(**value, DataTypeOf((*value)->scalar_type()), (response->*field)());
+    if (!status.ok()) return status;
+  }
+  if (plan.options.labels.has_value()) {
+    at::Tensor scored = *plan.options.labels;
+    if (const auto* positions = std::get_if<at::Tensor>(&plan.options.logits_to_keep)) {
+      scored = scored.gather(1, *positions);
+    } else {
+      scored = scored.slice(1, plan.length - plan.kept, plan.length);
+    }
+    response->set_num_scored_tokens(scored.ne(plan.options.ignore_index).sum().item<int64_t>());
+  }
+  response->set_model(plan.model->name());
+  response->set_model_version(plan.model->version());
+  return absl::OkStatus();
+}
+
+}  // namespace lmhead

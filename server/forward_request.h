@@ -1,0 +1,67 @@
+// The wire form of a forward, between the gRPC handlers and the core: a ForwardRequest checked
+// against its model and the server's limits before anything is allocated (PlanForward), its
+// tensors decoded (DecodeInputs), the core's outputs encoded (EncodeOutputs), and the wire
+// description of a model. Protobuf messages and LibTorch tensors; no gRPC calls. Every error
+// names the request's field (docs/API.md "Validation and status codes").
+#ifndef LMHEAD_SERVER_FORWARD_REQUEST_H_
+#define LMHEAD_SERVER_FORWARD_REQUEST_H_
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/config.h"
+#include "core/lm_head.h"
+#include "proto/lmhead/v1/lmhead.pb.h"
+#include "server/model_registry.h"
+#include "server/options.h"
+
+namespace lmhead {
+
+// A checked request: what to run and how, before any tensor exists.
+struct ForwardPlan {
+  std::shared_ptr<const Model> model;
+  LMHeadConfig config;     // the model's, with the request's overrides
+  ForwardOptions options;  // the scalar options; tensors are added by DecodeInputs
+  v1::DataType logits_dtype = v1::DATA_TYPE_UNSPECIFIED;
+  int64_t batch = 0;
+  int64_t length = 0;
+  int64_t kept = 0;  // positions per row that logits_to_keep keeps
+};
+
+// Checks every field of `request` against its model and `limits`: the model's name, the config
+// overrides, the enums, each tensor's wire form (dtype, rank, sizes, byte length), the shapes
+// against each other and the model, a tensor divisor's broadcast, and the response's size
+// (--max_response_bytes). Reads shapes and enums only; allocates no tensor data.
+absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
+                                        const v1::ForwardRequest& request);
+
+// The request's tensors: hidden states on `device` in the compute dtype (returned), and labels,
+// positions and a divisor tensor into plan->options. Labels and positions stay on the host,
+// where LMHead checks their range without a device synchronisation and copies them over. They
+// alias the request where they can, so `request` must outlive them. `nonfinite` receives the
+// number of NaN/infinite hidden-state values. May throw c10::Error.
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
+                                        const c10::Device& device, ForwardPlan* plan,
+                                        int64_t* nonfinite);
+
+// Writes LMHead.forward's outputs and the bookkeeping fields (num_scored_tokens, model, version)
+// into `response`. May throw c10::Error.
+absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
+                           v1::ForwardResponse* response);
+
+// A core status whose message starts with a forward argument's name ("labels: ..."), with that
+// name replaced by the request's field path ("options.logits_to_keep_positions: ..."); other
+// statuses unchanged.
+absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest& request);
+
+// ListModels' description of `model`; its source is the file's name unless `expose_path`.
+v1::ModelInfo ModelInfoToWire(const Model& model, bool expose_path);
+
+}  // namespace lmhead
+
+#endif  // LMHEAD_SERVER_FORWARD_REQUEST_H_

@@ -1,0 +1,121 @@
+// Fuzzes a whole request's decoding and validation (server/forward_request.h): the input is
+// parsed as an lmhead.v1.ForwardRequest for a small demo head and goes the way the service
+// takes it: PlanForward (wire forms, config overrides, enums, shapes, limits), the head for its
+// configuration, DecodeInputs, LMHead::ValidateForward, and for small requests the forward
+// itself and EncodeOutputs. Beyond what the sanitizers catch, it checks the contracts:
+//  - every refusal has a caller's code and a message that starts with a request field path;
+//  - nothing throws, and once every check has passed the forward succeeds (a LibTorch error
+//    there would be a check we lack);
+//  - the response's tensors fit --max_response_bytes.
+#include <ATen/ATen.h>
+
+#include <cctype>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/lm_head.h"
+#include "core/torch_errors.h"
+#include "proto/lmhead/v1/lmhead.pb.h"
+#include "server/forward_request.h"
+#include "server/model_registry.h"
+#include "server/options.h"
+#include "tests/fuzz/fuzz_check.h"
+
+namespace lmhead {
+namespace {
+
+constexpr int64_t kResponseLimit = 64 << 10;
+
+const Options& Limits() {
+  static const Options* options = [] {
+    auto* o = new Options();
+    o->demo_d_model = 8;
+    o->demo_vocab_size = 37;
+    o->max_config_variants = 3;
+    o->max_response_bytes = kResponseLimit;
+    return o;
+  }();
+  return *options;
+}
+
+const ModelRegistry& Registry() {
+  static const ModelRegistry* registry = ModelRegistry::Load(Limits())->release();
+  return *registry;
+}
+
+// "hidden_states.shape[1]: ...", "options.loss_div_factor_tensor: ...", "model: ...".
+bool StartsWithFieldPath(absl::string_view message) {
+  size_t i = 0;
+  bool in_name = false;
+  while (i < message.size()) {
+    const char c = message[i];
+    if (std::islower(static_cast<unsigned char>(c)) || c == '_') {
+      in_name = true;
+    } else if (c == '.' && in_name) {
+      in_name = false;
+    } else if (c == '[' && in_name) {
+      const size_t close = message.find(']', i);
+      if (close == absl::string_view::npos || close == i + 1) return false;
+      for (size_t j = i + 1; j < close; ++j) {
+        if (!std::isdigit(static_cast<unsigned char>(message[j]))) return false;
+      }
+      i = close;
+    } else {
+      return in_name && message.substr(i, 2) == ": ";
+    }
+    ++i;
+  }
+  return false;
+}
+
+void CheckRefusal(const absl::Status& status, const char* where) {
+  const std::string text = status.ToString();
+  LMHEAD_FUZZ_CHECK(absl::IsInvalidArgument(status) || absl::IsNotFound(status) ||
+                        absl::IsResourceExhausted(status) || absl::IsUnimplemented(status),
+                    "%s: unexpected code: %s", where, text.c_str());
+  LMHEAD_FUZZ_CHECK(StartsWithFieldPath(status.message()), "%s: no field path: %s", where,
+                    text.c_str());
+  LMHEAD_FUZZ_CHECK(LibraryErrorDetail(status).empty(), "%s: a LibTorch error: %s", where,
+                    text.c_str());
+}
+
+void Run(const v1::ForwardRequest& request) {
+  absl::StatusOr<ForwardPlan> plan = PlanForward(Registry(), Limits(), request);
+  if (!plan.ok()) return CheckRefusal(plan.status(), "PlanForward");
+  absl::StatusOr<std::shared_ptr<const LMHead>> head = plan->model->HeadFor(plan->config);
+  if (!head.ok()) return CheckRefusal(head.status(), "HeadFor");
+  int64_t nonfinite = 0;
+  absl::StatusOr<at::Tensor> x = CatchTorchErrors(
+      [&]() { return DecodeInputs(request, (*head)->device(), &*plan, &nonfinite); });
+  if (!x.ok()) return CheckRefusal(x.status(), "DecodeInputs");
+  const absl::Status valid = WithWireFields((*head)->ValidateForward(*x, plan->options), request);
+  if (!valid.ok()) return CheckRefusal(valid, "ValidateForward");
+  // Small enough to compute quickly: everything checked, so the forward must succeed.
+  if (plan->batch * std::max<int64_t>(plan->length, 1) > 4096) return;
+  absl::StatusOr<LMOutput> output = (*head)->Forward(*x, plan->options);
+  LMHEAD_FUZZ_CHECK(output.ok(), "Forward after every check passed: %s",
+                    output.status().ToString().c_str());
+  v1::ForwardResponse response;
+  const absl::Status encoded =
+      CatchTorchErrors([&]() { return EncodeOutputs(*output, *plan, &response); });
+  LMHEAD_FUZZ_CHECK(encoded.ok(), "EncodeOutputs: %s", encoded.ToString().c_str());
+  const int64_t bytes = response.logits().data().size() + response.loss().data().size() +
+                        response.ce_loss().data().size() + response.z_loss().data().size() +
+                        response.argmax().data().size();
+  LMHEAD_FUZZ_CHECK(bytes <= kResponseLimit, "a response of %lld tensor bytes passed the bound",
+                    static_cast<long long>(bytes));
+}
+
+}  // namespace
+}  // namespace lmhead
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  lmhead::v1::ForwardRequest request;
+  if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
+  lmhead::Run(request);
+  return 0;
+}
