@@ -1,7 +1,11 @@
 // parity_runner: runs our LMHead over the cases that tests/parity/test_parity.py generates, so
 // the test can compare them with olmo_core.
 //
-//   parity_runner --cases CASES.json --results RESULTS.json
+//   parity_runner --cases CASES.json --results RESULTS.json [--device cuda:0]
+//
+// --device (default cpu) is where the head is built and computes: the weights and every input
+// tensor (x, labels, positions, a divisor tensor) are moved there, as a caller of upstream's head
+// on that device would; outputs are copied back to the CPU before they are written.
 //
 // CASES.json: {"cases": [{
 //   "id": string,
@@ -21,6 +25,7 @@
 // A case that fails (in our head or in the runner) never stops the others; the exit status is
 // non-zero only when CASES.json or RESULTS.json cannot be read or written.
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <exception>
@@ -43,25 +48,28 @@
 
 ABSL_FLAG(std::string, cases, "", "JSON file listing the cases to run");
 ABSL_FLAG(std::string, results, "", "JSON file to write the per-case status to");
+ABSL_FLAG(std::string, device, "cpu", "where the heads compute: cpu or cuda:N");
 
 namespace lmhead {
 namespace {
 
 using Json = nlohmann::json;
 
-// The tensor `name` of an inputs file.
-absl::StatusOr<at::Tensor> InputTensor(const SafetensorsFile& inputs, const std::string& name) {
+// The tensor `name` of an inputs file, moved to `device`.
+absl::StatusOr<at::Tensor> InputTensor(const SafetensorsFile& inputs, const std::string& name,
+                                       const c10::Device& device) {
   auto it = inputs.tensors.find(name);
   if (it == inputs.tensors.end()) {
     return absl::InvalidArgumentError(absl::StrCat("runner: inputs have no tensor '", name, "'"));
   }
-  return it->second;
+  return it->second.to(device);
 }
 
-// Builds ForwardOptions from the case's "options" and the inputs file.
-absl::StatusOr<ForwardOptions> ReadOptions(const Json& options, const SafetensorsFile& inputs) {
+// Builds ForwardOptions from the case's "options" and the inputs file (tensors on `device`).
+absl::StatusOr<ForwardOptions> ReadOptions(const Json& options, const SafetensorsFile& inputs,
+                                           const c10::Device& device) {
   ForwardOptions out;
-  if (inputs.tensors.count("labels") > 0) out.labels = inputs.tensors.at("labels");
+  if (inputs.tensors.count("labels") > 0) out.labels = inputs.tensors.at("labels").to(device);
   out.ignore_index = options.value("ignore_index", out.ignore_index);
 
   absl::StatusOr<LossReduction> reduction =
@@ -74,7 +82,7 @@ absl::StatusOr<ForwardOptions> ReadOptions(const Json& options, const Safetensor
 
   const Json div = options.value("loss_div_factor", Json());
   if (div == "tensor") {
-    absl::StatusOr<at::Tensor> tensor = InputTensor(inputs, "loss_div_factor");
+    absl::StatusOr<at::Tensor> tensor = InputTensor(inputs, "loss_div_factor", device);
     if (!tensor.ok()) return tensor.status();
     out.loss_div_factor = *tensor;
   } else if (!div.is_null()) {
@@ -86,7 +94,7 @@ absl::StatusOr<ForwardOptions> ReadOptions(const Json& options, const Safetensor
 
   const Json keep = options.value("logits_to_keep", Json(0));
   if (keep == "tensor") {
-    absl::StatusOr<at::Tensor> tensor = InputTensor(inputs, "logits_to_keep");
+    absl::StatusOr<at::Tensor> tensor = InputTensor(inputs, "logits_to_keep", device);
     if (!tensor.ok()) return tensor.status();
     out.logits_to_keep = *tensor;
   } else {
@@ -103,11 +111,11 @@ absl::StatusOr<ForwardOptions> ReadOptions(const Json& options, const Safetensor
   return out;
 }
 
-absl::Status RunCase(const Json& c) {
+absl::Status RunCase(const Json& c, const std::string& device) {
   absl::StatusOr<LMHeadConfig> config = LMHeadConfigFromJson(c.at("config").dump());
   if (!config.ok()) return config.status();
-  absl::StatusOr<std::unique_ptr<LMHead>> head =
-      LMHead::Build(*config, c.at("d_model").get<int64_t>(), c.at("vocab_size").get<int64_t>());
+  absl::StatusOr<std::unique_ptr<LMHead>> head = LMHead::Build(
+      *config, c.at("d_model").get<int64_t>(), c.at("vocab_size").get<int64_t>(), device);
   if (!head.ok()) return head.status();
 
   absl::StatusOr<SafetensorsFile> weights = ReadSafetensors(c.at("weights").get<std::string>());
@@ -116,19 +124,21 @@ absl::Status RunCase(const Json& c) {
 
   absl::StatusOr<SafetensorsFile> inputs = ReadSafetensors(c.at("inputs").get<std::string>());
   if (!inputs.ok()) return inputs.status();
-  absl::StatusOr<at::Tensor> x = InputTensor(*inputs, "x");
+  const c10::Device on = (*head)->device();
+  absl::StatusOr<at::Tensor> x = InputTensor(*inputs, "x", on);
   if (!x.ok()) return x.status();
-  absl::StatusOr<ForwardOptions> options = ReadOptions(c.value("options", Json::object()), *inputs);
+  absl::StatusOr<ForwardOptions> options =
+      ReadOptions(c.value("options", Json::object()), *inputs, on);
   if (!options.ok()) return options.status();
 
   absl::StatusOr<LMOutput> output = (*head)->Forward(*x, *options);
   if (!output.ok()) return output.status();
 
   std::map<std::string, at::Tensor> tensors;
-  if (output->logits) tensors["logits"] = *output->logits;
-  if (output->loss) tensors["loss"] = *output->loss;
-  if (output->ce_loss) tensors["ce_loss"] = *output->ce_loss;
-  if (output->z_loss) tensors["z_loss"] = *output->z_loss;
+  if (output->logits) tensors["logits"] = output->logits->cpu();
+  if (output->loss) tensors["loss"] = output->loss->cpu();
+  if (output->ce_loss) tensors["ce_loss"] = output->ce_loss->cpu();
+  if (output->z_loss) tensors["z_loss"] = output->z_loss->cpu();
   return WriteSafetensors(c.at("output").get<std::string>(), tensors);
 }
 
@@ -139,7 +149,8 @@ Json ResultJson(const absl::Status& status) {
               {"message", std::string(status.message())}};
 }
 
-int Main(const std::string& cases_path, const std::string& results_path) {
+int Main(const std::string& cases_path, const std::string& results_path,
+         const std::string& device) {
   std::ifstream in(cases_path);
   Json cases = Json::parse(in, /*cb=*/nullptr, /*allow_exceptions=*/false);
   if (!in || cases.is_discarded() || !cases.contains("cases")) {
@@ -152,7 +163,7 @@ int Main(const std::string& cases_path, const std::string& results_path) {
     const std::string id = c.value("id", std::string("?"));
     absl::Status status;
     try {
-      status = RunCase(c);
+      status = RunCase(c, device);
     } catch (const std::exception& e) {  // a malformed case entry (nlohmann) or a stray throw
       status = absl::InternalError(absl::StrCat("runner: ", e.what()));
     }
@@ -176,8 +187,8 @@ int main(int argc, char** argv) {
   const std::string cases = absl::GetFlag(FLAGS_cases);
   const std::string results = absl::GetFlag(FLAGS_results);
   if (cases.empty() || results.empty()) {
-    std::cerr << "usage: parity_runner --cases CASES.json --results RESULTS.json\n";
+    std::cerr << "usage: parity_runner --cases CASES.json --results RESULTS.json [--device D]\n";
     return 2;
   }
-  return lmhead::Main(cases, results);
+  return lmhead::Main(cases, results, absl::GetFlag(FLAGS_device));
 }

@@ -5,9 +5,11 @@
 #   .gpu/whl   the Liger-Kernel and Cut Cross-Entropy wheels for the side-by-side benchmark, and
 #              nvidia-cutlass (tools/requirements-cutlass.txt) for the CUTLASS headers
 #   .gpu/gen   the C++ code protoc generates for lmhead.v1 and grpc.health.v1
+#   .gpu/olmo  ai2-olmo-core (tools/requirements.txt) and the packages its nn.lm_head import needs
+#              there (tools/gpu/requirements-parity.txt), for the parity step against olmo_core
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen
+rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen .gpu/olmo
 (cd .gpu/debs && apt-get download -q libabsl-dev libabsl20220623 libgtest-dev libgmock-dev \
   libgrpc++-dev libgrpc++1.51 libgrpc-dev libgrpc29 libprotobuf-dev libprotobuf32 \
   libre2-9 libre2-dev libc-ares2 libc-ares-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 \
@@ -16,6 +18,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/whl liger-kernel==0.6.4 cut-cross-entropy==25.1.1
 python3 -m pip download -q --no-deps -d .gpu/whl -r tools/requirements-cutlass.txt
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+  -d .gpu/olmo "$(grep '^ai2-olmo-core==' tools/requirements.txt)" \
+  -r tools/gpu/requirements-parity.txt
 bazel build //proto:lmhead_cc_grpc //proto:health_cc_grpc
 mkdir -p .gpu/gen/proto/lmhead/v1 .gpu/gen/grpc/health/v1
 cp bazel-bin/proto/lmhead/v1/lmhead.{pb,grpc.pb}.{h,cc} .gpu/gen/proto/lmhead/v1/

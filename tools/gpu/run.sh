@@ -2,9 +2,13 @@
 # Builds lmhead's CUDA path on the GPU machine (no Bazel, no network there) and runs the GPU
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
-#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server] [--quick]
+#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server|parity|oom]
+#                    [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
+# parity: the parity suite (tests/parity) with our head on cuda:0 against olmo_core on the same
+# GPU (its PyTorch path and its Liger path; wheels from .gpu/olmo and .gpu/whl). oom: the real
+# server run out of device memory (tests/gpu/gpu_server_oom_test.cc).
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
@@ -73,33 +77,76 @@ if wants test; then
     --gtest_filter='GpuLMHeadSmokeTest.*' > "$out/memcheck.txt" 2>&1 \
     && echo "memcheck: clean" || { echo "memcheck: errors"; tail -30 "$out/memcheck.txt"; }
 fi
-if wants server; then
+if wants parity; then
+  echo "== parity against olmo_core on the same GPU (tests/parity, LMHEAD_PARITY_DEVICE=cuda:0)"
+  build_parity_runner() {
+    local flags pids=() pid src
+    flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --libs \
+      absl_flags absl_flags_parse) || return 1
+    for src in tests/parity/parity_runner.cc core/config_json.cc core/safetensors.cc \
+      core/safetensors_format.cc; do
+      g++ "${cxxflags[@]}" -c "$src" -o "$build/parity_$(basename "$src" .cc).o" & pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || return 1; done
+    g++ -o "$build/parity_runner" "$build"/parity_*.o "${objs[@]}" "${ldflags[@]}" $flags
+  }
+  if build_parity_runner && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/lmhead-parity-site .gpu/olmo/*.whl .gpu/whl/liger_kernel-*.whl; then
+    PYTHONPATH=/tmp/lmhead-parity-site LMHEAD_PARITY_DEVICE=cuda:0 PYTHONUNBUFFERED=1 \
+      LMHEAD_PARITY_RUNNER="$build/parity_runner" timeout "$limit" python3 -m pytest -q -s \
+      -p no:cacheprovider tests/parity > "$out/gpu_parity.txt" 2>&1 \
+      && echo "gpu parity: passed" || echo "gpu parity: FAILED (or ran past ${limit} s)"
+    grep -E "^gpu parity vs olmo_core|^references:" "$out/gpu_parity.txt" || tail -40 "$out/gpu_parity.txt"
+    echo "$(grep -c "^fp64 rule " "$out/gpu_parity.txt") values passed by the fp64 rule;" \
+      "first failures:"
+    grep -A4 "^FAIL " "$out/gpu_parity.txt" | cut -c1-300 | head -60 || true
+  else
+    echo "!! parity: the runner did not build or the wheels did not install"
+  fi
+fi
+if wants server || wants oom; then
   echo "== build the server and the CLI"
   # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
     > "$libdir/pkgconfig/openssl.pc"
   grpc_flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --cflags --libs \
     grpc++ grpc protobuf spdlog fmt absl_flags absl_flags_parse absl_flags_usage)
-  srv=(core/config_json.cc core/safetensors.cc core/safetensors_format.cc server/status.cc server/logging.cc
-    server/tensor_codec.cc server/model_registry.cc server/service.cc server/server.cc
-    server/main.cc .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc)
+  # Every server/ and client/ source but tests and fuzz targets, so that a new file needs no edit here.
+  library_sources() { ls "$1"/*.cc | grep -vE "_(test|fuzzer|bench)\.cc$"; }
+  srv=(core/config_json.cc core/safetensors.cc core/safetensors_format.cc $(library_sources server)
+    .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc)
   pids=()
   for src in "${srv[@]}"; do
     g++ "${cxxflags[@]}" -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -c "$src" \
       -o "$build/srv_$(basename "$src" .cc).o" & pids+=($!)
   done
-  cli=(client/lmhead_client.cc client/tensor_file.cc client/lmhead_cli.cc core/safetensors_format.cc
+  cli=($(library_sources client) core/safetensors_format.cc
     .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc
     .gpu/gen/grpc/health/v1/health.pb.cc .gpu/gen/grpc/health/v1/health.grpc.pb.cc)
   for src in "${cli[@]}"; do
     g++ -std=c++17 -O2 -I. -I.gpu/gen -isystem "$deps/usr/include" -c "$src" \
       -o "$build/cli_$(basename "$src" .cc).o" & pids+=($!)
   done
+  if wants oom; then
+    g++ "${cxxflags[@]}" -I.gpu/gen -c tests/gpu/gpu_server_oom_test.cc \
+      -o "$build/gpu_server_oom_test.o" & pids+=($!)
+  fi
   for pid in "${pids[@]}"; do wait "$pid"; done
   g++ -o "$build/lmhead_server" "$build"/srv_*.o "${objs[@]}" "${ldflags[@]}" $grpc_flags \
     -lgrpc++_reflection
   g++ -o "$build/lmhead" "$build"/cli_*.o -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" \
     $grpc_flags
+fi
+if wants oom; then
+  echo "== out of device memory through the server (tests/gpu/gpu_server_oom_test.cc)"
+  client_objs=($(ls "$build"/cli_*.o | grep -v "/cli_lmhead_cli\.o$"))  # the client library
+  g++ -o "$build/gpu_server_oom_test" "$build/gpu_server_oom_test.o" "${client_objs[@]}" \
+    "${objs[@]}" "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}" $grpc_flags
+  LMHEAD_SERVER="$build/lmhead_server" timeout "$limit" "$build/gpu_server_oom_test" \
+    > "$out/gpu_oom.txt" 2>&1 && echo "gpu server oom test: passed" || echo "gpu server oom test: FAILED"
+  grep -vE "^\[ *(RUN|OK) *\]|^\[-+\]|^$" "$out/gpu_oom.txt" | cut -c1-400 | head -60 || true
+fi
+if wants server; then
   echo "== the same demo head served from the CPU and from cuda:0"
   work=$(mktemp -d)
   "$build/lmhead_server" --host 127.0.0.1 --port 0 --port_file "$work/cpu" --device cpu \
