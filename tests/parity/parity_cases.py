@@ -625,8 +625,8 @@ def fused_reference(case: Case, m: Materialized, with_agree: bool = True) -> Exp
     return Expected("fp64", outputs=outputs, agree=agree)
 
 
-def olmo_forward(head, case: Case, m: Materialized, return_logits="case"):
-    with torch.no_grad():
+def olmo_forward(head, case: Case, m: Materialized, return_logits="case", grad=False):
+    with torch.no_grad() if not grad else torch.enable_grad():
         return head(
             m.x,
             labels=m.labels,
@@ -735,7 +735,8 @@ def device_expectation(case: Case, m: Materialized, device: str) -> Expected:
       into device-side asserts, which end the process's CUDA context.
     - fused_linear with labels and no tokens: deviation 4 (Liger divides by zero), from fp64.
     - Otherwise olmo_core's head on `device`: its PyTorch path (`olmo@cuda`) or, for
-      fused_linear with labels, its Liger path (`liger@cuda`), whose values we must match; for
+      fused_linear with labels, its Liger path (`liger@cuda`; `liger@cuda+grad` where Liger only
+      runs with gradients, see below), whose values we must match; for
       fused mean/sum with a multiplier also its default path on the device (`agree`). `exact` is
       float64_reference.
     """
@@ -751,8 +752,20 @@ def device_expectation(case: Case, m: Materialized, device: str) -> Expected:
     source = "liger@cuda" if fused else "olmo@cuda"
     g = on_device(m, device)
     try:
-        with torch.no_grad():
-            outputs = _on_cpu(as_fields(olmo_forward(g.head, case, g)))
+        try:
+            with torch.no_grad():
+                outputs = _on_cpu(as_fields(olmo_forward(g.head, case, g)))
+        except AttributeError:
+            # Liger-Kernel 0.6.4 fails on a head with a bias when the input needs no gradient
+            # (its forward calls .detach() on the bias gradient it did not compute: "'NoneType'
+            # object has no attribute 'detach'"). Upstream's path then only runs as in training:
+            # x requiring a gradient, which Liger computes alongside; the losses are the same.
+            if not (fused and g.head.w_out.bias is not None):
+                raise
+            source = "liger@cuda+grad"
+            x = g.x.detach().clone().requires_grad_(True)
+            out = olmo_forward(g.head, case, dataclasses.replace(g, x=x), grad=True)
+            outputs = _on_cpu(as_fields(out))
     except Exception as e:  # noqa: BLE001 - upstream on the GPU failed where the CPU did not
         return Expected(source, _upstream_code(e), why=f"on {device}: {type(e).__name__}: {e}")
     agree = None
