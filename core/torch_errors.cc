@@ -3,6 +3,7 @@
 #include <string>
 
 #include "absl/strings/cord.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace lmhead {
@@ -27,6 +28,11 @@ absl::Status WithDetail(absl::Status status, const char* what) {
 absl::Status StatusFromTorchError(const c10::Error& error) {
   if (dynamic_cast<const c10::OutOfMemoryError*>(&error) != nullptr) {
     return WithDetail(absl::ResourceExhaustedError("out of device memory"),
+                      error.what_without_backtrace());
+  }
+  // LibTorch's CPU allocator reports a failed allocation as a plain c10::Error.
+  if (absl::StrContains(error.what_without_backtrace(), "DefaultCPUAllocator: can't allocate")) {
+    return WithDetail(absl::ResourceExhaustedError("out of host memory"),
                       error.what_without_backtrace());
   }
   return WithDetail(absl::InternalError("LibTorch failed"), error.what_without_backtrace());

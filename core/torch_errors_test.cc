@@ -39,6 +39,15 @@ TEST(CatchTorchErrorsTest, ValuePassesThrough) {
   EXPECT_EQ(*result, 12);
 }
 
+TEST(CatchTorchErrorsTest, AFailedHostAllocationIsResourceExhausted) {
+  // 128 TiB: the allocator refuses at once.
+  absl::StatusOr<at::Tensor> result = CatchTorchErrors(
+      []() -> absl::StatusOr<at::Tensor> { return at::empty({int64_t{1} << 45}); });
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted) << result.status();
+  EXPECT_EQ(result.status().message(), "out of host memory");
+  EXPECT_THAT(LibraryErrorDetail(result.status()), ::testing::HasSubstr("can't allocate"));
+}
+
 TEST(CatchTorchErrorsTest, OtherExceptionsBecomeInternal) {
   absl::Status status =
       CatchTorchErrors([]() -> absl::Status { throw std::runtime_error("boom"); });
