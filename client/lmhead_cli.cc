@@ -129,21 +129,32 @@ int Failed(const absl::Status& status) {
   return 1;
 }
 
-ClientOptions ClientOptionsFrom(const Values& values) {
+// The connection flags of `command`: --timeout, --max_attempts.
+absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
   ClientOptions options;
   double seconds = 0;
   if (absl::SimpleAtod(Get(values, "timeout"), &seconds) && seconds > 0) {
     options.timeout = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  }
+  if (!absl::SimpleAtoi(Get(values, "max_attempts"), &options.max_attempts) ||
+      options.max_attempts < 1 || options.max_attempts > 5) {
+    return absl::InvalidArgumentError("--max_attempts: expected 1 to 5");
   }
   return options;
 }
 
 const Flag kAddress{"address", "HOST:PORT", "the server to talk to (required)", ""};
 const Flag kTimeout{"timeout", "SECONDS", "deadline of each call; 0 for none", "10"};
+const Flag kMaxAttempts{"max_attempts", "N",
+                        "attempts per call, 1-5: RESOURCE_EXHAUSTED and UNAVAILABLE are retried "
+                        "with exponential backoff (gRPC's retry policy); 1: no retry",
+                        "5"};
 
 int RunHealth(const Values& values) {
   if (Get(values, "address").empty()) return UsageError("health", "--address is required");
-  auto client = LMHeadClient::Connect(Get(values, "address"), ClientOptionsFrom(values));
+  absl::StatusOr<ClientOptions> options = ClientOptionsFrom(values);
+  if (!options.ok()) return UsageError("health", std::string(options.status().message()));
+  auto client = LMHeadClient::Connect(Get(values, "address"), *options);
   auto status = client->Health(Get(values, "service"));
   if (!status.ok()) return Failed(status.status());
   std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(*status) << "\n";
@@ -157,7 +168,9 @@ std::string DataTypeShortName(int dtype) {
 
 int RunModels(const Values& values) {
   if (Get(values, "address").empty()) return UsageError("models", "--address is required");
-  auto client = LMHeadClient::Connect(Get(values, "address"), ClientOptionsFrom(values));
+  absl::StatusOr<ClientOptions> options = ClientOptionsFrom(values);
+  if (!options.ok()) return UsageError("models", std::string(options.status().message()));
+  auto client = LMHeadClient::Connect(Get(values, "address"), *options);
   auto models = client->ListModels();
   if (!models.ok()) return Failed(models.status());
   if (Get(values, "json") == "true") {
@@ -275,7 +288,11 @@ int RunForward(const Values& values) {
     args.labels = *std::move(labels);
   }
 
-  auto client = LMHeadClient::Connect(Get(values, "address"), ClientOptionsFrom(values));
+  absl::StatusOr<ClientOptions> client_options = ClientOptionsFrom(values);
+  if (!client_options.ok()) {
+    return UsageError("forward", std::string(client_options.status().message()));
+  }
+  auto client = LMHeadClient::Connect(Get(values, "address"), *client_options);
   absl::StatusOr<v1::ForwardResponse> response;
   const auto max_chunk_bytes = static_cast<int64_t>(chunk_mib * (1 << 20));
   if (max_chunk_bytes == 0 || static_cast<int64_t>(hidden->data().size()) <= max_chunk_bytes) {
@@ -325,11 +342,15 @@ std::vector<Command> Commands() {
        "Asks the standard grpc.health.v1 service whether the server is SERVING; exits 0 if so.",
        {kAddress,
         {"service", "NAME", "the service to ask about; empty: the whole server", ""},
-        kTimeout},
+        kTimeout,
+        kMaxAttempts},
        RunHealth},
       {"models",
        "Lists the loaded models (name, d_model, vocab_size, dtype, parameters, device, version).",
-       {kAddress, {"json", "", "print the full ListModels response as JSON", ""}, kTimeout},
+       {kAddress,
+        {"json", "", "print the full ListModels response as JSON", ""},
+        kTimeout,
+        kMaxAttempts},
        RunModels},
       {"forward",
        "Runs LMHead.forward on the server: reads hidden states (and labels) from .npy or\n"
@@ -355,7 +376,8 @@ std::vector<Command> Commands() {
         {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
         {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},
         {"chunk_mib", "MIB", "micro-batch size for streaming; 0 sends one request", "64"},
-        {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"}},
+        {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"},
+        kMaxAttempts},
        RunForward},
   };
 }

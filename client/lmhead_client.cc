@@ -4,6 +4,7 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -55,11 +56,26 @@ v1::ForwardRequest MakeForwardRequest(const v1::Tensor& hidden_states, const For
   return request;
 }
 
+std::string RetryServiceConfig(int max_attempts) {
+  if (max_attempts <= 1) return "";
+  return absl::StrCat(R"({"methodConfig": [{"name": [{"service": "lmhead.v1.LMHeadService"}], )",
+                      R"("retryPolicy": {"maxAttempts": )", std::min(max_attempts, 5),
+                      R"(, "initialBackoff": "0.1s", "maxBackoff": "5s", "backoffMultiplier": 2, )",
+                      R"("retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]}}]})");
+}
+
 std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
                                                     ClientOptions options) {
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(INT_MAX);
   arguments.SetMaxSendMessageSize(INT_MAX);
+  if (const std::string config = RetryServiceConfig(options.max_attempts); !config.empty()) {
+    arguments.SetServiceConfigJSON(config);
+    // gRPC keeps a call's sent messages for a retry up to this size (default 256 KiB).
+    arguments.SetInt(GRPC_ARG_PER_RPC_RETRY_BUFFER_SIZE, 256 << 20);
+  } else {
+    arguments.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
+  }
   return std::make_unique<LMHeadClient>(
       grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), arguments),
       std::move(options));

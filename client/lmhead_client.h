@@ -29,7 +29,17 @@ struct ClientOptions {
   // Sent as the `x-request-id` header (the server logs it on every line); empty: the server
   // makes one up. Default empty.
   std::string request_id;
+  // Attempts per call, 1 to 5 (gRPC's limit). Calls refused with RESOURCE_EXHAUSTED or
+  // UNAVAILABLE are retried by gRPC's retry policy (the channel's service config,
+  // RetryServiceConfig) after an exponential backoff with jitter: about 0.1 s, doubling up to 5 s,
+  // within the call's deadline; not when the server answers that the same call would fail again
+  // (a limit it enforces), and not once a stream has received an answer. 1: no retry. Default 5.
+  int max_attempts = 5;
 };
+
+// The gRPC service config that Connect gives its channel for `max_attempts` (docs/API.md
+// "Retries"): a retryPolicy for lmhead.v1.LMHeadService, or "" when max_attempts <= 1.
+std::string RetryServiceConfig(int max_attempts);
 
 // LMHead.forward's keyword arguments (labels included) and the service's own controls. Unset
 // fields take the server's defaults, which are upstream's.
@@ -58,7 +68,8 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 class LMHeadClient {
  public:
   // An insecure channel to `address` ("host:port") that sends and receives messages of any
-  // size gRPC allows (the server enforces its own limit).
+  // size gRPC allows (the server enforces its own limit) and retries as options.max_attempts
+  // says; requests up to 256 MiB are kept for a retry.
   static std::unique_ptr<LMHeadClient> Connect(const std::string& address,
                                                ClientOptions options = {});
   LMHeadClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options);

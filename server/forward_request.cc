@@ -17,6 +17,7 @@
 #include "core/config.h"
 #include "core/device_copy.h"
 #include "core/dtype.h"
+#include "server/status.h"
 #include "server/tensor_codec.h"
 
 namespace lmhead {
@@ -313,12 +314,13 @@ absl::StatusOr<ForwardPlan> CheckResponseSize(ForwardPlan plan,
   if (!overflow && total <= limit) return plan;
   std::vector<std::string> described;
   for (const auto& [name, bytes] : parts) described.push_back(absl::StrCat(name, " ", bytes));
-  return absl::ResourceExhaustedError(
+  // The same request would be refused again: clients are told not to retry it.
+  return NotRetryable(absl::ResourceExhaustedError(
       absl::StrCat("hidden_states.shape: the response would carry ",
                    overflow ? "more than 2^63" : absl::StrCat(total), " bytes of tensors (",
                    absl::StrJoin(described, ", "), "), over the limit of ", limit,
                    " bytes (--max_response_bytes); send fewer positions per call (ForwardStream "
-                   "micro-batches, options.logits_to_keep), or set options.return_logits=false"));
+                   "micro-batches, options.logits_to_keep), or set options.return_logits=false")));
 }
 
 }  // namespace

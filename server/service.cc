@@ -78,7 +78,10 @@ absl::StatusOr<PreparedForward> PrepareForwardUnchecked(const ModelRegistry& reg
   // The head for this configuration: the model's, or a converted copy.
   absl::StatusOr<std::shared_ptr<const LMHead>> head =
       prepared.plan.model->HeadFor(prepared.plan.config);
-  if (!head.ok()) return head.status();
+  if (!head.ok()) {
+    // No room for another converted copy of the weights: the same request would fail again.
+    return absl::IsResourceExhausted(head.status()) ? NotRetryable(head.status()) : head.status();
+  }
   prepared.head = *std::move(head);
   absl::StatusOr<at::Tensor> x =
       DecodeInputs(request, prepared.head->device(), &prepared.plan, &prepared.nonfinite);
@@ -166,6 +169,17 @@ absl::StatusOr<PreparedForward> PrepareMicroBatch(const ModelRegistry& registry,
   });
 }
 
+// Echoes the request id as `x-request-id`: among the response's headers when the call succeeds
+// or a stream has answered, else in its trailers alone. A refusal must be a trailers-only
+// response: headers commit a call, and gRPC's retry policy then would not retry it.
+void EchoRequestId(grpc::ServerContext* context, const std::string& request_id, bool headers) {
+  if (headers) {
+    context->AddInitialMetadata("x-request-id", request_id);
+  } else {
+    context->AddTrailingMetadata("x-request-id", request_id);
+  }
+}
+
 // The caller's `x-request-id` header, or a fresh id.
 std::string RequestIdOf(const grpc::ServerContext& context) {
   const auto& metadata = context.client_metadata();
@@ -230,7 +244,6 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
                                         const v1::ForwardRequest* request,
                                         v1::ForwardResponse* response) {
   const std::string request_id = RequestIdOf(*context);
-  context->AddInitialMetadata("x-request-id", request_id);
   absl::Status status;
   if (draining_) {
     status = absl::UnavailableError("the server is shutting down");
@@ -255,6 +268,8 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
       absl::StrCat("Forward model=", CallerText(request->model()),
                    status.ok() ? absl::StrCat(" total_us=", response->timings().total_us()) : ""),
       status);
+  EchoRequestId(context, request_id, status.ok());
+  AddRetryAdvice(status, context);
   return ForCaller(status, request_id);
 }
 
@@ -262,12 +277,12 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::ForwardResponse, v1::ForwardRequest>* stream) {
   const std::string request_id = RequestIdOf(*context);
-  context->AddInitialMetadata("x-request-id", request_id);
   std::shared_ptr<const ModelRegistry> models = registry();
   if (draining_ || models == nullptr) {
     const absl::Status status = absl::UnavailableError(
         draining_ ? "the server is shutting down" : "the server is still loading its models");
     LogOutcome(request_id, "ForwardStream", status);
+    EchoRequestId(context, request_id, /*headers=*/false);
     return ToGrpcStatus(status);
   }
   ConcurrencyLimiter::Slot slot = limiter_.TryAcquire();
@@ -276,6 +291,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
         absl::StrCat("too many concurrent requests: ", limiter_.max_in_use(),
                      " running (--max_concurrent_requests); retry later"));
     LogOutcome(request_id, "ForwardStream", status);
+    EchoRequestId(context, request_id, /*headers=*/false);
     return ToGrpcStatus(status);
   }
   // With --stream_read_ahead two micro-batches at most are held: the one computing and the next,
@@ -329,6 +345,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     nonfinite += response.num_nonfinite_inputs();
     LogDebug(request_id,
              absl::StrCat("micro-batch ", index, " total_us=", response.timings().total_us()));
+    if (index == 0) EchoRequestId(context, request_id, /*headers=*/true);
     if (!stream->Write(response)) {
       status = absl::CancelledError("the client went away");
       break;
@@ -348,6 +365,8 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     LogWarning(request_id, absl::StrCat(nonfinite, " non-finite hidden-state values (propagated)"));
   }
   LogOutcome(request_id, absl::StrCat("ForwardStream ", index, " micro-batches"), status);
+  if (index == 0) EchoRequestId(context, request_id, /*headers=*/false);
+  AddRetryAdvice(status, context);
   return ForCaller(status, request_id);
 }
 
@@ -355,7 +374,6 @@ grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
                                            const v1::ListModelsRequest* /*request*/,
                                            v1::ListModelsResponse* response) {
   const std::string request_id = RequestIdOf(*context);
-  context->AddInitialMetadata("x-request-id", request_id);
   std::shared_ptr<const ModelRegistry> models = registry();
   absl::Status status;
   if (models == nullptr) {
@@ -367,6 +385,7 @@ grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
     response->set_default_model(models->default_model());
   }
   LogOutcome(request_id, "ListModels", status);
+  EchoRequestId(context, request_id, status.ok());
   return ToGrpcStatus(status);
 }
 
@@ -374,7 +393,6 @@ grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
                                          const v1::GetModelRequest* request,
                                          v1::ModelInfo* response) {
   const std::string request_id = RequestIdOf(*context);
-  context->AddInitialMetadata("x-request-id", request_id);
   std::shared_ptr<const ModelRegistry> models = registry();
   absl::Status status;
   if (models == nullptr) {
@@ -386,6 +404,7 @@ grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
     status = model.status();
   }
   LogOutcome(request_id, absl::StrCat("GetModel name=", CallerText(request->name())), status);
+  EchoRequestId(context, request_id, status.ok());
   return ToGrpcStatus(status);
 }
 

@@ -2,7 +2,15 @@
 
 #include <string>
 
+#include "absl/strings/cord.h"
+#include "absl/strings/string_view.h"
+
 namespace lmhead {
+namespace {
+
+constexpr absl::string_view kNotRetryablePayload = "type.lmhead/not_retryable";
+
+}  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
@@ -16,6 +24,17 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
     return grpc::Status(grpc::StatusCode::UNKNOWN, std::string(status.message()));
   }
   return grpc::Status(static_cast<grpc::StatusCode>(code), std::string(status.message()));
+}
+
+absl::Status NotRetryable(absl::Status status) {
+  status.SetPayload(kNotRetryablePayload, absl::Cord("1"));
+  return status;
+}
+
+void AddRetryAdvice(const absl::Status& status, grpc::ServerContext* context) {
+  if (status.GetPayload(kNotRetryablePayload).has_value()) {
+    context->AddTrailingMetadata("grpc-retry-pushback-ms", "-1");
+  }
 }
 
 }  // namespace lmhead

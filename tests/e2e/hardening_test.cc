@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -15,6 +16,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -359,6 +361,101 @@ TEST(FlagsTest, EmptyAndOutOfRangeValuesAreRefusedAtStartNamingTheFlag) {
     EXPECT_TRUE(absl::StrContains(server.status().message(), message))
         << flags[0] << ": " << server.status();
   }
+}
+
+// Clients retry a refusal that passes (all slots busy) through gRPC's retry policy, and not one
+// that the server says would come again (a limit): the trailer grpc-retry-pushback-ms = -1.
+TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(
+      {"--max_concurrent_requests=1", "--max_response_bytes=100000", "--max_config_variants=0"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const auto connect = [&](int max_attempts, const std::string& request_id) {
+    ClientOptions options;
+    options.timeout = std::chrono::seconds(60);
+    options.max_attempts = max_attempts;
+    options.request_id = request_id;
+    return LMHeadClient::Connect((*server)->address(), options);
+  };
+  const at::Tensor x = at::randn({1, 2, 64});
+  ForwardArgs args;
+  args.labels = ToWire(at::randint(1000, {1, 2}, at::TensorOptions(at::kLong)));
+  const v1::ForwardRequest small = MakeForwardRequest(ToWire(x), args);
+
+  // A stream holds the only slot until `release`.
+  std::atomic<bool> holding{false}, release{false};
+  std::thread holder([&] {
+    int sent = 0;
+    absl::Status status = connect(1, "holder")
+                              ->ForwardStream(
+                                  [&](v1::ForwardRequest* next) {
+                                    if (sent == 1) {
+                                      while (!release)
+                                        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+                                      return false;
+                                    }
+                                    ++sent;
+                                    *next = small;
+                                    return true;
+                                  },
+                                  [&](int64_t, const v1::ForwardResponse&) {
+                                    holding = true;
+                                    return true;
+                                  });
+    EXPECT_TRUE(status.ok()) << status;
+  });
+  while (!holding) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+
+  // Without retries: refused at once.
+  EXPECT_EQ(connect(1, "once")->Forward(small).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  // With retries: the slot frees after 300 ms, and a later attempt gets it.
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    release = true;
+  });
+  absl::StatusOr<v1::ForwardResponse> retried = connect(5, "retried")->Forward(small);
+  EXPECT_TRUE(retried.ok()) << retried.status();
+  releaser.join();
+  holder.join();
+  const std::string log = (*server)->Log();
+  const auto count = [&](const std::string& needle) {
+    size_t n = 0;
+    for (size_t at = log.find(needle); at != std::string::npos; at = log.find(needle, at + 1)) {
+      ++n;
+    }
+    return n;
+  };
+  EXPECT_GE(count("request_id=retried Forward model='' failed: RESOURCE_EXHAUSTED"), 1u) << log;
+  EXPECT_EQ(count("request_id=retried Forward model='' total_us="), 1u) << log;
+
+  // A response over the limit, and a config variant the server keeps no room for: one attempt
+  // each, though the client would make five.
+  absl::StatusOr<v1::ForwardResponse> too_large =
+      connect(5, "too-large")->Forward(ToWire(at::randn({2, 100, 64})), ForwardArgs());
+  EXPECT_EQ(too_large.status().code(), absl::StatusCode::kResourceExhausted);
+  ForwardArgs bf16 = args;
+  bf16.compute_dtype = v1::DATA_TYPE_BF16;
+  absl::StatusOr<v1::ForwardResponse> variant = connect(5, "variant")->Forward(ToWire(x), bf16);
+  EXPECT_EQ(variant.status().code(), absl::StatusCode::kResourceExhausted);
+  const std::string after = (*server)->Log();
+  for (const std::string id : {"too-large", "variant"}) {
+    size_t n = 0;
+    const std::string needle = "request_id=" + id + " Forward";
+    for (size_t at = after.find(needle); at != std::string::npos; at = after.find(needle, at + 1)) {
+      ++n;
+    }
+    EXPECT_EQ(n, 1u) << id << "\n" << after;
+  }
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+TEST(RetryTest, ServiceConfigIsGrpcsRetryPolicy) {
+  EXPECT_EQ(RetryServiceConfig(1), "");
+  EXPECT_EQ(RetryServiceConfig(3),
+            R"({"methodConfig": [{"name": [{"service": "lmhead.v1.LMHeadService"}], )"
+            R"("retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "5s", )"
+            R"("backoffMultiplier": 2, "retryableStatusCodes": ["RESOURCE_EXHAUSTED", )"
+            R"("UNAVAILABLE"]}}]})");
 }
 
 }  // namespace

@@ -765,7 +765,9 @@ TEST(LimitsTest, OversizedMessageConcurrencyResponseSizeAndVariants) {
       ServerProcess::Start({"--max_message_bytes=1048576", "--max_concurrent_requests=1",
                             "--max_response_bytes=100000", "--max_config_variants=0"});
   ASSERT_TRUE(server.ok()) << server.status();
-  auto client = Connect(**server);
+  ClientOptions no_retry;
+  no_retry.max_attempts = 1;  // the refusals themselves (RetryTest retries them)
+  auto client = Connect(**server, no_retry);
 
   // Oversized message: 2 MiB of hidden states against a 1 MiB limit.
   const Inputs big = MakeInputs(8, 1024);

@@ -3,6 +3,7 @@
 Thread-safety: a RemoteLMHead may be shared by threads (gRPC channels are thread-safe).
 """
 
+import json
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import grpc
@@ -60,23 +61,52 @@ def _reraise(error: grpc.RpcError):
     raise LMHeadError(error.code(), error.details() or "") from None
 
 
+def retry_service_config(max_attempts: int) -> str:
+    """The gRPC service config of a channel that makes up to `max_attempts` (2 to 5) attempts
+    per lmhead.v1.LMHeadService call; the C++ client's RetryServiceConfig gives the same."""
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": "lmhead.v1.LMHeadService"}],
+        "retryPolicy": {
+            "maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "5s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+        },
+    }]})
+
+
 class RemoteLMHead:
     """A client of one lmhead server.
 
     address: "host:port". model: the model every call uses (None: the server's default).
     timeout: seconds per call (a stream's whole duration); None: no deadline.
+    max_attempts: attempts per call, 1 to 5. Calls refused with RESOURCE_EXHAUSTED or
+      UNAVAILABLE are retried by gRPC's own retry policy (the channel's service config) after
+      an exponential backoff with jitter, about 0.1 s doubling up to 5 s, within the deadline;
+      not when the server answers that the same call would fail again (a limit it enforces),
+      and not once a stream has received an answer. 1: no retry. Default 5.
     Messages of any size are allowed on the client side (the server enforces its limits).
     """
 
     def __init__(self, address: str, model: Optional[str] = None,
-                 timeout: Optional[float] = None):
+                 timeout: Optional[float] = None, max_attempts: int = 5):
+        if not 1 <= max_attempts <= 5:
+            raise ValueError(f"max_attempts: expected 1 to 5, got {max_attempts}")
         self.address = address
         self.model = model
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[
+        options = [
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),
-        ])
+        ]
+        if max_attempts > 1:
+            options += [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", retry_service_config(max_attempts)),
+                # gRPC keeps a call's sent messages for a retry up to this size (256 KiB).
+                ("grpc.per_rpc_retry_buffer_size", 256 << 20),
+            ]
+        else:
+            options.append(("grpc.enable_retries", 0))
+        self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.LMHeadServiceStub(self._channel)
         # Forward and ForwardStream with requests serialised by WireRequest (one copy of the
         # hidden states instead of three).
