@@ -18,9 +18,10 @@ namespace lmhead {
 
 // Every argument is checked before LibTorch runs, so an exception from it is never the caller's
 // fault: c10::OutOfMemoryError -> RESOURCE_EXHAUSTED ("out of device memory"), a failed host
-// allocation -> RESOURCE_EXHAUSTED ("out of host memory"), anything else -> INTERNAL. The message is ours and short; LibTorch's own text (without its stack trace) goes in
-// the payload kLibraryErrorPayload, for logs only: absl::Status::ToString shows it, and the
-// server never sends it to a caller (docs/API.md "Errors").
+// allocation -> RESOURCE_EXHAUSTED ("out of host memory"), anything else -> INTERNAL. The message
+// is ours and short; LibTorch's own text (without its stack trace) goes in the payload
+// kLibraryErrorPayload, for logs only: absl::Status::ToString shows it, and the server never sends
+// it to a caller (docs/API.md "Validation and status codes").
 absl::Status StatusFromTorchError(const c10::Error& error);
 absl::Status StatusFromException(const std::exception& error);
 

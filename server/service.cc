@@ -36,12 +36,17 @@ int64_t MicrosBetween(Clock::time_point start, Clock::time_point end) {
 }
 
 // OK while the caller still wants the answer: DEADLINE_EXCEEDED past the call's deadline,
-// CANCELLED once the client cancelled.
+// CANCELLED once the client cancelled. The client's own deadline ends earlier than ours (ours
+// counts from the request's arrival), and at its deadline the client cancels: a cancellation
+// within kDeadlineSlack of our deadline is taken for the deadline.
 absl::Status CheckStillWanted(const grpc::ServerContext& context) {
-  if (std::chrono::system_clock::now() > context.deadline()) {
+  constexpr auto kDeadlineSlack = std::chrono::seconds(1);
+  const auto now = std::chrono::system_clock::now();
+  const bool cancelled = context.IsCancelled();
+  if (now > context.deadline() || (cancelled && now + kDeadlineSlack > context.deadline())) {
     return absl::DeadlineExceededError("deadline exceeded before the work was done");
   }
-  if (context.IsCancelled()) return absl::CancelledError("the client cancelled the call");
+  if (cancelled) return absl::CancelledError("the client cancelled the call");
   return absl::OkStatus();
 }
 
@@ -401,7 +406,9 @@ grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
              model.ok()) {
     *response = ModelInfoToWire(**model, options_.expose_model_paths);
   } else {
-    status = model.status();
+    // The registry names ForwardRequest's field, `model`; here the field is `name`.
+    status = absl::Status(model.status().code(),
+                          absl::StrCat("name", model.status().message().substr(5)));
   }
   LogOutcome(request_id, absl::StrCat("GetModel name=", CallerText(request->name())), status);
   EchoRequestId(context, request_id, status.ok());

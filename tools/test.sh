@@ -6,7 +6,9 @@
 #  3. The parity suite: our core against the real olmo_core package.
 #  4. The Python client against the real server: the parity grid over gRPC, reflection, health,
 #     streaming.
-#  5. Every fuzz target (clang, ASan + UBSan) for 60 s each, after replaying its saved crashes
+#  5. A one-minute soak of the real server under mixed load (tests/soak, docs/SOAK.md): every
+#     answer and status checked, the server survives and exits 0.
+#  6. Every fuzz target (clang, ASan + UBSan) for 60 s each, after replaying its saved crashes
 #     (tools/fuzz.sh, docs/FUZZING.md).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,5 +28,7 @@ LMHEAD_PARITY_RUNNER="$root/bazel-bin/tests/parity/parity_runner" \
 PYTHON="$venv/bin/python" client/python/generate_stubs.sh
 LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2e_python
+
+LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" "$venv/bin/python" tests/soak/soak.py --minutes 1
 
 tools/fuzz.sh 60

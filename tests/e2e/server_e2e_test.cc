@@ -153,8 +153,9 @@ TEST_F(ServerTest, ListModelsAndGetModelDescribeTheDemoHead) {
   EXPECT_EQ(by_default->name(), "demo");
   absl::StatusOr<v1::ModelInfo> unknown = client->GetModel("nope");
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+  // GetModel's field is `name`.
   EXPECT_EQ(unknown.status().message(),
-            "model: no model named 'nope' (ListModels lists this server's models)");
+            "name: no model named 'nope' (ListModels lists this server's models)");
 }
 
 // One forward scenario: the wire arguments and the same call on the core.

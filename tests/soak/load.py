@@ -759,7 +759,7 @@ class Worker:
                 f"GetModel({head.model}): {code.name} {details[:200]!r}")
         else:
             code, details, _ = rpc_outcome(lambda: head.get_model("no-such-model"))
-            problem = classify("get_model_unknown", code, details, NF, "model: no model named")
+            problem = classify("get_model_unknown", code, details, NF, "name: no model named")
         self.tally.record("meta", problem)
 
 
