@@ -1,6 +1,6 @@
 // Fuzzes the wire tensor codec (server/tensor_codec.h): the input is parsed as an
 // lmhead.v1.Tensor and checked against each rule the server applies to a request's tensors
-// (copied from server/service.cc). Beyond what the sanitizers catch, it checks the header's
+// (copied from server/forward_request.cc). Beyond what the sanitizers catch, it checks the header's
 // contracts: a rejected tensor gets INVALID_ARGUMENT naming the field, DecodeTensor accepts
 // exactly what ValidateTensor accepts and never throws, the decoded tensor has the validated
 // shape, dtype and bytes, and EncodeTensor writes the same wire tensor back.
@@ -26,7 +26,7 @@ namespace {
 constexpr std::initializer_list<v1::DataType> kFloatTypes = {v1::DATA_TYPE_BF16, v1::DATA_TYPE_FP16,
                                                              v1::DATA_TYPE_FP32};
 
-// server/service.cc's rules.
+// server/forward_request.cc's rules.
 const TensorRule kRules[] = {
     {"hidden_states", kFloatTypes, 3},
     {"labels", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32}, 2},
