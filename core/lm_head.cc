@@ -14,6 +14,7 @@
 #include "core/dtype.h"
 #include "core/layer_norm.h"
 #include "core/losses.h"
+#include "core/ops/logit_stats.h"
 #include "core/torch_errors.h"
 
 namespace lmhead {
@@ -71,6 +72,70 @@ LMOutput MakeOutput(std::optional<at::Tensor> logits, const LossTerms& terms, in
   out.ce_loss = finalize(terms.ce_loss);
   if (terms.z_loss.has_value()) out.z_loss = finalize(*terms.z_loss);
   return out;
+}
+
+// The labels of the kept positions, flattened: (B * S',).
+at::Tensor KeptLabels(const ForwardOptions& options) {
+  return SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
+}
+
+// The default implementation's tail, shared by Forward and ForwardBatch: logits (B, S', V) of
+// one request, then its argmax, loss terms and outputs.
+LMOutput DefaultOutput(const at::Tensor& logits, const ForwardOptions& options) {
+  std::optional<at::Tensor> argmax;
+  if (options.return_argmax) argmax = logits.argmax(-1);
+  LMOutput out;
+  if (!options.labels.has_value()) {
+    out.logits = logits;
+  } else {
+    const LossTerms terms =
+        DefaultLoss(logits.view({-1, logits.size(-1)}), KeptLabels(options), options.ignore_index,
+                    options.loss_reduction, options.z_loss_multiplier);
+    out = MakeOutput(logits, terms, logits.size(0), options);
+  }
+  out.argmax = std::move(argmax);
+  return out;
+}
+
+// fused_linear's tail, shared by Forward and ForwardBatch: the loss terms of one request's
+// batch x kept positions, then its outputs.
+LMOutput FusedOutput(const LossTerms& terms, int64_t batch, int64_t kept,
+                     const ForwardOptions& options) {
+  LMOutput out = MakeOutput(std::nullopt, terms, batch, options);
+  if (options.return_argmax) out.argmax = terms.argmax->view({batch, kept});
+  return out;
+}
+
+int64_t FusedChunkBytes(int64_t requested, const c10::Device& device) {
+  return requested > 0 ? requested : DefaultFusedChunkBytes(device);
+}
+
+// The number of scored positions when both index tensors are on the host (free), else unset.
+std::optional<int64_t> HostScoredCount(const ForwardOptions& options) {
+  if (!options.labels.has_value()) return 0;
+  const auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep);
+  if (!options.labels->is_cpu() || (positions != nullptr && !positions->is_cpu())) {
+    return std::nullopt;
+  }
+  return SelectPositions(*options.labels, options.logits_to_keep)
+      .ne(options.ignore_index)
+      .sum()
+      .item<int64_t>();
+}
+
+// The same queued on the device of `options`' index tensors (both on one device): () int64.
+at::Tensor QueueScoredCount(const ForwardOptions& options) {
+  return SelectPositions(*options.labels, options.logits_to_keep).ne(options.ignore_index).sum();
+}
+
+// `options` with its index tensors on `device` (CopyToDevice: no synchronisation).
+ForwardOptions IndexTensorsOn(const ForwardOptions& options, const c10::Device& device) {
+  ForwardOptions moved = options;
+  if (moved.labels.has_value()) moved.labels = CopyToDevice(*moved.labels, device);
+  if (auto* kept = std::get_if<at::Tensor>(&moved.logits_to_keep)) {
+    *kept = CopyToDevice(*kept, device);
+  }
+  return moved;
 }
 
 absl::Status InvalidArgument(absl::string_view field, absl::string_view message) {
@@ -403,16 +468,18 @@ absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& 
 
 namespace {
 
-// An index range check queued on the device: the number of bad entries, copied to pinned host
-// memory behind the check's kernels, and the event after that copy.
+// An index range check queued on the device: the number of bad entries and of scored
+// positions, copied to pinned host memory behind the check's kernels, and the event after that
+// copy.
 struct QueuedIndexCheck {
-  at::Tensor bad_count;  // () int64, pinned host memory
+  at::Tensor counts;  // (2,) int64, pinned host memory: bad entries, scored positions
   c10::Event copied;
 };
 
 // Queues the count of out-of-range positions (in [0, seq_len)) and kept labels (in
 // [0, vocab_size) or ignore_index) of `options`' device tensors, then makes them harmless to
-// compute with: positions clamped, bad labels replaced by ignore_index. Needs seq_len > 0.
+// compute with: positions clamped, bad labels replaced by ignore_index; and the count of scored
+// positions (0 without labels). Needs seq_len > 0.
 QueuedIndexCheck QueueIndexCheck(int64_t seq_len, int64_t vocab_size, ForwardOptions& options) {
   at::Tensor bad_count;
   const auto count = [&bad_count](const at::Tensor& bad) {
@@ -431,10 +498,13 @@ QueuedIndexCheck QueueIndexCheck(int64_t seq_len, int64_t vocab_size, ForwardOpt
     count(bad_label(SelectPositions(labels, options.logits_to_keep)));
     labels = at::where(bad_label(labels), options.ignore_index, labels);
   }
-  const c10::Device device = bad_count.device();
-  QueuedIndexCheck check{at::empty({}, bad_count.options().device(at::kCPU).pinned_memory(true)),
+  const at::Tensor scored =
+      options.labels.has_value() ? QueueScoredCount(options) : at::zeros_like(bad_count);
+  const at::Tensor counts = at::stack({bad_count, scored});
+  const c10::Device device = counts.device();
+  QueuedIndexCheck check{at::empty({2}, counts.options().device(at::kCPU).pinned_memory(true)),
                          c10::Event(device.type())};
-  check.bad_count.copy_(bad_count, /*non_blocking=*/true);
+  check.counts.copy_(counts, /*non_blocking=*/true);
   check.copied.record(c10::impl::VirtualGuardImpl(device.type()).getStream(device));
   return check;
 }
@@ -454,65 +524,198 @@ absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptio
   if (options.interrupt_check) {
     if (absl::Status status = options.interrupt_check(); !status.ok()) return status;
   }
+  return ForwardValidated(x, options, queue_index_check);
+}
+
+absl::StatusOr<LMOutput> LMHead::ForwardValidated(const at::Tensor& x,
+                                                  const ForwardOptions& options,
+                                                  bool queue_index_check) const {
   return CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
     c10::InferenceMode inference;
+    const std::optional<int64_t> host_scored = HostScoredCount(options);
     // Index tensors join x on its device without a synchronisation.
-    ForwardOptions on_x_device = options;
-    if (on_x_device.labels.has_value()) {
-      on_x_device.labels = CopyToDevice(*on_x_device.labels, x.device());
+    ForwardOptions on_x_device = IndexTensorsOn(options, x.device());
+    if (!queue_index_check) {
+      at::Tensor scored;
+      if (!host_scored.has_value()) scored = QueueScoredCount(on_x_device);
+      LMOutput output = ForwardChecked(x, on_x_device);
+      output.num_scored_tokens = host_scored.has_value() ? *host_scored : scored.item<int64_t>();
+      return output;
     }
-    if (auto* kept = std::get_if<at::Tensor>(&on_x_device.logits_to_keep)) {
-      *kept = CopyToDevice(*kept, x.device());
-    }
-    if (!queue_index_check) return ForwardChecked(x, on_x_device);
     const QueuedIndexCheck check = QueueIndexCheck(x.size(1), vocab_size_, on_x_device);
     LMOutput output = ForwardChecked(x, on_x_device);
     check.copied.synchronize();  // waits for the check, queued ahead of the forward
-    if (check.bad_count.item<int64_t>() == 0) return output;
+    const int64_t* counts = check.counts.data_ptr<int64_t>();
+    if (counts[0] == 0) {
+      output.num_scored_tokens = host_scored.value_or(counts[1]);
+      return output;
+    }
     absl::Status status = ValidateIndexRanges(x, options);  // the message; synchronises
     if (status.ok()) status = absl::InternalError("index check: counted bad entries, found none");
     return status;
   });
 }
 
+bool LMHead::UsesFusedLinear(const ForwardOptions& options) const {
+  return options.labels.has_value() &&
+         options.loss_implementation.value_or(config_.loss_implementation) ==
+             LossImplementation::kFusedLinear;
+}
+
+at::Tensor LMHead::Logits(const at::Tensor& h) const {
+  return at::linear(h, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
+}
+
 LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const {
-  const int64_t batch = x.size(0);
   const at::Tensor h =
       SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x, options.logits_to_keep);
-  const std::optional<at::Tensor> bias =
-      bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt;
-  if (!options.labels.has_value()) {
-    LMOutput out{at::linear(h, weight_, bias)};
-    if (options.return_argmax) out.argmax = out.logits->argmax(-1);
-    return out;
-  }
+  if (!UsesFusedLinear(options)) return DefaultOutput(Logits(h), options);
+  const auto between_chunks = [&options]() {
+    if (!options.interrupt_check) return;
+    if (absl::Status status = options.interrupt_check(); !status.ok()) throw StatusError(status);
+  };
+  const LossTerms terms =
+      FusedLinearLoss(h.contiguous().view({-1, d_model_}), weight_, bias_, KeptLabels(options),
+                      options.ignore_index, options.loss_reduction, options.z_loss_multiplier,
+                      FusedChunkBytes(options.fused_chunk_bytes, x.device()), between_chunks,
+                      options.return_argmax);
+  return FusedOutput(terms, h.size(0), h.size(1), options);
+}
 
-  const at::Tensor labels =
-      SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
-  std::optional<at::Tensor> logits;
-  std::optional<at::Tensor> argmax;
-  LossTerms terms;
-  if (options.loss_implementation.value_or(config_.loss_implementation) ==
-      LossImplementation::kDefault) {
-    logits = at::linear(h, weight_, bias);
-    terms = DefaultLoss(logits->view({-1, vocab_size_}), labels, options.ignore_index,
-                        options.loss_reduction, options.z_loss_multiplier);
-    if (options.return_argmax) argmax = logits->argmax(-1);
-  } else {
-    const auto between_chunks = [&options]() {
-      if (!options.interrupt_check) return;
-      if (absl::Status status = options.interrupt_check(); !status.ok()) throw StatusError(status);
-    };
-    terms = FusedLinearLoss(h.contiguous().view({-1, d_model_}), weight_, bias_, labels,
-                            options.ignore_index, options.loss_reduction, options.z_loss_multiplier,
-                            options.fused_chunk_bytes > 0 ? options.fused_chunk_bytes
-                                                          : DefaultFusedChunkBytes(x.device()),
-                            between_chunks, options.return_argmax);
-    if (options.return_argmax) argmax = terms.argmax->view({h.size(0), h.size(1)});
+std::vector<absl::StatusOr<LMOutput>> LMHead::ForwardBatch(
+    const std::vector<ForwardItem>& items) const {
+  std::vector<absl::StatusOr<LMOutput>> results(
+      items.size(), absl::InternalError("ForwardBatch: item not computed"));
+  // The valid items by loss implementation path.
+  std::vector<size_t> fused_linear;
+  std::vector<size_t> logits;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const ForwardItem& item = items[i];
+    absl::Status status = ValidateForward(item.x, item.options);
+    if (status.ok() && item.options.interrupt_check) status = item.options.interrupt_check();
+    if (!status.ok()) {
+      results[i] = std::move(status);
+      continue;
+    }
+    (UsesFusedLinear(item.options) ? fused_linear : logits).push_back(i);
   }
-  LMOutput out = MakeOutput(std::move(logits), terms, batch, options);
-  out.argmax = std::move(argmax);
-  return out;
+  for (const bool fused : {true, false}) {
+    const std::vector<size_t>& group = fused ? fused_linear : logits;
+    if (group.size() == 1) {
+      const ForwardItem& item = items[group.front()];
+      results[group.front()] = ForwardValidated(item.x, item.options, /*queue_index_check=*/false);
+    } else if (group.size() > 1) {
+      ForwardPacked(items, group, fused, results);
+    }
+  }
+  return results;
+}
+
+void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,
+                           bool fused_linear,
+                           std::vector<absl::StatusOr<LMOutput>>& results) const {
+  c10::InferenceMode inference;
+  // One valid item of the group, its index tensors on x's device.
+  struct Member {
+    size_t index;  // into items
+    ForwardOptions options;
+    int64_t batch = 0;
+    int64_t kept = 0;                    // S'
+    int64_t row = 0;                     // first row in the packed tokens
+    std::optional<int64_t> host_scored;  // when counted on the host
+    at::Tensor scored;                   // () int64 on the device otherwise
+  };
+  std::vector<Member> members;
+  std::vector<at::Tensor> kept_x;  // (B * S', D) each
+  std::vector<at::Tensor> safe_labels;
+  int64_t rows = 0;
+  for (const size_t i : group) {
+    const ForwardItem& item = items[i];
+    absl::Status prepared = CatchTorchErrors([&]() -> absl::Status {
+      Member member{i, IndexTensorsOn(item.options, item.x.device())};
+      member.host_scored = HostScoredCount(item.options);
+      if (!member.host_scored.has_value()) member.scored = QueueScoredCount(member.options);
+      const at::Tensor x = SelectPositions(item.x, member.options.logits_to_keep);
+      member.batch = x.size(0);
+      member.kept = x.size(1);
+      member.row = rows;
+      kept_x.push_back(x.reshape({-1, d_model_}));
+      if (fused_linear) {
+        safe_labels.push_back(
+            FusedSafeLabels(KeptLabels(member.options), item.options.ignore_index));
+      }
+      rows += member.batch * member.kept;
+      members.push_back(std::move(member));
+      return absl::OkStatus();
+    });
+    if (!prepared.ok()) {
+      results[i] = std::move(prepared);
+      // A partly prepared item leaves nothing behind.
+      kept_x.resize(members.size());
+      if (fused_linear) safe_labels.resize(members.size());
+    }
+  }
+  if (members.empty()) return;
+
+  // The packed compute: one GEMM (or one pass of statistics) for every kept token of the group.
+  // The norm acts per token, so it runs once on the packed rows.
+  at::Tensor packed_logits;
+  LogitStats stats;
+  absl::Status computed = CatchTorchErrors([&]() -> absl::Status {
+    at::Tensor h = at::cat(kept_x);
+    if (norm_ != nullptr) h = norm_->Forward(h);
+    if (!fused_linear) {
+      packed_logits = Logits(h);
+      return absl::OkStatus();
+    }
+    bool with_argmax = false;
+    bool same_chunk_bytes = true;
+    for (const Member& member : members) {
+      with_argmax = with_argmax || member.options.return_argmax;
+      same_chunk_bytes = same_chunk_bytes && member.options.fused_chunk_bytes ==
+                                                 members.front().options.fused_chunk_bytes;
+    }
+    const int64_t chunk_bytes = FusedChunkBytes(
+        same_chunk_bytes ? members.front().options.fused_chunk_bytes : 0, h.device());
+    stats = ComputeLogitStats(h, weight_, bias_, at::cat(safe_labels), chunk_bytes,
+                              /*between_chunks=*/{}, with_argmax);
+    return absl::OkStatus();
+  });
+
+  // Each item finalised on its own rows.
+  for (const Member& member : members) {
+    const int64_t n = member.batch * member.kept;
+    results[member.index] = CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
+      if (!computed.ok()) return computed;
+      LMOutput out;
+      if (!fused_linear) {
+        out = DefaultOutput(
+            packed_logits.narrow(0, member.row, n).view({member.batch, member.kept, vocab_size_}),
+            member.options);
+      } else {
+        const ForwardOptions& options = member.options;
+        const LogitStats rows_stats{
+            stats.lse.narrow(0, member.row, n), stats.label_logit.narrow(0, member.row, n),
+            stats.argmax.defined() ? stats.argmax.narrow(0, member.row, n) : at::Tensor()};
+        const LossTerms terms = FinishFusedLinearLoss(
+            rows_stats, KeptLabels(options), options.ignore_index, options.loss_reduction,
+            options.z_loss_multiplier, weight_.scalar_type(), options.return_argmax);
+        out = FusedOutput(terms, member.batch, member.kept, options);
+      }
+      if (member.host_scored.has_value()) out.num_scored_tokens = *member.host_scored;
+      return out;
+    });
+  }
+  // Counts on the device are read once the whole group is queued.
+  for (const Member& member : members) {
+    absl::StatusOr<LMOutput>& output = results[member.index];
+    if (!output.ok() || member.host_scored.has_value()) continue;
+    absl::Status read = CatchTorchErrors([&]() -> absl::Status {
+      output->num_scored_tokens = member.scored.item<int64_t>();
+      return absl::OkStatus();
+    });
+    if (!read.ok()) output = std::move(read);
+  }
 }
 
 absl::Status NormalizedLMHead::CreateParameters(const c10::Device& device) {
@@ -546,25 +749,11 @@ absl::Status NormalizedLMHead::NormalizeMatrices() {
   });
 }
 
-LMOutput NormalizedLMHead::ForwardChecked(const at::Tensor& x,
-                                          const ForwardOptions& options) const {
-  const int64_t batch = x.size(0);
-  const at::Tensor h = SelectPositions(x, options.logits_to_keep);
+at::Tensor NormalizedLMHead::Logits(const at::Tensor& h) const {
   // sz * (sz_init_value / sz_init_scaling), the factor computed in double as upstream.
   const double factor = 1.0 / (1.0 / std::sqrt(static_cast<double>(d_model_)));
   const at::Tensor scale = sz_ * factor;
-  const at::Tensor logits = scale * at::linear(h, weight_);
-  std::optional<at::Tensor> argmax;
-  if (options.return_argmax) argmax = logits.argmax(-1);
-  if (!options.labels.has_value()) return {logits, {}, {}, {}, argmax};
-
-  const at::Tensor labels =
-      SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
-  LossTerms terms = DefaultLoss(logits.view({-1, vocab_size_}), labels, options.ignore_index,
-                                options.loss_reduction, options.z_loss_multiplier);
-  LMOutput out = MakeOutput(std::move(logits), terms, batch, options);
-  out.argmax = std::move(argmax);
-  return out;
+  return scale * at::linear(h, weight_);
 }
 
 }  // namespace lmhead

@@ -69,8 +69,18 @@ struct LMOutput {
   // Extension, with ForwardOptions::return_argmax: (B, S') int64, logits.argmax(-1) (the first
   // id among equal logits), for every kept position (ignored labels too).
   std::optional<at::Tensor> argmax;
+  // The number of scored positions: kept positions whose label is not ignore_index (0 without
+  // labels). Counted on the host, free, when the labels (and a positions tensor) are there; else
+  // on x's device, read after the forward is queued.
+  int64_t num_scored_tokens = 0;
 
   bool has_loss() const { return loss.has_value(); }
+};
+
+// One request of a packed forward (LMHead::ForwardBatch): Forward's two arguments.
+struct ForwardItem {
+  at::Tensor x;  // (B, S, d_model), as for Forward
+  ForwardOptions options;
 };
 
 // A parameter name in OLMo-core's state-dict spelling ("w_out.weight") and its tensor.
@@ -135,6 +145,27 @@ class LMHead {
   // Index tensors on a CUDA device cost a synchronisation here.
   absl::Status ValidateForward(const at::Tensor& x, const ForwardOptions& options) const;
 
+  // Dynamic batching: result i is what Forward(items[i].x, items[i].options) returns, up to
+  // float rounding (GEMM tiling and the summation order of reductions; never the batch's
+  // composition beyond that; in bf16 an argmax may then pick another of logits tied within
+  // rounding). The kept positions of all items that compute with the same loss
+  // implementation go through one GEMM (`fused_linear` with labels: one pass of per-token
+  // statistics, no logits in memory; otherwise one GEMM of logits), and each item is then
+  // finalised on its own slice: labels, ignore_index, logits_to_keep, z-loss, reduction,
+  // loss_div_factor, return_logits and return_argmax act per item. An invalid item, or one whose
+  // interrupt_check fails before the batch starts, gets its status without affecting the others.
+  // interrupt_check is polled once per item before the packed compute, not between its chunks.
+  // Results come in item order. Each x must be on the head's device; index tensors may be on
+  // the host, as for Forward.
+  // Details: every item is validated up front (ValidateForward), so index tensors on a CUDA
+  // device cost a synchronisation per item here. A group of one item runs exactly as Forward
+  // (bit-identical results, interrupt_check polled between fused_linear chunks too). The packed
+  // fused_linear pass finds the argmax if any item asks for it, and uses the items'
+  // fused_chunk_bytes when they all give the same, else the device's default. The logits of a
+  // packed item are a view of its group's logits (they keep the whole group's alive). An
+  // exception in the packed compute gives every item of its group that status.
+  std::vector<absl::StatusOr<LMOutput>> ForwardBatch(const std::vector<ForwardItem>& items) const;
+
   // Parameters in registration order with OLMo-core's names (spec §6). The tensors share
   // storage with the head's own.
   const NamedTensors& NamedParameters() const { return parameters_; }
@@ -166,8 +197,20 @@ class LMHead {
 
   // Creates the parameters on `device` (the layer norm for the default head).
   virtual absl::Status CreateParameters(const c10::Device& device);
-  // Forward after validation; may throw c10::Error, which Forward turns into a Status.
-  virtual LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const;
+  // Logits (..., V) of hidden states (..., d_model) after the norm and logits_to_keep.
+  virtual at::Tensor Logits(const at::Tensor& h) const;
+  // Whether `options` compute with fused_linear (labels given and the implementation chosen).
+  bool UsesFusedLinear(const ForwardOptions& options) const;
+  // Forward after ValidateStructure, the interrupt check and (unless `queue_index_check`, which
+  // queues it on the device as Forward describes) ValidateIndexRanges.
+  absl::StatusOr<LMOutput> ForwardValidated(const at::Tensor& x, const ForwardOptions& options,
+                                            bool queue_index_check) const;
+  // The compute of one forward, index tensors on x's device and valid; may throw c10::Error.
+  LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const;
+  // ForwardBatch's packed compute of the items `group` (two or more, valid, on one path:
+  // UsesFusedLinear for all or for none), writing their results.
+  void ForwardPacked(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,
+                     bool fused_linear, std::vector<absl::StatusOr<LMOutput>>& results) const;
   // Everything ValidateForward checks except the values of the index tensors.
   absl::Status ValidateStructure(const at::Tensor& x, const ForwardOptions& options) const;
   // The values of the index tensors: positions in [0, seq_len), kept labels in [0, vocab_size)
@@ -195,7 +238,7 @@ class NormalizedLMHead final : public LMHead {
   using LMHead::LMHead;
 
   absl::Status CreateParameters(const c10::Device& device) override;
-  LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const override;
+  at::Tensor Logits(const at::Tensor& h) const override;
 
   at::Tensor sz_;  // (V,)
 };

@@ -53,16 +53,26 @@ int64_t DefaultFusedChunkBytes(const c10::Device& device) {
   return (device.is_cuda() ? int64_t{224} : int64_t{128}) << 20;
 }
 
+at::Tensor FusedSafeLabels(const at::Tensor& labels, int64_t ignore_index) {
+  return at::where(labels.ne(ignore_index), labels, at::zeros_like(labels));
+}
+
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
                           std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
                           const std::function<void()>& between_chunks, bool with_argmax) {
-  const at::Tensor valid = labels.ne(ignore_index);
-  const at::Tensor safe_labels = at::where(valid, labels, at::zeros_like(labels));
-
   // Per-token log-sum-exp and label logit, never more than chunk_bytes of logits at a time.
-  const LogitStats stats =
-      ComputeLogitStats(h, weight, bias, safe_labels, chunk_bytes, between_chunks, with_argmax);
+  const LogitStats stats = ComputeLogitStats(h, weight, bias, FusedSafeLabels(labels, ignore_index),
+                                             chunk_bytes, between_chunks, with_argmax);
+  return FinishFusedLinearLoss(stats, labels, ignore_index, reduction, z_loss_multiplier,
+                               h.scalar_type(), with_argmax);
+}
+
+LossTerms FinishFusedLinearLoss(const LogitStats& stats, const at::Tensor& labels,
+                                int64_t ignore_index, LossReduction reduction,
+                                std::optional<double> z_loss_multiplier,
+                                c10::ScalarType input_dtype, bool with_argmax) {
+  const at::Tensor valid = labels.ne(ignore_index);
   const at::Tensor& lse = stats.lse;
   const at::Tensor& label_logit = stats.label_logit;
 
@@ -76,7 +86,7 @@ LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const a
     z_rows = z_rows / num_valid;
   }
   const at::Tensor loss_rows = ce_rows + z_rows;
-  const at::Tensor z_rows_input_dtype = z_rows.to(h.scalar_type());
+  const at::Tensor z_rows_input_dtype = z_rows.to(input_dtype);
 
   at::Tensor loss = reduction == LossReduction::kNone ? loss_rows : loss_rows.sum();
   std::optional<at::Tensor> argmax;

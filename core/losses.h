@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "core/config.h"
+#include "core/ops/logit_stats.h"
 
 namespace lmhead {
 
@@ -40,12 +41,27 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
 // of valid tokens (0 valid tokens gives 0). z_loss is in the input dtype; ce_loss = loss - z_loss
 // when a multiplier is given, else loss. `between_chunks`, when set, runs before each chunk and
 // may throw to abandon the work. `with_argmax` also returns each token's most likely id (what
-// torch.argmax gives on its logits), found in the same pass. May throw c10::Error.
+// torch.argmax gives on its logits), found in the same pass. ComputeLogitStats, then
+// FinishFusedLinearLoss. May throw c10::Error.
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
                           std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
                           const std::function<void()>& between_chunks = {},
                           bool with_argmax = false);
+
+// The labels ComputeLogitStats takes for FusedLinearLoss: `labels` with ignore_index replaced
+// by 0 (any valid id: those rows are masked out afterwards). May throw c10::Error.
+at::Tensor FusedSafeLabels(const at::Tensor& labels, int64_t ignore_index);
+
+// FusedLinearLoss after its statistics: `stats` (N,) as ComputeLogitStats returns them for the
+// rows of h and FusedSafeLabels(labels, ignore_index) (any (N,) slice of a larger pass will do:
+// every row's statistics depend on that row alone), labels (N,) as given, `input_dtype` h's
+// dtype (the z-loss's). The argmax is passed on with `with_argmax` (stats.argmax must then be
+// defined). FusedLinearLoss and LMHead::ForwardBatch share it. May throw c10::Error.
+LossTerms FinishFusedLinearLoss(const LogitStats& stats, const at::Tensor& labels,
+                                int64_t ignore_index, LossReduction reduction,
+                                std::optional<double> z_loss_multiplier,
+                                c10::ScalarType input_dtype, bool with_argmax);
 
 // The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
 int64_t DefaultFusedChunkBytes(const c10::Device& device);
