@@ -15,7 +15,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/config.h"
-#include "core/device_copy.h"
 #include "core/dtype.h"
 #include "server/status.h"
 #include "server/tensor_codec.h"
@@ -157,6 +156,7 @@ v1::ModelInfo ModelInfoToWire(const Model& model, bool expose_path) {
   info.set_dtype(ToWire(head.config().dtype));
   info.set_num_params(head.config().NumParams(head.d_model(), head.vocab_size()));
   info.set_device(head.device().str());
+  for (const std::string& device : model.devices()) info.add_devices(device);
   // The host's paths are the operator's business: callers see the file's name unless
   // --expose_model_paths.
   const std::string& source = model.source();
@@ -440,8 +440,7 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
   return CheckResponseSize(plan, losses, base.vocab_size(), limits.max_response_bytes);
 }
 
-absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
-                                        const c10::Device& device, ForwardPlan* plan,
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan,
                                         int64_t* nonfinite) {
   absl::StatusOr<at::Tensor> x = DecodeTensor(request.hidden_states(), kHiddenRule);
   if (!x.ok()) return x.status();
@@ -467,10 +466,9 @@ absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
   if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
     absl::StatusOr<at::Tensor> factor = DecodeTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
     if (!factor.ok()) return factor.status();
-    options.loss_div_factor = CopyToDevice(*factor, device);
+    options.loss_div_factor = *factor;
   }
-  // The dtype conversion runs after the transfer, on the device.
-  return CopyToDevice(*x, device).to(ToScalarType(plan->config.dtype));
+  return x;
 }
 
 absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
@@ -490,15 +488,7 @@ absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
         EncodeTensor(**value, DataTypeOf((*value)->scalar_type()), (response->*field)());
     if (!status.ok()) return status;
   }
-  if (plan.options.labels.has_value()) {
-    at::Tensor scored = *plan.options.labels;
-    if (const auto* positions = std::get_if<at::Tensor>(&plan.options.logits_to_keep)) {
-      scored = scored.gather(1, *positions);
-    } else {
-      scored = scored.slice(1, plan.length - plan.kept, plan.length);
-    }
-    response->set_num_scored_tokens(scored.ne(plan.options.ignore_index).sum().item<int64_t>());
-  }
+  response->set_num_scored_tokens(output.num_scored_tokens);
   response->set_model(plan.model->name());
   response->set_model_version(plan.model->version());
   return absl::OkStatus();

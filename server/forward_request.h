@@ -40,13 +40,12 @@ struct ForwardPlan {
 absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
                                         const v1::ForwardRequest& request);
 
-// The request's tensors: hidden states on `device` in the compute dtype (returned), and labels,
-// positions and a divisor tensor into plan->options. Labels and positions stay on the host,
-// where LMHead checks their range without a device synchronisation and copies them over. They
-// alias the request where they can, so `request` must outlive them. `nonfinite` receives the
-// number of NaN/infinite hidden-state values. May throw c10::Error.
-absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request,
-                                        const c10::Device& device, ForwardPlan* plan,
+// The request's tensors on the host, in their wire dtypes: the hidden states (returned; the
+// executor moves them to its device and converts them to the compute dtype there), and labels
+// (int64), positions and a divisor tensor into plan->options. They alias the request where they
+// can, so `request` must outlive them. `nonfinite` receives the number of NaN/infinite
+// hidden-state values. May throw c10::Error.
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan,
                                         int64_t* nonfinite);
 
 // Writes LMHead.forward's outputs and the bookkeeping fields (num_scored_tokens, model, version)

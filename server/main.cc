@@ -41,20 +41,31 @@ ABSL_FLAG(std::string, head_config, kDefaults.head_config_json,
           "LMHeadConfig JSON for models without a .json beside their weights, e.g. "
           "'{\"name\":\"default\",\"layer_norm\":{\"name\":\"rms\"},\"bias\":false}'.");
 ABSL_FLAG(std::string, device, kDefaults.device,
-          "cpu, cuda or cuda:N (CUDA needs a --config=cuda build).");
+          "Where compute runs, one executor each: a comma-separated list of cpu, cuda (every "
+          "visible GPU) and cuda:N, e.g. cuda:0,cuda:1; an entry may repeat (CUDA needs a "
+          "--config=cuda build).");
 ABSL_FLAG(bool, expose_model_paths, kDefaults.expose_model_paths,
           "ListModels/GetModel show each weights file's full path; default: its file name only.");
 ABSL_FLAG(int64_t, demo_d_model, kDefaults.demo_d_model, "Hidden size of the demo head.");
 ABSL_FLAG(int64_t, demo_vocab_size, kDefaults.demo_vocab_size, "Vocabulary size of the demo head.");
 ABSL_FLAG(uint64_t, demo_seed, kDefaults.demo_seed, "Initialisation seed of the demo head.");
+ABSL_FLAG(std::string, demo_dtype, kDefaults.demo_dtype,
+          "Parameter dtype of the demo head: float32, bfloat16 or float16.");
 ABSL_FLAG(int64_t, max_message_bytes, kDefaults.max_message_bytes,
           "Largest request message, bytes, 1 to 2^31-1 (default 288 MiB: 256 MiB of hidden "
           "states with their labels fit).");
 ABSL_FLAG(int64_t, max_response_bytes, kDefaults.max_response_bytes,
           "Largest response, counted as the bytes of all its tensors (logits, losses, argmax), "
           "1 to 2 GiB - 1 MiB (the default); larger requests are refused before any compute.");
-ABSL_FLAG(int, max_concurrent_requests, kDefaults.max_concurrent_requests,
-          "Forward/ForwardStream calls running at once; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_batch_tokens, kDefaults.max_batch_tokens,
+          "Dynamic batching: calls for one model are packed into forwards of up to this many "
+          "tokens (B*S summed); 1 turns packing off.");
+ABSL_FLAG(int64_t, max_queue_delay_us, kDefaults.max_queue_delay_us,
+          "How long an idle executor waits for more calls to fill a batch, microseconds.");
+ABSL_FLAG(int64_t, max_queue_tokens, kDefaults.max_queue_tokens,
+          "Tokens that may wait in the queue; beyond it calls get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int, max_open_streams, kDefaults.max_open_streams,
+          "ForwardStream calls open at once; more get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(bool, stream_read_ahead, kDefaults.stream_read_ahead,
           "ForwardStream reads, decodes and uploads the next micro-batch while the current one "
           "computes (two held at most); false: one at a time.");
@@ -89,8 +100,8 @@ std::vector<std::string> FlagValues(int argc, char** argv, absl::string_view nam
 
 // Flags whose value, when given, must not be empty (an empty --model would otherwise silently
 // serve the demo head).
-constexpr absl::string_view kNonEmptyFlags[] = {"model",  "host",      "port_file", "head_config",
-                                                "device", "log_level", "log_format"};
+constexpr absl::string_view kNonEmptyFlags[] = {"model",  "host",      "port_file",  "head_config",
+                                                "device", "log_level", "log_format", "demo_dtype"};
 
 }  // namespace
 
@@ -150,9 +161,13 @@ int main(int argc, char** argv) {
   options.demo_d_model = absl::GetFlag(FLAGS_demo_d_model);
   options.demo_vocab_size = absl::GetFlag(FLAGS_demo_vocab_size);
   options.demo_seed = absl::GetFlag(FLAGS_demo_seed);
+  options.demo_dtype = absl::GetFlag(FLAGS_demo_dtype);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.max_response_bytes = absl::GetFlag(FLAGS_max_response_bytes);
-  options.max_concurrent_requests = absl::GetFlag(FLAGS_max_concurrent_requests);
+  options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  options.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
+  options.max_queue_tokens = absl::GetFlag(FLAGS_max_queue_tokens);
+  options.max_open_streams = absl::GetFlag(FLAGS_max_open_streams);
   options.max_config_variants = absl::GetFlag(FLAGS_max_config_variants);
   options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);

@@ -8,9 +8,12 @@
 #include <utility>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "core/config_json.h"
 #include "core/lm_head.h"
 #include "core/safetensors.h"
@@ -54,16 +57,58 @@ absl::Status InContext(absl::string_view context, const absl::Status& status) {
 }  // namespace
 
 Model::Model(std::string name, std::string version, std::string source,
-             std::shared_ptr<const LMHead> head, int max_variants)
+             std::vector<std::shared_ptr<const LMHead>> replicas, int max_variants)
     : name_(std::move(name)),
       version_(std::move(version)),
       source_(std::move(source)),
-      head_(std::move(head)),
+      replicas_(std::move(replicas)),
       max_variants_(max_variants) {}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::WithReplicas(std::string name, std::string version,
+                                                           std::string source,
+                                                           std::unique_ptr<LMHead> head,
+                                                           const std::vector<std::string>& devices,
+                                                           int max_variants) {
+  std::vector<std::shared_ptr<const LMHead>> replicas = {std::move(head)};
+  for (size_t i = 1; i < devices.size(); ++i) {
+    std::shared_ptr<const LMHead> same;
+    for (size_t j = 0; j < i; ++j) {
+      if (devices[j] == devices[i]) same = replicas[j];
+    }
+    if (same != nullptr) {
+      replicas.push_back(std::move(same));
+      continue;
+    }
+    const LMHead& loaded = *replicas.front();
+    absl::StatusOr<std::unique_ptr<LMHead>> copy =
+        LMHead::Build(loaded.config(), loaded.d_model(), loaded.vocab_size(), devices[i]);
+    if (!copy.ok())
+      return InContext(absl::StrCat("model '", name, "' on ", devices[i]), copy.status());
+    std::map<std::string, at::Tensor> weights;
+    absl::Status status = CatchTorchErrors([&]() -> absl::Status {
+      for (const auto& [key, tensor] : loaded.NamedParameters()) {
+        weights[key] = tensor.to(c10::Device(devices[i]));
+      }
+      return absl::OkStatus();
+    });
+    if (status.ok()) status = (*copy)->LoadStateDict(weights);
+    if (!status.ok()) return InContext(absl::StrCat("model '", name, "' on ", devices[i]), status);
+    replicas.push_back(std::shared_ptr<const LMHead>(*std::move(copy)));
+  }
+  return std::unique_ptr<Model>(new Model(std::move(name), std::move(version), std::move(source),
+                                          std::move(replicas), max_variants));
+}
+
+std::vector<std::string> Model::devices() const {
+  std::vector<std::string> devices;
+  for (const auto& replica : replicas_) devices.push_back(replica->device().str());
+  return devices;
+}
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const ModelSpec& spec,
                                                    absl::string_view fallback_config_json,
-                                                   const std::string& device, int max_variants) {
+                                                   const std::vector<std::string>& devices,
+                                                   int max_variants) {
   const std::string context = absl::StrCat("model '", spec.name, "' (", spec.path, ")");
   absl::StatusOr<std::string> bytes = ReadFile(spec.path);
   if (!bytes.ok()) return InContext(context, bytes.status());
@@ -98,56 +143,70 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const ModelSpec& spec,
   const int64_t vocab_size = weight->size(0);
   const int64_t d_model = weight->size(1);
   absl::StatusOr<std::unique_ptr<LMHead>> head =
-      LMHead::Build(*config, d_model, vocab_size, device);
+      LMHead::Build(*config, d_model, vocab_size, devices.front());
   if (!head.ok()) return InContext(context, head.status());
   if (absl::Status status = (*head)->LoadStateDict(file->tensors); !status.ok()) {
     return InContext(context, status);
   }
-  return std::unique_ptr<Model>(new Model(spec.name, Fingerprint(*bytes), spec.path,
-                                          std::shared_ptr<const LMHead>(*std::move(head)),
-                                          max_variants));
+  return WithReplicas(spec.name, Fingerprint(*bytes), spec.path, *std::move(head), devices,
+                      max_variants);
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Demo(int64_t d_model, int64_t vocab_size,
-                                                   uint64_t seed, const std::string& device,
+                                                   uint64_t seed, DType dtype,
+                                                   const std::vector<std::string>& devices,
                                                    int max_variants) {
-  // The same head as core/demo.cc: rms layer norm without bias, w_out without bias, fp32.
+  // The same head as core/demo.cc: rms layer norm without bias, w_out without bias, in `dtype`.
   LMHeadConfig config;
   config.layer_norm = LayerNormConfig{LayerNormType::kRms};
   config.layer_norm->bias = false;
   config.bias = false;
+  config.dtype = dtype;
   absl::StatusOr<std::unique_ptr<LMHead>> head =
-      LMHead::Build(config, d_model, vocab_size, device, seed);
+      LMHead::Build(config, d_model, vocab_size, devices.front(), seed);
   if (!head.ok()) return InContext("demo head", head.status());
-  return std::unique_ptr<Model>(
-      new Model("demo", absl::StrCat("demo-seed", seed),
-                absl::StrCat("embedded demo head (d_model=", d_model, ", vocab_size=", vocab_size,
-                             ", seed=", seed, ")"),
-                std::shared_ptr<const LMHead>(*std::move(head)), max_variants));
+  return WithReplicas("demo", absl::StrCat("demo-seed", seed),
+                      absl::StrCat("embedded demo head (d_model=", d_model,
+                                   ", vocab_size=", vocab_size, ", seed=", seed, ")"),
+                      *std::move(head), devices, max_variants);
 }
 
-absl::StatusOr<std::shared_ptr<const LMHead>> Model::HeadFor(const LMHeadConfig& config) const {
+std::string Model::VariantKey(const LMHeadConfig& config) const {
   LMHeadConfig key_config = config;
-  key_config.loss_implementation = head_->config().loss_implementation;
-  const std::string key = LMHeadConfigToJson(key_config);
-  if (key == LMHeadConfigToJson(head_->config())) return head_;
+  key_config.loss_implementation = head().config().loss_implementation;
+  return LMHeadConfigToJson(key_config);
+}
+
+absl::StatusOr<std::shared_ptr<const LMHead>> Model::HeadFor(const LMHeadConfig& config,
+                                                             int replica) const {
+  if (replica < 0 || replica >= static_cast<int>(replicas_.size())) {
+    return absl::InternalError(absl::StrCat("model '", name_, "' has no replica ", replica));
+  }
+  const std::shared_ptr<const LMHead>& replica_head = replicas_[replica];
+  const std::string key = VariantKey(config);
+  if (key == LMHeadConfigToJson(replica_head->config())) return replica_head;
+  LMHeadConfig key_config = config;
+  key_config.loss_implementation = replica_head->config().loss_implementation;
 
   absl::MutexLock lock(&mu_);
-  if (auto it = variants_.find(key); it != variants_.end()) return it->second;
-  if (static_cast<int>(variants_.size()) >= max_variants_) {
+  if (auto it = variants_.find({replica, key}); it != variants_.end()) return it->second;
+  int kept = 0;
+  for (const auto& [id, variant] : variants_) kept += id.first == replica ? 1 : 0;
+  if (kept >= max_variants_) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("config: model '", name_, "' already keeps ", variants_.size(),
+        absl::StrCat("config: model '", name_, "' already keeps ", kept,
                      " converted copies of its weights (--max_config_variants=", max_variants_,
                      "); use the model's own dtypes (see GetModel)"));
   }
   absl::StatusOr<std::unique_ptr<LMHead>> head =
-      LMHead::Build(key_config, head_->d_model(), head_->vocab_size(), head_->device().str());
+      LMHead::Build(key_config, replica_head->d_model(), replica_head->vocab_size(),
+                    replica_head->device().str());
   if (!head.ok()) return InContext("config", head.status());
   // The fresh head's parameters give each tensor's target dtype.
   std::map<std::string, at::Tensor> converted;
   absl::Status status = CatchTorchErrors([&]() -> absl::Status {
     const NamedTensors& targets = (*head)->NamedParameters();
-    const NamedTensors& sources = head_->NamedParameters();
+    const NamedTensors& sources = replica_head->NamedParameters();
     for (size_t i = 0; i < sources.size(); ++i) {
       converted[sources[i].first] = sources[i].second.to(targets[i].second.scalar_type());
     }
@@ -156,22 +215,51 @@ absl::StatusOr<std::shared_ptr<const LMHead>> Model::HeadFor(const LMHeadConfig&
   if (!status.ok()) return status;
   if (status = (*head)->LoadStateDict(converted); !status.ok()) return InContext("config", status);
   std::shared_ptr<const LMHead> shared(*std::move(head));
-  variants_.emplace(key, shared);
+  variants_.emplace(std::make_pair(replica, key), shared);
   return shared;
 }
 
-absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Load(const Options& options) {
-  if (absl::StartsWith(options.device, "cuda") && !at::hasCUDA()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("--device ", options.device,
-                     ": this server has no usable CUDA backend (it needs a "
-                     "--config=cuda build, LibTorch with CUDA and a GPU); use --device cpu"));
+absl::StatusOr<std::vector<std::string>> ExecutorDevices(absl::string_view device_flag) {
+  std::vector<std::string> devices;
+  for (absl::string_view part : absl::StrSplit(device_flag, ',')) {
+    if (absl::StartsWith(part, "cuda") && !at::hasCUDA()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--device ", device_flag,
+                       ": this server has no usable CUDA backend (it needs a "
+                       "--config=cuda build, LibTorch with CUDA and a GPU); use --device cpu"));
+    }
+    if (part == "cuda") {
+      for (int i = 0; i < static_cast<int>(at::getNumGPUs()); ++i) {
+        devices.push_back(absl::StrCat("cuda:", i));
+      }
+      continue;
+    }
+    if (absl::ConsumePrefix(&part, "cuda:")) {
+      int index = 0;
+      if (!absl::SimpleAtoi(part, &index) || index >= static_cast<int>(at::getNumGPUs())) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("--device ", device_flag, ": there is no cuda:", part,
+                         " (this machine has ", at::getNumGPUs(), " visible GPUs)"));
+      }
+      devices.push_back(absl::StrCat("cuda:", index));
+      continue;
+    }
+    devices.emplace_back(part);
   }
+  return devices;
+}
+
+absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Load(const Options& options) {
+  absl::StatusOr<std::vector<std::string>> devices = ExecutorDevices(options.device);
+  if (!devices.ok()) return devices.status();
   auto registry = std::unique_ptr<ModelRegistry>(new ModelRegistry());
+  registry->devices_ = *devices;
   if (options.models.empty()) {
+    absl::StatusOr<DType> dtype = ParseDType(options.demo_dtype, "--demo_dtype");
+    if (!dtype.ok()) return dtype.status();
     absl::StatusOr<std::unique_ptr<Model>> demo =
-        Model::Demo(options.demo_d_model, options.demo_vocab_size, options.demo_seed,
-                    options.device, options.max_config_variants);
+        Model::Demo(options.demo_d_model, options.demo_vocab_size, options.demo_seed, *dtype,
+                    registry->devices_, options.max_config_variants);
     if (!demo.ok()) return demo.status();
     registry->default_model_ = (*demo)->name();
     registry->models_.emplace((*demo)->name(), *std::move(demo));
@@ -190,8 +278,8 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Load(const Options
     }
   }
   for (const ModelSpec& spec : options.models) {
-    absl::StatusOr<std::unique_ptr<Model>> model =
-        Model::Load(spec, options.head_config_json, options.device, options.max_config_variants);
+    absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(
+        spec, options.head_config_json, registry->devices_, options.max_config_variants);
     if (!model.ok()) return model.status();
     if (registry->default_model_.empty()) registry->default_model_ = spec.name;
     registry->models_.emplace(spec.name, *std::move(model));

@@ -20,46 +20,68 @@ namespace lmhead {
 
 class LMHead;  // core/lm_head.h; kept out of this header so it needs no LibTorch headers
 
-// A loaded head with its name, version and source. The weights never change after loading.
-// Thread-safe: HeadFor may add a converted copy of the weights for a per-request configuration
-// (docs/API.md "Per-request configuration"); such copies are themselves immutable and kept
-// until the model is destroyed, at most `max_variants` of them.
+// A loaded head with its name, version and source, and a replica of its weights on each of the
+// server's devices (one per executor; executors on one device share it). The weights never
+// change after loading. Thread-safe: HeadFor may add a converted copy of the weights for a
+// per-request configuration (docs/API.md "Per-request configuration"); such copies are
+// themselves immutable and kept until the model is destroyed, at most `max_variants` of them
+// per replica.
 class Model {
  public:
   // Reads `spec.path`. The head's configuration comes from `<path without .safetensors>.json`
   // beside it, else from `fallback_config_json`; d_model and vocab_size from w_out's shape.
+  // Replica i lives on devices[i] (at least one device).
   static absl::StatusOr<std::unique_ptr<Model>> Load(const ModelSpec& spec,
                                                      absl::string_view fallback_config_json,
-                                                     const std::string& device, int max_variants);
-  // The embedded demo head (Options::demo_*), named "demo".
+                                                     const std::vector<std::string>& devices,
+                                                     int max_variants);
+  // The embedded demo head (Options::demo_*), named "demo", with parameters in `dtype`.
   static absl::StatusOr<std::unique_ptr<Model>> Demo(int64_t d_model, int64_t vocab_size,
-                                                     uint64_t seed, const std::string& device,
+                                                     uint64_t seed, DType dtype,
+                                                     const std::vector<std::string>& devices,
                                                      int max_variants);
 
   const std::string& name() const { return name_; }
   const std::string& version() const { return version_; }
   const std::string& source() const { return source_; }
-  const LMHead& head() const { return *head_; }
+  // Replica 0, as loaded.
+  const LMHead& head() const { return *replicas_.front(); }
+  // The devices of the replicas, in replica order.
+  std::vector<std::string> devices() const;
 
-  // The head to run for `config`, which must describe the same weights as head().config()
-  // (the service checks that field by field): head() itself when the configurations agree up
-  // to loss_implementation, else a copy with the weights converted to `config`'s dtypes,
-  // built on first use. RESOURCE_EXHAUSTED when max_variants copies exist already.
-  absl::StatusOr<std::shared_ptr<const LMHead>> HeadFor(const LMHeadConfig& config) const;
+  // The head to run for `config` on replica `replica`; `config` must describe the same weights
+  // as head().config() (PlanForward checks that field by field): the replica itself when the
+  // configurations agree up to loss_implementation, else a copy with the weights converted to
+  // `config`'s dtypes, built on first use. RESOURCE_EXHAUSTED when max_variants copies exist
+  // already.
+  absl::StatusOr<std::shared_ptr<const LMHead>> HeadFor(const LMHeadConfig& config,
+                                                        int replica = 0) const;
+
+  // The key HeadFor files `config`'s copy under: equal keys, equal weights.
+  std::string VariantKey(const LMHeadConfig& config) const;
 
  private:
+  // Copies `head`'s weights to each device of `devices` (sharing where a device repeats).
   Model(std::string name, std::string version, std::string source,
-        std::shared_ptr<const LMHead> head, int max_variants);
+        std::vector<std::shared_ptr<const LMHead>> replicas, int max_variants);
+  static absl::StatusOr<std::unique_ptr<Model>> WithReplicas(
+      std::string name, std::string version, std::string source, std::unique_ptr<LMHead> head,
+      const std::vector<std::string>& devices, int max_variants);
 
   const std::string name_;
   const std::string version_;
   const std::string source_;
-  const std::shared_ptr<const LMHead> head_;
+  const std::vector<std::shared_ptr<const LMHead>> replicas_;
   const int max_variants_;
   mutable absl::Mutex mu_;
-  // LMHeadConfigToJson(config) -> its head.
-  mutable std::map<std::string, std::shared_ptr<const LMHead>> variants_ ABSL_GUARDED_BY(mu_);
+  // (replica, VariantKey(config)) -> its head.
+  mutable std::map<std::pair<int, std::string>, std::shared_ptr<const LMHead>> variants_
+      ABSL_GUARDED_BY(mu_);
 };
+
+// --device's list ("cpu", "cuda" for every visible GPU, "cuda:N", comma-separated and repeatable)
+// as one device per executor: FAILED_PRECONDITION naming the flag when a CUDA device is missing.
+absl::StatusOr<std::vector<std::string>> ExecutorDevices(absl::string_view device_flag);
 
 // The models a server serves, by name. Immutable once loaded; thread-safe.
 class ModelRegistry {
@@ -75,9 +97,12 @@ class ModelRegistry {
   // All models, sorted by name.
   std::vector<std::shared_ptr<const Model>> List() const;
   const std::string& default_model() const { return default_model_; }
+  // One device per executor, in --device order (each model has a replica on each).
+  const std::vector<std::string>& devices() const { return devices_; }
 
  private:
   std::map<std::string, std::shared_ptr<const Model>, std::less<>> models_;
+  std::vector<std::string> devices_;
   std::string default_model_;
 };
 

@@ -36,7 +36,7 @@ TEST(ModelRegistryTest, ServesTheDemoHeadWhenNoModelIsGiven) {
 
 TEST(ModelRegistryTest, ConvertedCopiesAreCachedAndBounded) {
   absl::StatusOr<std::unique_ptr<Model>> model =
-      Model::Demo(8, 20, /*seed=*/0, "cpu", /*max_variants=*/1);
+      Model::Demo(8, 20, /*seed=*/0, DType::kFloat32, {"cpu"}, /*max_variants=*/1);
   ASSERT_TRUE(model.ok()) << model.status();
   LMHeadConfig config = (*model)->head().config();
   config.loss_implementation = LossImplementation::kFusedLinear;  // needs no copy
@@ -57,6 +57,31 @@ TEST(ModelRegistryTest, ConvertedCopiesAreCachedAndBounded) {
 
   config.dtype = DType::kFloat16;
   EXPECT_EQ((*model)->HeadFor(config).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+// Executors on one device share its replica; each replica keeps its own converted copies.
+TEST(ModelRegistryTest, OneReplicaPerExecutorSharedOnOneDevice) {
+  Options options;
+  options.device = "cpu,cpu";
+  options.max_config_variants = 1;
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry = ModelRegistry::Load(options);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  EXPECT_EQ((*registry)->devices(), (std::vector<std::string>{"cpu", "cpu"}));
+  const std::shared_ptr<const Model> model = *(*registry)->Find("");
+  EXPECT_EQ(model->devices(), (std::vector<std::string>{"cpu", "cpu"}));
+  LMHeadConfig config = model->head().config();
+  EXPECT_EQ(model->HeadFor(config, 0)->get(), model->HeadFor(config, 1)->get());
+  config.dtype = DType::kBFloat16;
+  absl::StatusOr<std::shared_ptr<const LMHead>> first = model->HeadFor(config, 0);
+  absl::StatusOr<std::shared_ptr<const LMHead>> second = model->HeadFor(config, 1);
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_TRUE(at::equal((*first)->NamedParameters().back().second,
+                        (*second)->NamedParameters().back().second));
+  EXPECT_EQ(model->HeadFor(config, 2).status().code(), absl::StatusCode::kInternal);
+  // The CUDA entries of --device fail clearly on a build or machine without CUDA.
+  if (!at::hasCUDA()) {
+    EXPECT_EQ(ExecutorDevices("cpu,cuda:0").status().code(), absl::StatusCode::kFailedPrecondition);
+  }
 }
 
 TEST(ModelRegistryTest, LoadErrorsNameTheModelAndFile) {

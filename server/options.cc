@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 
@@ -18,7 +19,7 @@ absl::Status Invalid(absl::string_view flag, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", message));
 }
 
-bool IsDeviceSpec(absl::string_view device) {
+bool IsDeviceName(absl::string_view device) {
   if (device == "cpu" || device == "cuda") return true;
   if (!absl::ConsumePrefix(&device, "cuda:") || device.empty() || device.size() > 3) return false;
   for (const char c : device) {
@@ -55,8 +56,12 @@ absl::Status ValidateOptions(const Options& options) {
       return Invalid("model", absl::StrCat("model '", model.name, "' is given twice"));
     }
   }
-  if (!IsDeviceSpec(options.device)) {
-    return Invalid("device", "expected cpu, cuda or cuda:N");
+  for (absl::string_view device : absl::StrSplit(options.device, ',')) {
+    if (!IsDeviceName(device)) {
+      return Invalid("device",
+                     "expected a comma-separated list of cpu, cuda (every GPU) and cuda:N, e.g. "
+                     "cuda:0,cuda:1");
+    }
   }
   if (options.demo_d_model <= 0) {
     return Invalid("demo_d_model", absl::StrCat("must be positive, got ", options.demo_d_model));
@@ -64,6 +69,10 @@ absl::Status ValidateOptions(const Options& options) {
   if (options.demo_vocab_size <= 0) {
     return Invalid("demo_vocab_size",
                    absl::StrCat("must be positive, got ", options.demo_vocab_size));
+  }
+  if (options.demo_dtype != "float32" && options.demo_dtype != "bfloat16" &&
+      options.demo_dtype != "float16") {
+    return Invalid("demo_dtype", "expected float32, bfloat16 or float16");
   }
   if (options.max_message_bytes < 1 || options.max_message_bytes > INT_MAX) {
     return Invalid("max_message_bytes",
@@ -76,9 +85,21 @@ absl::Status ValidateOptions(const Options& options) {
                                 " (protobuf's 2 GiB message limit less 1 MiB for framing), got ",
                                 options.max_response_bytes));
   }
-  if (options.max_concurrent_requests < 1) {
-    return Invalid("max_concurrent_requests",
-                   absl::StrCat("must be at least 1, got ", options.max_concurrent_requests));
+  if (options.max_batch_tokens < 1) {
+    return Invalid("max_batch_tokens",
+                   absl::StrCat("must be at least 1, got ", options.max_batch_tokens));
+  }
+  if (options.max_queue_delay_us < 0 || options.max_queue_delay_us > 10'000'000) {
+    return Invalid("max_queue_delay_us",
+                   absl::StrCat("expected 0 to 10000000 (10 s), got ", options.max_queue_delay_us));
+  }
+  if (options.max_queue_tokens < 1) {
+    return Invalid("max_queue_tokens",
+                   absl::StrCat("must be at least 1, got ", options.max_queue_tokens));
+  }
+  if (options.max_open_streams < 1) {
+    return Invalid("max_open_streams",
+                   absl::StrCat("must be at least 1, got ", options.max_open_streams));
   }
   if (options.max_config_variants < 0) {
     return Invalid("max_config_variants", absl::StrCat("must be 0 (no overrides) or more, got ",

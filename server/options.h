@@ -41,17 +41,21 @@ struct Options {
   // `<weights without .safetensors>.json` beside their weights. Default: unset (such a model
   // fails to load, naming both places).
   std::string head_config_json;
-  // Where weights live and compute runs: "cpu", "cuda" or "cuda:N". Default "cpu".
+  // Where weights live and compute runs, one executor per entry: a comma-separated list of
+  // "cpu", "cuda" (every visible GPU) and "cuda:N"; an entry may repeat (two executors sharing
+  // one device and its weights). Default "cpu".
   std::string device = "cpu";
   // ModelInfo.source shows each weights file's full path on the host; false: its file name only.
   // Default false.
   bool expose_model_paths = false;
 
   // The demo head served when no model is given (name "demo"): an rms layer norm without
-  // bias, w_out without bias, fp32, PyTorch's default initialisation from `demo_seed`.
+  // bias, w_out without bias, PyTorch's default initialisation from `demo_seed`.
   int64_t demo_d_model = 64;       // hidden size; default 64
   int64_t demo_vocab_size = 1000;  // classes; default 1000
   uint64_t demo_seed = 0;          // initialisation seed; default 0
+  // Parameter dtype of the demo head: "float32", "bfloat16" or "float16". Default "float32".
+  std::string demo_dtype = "float32";
 
   // Largest request message accepted, in bytes (larger: RESOURCE_EXHAUSTED from gRPC); in
   // [1, 2^31 - 1]. Default 288 MiB: a 256 MiB request with room to spare, e.g. 256 MiB of hidden
@@ -61,9 +65,20 @@ struct Options {
   // argmax): a request over it is refused with RESOURCE_EXHAUSTED before any compute. In
   // [1, kMaxResponseBytesLimit]; default kMaxResponseBytesLimit (2 GiB - 1 MiB).
   int64_t max_response_bytes = kMaxResponseBytesLimit;
-  // Forward/ForwardStream calls running at once; more get RESOURCE_EXHAUSTED at once (a
-  // stream holds its slot until it ends). Default 4.
-  int max_concurrent_requests = 4;
+  // Dynamic batching (docs/ARCHITECTURE.md): calls and stream micro-batches for one model and
+  // weights variant are packed into one forward of at most this many tokens (B * S summed); a
+  // larger call runs alone. 1 turns packing off. Default 8192.
+  int64_t max_batch_tokens = 8192;
+  // How long an idle executor waits, after the oldest queued call arrived, for more calls to
+  // fill a batch, microseconds. Under load batches fill without waiting. Default 0.
+  int64_t max_queue_delay_us = 0;
+  // Tokens (B * S summed) that may wait in the queue at once; a call that would exceed it gets
+  // RESOURCE_EXHAUSTED (a call alone in the queue always fits; stream micro-batches after the
+  // first wait for room instead). Default 262144.
+  int64_t max_queue_tokens = 262144;
+  // ForwardStream calls open at once (each holds a server thread and up to two micro-batches);
+  // more get RESOURCE_EXHAUSTED. Default 64.
+  int max_open_streams = 64;
   // ForwardStream reads, decodes and uploads micro-batch k+1 on a second thread while k computes
   // (two micro-batches held at most). false: one micro-batch at a time. Default true.
   bool stream_read_ahead = true;

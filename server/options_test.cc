@@ -18,10 +18,15 @@ TEST(ValidateOptionsTest, LimitsAtTheirBoundsAreValid) {
   options.port = 65535;
   options.max_message_bytes = 2147483647;
   options.max_response_bytes = kMaxResponseBytesLimit;
-  options.max_concurrent_requests = 1;
+  options.max_batch_tokens = 1;
+  options.max_queue_tokens = 1;
+  options.max_queue_delay_us = 10'000'000;
+  options.max_open_streams = 1;
   options.max_config_variants = 0;
   options.shutdown_grace_seconds = 0;
   options.device = "cuda:12";
+  EXPECT_TRUE(ValidateOptions(options).ok()) << ValidateOptions(options);
+  options.device = "cuda:0,cuda:1,cpu,cpu,cuda";
   options.models = {{"olmo-2.7B_v1", "/weights/head.safetensors"}};
   EXPECT_TRUE(ValidateOptions(options).ok()) << ValidateOptions(options);
   options.max_response_bytes = 1;
@@ -64,6 +69,7 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.device = "gpu"; }, "--device: "},
       {[](Options& o) { o.demo_d_model = 0; }, "--demo_d_model: "},
       {[](Options& o) { o.demo_vocab_size = -5; }, "--demo_vocab_size: "},
+      {[](Options& o) { o.demo_dtype = "bf16"; }, "--demo_dtype: "},
       {[](Options& o) { o.max_message_bytes = 0; }, "--max_message_bytes: "},
       {[](Options& o) { o.max_message_bytes = int64_t{1} << 31; }, "--max_message_bytes: "},
       {[](Options& o) { o.max_response_bytes = 0; }, "--max_response_bytes: "},
@@ -71,7 +77,14 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.max_response_bytes = 4294967296; }, "--max_response_bytes: "},
       {[](Options& o) { o.max_response_bytes = kMaxResponseBytesLimit + 1; },
        "--max_response_bytes: "},
-      {[](Options& o) { o.max_concurrent_requests = 0; }, "--max_concurrent_requests: "},
+      {[](Options& o) { o.device = "cuda:0,"; }, "--device: "},
+      {[](Options& o) { o.device = "cuda:0,,cuda:1"; }, "--device: "},
+      {[](Options& o) { o.device = "cuda:0;cuda:1"; }, "--device: "},
+      {[](Options& o) { o.max_batch_tokens = 0; }, "--max_batch_tokens: "},
+      {[](Options& o) { o.max_queue_tokens = 0; }, "--max_queue_tokens: "},
+      {[](Options& o) { o.max_queue_delay_us = -1; }, "--max_queue_delay_us: "},
+      {[](Options& o) { o.max_queue_delay_us = 10'000'001; }, "--max_queue_delay_us: "},
+      {[](Options& o) { o.max_open_streams = 0; }, "--max_open_streams: "},
       {[](Options& o) { o.max_config_variants = -1; }, "--max_config_variants: "},
       {[](Options& o) { o.shutdown_grace_seconds = -1; }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.shutdown_grace_seconds = std::nan(""); }, "--shutdown_grace_seconds: "},

@@ -11,10 +11,13 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
+#include "server/executor/executor.h"
+#include "server/frontend/service.h"
 #include "server/logging.h"
 #include "server/model_registry.h"
-#include "server/service.h"
+#include "server/scheduler/scheduler.h"
 
 namespace lmhead {
 namespace {
@@ -29,20 +32,27 @@ void SetServing(grpc::Server* server, bool serving) {
 
 }  // namespace
 
-Server::Server(const Options& options, std::unique_ptr<LMHeadServiceImpl> service)
-    : options_(options), service_(std::move(service)) {}
+Server::Server(const Options& options)
+    : options_(options),
+      scheduler_(std::make_unique<Scheduler>(
+          SchedulerLimits{options.max_batch_tokens, options.max_queue_tokens,
+                          absl::Microseconds(options.max_queue_delay_us)})),
+      service_(std::make_unique<LMHeadServiceImpl>(options, scheduler_.get())) {}
 
 Server::~Server() {
   Shutdown();
   Wait();
+  // The executors finish the batch they run and stop.
+  scheduler_->Close();
+  scheduler_->AbortQueued(absl::UnavailableError("the server shut down before this call ran"));
+  executors_.clear();
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   if (absl::Status status = ValidateOptions(options); !status.ok()) return status;
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  auto server =
-      std::unique_ptr<Server>(new Server(options, std::make_unique<LMHeadServiceImpl>(options)));
+  auto server = std::unique_ptr<Server>(new Server(options));
 
   const std::string address = absl::StrCat(options.host, ":", options.port);
   grpc::ServerBuilder builder;
@@ -70,6 +80,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
     LogInfo(kNoRequest, absl::StrCat("model '", model->name(), "' version ", model->version(),
                                      " from ", model->source()));
   }
+  const std::vector<std::string>& devices = (*registry)->devices();
+  for (size_t i = 0; i < devices.size(); ++i) {
+    server->executors_.push_back(
+        std::make_unique<Executor>(server->scheduler_.get(), devices[i], static_cast<int>(i)));
+  }
+  LogInfo(kNoRequest, absl::StrCat(devices.size(), devices.size() == 1 ? " executor" : " executors",
+                                   " (", absl::StrJoin(devices, ", "), "); batches of up to ",
+                                   options.max_batch_tokens, " tokens, queue of ",
+                                   options.max_queue_tokens, " tokens"));
   server->service_->SetRegistry(std::shared_ptr<const ModelRegistry>(*std::move(registry)));
   SetServing(server->server_.get(), true);
   LogInfo(kNoRequest, absl::StrCat("serving on port ", server->port_));
@@ -102,7 +121,13 @@ void Server::Shutdown() {
   const auto grace = std::chrono::duration_cast<std::chrono::system_clock::duration>(
       std::chrono::duration<double>(options_.shutdown_grace_seconds));
   if (!service_->WaitIdle(std::chrono::system_clock::now() + grace)) {
-    LogWarning(kNoRequest, "grace period over: cancelling the calls still running");
+    LogWarning(kNoRequest,
+               "grace period over: queued work is answered UNAVAILABLE, calls still running are "
+               "cancelled");
+    scheduler_->Close();
+    scheduler_->AbortQueued(
+        absl::UnavailableError("the server is shutting down and its grace period ran out before "
+                               "this call ran"));
   }
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
   LogInfo(kNoRequest, "shut down");

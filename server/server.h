@@ -1,13 +1,16 @@
-// Server: the lmhead gRPC server's life cycle. Binds, answers health checks with NOT_SERVING
-// while the models load, then SERVING; on Shutdown it drains (NOT_SERVING, no new calls,
-// in-flight calls finish within the grace period). Serves lmhead.v1.LMHeadService, the
-// standard grpc.health.v1.Health service and server reflection. Thread-safe.
+// Server: the lmhead gRPC server's life cycle and its parts (docs/ARCHITECTURE.md): the frontend
+// (the gRPC service), the scheduler and one executor per device. Binds, answers health checks
+// with NOT_SERVING while the models load, then SERVING; on Shutdown it drains (NOT_SERVING, no
+// new calls, queued and running work finishes within the grace period, what cannot is answered
+// UNAVAILABLE). Serves lmhead.v1.LMHeadService, the standard grpc.health.v1.Health service and
+// server reflection. Thread-safe.
 #ifndef LMHEAD_SERVER_SERVER_H_
 #define LMHEAD_SERVER_SERVER_H_
 
 #include <grpcpp/server.h>
 
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -15,7 +18,9 @@
 
 namespace lmhead {
 
+class Executor;
 class LMHeadServiceImpl;
+class Scheduler;
 
 class Server {
  public:
@@ -29,17 +34,20 @@ class Server {
   int port() const { return port_; }
 
   // Graceful shutdown: health NOT_SERVING, stop accepting calls, wait for in-flight calls up to
-  // options.shutdown_grace_seconds, then cancel what remains. Idempotent.
+  // options.shutdown_grace_seconds, then answer queued work UNAVAILABLE and cancel what
+  // remains. Idempotent.
   void Shutdown();
 
   // Blocks until Shutdown has completed.
   void Wait();
 
  private:
-  Server(const Options& options, std::unique_ptr<LMHeadServiceImpl> service);
+  explicit Server(const Options& options);
 
   const Options options_;
+  std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<LMHeadServiceImpl> service_;
+  std::vector<std::unique_ptr<Executor>> executors_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   absl::Mutex shutdown_mu_;

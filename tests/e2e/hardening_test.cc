@@ -346,12 +346,16 @@ TEST(FlagsTest, EmptyAndOutOfRangeValuesAreRefusedAtStartNamingTheFlag) {
       {{"--model=demo"}, "--model: expected NAME=PATH.safetensors"},
       {{"--model=a b=x.safetensors"}, "--model: a model name is 1 to 128 characters"},
       {{"--host="}, "--host: given an empty value"},
-      {{"--device=gpu"}, "--device: expected cpu, cuda or cuda:N"},
+      {{"--device=gpu"}, "--device: expected a comma-separated list of cpu, cuda"},
+      {{"--device=cpu,"}, "--device: expected a comma-separated list of cpu, cuda"},
       {{"--log_level="}, "--log_level: given an empty value"},
       {{"--max_response_bytes=4294967296"}, "--max_response_bytes: expected 1 to 2146435072"},
       {{"--max_response_bytes=0"}, "--max_response_bytes: expected 1 to 2146435072"},
       {{"--max_message_bytes=2147483648"}, "--max_message_bytes: expected 1 to 2147483647"},
-      {{"--max_concurrent_requests=0"}, "--max_concurrent_requests: must be at least 1"},
+      {{"--max_queue_tokens=0"}, "--max_queue_tokens: must be at least 1"},
+      {{"--max_batch_tokens=0"}, "--max_batch_tokens: must be at least 1"},
+      {{"--max_queue_delay_us=-1"}, "--max_queue_delay_us: expected 0 to 10000000"},
+      {{"--max_open_streams=0"}, "--max_open_streams: must be at least 1"},
       {{"--shutdown_grace_seconds=-1"}, "--shutdown_grace_seconds: must be a finite number"},
       {{"--demo_vocab_size=0"}, "--demo_vocab_size: must be positive"},
   };
@@ -363,11 +367,11 @@ TEST(FlagsTest, EmptyAndOutOfRangeValuesAreRefusedAtStartNamingTheFlag) {
   }
 }
 
-// Clients retry a refusal that passes (all slots busy) through gRPC's retry policy, and not one
-// that the server says would come again (a limit): the trailer grpc-retry-pushback-ms = -1.
+// Clients retry a refusal that passes (all stream slots busy) through gRPC's retry policy, and not
+// one that the server says would come again (a limit): the trailer grpc-retry-pushback-ms = -1.
 TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(
-      {"--max_concurrent_requests=1", "--max_response_bytes=100000", "--max_config_variants=0"});
+      {"--max_open_streams=1", "--max_response_bytes=100000", "--max_config_variants=0"});
   ASSERT_TRUE(server.ok()) << server.status();
   const auto connect = [&](int max_attempts, const std::string& request_id) {
     ClientOptions options;
@@ -403,18 +407,36 @@ TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
                                   });
     EXPECT_TRUE(status.ok()) << status;
   });
-  while (!holding) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!holding && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (!holding) {
+    release = true;
+    holder.join();
+    FAIL() << "the holding stream got no answer\n" << (*server)->Log();
+  }
 
-  // Without retries: refused at once.
-  EXPECT_EQ(connect(1, "once")->Forward(small).status().code(),
-            absl::StatusCode::kResourceExhausted);
+  // A second stream, without retries: refused at once.
+  const auto one_micro_batch = [&](LMHeadClient& client) {
+    bool sent = false;
+    return client.ForwardStream(
+        [&](v1::ForwardRequest* next) {
+          if (sent) return false;
+          sent = true;
+          *next = small;
+          return true;
+        },
+        [](int64_t, const v1::ForwardResponse&) { return true; });
+  };
+  EXPECT_EQ(one_micro_batch(*connect(1, "once")).code(), absl::StatusCode::kResourceExhausted);
   // With retries: the slot frees after 300 ms, and a later attempt gets it.
   std::thread releaser([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     release = true;
   });
-  absl::StatusOr<v1::ForwardResponse> retried = connect(5, "retried")->Forward(small);
-  EXPECT_TRUE(retried.ok()) << retried.status();
+  const absl::Status retried = one_micro_batch(*connect(5, "retried"));
+  EXPECT_TRUE(retried.ok()) << retried;
   releaser.join();
   holder.join();
   const std::string log = (*server)->Log();
@@ -425,8 +447,8 @@ TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
     }
     return n;
   };
-  EXPECT_GE(count("request_id=retried Forward model='' failed: RESOURCE_EXHAUSTED"), 1u) << log;
-  EXPECT_EQ(count("request_id=retried Forward model='' total_us="), 1u) << log;
+  EXPECT_GE(count("request_id=retried ForwardStream failed: RESOURCE_EXHAUSTED"), 1u) << log;
+  EXPECT_EQ(count("request_id=retried ForwardStream 1 micro-batch ok"), 1u) << log;
 
   // A response over the limit, and a config variant the server keeps no room for: one attempt
   // each, though the client would make five.

@@ -761,9 +761,9 @@ TEST_F(ServerTest, RequestIdFromTheClientIsLogged) {
 }
 
 // A server with tight limits.
-TEST(LimitsTest, OversizedMessageConcurrencyResponseSizeAndVariants) {
+TEST(LimitsTest, OversizedMessageOpenStreamsResponseSizeAndVariants) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
-      ServerProcess::Start({"--max_message_bytes=1048576", "--max_concurrent_requests=1",
+      ServerProcess::Start({"--max_message_bytes=1048576", "--max_open_streams=1",
                             "--max_response_bytes=100000", "--max_config_variants=0"});
   ASSERT_TRUE(server.ok()) << server.status();
   ClientOptions no_retry;
@@ -802,7 +802,7 @@ TEST(LimitsTest, OversizedMessageConcurrencyResponseSizeAndVariants) {
   args.compute_dtype = v1::DATA_TYPE_FP32;  // the model's own dtype: no copy needed
   EXPECT_TRUE(client->Forward(ToWire(medium.x), args).ok());
 
-  // Too many concurrent requests: a stream holds the only slot.
+  // Too many open streams: a stream holds the only slot; unary calls still pass.
   const Inputs small = MakeInputs(1, 2);
   ForwardArgs small_args;
   small_args.labels = ToWire(small.labels);
@@ -821,15 +821,25 @@ TEST(LimitsTest, OversizedMessageConcurrencyResponseSizeAndVariants) {
       },
       [&](int64_t index, const v1::ForwardResponse&) {
         if (index == 0) {
-          during = client->Forward(small_request).status();
+          EXPECT_TRUE(client->Forward(small_request).ok());
+          bool second_sent = false;
+          during = client->ForwardStream(
+              [&](v1::ForwardRequest* second) {
+                if (second_sent) return false;
+                second_sent = true;
+                *second = small_request;
+                return true;
+              },
+              [](int64_t, const v1::ForwardResponse&) { return true; });
           checked = true;
         }
         return true;
       });
   EXPECT_TRUE(stream.ok()) << stream;
   EXPECT_EQ(during.code(), absl::StatusCode::kResourceExhausted) << during;
-  EXPECT_NE(during.message().find("too many concurrent requests"), std::string::npos) << during;
-  EXPECT_TRUE(client->Forward(small_request).ok());  // the slot is free again
+  EXPECT_NE(during.message().find("too many open streams: 1 (--max_open_streams)"),
+            std::string::npos)
+      << during;
   client.reset();
   EXPECT_EQ((*server)->Stop(), 0);
 }

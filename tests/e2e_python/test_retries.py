@@ -18,14 +18,14 @@ D, V = 16, 50
 @pytest.fixture(scope="module")
 def server(server_binary, tmp_path_factory):
     process = ServerProcess([f"--demo_d_model={D}", f"--demo_vocab_size={V}",
-                             "--max_concurrent_requests=1", "--max_response_bytes=10000"],
+                             "--max_open_streams=1", "--max_response_bytes=10000"],
                             tmp_path_factory.mktemp("retries"))
     yield process
     assert process.stop() == 0, process.log()[-2000:]
 
 
 def _hold_the_slot(address: str, release: threading.Event, holding: threading.Event):
-    """A raw ForwardStream that answers one micro-batch, then keeps the only slot until
+    """A raw ForwardStream that answers one micro-batch, then keeps the only stream slot until
     `release`."""
     x = torch.randn(1, 2, D)
     request = pb.ForwardRequest(hidden_states=pb.Tensor(
@@ -52,12 +52,12 @@ def test_busy_is_retried_until_a_slot_frees(server):
     try:
         with RemoteLMHead(server.address, timeout=30, max_attempts=1) as once:
             with pytest.raises(LMHeadError) as error:
-                once.forward(x)
+                once.forward_stream(x)
             assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         threading.Timer(0.3, release.set).start()
         started = time.monotonic()
         with RemoteLMHead(server.address, timeout=30) as retrying:
-            logits = retrying.forward(x)
+            logits = retrying.forward_stream(x)
         assert logits.shape == (2, 3, V)
         assert time.monotonic() - started >= 0.25  # it waited for the slot
     finally:

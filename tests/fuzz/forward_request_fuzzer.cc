@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/torch_errors.h"
 #include "proto/lmhead/v1/lmhead.pb.h"
@@ -89,8 +90,11 @@ void Run(const v1::ForwardRequest& request) {
   absl::StatusOr<std::shared_ptr<const LMHead>> head = plan->model->HeadFor(plan->config);
   if (!head.ok()) return CheckRefusal(head.status(), "HeadFor");
   int64_t nonfinite = 0;
-  absl::StatusOr<at::Tensor> x = CatchTorchErrors(
-      [&]() { return DecodeInputs(request, (*head)->device(), &*plan, &nonfinite); });
+  absl::StatusOr<at::Tensor> x = CatchTorchErrors([&]() -> absl::StatusOr<at::Tensor> {
+    absl::StatusOr<at::Tensor> host = DecodeInputs(request, &*plan, &nonfinite);
+    if (!host.ok()) return host;
+    return host->to(ToScalarType(plan->config.dtype));
+  });
   if (!x.ok()) return CheckRefusal(x.status(), "DecodeInputs");
   const absl::Status valid = WithWireFields((*head)->ValidateForward(*x, plan->options), request);
   if (!valid.ok()) return CheckRefusal(valid, "ValidateForward");

@@ -24,7 +24,7 @@ from load import KINDS, CALL_TIMEOUT_S, Limits, LoadConfig, ModelSpec, Tally
 
 MIB = 1 << 20
 LIMITS = Limits(max_message_bytes=8 * MIB, max_response_bytes=64 * MIB,
-                max_concurrent_requests=16)
+                max_open_streams=16)
 GROWTH_FIRST = (5, 6, 7)  # the minutes whose samples are the growth baseline
 GROWTH_LAST = 3  # the number of last samples compared with it
 GROWTH_MIN_MINUTES = 10
@@ -122,7 +122,7 @@ class Server:
 def server_args(models: List[str], extra: List[str]) -> List[str]:
     return [f"--max_message_bytes={LIMITS.max_message_bytes}",
             f"--max_response_bytes={LIMITS.max_response_bytes}",
-            f"--max_concurrent_requests={LIMITS.max_concurrent_requests}",
+            f"--max_open_streams={LIMITS.max_open_streams}",
             f"--shutdown_grace_seconds={SHUTDOWN_GRACE_S}",
             *[f"--model={m}" for m in models], *extra]
 

@@ -80,7 +80,7 @@ class Limits:
 
     max_message_bytes: int
     max_response_bytes: int
-    max_concurrent_requests: int
+    max_open_streams: int
 
 
 @dataclass
@@ -860,12 +860,12 @@ def calibrate_heavy(config: LoadConfig, repeats: int = 5) -> Dict[str, float]:
 
 
 def admission_check(config: LoadConfig, settle_s: float = 2.0) -> Optional[str]:
-    """With no other load (after `settle_s`): --max_concurrent_requests streams held open each
+    """With no other load (after `settle_s`): --max_open_streams streams held open each
     get their first answer, one more then gets RESOURCE_EXHAUSTED, and once they are closed a
     Forward succeeds. A slot leaked by a cancelled, timed-out or killed call would show as an
     early RESOURCE_EXHAUSTED. None when all holds."""
     time.sleep(settle_s)
-    model, limit = config.models[0], config.limits.max_concurrent_requests
+    model, limit = config.models[0], config.limits.max_open_streams
     rng = np.random.default_rng(config.seed)
     done = threading.Event()
     with channel(config.address) as ch:

@@ -111,8 +111,9 @@ if wants server || wants oom; then
     > "$libdir/pkgconfig/openssl.pc"
   grpc_flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --cflags --libs \
     grpc++ grpc protobuf spdlog fmt absl_flags absl_flags_parse absl_flags_usage)
-  # Every server/ and client/ source but tests and fuzz targets, so that a new file needs no edit here.
-  library_sources() { ls "$1"/*.cc | grep -vE "_(test|fuzzer|bench)\.cc$"; }
+  # Every server/ and client/ source (subfolders too) but tests and fuzz targets, so that a new
+  # file needs no edit here.
+  library_sources() { find "$1" -maxdepth 2 -name '*.cc' | sort | grep -vE "_(test|fuzzer|bench)\.cc$"; }
   srv=(core/config_json.cc core/safetensors.cc core/safetensors_format.cc $(library_sources server)
     .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc)
   pids=()

@@ -1,9 +1,9 @@
-// LMHeadServiceImpl: the lmhead.v1.LMHeadService RPCs, translating between the wire messages and
-// the core (proto <-> core only; design: docs/API.md). Thread-safe: the loaded models are
-// immutable and shared by concurrent calls; a ConcurrencyLimiter caps Forward and
-// ForwardStream calls running at once.
-#ifndef LMHEAD_SERVER_SERVICE_H_
-#define LMHEAD_SERVER_SERVICE_H_
+// LMHeadServiceImpl: the frontend, the gRPC handlers of lmhead.v1.LMHeadService
+// (docs/ARCHITECTURE.md). Each handler admits the call (loading, draining, request id, deadline),
+// decodes the wire form, hands the work to the scheduler and encodes what comes back; it
+// computes nothing itself. Thread-safe.
+#ifndef LMHEAD_SERVER_FRONTEND_SERVICE_H_
+#define LMHEAD_SERVER_FRONTEND_SERVICE_H_
 
 #include <atomic>
 #include <chrono>
@@ -16,10 +16,12 @@
 namespace lmhead {
 
 class ModelRegistry;
+class Scheduler;
 
 class LMHeadServiceImpl final : public v1::LMHeadService::Service {
  public:
-  explicit LMHeadServiceImpl(const Options& options);
+  // `scheduler` must outlive the service.
+  LMHeadServiceImpl(const Options& options, Scheduler* scheduler);
   ~LMHeadServiceImpl() override;
 
   // Makes the models available. Until then every RPC answers UNAVAILABLE ("loading").
@@ -36,7 +38,7 @@ class LMHeadServiceImpl final : public v1::LMHeadService::Service {
                         v1::ModelInfo* response) override;
 
   // Graceful shutdown: from now on new Forward/ForwardStream calls get UNAVAILABLE; calls
-  // already running go on.
+  // already running go on (an open stream may still send micro-batches).
   void StartDraining() { draining_ = true; }
   // Waits until no Forward/ForwardStream call is running, or until `deadline`; true if idle.
   bool WaitIdle(std::chrono::system_clock::time_point deadline) const;
@@ -48,7 +50,10 @@ class LMHeadServiceImpl final : public v1::LMHeadService::Service {
   std::shared_ptr<const ModelRegistry> registry() const;
 
   const Options options_;
-  ConcurrencyLimiter limiter_;
+  Scheduler* const scheduler_;
+  // Forward and ForwardStream calls inside their handler.
+  std::atomic<int> running_calls_{0};
+  ConcurrencyLimiter open_streams_;
   std::atomic<int64_t> nonfinite_inputs_{0};
   std::atomic<bool> draining_{false};
   // Written once by SetRegistry, read by every call.
@@ -57,4 +62,4 @@ class LMHeadServiceImpl final : public v1::LMHeadService::Service {
 
 }  // namespace lmhead
 
-#endif  // LMHEAD_SERVER_SERVICE_H_
+#endif  // LMHEAD_SERVER_FRONTEND_SERVICE_H_

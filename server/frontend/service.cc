@@ -1,0 +1,430 @@
+#include "server/frontend/service.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "core/dtype.h"
+#include "core/lm_head.h"
+#include "core/torch_errors.h"
+#include "server/forward_request.h"
+#include "server/logging.h"
+#include "server/model_registry.h"
+#include "server/read_ahead.h"
+#include "server/scheduler/scheduler.h"
+#include "server/status.h"
+
+namespace lmhead {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t MicrosBetween(Clock::time_point start, Clock::time_point end) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(end - start).count();
+}
+
+// OK while the caller still wants the answer: DEADLINE_EXCEEDED past the call's deadline,
+// CANCELLED once the client cancelled. The client's own deadline ends earlier than ours (ours
+// counts from the request's arrival), and at its deadline the client cancels: a cancellation
+// within kDeadlineSlack of our deadline is taken for the deadline.
+absl::Status CheckStillWanted(const grpc::ServerContext& context) {
+  constexpr auto kDeadlineSlack = std::chrono::seconds(1);
+  const auto now = std::chrono::system_clock::now();
+  const bool cancelled = context.IsCancelled();
+  if (now > context.deadline() || (cancelled && now + kDeadlineSlack > context.deadline())) {
+    return absl::DeadlineExceededError("deadline exceeded before the work was done");
+  }
+  if (cancelled) return absl::CancelledError("the client cancelled the call");
+  return absl::OkStatus();
+}
+
+// A Forward call or stream micro-batch: its request, plan and job, from decoding to encoding.
+struct Call {
+  // Streams: the message the decoded tensors alias (unary calls keep their own).
+  std::shared_ptr<const v1::ForwardRequest> owned_request;
+  const v1::ForwardRequest* request = nullptr;
+  std::shared_ptr<Job> job;
+  int64_t nonfinite = 0;
+  Clock::time_point start;
+  Clock::time_point decoded;
+};
+
+// Checks `request` against its model and the limits, decodes its tensors on the host and checks
+// them with the core's rules (LMHead::ValidateForward: among others the values of the index
+// tensors, which only the core knows how to judge): the job to queue, refused before it waits or
+// computes. May throw c10::Error.
+absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits,
+                            const grpc::ServerContext& context,
+                            std::shared_ptr<const v1::ForwardRequest> owned_request,
+                            const v1::ForwardRequest& request) {
+  Call call;
+  call.start = Clock::now();
+  call.owned_request = std::move(owned_request);
+  call.request = &request;
+  absl::StatusOr<ForwardPlan> plan = PlanForward(registry, limits, request);
+  if (!plan.ok()) return plan.status();
+  auto job = std::make_shared<Job>();
+  job->plan = *std::move(plan);
+  absl::StatusOr<at::Tensor> x = DecodeInputs(request, &job->plan, &call.nonfinite);
+  if (!x.ok()) return x.status();
+  job->x = *std::move(x);
+  // The head for this configuration on the first executor's device: the model's, or a converted
+  // copy (the others make theirs alike).
+  absl::StatusOr<std::shared_ptr<const LMHead>> head = job->plan.model->HeadFor(job->plan.config);
+  if (!head.ok()) {
+    // No room for another converted copy of the weights: the same request would fail again.
+    return absl::IsResourceExhausted(head.status()) ? NotRetryable(head.status()) : head.status();
+  }
+  // One element on the head's device, broadcast to x's shape: what the core checks of x (rank,
+  // sizes, dtype, device) without a copy of x.
+  const at::Tensor shape_of_x = at::empty({1}, at::TensorOptions()
+                                                   .device((*head)->device())
+                                                   .dtype(ToScalarType((*head)->config().dtype)))
+                                    .expand(job->x.sizes());
+  if (absl::Status valid = (*head)->ValidateForward(shape_of_x, job->plan.options); !valid.ok()) {
+    return WithWireFields(valid, request);
+  }
+  job->tokens = job->plan.batch * job->plan.length;
+  job->batch_key =
+      absl::StrCat(job->plan.model->name(), "\n", job->plan.model->VariantKey(job->plan.config));
+  job->still_wanted = [&context]() { return CheckStillWanted(context); };
+  call.job = std::move(job);
+  call.decoded = Clock::now();
+  return call;
+}
+
+// Waits for `job`'s answer. A job whose caller stops wanting it is withdrawn from the queue; one
+// already running is waited for (the core polls still_wanted between chunks).
+absl::StatusOr<LMOutput> AwaitJob(Scheduler& scheduler, Job& job) {
+  while (!job.done.WaitForNotificationWithTimeout(absl::Milliseconds(10))) {
+    if (absl::Status wanted = job.still_wanted(); !wanted.ok() && scheduler.Withdraw(job)) {
+      return wanted;
+    }
+  }
+  return std::move(job.result);
+}
+
+// Encodes a finished call's answer into `response`. May throw c10::Error.
+absl::Status Encode(Call& call, absl::StatusOr<LMOutput> output, v1::ForwardResponse* response) {
+  if (!output.ok()) return WithWireFields(output.status(), *call.request);
+  response->Clear();
+  if (absl::Status status = EncodeOutputs(*output, call.job->plan, response); !status.ok()) {
+    return status;
+  }
+  response->set_num_nonfinite_inputs(call.nonfinite);
+  const Clock::time_point encoded = Clock::now();
+  v1::ServerTimings* timings = response->mutable_timings();
+  timings->set_decode_us(MicrosBetween(call.start, call.decoded));
+  timings->set_queue_us(call.job->queue_us);
+  timings->set_compute_us(call.job->compute_us);
+  timings->set_batch_size(call.job->batch_size);
+  timings->set_encode_us(std::max<int64_t>(
+      0, MicrosBetween(call.decoded, encoded) - call.job->queue_us - call.job->compute_us));
+  timings->set_total_us(MicrosBetween(call.start, encoded));
+  return absl::OkStatus();
+}
+
+// Echoes the request id as `x-request-id`: among the response's headers when the call succeeds
+// or a stream has answered, else in its trailers alone. A refusal must be a trailers-only
+// response: headers commit a call, and gRPC's retry policy then would not retry it.
+void EchoRequestId(grpc::ServerContext* context, const std::string& request_id, bool headers) {
+  if (headers) {
+    context->AddInitialMetadata("x-request-id", request_id);
+  } else {
+    context->AddTrailingMetadata("x-request-id", request_id);
+  }
+}
+
+// The caller's `x-request-id` header, or a fresh id.
+std::string RequestIdOf(const grpc::ServerContext& context) {
+  const auto& metadata = context.client_metadata();
+  // Used as given only when it is 1-128 characters of [A-Za-z0-9._:-] (it goes into every log
+  // line of the call).
+  if (auto it = metadata.find("x-request-id");
+      it != metadata.end() && !it->second.empty() && it->second.size() <= 128 &&
+      std::all_of(it->second.begin(), it->second.end(), [](char c) {
+        return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == ':' || c == '-';
+      })) {
+    return std::string(it->second.data(), it->second.size());
+  }
+  return NewRequestId();
+}
+
+// What the caller is told: the status as it is, except that a library's failure (its text is
+// only in the log, see core/torch_errors.h) points to the log line by request id.
+grpc::Status ForCaller(const absl::Status& status, absl::string_view request_id) {
+  if (status.ok() || LibraryErrorDetail(status).empty()) return ToGrpcStatus(status);
+  const absl::string_view hint = status.code() == absl::StatusCode::kResourceExhausted
+                                     ? "; retry later or send fewer tokens per call"
+                                     : "; the server's log has the details";
+  return ToGrpcStatus(absl::Status(
+      status.code(), absl::StrCat(status.message(), hint, " (request id ", request_id, ")")));
+}
+
+void LogOutcome(absl::string_view request_id, absl::string_view what, const absl::Status& status) {
+  if (status.ok()) {
+    LogInfo(request_id, absl::StrCat(what, " ok"));
+  } else if (status.code() == absl::StatusCode::kInternal ||
+             status.code() == absl::StatusCode::kUnknown) {
+    LogError(request_id, absl::StrCat(what, " failed: ", status.ToString()));
+  } else {
+    LogWarning(request_id, absl::StrCat(what, " failed: ", status.ToString()));
+  }
+}
+
+// The prologue every handler shares: the call's request id and the loaded models, or why the
+// call cannot be served (still loading; for forwards, draining).
+struct Admission {
+  std::string request_id;
+  std::shared_ptr<const ModelRegistry> models;
+  absl::Status status;
+};
+
+// The epilogue every handler shares: logs the outcome, echoes the request id (in the headers
+// when `answered`), adds retry advice and returns what the caller is told.
+grpc::Status Finish(grpc::ServerContext* context, const Admission& admission,
+                    absl::string_view what, const absl::Status& status, bool answered) {
+  LogOutcome(admission.request_id, what, status);
+  EchoRequestId(context, admission.request_id, answered);
+  AddRetryAdvice(status, context);
+  return ForCaller(status, admission.request_id);
+}
+
+// Tags a stream's error with the micro-batch it happened in, keeping its payloads.
+absl::Status InMicroBatch(const absl::Status& status, int64_t index) {
+  absl::Status numbered(status.code(),
+                        absl::StrCat(status.message(), " (micro-batch ", index, ")"));
+  status.ForEachPayload([&numbered](absl::string_view url, const absl::Cord& payload) {
+    numbered.SetPayload(url, payload);
+  });
+  return numbered;
+}
+
+}  // namespace
+
+LMHeadServiceImpl::LMHeadServiceImpl(const Options& options, Scheduler* scheduler)
+    : options_(options), scheduler_(scheduler), open_streams_(options.max_open_streams) {}
+
+LMHeadServiceImpl::~LMHeadServiceImpl() = default;
+
+void LMHeadServiceImpl::SetRegistry(std::shared_ptr<const ModelRegistry> registry) {
+  std::atomic_store(&registry_, std::move(registry));
+}
+
+std::shared_ptr<const ModelRegistry> LMHeadServiceImpl::registry() const {
+  return std::atomic_load(&registry_);
+}
+
+bool LMHeadServiceImpl::WaitIdle(std::chrono::system_clock::time_point deadline) const {
+  while (running_calls_.load() > 0) {
+    if (std::chrono::system_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
+namespace {
+
+Admission Admit(const grpc::ServerContext& context,
+                const std::shared_ptr<const ModelRegistry>& models, bool forward, bool draining) {
+  Admission admission{RequestIdOf(context), models, absl::OkStatus()};
+  if (forward && draining) {
+    admission.status = absl::UnavailableError("the server is shutting down");
+  } else if (models == nullptr) {
+    admission.status = absl::UnavailableError("the server is still loading its models");
+  } else if (forward) {
+    admission.status = CheckStillWanted(context);
+  }
+  return admission;
+}
+
+// Counts a Forward or ForwardStream call as running for as long as it lives.
+class RunningCall {
+ public:
+  explicit RunningCall(std::atomic<int>* running) : running_(running) { ++*running_; }
+  ~RunningCall() { --*running_; }
+  RunningCall(const RunningCall&) = delete;
+  RunningCall& operator=(const RunningCall&) = delete;
+
+ private:
+  std::atomic<int>* running_;
+};
+
+}  // namespace
+
+grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
+                                        const v1::ForwardRequest* request,
+                                        v1::ForwardResponse* response) {
+  const RunningCall running(&running_calls_);
+  const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
+  absl::Status status = admission.status;
+  if (status.ok()) {
+    status = CatchTorchErrors([&]() -> absl::Status {
+      absl::StatusOr<Call> call = Decode(*admission.models, options_, *context, nullptr, *request);
+      if (!call.ok()) return call.status();
+      if (absl::Status queued = scheduler_->Submit(call->job); !queued.ok()) return queued;
+      return Encode(*call, AwaitJob(*scheduler_, *call->job), response);
+    });
+  }
+  if (status.ok()) {
+    nonfinite_inputs_ += response->num_nonfinite_inputs();
+    if (response->num_nonfinite_inputs() > 0) {
+      LogWarning(admission.request_id,
+                 absl::StrCat(response->num_nonfinite_inputs(),
+                              " non-finite hidden-state values (propagated)"));
+    }
+  }
+  return Finish(
+      context, admission,
+      absl::StrCat("Forward model=", CallerText(request->model()),
+                   status.ok() ? absl::StrCat(" total_us=", response->timings().total_us(),
+                                              " batch_size=", response->timings().batch_size())
+                               : ""),
+      status, status.ok());
+}
+
+grpc::Status LMHeadServiceImpl::ForwardStream(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::ForwardResponse, v1::ForwardRequest>* stream) {
+  const RunningCall running(&running_calls_);
+  const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
+  if (!admission.status.ok()) {
+    return Finish(context, admission, "ForwardStream", admission.status, /*answered=*/false);
+  }
+  ConcurrencyLimiter::Slot slot = open_streams_.TryAcquire();
+  if (!slot) {
+    return Finish(context, admission, "ForwardStream",
+                  absl::ResourceExhaustedError(
+                      absl::StrCat("too many open streams: ", open_streams_.max_in_use(),
+                                   " (--max_open_streams); retry later")),
+                  /*answered=*/false);
+  }
+  const ModelRegistry& models = *admission.models;
+  // Each micro-batch is a job in the queue like any unary call. With --stream_read_ahead the next
+  // one is read, decoded and queued while the current one runs (two held at most); without, one
+  // at a time on this thread. Only the first may be refused for a full queue: later ones wait
+  // for room, since the stream was admitted.
+  int64_t submitted = 0;
+  using Queued = absl::StatusOr<Call>;
+  const auto read_and_queue = [&]() -> std::optional<Queued> {
+    auto request = std::make_shared<v1::ForwardRequest>();
+    TakeRequestParseFailure();
+    if (!stream->Read(request.get())) {
+      if (!TakeRequestParseFailure()) return std::nullopt;  // the client's end of the stream
+      return Queued(absl::InvalidArgumentError(
+          "request: not a valid lmhead.v1.ForwardRequest message (the protobuf wire format could "
+          "not be parsed)"));
+    }
+    return CatchTorchErrors([&]() -> Queued {
+      const v1::ForwardRequest& message = *request;
+      absl::StatusOr<Call> call = Decode(models, options_, *context, std::move(request), message);
+      if (!call.ok()) return call.status();
+      if (absl::Status queued = scheduler_->Submit(call->job, /*wait_for_room=*/submitted > 0);
+          !queued.ok()) {
+        return queued;
+      }
+      ++submitted;
+      return call;
+    });
+  };
+  std::optional<ReadAhead<Queued>> read_ahead;
+  if (options_.stream_read_ahead) {
+    read_ahead.emplace(read_and_queue, [](const Queued& call) { return !call.ok(); });
+  }
+  v1::ForwardResponse response;
+  int64_t index = 0;
+  int64_t nonfinite = 0;
+  absl::Status status;
+  while (true) {
+    if (status = CheckStillWanted(*context); !status.ok()) break;
+    std::optional<Queued> call = read_ahead ? read_ahead->Next() : read_and_queue();
+    if (!call.has_value()) break;
+    status = call->ok() ? CatchTorchErrors([&]() {
+      return Encode(**call, AwaitJob(*scheduler_, *(*call)->job), &response);
+    })
+                        : call->status();
+    if (!status.ok()) {
+      status = InMicroBatch(status, index);
+      break;
+    }
+    nonfinite += response.num_nonfinite_inputs();
+    LogDebug(admission.request_id,
+             absl::StrCat("micro-batch ", index, " total_us=", response.timings().total_us()));
+    if (index == 0) EchoRequestId(context, admission.request_id, /*headers=*/true);
+    if (!stream->Write(response)) {
+      status = absl::CancelledError("the client went away");
+      break;
+    }
+    ++index;
+  }
+  // When the stream ends early the read-ahead thread may be inside Read: a message still
+  // arriving is let finish (up to a second), so the client gets this status; a client that
+  // sends each message only after the previous answer would keep Read waiting, and cancelling
+  // the call releases it (that client then sees CANCELLED).
+  if (read_ahead) {
+    if (!read_ahead->Stop(std::chrono::seconds(1))) context->TryCancel();
+    // A micro-batch read ahead and queued but not answered: withdrawn, or waited for (it aliases
+    // its request, which the read-ahead owns).
+    if (std::optional<Queued> pending = read_ahead->Next(); pending.has_value() && pending->ok()) {
+      Job& job = *(*pending)->job;
+      if (!scheduler_->Withdraw(job)) job.done.WaitForNotification();
+    }
+  }
+  if (status.ok() && context->IsCancelled()) {
+    status = absl::CancelledError("the client cancelled the stream");
+  }
+  nonfinite_inputs_ += nonfinite;
+  if (nonfinite > 0) {
+    LogWarning(admission.request_id,
+               absl::StrCat(nonfinite, " non-finite hidden-state values (propagated)"));
+  }
+  return Finish(
+      context, admission,
+      absl::StrCat("ForwardStream ", index, index == 1 ? " micro-batch" : " micro-batches"), status,
+      index > 0);
+}
+
+grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
+                                           const v1::ListModelsRequest* /*request*/,
+                                           v1::ListModelsResponse* response) {
+  const Admission admission = Admit(*context, registry(), /*forward=*/false, draining_);
+  if (admission.status.ok()) {
+    for (const auto& model : admission.models->List()) {
+      *response->add_models() = ModelInfoToWire(*model, options_.expose_model_paths);
+    }
+    response->set_default_model(admission.models->default_model());
+  }
+  return Finish(context, admission, "ListModels", admission.status, admission.status.ok());
+}
+
+grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
+                                         const v1::GetModelRequest* request,
+                                         v1::ModelInfo* response) {
+  const Admission admission = Admit(*context, registry(), /*forward=*/false, draining_);
+  absl::Status status = admission.status;
+  if (status.ok()) {
+    if (absl::StatusOr<std::shared_ptr<const Model>> model =
+            admission.models->Find(request->name());
+        model.ok()) {
+      *response = ModelInfoToWire(**model, options_.expose_model_paths);
+    } else {
+      // The registry names ForwardRequest's field, `model`; here the field is `name`.
+      status = absl::Status(model.status().code(),
+                            absl::StrCat("name", model.status().message().substr(5)));
+    }
+  }
+  return Finish(context, admission, absl::StrCat("GetModel name=", CallerText(request->name())),
+                status, status.ok());
+}
+
+}  // namespace lmhead
