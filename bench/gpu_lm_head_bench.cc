@@ -5,7 +5,11 @@
 // all measured in this process, with ours/cublas printed as `fused/cublas=<ratio>`.
 // bench/gpu_baselines.py measures Liger-Kernel and Cut Cross-Entropy the same way.
 //
-//   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick] | --sustained]
+//   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick] | --sustained |
+//                      --serving]
+// --serving prints the kernel-only tokens/s that bench/load_generator.cc's serving benchmark
+// divides by: LMHead::Forward as an executor runs it (bf16, fused_linear, sum, host labels, no
+// z-loss) on a batch of --max_batch_tokens (8192) tokens already on the device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/Sleep.h>
@@ -409,6 +413,30 @@ void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
 }  // namespace
 }  // namespace lmhead
 
+namespace lmhead {
+namespace {
+
+void Serving(int64_t d, int64_t v, int64_t n, int rounds) {
+  BenchInputs in = MakeBenchInputs(d, v, n);
+  ForwardOptions options;
+  options.labels = in.host_labels.view({1, n});
+  options.loss_reduction = LossReduction::kSum;
+  const at::Tensor x = in.x.view({1, n, d});
+  const auto run = [&] {
+    auto result = in.head->Forward(x, options);
+    if (!result.ok()) throw std::runtime_error(std::string(result.status().message()));
+  };
+  const std::vector<Timing> timing = MeasureInterleaved({run}, rounds);
+  std::printf(
+      "kernel-only: d=%lld V=%lld N=%lld bf16 fused_linear sum: %.2f ms median, %.0f "
+      "tokens/s\n",
+      static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
+      timing[0].median_ms, n / (timing[0].median_ms / 1000.0));
+}
+
+}  // namespace
+}  // namespace lmhead
+
 int main(int argc, char** argv) {
   using namespace lmhead;
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
@@ -423,6 +451,11 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
+  if (argc > 1 && std::string(argv[1]) == "--serving") {
+    Serving(4096, 128256, 8192, 15);
+    Serving(4096, 128256, 256, 15);
+    return 0;
+  }
   if (sustained) {
     Sustained(2048, 128256, 8192, 3);
     Sustained(4096, 256000, 8192, 3);

@@ -440,16 +440,9 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
   return CheckResponseSize(plan, losses, base.vocab_size(), limits.max_response_bytes);
 }
 
-absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan,
-                                        int64_t* nonfinite) {
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan) {
   absl::StatusOr<at::Tensor> x = DecodeTensor(request.hidden_states(), kHiddenRule);
   if (!x.ok()) return x.status();
-  // A finite sum means every value is finite (a NaN or an infinity would make it NaN or
-  // infinite); only otherwise are they counted, which costs a mask as large as x.
-  *nonfinite = 0;
-  if (x->numel() > 0 && !at::isfinite(x->sum()).item<bool>()) {
-    *nonfinite = at::isfinite(*x).logical_not().sum().item<int64_t>();
-  }
   ForwardOptions& options = plan->options;
   if (request.has_labels()) {
     absl::StatusOr<at::Tensor> labels = DecodeTensor(request.labels(), kLabelsRule);

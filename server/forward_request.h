@@ -41,12 +41,10 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
                                         const v1::ForwardRequest& request);
 
 // The request's tensors on the host, in their wire dtypes: the hidden states (returned; the
-// executor moves them to its device and converts them to the compute dtype there), and labels
-// (int64), positions and a divisor tensor into plan->options. They alias the request where they
-// can, so `request` must outlive them. `nonfinite` receives the number of NaN/infinite
-// hidden-state values. May throw c10::Error.
-absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan,
-                                        int64_t* nonfinite);
+// executor moves them to its device, counts their NaN/infinite values and converts them to the
+// compute dtype there), and labels (int64), positions and a divisor tensor into plan->options.
+// They alias the request where they can, so `request` must outlive them. May throw c10::Error.
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan);
 
 // Writes LMHead.forward's outputs and the bookkeeping fields (num_scored_tokens, model, version)
 // into `response`. May throw c10::Error.

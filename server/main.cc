@@ -66,6 +66,10 @@ ABSL_FLAG(int64_t, max_queue_tokens, kDefaults.max_queue_tokens,
           "Tokens that may wait in the queue; beyond it calls get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, max_open_streams, kDefaults.max_open_streams,
           "ForwardStream calls open at once; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int, grpc_completion_queues, kDefaults.grpc_completion_queues,
+          "gRPC completion queues; 0: one per CPU core, at most 16.");
+ABSL_FLAG(int, grpc_max_pollers, kDefaults.grpc_max_pollers,
+          "Most gRPC threads waiting for calls per completion queue (more threads end when idle).");
 ABSL_FLAG(bool, stream_read_ahead, kDefaults.stream_read_ahead,
           "ForwardStream reads, decodes and uploads the next micro-batch while the current one "
           "computes (two held at most); false: one at a time.");
@@ -168,6 +172,8 @@ int main(int argc, char** argv) {
   options.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
   options.max_queue_tokens = absl::GetFlag(FLAGS_max_queue_tokens);
   options.max_open_streams = absl::GetFlag(FLAGS_max_open_streams);
+  options.grpc_completion_queues = absl::GetFlag(FLAGS_grpc_completion_queues);
+  options.grpc_max_pollers = absl::GetFlag(FLAGS_grpc_max_pollers);
   options.max_config_variants = absl::GetFlag(FLAGS_max_config_variants);
   options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);

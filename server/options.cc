@@ -97,6 +97,14 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("max_queue_tokens",
                    absl::StrCat("must be at least 1, got ", options.max_queue_tokens));
   }
+  if (options.grpc_completion_queues < 0 || options.grpc_completion_queues > 256) {
+    return Invalid("grpc_completion_queues", absl::StrCat("expected 0 (one per core) to 256, got ",
+                                                          options.grpc_completion_queues));
+  }
+  if (options.grpc_max_pollers < 1 || options.grpc_max_pollers > 1024) {
+    return Invalid("grpc_max_pollers",
+                   absl::StrCat("expected 1 to 1024, got ", options.grpc_max_pollers));
+  }
   if (options.max_open_streams < 1) {
     return Invalid("max_open_streams",
                    absl::StrCat("must be at least 1, got ", options.max_open_streams));

@@ -79,6 +79,12 @@ struct Options {
   // ForwardStream calls open at once (each holds a server thread and up to two micro-batches);
   // more get RESOURCE_EXHAUSTED. Default 64.
   int max_open_streams = 64;
+  // gRPC's synchronous server: completion queues (0: one per CPU core, at most 16), and the most
+  // threads that wait for calls on each. A thread beyond that ends when its call is done, so too
+  // few make gRPC start and end threads with every burst of calls (gRPC's own defaults are 1 and
+  // 2). Defaults 0 and 16.
+  int grpc_completion_queues = 0;
+  int grpc_max_pollers = 16;
   // ForwardStream reads, decodes and uploads micro-batch k+1 on a second thread while k computes
   // (two micro-batches held at most). false: one micro-batch at a time. Default true.
   bool stream_read_ahead = true;

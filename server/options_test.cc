@@ -85,6 +85,8 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.max_queue_delay_us = -1; }, "--max_queue_delay_us: "},
       {[](Options& o) { o.max_queue_delay_us = 10'000'001; }, "--max_queue_delay_us: "},
       {[](Options& o) { o.max_open_streams = 0; }, "--max_open_streams: "},
+      {[](Options& o) { o.grpc_completion_queues = -1; }, "--grpc_completion_queues: "},
+      {[](Options& o) { o.grpc_max_pollers = 0; }, "--grpc_max_pollers: "},
       {[](Options& o) { o.max_config_variants = -1; }, "--max_config_variants: "},
       {[](Options& o) { o.shutdown_grace_seconds = -1; }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.shutdown_grace_seconds = std::nan(""); }, "--shutdown_grace_seconds: "},

@@ -5,9 +5,11 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <fstream>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -61,6 +63,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   // gets a port of its own that nobody is told about (and another process could share ours).
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  const int queues = options.grpc_completion_queues > 0
+                         ? options.grpc_completion_queues
+                         : std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 16);
+  builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, queues);
+  builder.SetSyncServerOption(grpc::ServerBuilder::MAX_POLLERS, options.grpc_max_pollers);
   builder.SetMaxSendMessageSize(INT_MAX);
   builder.RegisterService(server->service_.get());
   server->server_ = builder.BuildAndStart();

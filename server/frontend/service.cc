@@ -54,7 +54,6 @@ struct Call {
   std::shared_ptr<const v1::ForwardRequest> owned_request;
   const v1::ForwardRequest* request = nullptr;
   std::shared_ptr<Job> job;
-  int64_t nonfinite = 0;
   Clock::time_point start;
   Clock::time_point decoded;
 };
@@ -75,7 +74,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   if (!plan.ok()) return plan.status();
   auto job = std::make_shared<Job>();
   job->plan = *std::move(plan);
-  absl::StatusOr<at::Tensor> x = DecodeInputs(request, &job->plan, &call.nonfinite);
+  absl::StatusOr<at::Tensor> x = DecodeInputs(request, &job->plan);
   if (!x.ok()) return x.status();
   job->x = *std::move(x);
   // The head for this configuration on the first executor's device: the model's, or a converted
@@ -94,6 +93,9 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   if (absl::Status valid = (*head)->ValidateForward(shape_of_x, job->plan.options); !valid.ok()) {
     return WithWireFields(valid, request);
   }
+  // Staged in pinned memory here, on the caller's thread, so that the executor's copy to the GPU
+  // is one asynchronous transfer.
+  if ((*head)->device().is_cuda()) job->x = job->x.pin_memory();
   job->tokens = job->plan.batch * job->plan.length;
   job->batch_key =
       absl::StrCat(job->plan.model->name(), "\n", job->plan.model->VariantKey(job->plan.config));
@@ -121,7 +123,7 @@ absl::Status Encode(Call& call, absl::StatusOr<LMOutput> output, v1::ForwardResp
   if (absl::Status status = EncodeOutputs(*output, call.job->plan, response); !status.ok()) {
     return status;
   }
-  response->set_num_nonfinite_inputs(call.nonfinite);
+  response->set_num_nonfinite_inputs(call.job->nonfinite);
   const Clock::time_point encoded = Clock::now();
   v1::ServerTimings* timings = response->mutable_timings();
   timings->set_decode_us(MicrosBetween(call.start, call.decoded));

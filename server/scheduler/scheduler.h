@@ -37,11 +37,13 @@ struct Job {
   std::function<absl::Status()> still_wanted;
 
   // Filled by the executor (or the scheduler, for a job dropped or aborted), then `done` is
-  // notified. queue_us: from Submit to the start of its batch; batch_size: jobs in that batch.
+  // notified. queue_us: from Submit to the start of its batch; compute_us: that batch's, until
+  // the device finished it; batch_size: jobs in that batch; nonfinite: NaN/infinite values in x.
   absl::StatusOr<LMOutput> result = absl::UnknownError("not run");
   int64_t queue_us = 0;
   int64_t compute_us = 0;
   int batch_size = 0;
+  int64_t nonfinite = 0;
   absl::Notification done;
 };
 

@@ -89,9 +89,8 @@ void Run(const v1::ForwardRequest& request) {
   if (!plan.ok()) return CheckRefusal(plan.status(), "PlanForward");
   absl::StatusOr<std::shared_ptr<const LMHead>> head = plan->model->HeadFor(plan->config);
   if (!head.ok()) return CheckRefusal(head.status(), "HeadFor");
-  int64_t nonfinite = 0;
   absl::StatusOr<at::Tensor> x = CatchTorchErrors([&]() -> absl::StatusOr<at::Tensor> {
-    absl::StatusOr<at::Tensor> host = DecodeInputs(request, &*plan, &nonfinite);
+    absl::StatusOr<at::Tensor> host = DecodeInputs(request, &*plan);
     if (!host.ok()) return host;
     return host->to(ToScalarType(plan->config.dtype));
   });

@@ -7,9 +7,11 @@
 #   .gpu/gen   the C++ code protoc generates for lmhead.v1 and grpc.health.v1
 #   .gpu/olmo  ai2-olmo-core (tools/requirements.txt) and the packages its nn.lm_head import needs
 #              there (tools/gpu/requirements-parity.txt), for the parity step against olmo_core
+#   .gpu/client  the grpcio wheels and the Python client's generated stubs, for the Python figure
+#              of the serving benchmark (bench/python_load.py)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen .gpu/olmo
+rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen .gpu/olmo .gpu/client
 (cd .gpu/debs && apt-get download -q libabsl-dev libabsl20220623 libgtest-dev libgmock-dev \
   libgrpc++-dev libgrpc++1.51 libgrpc-dev libgrpc29 libprotobuf-dev libprotobuf32 \
   libre2-9 libre2-dev libc-ares2 libc-ares-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 \
@@ -27,4 +29,10 @@ mkdir -p .gpu/gen/proto/lmhead/v1 .gpu/gen/grpc/health/v1
 cp bazel-bin/proto/lmhead/v1/lmhead.{pb,grpc.pb}.{h,cc} .gpu/gen/proto/lmhead/v1/
 cp bazel-bin/proto/health/grpc/health/v1/health.{pb,grpc.pb}.{h,cc} .gpu/gen/grpc/health/v1/
 chmod -R u+w .gpu/gen
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+  -d .gpu/client "$(grep -E '^grpcio==' tools/requirements-grpc.txt)" \
+  "$(grep -E '^grpcio-health-checking==' tools/requirements-grpc.txt)"
+PYTHON="$(tools/venv.sh path)/bin/python" client/python/generate_stubs.sh > /dev/null
+cp -r client/python/lmhead_client/_proto .gpu/client/_proto
 du -sh .gpu/*

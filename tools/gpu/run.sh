@@ -2,13 +2,15 @@
 # Builds lmhead's CUDA path on the GPU machine (no Bazel, no network there) and runs the GPU
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
-#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server|parity|oom]
-#                    [--quick]
+#   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server|parity|oom|
+#                     serving] [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # parity: the parity suite (tests/parity) with our head on cuda:0 against olmo_core on the same
 # GPU (its PyTorch path and its Liger path; wheels from .gpu/olmo and .gpu/whl). oom: the real
-# server run out of device memory (tests/gpu/gpu_server_oom_test.cc).
+# server run out of device memory (tests/gpu/gpu_server_oom_test.cc). serving: issue 12's serving
+# benchmark (64 clients x 256 tokens against the real server: batching off and on, one GPU and,
+# where there are two, both; the kernel-only tokens/s of the same shape measured first).
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
@@ -104,7 +106,7 @@ if wants parity; then
     echo "!! parity: the runner did not build or the wheels did not install"
   fi
 fi
-if wants server || wants oom; then
+if wants server || wants oom || wants serving; then
   echo "== build the server and the CLI"
   # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
@@ -132,11 +134,65 @@ if wants server || wants oom; then
     g++ "${cxxflags[@]}" -I.gpu/gen -c tests/gpu/gpu_server_oom_test.cc \
       -o "$build/gpu_server_oom_test.o" & pids+=($!)
   fi
+  if wants serving; then
+    g++ -std=c++17 -O2 -I. -I.gpu/gen -isystem "$deps/usr/include" -c bench/load_generator.cc \
+      -o "$build/load_generator.o" & pids+=($!)
+  fi
   for pid in "${pids[@]}"; do wait "$pid"; done
   g++ -o "$build/lmhead_server" "$build"/srv_*.o "${objs[@]}" "${ldflags[@]}" $grpc_flags \
     -lgrpc++_reflection
   g++ -o "$build/lmhead" "$build"/cli_*.o -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" \
     $grpc_flags
+fi
+if wants serving; then
+  echo "== serving: 64 clients x 256-token calls, d=4096, V=128256, bf16, fused_linear, sum (issue 12)"
+  client_objs=($(ls "$build"/cli_*.o | grep -v "/cli_lmhead_cli\.o$"))
+  g++ -o "$build/lmhead_load" "$build/load_generator.o" "${client_objs[@]}" -L"$libdir" \
+    -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" $grpc_flags
+  step "$build/gpu_lm_head_bench" --serving | tee "$out/serving_kernel.txt"
+  kernel=$(grep "N=8192 " "$out/serving_kernel.txt" | sed -E 's/.* ([0-9]+) tokens\/s/\1/')
+  gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+  work=$(mktemp -d)
+  serve() {  # serve NAME FLAGS...: the big demo head in bf16, on a free port
+    local name=$1; shift
+    "$build/lmhead_server" --host 127.0.0.1 --port 0 --port_file "$work/$name" \
+      --demo_d_model 4096 --demo_vocab_size 128256 --demo_dtype bfloat16 --log_level warn "$@" \
+      > "$out/serving_$name.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 600); do [[ -s $work/$name ]] && break; sleep 0.2; done
+  }
+  load() {  # load NAME LABEL: the C++ load generator against server NAME
+    step "$build/lmhead_load" --address "127.0.0.1:$(cat "$work/$1")" --clients 64 --channels 8 \
+      --tokens 256 --d_model 4096 --vocab_size 128256 --seconds 20 --warmup_seconds 5 \
+      --label "$2" | tee -a "$out/serving.txt"
+  }
+  runs=("off --device cuda:0 --max_batch_tokens 1" "on --device cuda:0"
+    "grpc_defaults --device cuda:0 --grpc_completion_queues 1 --grpc_max_pollers 2")
+  ((gpus >= 2)) && runs+=("two --device cuda:0,cuda:1")
+  for run in "${runs[@]}"; do
+    read -r name flags <<< "$run"
+    serve "$name" $flags
+    load "$name" "$name: ${flags}"
+    if [[ $name == on ]]; then  # the Python client beside it, on the same server
+      pydeps="$deps/py"
+      python3 -m pip install -q --no-deps --target "$pydeps" .gpu/client/grpcio*.whl \
+        .gpu/olmo/protobuf-*.whl > /dev/null 2>&1 || true
+      rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
+      PYTHONPATH="$pydeps:client/python" step python3 bench/python_load.py \
+        --address "127.0.0.1:$(cat "$work/on")" --processes 8 --threads 8 --seconds 20 \
+        --warmup_seconds 5 --label "on: --device cuda:0" | tee -a "$out/serving.txt"
+    fi
+    kill -TERM "$server_pid" 2>/dev/null; wait "$server_pid" || true
+  done
+  echo "kernel-only tokens/s (8192-token batches, measured above): $kernel"
+  python3 - "$out/serving.txt" "$kernel" <<'PY'
+import re, sys
+kernel = float(sys.argv[2])
+for line in open(sys.argv[1]):
+    m = re.search(r"(load [^:]*): .* ([0-9]+) tokens/s", line) or re.search(r"^(python load[^:]*:[^:]*): .* ([0-9]+) tokens/s", line)
+    if m:
+        print(f"{m.group(1)}: {float(m.group(2)) / kernel:.1%} of kernel-only")
+PY
 fi
 if wants oom; then
   echo "== out of device memory through the server (tests/gpu/gpu_server_oom_test.cc)"
