@@ -591,7 +591,7 @@ std::vector<absl::StatusOr<LMOutput>> LMHead::ForwardBatch(
   std::vector<size_t> logits;
   for (size_t i = 0; i < items.size(); ++i) {
     const ForwardItem& item = items[i];
-    absl::Status status = ValidateForward(item.x, item.options);
+    absl::Status status = item.validated ? absl::OkStatus() : ValidateForward(item.x, item.options);
     if (status.ok() && item.options.interrupt_check) status = item.options.interrupt_check();
     if (!status.ok()) {
       results[i] = std::move(status);

@@ -81,6 +81,10 @@ struct LMOutput {
 struct ForwardItem {
   at::Tensor x;  // (B, S, d_model), as for Forward
   ForwardOptions options;
+  // The caller has had ValidateForward pass, on a head of this configuration, for these options
+  // and an x of this shape and dtype: ForwardBatch then does not check them again (the server
+  // checks each request once, before it queues it). Default false.
+  bool validated = false;
 };
 
 // A parameter name in OLMo-core's state-dict spelling ("w_out.weight") and its tensor.
@@ -157,12 +161,12 @@ class LMHead {
   // interrupt_check is polled once per item before the packed compute, not between its chunks.
   // Results come in item order. Each x must be on the head's device; index tensors may be on
   // the host, as for Forward.
-  // Details: every item is validated up front (ValidateForward), so index tensors on a CUDA
-  // device cost a synchronisation per item here. A group of one item runs exactly as Forward
-  // (bit-identical results, interrupt_check polled between fused_linear chunks too). The packed
-  // fused_linear pass finds the argmax if any item asks for it, and uses the items'
-  // fused_chunk_bytes when they all give the same, else the device's default. The logits of a
-  // packed item are a view of its group's logits (they keep the whole group's alive). An
+  // Details: every item not marked `validated` is validated up front (ValidateForward), so index
+  // tensors on a CUDA device cost a synchronisation per such item here. A group of one item runs
+  // exactly as Forward (bit-identical results, interrupt_check polled between fused_linear chunks
+  // too). The packed fused_linear pass finds the argmax if any item asks for it, and uses the
+  // items' fused_chunk_bytes when they all give the same, else the device's default. The logits of
+  // a packed item are a view of its group's logits (they keep the whole group's alive). An
   // exception in the packed compute gives every item of its group that status.
   std::vector<absl::StatusOr<LMOutput>> ForwardBatch(const std::vector<ForwardItem>& items) const;
 

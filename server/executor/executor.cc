@@ -47,6 +47,7 @@ ForwardItem ToDevice(const Job& job, const c10::Device& device, at::Tensor* nonf
     *factor = CopyToDevice(*factor, device);
   }
   item.options.interrupt_check = job.still_wanted;
+  item.validated = true;  // by the frontend (server/frontend/service.cc Decode)
   return item;
 }
 
