@@ -178,4 +178,58 @@ int64_t LMHeadConfig::NumParams(int64_t d_model, int64_t vocab_size) const {
   return params;
 }
 
+absl::StatusOr<LMHeadConfig> ApplyConfigOverride(const LMHeadConfig& base,
+                                                 const LMHeadConfigOverride& override_) {
+  const auto contradicts = [](absl::string_view field, absl::string_view weights_have,
+                              absl::string_view request_has) {
+    return absl::InvalidArgumentError(absl::StrCat("config.", field, ": the weights have ",
+                                                   weights_have, "; the request's ", request_has,
+                                                   " contradicts them"));
+  };
+  const auto boolean = [](bool value) { return value ? "true" : "false"; };
+  if (override_.name && *override_.name != base.name) {
+    return contradicts("name", absl::StrCat("a '", Name(base.name), "' head"),
+                       absl::StrCat("'", Name(*override_.name), "'"));
+  }
+  if (override_.bias && *override_.bias != base.EffectiveBias()) {
+    return contradicts("bias", base.EffectiveBias() ? "a w_out bias" : "no w_out bias",
+                       absl::StrCat("bias=", boolean(*override_.bias)));
+  }
+  LMHeadConfig config = base;
+  if (override_.layer_norm.has_value()) {
+    const LayerNormConfigOverride& norm = *override_.layer_norm;
+    if (!base.layer_norm.has_value()) {
+      return contradicts("layer_norm", "no layer norm", "layer_norm");
+    }
+    const LayerNormConfig& base_norm = *base.layer_norm;
+    if (norm.name && *norm.name != base_norm.name) {
+      return contradicts("layer_norm.name",
+                         absl::StrCat("a '", Name(base_norm.name), "' layer norm"),
+                         absl::StrCat("'", Name(*norm.name), "'"));
+    }
+    if (norm.eps && *norm.eps != base_norm.EffectiveEps()) {
+      return contradicts("layer_norm.eps", absl::StrCat("eps=", base_norm.EffectiveEps()),
+                         absl::StrCat("eps=", *norm.eps));
+    }
+    if (norm.elementwise_affine && *norm.elementwise_affine != base_norm.EffectiveAffine()) {
+      return contradicts("layer_norm.elementwise_affine",
+                         base_norm.EffectiveAffine() ? "a norm weight" : "no norm weight",
+                         absl::StrCat("elementwise_affine=", boolean(*norm.elementwise_affine)));
+    }
+    if (norm.bias && *norm.bias != base_norm.EffectiveBias()) {
+      return contradicts("layer_norm.bias",
+                         base_norm.EffectiveBias() ? "a norm bias" : "no norm bias",
+                         absl::StrCat("bias=", boolean(*norm.bias)));
+    }
+    if (norm.full_precision) config.layer_norm->full_precision = *norm.full_precision;
+    if (norm.dtype) config.layer_norm->dtype = *norm.dtype;
+  }
+  if (override_.dtype) config.dtype = *override_.dtype;
+  if (override_.loss_implementation) config.loss_implementation = *override_.loss_implementation;
+  if (absl::Status status = config.Validate(); !status.ok()) {
+    return absl::Status(status.code(), absl::StrCat("config: ", status.message()));
+  }
+  return config;
+}
+
 }  // namespace lmhead

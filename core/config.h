@@ -1,5 +1,6 @@
 // LMHeadConfig and LayerNormConfig: OLMo-core's head configuration (spec §1, §5), its
-// validation, parameter counts and the names of its enums. Free of LibTorch, so the server and
+// validation, parameter counts, the names of its enums, and the rule for a request's overrides
+// of a loaded head's config (ApplyConfigOverride). Free of LibTorch, so the server and
 // clients can use it without compiling tensor headers.
 #ifndef LMHEAD_CORE_CONFIG_H_
 #define LMHEAD_CORE_CONFIG_H_
@@ -89,6 +90,39 @@ struct LMHeadConfig {
   // LMHeadConfig.num_params(d_model, vocab_size), also for combinations that fail to build.
   int64_t NumParams(int64_t d_model, int64_t vocab_size) const;
 };
+
+// What a request asks to change in a loaded head's LayerNormConfig: unset fields keep the
+// head's values.
+struct LayerNormConfigOverride {
+  std::optional<LayerNormType> name;
+  std::optional<double> eps;
+  std::optional<bool> elementwise_affine;
+  std::optional<bool> bias;
+  std::optional<bool> full_precision;
+  std::optional<DType> dtype;
+};
+
+// What a request asks to change in a loaded head's LMHeadConfig: unset fields keep the head's
+// values. A set `layer_norm`, even with no field set, says the head has a layer norm.
+struct LMHeadConfigOverride {
+  std::optional<LMHeadType> name;
+  std::optional<LayerNormConfigOverride> layer_norm;
+  std::optional<bool> bias;
+  std::optional<DType> dtype;
+  std::optional<LossImplementation> loss_implementation;
+};
+
+// `base` (a loaded head's config) with `override_` applied: the rule for per-request configs.
+// Fields that define the weights -- the head's name, its w_out bias, the layer norm's presence
+// and its name, eps, elementwise_affine and bias -- must equal base's effective values (unset
+// fields of base compared by their defaults) and are kept as base has them; otherwise
+// INVALID_ARGUMENT `config.<field>: the weights have <what base has>; the request's <value>
+// contradicts them` (the server names the model in place of "the weights"). The dtypes, the
+// layer norm's full_precision and the loss implementation may change. The result passes
+// LMHeadConfig::Validate; otherwise its error, code kept (INVALID_ARGUMENT or UNIMPLEMENTED),
+// with `config: ` prefixed.
+absl::StatusOr<LMHeadConfig> ApplyConfigOverride(const LMHeadConfig& base,
+                                                 const LMHeadConfigOverride& override_);
 
 }  // namespace lmhead
 

@@ -169,73 +169,57 @@ namespace {
 
 // ---- Requests.
 
-// The model's configuration with the request's overrides applied. Fields that define the
-// weights must agree with the model's (INVALID_ARGUMENT naming the field); the dtypes, the
-// layer norm's precision and the loss implementation may change.
-absl::StatusOr<LMHeadConfig> EffectiveConfig(const Model& model, const v1::HeadConfig& wire) {
-  const LMHeadConfig& base = model.head().config();
-  LMHeadConfig config = base;
-  const auto contradicts = [&](absl::string_view field, absl::string_view model_has,
-                               absl::string_view request_has) {
-    return Invalid(field,
-                   absl::StrCat("model '", model.name(), "' has ", model_has, "; the request's ",
-                                request_has, " contradicts its weights"));
-  };
+// The request's config overrides, decoded: unknown enum values are errors naming the field.
+absl::StatusOr<LMHeadConfigOverride> OverrideFromWire(const v1::HeadConfig& wire) {
+  LMHeadConfigOverride override_;
   absl::StatusOr<std::optional<LMHeadType>> name = HeadTypeFromWire(wire.name(), "config.name");
   if (!name.ok()) return name.status();
-  if (*name && **name != base.name) {
-    return contradicts("config.name", absl::StrCat("a '", Name(base.name), "' head"),
-                       absl::StrCat("'", Name(**name), "'"));
-  }
-  if (wire.has_bias() && wire.bias() != base.EffectiveBias()) {
-    return contradicts("config.bias", base.EffectiveBias() ? "a w_out bias" : "no w_out bias",
-                       absl::StrCat("bias=", wire.bias() ? "true" : "false"));
-  }
+  override_.name = *name;
+  if (wire.has_bias()) override_.bias = wire.bias();
   if (wire.has_layer_norm()) {
     const v1::LayerNormConfig& norm = wire.layer_norm();
-    if (!base.layer_norm.has_value()) {
-      return contradicts("config.layer_norm", "no layer norm", "layer_norm");
-    }
-    const LayerNormConfig& base_norm = *base.layer_norm;
+    LayerNormConfigOverride& norm_override = override_.layer_norm.emplace();
     absl::StatusOr<std::optional<LayerNormType>> type =
         LayerNormTypeFromWire(norm.name(), "config.layer_norm.name");
     if (!type.ok()) return type.status();
-    if (*type && **type != base_norm.name) {
-      return contradicts("config.layer_norm.name",
-                         absl::StrCat("a '", Name(base_norm.name), "' layer norm"),
-                         absl::StrCat("'", Name(**type), "'"));
-    }
-    if (norm.has_eps() && norm.eps() != base_norm.EffectiveEps()) {
-      return contradicts("config.layer_norm.eps", absl::StrCat("eps=", base_norm.EffectiveEps()),
-                         absl::StrCat("eps=", norm.eps()));
-    }
-    if (norm.has_elementwise_affine() && norm.elementwise_affine() != base_norm.EffectiveAffine()) {
-      return contradicts("config.layer_norm.elementwise_affine",
-                         base_norm.EffectiveAffine() ? "a norm weight" : "no norm weight",
-                         absl::StrCat("elementwise_affine=", norm.elementwise_affine()));
-    }
-    if (norm.has_bias() && norm.bias() != base_norm.EffectiveBias()) {
-      return contradicts("config.layer_norm.bias",
-                         base_norm.EffectiveBias() ? "a norm bias" : "no norm bias",
-                         absl::StrCat("bias=", norm.bias()));
-    }
-    if (norm.has_full_precision()) config.layer_norm->full_precision = norm.full_precision();
+    norm_override.name = *type;
+    if (norm.has_eps()) norm_override.eps = norm.eps();
+    if (norm.has_elementwise_affine()) norm_override.elementwise_affine = norm.elementwise_affine();
+    if (norm.has_bias()) norm_override.bias = norm.bias();
+    if (norm.has_full_precision()) norm_override.full_precision = norm.full_precision();
     absl::StatusOr<std::optional<DType>> dtype =
         ParamDTypeFromWire(norm.dtype(), "config.layer_norm.dtype");
     if (!dtype.ok()) return dtype.status();
-    if (*dtype) config.layer_norm->dtype = **dtype;
+    norm_override.dtype = *dtype;
   }
   absl::StatusOr<std::optional<DType>> dtype = ParamDTypeFromWire(wire.dtype(), "config.dtype");
   if (!dtype.ok()) return dtype.status();
-  if (*dtype) config.dtype = **dtype;
+  override_.dtype = *dtype;
   absl::StatusOr<std::optional<LossImplementation>> implementation =
       LossImplementationFromWire(wire.loss_implementation(), "config.loss_implementation");
   if (!implementation.ok()) return implementation.status();
-  if (*implementation) config.loss_implementation = **implementation;
-  if (absl::Status status = config.Validate(); !status.ok()) {
-    return absl::Status(status.code(), absl::StrCat("config: ", status.message()));
-  }
-  return config;
+  override_.loss_implementation = *implementation;
+  return override_;
+}
+
+// The model's configuration with the request's overrides applied, by core's rule
+// (ApplyConfigOverride). Its "the weights have X; the request's Y contradicts them" becomes
+// "model '<name>' has X; the request's Y contradicts its weights".
+absl::StatusOr<LMHeadConfig> EffectiveConfig(const Model& model, const v1::HeadConfig& wire) {
+  absl::StatusOr<LMHeadConfigOverride> override_ = OverrideFromWire(wire);
+  if (!override_.ok()) return override_.status();
+  absl::StatusOr<LMHeadConfig> config = ApplyConfigOverride(model.head().config(), *override_);
+  if (config.ok()) return config;
+  constexpr absl::string_view kWeightsHave = ": the weights have ";
+  constexpr absl::string_view kContradicts = " contradicts them";
+  absl::string_view message = config.status().message();
+  const size_t have = message.find(kWeightsHave);
+  if (have == absl::string_view::npos || !absl::EndsWith(message, kContradicts)) return config;
+  message.remove_suffix(kContradicts.size());
+  return absl::Status(
+      config.status().code(),
+      absl::StrCat(message.substr(0, have), ": model '", model.name(), "' has ",
+                   message.substr(have + kWeightsHave.size()), " contradicts its weights"));
 }
 
 constexpr std::initializer_list<v1::DataType> kFloatTypes = {v1::DATA_TYPE_BF16, v1::DATA_TYPE_FP16,
