@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "client/micro_batches.h"
 #include "proto/wire_dtype.h"
 
@@ -115,18 +116,26 @@ absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnRespon
   Prepare(context);
   std::unique_ptr<grpc::ClientReaderWriter<v1::ForwardRequest, v1::ForwardResponse>> stream =
       stub_->ForwardStream(context);
+  // The stream is half-closed only once an answer came or the call ended (when it sent
+  // anything): a half-close sent while gRPC starts a retry attempt was seen lost, leaving the
+  // server waiting for the stream's end until the deadline (docs/API.md "Retries").
+  absl::Notification answered_or_ended;
   std::thread writer([&]() {
     v1::ForwardRequest request;
+    bool wrote = false;
     while (next(&request)) {
       if (!stream->Write(request)) return;  // the call ended (error or cancellation)
+      wrote = true;
       request.Clear();
     }
+    if (wrote) answered_or_ended.WaitForNotification();
     stream->WritesDone();
   });
   v1::ForwardResponse response;
   int64_t index = 0;
   bool cancelled_here = false;
   while (stream->Read(&response)) {
+    if (!answered_or_ended.HasBeenNotified()) answered_or_ended.Notify();
     if (!on_response(index++, response)) {
       context->TryCancel();
       cancelled_here = true;
@@ -137,6 +146,7 @@ absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnRespon
     while (stream->Read(&response)) {
     }
   }
+  if (!answered_or_ended.HasBeenNotified()) answered_or_ended.Notify();
   writer.join();
   const grpc::Status status = stream->Finish();
   return FromGrpcStatus(status);

@@ -1,7 +1,9 @@
 #include "server/model_registry.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -54,6 +56,19 @@ absl::Status InContext(absl::string_view context, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
 }
 
+// Waits until the weights just written to `head` (queued on the current stream of its device)
+// are there: executors read them on streams of their own, which are not ordered after it.
+absl::Status AwaitWeights(const LMHead& head) {
+  return CatchTorchErrors([&]() -> absl::Status {
+    const c10::Device device = head.device();
+    if (!device.is_cpu() && !device.is_meta()) {
+      const c10::impl::VirtualGuardImpl guard(device.type());
+      guard.synchronizeStream(guard.getStream(device));
+    }
+    return absl::OkStatus();
+  });
+}
+
 }  // namespace
 
 Model::Model(std::string name, std::string version, std::string source,
@@ -92,9 +107,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::WithReplicas(std::string name, std
       return absl::OkStatus();
     });
     if (status.ok()) status = (*copy)->LoadStateDict(weights);
+    if (status.ok()) status = AwaitWeights(**copy);
     if (!status.ok()) return InContext(absl::StrCat("model '", name, "' on ", devices[i]), status);
     replicas.push_back(std::shared_ptr<const LMHead>(*std::move(copy)));
   }
+  if (absl::Status status = AwaitWeights(*replicas.front()); !status.ok()) return status;
   return std::unique_ptr<Model>(new Model(std::move(name), std::move(version), std::move(source),
                                           std::move(replicas), max_variants));
 }
@@ -187,6 +204,9 @@ absl::StatusOr<std::shared_ptr<const LMHead>> Model::HeadFor(const LMHeadConfig&
   if (key == LMHeadConfigToJson(replica_head->config())) return replica_head;
   LMHeadConfig key_config = config;
   key_config.loss_implementation = replica_head->config().loss_implementation;
+  // Replicas that share a device share their converted copies too: filed under the first.
+  replica = static_cast<int>(std::find(replicas_.begin(), replicas_.end(), replica_head) -
+                             replicas_.begin());
 
   absl::MutexLock lock(&mu_);
   if (auto it = variants_.find({replica, key}); it != variants_.end()) return it->second;
@@ -214,6 +234,7 @@ absl::StatusOr<std::shared_ptr<const LMHead>> Model::HeadFor(const LMHeadConfig&
   });
   if (!status.ok()) return status;
   if (status = (*head)->LoadStateDict(converted); !status.ok()) return InContext("config", status);
+  if (status = AwaitWeights(**head); !status.ok()) return status;
   std::shared_ptr<const LMHead> shared(*std::move(head));
   variants_.emplace(std::make_pair(replica, key), shared);
   return shared;

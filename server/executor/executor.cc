@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "core/torch_errors.h"
 #include "server/model_registry.h"
 #include "server/status.h"
+#include "server/tensor_codec.h"
 
 namespace lmhead {
 
@@ -51,6 +53,26 @@ ForwardItem ToDevice(const Job& job, const c10::Device& device, at::Tensor* nonf
   return item;
 }
 
+// Queues the copy of `output`'s tensors to pinned host memory (logits converted to
+// `logits_dtype` on the device first), so that a finished batch holds no device memory while
+// its callers encode their answers. May throw c10::Error.
+void ToHost(LMOutput& output, v1::DataType logits_dtype) {
+  const auto to_host = [](const at::Tensor& device) {
+    at::Tensor host = at::empty(device.sizes(),
+                                device.options().device(at::kCPU).pinned_memory(true).memory_format(
+                                    at::MemoryFormat::Contiguous));
+    host.copy_(device, /*non_blocking=*/true);
+    return host;
+  };
+  if (output.logits.has_value()) {
+    output.logits = to_host(output.logits->to(ScalarTypeOf(logits_dtype)));
+  }
+  for (std::optional<at::Tensor>* tensor :
+       {&output.loss, &output.ce_loss, &output.z_loss, &output.argmax}) {
+    if (tensor->has_value()) *tensor = to_host(**tensor);
+  }
+}
+
 // Queues `batch` (one batch key) on the current stream of `device`. Never throws.
 std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>> batch,
                                                 const c10::Device& device, int replica) {
@@ -63,9 +85,7 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
   absl::StatusOr<std::shared_ptr<const LMHead>> head =
       launched->batch.front()->plan.model->HeadFor(launched->batch.front()->plan.config, replica);
   if (!head.ok()) {
-    // No room for another converted copy of the weights: the same request would fail again.
-    const absl::Status status =
-        absl::IsResourceExhausted(head.status()) ? NotRetryable(head.status()) : head.status();
+    const absl::Status status = VariantRefusal(head.status());
     std::fill(launched->results.begin(), launched->results.end(), status);
     return launched;
   }
@@ -84,7 +104,17 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
     }
   }
   std::vector<absl::StatusOr<LMOutput>> outputs = (*head)->ForwardBatch(items);
-  for (size_t k = 0; k < runs.size(); ++k) launched->results[runs[k]] = std::move(outputs[k]);
+  for (size_t k = 0; k < runs.size(); ++k) {
+    absl::StatusOr<LMOutput>& output = outputs[k];
+    if (output.ok() && !device.is_cpu()) {
+      absl::Status copied = CatchTorchErrors([&]() -> absl::Status {
+        ToHost(*output, launched->batch[runs[k]]->plan.logits_dtype);
+        return absl::OkStatus();
+      });
+      if (!copied.ok()) output = copied;
+    }
+    launched->results[runs[k]] = std::move(output);
+  }
   if (device.is_cuda()) {
     absl::Status recorded = CatchTorchErrors([&]() -> absl::Status {
       const c10::impl::VirtualGuardImpl guard(device.type());
@@ -103,7 +133,13 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
 // Waits for `launched`'s work and answers its jobs. Never throws.
 void CompleteBatch(Executor::Launched& launched) {
   absl::Status finished = CatchTorchErrors([&]() -> absl::Status {
-    if (launched.finished.has_value()) launched.finished->synchronize();
+    // Polled rather than synchronized: a CUDA event's wait spins a CPU core by default, which
+    // the frontend's threads need.
+    if (launched.finished.has_value()) {
+      while (!launched.finished->query()) {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    }
     return absl::OkStatus();
   });
   const int64_t compute_us =
@@ -145,6 +181,7 @@ void Executor::Launch() {
     on_stream.emplace(c10::impl::VirtualGuardImpl(device.type()).getStreamFromGlobalPool(device));
   }
   while (true) {
+    bool ahead = false;
     {
       // At most one batch launched ahead of the one completing: enough to keep the device busy,
       // and memory for two batches at most.
@@ -152,8 +189,9 @@ void Executor::Launch() {
       mu_.Await(absl::Condition(
           +[](std::deque<std::unique_ptr<Launched>>* launched) { return launched->size() < 2; },
           &launched_));
+      ahead = !launched_.empty();
     }
-    std::vector<std::shared_ptr<Job>> batch = scheduler_->NextBatch();
+    std::vector<std::shared_ptr<Job>> batch = scheduler_->NextBatch(ahead);
     if (batch.empty()) break;
     std::unique_ptr<Launched> launched = LaunchBatch(std::move(batch), device, replica_);
     absl::MutexLock lock(&mu_);

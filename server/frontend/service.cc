@@ -61,11 +61,13 @@ struct Call {
 // Checks `request` against its model and the limits, decodes its tensors on the host and checks
 // them with the core's rules (LMHead::ValidateForward: among others the values of the index
 // tensors, which only the core knows how to judge): the job to queue, refused before it waits or
-// computes. May throw c10::Error.
+// computes. `stream_ending`, for a stream's micro-batch, is set once the stream stops: the job
+// is then no longer wanted. May throw c10::Error.
 absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits,
                             const grpc::ServerContext& context,
                             std::shared_ptr<const v1::ForwardRequest> owned_request,
-                            const v1::ForwardRequest& request) {
+                            const v1::ForwardRequest& request,
+                            const std::atomic<bool>* stream_ending = nullptr) {
   Call call;
   call.start = Clock::now();
   call.owned_request = std::move(owned_request);
@@ -80,10 +82,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   // The head for this configuration on the first executor's device: the model's, or a converted
   // copy (the others make theirs alike).
   absl::StatusOr<std::shared_ptr<const LMHead>> head = job->plan.model->HeadFor(job->plan.config);
-  if (!head.ok()) {
-    // No room for another converted copy of the weights: the same request would fail again.
-    return absl::IsResourceExhausted(head.status()) ? NotRetryable(head.status()) : head.status();
-  }
+  if (!head.ok()) return VariantRefusal(head.status());
   // One element on the head's device, broadcast to x's shape: what the core checks of x (rank,
   // sizes, dtype, device) without a copy of x.
   const at::Tensor shape_of_x = at::empty({1}, at::TensorOptions()
@@ -93,13 +92,22 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   if (absl::Status valid = (*head)->ValidateForward(shape_of_x, job->plan.options); !valid.ok()) {
     return WithWireFields(valid, request);
   }
-  // Staged in pinned memory here, on the caller's thread, so that the executor's copy to the GPU
-  // is one asynchronous transfer.
-  if ((*head)->device().is_cuda()) job->x = job->x.pin_memory();
+  // A small call is staged in pinned memory here, on the caller's thread, so that the executor's
+  // copy to the GPU is one asynchronous transfer; a large one is staged by the executor
+  // (CopyToDevice), which bounds the pinned memory to its two batches in flight.
+  constexpr int64_t kStagedHereBytes = int64_t{16} << 20;
+  if ((*head)->device().is_cuda() && job->x.nbytes() <= kStagedHereBytes) {
+    job->x = job->x.pin_memory();
+  }
   job->tokens = job->plan.batch * job->plan.length;
   job->batch_key =
       absl::StrCat(job->plan.model->name(), "\n", job->plan.model->VariantKey(job->plan.config));
-  job->still_wanted = [&context]() { return CheckStillWanted(context); };
+  job->still_wanted = [&context, stream_ending]() {
+    if (stream_ending != nullptr && stream_ending->load()) {
+      return absl::CancelledError("the stream ended before this micro-batch ran");
+    }
+    return CheckStillWanted(context);
+  };
   call.job = std::move(job);
   call.decoded = Clock::now();
   return call;
@@ -317,6 +325,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
   // at a time on this thread. Only the first may be refused for a full queue: later ones wait
   // for room, since the stream was admitted.
   int64_t submitted = 0;
+  std::atomic<bool> ending{false};
   using Queued = absl::StatusOr<Call>;
   const auto read_and_queue = [&]() -> std::optional<Queued> {
     auto request = std::make_shared<v1::ForwardRequest>();
@@ -329,7 +338,8 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     }
     return CatchTorchErrors([&]() -> Queued {
       const v1::ForwardRequest& message = *request;
-      absl::StatusOr<Call> call = Decode(models, options_, *context, std::move(request), message);
+      absl::StatusOr<Call> call =
+          Decode(models, options_, *context, std::move(request), message, &ending);
       if (!call.ok()) return call.status();
       if (absl::Status queued = scheduler_->Submit(call->job, /*wait_for_room=*/submitted > 0);
           !queued.ok()) {
@@ -374,6 +384,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
   // sends each message only after the previous answer would keep Read waiting, and cancelling
   // the call releases it (that client then sees CANCELLED).
   if (read_ahead) {
+    ending = true;  // a micro-batch waiting for room in the queue gives up at once
     if (!read_ahead->Stop(std::chrono::seconds(1))) context->TryCancel();
     // A micro-batch read ahead and queued but not answered: withdrawn, or waited for (it aliases
     // its request, which the read-ahead owns).

@@ -18,23 +18,27 @@ void Answer(Job& job, absl::Status status) {
 
 absl::Status Scheduler::Submit(std::shared_ptr<Job> job, bool wait_for_room) {
   absl::MutexLock lock(&mu_);
-  const auto has_room = [this, &job]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return closed_ || queued_tokens_ == 0 ||
-           queued_tokens_ + job->tokens <= limits_.max_queue_tokens;
+  // Calls that wait for room (a stream's later micro-batches) go first: while one waits, others
+  // are admitted only if they leave room for it, so a flow of small calls cannot starve it.
+  const int64_t ahead = wait_for_room ? 0 : waiting_tokens_;
+  const auto has_room = [this, &job, ahead]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return closed_ || queued_tokens_ + ahead == 0 ||
+           queued_tokens_ + ahead + job->tokens <= limits_.max_queue_tokens;
   };
-  if (wait_for_room) {
+  if (wait_for_room && !has_room()) {
+    waiting_tokens_ += job->tokens;
     // Woken every 10 ms to ask whether the caller still wants the answer.
-    while (!has_room()) {
-      if (absl::Status wanted = job->still_wanted(); !wanted.ok()) return wanted;
+    absl::Status wanted;
+    while (!has_room() && (wanted = job->still_wanted()).ok()) {
       mu_.AwaitWithTimeout(absl::Condition(&has_room), absl::Milliseconds(10));
     }
+    waiting_tokens_ -= job->tokens;
+    if (!wanted.ok()) return wanted;
   }
   if (closed_) return absl::UnavailableError("the server is shutting down");
   if (!has_room()) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "the request queue is full: ", queued_tokens_,
-        " tokens wait and this call "
-        "has ",
+        "the request queue is full: ", queued_tokens_ + ahead, " tokens wait and this call has ",
         job->tokens, " (--max_queue_tokens=", limits_.max_queue_tokens, "); retry later"));
   }
   queued_tokens_ += job->tokens;
@@ -69,14 +73,17 @@ std::deque<Scheduler::Queued>* Scheduler::OldestQueue() {
   return oldest;
 }
 
-std::vector<std::shared_ptr<Job>> Scheduler::NextBatch() {
+std::vector<std::shared_ptr<Job>> Scheduler::NextBatch(bool ahead) {
   absl::MutexLock lock(&mu_);
   std::vector<std::shared_ptr<Job>> batch;
   while (batch.empty()) {
-    const auto has_work_or_closed = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return queued_tokens_ > 0 || OldestQueue() != nullptr || closed_;
+    // An executor with a batch in flight takes work only when no idle executor waits for it.
+    const auto has_work_or_closed = [this, ahead]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return closed_ || (OldestQueue() != nullptr && (!ahead || idle_executors_ == 0));
     };
+    if (!ahead) ++idle_executors_;
     mu_.Await(absl::Condition(&has_work_or_closed));
+    if (!ahead) --idle_executors_;
     std::deque<Queued>* queue = OldestQueue();
     if (queue == nullptr) return batch;  // closed and empty
 

@@ -69,7 +69,9 @@ class Scheduler {
   // The next batch for an executor: jobs with one batch_key, oldest first, at most
   // max_batch_tokens in all (a larger job runs alone). Waits for work; empty once the scheduler
   // is closed and its queue empty. Jobs no longer wanted are answered here and never returned.
-  std::vector<std::shared_ptr<Job>> NextBatch();
+  // `ahead`: the executor still has a batch in flight, and gets work only while no executor
+  // without one is waiting (so an idle device is served first).
+  std::vector<std::shared_ptr<Job>> NextBatch(bool ahead = false);
   // An executor finished a batch that NextBatch gave it.
   void BatchDone();
 
@@ -96,6 +98,10 @@ class Scheduler {
   // A FIFO per batch key (a model and its weights variant); a batch comes from one of them.
   std::map<std::string, std::deque<Queued>> queues_ ABSL_GUARDED_BY(mu_);
   int64_t queued_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  // Tokens of the Submit calls waiting for room; executors waiting in NextBatch with nothing in
+  // flight.
+  int64_t waiting_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  int idle_executors_ ABSL_GUARDED_BY(mu_) = 0;
   int running_batches_ ABSL_GUARDED_BY(mu_) = 0;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };

@@ -418,6 +418,8 @@ TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
   }
 
   // A second stream, without retries: refused at once.
+  // One micro-batch; the client half-closes the stream only once its answer came (a retried
+  // stream's half-close was seen lost otherwise: client/lmhead_client.cc ForwardStream).
   const auto one_micro_batch = [&](LMHeadClient& client) {
     bool sent = false;
     return client.ForwardStream(

@@ -4,6 +4,7 @@ Thread-safety: a RemoteLMHead may be shared by threads (gRPC channels are thread
 """
 
 import json
+import threading
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import grpc
@@ -301,13 +302,23 @@ class RemoteLMHead:
             return self._request(x[start:stop], **args)
 
         first = request(*bounds[0])  # argument errors surface here, not in gRPC's thread
-        requests = (first if i == 0 else request(*b) for i, b in enumerate(bounds))
-        call = self._forward_stream(requests, timeout=self.timeout)
+        answered = threading.Event()
+
+        def requests():
+            for i, b in enumerate(bounds):
+                yield first if i == 0 else request(*b)
+            # The stream is half-closed only once an answer came (or the call ended): a
+            # half-close sent while gRPC starts a retry attempt was seen lost, leaving the server
+            # waiting for the stream's end until the deadline (docs/API.md "Retries").
+            answered.wait()
+
+        call = self._forward_stream(requests(), timeout=self.timeout)
         finished = False
         try:
             responses = iter(call)
             for start, stop in bounds:
                 response = next(responses, None)
+                answered.set()
                 if response is None:
                     raise LMHeadError(grpc.StatusCode.INTERNAL,
                                       f"the stream ended before micro-batch [{start}, {stop})")
@@ -320,6 +331,7 @@ class RemoteLMHead:
         except grpc.RpcError as e:
             _reraise(e)
         finally:
+            answered.set()
             if not finished:
                 call.cancel()  # stops a call that was abandoned or failed
 
