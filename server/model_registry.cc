@@ -21,6 +21,7 @@
 #include "core/safetensors.h"
 #include "core/torch_errors.h"
 #include "server/logging.h"
+#include "server/status.h"
 
 namespace lmhead {
 namespace {
@@ -213,10 +214,11 @@ absl::StatusOr<std::shared_ptr<const LMHead>> Model::HeadFor(const LMHeadConfig&
   int kept = 0;
   for (const auto& [id, variant] : variants_) kept += id.first == replica ? 1 : 0;
   if (kept >= max_variants_) {
-    return absl::ResourceExhaustedError(
+    // The same request would be refused again: clients are told not to retry it.
+    return NotRetryable(absl::ResourceExhaustedError(
         absl::StrCat("config: model '", name_, "' already keeps ", kept,
                      " converted copies of its weights (--max_config_variants=", max_variants_,
-                     "); use the model's own dtypes (see GetModel)"));
+                     "); use the model's own dtypes (see GetModel)")));
   }
   absl::StatusOr<std::unique_ptr<LMHead>> head =
       LMHead::Build(key_config, replica_head->d_model(), replica_head->vocab_size(),

@@ -52,8 +52,8 @@ class Model {
   // The head to run for `config` on replica `replica`; `config` must describe the same weights
   // as head().config() (PlanForward checks that field by field): the replica itself when the
   // configurations agree up to loss_implementation, else a copy with the weights converted to
-  // `config`'s dtypes, built on first use. RESOURCE_EXHAUSTED when max_variants copies exist
-  // already.
+  // `config`'s dtypes, built on first use. RESOURCE_EXHAUSTED, marked NotRetryable
+  // (server/status.h), when max_variants copies exist already.
   absl::StatusOr<std::shared_ptr<const LMHead>> HeadFor(const LMHeadConfig& config,
                                                         int replica = 0) const;
 

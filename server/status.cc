@@ -3,7 +3,6 @@
 #include <string>
 
 #include "absl/strings/cord.h"
-#include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
 
 namespace lmhead {
@@ -25,12 +24,6 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
     return grpc::Status(grpc::StatusCode::UNKNOWN, std::string(status.message()));
   }
   return grpc::Status(static_cast<grpc::StatusCode>(code), std::string(status.message()));
-}
-
-absl::Status VariantRefusal(absl::Status status) {
-  const bool limit = absl::IsResourceExhausted(status) &&
-                     absl::StrContains(status.message(), "--max_config_variants");
-  return limit ? NotRetryable(std::move(status)) : status;
 }
 
 absl::Status NotRetryable(absl::Status status) {

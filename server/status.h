@@ -16,10 +16,6 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 // passing load. Clients' retry policies then do not retry it (AddRetryAdvice).
 absl::Status NotRetryable(absl::Status status);
 
-// HeadFor's refusal, marked NotRetryable when it is the --max_config_variants limit (the same
-// request would be refused again), left retryable when memory ran out while converting.
-absl::Status VariantRefusal(absl::Status status);
-
 // For a refusal marked NotRetryable, tells gRPC clients not to retry the call: the trailer
 // grpc-retry-pushback-ms = -1 of gRPC's retry design (A6), which their retry policy honours.
 void AddRetryAdvice(const absl::Status& status, grpc::ServerContext* context);

@@ -85,7 +85,7 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
   absl::StatusOr<std::shared_ptr<const LMHead>> head =
       launched->batch.front()->plan.model->HeadFor(launched->batch.front()->plan.config, replica);
   if (!head.ok()) {
-    const absl::Status status = VariantRefusal(head.status());
+    const absl::Status status = head.status();
     std::fill(launched->results.begin(), launched->results.end(), status);
     return launched;
   }

@@ -82,7 +82,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   // The head for this configuration on the first executor's device: the model's, or a converted
   // copy (the others make theirs alike).
   absl::StatusOr<std::shared_ptr<const LMHead>> head = job->plan.model->HeadFor(job->plan.config);
-  if (!head.ok()) return VariantRefusal(head.status());
+  if (!head.ok()) return head.status();
   // One element on the head's device, broadcast to x's shape: what the core checks of x (rank,
   // sizes, dtype, device) without a copy of x.
   const at::Tensor shape_of_x = at::empty({1}, at::TensorOptions()

@@ -210,6 +210,31 @@ class BusyExecutor {
   std::thread thread_;
 };
 
+// `n` calls of 8 tokens, each from a thread of its own (seeds first_seed, first_seed + 1, ...).
+class Callers {
+ public:
+  Callers(const ServerProcess& server, int n, int max_attempts = 1, uint64_t first_seed = 0)
+      : results_(n, absl::UnknownError("not sent")) {
+    for (int i = 0; i < n; ++i) {
+      threads_.emplace_back([this, &server, max_attempts, first_seed, i] {
+        results_[i] = Connect(server, max_attempts)->Forward(HeavyRequest(8, first_seed + i));
+      });
+    }
+  }
+  ~Callers() { Join(); }
+  // Waits for every call; their answers in order.
+  const std::vector<absl::StatusOr<v1::ForwardResponse>>& Join() {
+    for (auto& thread : threads_) {
+      if (thread.joinable()) thread.join();
+    }
+    return results_;
+  }
+
+ private:
+  std::vector<absl::StatusOr<v1::ForwardResponse>> results_;
+  std::vector<std::thread> threads_;
+};
+
 TEST(QueueTest, AFullQueueRefusesNamingTheLimitThenRecovers) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
       HeavyServer({"--max_queue_tokens=64", "--max_batch_tokens=64"});
@@ -217,12 +242,7 @@ TEST(QueueTest, AFullQueueRefusesNamingTheLimitThenRecovers) {
   BusyExecutor busy(**server);
   // Eight calls of 8 tokens fill the queue behind the busy executor (retrying the refusals a
   // probe below may cause while it waits in the queue).
-  std::vector<absl::StatusOr<v1::ForwardResponse>> queued(8, absl::UnknownError("not sent"));
-  std::vector<std::thread> callers;
-  for (int i = 0; i < 8; ++i) {
-    callers.emplace_back(
-        [&, i] { queued[i] = Connect(**server, 5)->Forward(HeavyRequest(8, 10 + i)); });
-  }
+  Callers callers(**server, 8, /*max_attempts=*/5, /*first_seed=*/10);
   // A probe with a short deadline: refused once the eight are queued, else it waits and times
   // out (and is withdrawn from the queue), and is tried again.
   absl::StatusOr<v1::ForwardResponse> refused = absl::UnknownError("not tried");
@@ -235,7 +255,7 @@ TEST(QueueTest, AFullQueueRefusesNamingTheLimitThenRecovers) {
   EXPECT_TRUE(absl::StrContains(refused.status().message(), "--max_queue_tokens=64"))
       << refused.status();
   EXPECT_FALSE(busy.done());
-  for (auto& caller : callers) caller.join();
+  const std::vector<absl::StatusOr<v1::ForwardResponse>>& queued = callers.Join();
   // Once the queue has drained the same call passes.
   const absl::StatusOr<v1::ForwardResponse> later = Connect(**server)->Forward(HeavyRequest(8, 99));
   EXPECT_TRUE(later.ok()) << later.status();
@@ -294,15 +314,11 @@ TEST(QueueTest, SigtermLetsQueuedWorkFinishWithinTheGracePeriod) {
       HeavyServer({"--shutdown_grace_seconds=60"});
   ASSERT_TRUE(server.ok()) << server.status();
   BusyExecutor busy(**server, 2048);
-  std::vector<absl::StatusOr<v1::ForwardResponse>> queued(4, absl::UnknownError("not sent"));
-  std::vector<std::thread> callers;
-  for (int i = 0; i < 4; ++i) {
-    callers.emplace_back([&, i] { queued[i] = Connect(**server)->Forward(HeavyRequest(8, i)); });
-  }
+  Callers callers(**server, 4);
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   ASSERT_FALSE(busy.done());
   EXPECT_EQ((*server)->Stop(), 0);
-  for (auto& caller : callers) caller.join();
+  const std::vector<absl::StatusOr<v1::ForwardResponse>>& queued = callers.Join();
   for (const auto& response : queued) EXPECT_TRUE(response.ok()) << response.status();
   EXPECT_TRUE(busy.Wait().ok()) << busy.Wait().status();
 }
@@ -312,15 +328,11 @@ TEST(QueueTest, SigtermPastTheGracePeriodAnswersQueuedWorkUnavailable) {
       HeavyServer({"--shutdown_grace_seconds=0.2"});
   ASSERT_TRUE(server.ok()) << server.status();
   BusyExecutor busy(**server);
-  std::vector<absl::StatusOr<v1::ForwardResponse>> queued(4, absl::UnknownError("not sent"));
-  std::vector<std::thread> callers;
-  for (int i = 0; i < 4; ++i) {
-    callers.emplace_back([&, i] { queued[i] = Connect(**server)->Forward(HeavyRequest(8, i)); });
-  }
+  Callers callers(**server, 4);
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   ASSERT_FALSE(busy.done());
   const int exit_code = (*server)->Stop();
-  for (auto& caller : callers) caller.join();
+  const std::vector<absl::StatusOr<v1::ForwardResponse>>& queued = callers.Join();
   for (const auto& response : queued) {
     EXPECT_EQ(response.status().code(), absl::StatusCode::kUnavailable) << response.status();
     EXPECT_TRUE(absl::StrContains(response.status().message(), "shutting down"))
