@@ -3,9 +3,10 @@
 // sending Forward calls of --tokens tokens back to back for --seconds (after --warmup_seconds).
 // Prints tokens/s, latency percentiles, refusals and the server's batch sizes (issue 12's
 // serving benchmark; docs/BENCHMARKS.md "Serving"). Needs no LibTorch: the hidden states are
-// random bf16/fp32 bytes made here.
+// random bf16/fp32 bytes made here. Exit status 1 when a call failed with an error other than a
+// refusal (RESOURCE_EXHAUSTED, UNAVAILABLE), or when none was answered.
 //
-//   lmhead_load --address 127.0.0.1:50051 --clients 64 --tokens 256 --d_model 4096 \
+//   lmhead_load --address 127.0.0.1:50051 --clients 64 --tokens 256 --d_model 4096
 //       --vocab_size 128256 --seconds 20
 #include <algorithm>
 #include <atomic>
@@ -23,6 +24,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "client/lmhead_client.h"
 
@@ -150,9 +153,10 @@ int Run() {
         const Clock::time_point answered = Clock::now();
         if (sent < measure_from || answered > measure_until) continue;  // outside the window
         ++mine.calls;
-        mine.latencies_ms.push_back(
-            std::chrono::duration<double, std::milli>(answered - sent).count());
         if (response.ok()) {
+          // Latencies of answered calls only: a refusal comes back at once.
+          mine.latencies_ms.push_back(
+              std::chrono::duration<double, std::milli>(answered - sent).count());
           mine.batch_size_sum += response->timings().batch_size();
           mine.queue_us_sum += response->timings().queue_us();
           mine.compute_us_sum += response->timings().compute_us();
@@ -196,7 +200,8 @@ int Run() {
       ok > 0 ? totals.queue_us_sum / 1000.0 / ok : 0.0,
       ok > 0 ? totals.compute_us_sum / 1000.0 / ok : 0.0);
   if (!totals.first_error.empty()) std::printf("first error: %s\n", totals.first_error.c_str());
-  return totals.errors == 0 ? 0 : 1;
+  if (ok == 0) std::printf("no call was answered: is a server at --address?\n");
+  return totals.errors == 0 && ok > 0 ? 0 : 1;
 }
 
 }  // namespace
@@ -207,6 +212,11 @@ int main(int argc, char** argv) {
       "Closed-loop load on a running lmhead_server: --clients callers over --channels channels, "
       "Forward calls of --tokens tokens for --seconds; prints tokens/s, p50/p99 latency, "
       "refusals and the server's batch sizes.");
+  absl::FlagsUsageConfig usage;  // --help lists this file's flags
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "load_generator");
+  };
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   return lmhead::Run();
 }

@@ -21,6 +21,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "client/lmhead_client.h"
 #include "client/tensor_file.h"
 
@@ -187,7 +188,9 @@ int RunModels(const Values& values) {
   for (const v1::ModelInfo& model : models->models()) {
     std::cout << absl::StrFormat(
         "%-16s %-8d %-11d %-6s %-12d %-7s %s%s\n", model.name(), model.d_model(),
-        model.vocab_size(), DataTypeShortName(model.dtype()), model.num_params(), model.device(),
+        model.vocab_size(), DataTypeShortName(model.dtype()), model.num_params(),
+        // One entry per executor (ModelInfo.devices); servers before it report `device` only.
+        model.devices().empty() ? model.device() : absl::StrJoin(model.devices(), ","),
         model.version(), model.name() == models->default_model() ? " (default)" : "");
   }
   return 0;
