@@ -65,6 +65,14 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
   shape.token_rows = std::clamp<int64_t>(budget / std::min(vocab_size, kMinVocabColumns), 1,
                                          std::max<int64_t>(std::min(num_tokens, kMaxTokenRows), 1));
   shape.vocab_columns = std::clamp<int64_t>(budget / shape.token_rows, 1, vocab_size);
+  // A slice narrower than the vocabulary is a whole number of kColumnAlignment columns: the
+  // chunk's rows (its GEMM's leading dimension) then start 16-byte aligned and GEMM tiles stay
+  // whole. An odd width (budget / token_rows for most token counts) made cuBLAS fall back to
+  // kernels 3.5x slower on an H200 (docs/BENCHMARKS.md "Serving").
+  constexpr int64_t kColumnAlignment = 128;
+  if (shape.vocab_columns < vocab_size && shape.vocab_columns >= kColumnAlignment) {
+    shape.vocab_columns -= shape.vocab_columns % kColumnAlignment;
+  }
   return shape;
 }
 

@@ -16,7 +16,8 @@
 namespace lmhead {
 
 // How the (tokens x vocabulary) logits are tiled: chunks of token_rows x vocab_columns, both at
-// least 1, of at most `chunk_bytes` at `bytes_per_logit`.
+// least 1, of at most `chunk_bytes` at `bytes_per_logit`; vocab_columns is the whole vocabulary
+// or a multiple of 128 (unless the budget allows fewer than 128 columns).
 struct FusedChunkShape {
   int64_t token_rows = 1;
   int64_t vocab_columns = 1;

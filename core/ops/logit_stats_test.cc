@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 #include "gtest/gtest.h"
 
 namespace lmhead {
@@ -38,6 +40,30 @@ TEST(LogitStatsTest, FusedGemmRefusesCpuTensors) {
   // ComputeLogitStats takes the chunked path here, whatever the budget.
   const LogitStats stats = ComputeLogitStats(h, w, at::Tensor(), labels, int64_t{1} << 20);
   EXPECT_TRUE(at::isfinite(stats.lse).all().item<bool>());
+}
+
+// Every token count gets chunks within the budget whose vocabulary slices are the whole
+// vocabulary or whole multiples of 128 columns (aligned GEMM rows), as far as the budget allows.
+TEST(LogitStatsTest, ChunkColumnsAreAlignedAndWithinBudget) {
+  for (const int64_t vocab : {int64_t{1000}, int64_t{50304 + 3}, int64_t{128256}}) {
+    for (const int64_t chunk_bytes : {int64_t{4096} + 97, int64_t{8} << 20, int64_t{1} << 30}) {
+      for (int64_t tokens = 1; tokens <= 9000; tokens += 97) {
+        SCOPED_TRACE(testing::Message()
+                     << "V=" << vocab << " budget=" << chunk_bytes << " N=" << tokens);
+        const FusedChunkShape shape = FusedChunking(tokens, vocab, 2, chunk_bytes);
+        EXPECT_GE(shape.token_rows, 1);
+        EXPECT_LE(shape.token_rows, std::max<int64_t>(tokens, 1));
+        EXPECT_GE(shape.vocab_columns, 1);
+        EXPECT_LE(shape.vocab_columns, vocab);
+        if (shape.token_rows * shape.vocab_columns > 1) {
+          EXPECT_LE(shape.token_rows * shape.vocab_columns * 2, chunk_bytes);
+        }
+        if (shape.vocab_columns < vocab && chunk_bytes / 2 / shape.token_rows >= 128) {
+          EXPECT_EQ(shape.vocab_columns % 128, 0) << shape.vocab_columns;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
