@@ -615,52 +615,66 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
                            bool fused_linear,
                            std::vector<absl::StatusOr<LMOutput>>& results) const {
   c10::InferenceMode inference;
-  // One valid item of the group, its index tensors on x's device.
+  // One valid item of the group.
   struct Member {
-    size_t index;  // into items
-    ForwardOptions options;
+    size_t index;            // into items
+    ForwardOptions options;  // positions on x's device; labels too on the logits path
     int64_t batch = 0;
-    int64_t kept = 0;                    // S'
-    int64_t row = 0;                     // first row in the packed tokens
-    std::optional<int64_t> host_scored;  // when counted on the host
-    at::Tensor scored;                   // () int64 on the device otherwise
+    int64_t kept = 0;  // S'
+    int64_t row = 0;   // first row in the packed tokens
+    // fused_linear: the kept labels (B * S',) int64 on the host.
+    at::Tensor host_labels;
+    // Logits path: the count of scored positions when taken on the host, else queued on the
+    // device (() int64).
+    std::optional<int64_t> host_scored;
+    at::Tensor device_scored;
   };
   std::vector<Member> members;
   std::vector<at::Tensor> kept_x;  // (B * S', D) each
-  std::vector<at::Tensor> safe_labels;
   int64_t rows = 0;
   for (const size_t i : group) {
     const ForwardItem& item = items[i];
     absl::Status prepared = CatchTorchErrors([&]() -> absl::Status {
-      Member member{i, IndexTensorsOn(item.options, item.x.device())};
-      member.host_scored = HostScoredCount(item.options);
-      if (!member.host_scored.has_value()) member.scored = QueueScoredCount(member.options);
+      Member member{i, item.options};
+      if (fused_linear) {
+        // The group's labels reach the device in one copy (PackedFusedLinearLoss), from here.
+        ForwardOptions on_host = item.options;
+        on_host.labels = on_host.labels->cpu();
+        if (auto* positions = std::get_if<at::Tensor>(&on_host.logits_to_keep)) {
+          *positions = positions->cpu();
+        }
+        member.host_labels = KeptLabels(on_host);
+        if (auto* positions = std::get_if<at::Tensor>(&member.options.logits_to_keep)) {
+          *positions = CopyToDevice(*positions, item.x.device());
+        }
+      } else {
+        member.host_scored = HostScoredCount(item.options);
+        member.options = IndexTensorsOn(item.options, item.x.device());
+        if (!member.host_scored.has_value()) {
+          member.device_scored = QueueScoredCount(member.options);
+        }
+      }
       const at::Tensor x = SelectPositions(item.x, member.options.logits_to_keep);
       member.batch = x.size(0);
       member.kept = x.size(1);
       member.row = rows;
       kept_x.push_back(x.reshape({-1, d_model_}));
-      if (fused_linear) {
-        safe_labels.push_back(
-            FusedSafeLabels(KeptLabels(member.options), item.options.ignore_index));
-      }
       rows += member.batch * member.kept;
       members.push_back(std::move(member));
       return absl::OkStatus();
     });
     if (!prepared.ok()) {
       results[i] = std::move(prepared);
-      // A partly prepared item leaves nothing behind.
-      kept_x.resize(members.size());
-      if (fused_linear) safe_labels.resize(members.size());
+      kept_x.resize(members.size());  // a partly prepared item leaves nothing behind
     }
   }
   if (members.empty()) return;
 
-  // The packed compute: one GEMM (or one pass of statistics) for every kept token of the group.
-  // The norm acts per token, so it runs once on the packed rows.
+  // The packed compute: one GEMM (or one pass of statistics, and the loss terms of every item)
+  // for every kept token of the group. The norm acts per token, so it runs once on the packed
+  // rows.
   at::Tensor packed_logits;
-  LogitStats stats;
+  std::vector<PackedLoss> losses;
   absl::Status computed = CatchTorchErrors([&]() -> absl::Status {
     at::Tensor h = at::cat(kept_x);
     if (norm_ != nullptr) h = norm_->Forward(h);
@@ -670,38 +684,35 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
     }
     bool with_argmax = false;
     bool same_chunk_bytes = true;
+    std::vector<PackedLossRequest> requests;
     for (const Member& member : members) {
-      with_argmax = with_argmax || member.options.return_argmax;
-      same_chunk_bytes = same_chunk_bytes && member.options.fused_chunk_bytes ==
-                                                 members.front().options.fused_chunk_bytes;
+      const ForwardOptions& options = member.options;
+      with_argmax = with_argmax || options.return_argmax;
+      same_chunk_bytes = same_chunk_bytes &&
+                         options.fused_chunk_bytes == members.front().options.fused_chunk_bytes;
+      requests.push_back({member.host_labels, options.ignore_index, options.loss_reduction,
+                          options.z_loss_multiplier, options.return_argmax});
     }
     const int64_t chunk_bytes = FusedChunkBytes(
         same_chunk_bytes ? members.front().options.fused_chunk_bytes : 0, h.device());
-    stats = ComputeLogitStats(h, weight_, bias_, at::cat(safe_labels), chunk_bytes,
-                              /*between_chunks=*/{}, with_argmax);
+    losses = PackedFusedLinearLoss(h, weight_, bias_, requests, chunk_bytes, with_argmax);
     return absl::OkStatus();
   });
 
-  // Each item finalised on its own rows.
-  for (const Member& member : members) {
+  // Each item finalised on its own rows (views, no kernels, unless a loss_div_factor is set).
+  for (size_t m = 0; m < members.size(); ++m) {
+    const Member& member = members[m];
     const int64_t n = member.batch * member.kept;
     results[member.index] = CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
       if (!computed.ok()) return computed;
-      LMOutput out;
-      if (!fused_linear) {
-        out = DefaultOutput(
-            packed_logits.narrow(0, member.row, n).view({member.batch, member.kept, vocab_size_}),
-            member.options);
-      } else {
-        const ForwardOptions& options = member.options;
-        const LogitStats rows_stats{
-            stats.lse.narrow(0, member.row, n), stats.label_logit.narrow(0, member.row, n),
-            stats.argmax.defined() ? stats.argmax.narrow(0, member.row, n) : at::Tensor()};
-        const LossTerms terms = FinishFusedLinearLoss(
-            rows_stats, KeptLabels(options), options.ignore_index, options.loss_reduction,
-            options.z_loss_multiplier, weight_.scalar_type(), options.return_argmax);
-        out = FusedOutput(terms, member.batch, member.kept, options);
+      if (fused_linear) {
+        LMOutput out = FusedOutput(losses[m].terms, member.batch, member.kept, member.options);
+        out.num_scored_tokens = losses[m].scored;
+        return out;
       }
+      LMOutput out = DefaultOutput(
+          packed_logits.narrow(0, member.row, n).view({member.batch, member.kept, vocab_size_}),
+          member.options);
       if (member.host_scored.has_value()) out.num_scored_tokens = *member.host_scored;
       return out;
     });
@@ -709,9 +720,9 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
   // Counts on the device are read once the whole group is queued.
   for (const Member& member : members) {
     absl::StatusOr<LMOutput>& output = results[member.index];
-    if (!output.ok() || member.host_scored.has_value()) continue;
+    if (!output.ok() || !member.device_scored.defined()) continue;
     absl::Status read = CatchTorchErrors([&]() -> absl::Status {
-      output->num_scored_tokens = member.scored.item<int64_t>();
+      output->num_scored_tokens = member.device_scored.item<int64_t>();
       return absl::OkStatus();
     });
     if (!read.ok()) output = std::move(read);

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <vector>
 
 #include "core/config.h"
 #include "core/ops/logit_stats.h"
@@ -62,6 +63,36 @@ LossTerms FinishFusedLinearLoss(const LogitStats& stats, const at::Tensor& label
                                 int64_t ignore_index, LossReduction reduction,
                                 std::optional<double> z_loss_multiplier,
                                 c10::ScalarType input_dtype, bool with_argmax);
+
+// One request of PackedFusedLinearLoss: its kept labels (N,) int64 (on the host, else copied
+// there) and FusedLinearLoss's options for it.
+struct PackedLossRequest {
+  at::Tensor labels;
+  int64_t ignore_index = -100;
+  LossReduction reduction = LossReduction::kMean;
+  std::optional<double> z_loss_multiplier;
+  bool with_argmax = false;
+};
+
+// One request's share of PackedFusedLinearLoss.
+struct PackedLoss {
+  LossTerms terms;     // views of the pass's tensors, shaped as FusedLinearLoss returns them
+  int64_t scored = 0;  // labels that are not ignore_index
+};
+
+// FusedLinearLoss for several requests at once: h (sum of their N, D) holds their rows one
+// request after another, in `requests`' order. One ComputeLogitStats pass over all rows, then a
+// fixed number of kernels for every request's terms, however many there are: the labels, each
+// row's z-loss multiplier and "mean" divisor and each request's first row go to the device as
+// three host tables, and the sums of "mean" and "sum" requests are segment sums. Each request's
+// terms equal FusedLinearLoss's on its rows alone, but for the order of the summation. With
+// `with_argmax` (any request's with_argmax), the requests that ask get their argmax.
+// LMHead::ForwardBatch's packed fused_linear path (docs/ARCHITECTURE.md "Packing"). May throw
+// c10::Error.
+std::vector<PackedLoss> PackedFusedLinearLoss(const at::Tensor& h, const at::Tensor& weight,
+                                              const at::Tensor& bias,
+                                              const std::vector<PackedLossRequest>& requests,
+                                              int64_t chunk_bytes, bool with_argmax);
 
 // The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
 int64_t DefaultFusedChunkBytes(const c10::Device& device);

@@ -7,6 +7,8 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <chrono>
+#include <map>
+#include <numeric>
 #include <optional>
 #include <thread>
 #include <utility>
@@ -28,52 +30,116 @@ using Clock = std::chrono::steady_clock;
 struct Executor::Launched {
   std::vector<std::shared_ptr<Job>> batch;
   std::vector<absl::StatusOr<LMOutput>> results;
-  // Per job: its count of non-finite hidden-state values, on the device (undefined: none made).
+  // Each token's count of non-finite hidden-state values, as sent: job i's tokens are
+  // nonfinite[i] (on the host once `finished`; undefined for a job whose inputs were not placed).
   std::vector<at::Tensor> nonfinite;
-  // Recorded on the executor's stream after the batch's work (CUDA only).
+  // Recorded on the executor's stream before and after the batch's work (CUDA only), timing.
+  std::optional<c10::Event> started;
   std::optional<c10::Event> finished;
   Clock::time_point start;
+  int64_t launch_us = 0;  // host time LaunchBatch took
 };
 
 namespace {
 
-// The job's tensors on `device`: x in the compute dtype, a tensor divisor beside it; `nonfinite`
-// receives the count of x's NaN/infinite values (as sent, before the conversion), on the device.
-// Index tensors stay on the host, where the core checks them without a device synchronisation.
-// May throw c10::Error.
-ForwardItem ToDevice(const Job& job, const c10::Device& device, at::Tensor* nonfinite) {
-  const at::Tensor sent = CopyToDevice(job.x, device);
-  *nonfinite = at::isfinite(sent).logical_not().sum();
-  ForwardItem item{sent.to(ToScalarType(job.plan.config.dtype)), job.plan.options};
-  if (auto* factor = std::get_if<at::Tensor>(&item.options.loss_div_factor)) {
-    *factor = CopyToDevice(*factor, device);
+// The batch's inputs on `device` as the core takes them: hidden states in the compute dtype, a
+// tensor divisor beside them. On a GPU the hidden states of the jobs sent in one dtype go into
+// one buffer (one copy each) and are counted for non-finite values there, in one pass for the
+// batch; index tensors stay on the host, where the core reads them without a device
+// synchronisation. Sets launched.nonfinite (on the device). May throw c10::Error.
+std::vector<ForwardItem> PlaceInputs(Executor::Launched& launched, const c10::Device& device) {
+  const std::vector<std::shared_ptr<Job>>& batch = launched.batch;
+  std::vector<ForwardItem> items(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Job& job = *batch[i];
+    items[i].options = job.plan.options;
+    if (auto* factor = std::get_if<at::Tensor>(&items[i].options.loss_div_factor)) {
+      *factor = CopyToDevice(*factor, device);
+    }
+    items[i].options.interrupt_check = job.still_wanted;
+    items[i].validated = true;  // by the frontend (server/frontend/service.cc Decode)
   }
-  item.options.interrupt_check = job.still_wanted;
-  item.validated = true;  // by the frontend (server/frontend/service.cc Decode)
-  return item;
-}
-
-// Queues the copy of `output`'s tensors to pinned host memory (logits converted to
-// `logits_dtype` on the device first), so that a finished batch holds no device memory while
-// its callers encode their answers. May throw c10::Error.
-void ToHost(LMOutput& output, v1::DataType logits_dtype) {
-  const auto to_host = [](const at::Tensor& device) {
-    at::Tensor host = at::empty(device.sizes(),
-                                device.options().device(at::kCPU).pinned_memory(true).memory_format(
-                                    at::MemoryFormat::Contiguous));
-    host.copy_(device, /*non_blocking=*/true);
-    return host;
+  const auto tokens = [](const at::Tensor& x) {
+    return x.numel() / std::max<int64_t>(x.size(-1), 1);
   };
-  if (output.logits.has_value()) {
-    output.logits = to_host(output.logits->to(ScalarTypeOf(logits_dtype)));
+  if (device.is_cpu()) {
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const Job& job = *batch[i];
+      launched.nonfinite[i] =
+          at::isfinite(job.x).logical_not().reshape({tokens(job.x), -1}).sum(-1);
+      items[i].x = job.x.to(ToScalarType(job.plan.config.dtype));
+    }
+    return items;
   }
-  for (std::optional<at::Tensor>* tensor :
-       {&output.loss, &output.ce_loss, &output.z_loss, &output.argmax}) {
-    if (tensor->has_value()) *tensor = to_host(**tensor);
+  // Jobs by wire dtype (almost always one).
+  std::map<at::ScalarType, std::vector<size_t>> by_dtype;
+  for (size_t i = 0; i < batch.size(); ++i) by_dtype[batch[i]->x.scalar_type()].push_back(i);
+  for (const auto& [dtype, jobs] : by_dtype) {
+    int64_t rows = 0;
+    for (const size_t i : jobs) rows += tokens(batch[i]->x);
+    const int64_t width = batch[jobs.front()]->x.size(-1);
+    const at::Tensor sent =
+        at::empty({rows, width}, at::TensorOptions().dtype(dtype).device(device));
+    int64_t row = 0;
+    for (const size_t i : jobs) {
+      const at::Tensor& x = batch[i]->x;
+      at::Tensor source = x.reshape({tokens(x), width});
+      // A large call comes in pageable memory (the frontend pins small ones): staged here, so
+      // that its transfer is asynchronous too.
+      if (!source.is_pinned()) {
+        source = at::empty(source.sizes(), source.options().pinned_memory(true)).copy_(source);
+      }
+      sent.narrow(0, row, tokens(x)).copy_(source, /*non_blocking=*/true);
+      row += tokens(x);
+    }
+    const at::Tensor nonfinite = at::isfinite(sent).logical_not().sum(-1);
+    const at::Tensor converted = sent.to(ToScalarType(batch[jobs.front()]->plan.config.dtype));
+    row = 0;
+    for (const size_t i : jobs) {
+      const at::Tensor& x = batch[i]->x;
+      items[i].x = converted.narrow(0, row, tokens(x)).view(x.sizes());
+      launched.nonfinite[i] = nonfinite.narrow(0, row, tokens(x));
+      row += tokens(x);
+    }
+  }
+  return items;
+}
+
+// Queues the copy of `tensors` to pinned host memory and points each at its copy (same dtype,
+// sizes, strides): once per device storage, however many of them view it (a packed batch's
+// losses are views of a few tensors). May throw c10::Error.
+void ToHost(const std::vector<at::Tensor*>& tensors) {
+  std::map<const void*, at::Tensor> copies;  // device storage -> its bytes on the host
+  for (at::Tensor* tensor : tensors) {
+    if (!tensor->defined() || tensor->is_cpu()) continue;
+    const c10::Storage& storage = tensor->storage();
+    at::Tensor& host = copies[storage.data()];
+    if (!host.defined()) {
+      const at::Tensor bytes = at::empty({0}, tensor->options().dtype(at::kByte)).set_(storage);
+      host = at::empty({bytes.numel()}, bytes.options().device(at::kCPU).pinned_memory(true));
+      host.copy_(bytes, /*non_blocking=*/true);
+    }
+    *tensor =
+        at::empty({0}, tensor->options().device(at::kCPU))
+            .set_(host.storage(), tensor->storage_offset(), tensor->sizes(), tensor->strides());
   }
 }
 
-// Queues `batch` (one batch key) on the current stream of `device`. Never throws.
+// `output`'s logits converted to `logits_dtype` (on the device) and copied to pinned host memory
+// on their own (each caller's logits are large: none keeps another's alive). May throw.
+void LogitsToHost(LMOutput& output, v1::DataType logits_dtype) {
+  if (!output.logits.has_value()) return;
+  const at::Tensor converted = output.logits->to(ScalarTypeOf(logits_dtype));
+  at::Tensor host = at::empty(
+      converted.sizes(), converted.options().device(at::kCPU).pinned_memory(true).memory_format(
+                             at::MemoryFormat::Contiguous));
+  host.copy_(converted, /*non_blocking=*/true);
+  output.logits = std::move(host);
+}
+
+// Queues `batch` (one batch key) on the current stream of `device`, with the copies of its
+// outputs to the host, so that a finished batch holds no device memory while its callers encode
+// their answers. Never throws.
 std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>> batch,
                                                 const c10::Device& device, int replica) {
   auto launched = std::make_unique<Executor::Launched>();
@@ -84,49 +150,62 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
   launched->nonfinite.resize(n);
   absl::StatusOr<std::shared_ptr<const LMHead>> head =
       launched->batch.front()->plan.model->HeadFor(launched->batch.front()->plan.config, replica);
-  if (!head.ok()) {
-    const absl::Status status = head.status();
-    std::fill(launched->results.begin(), launched->results.end(), status);
-    return launched;
-  }
-  // Jobs whose tensors cannot be placed get their error; the others run packed.
-  std::vector<ForwardItem> items;
-  std::vector<size_t> runs;  // items[k] is batch[runs[k]]
-  for (size_t i = 0; i < n; ++i) {
-    absl::Status placed = CatchTorchErrors([&]() -> absl::Status {
-      items.push_back(ToDevice(*launched->batch[i], device, &launched->nonfinite[i]));
-      return absl::OkStatus();
-    });
-    if (placed.ok()) {
-      runs.push_back(i);
-    } else {
-      launched->results[i] = placed;
-    }
-  }
-  std::vector<absl::StatusOr<LMOutput>> outputs = (*head)->ForwardBatch(items);
-  for (size_t k = 0; k < runs.size(); ++k) {
-    absl::StatusOr<LMOutput>& output = outputs[k];
-    if (output.ok() && !device.is_cpu()) {
-      absl::Status copied = CatchTorchErrors([&]() -> absl::Status {
-        ToHost(*output, launched->batch[runs[k]]->plan.logits_dtype);
-        return absl::OkStatus();
-      });
-      if (!copied.ok()) output = copied;
-    }
-    launched->results[runs[k]] = std::move(output);
-  }
   if (device.is_cuda()) {
     absl::Status recorded = CatchTorchErrors([&]() -> absl::Status {
-      const c10::impl::VirtualGuardImpl guard(device.type());
-      c10::Event finished(device.type());
-      finished.record(guard.getStream(device));
-      launched->finished = std::move(finished);
+      launched->started.emplace(device.type(), c10::EventFlag::BACKEND_DEFAULT);
+      launched->started->record(c10::impl::VirtualGuardImpl(device.type()).getStream(device));
       return absl::OkStatus();
     });
-    if (!recorded.ok()) {
-      std::fill(launched->results.begin(), launched->results.end(), recorded);
-    }
+    if (!recorded.ok()) launched->started.reset();
   }
+  std::vector<ForwardItem> items;
+  absl::Status placed = head.status();
+  if (placed.ok()) {
+    placed = CatchTorchErrors([&]() -> absl::Status {
+      items = PlaceInputs(*launched, device);
+      return absl::OkStatus();
+    });
+  }
+  if (!placed.ok()) {
+    std::fill(launched->results.begin(), launched->results.end(), placed);
+    launched->nonfinite.assign(n, at::Tensor());
+    return launched;
+  }
+  launched->results = (*head)->ForwardBatch(items);
+  absl::Status queued = CatchTorchErrors([&]() -> absl::Status {
+    if (device.is_cpu()) return absl::OkStatus();
+    std::vector<at::Tensor*> tensors;
+    for (size_t i = 0; i < n; ++i) {
+      tensors.push_back(&launched->nonfinite[i]);
+      absl::StatusOr<LMOutput>& output = launched->results[i];
+      if (!output.ok()) continue;
+      // Large, so a failure (out of memory) is this caller's alone.
+      absl::Status copied = CatchTorchErrors([&]() -> absl::Status {
+        LogitsToHost(*output, launched->batch[i]->plan.logits_dtype);
+        return absl::OkStatus();
+      });
+      if (!copied.ok()) {
+        output = std::move(copied);
+        continue;
+      }
+      for (std::optional<at::Tensor>* tensor :
+           {&output->loss, &output->ce_loss, &output->z_loss, &output->argmax}) {
+        if (tensor->has_value()) tensors.push_back(&**tensor);
+      }
+    }
+    ToHost(tensors);
+    const c10::impl::VirtualGuardImpl guard(device.type());
+    c10::Event finished(device.type(), c10::EventFlag::BACKEND_DEFAULT);
+    finished.record(guard.getStream(device));
+    launched->finished = std::move(finished);
+    return absl::OkStatus();
+  });
+  if (!queued.ok()) {
+    std::fill(launched->results.begin(), launched->results.end(), queued);
+    launched->nonfinite.assign(n, at::Tensor());
+  }
+  launched->launch_us =
+      std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - launched->start).count();
   return launched;
 }
 
@@ -142,17 +221,27 @@ void CompleteBatch(Executor::Launched& launched) {
     }
     return absl::OkStatus();
   });
+  int64_t device_us = 0;
+  if (finished.ok() && launched.started.has_value() && launched.finished.has_value()) {
+    CatchTorchErrors([&]() -> absl::Status {
+      device_us = static_cast<int64_t>(launched.started->elapsedTime(*launched.finished) * 1e3);
+      return absl::OkStatus();
+    }).IgnoreError();
+  }
   const int64_t compute_us =
       std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - launched.start).count();
   for (size_t i = 0; i < launched.batch.size(); ++i) {
     Job& job = *launched.batch[i];
     job.result = finished.ok() ? std::move(launched.results[i]) : finished;
     job.compute_us = compute_us;
-    if (finished.ok() && launched.nonfinite[i].defined()) {
-      CatchTorchErrors([&]() -> absl::Status {
-        job.nonfinite = launched.nonfinite[i].item<int64_t>();
-        return absl::OkStatus();
-      }).IgnoreError();
+    job.launch_us = launched.launch_us;
+    job.device_us = device_us;
+    const at::Tensor& nonfinite = launched.nonfinite[i];
+    if (finished.ok() && nonfinite.defined()) {
+      // Host memory now (the copy finished with the batch): int64 per token.
+      const at::Tensor counts = nonfinite.contiguous();
+      const int64_t* count = counts.data_ptr<int64_t>();
+      job.nonfinite = std::accumulate(count, count + counts.numel(), int64_t{0});
     }
     job.done.Notify();
   }

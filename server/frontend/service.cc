@@ -94,7 +94,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   }
   // A small call is staged in pinned memory here, on the caller's thread, so that the executor's
   // copy to the GPU is one asynchronous transfer; a large one is staged by the executor
-  // (CopyToDevice), which bounds the pinned memory to its two batches in flight.
+  // (PlaceInputs), which bounds the pinned memory to its two batches in flight.
   constexpr int64_t kStagedHereBytes = int64_t{16} << 20;
   if ((*head)->device().is_cuda() && job->x.nbytes() <= kStagedHereBytes) {
     job->x = job->x.pin_memory();

@@ -38,10 +38,14 @@ struct Job {
 
   // Filled by the executor (or the scheduler, for a job dropped or aborted), then `done` is
   // notified. queue_us: from Submit to the start of its batch; compute_us: that batch's, until
-  // the device finished it; batch_size: jobs in that batch; nonfinite: NaN/infinite values in x.
+  // the device finished it; launch_us: the executor's host time queuing that batch (copies,
+  // launches); device_us: the device's time from the batch's first queued work to its last
+  // (CUDA; 0 elsewhere); batch_size: jobs in that batch; nonfinite: NaN/infinite values in x.
   absl::StatusOr<LMOutput> result = absl::UnknownError("not run");
   int64_t queue_us = 0;
   int64_t compute_us = 0;
+  int64_t launch_us = 0;
+  int64_t device_us = 0;
   int batch_size = 0;
   int64_t nonfinite = 0;
   absl::Notification done;

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -419,6 +420,122 @@ TEST(GpuLMHeadAsyncTest, NoDeviceAllocationAfterWarmUp) {
   EXPECT_EQ(stats().num_device_alloc, device_allocs);
   EXPECT_EQ(stats().num_sync_all_streams, stream_syncs);
   EXPECT_EQ(allocated(), bytes);
+}
+
+// ForwardBatch on the GPU, as the server calls it (hidden states on the device, index tensors on
+// the host, one on the device): every item of a packed group equals its own Forward on the same
+// head, for both loss implementations, the three reductions, with and without z-loss, argmax,
+// ignored and all-ignored labels, an item that keeps no position and every logits_to_keep form,
+// with the fused GEMM (bf16, no bias) and the chunked path (fp32, bias).
+TEST(GpuLMHeadBatchTest, PackedItemsMatchTheirOwnForward) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const bool bf16 : {true, false}) {
+    SCOPED_TRACE(bf16 ? "bf16, no bias" : "fp32, bias");
+    LMHeadConfig config;
+    config.dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
+    config.bias = !bf16;
+    const int64_t d = 256, vocab = 50304 + 3;
+    auto gpu = LMHead::Build(config, d, vocab, "cuda:0", 3);
+    ASSERT_TRUE(gpu.ok());
+    at::manual_seed(5);
+    std::vector<ForwardItem> items;
+    int i = 0;
+    for (LossImplementation impl :
+         {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+      for (LossReduction reduction :
+           {LossReduction::kMean, LossReduction::kSum, LossReduction::kNone}) {
+        for (int variant = 0; variant < 4; ++variant, ++i) {
+          const int64_t batch = 1 + i % 2, seq = 3 + 5 * (i % 4);
+          ForwardItem item;
+          item.x = at::randn({batch, seq, d}, at::TensorOptions(at::kCUDA))
+                       .to(ScalarTypeOf(config.dtype));
+          ForwardOptions& o = item.options;
+          o.loss_implementation = impl;
+          o.loss_reduction = reduction;
+          o.return_logits = false;
+          o.return_argmax = variant % 2 == 0;
+          if (variant >= 2) o.z_loss_multiplier = 1e-3;
+          o.ignore_index = variant == 3 ? 7 : -100;
+          at::Tensor labels = at::randint(vocab, {batch, seq}, at::TensorOptions(at::kLong));
+          labels = at::where(at::rand({batch, seq}).lt(0.25), o.ignore_index, labels);
+          if (i % 7 == 3) labels.fill_(o.ignore_index);  // nothing scored
+          o.labels = i % 5 == 4 ? labels.cuda() : labels;
+          if (i % 3 == 1) o.logits_to_keep = -2;
+          if (i % 6 == 2) o.logits_to_keep = at::tensor({0, 2}, at::kLong).expand({batch, 2});
+          if (i == 5) o.logits_to_keep = seq + 1;   // keeps every position
+          if (i % 7 == 6) o.logits_to_keep = -seq;  // keeps none
+          items.push_back(std::move(item));
+        }
+      }
+    }
+    const std::vector<absl::StatusOr<LMOutput>> packed = (*gpu)->ForwardBatch(items);
+    ASSERT_EQ(packed.size(), items.size());
+    for (size_t k = 0; k < items.size(); ++k) {
+      SCOPED_TRACE(absl::StrCat("item ", k, " ", Name(*items[k].options.loss_implementation), " ",
+                                Name(items[k].options.loss_reduction)));
+      const absl::StatusOr<LMOutput> solo = (*gpu)->Forward(items[k].x, items[k].options);
+      ASSERT_TRUE(packed[k].ok()) << packed[k].status();
+      ASSERT_TRUE(solo.ok()) << solo.status();
+      EXPECT_EQ(packed[k]->num_scored_tokens, solo->num_scored_tokens);
+      for (const auto& [name, got, want] :
+           {std::make_tuple("loss", packed[k]->loss, solo->loss),
+            std::make_tuple("ce_loss", packed[k]->ce_loss, solo->ce_loss),
+            std::make_tuple("z_loss", packed[k]->z_loss, solo->z_loss)}) {
+        ASSERT_EQ(got.has_value(), want.has_value()) << name;
+        if (!got.has_value()) continue;
+        ASSERT_EQ(got->sizes(), want->sizes()) << name;
+        ASSERT_EQ(got->scalar_type(), want->scalar_type()) << name;
+        const at::Tensor g = got->cpu().to(at::kDouble), w = want->cpu().to(at::kDouble);
+        const double tolerance = bf16 ? 1e-2 : 1e-5;
+        // NaN where upstream gives NaN (e.g. "mean" of the default path with nothing scored).
+        EXPECT_TRUE(at::allclose(g, w, tolerance, tolerance, /*equal_nan=*/true)) << name << "\n"
+                                                                                  << g << "\nvs\n"
+                                                                                  << w;
+      }
+      ASSERT_EQ(packed[k]->argmax.has_value(), solo->argmax.has_value());
+      if (packed[k]->argmax.has_value() && packed[k]->argmax->numel() > 0) {
+        // Ties may resolve alike only up to rounding: nearly every id agrees.
+        const double agree =
+            packed[k]->argmax->eq(*solo->argmax).to(at::kDouble).mean().item<double>();
+        EXPECT_GE(agree, 0.9);
+      }
+    }
+  }
+}
+
+// ForwardBatch of a packed fused_linear group with labels on the host queues its work and
+// returns: the device is still busy with the GEMMs when it returns.
+TEST(GpuLMHeadBatchTest, PackedForwardReturnsBeforeItsWorkIsDone) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  LMHeadConfig config;
+  config.dtype = DType::kBFloat16;
+  config.bias = false;
+  const int64_t d = 4096, vocab = 128256;
+  auto gpu = LMHead::Build(config, d, vocab, "cuda:0", 1);
+  ASSERT_TRUE(gpu.ok());
+  std::vector<ForwardItem> items;
+  for (int k = 0; k < 16; ++k) {
+    ForwardItem item;
+    item.x = at::randn({1, 256, d}, at::TensorOptions(at::kCUDA).dtype(at::kBFloat16));
+    item.options.loss_implementation = LossImplementation::kFusedLinear;
+    item.options.labels = at::randint(vocab, {1, 256}, at::TensorOptions(at::kLong));
+    item.options.loss_reduction = k % 2 ? LossReduction::kSum : LossReduction::kNone;
+    item.options.z_loss_multiplier = 1e-4;
+    item.options.return_logits = false;
+    item.validated = true;
+    items.push_back(std::move(item));
+  }
+  ASSERT_TRUE((*gpu)->ForwardBatch(items).front().ok());  // warm-up: allocator, cuBLAS
+  c10::cuda::device_synchronize();
+  const std::vector<absl::StatusOr<LMOutput>> out = (*gpu)->ForwardBatch(items);
+  const bool busy_after_return = !c10::cuda::getCurrentCUDAStream().query();
+  c10::cuda::device_synchronize();
+  EXPECT_TRUE(busy_after_return);
+  for (const absl::StatusOr<LMOutput>& output : out) {
+    ASSERT_TRUE(output.ok()) << output.status();
+    EXPECT_TRUE(at::isfinite(*output->loss).all().item<bool>());
+    EXPECT_EQ(output->num_scored_tokens, 256);
+  }
 }
 
 // The fused GEMM (where it can run: Hopper, bf16 and fp16, no bias) against the chunked path

@@ -3,7 +3,7 @@
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
 #   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server|parity|oom|
-#                     serving] [--quick]
+#                     serving|executor] [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # parity: the parity suite (tests/parity) with our head on cuda:0 against olmo_core on the same
@@ -11,6 +11,7 @@
 # server run out of device memory (tests/gpu/gpu_server_oom_test.cc). serving: issue 12's serving
 # benchmark (64 clients x 256 tokens against the real server: batching off and on, one GPU and,
 # where there are two, both; the kernel-only tokens/s of the same shape measured first).
+# executor: the same load without gRPC (bench/executor_bench.cc): jobs straight to the scheduler.
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
@@ -106,7 +107,7 @@ if wants parity; then
     echo "!! parity: the runner did not build or the wheels did not install"
   fi
 fi
-if wants server || wants oom || wants serving; then
+if wants server || wants oom || wants serving || wants executor; then
   echo "== build the server and the CLI"
   # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
@@ -138,11 +139,28 @@ if wants server || wants oom || wants serving; then
     g++ -std=c++17 -O2 -I. -I.gpu/gen -isystem "$deps/usr/include" -c bench/load_generator.cc \
       -o "$build/load_generator.o" & pids+=($!)
   fi
+  if wants executor; then
+    g++ "${cxxflags[@]}" -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -c bench/executor_bench.cc \
+      -o "$build/executor_bench.o" & pids+=($!)
+  fi
   for pid in "${pids[@]}"; do wait "$pid"; done
   g++ -o "$build/lmhead_server" "$build"/srv_*.o "${objs[@]}" "${ldflags[@]}" $grpc_flags \
     -lgrpc++_reflection
   g++ -o "$build/lmhead" "$build"/cli_*.o -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" \
     $grpc_flags
+fi
+if wants executor; then
+  echo "== executor-only: 64 clients x 256-token jobs straight to the scheduler (no gRPC), d=4096,"
+  echo "   V=128256, bf16, fused_linear, sum; packing off (1) and on (8192) (issue 12)"
+  g++ -o "$build/lmhead_executor_bench" "$build/executor_bench.o" \
+    $(ls "$build"/srv_*.o | grep -v "/srv_main\.o$") "${objs[@]}" "${ldflags[@]}" $grpc_flags \
+    -lgrpc++_reflection
+  step "$build/lmhead_executor_bench" --device cuda:0 | tee "$out/executor.txt"
+  echo "-- again, counting and timing the executor's ATen operators (slower: a callback per operator)"
+  step "$build/lmhead_executor_bench" --device cuda:0 --seconds 5 --count_ops | tee -a "$out/executor.txt"
+  if (($(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l) >= 2)); then
+    step "$build/lmhead_executor_bench" --device cuda:0,cuda:1 | tee -a "$out/executor.txt"
+  fi
 fi
 if wants serving; then
   echo "== serving: 64 clients x 256-token calls, d=4096, V=128256, bf16, fused_linear, sum (issue 12)"
@@ -166,7 +184,7 @@ if wants serving; then
       --tokens 256 --d_model 4096 --vocab_size 128256 --seconds 20 --warmup_seconds 5 \
       --label "$2" | tee -a "$out/serving.txt"
   }
-  runs=("off --device cuda:0 --max_batch_tokens 1" "on --device cuda:0"
+  runs=("off --device cuda:0 --max_batch_tokens 1" "on --device cuda:0 --max_batch_tokens 8192"
     "grpc_defaults --device cuda:0 --grpc_completion_queues 1 --grpc_max_pollers 2")
   ((gpus >= 2)) && runs+=("two --device cuda:0,cuda:1")
   for run in "${runs[@]}"; do
