@@ -59,7 +59,7 @@ ABSL_FLAG(int64_t, max_response_bytes, kDefaults.max_response_bytes,
           "1 to 2 GiB - 1 MiB (the default); larger requests are refused before any compute.");
 ABSL_FLAG(int64_t, max_batch_tokens, kDefaults.max_batch_tokens,
           "Dynamic batching: calls for one model are packed into forwards of up to this many "
-          "tokens (B*S summed), e.g. 8192; 1 (the default) turns packing off.");
+          "tokens (B*S summed); a larger call runs alone; 1 turns packing off.");
 ABSL_FLAG(int64_t, max_queue_delay_us, kDefaults.max_queue_delay_us,
           "How long an idle executor waits for more calls to fill a batch, microseconds.");
 ABSL_FLAG(int64_t, max_queue_tokens, kDefaults.max_queue_tokens,

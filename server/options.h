@@ -65,12 +65,10 @@ struct Options {
   // argmax): a request over it is refused with RESOURCE_EXHAUSTED before any compute. In
   // [1, kMaxResponseBytesLimit]; default kMaxResponseBytesLimit (2 GiB - 1 MiB).
   int64_t max_response_bytes = kMaxResponseBytesLimit;
-  // Dynamic batching (docs/ARCHITECTURE.md): calls and stream micro-batches for one model and
-  // weights variant are packed into one forward of at most this many tokens (B * S summed); a
-  // larger call runs alone. 1 turns packing off. Default 1 (off): on an H200 with 64 clients of
-  // 256-token calls, packing's per-call host work costs more than the larger GEMMs save while
-  // gRPC is the limit (docs/BENCHMARKS.md "Serving"); 8192 turns it on.
-  int64_t max_batch_tokens = 1;
+  // Dynamic batching (docs/ARCHITECTURE.md "Packing"): calls and stream micro-batches for one
+  // model and weights variant are packed into one forward of at most this many tokens (B * S
+  // summed); a larger call runs alone. 1 turns packing off. Default 8192.
+  int64_t max_batch_tokens = 8192;
   // How long an idle executor waits, after the oldest queued call arrived, for more calls to
   // fill a batch, microseconds. Under load batches fill without waiting. Default 0.
   int64_t max_queue_delay_us = 0;
