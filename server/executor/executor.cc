@@ -42,64 +42,78 @@ struct Executor::Launched {
 
 namespace {
 
-// The batch's inputs on `device` as the core takes them: hidden states in the compute dtype, a
-// tensor divisor beside them. On a GPU the hidden states of the jobs sent in one dtype go into
-// one buffer (one copy each) and are counted for non-finite values there, in one pass for the
-// batch; index tensors stay on the host, where the core reads them without a device
-// synchronisation. Sets launched.nonfinite (on the device). May throw c10::Error.
-std::vector<ForwardItem> PlaceInputs(Executor::Launched& launched, const c10::Device& device) {
+// The batch's inputs on `device` as the core takes them, per job, or the error that kept that job
+// from being placed: hidden states in the compute dtype, a tensor divisor beside them. On a GPU
+// the hidden states of the jobs sent in one dtype go into one buffer (one copy each) and are
+// counted for non-finite values there, in one pass for the batch; index tensors stay on the
+// host, where the core reads them without a device synchronisation. Sets launched.nonfinite (on
+// the device) for the jobs placed. Never throws.
+std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launched,
+                                                     const c10::Device& device) {
   const std::vector<std::shared_ptr<Job>>& batch = launched.batch;
-  std::vector<ForwardItem> items(batch.size());
+  std::vector<absl::StatusOr<ForwardItem>> items(batch.size());
+  // (B * S, d_model): one row per token, also for B or S = 0.
+  const auto rows = [](const at::Tensor& x) {
+    return x.reshape({x.numel() / std::max<int64_t>(x.size(-1), 1), x.size(-1)});
+  };
   for (size_t i = 0; i < batch.size(); ++i) {
     const Job& job = *batch[i];
-    items[i].options = job.plan.options;
-    if (auto* factor = std::get_if<at::Tensor>(&items[i].options.loss_div_factor)) {
-      *factor = CopyToDevice(*factor, device);
-    }
-    items[i].options.interrupt_check = job.still_wanted;
-    items[i].validated = true;  // by the frontend (server/frontend/service.cc Decode)
+    items[i] = CatchTorchErrors([&]() -> absl::StatusOr<ForwardItem> {
+      ForwardItem item;
+      item.options = job.plan.options;
+      if (auto* factor = std::get_if<at::Tensor>(&item.options.loss_div_factor)) {
+        *factor = CopyToDevice(*factor, device);
+      }
+      item.options.interrupt_check = job.still_wanted;
+      item.validated = true;  // by the frontend (server/frontend/service.cc Decode)
+      if (device.is_cpu()) {
+        launched.nonfinite[i] = at::isfinite(rows(job.x)).logical_not().sum(-1);
+        item.x = job.x.to(ToScalarType(job.plan.config.dtype));
+      }
+      return item;
+    });
   }
-  const auto tokens = [](const at::Tensor& x) {
-    return x.numel() / std::max<int64_t>(x.size(-1), 1);
-  };
-  if (device.is_cpu()) {
-    for (size_t i = 0; i < batch.size(); ++i) {
-      const Job& job = *batch[i];
-      launched.nonfinite[i] =
-          at::isfinite(job.x).logical_not().reshape({tokens(job.x), -1}).sum(-1);
-      items[i].x = job.x.to(ToScalarType(job.plan.config.dtype));
-    }
-    return items;
-  }
+  if (device.is_cpu()) return items;
   // Jobs by wire dtype (almost always one).
   std::map<at::ScalarType, std::vector<size_t>> by_dtype;
-  for (size_t i = 0; i < batch.size(); ++i) by_dtype[batch[i]->x.scalar_type()].push_back(i);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (items[i].ok()) by_dtype[batch[i]->x.scalar_type()].push_back(i);
+  }
   for (const auto& [dtype, jobs] : by_dtype) {
-    int64_t rows = 0;
-    for (const size_t i : jobs) rows += tokens(batch[i]->x);
-    const int64_t width = batch[jobs.front()]->x.size(-1);
-    const at::Tensor sent =
-        at::empty({rows, width}, at::TensorOptions().dtype(dtype).device(device));
-    int64_t row = 0;
-    for (const size_t i : jobs) {
-      const at::Tensor& x = batch[i]->x;
-      at::Tensor source = x.reshape({tokens(x), width});
-      // A large call comes in pageable memory (the frontend pins small ones): staged here, so
-      // that its transfer is asynchronous too.
-      if (!source.is_pinned()) {
-        source = at::empty(source.sizes(), source.options().pinned_memory(true)).copy_(source);
+    const absl::Status placed = CatchTorchErrors([&]() -> absl::Status {
+      int64_t total = 0;
+      for (const size_t i : jobs) total += rows(batch[i]->x).size(0);
+      const int64_t width = batch[jobs.front()]->x.size(-1);
+      const at::Tensor sent =
+          at::empty({total, width}, at::TensorOptions().dtype(dtype).device(device));
+      int64_t row = 0;
+      for (const size_t i : jobs) {
+        at::Tensor source = rows(batch[i]->x);
+        // A large call comes in pageable memory (the frontend pins small ones): staged here, so
+        // that its transfer is asynchronous too.
+        if (!source.is_pinned()) {
+          source = at::empty(source.sizes(), source.options().pinned_memory(true)).copy_(source);
+        }
+        sent.narrow(0, row, source.size(0)).copy_(source, /*non_blocking=*/true);
+        row += source.size(0);
       }
-      sent.narrow(0, row, tokens(x)).copy_(source, /*non_blocking=*/true);
-      row += tokens(x);
-    }
-    const at::Tensor nonfinite = at::isfinite(sent).logical_not().sum(-1);
-    const at::Tensor converted = sent.to(ToScalarType(batch[jobs.front()]->plan.config.dtype));
-    row = 0;
-    for (const size_t i : jobs) {
-      const at::Tensor& x = batch[i]->x;
-      items[i].x = converted.narrow(0, row, tokens(x)).view(x.sizes());
-      launched.nonfinite[i] = nonfinite.narrow(0, row, tokens(x));
-      row += tokens(x);
+      const at::Tensor nonfinite = at::isfinite(sent).logical_not().sum(-1);
+      const at::Tensor converted = sent.to(ToScalarType(batch[jobs.front()]->plan.config.dtype));
+      row = 0;
+      for (const size_t i : jobs) {
+        const at::Tensor& x = batch[i]->x;
+        const int64_t n = rows(x).size(0);
+        items[i]->x = converted.narrow(0, row, n).view(x.sizes());
+        launched.nonfinite[i] = nonfinite.narrow(0, row, n);
+        row += n;
+      }
+      return absl::OkStatus();
+    });
+    if (!placed.ok()) {
+      for (const size_t i : jobs) {
+        items[i] = placed;
+        launched.nonfinite[i] = at::Tensor();
+      }
     }
   }
   return items;
@@ -158,20 +172,24 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
     });
     if (!recorded.ok()) launched->started.reset();
   }
-  std::vector<ForwardItem> items;
-  absl::Status placed = head.status();
-  if (placed.ok()) {
-    placed = CatchTorchErrors([&]() -> absl::Status {
-      items = PlaceInputs(*launched, device);
-      return absl::OkStatus();
-    });
-  }
-  if (!placed.ok()) {
-    std::fill(launched->results.begin(), launched->results.end(), placed);
-    launched->nonfinite.assign(n, at::Tensor());
+  if (!head.ok()) {
+    std::fill(launched->results.begin(), launched->results.end(), head.status());
     return launched;
   }
-  launched->results = (*head)->ForwardBatch(items);
+  // Jobs whose inputs cannot be placed get their error; the others run packed.
+  std::vector<ForwardItem> items;
+  std::vector<size_t> runs;  // items[k] is batch[runs[k]]
+  std::vector<absl::StatusOr<ForwardItem>> placed = PlaceInputs(*launched, device);
+  for (size_t i = 0; i < n; ++i) {
+    if (placed[i].ok()) {
+      items.push_back(*std::move(placed[i]));
+      runs.push_back(i);
+    } else {
+      launched->results[i] = placed[i].status();
+    }
+  }
+  std::vector<absl::StatusOr<LMOutput>> outputs = (*head)->ForwardBatch(items);
+  for (size_t k = 0; k < runs.size(); ++k) launched->results[runs[k]] = std::move(outputs[k]);
   absl::Status queued = CatchTorchErrors([&]() -> absl::Status {
     if (device.is_cpu()) return absl::OkStatus();
     std::vector<at::Tensor*> tensors;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -42,11 +43,18 @@ std::unique_ptr<LMHeadClient> Connect(
 // A random request over the demo head: shapes, dtypes and every per-request option.
 v1::ForwardRequest RandomRequest(std::mt19937_64& rng) {
   const auto pick = [&rng](int n) { return static_cast<int>(rng() % n); };
-  const int64_t batch = 1 + pick(3);
-  const int64_t length = 1 + pick(40);
+  // One in eight has no tokens (B = 0 or S = 0); one in six has a NaN or an infinity.
+  const int empty = pick(16);
+  const int64_t batch = empty == 0 ? 0 : 1 + pick(3);
+  const int64_t length = empty == 1 ? 0 : 1 + pick(40);
   at::Generator generator = at::detail::createCPUGenerator(rng());
   const at::ScalarType dtype = std::vector{at::kFloat, at::kBFloat16, at::kHalf}[pick(3)];
-  const at::Tensor x = at::randn({batch, length, kDModel}, generator).to(dtype);
+  at::Tensor x = at::randn({batch, length, kDModel}, generator).to(dtype);
+  if (x.numel() > 0 && pick(6) == 0) {
+    x.view(-1)[pick(static_cast<int>(x.numel()))] = pick(2) == 0
+                                                        ? std::numeric_limits<float>::quiet_NaN()
+                                                        : std::numeric_limits<float>::infinity();
+  }
   ForwardArgs args;
   args.loss_implementation =
       pick(2) == 0 ? v1::LOSS_IMPLEMENTATION_DEFAULT : v1::LOSS_IMPLEMENTATION_FUSED_LINEAR;
@@ -59,8 +67,9 @@ v1::ForwardRequest RandomRequest(std::mt19937_64& rng) {
     labels.masked_fill_(at::rand({batch, length}, generator) < 0.2, ignore);
     args.labels = ToWire(labels);
     if (ignore != -100) args.ignore_index = ignore;
+    // ("none" needs B > 0: the loss is reshaped to (B, -1), as upstream.)
     args.loss_reduction = std::vector{v1::LOSS_REDUCTION_MEAN, v1::LOSS_REDUCTION_SUM,
-                                      v1::LOSS_REDUCTION_NONE}[pick(3)];
+                                      v1::LOSS_REDUCTION_NONE}[pick(batch == 0 ? 2 : 3)];
     if (pick(2) == 0) args.z_loss_multiplier = pick(2) == 0 ? 1e-4 : 0.0;
     if (pick(3) == 0) args.loss_div_factor = 0.5 + pick(4);
     if (args.loss_implementation == v1::LOSS_IMPLEMENTATION_FUSED_LINEAR) {
@@ -69,7 +78,7 @@ v1::ForwardRequest RandomRequest(std::mt19937_64& rng) {
       args.return_logits = false;
     }
   }
-  switch (pick(3)) {
+  switch (length == 0 || batch == 0 ? 0 : pick(3)) {
     case 0:
       break;
     case 1:
@@ -85,6 +94,7 @@ v1::ForwardRequest RandomRequest(std::mt19937_64& rng) {
 void ExpectSameAnswer(const v1::ForwardResponse& solo, const v1::ForwardResponse& batched,
                       const std::string& what) {
   EXPECT_EQ(solo.num_scored_tokens(), batched.num_scored_tokens()) << what;
+  EXPECT_EQ(solo.num_nonfinite_inputs(), batched.num_nonfinite_inputs()) << what;
   for (const auto& [name, field] :
        std::vector<std::pair<std::string, const v1::Tensor& (v1::ForwardResponse::*)() const>>{
            {"logits", &v1::ForwardResponse::logits},
@@ -114,8 +124,9 @@ void ExpectSameAnswer(const v1::ForwardResponse& solo, const v1::ForwardResponse
 
 class ConcurrentCallsTest : public ::testing::TestWithParam<const char*> {};
 
-// 96 random requests, first one at a time (each alone), then all at once from 16 threads over 4
-// channels with a 20 ms batching delay: the same answers, and many of them computed in batches.
+// 96 random requests (some without tokens, some with a NaN or an infinity), first one at a time
+// (each alone), then all at once from 16 threads over 4 channels with a 20 ms batching delay: the
+// same answers and non-finite counts, and many of them computed in batches.
 TEST_P(ConcurrentCallsTest, EachCallerGetsItsSoloAnswer) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
       ServerProcess::Start({absl::StrCat("--device=", GetParam()), "--max_queue_delay_us=20000",
@@ -149,12 +160,19 @@ TEST_P(ConcurrentCallsTest, EachCallerGetsItsSoloAnswer) {
   }
   for (auto& thread : threads) thread.join();
   int packed = 0;
+  int empty = 0;      // calls without tokens, packed with others like any call
+  int nonfinite = 0;  // calls with a NaN or an infinity, which must not reach the others
   for (size_t i = 0; i < requests.size(); ++i) {
     ASSERT_TRUE(batched[i].ok()) << i << ": " << batched[i].status();
     packed += batched[i]->timings().batch_size() > 1 ? 1 : 0;
+    const auto& shape = requests[i].hidden_states().shape();
+    empty += std::find(shape.begin(), shape.end(), 0) != shape.end() ? 1 : 0;
+    nonfinite += solo[i].num_nonfinite_inputs() > 0 ? 1 : 0;
     ExpectSameAnswer(solo[i], *batched[i], absl::StrCat("request ", i));
   }
   EXPECT_GT(packed, 24) << "few calls were batched";
+  EXPECT_GE(empty, 3);
+  EXPECT_GE(nonfinite, 3);
   EXPECT_EQ((*server)->Stop(), 0);
 }
 
