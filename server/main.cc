@@ -18,6 +18,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 #include "server/logging.h"
 #include "server/options.h"
 #include "server/server.h"
@@ -77,6 +79,9 @@ ABSL_FLAG(int, max_config_variants, kDefaults.max_config_variants,
           "Converted weight copies a model keeps for per-request dtype overrides; 0: none.");
 ABSL_FLAG(double, shutdown_grace_seconds, kDefaults.shutdown_grace_seconds,
           "On SIGTERM/SIGINT, how long in-flight calls may finish before being cancelled.");
+ABSL_FLAG(double, malloc_trim_seconds, kDefaults.malloc_trim_seconds,
+          "How often the pages of freed memory are handed back to the kernel (malloc_trim), "
+          "seconds; 0: never.");
 ABSL_FLAG(std::string, log_format, "text", "text or json (one JSON object per line).");
 ABSL_FLAG(std::string, log_level, kDefaults.log_level,
           "trace, debug, info, warn, error, critical or off.");
@@ -181,6 +186,7 @@ int main(int argc, char** argv) {
   options.max_config_variants = absl::GetFlag(FLAGS_max_config_variants);
   options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
+  options.malloc_trim_seconds = absl::GetFlag(FLAGS_malloc_trim_seconds);
   options.log_level = absl::GetFlag(FLAGS_log_level);
   const std::string log_format = absl::GetFlag(FLAGS_log_format);
   if (log_format != "text" && log_format != "json") {
@@ -204,6 +210,16 @@ int main(int argc, char** argv) {
                      absl::StrCat("cannot start: ", server.status().ToString()));
     return 1;
   }
+  // Freed memory stays resident where it lies between blocks in use (one arena, above): a burst
+  // of calls can leave the footprint a few MiB higher for good (docs/SOAK.md). Handing those
+  // pages back now and then keeps it at what is in use.
+  absl::Notification stopping;
+  std::thread trimmer;
+  if (options.malloc_trim_seconds > 0) {
+    trimmer = std::thread([&stopping, seconds = options.malloc_trim_seconds]() {
+      while (!stopping.WaitForNotificationWithTimeout(absl::Seconds(seconds))) malloc_trim(0);
+    });
+  }
   std::thread signal_waiter([&signals, &server]() {
     int signal = 0;
     sigwait(&signals, &signal);
@@ -213,5 +229,7 @@ int main(int argc, char** argv) {
   });
   (*server)->Wait();
   signal_waiter.join();
+  stopping.Notify();
+  if (trimmer.joinable()) trimmer.join();
   return 0;
 }

@@ -117,6 +117,10 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("shutdown_grace_seconds", absl::StrCat("must be a finite number >= 0, got ",
                                                           options.shutdown_grace_seconds));
   }
+  if (!std::isfinite(options.malloc_trim_seconds) || options.malloc_trim_seconds < 0) {
+    return Invalid("malloc_trim_seconds",
+                   absl::StrCat("must be a finite number >= 0, got ", options.malloc_trim_seconds));
+  }
   return absl::OkStatus();
 }
 

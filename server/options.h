@@ -95,6 +95,9 @@ struct Options {
   // How long a graceful shutdown waits for in-flight calls before cancelling them, seconds.
   // Default 30.
   double shutdown_grace_seconds = 30;
+  // How often the freed memory inside the malloc arena is handed back to the kernel
+  // (malloc_trim), seconds; 0 never. Default 60 (docs/SOAK.md).
+  double malloc_trim_seconds = 60;
 
   // Log lines as plain text or one JSON object per line. Default text.
   LogFormat log_format = LogFormat::kText;

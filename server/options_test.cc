@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@ TEST(ValidateOptionsTest, LimitsAtTheirBoundsAreValid) {
   options.max_open_streams = 1;
   options.max_config_variants = 0;
   options.shutdown_grace_seconds = 0;
+  options.malloc_trim_seconds = 0;
   options.device = "cuda:12";
   EXPECT_TRUE(ValidateOptions(options).ok()) << ValidateOptions(options);
   options.device = "cuda:0,cuda:1,cpu,cpu,cuda";
@@ -90,6 +92,9 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.max_config_variants = -1; }, "--max_config_variants: "},
       {[](Options& o) { o.shutdown_grace_seconds = -1; }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.shutdown_grace_seconds = std::nan(""); }, "--shutdown_grace_seconds: "},
+      {[](Options& o) { o.malloc_trim_seconds = -1; }, "--malloc_trim_seconds: "},
+      {[](Options& o) { o.malloc_trim_seconds = std::numeric_limits<double>::infinity(); },
+       "--malloc_trim_seconds: "},
   };
   for (const Case& c : cases) {
     Options options;
