@@ -1,15 +1,19 @@
 // lmhead_executor_bench: the serving path without gRPC. --clients threads each submit Forward
-// jobs of (1, --tokens, d_model) bf16 hidden states with labels (fused_linear, sum) straight to
-// the server's scheduler, one job in flight each, the way the frontend does once a call is
-// decoded; the server's executors (one per --device entry) run them. Prints, per
-// --max_batch_tokens value, tokens/s against the kernel-only rate of the same head (one
-// forward of --kernel_tokens tokens at a time, measured first in the same run), latency
-// percentiles, the mean batch, and the executor's host time per batch and per job: the work of
-// queuing a batch (copies, kernels' launches, outputs' copies back) that packing adds to or saves
-// from the device's time. Issue 12's serving benchmark without the transport
-// (docs/BENCHMARKS.md "Serving").
+// jobs of (1, --tokens, d_model) hidden states (sent as bf16) with labels (fused_linear, sum)
+// straight to the server's scheduler, one job in flight each, the way the frontend does once a
+// call is decoded; the server's executors (one per --device entry) run them, with the demo head
+// in --dtype. Prints, per --max_batch_tokens value, tokens/s against the kernel-only rate of the
+// same head (forwards of --kernel_tokens tokens on the first device, measured first in the same
+// run), latency percentiles, the mean batch, and per job the executor's host time to queue its
+// batch (copies, launches, copies back) and, on a GPU, the device's time on it. On the CPU the
+// host time is the compute itself, and the rates may exceed kernel-only's (smaller forwards use
+// the caches better). Issue 12's serving benchmark without the transport (docs/BENCHMARKS.md
+// "Serving").
 //
+//   bazel build //bench:lmhead_executor_bench    # or tools/gpu/run.sh executor on a GPU machine
 //   lmhead_executor_bench --device cuda:0 --clients 64 --tokens 256 --seconds 10
+//   lmhead_executor_bench --device cpu --d_model 256 --vocab_size 8192 --dtype float32 \
+//       --tokens 64 --clients 16 --kernel_tokens 512
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <c10/core/StreamGuard.h>
@@ -31,7 +35,10 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "core/dtype.h"
@@ -42,10 +49,12 @@
 #include "server/options.h"
 #include "server/scheduler/scheduler.h"
 
-ABSL_FLAG(std::string, device, "cpu", "Executors' devices, as the server's --device.");
+ABSL_FLAG(std::string, device, "cpu",
+          "Executors' devices, as the server's --device (cpu, cuda, cuda:0,cuda:1, ...).");
 ABSL_FLAG(int64_t, d_model, 4096, "Hidden size of the demo head.");
 ABSL_FLAG(int64_t, vocab_size, 128256, "Vocabulary size of the demo head.");
-ABSL_FLAG(std::string, dtype, "bfloat16", "Demo head's parameters and the hidden states' dtype.");
+ABSL_FLAG(std::string, dtype, "bfloat16",
+          "Demo head's parameters and compute dtype (the hidden states are sent as bf16).");
 ABSL_FLAG(int, clients, 64, "Submitting threads, one job in flight each.");
 ABSL_FLAG(int64_t, tokens, 256, "Tokens per job: hidden states (1, tokens, d_model).");
 ABSL_FLAG(std::string, max_batch_tokens, "1,8192",
@@ -356,9 +365,10 @@ void Measure(const ModelRegistry& registry, const std::vector<Template>& calls,
   const double p99 = Percentile(totals.latencies_ms, 0.99);
   std::printf(
       "max_batch_tokens %-6lld %10.0f tokens/s  %5.1f%% of kernel-only  p50 %6.2f ms  p99 %6.2f "
-      "ms  mean batch %5.1f  per job: host launch %6.1f us, device %6.1f us  errors %lld\n",
+      "ms  mean batch %5.1f  per job: host launch %6.1f us, device %s  errors %lld\n",
       static_cast<long long>(max_batch_tokens), tokens_per_s,
-      100 * tokens_per_s / kernel_tokens_per_s, p50, p99, mean_batch, launch_us, device_us,
+      100 * tokens_per_s / kernel_tokens_per_s, p50, p99, mean_batch, launch_us,
+      device_us > 0 ? absl::StrFormat("%6.1f us", device_us).c_str() : "n/a",
       static_cast<long long>(totals.errors));
   if (!totals.first_error.empty()) std::printf("  first error: %s\n", totals.first_error.c_str());
   if (ops != nullptr && totals.jobs > 0) {
@@ -452,6 +462,11 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "The serving path without gRPC: jobs submitted straight to the scheduler and executors.\n"
       "  lmhead_executor_bench --device cuda:0 --clients 64 --tokens 256 --seconds 10");
+  absl::FlagsUsageConfig usage;  // --help lists this file's flags
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "executor_bench");
+  };
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   return lmhead::Run();
 }

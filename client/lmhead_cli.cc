@@ -358,8 +358,8 @@ std::vector<Command> Commands() {
       {"forward",
        "Runs LMHead.forward on the server: reads hidden states (and labels) from .npy or\n"
        ".safetensors, writes logits/loss/ce_loss/z_loss/argmax to a .safetensors file (metadata:\n"
-       "model, model_version, num_scored_tokens). Inputs larger than --chunk_mib are streamed in\n"
-       "micro-batches along the batch dimension, with a progress bar.",
+       "model, model_version, num_scored_tokens, num_nonfinite_inputs). Inputs larger than\n"
+       "--chunk_mib are streamed in micro-batches along the batch dimension, with a progress bar.",
        {kAddress,
         {"hidden", "FILE", "(batch, seq_len, d_model) hidden states, .npy or .safetensors", ""},
         {"hidden_name", "NAME", "tensor name inside a .safetensors --hidden file", ""},

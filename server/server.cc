@@ -92,10 +92,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
     server->executors_.push_back(
         std::make_unique<Executor>(server->scheduler_.get(), devices[i], static_cast<int>(i)));
   }
-  LogInfo(kNoRequest, absl::StrCat(devices.size(), devices.size() == 1 ? " executor" : " executors",
-                                   " (", absl::StrJoin(devices, ", "), "); batches of up to ",
-                                   options.max_batch_tokens, " tokens, queue of ",
-                                   options.max_queue_tokens, " tokens"));
+  LogInfo(kNoRequest,
+          absl::StrCat(devices.size(), devices.size() == 1 ? " executor" : " executors", " (",
+                       absl::StrJoin(devices, ", "), "); ",
+                       options.max_batch_tokens > 1
+                           ? absl::StrCat("batches of up to ", options.max_batch_tokens, " tokens")
+                           : std::string("packing off (one call a batch)"),
+                       ", queue of ", options.max_queue_tokens, " tokens"));
   server->service_->SetRegistry(std::shared_ptr<const ModelRegistry>(*std::move(registry)));
   SetServing(server->server_.get(), true);
   LogInfo(kNoRequest, absl::StrCat("serving on port ", server->port_));
