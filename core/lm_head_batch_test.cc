@@ -300,8 +300,9 @@ TEST(LMHeadBatchTest, EmptyBatchGivesNoResults) {
   EXPECT_TRUE(head->ForwardBatch({}).empty());
 }
 
-// Items that keep no position, alone in their group or with others: empty outputs of the right
-// shapes, as Forward gives.
+// Items that keep no position, alone in their group or with others, for every reduction with
+// and without z-loss (a packed group whose sums run over no rows): empty or zero outputs of the
+// right shapes, as Forward gives.
 TEST(LMHeadBatchTest, ItemsWithoutKeptPositions) {
   std::unique_ptr<LMHead> head = MakeHead(LMHeadConfig{});
   at::Generator gen = at::detail::createCPUGenerator(3);
@@ -309,33 +310,42 @@ TEST(LMHeadBatchTest, ItemsWithoutKeptPositions) {
   const at::Tensor labels = at::randint(kV, {2, 4}, gen, at::TensorOptions(at::kLong));
   for (const LossImplementation implementation :
        {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
-    std::vector<ForwardItem> items;
-    for (const std::variant<int64_t, at::Tensor>& keep :
-         std::vector<std::variant<int64_t, at::Tensor>>{int64_t{-4}, at::zeros({2, 0}, at::kLong),
-                                                        int64_t{-9}}) {
-      ForwardItem item{x, {}};
-      item.options.labels = labels;
-      item.options.logits_to_keep = keep;
-      item.options.loss_implementation = implementation;
-      item.options.loss_reduction = LossReduction::kNone;
-      item.options.return_argmax = true;
-      items.push_back(item);
-    }
-    ForwardItem without_labels{x, {}};
-    without_labels.options.logits_to_keep = int64_t{-4};
-    without_labels.options.return_argmax = true;
-    items.push_back(without_labels);
-    for (const std::vector<ForwardItem>& batch : {items, std::vector<ForwardItem>{items.front()}}) {
-      const std::vector<absl::StatusOr<LMOutput>> results = head->ForwardBatch(batch);
-      for (size_t i = 0; i < batch.size(); ++i) {
-        ASSERT_TRUE(results[i].ok()) << results[i].status();
-        EXPECT_EQ(results[i]->argmax->sizes(), (std::vector<int64_t>{2, 0}));
-        if (results[i]->loss.has_value()) {
-          EXPECT_EQ(results[i]->loss->sizes(), (std::vector<int64_t>{2, 0}));
+    for (const LossReduction reduction :
+         {LossReduction::kNone, LossReduction::kSum, LossReduction::kMean}) {
+      for (const std::optional<double> z : {std::optional<double>(), std::optional<double>(1e-3)}) {
+        const std::string what =
+            absl::StrCat(Name(implementation), " ", Name(reduction), " z=", z.value_or(-1));
+        std::vector<ForwardItem> items;
+        for (const std::variant<int64_t, at::Tensor>& keep :
+             std::vector<std::variant<int64_t, at::Tensor>>{
+                 int64_t{-4}, at::zeros({2, 0}, at::kLong), int64_t{-9}}) {
+          ForwardItem item{x, {}};
+          item.options.labels = labels;
+          item.options.logits_to_keep = keep;
+          item.options.loss_implementation = implementation;
+          item.options.loss_reduction = reduction;
+          item.options.z_loss_multiplier = z;
+          item.options.return_argmax = true;
+          items.push_back(item);
         }
-        EXPECT_EQ(results[i]->num_scored_tokens, 0);
-        ExpectSameResult(results[i], head->Forward(batch[i].x, batch[i].options), at::kFloat,
-                         /*exact=*/false, absl::StrCat(Name(implementation), " item ", i));
+        ForwardItem without_labels{x, {}};
+        without_labels.options.logits_to_keep = int64_t{-4};
+        without_labels.options.return_argmax = true;
+        items.push_back(without_labels);
+        for (const std::vector<ForwardItem>& batch :
+             {items, std::vector<ForwardItem>{items.front()}}) {
+          const std::vector<absl::StatusOr<LMOutput>> results = head->ForwardBatch(batch);
+          for (size_t i = 0; i < batch.size(); ++i) {
+            ASSERT_TRUE(results[i].ok()) << what << ": " << results[i].status();
+            EXPECT_EQ(results[i]->argmax->sizes(), (std::vector<int64_t>{2, 0})) << what;
+            if (results[i]->loss.has_value() && reduction == LossReduction::kNone) {
+              EXPECT_EQ(results[i]->loss->sizes(), (std::vector<int64_t>{2, 0})) << what;
+            }
+            EXPECT_EQ(results[i]->num_scored_tokens, 0) << what;
+            ExpectSameResult(results[i], head->Forward(batch[i].x, batch[i].options), at::kFloat,
+                             /*exact=*/false, absl::StrCat(what, " item ", i));
+          }
+        }
       }
     }
   }

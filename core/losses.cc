@@ -102,6 +102,7 @@ std::vector<PackedLoss> PackedFusedLinearLoss(const at::Tensor& h, const at::Ten
                                               const std::vector<PackedLossRequest>& requests,
                                               int64_t chunk_bytes, bool with_argmax) {
   const int64_t count = static_cast<int64_t>(requests.size());
+  const int64_t vocab_size = weight.size(0);
   const c10::Device device = h.device();
   std::vector<at::Tensor> labels;
   int64_t rows = 0;
@@ -137,6 +138,9 @@ std::vector<PackedLoss> PackedFusedLinearLoss(const at::Tensor& h, const at::Ten
     int64_t scored = 0;
     for (int64_t i = 0; i < n; ++i) {
       const bool valid = label[i] != request.ignore_index;
+      // (LMHead::ValidateForward's rule; checked again because -1 marks the ignored rows.)
+      TORCH_CHECK(!valid || (label[i] >= 0 && label[i] < vocab_size),
+                  "PackedFusedLinearLoss: label ", label[i], " outside [0, ", vocab_size, ")");
       marked_rows[row + i] = valid ? label[i] : -1;
       scored += valid;
     }

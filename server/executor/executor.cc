@@ -79,21 +79,35 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
   for (size_t i = 0; i < batch.size(); ++i) {
     if (items[i].ok()) by_dtype[batch[i]->x.scalar_type()].push_back(i);
   }
-  for (const auto& [dtype, jobs] : by_dtype) {
+  for (const auto& [dtype, group] : by_dtype) {
+    // Each job's rows in pinned host memory: a large call comes in pageable memory (the frontend
+    // pins small ones) and is staged here, so that its transfer is asynchronous too. A job that
+    // cannot be staged gets its error alone.
+    std::vector<size_t> jobs;
+    std::vector<at::Tensor> sources;
+    for (const size_t i : group) {
+      absl::StatusOr<at::Tensor> source = CatchTorchErrors([&]() -> absl::StatusOr<at::Tensor> {
+        at::Tensor x = rows(batch[i]->x);
+        if (!x.is_pinned()) x = at::empty(x.sizes(), x.options().pinned_memory(true)).copy_(x);
+        return x;
+      });
+      if (source.ok()) {
+        jobs.push_back(i);
+        sources.push_back(*std::move(source));
+      } else {
+        items[i] = source.status();
+      }
+    }
+    if (jobs.empty()) continue;
+    // One buffer for the group: if it cannot be had, no job of the group runs.
     const absl::Status placed = CatchTorchErrors([&]() -> absl::Status {
       int64_t total = 0;
-      for (const size_t i : jobs) total += rows(batch[i]->x).size(0);
+      for (const at::Tensor& source : sources) total += source.size(0);
       const int64_t width = batch[jobs.front()]->x.size(-1);
       const at::Tensor sent =
           at::empty({total, width}, at::TensorOptions().dtype(dtype).device(device));
       int64_t row = 0;
-      for (const size_t i : jobs) {
-        at::Tensor source = rows(batch[i]->x);
-        // A large call comes in pageable memory (the frontend pins small ones): staged here, so
-        // that its transfer is asynchronous too.
-        if (!source.is_pinned()) {
-          source = at::empty(source.sizes(), source.options().pinned_memory(true)).copy_(source);
-        }
+      for (const at::Tensor& source : sources) {
         sent.narrow(0, row, source.size(0)).copy_(source, /*non_blocking=*/true);
         row += source.size(0);
       }
@@ -219,7 +233,10 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
     return absl::OkStatus();
   });
   if (!queued.ok()) {
-    std::fill(launched->results.begin(), launched->results.end(), queued);
+    // The outputs share storages: none can be trusted. Calls that had failed keep their error.
+    for (absl::StatusOr<LMOutput>& result : launched->results) {
+      if (result.ok()) result = queued;
+    }
     launched->nonfinite.assign(n, at::Tensor());
   }
   launched->launch_us =

@@ -424,9 +424,10 @@ TEST(GpuLMHeadAsyncTest, NoDeviceAllocationAfterWarmUp) {
 
 // ForwardBatch on the GPU, as the server calls it (hidden states on the device, index tensors on
 // the host, one on the device): every item of a packed group equals its own Forward on the same
-// head, for both loss implementations, the three reductions, with and without z-loss, argmax,
-// ignored and all-ignored labels, an item that keeps no position and every logits_to_keep form,
-// with the fused GEMM (bf16, no bias) and the chunked path (fp32, bias).
+// head, for both loss implementations, the three reductions, with and without z-loss (0.0 too),
+// loss_div_factor as a number and a tensor, argmax, ignored and all-ignored labels, items that
+// keep no position (also a whole group of them) and every logits_to_keep form, with the fused
+// GEMM (bf16, no bias) and the chunked path (fp32, bias).
 TEST(GpuLMHeadBatchTest, PackedItemsMatchTheirOwnForward) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (const bool bf16 : {true, false}) {
@@ -454,7 +455,9 @@ TEST(GpuLMHeadBatchTest, PackedItemsMatchTheirOwnForward) {
           o.loss_reduction = reduction;
           o.return_logits = false;
           o.return_argmax = variant % 2 == 0;
-          if (variant >= 2) o.z_loss_multiplier = 1e-3;
+          if (variant >= 2) o.z_loss_multiplier = variant == 2 ? 0.0 : 1e-3;  // 0.0 acts as 1e-4
+          if (i % 4 == 1) o.loss_div_factor = 2.5;
+          if (i % 8 == 5) o.loss_div_factor = at::full({}, 4.0, at::kFloat);
           o.ignore_index = variant == 3 ? 7 : -100;
           at::Tensor labels = at::randint(vocab, {batch, seq}, at::TensorOptions(at::kLong));
           labels = at::where(at::rand({batch, seq}).lt(0.25), o.ignore_index, labels);
@@ -467,6 +470,28 @@ TEST(GpuLMHeadBatchTest, PackedItemsMatchTheirOwnForward) {
           items.push_back(std::move(item));
         }
       }
+    }
+    // And a group where no item keeps a position (sums over no rows).
+    for (LossReduction reduction : {LossReduction::kSum, LossReduction::kMean}) {
+      for (int k = 0; k < 2; ++k) {
+        ForwardItem item;
+        item.x = at::randn({2, 3, d}, at::TensorOptions(at::kCUDA)).to(ScalarTypeOf(config.dtype));
+        item.options.loss_implementation = LossImplementation::kFusedLinear;
+        item.options.loss_reduction = reduction;
+        item.options.z_loss_multiplier = 1e-3;
+        item.options.return_logits = false;
+        item.options.labels = at::randint(vocab, {2, 3}, at::TensorOptions(at::kLong));
+        item.options.logits_to_keep = -3;
+        items.push_back(std::move(item));
+      }
+    }
+    const std::vector<ForwardItem> empty_group(items.end() - 4, items.end());
+    const std::vector<absl::StatusOr<LMOutput>> empty_results = (*gpu)->ForwardBatch(empty_group);
+    for (size_t k = 0; k < empty_group.size(); ++k) {
+      ASSERT_TRUE(empty_results[k].ok()) << empty_results[k].status();
+      EXPECT_EQ(empty_results[k]->num_scored_tokens, 0);
+      EXPECT_EQ(empty_results[k]->loss->cpu().item<float>(), 0.0f);
+      EXPECT_EQ(empty_results[k]->z_loss->cpu().to(at::kFloat).item<float>(), 0.0f);
     }
     const std::vector<absl::StatusOr<LMOutput>> packed = (*gpu)->ForwardBatch(items);
     ASSERT_EQ(packed.size(), items.size());
