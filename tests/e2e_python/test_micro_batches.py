@@ -246,3 +246,74 @@ def test_errors_name_the_request_field(server):
         assert error.value.code == grpc.StatusCode.NOT_FOUND
         assert error.value.details.startswith("model: no model named 'xxx")
         assert len(error.value.details) < 200
+
+
+@pytest.fixture(scope="module")
+def unpacked_server(server_binary, tmp_path_factory):
+    """Every micro-batch computed alone: answers that do not depend on timing, bit for bit."""
+    process = ServerProcess([f"--demo_d_model={D}", f"--demo_vocab_size={V}",
+                             "--max_batch_tokens=1"], tmp_path_factory.mktemp("unpacked"))
+    yield process
+    assert process.stop() == 0, process.log()[-2000:]
+
+
+def _bitwise_equal(a, b, what):
+    if isinstance(b, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        assert torch.equal(a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
+                           b.view(-1).view(torch.uint8) if b.is_floating_point() else b), (
+            what, a, b)
+        return
+    if b is None:
+        assert a is None, what
+        return
+    for i, (x, y) in enumerate(zip(a, b)):
+        _bitwise_equal(x, y, f"{what}[{i}]")
+
+
+@pytest.mark.parametrize("implementation", ["default", "fused_linear"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_parallel_streams_give_one_streams_result(unpacked_server, server, implementation,
+                                                  reduction):
+    """parallel_streams spreads the micro-batches over several streams and connections; the
+    answers are combined in the job's order: exactly one stream's result where each micro-batch
+    is computed alone, and the same up to float rounding where the server packs them."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(11, 4, D, generator=gen)
+    labels = torch.randint(0, V, (11, 4), generator=gen)
+    labels[torch.rand(11, 4, generator=gen) < 0.3] = -100
+    args = dict(labels=labels, loss_reduction=reduction, z_loss_multiplier=1e-3,
+                loss_div_factor=2.0 if reduction != "none" else torch.rand(11, 1) + 0.5,
+                loss_implementation=implementation, return_argmax=True,
+                logits_to_keep=torch.randint(0, 4, (11, 2), generator=gen))
+    with RemoteLMHead(unpacked_server.address, timeout=60) as head:
+        one = head.forward_stream(x, micro_batch_size=2, **args)
+        for streams in (2, 3, 6, 20):
+            before = unpacked_server.log().count("ForwardStream")
+            _bitwise_equal(head.forward_stream(x, micro_batch_size=2, parallel_streams=streams,
+                                               **args), one, f"{streams} streams")
+            # As many calls as asked, at most one a micro-batch (6 of 2 rows here).
+            assert unpacked_server.log().count("ForwardStream") - before == min(streams, 6)
+    with RemoteLMHead(server.address, timeout=60) as head:
+        _same(head.forward_stream(x, micro_batch_size=2, parallel_streams=3, **args), one,
+              "3 streams, packing on")
+
+
+def test_parallel_streams_fail_with_the_first_failure(server):
+    """A micro-batch refused in one stream fails the job with its status; the other streams are
+    cancelled; the client then works as before."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(8, 4, D, generator=gen)
+    with RemoteLMHead(server.address, timeout=60) as head:
+        for bad_row in (0, 7):
+            labels = torch.randint(0, V, (8, 4), generator=gen)
+            labels[bad_row, 1] = V + 3
+            with pytest.raises(LMHeadError) as raised:
+                head.forward_stream(x, labels=labels, micro_batch_size=1, parallel_streams=4)
+            assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "labels" in str(raised.value)
+        labels = torch.randint(0, V, (8, 4), generator=gen)
+        _same(head.forward_stream(x, labels=labels, micro_batch_size=1, parallel_streams=4),
+              head.forward(x, labels=labels), "after a failure")
+        with pytest.raises(ValueError, match="parallel_streams"):
+            head.forward_stream(x, labels=labels, parallel_streams=0)

@@ -107,6 +107,7 @@ class RemoteLMHead:
             ]
         else:
             options.append(("grpc.enable_retries", 0))
+        self._options = options
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.LMHeadServiceStub(self._channel)
         # Forward and ForwardStream with requests serialised by WireRequest (one copy of the
@@ -115,12 +116,34 @@ class RemoteLMHead:
         self._forward = self._channel.unary_unary(
             method + "Forward", request_serializer=_tensors.WireRequest.serialize,
             response_deserializer=pb.ForwardResponse.FromString)
-        self._forward_stream = self._channel.stream_stream(
-            method + "ForwardStream", request_serializer=_tensors.WireRequest.serialize,
+        # ForwardStream on this channel, then on the channels parallel streams add (each its own
+        # connection: a local subchannel pool keeps gRPC from sharing one between channels).
+        self._forward_streams = [self._stream_method(self._channel)]
+        self._more_channels: List[grpc.Channel] = []
+        self._channels_lock = threading.Lock()
+
+    @staticmethod
+    def _stream_method(channel: grpc.Channel):
+        return channel.stream_stream(
+            "/lmhead.v1.LMHeadService/ForwardStream",
+            request_serializer=_tensors.WireRequest.serialize,
             response_deserializer=pb.ForwardResponse.FromString)
+
+    def _stream_methods(self, count: int) -> list:
+        """ForwardStream on `count` channels (connections), opened as needed."""
+        with self._channels_lock:
+            while len(self._forward_streams) < count:
+                channel = grpc.insecure_channel(
+                    self.address,
+                    options=self._options + [("grpc.use_local_subchannel_pool", 1)])
+                self._more_channels.append(channel)
+                self._forward_streams.append(self._stream_method(channel))
+            return self._forward_streams[:count]
 
     def close(self) -> None:
         self._channel.close()
+        for channel in self._more_channels:
+            channel.close()
 
     def __enter__(self) -> "RemoteLMHead":
         return self
@@ -203,7 +226,8 @@ class RemoteLMHead:
             yield StreamChunk(start, stop, output, response.num_scored_tokens)
 
     def forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
-                       max_chunk_bytes: int = 64 << 20, **forward_args):
+                       max_chunk_bytes: int = 64 << 20, parallel_streams: int = 1,
+                       **forward_args):
         """forward(x, **forward_args) for jobs of any size: x is split along the batch into
         micro-batches (`micro_batch_size` rows, or as many as fit `max_chunk_bytes` of hidden
         states), sent over one ForwardStream, and the answers combined into what one forward
@@ -218,7 +242,15 @@ class RemoteLMHead:
         loss_div_factor must be a number for "mean"/"sum" (ValueError otherwise); for "none" a
         tensor with B rows is split with the batch, and one of rank 2 or less that broadcasts
         is sent whole. Rows never interact in LMHead.forward, so nothing else changes.
+
+        parallel_streams: the micro-batches are spread over this many ForwardStream calls at
+        once, each on a connection of its own, a run of consecutive micro-batches each; the
+        answers are combined in the job's order, so the result is exactly one stream's. When a
+        stream fails the others are cancelled and the job raises the first failure in the
+        job's order (its " (micro-batch N)" counts within that stream). Default 1.
         """
+        if parallel_streams < 1:
+            raise ValueError(f"parallel_streams must be positive, got {parallel_streams}")
         reduction = forward_args.get("loss_reduction", "mean")
         has_labels = forward_args.get("labels") is not None
         divisor = forward_args.get("loss_div_factor")
@@ -232,7 +264,8 @@ class RemoteLMHead:
         combiner = MicroBatchCombiner(
             reduction, None if reduction == "none" or divisor is None else float(divisor),
             lambda: self._implementation(forward_args))
-        for _, _, response in self._stream(x, micro_batch_size, max_chunk_bytes, sent_args):
+        for response in self._parallel_streams(x, micro_batch_size, max_chunk_bytes, sent_args,
+                                               parallel_streams):
             combiner.add(response)
 
         combined = {name: _tensors.to_user(decoded, _tensors.is_torch(x))
@@ -282,17 +315,61 @@ class RemoteLMHead:
             wire.add(_tensors.WireRequest.LABELS, labels)
         return wire
 
-    def _stream(self, x, micro_batch_size, max_chunk_bytes,
-                forward_args) -> Iterator[Tuple[int, int, pb.ForwardResponse]]:
-        """(start, stop, response) per micro-batch of one ForwardStream call."""
+    def _parallel_streams(self, x, micro_batch_size, max_chunk_bytes, forward_args,
+                          streams: int) -> List[pb.ForwardResponse]:
+        """The answers to every micro-batch of x, in order, over up to `streams` ForwardStream
+        calls at once, each given a run of consecutive micro-batches."""
+        bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
+        streams = min(streams, len(bounds))
+        if streams == 1:
+            return [r for _, _, r in self._stream(x, micro_batch_size, max_chunk_bytes,
+                                                  forward_args)]
+        size = bounds[1][0] - bounds[0][0]  # rows per micro-batch (all but the last)
         batch = int(x.shape[0])
-        if micro_batch_size is None:
-            row_bytes = int(np.prod(x.shape[1:])) * _itemsize(x)
-            micro_batch_size = max(1, max_chunk_bytes // max(1, row_bytes))
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
-        bounds = [(a, min(a + micro_batch_size, batch))
-                  for a in range(0, batch, micro_batch_size)] or [(0, 0)]
+        row_args = _row_arguments(batch, forward_args)
+        # Stream s sends micro-batches [first[s], first[s + 1]).
+        first = [len(bounds) * s // streams for s in range(streams + 1)]
+        parts = []
+        for s in range(streams):
+            start, stop = bounds[first[s]][0], bounds[first[s + 1] - 1][1]
+            args = dict(forward_args)
+            for name in row_args:
+                args[name] = forward_args[name][start:stop]
+            parts.append((x[start:stop], args))
+        results: List[Optional[List[pb.ForwardResponse]]] = [None] * streams
+        errors: List[Optional[BaseException]] = [None] * streams
+        calls = _Calls()
+        methods = self._stream_methods(streams)
+
+        def run(s):
+            try:
+                part_x, args = parts[s]
+                results[s] = [r for _, _, r in self._stream(
+                    part_x, size, max_chunk_bytes, args, method=methods[s], calls=calls)]
+            except BaseException as e:  # noqa: BLE001 - re-raised by the caller, in job order
+                errors[s] = e
+                calls.cancel_all()
+
+        threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in range(streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        failed = [e for e in errors if e is not None]
+        if failed:
+            # The first stream that failed on its own, not because another one cancelled it.
+            own = [e for e in failed if not (isinstance(e, LMHeadError) and e.code ==
+                                             grpc.StatusCode.CANCELLED)]
+            raise (own or failed)[0]
+        return [response for part in results for response in part]
+
+    def _stream(self, x, micro_batch_size, max_chunk_bytes, forward_args, method=None,
+                calls: Optional["_Calls"] = None
+                ) -> Iterator[Tuple[int, int, pb.ForwardResponse]]:
+        """(start, stop, response) per micro-batch of one ForwardStream call (on `method`,
+        default this client's channel), registered with `calls` when given."""
+        batch = int(x.shape[0])
+        bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
         row_args = _row_arguments(batch, forward_args)
 
         def request(start, stop):
@@ -312,7 +389,9 @@ class RemoteLMHead:
             # waiting for the stream's end until the deadline (docs/API.md "Retries").
             answered.wait()
 
-        call = self._forward_stream(requests(), timeout=self.timeout)
+        call = (method or self._forward_streams[0])(requests(), timeout=self.timeout)
+        if calls is not None:
+            calls.add(call)
         finished = False
         try:
             responses = iter(call)
@@ -354,6 +433,42 @@ def _output(response: pb.ForwardResponse, as_torch: bool, has_labels: bool,
     output = (LMOutputWithLoss(*(fields.get(name) for name in ("logits",) + _LOSS_FIELDS))
               if has_labels else fields.get("logits"))
     return (output, fields.get("argmax")) if return_argmax else output
+
+
+class _Calls:
+    """The calls of one job's parallel streams: cancel_all() cancels those running and any
+    added later."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._calls = []
+        self._cancelled = False
+
+    def add(self, call) -> None:
+        with self._lock:
+            self._calls.append(call)
+            if self._cancelled:
+                call.cancel()
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            for call in self._calls:
+                call.cancel()
+
+
+def _micro_batches(x, micro_batch_size: Optional[int], max_chunk_bytes: int
+                   ) -> List[Tuple[int, int]]:
+    """[start, stop) rows of each micro-batch of x: `micro_batch_size` rows, or as many as fit
+    `max_chunk_bytes`; one empty micro-batch for an empty x."""
+    batch = int(x.shape[0])
+    if micro_batch_size is None:
+        row_bytes = int(np.prod(x.shape[1:])) * _itemsize(x)
+        micro_batch_size = max(1, max_chunk_bytes // max(1, row_bytes))
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    return [(a, min(a + micro_batch_size, batch))
+            for a in range(0, batch, micro_batch_size)] or [(0, 0)]
 
 
 def _itemsize(x) -> int:
