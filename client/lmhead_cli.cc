@@ -280,6 +280,11 @@ int RunForward(const Values& values) {
   if (!absl::SimpleAtod(Get(values, "chunk_mib"), &chunk_mib) || chunk_mib < 0) {
     return UsageError(command, "--chunk_mib: expected a number >= 0");
   }
+  int parallel_streams = 1;
+  if (!absl::SimpleAtoi(Get(values, "parallel_streams"), &parallel_streams) ||
+      parallel_streams < 1) {
+    return UsageError(command, "--parallel_streams: expected an integer >= 1");
+  }
 
   absl::StatusOr<v1::Tensor> hidden =
       ReadTensorFile(Get(values, "hidden"), Get(values, "hidden_name"));
@@ -302,14 +307,16 @@ int RunForward(const Values& values) {
     response = client->Forward(*hidden, args);
   } else {
     const bool tty = isatty(STDERR_FILENO);
-    response =
-        client->ForwardChunked(*hidden, args, max_chunk_bytes, [tty](int64_t done, int64_t total) {
+    response = client->ForwardChunked(
+        *hidden, args, max_chunk_bytes,
+        [tty](int64_t done, int64_t total) {
           constexpr int kWidth = 30;
           const int filled = static_cast<int>(kWidth * done / std::max<int64_t>(total, 1));
           std::cerr << (tty ? "\r" : "") << "[" << std::string(filled, '#')
                     << std::string(kWidth - filled, '.') << "] " << done << "/" << total
                     << " micro-batches" << (tty && done < total ? "" : "\n") << std::flush;
-        });
+        },
+        parallel_streams);
   }
   if (!response.ok()) return Failed(response.status());
 
@@ -379,6 +386,7 @@ std::vector<Command> Commands() {
         {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
         {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},
         {"chunk_mib", "MIB", "micro-batch size for streaming; 0 sends one request", "64"},
+        {"parallel_streams", "N", "streams (and connections) a streamed job is spread over", "1"},
         {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"},
         kMaxAttempts},
        RunForward},

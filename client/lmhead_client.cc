@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "client/micro_batches.h"
 #include "proto/wire_dtype.h"
@@ -77,9 +78,24 @@ std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
   } else {
     arguments.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   }
-  return std::make_unique<LMHeadClient>(
+  auto client = std::make_unique<LMHeadClient>(
       grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), arguments),
       std::move(options));
+  client->open_channel_ = [address, arguments]() mutable {
+    grpc::ChannelArguments own = arguments;
+    own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection
+    return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), own);
+  };
+  return client;
+}
+
+v1::LMHeadService::Stub* LMHeadClient::StreamStub(int index) {
+  if (index == 0 || !open_channel_) return stub_.get();
+  absl::MutexLock lock(&streams_mu_);
+  while (static_cast<int>(stream_stubs_.size()) < index) {
+    stream_stubs_.push_back(v1::LMHeadService::NewStub(open_channel_()));
+  }
+  return stream_stubs_[index - 1].get();
 }
 
 LMHeadClient::LMHeadClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
@@ -111,11 +127,17 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::Forward(const v1::ForwardReque
 
 absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnResponse& on_response,
                                          grpc::ClientContext* context) {
+  return ForwardStreamOn(stub_.get(), next, on_response, context);
+}
+
+absl::Status LMHeadClient::ForwardStreamOn(v1::LMHeadService::Stub* stub, const NextRequest& next,
+                                           const OnResponse& on_response,
+                                           grpc::ClientContext* context) {
   grpc::ClientContext own_context;
   if (context == nullptr) context = &own_context;
   Prepare(context);
   std::unique_ptr<grpc::ClientReaderWriter<v1::ForwardRequest, v1::ForwardResponse>> stream =
-      stub_->ForwardStream(context);
+      stub->ForwardStream(context);
   // The stream is half-closed only once an answer came or the call ended (when it sent
   // anything): a half-close sent while gRPC starts a retry attempt was seen lost, leaving the
   // server waiting for the stream's end until the deadline (docs/API.md "Retries").
@@ -154,7 +176,11 @@ absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnRespon
 
 absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
-    const std::function<void(int64_t, int64_t)>& progress) {
+    const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {
+  if (parallel_streams < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parallel_streams: expected 1 or more, got ", parallel_streams));
+  }
   if (hidden_states.shape_size() != 3) {
     return absl::InvalidArgumentError("hidden_states: expected (batch, seq_len, d_model)");
   }
@@ -195,10 +221,9 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
   v1::ForwardRequest base = MakeForwardRequest(empty_hidden, micro_args);
   base.clear_hidden_states();
 
-  int64_t sent = 0;
-  const NextRequest next = [&](v1::ForwardRequest* request) {
-    if (sent == micro_batches) return false;
-    const int64_t begin = std::min(sent * rows_per_micro_batch, batch);
+  // Micro-batch m's request.
+  const auto micro_batch = [&](int64_t m, v1::ForwardRequest* request) {
+    const int64_t begin = std::min(m * rows_per_micro_batch, batch);
     const int64_t end = std::min(begin + rows_per_micro_batch, batch);
     *request = base;
     *request->mutable_hidden_states() = SliceRows(hidden_states, begin, end);
@@ -213,8 +238,6 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
       *request->mutable_options()->mutable_loss_div_factor_tensor() =
           SliceRows(std::get<v1::Tensor>(args.loss_div_factor), begin, end);
     }
-    ++sent;
-    return true;
   };
 
   CombineOptions combine;
@@ -233,16 +256,83 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
                : v1::LOSS_IMPLEMENTATION_DEFAULT;
   };
   MicroBatchCombiner combiner(std::move(combine));
-  absl::Status failure;
-  const OnResponse on_response = [&](int64_t index, const v1::ForwardResponse& response) {
-    failure = combiner.Add(response);
-    if (!failure.ok()) return false;
-    if (progress) progress(index + 1, micro_batches);
-    return true;
+  const int streams = static_cast<int>(std::min<int64_t>(parallel_streams, micro_batches));
+  if (streams == 1) {  // combined as the answers arrive
+    int64_t sent = 0;
+    const NextRequest next = [&](v1::ForwardRequest* request) {
+      if (sent == micro_batches) return false;
+      micro_batch(sent++, request);
+      return true;
+    };
+    absl::Status failure;
+    const OnResponse on_response = [&](int64_t index, const v1::ForwardResponse& response) {
+      failure = combiner.Add(response);
+      if (!failure.ok()) return false;
+      if (progress) progress(index + 1, micro_batches);
+      return true;
+    };
+    absl::Status status = ForwardStream(next, on_response);
+    if (!failure.ok()) return failure;
+    if (!status.ok()) return status;
+    return combiner.Finish();
+  }
+
+  // Stream s sends micro-batches [first[s], first[s + 1]); the answers are kept by index and
+  // combined in order once all streams are done.
+  std::vector<int64_t> first(streams + 1);
+  for (int s = 0; s <= streams; ++s) first[s] = micro_batches * s / streams;
+  std::vector<v1::ForwardResponse> answers(micro_batches);
+  std::vector<absl::Status> statuses(streams);
+  std::vector<grpc::ClientContext> contexts(streams);
+  absl::Mutex mu;  // progress, and cancelling the other streams
+  bool cancelled = false;
+  int64_t done = 0;
+  const auto cancel_others = [&]() {
+    absl::MutexLock lock(&mu);
+    if (cancelled) return;
+    cancelled = true;
+    for (grpc::ClientContext& context : contexts) context.TryCancel();
   };
-  absl::Status status = ForwardStream(next, on_response);
-  if (!failure.ok()) return failure;
-  if (!status.ok()) return status;
+  std::vector<v1::LMHeadService::Stub*> stubs;
+  for (int s = 0; s < streams; ++s) stubs.push_back(StreamStub(s));
+  std::vector<std::thread> threads;
+  for (int s = 0; s < streams; ++s) {
+    threads.emplace_back([&, s]() {
+      int64_t next_index = first[s];
+      const NextRequest next = [&](v1::ForwardRequest* request) {
+        if (next_index == first[s + 1]) return false;
+        micro_batch(next_index++, request);
+        return true;
+      };
+      const OnResponse on_response = [&](int64_t index, const v1::ForwardResponse& response) {
+        if (first[s] + index >= first[s + 1]) return false;  // more answers than asked
+        answers[first[s] + index] = response;
+        absl::MutexLock lock(&mu);
+        ++done;
+        if (progress) progress(done, micro_batches);
+        return true;
+      };
+      statuses[s] = ForwardStreamOn(stubs[s], next, on_response, &contexts[s]);
+      if (!statuses[s].ok()) cancel_others();
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  // The first failure in the job's order that is not a stream cancelled because of another.
+  const absl::Status* failed = nullptr;
+  for (const absl::Status& status : statuses) {
+    if (status.ok()) continue;
+    if (failed == nullptr || (absl::IsCancelled(*failed) && !absl::IsCancelled(status))) {
+      failed = &status;
+    }
+  }
+  if (failed != nullptr) return *failed;
+  if (done != micro_batches) {
+    return absl::InternalError(
+        absl::StrCat("the streams answered ", done, " of ", micro_batches, " micro-batches"));
+  }
+  for (const v1::ForwardResponse& answer : answers) {
+    if (absl::Status added = combiner.Add(answer); !added.ok()) return added;
+  }
   return combiner.Finish();
 }
 

@@ -15,9 +15,12 @@
 #include <optional>
 #include <string>
 #include <variant>
+#include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
 
@@ -94,10 +97,15 @@ class LMHeadClient {
   // the rule of docs/API.md "Combining micro-batches" (MicroBatchCombiner). Labels, a (B, K)
   // logits_to_keep and, for "none", a (B, ...) loss_div_factor tensor are split with the batch.
   // A tensor loss_div_factor with mean or sum is INVALID_ARGUMENT (pass a number). `progress` is
-  // called after each micro-batch with (done, total).
+  // called after each micro-batch with (done, total). `parallel_streams` > 1 spreads the
+  // micro-batches over that many ForwardStream calls at once, each on a connection of its own
+  // (clients made by Connect) and given a run of consecutive micro-batches; the answers are
+  // combined in the job's order, so the result is one stream's. A failing stream cancels the
+  // others; the job then fails with the first failure in its order.
   absl::StatusOr<v1::ForwardResponse> ForwardChunked(
       const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
-      const std::function<void(int64_t done, int64_t total)>& progress = {});
+      const std::function<void(int64_t done, int64_t total)>& progress = {},
+      int parallel_streams = 1);
 
   absl::StatusOr<v1::ListModelsResponse> ListModels();
   absl::StatusOr<v1::ModelInfo> GetModel(const std::string& name = "");
@@ -108,10 +116,21 @@ class LMHeadClient {
 
  private:
   void Prepare(grpc::ClientContext* context) const;
+  absl::Status ForwardStreamOn(v1::LMHeadService::Stub* stub, const NextRequest& next,
+                               const OnResponse& on_response, grpc::ClientContext* context);
+  // The stub of stream `index` of a job's parallel streams: 0 this client's channel, others a
+  // channel (connection) each, opened on first use (all this client's when it was not made by
+  // Connect).
+  v1::LMHeadService::Stub* StreamStub(int index);
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::LMHeadService::Stub> stub_;
+  // Set by Connect: opens another channel to the same server, with a connection of its own.
+  std::function<std::shared_ptr<grpc::Channel>()> open_channel_;
+  absl::Mutex streams_mu_;
+  std::vector<std::unique_ptr<v1::LMHeadService::Stub>> stream_stubs_
+      ABSL_GUARDED_BY(streams_mu_);  // index i: stream i + 1
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 

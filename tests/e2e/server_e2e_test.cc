@@ -455,6 +455,69 @@ TEST_F(ServerTest, ForwardChunkedCombinesLikeOneForward) {
   }
 }
 
+// parallel_streams spreads a chunked job's micro-batches over several streams and connections:
+// on a server that computes each micro-batch alone, exactly one stream's answer, for every
+// reduction, with positions and a per-row divisor; progress counts every micro-batch; a refused
+// micro-batch, first or last, fails the job with its status.
+TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> unpacked =
+      ServerProcess::Start({"--max_batch_tokens=1"});
+  ASSERT_TRUE(unpacked.ok()) << unpacked.status();
+  auto client = Connect(**unpacked);
+  const Inputs inputs = MakeInputs(9, 5, 4);
+  const int64_t row_bytes = 5 * kDModel * 4;
+  at::Generator generator = at::detail::createCPUGenerator(5);
+  for (v1::LossReduction reduction :
+       {v1::LOSS_REDUCTION_MEAN, v1::LOSS_REDUCTION_SUM, v1::LOSS_REDUCTION_NONE}) {
+    SCOPED_TRACE(v1::LossReduction_Name(reduction));
+    ForwardArgs args;
+    args.labels = ToWire(inputs.labels);
+    args.loss_reduction = reduction;
+    args.z_loss_multiplier = 1e-3;
+    args.return_argmax = true;
+    args.logits_to_keep = ToWire(at::randint(5, {9, 2}, generator, at::kLong));
+    if (reduction == v1::LOSS_REDUCTION_NONE) {
+      args.loss_div_factor = ToWire(at::rand({9, 1}, generator) + 0.5);
+    } else {
+      args.loss_div_factor = 3.0;
+    }
+    absl::StatusOr<v1::ForwardResponse> one =
+        client->ForwardChunked(ToWire(inputs.x), args, 2 * row_bytes);
+    ASSERT_TRUE(one.ok()) << one.status();
+    for (int streams : {2, 3, 5, 12}) {
+      std::vector<int64_t> progress;
+      absl::StatusOr<v1::ForwardResponse> spread = client->ForwardChunked(
+          ToWire(inputs.x), args, 2 * row_bytes,
+          [&](int64_t done, int64_t total) { progress.push_back(done * 100 + total); }, streams);
+      ASSERT_TRUE(spread.ok()) << streams << ": " << spread.status();
+      EXPECT_EQ(progress, (std::vector<int64_t>{105, 205, 305, 405, 505})) << streams;
+      EXPECT_EQ(spread->num_scored_tokens(), one->num_scored_tokens()) << streams;
+      for (const auto& [name, got, want] :
+           {std::tuple{"logits", &spread->logits(), &one->logits()},
+            std::tuple{"loss", &spread->loss(), &one->loss()},
+            std::tuple{"ce_loss", &spread->ce_loss(), &one->ce_loss()},
+            std::tuple{"z_loss", &spread->z_loss(), &one->z_loss()},
+            std::tuple{"argmax", &spread->argmax(), &one->argmax()}}) {
+        EXPECT_EQ(got->SerializeAsString(), want->SerializeAsString()) << streams << " " << name;
+      }
+    }
+  }
+  for (const int64_t bad_row : {int64_t{0}, int64_t{8}}) {
+    ForwardArgs args;
+    at::Tensor labels = inputs.labels.clone();
+    labels.index_put_({bad_row, 1}, kVocab + 3);
+    args.labels = ToWire(labels);
+    absl::StatusOr<v1::ForwardResponse> failed =
+        client->ForwardChunked(ToWire(inputs.x), args, row_bytes, {}, 4);
+    ASSERT_FALSE(failed.ok());
+    EXPECT_EQ(failed.status().code(), absl::StatusCode::kInvalidArgument) << failed.status();
+    EXPECT_TRUE(absl::StrContains(failed.status().message(), "labels")) << failed.status();
+  }
+  EXPECT_EQ(client->ForwardChunked(ToWire(inputs.x), {}, row_bytes, {}, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*unpacked)->Stop(), 0) << (*unpacked)->Log();
+}
+
 // Each bad request: the exact status code and a message naming the field.
 struct BadCase {
   std::string name;
