@@ -93,7 +93,8 @@ TEST_F(CliTest, ForwardReadsNpyAndWritesSafetensors) {
   std::memcpy(labels.data(), ids, sizeof(ids));
   WriteNpy(dir + "/labels.npy", "<i8", "(2, 3)", labels);
 
-  for (const std::string chunking : {"", " --chunk_mib 0.0008"}) {
+  for (const std::string chunking :
+       {"", " --chunk_mib 0.0008", " --chunk_mib 0.0008 --parallel_streams 2"}) {
     SCOPED_TRACE(chunking);
     const std::string output = dir + "/out.safetensors";
     Result run = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
@@ -149,6 +150,11 @@ TEST_F(CliTest, ErrorsAndHelp) {
                                        "/missing.npy --output ", dir, "/o.safetensors"));
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.out.find("cannot open"), std::string::npos) << missing.out;
+  Result no_streams =
+      RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir, "/h.npy --output ", dir,
+                          "/o.safetensors --parallel_streams 0"));
+  EXPECT_EQ(no_streams.exit_code, 2) << no_streams.out;
+  EXPECT_NE(no_streams.out.find("--parallel_streams"), std::string::npos) << no_streams.out;
   Result down = RunCli("health --address 127.0.0.1:1 --timeout 2");
   EXPECT_EQ(down.exit_code, 1);
   EXPECT_NE(down.out.find("UNAVAILABLE"), std::string::npos) << down.out;
