@@ -3,7 +3,7 @@
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
 #   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server|parity|oom|
-#                     serving|executor] [--quick]
+#                     serving|executor|e2e] [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # parity: the parity suite (tests/parity) with our head on cuda:0 against olmo_core on the same
@@ -12,6 +12,8 @@
 # benchmark (64 clients x 256 tokens against the real server: batching off and on, one GPU and,
 # where there are two, both; the kernel-only tokens/s of the same shape measured first).
 # executor: the same load without gRPC (bench/executor_bench.cc): jobs straight to the scheduler.
+# e2e: issue 13's end-to-end benchmark (bench/e2e_bench.py): one 32,768-token job through the
+# Python client and the CLI with 1 and 4 streams, and through bench/reference_server.py.
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
@@ -107,7 +109,7 @@ if wants parity; then
     echo "!! parity: the runner did not build or the wheels did not install"
   fi
 fi
-if wants server || wants oom || wants serving || wants executor; then
+if wants server || wants oom || wants serving || wants executor || wants e2e; then
   echo "== build the server and the CLI"
   # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
@@ -161,6 +163,18 @@ if wants executor; then
   if (($(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l) >= 2)); then
     step "$build/lmhead_executor_bench" --device cuda:0,cuda:1 | tee -a "$out/executor.txt"
   fi
+fi
+if wants e2e; then
+  echo "== e2e: one 32,768-token job, d=4096, V=128256, bf16, fused_linear, sum (issue 13)"
+  step "$build/gpu_lm_head_bench" --serving | tee "$out/e2e_kernel.txt"
+  kernel=$(grep "N=8192 " "$out/e2e_kernel.txt" | sed -E 's/.* ([0-9]+) tokens\/s/\1/')
+  pydeps="$deps/py"
+  python3 -m pip install -q --no-deps --target "$pydeps" .gpu/client/grpcio*.whl \
+    .gpu/olmo/*.whl .gpu/whl/liger_kernel-*.whl > /dev/null 2>&1 || true
+  rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
+  PYTHONPATH="$pydeps:client/python" step python3 bench/e2e_bench.py --device cuda:0 \
+    --kernel_tokens_per_s "$kernel" --lmhead "$build/lmhead_server" --cli "$build/lmhead" \
+    | tee "$out/e2e.txt"
 fi
 if wants serving; then
   echo "== serving: 64 clients x 256-token calls, d=4096, V=128256, bf16, fused_linear, sum (issue 12)"
