@@ -5,12 +5,14 @@ It loads a model the way `lmhead_server --model NAME=PATH.safetensors` does (the
 OLMo-core's state-dict names, the head's configuration in `PATH.json` beside them, lmhead's JSON:
 docs/API.md), decodes each request's tensors with `torch.frombuffer`, calls `LMHead.forward` with
 its options and encodes the outputs; no queue, no batching, no staging, one call per gRPC worker
-thread. What it does not support (per-request configuration other than `loss_implementation`,
-`logits_dtype`, `fused_chunk_bytes`, `return_argmax`) is answered UNIMPLEMENTED; what
-OLMo-core refuses, INVALID_ARGUMENT with its message.
+thread; gRPC's health service. What it does not support (per-request configuration other than
+`loss_implementation`, `logits_dtype`, `fused_chunk_bytes`, `return_argmax`) is answered
+UNIMPLEMENTED; what OLMo-core or PyTorch refuses (hidden states in another dtype than the head's,
+int32 labels), INVALID_ARGUMENT with its message; it checks no more than they do (it takes
+rank-2 hidden states, for one). GetModel names the model and its sizes only.
 
-    PYTHONPATH=client/python python bench/reference_server.py --model demo=/path/head.safetensors \\
-        --device cuda:0 --port 50052
+    PYTHONPATH=client/python $(tools/venv.sh path)/bin/python bench/reference_server.py \\
+        --model demo=/path/head.safetensors --device cuda:0 --port 50052
 
 `fused_linear` runs OLMo-core's Liger path, which needs a GPU and the liger-kernel package.
 """
@@ -18,6 +20,7 @@ OLMo-core refuses, INVALID_ARGUMENT with its message.
 import argparse
 import copy
 import json
+import signal
 import sys
 import threading
 from concurrent import futures
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from olmo_core.config import DType
 from olmo_core.nn.layer_norm import LayerNormConfig, LayerNormType
 from olmo_core.nn.lm_head import LMHeadConfig, LMHeadType, LMLossImplementation
@@ -219,6 +223,9 @@ def main(argv=None) -> int:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=[
         ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
     pb_grpc.add_LMHeadServiceServicer_to_server(Service(models), server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()
     if args.port_file:
@@ -226,10 +233,9 @@ def main(argv=None) -> int:
     print(f"reference server on {args.host}:{port}, models {[m.name for m in models]}",
           file=sys.stderr, flush=True)
     stop = threading.Event()
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
     server.stop(grace=5).wait()
     return 0
 

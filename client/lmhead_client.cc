@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -174,6 +176,26 @@ absl::Status LMHeadClient::ForwardStreamOn(v1::LMHeadService::Stub* stub, const 
   return FromGrpcStatus(status);
 }
 
+namespace {
+
+// `status` of a stream that started at micro-batch `first` of its job, its message's closing
+// " (micro-batch N)" (the server's count within the stream) counted in the job.
+absl::Status InJobMicroBatches(const absl::Status& status, int64_t first) {
+  const absl::string_view message = status.message();
+  constexpr absl::string_view kMark = " (micro-batch ";
+  const size_t at = message.rfind(kMark);
+  int64_t index = 0;
+  if (at == absl::string_view::npos || !absl::EndsWith(message, ")") ||
+      !absl::SimpleAtoi(message.substr(at + kMark.size(), message.size() - 1 - at - kMark.size()),
+                        &index)) {
+    return status;
+  }
+  return absl::Status(status.code(),
+                      absl::StrCat(message.substr(0, at), kMark, first + index, ")"));
+}
+
+}  // namespace
+
 absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
     const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {
@@ -284,14 +306,13 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
   std::vector<v1::ForwardResponse> answers(micro_batches);
   std::vector<absl::Status> statuses(streams);
   std::vector<grpc::ClientContext> contexts(streams);
-  absl::Mutex mu;  // progress, and cancelling the other streams
-  bool cancelled = false;
+  absl::Mutex mu;  // progress, and cancelling streams
   int64_t done = 0;
-  const auto cancel_others = [&]() {
+  // A failing stream cancels the streams after it (started or not), so that the first failure
+  // in the job's order is the earliest micro-batch that fails, whichever failed first in time.
+  const auto cancel_after = [&](int s) {
     absl::MutexLock lock(&mu);
-    if (cancelled) return;
-    cancelled = true;
-    for (grpc::ClientContext& context : contexts) context.TryCancel();
+    for (int later = s + 1; later < streams; ++later) contexts[later].TryCancel();
   };
   std::vector<v1::LMHeadService::Stub*> stubs;
   for (int s = 0; s < streams; ++s) stubs.push_back(StreamStub(s));
@@ -313,19 +334,13 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
         return true;
       };
       statuses[s] = ForwardStreamOn(stubs[s], next, on_response, &contexts[s]);
-      if (!statuses[s].ok()) cancel_others();
+      if (!statuses[s].ok()) cancel_after(s);
     });
   }
   for (std::thread& thread : threads) thread.join();
-  // The first failure in the job's order that is not a stream cancelled because of another.
-  const absl::Status* failed = nullptr;
-  for (const absl::Status& status : statuses) {
-    if (status.ok()) continue;
-    if (failed == nullptr || (absl::IsCancelled(*failed) && !absl::IsCancelled(status))) {
-      failed = &status;
-    }
+  for (int s = 0; s < streams; ++s) {
+    if (!statuses[s].ok()) return InJobMicroBatches(statuses[s], first[s]);
   }
-  if (failed != nullptr) return *failed;
   if (done != micro_batches) {
     return absl::InternalError(
         absl::StrCat("the streams answered ", done, " of ", micro_batches, " micro-batches"));

@@ -101,7 +101,9 @@ class LMHeadClient {
   // micro-batches over that many ForwardStream calls at once, each on a connection of its own
   // (clients made by Connect) and given a run of consecutive micro-batches; the answers are
   // combined in the job's order, so the result is one stream's. A failing stream cancels the
-  // others; the job then fails with the first failure in its order.
+  // streams after it; the job fails with the first failure in its order, its message's
+  // " (micro-batch N)" counted in the job. Each stream holds one of the server's
+  // --max_open_streams while it runs.
   absl::StatusOr<v1::ForwardResponse> ForwardChunked(
       const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
       const std::function<void(int64_t done, int64_t total)>& progress = {},

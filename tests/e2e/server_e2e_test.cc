@@ -513,6 +513,21 @@ TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
     EXPECT_EQ(failed.status().code(), absl::StatusCode::kInvalidArgument) << failed.status();
     EXPECT_TRUE(absl::StrContains(failed.status().message(), "labels")) << failed.status();
   }
+  // Two refused micro-batches in different streams: always the earlier one, numbered in the
+  // job as one stream numbers it.
+  {
+    ForwardArgs args;
+    at::Tensor labels = inputs.labels.clone();
+    labels.index_put_({2, 1}, -5);
+    labels.index_put_({7, 1}, kVocab);
+    args.labels = ToWire(labels);
+    const absl::Status one = client->ForwardChunked(ToWire(inputs.x), args, row_bytes).status();
+    ASSERT_FALSE(one.ok());
+    EXPECT_TRUE(absl::EndsWith(one.message(), "(micro-batch 2)")) << one;
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(client->ForwardChunked(ToWire(inputs.x), args, row_bytes, {}, 4).status(), one);
+    }
+  }
   EXPECT_EQ(client->ForwardChunked(ToWire(inputs.x), {}, row_bytes, {}, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*unpacked)->Stop(), 0) << (*unpacked)->Log();

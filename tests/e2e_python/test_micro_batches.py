@@ -300,8 +300,9 @@ def test_parallel_streams_give_one_streams_result(unpacked_server, server, imple
 
 
 def test_parallel_streams_fail_with_the_first_failure(server):
-    """A micro-batch refused in one stream fails the job with its status; the other streams are
-    cancelled; the client then works as before."""
+    """A micro-batch refused in one stream fails the job with its status; the streams after it
+    are cancelled; with two refused micro-batches the job always fails with the earlier one,
+    numbered in the job as one stream numbers it; the client then works as before."""
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(8, 4, D, generator=gen)
     with RemoteLMHead(server.address, timeout=60) as head:
@@ -313,7 +314,19 @@ def test_parallel_streams_fail_with_the_first_failure(server):
             assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert "labels" in str(raised.value)
         labels = torch.randint(0, V, (8, 4), generator=gen)
+        labels[2, 0], labels[6, 0] = -5, V  # two micro-batches refused, in different streams
+        with pytest.raises(LMHeadError) as one_stream:
+            head.forward_stream(x, labels=labels, micro_batch_size=1)
+        assert one_stream.value.details.endswith("(micro-batch 2)"), one_stream.value
+        for _ in range(6):
+            with pytest.raises(LMHeadError) as raised:
+                head.forward_stream(x, labels=labels, micro_batch_size=1, parallel_streams=4)
+            assert raised.value.details == one_stream.value.details
+        labels = torch.randint(0, V, (8, 4), generator=gen)
         _same(head.forward_stream(x, labels=labels, micro_batch_size=1, parallel_streams=4),
               head.forward(x, labels=labels), "after a failure")
-        with pytest.raises(ValueError, match="parallel_streams"):
-            head.forward_stream(x, labels=labels, parallel_streams=0)
+        for bad in (0, -1, 2.5, True, "2"):
+            with pytest.raises(ValueError, match="parallel_streams"):
+                head.forward_stream(x, labels=labels, parallel_streams=bad)
+        with pytest.raises(ValueError, match="loss_reduction"):
+            head.forward_stream(x, labels=labels, loss_reduction="Mean")

@@ -46,7 +46,7 @@ def reference(weights, tmp_path):
         time.sleep(0.1)
     yield f"127.0.0.1:{int(port_file.read_text())}"
     process.terminate()
-    process.wait(timeout=30)
+    assert process.wait(timeout=30) == 0  # SIGTERM stops it gracefully
     log.close()
 
 
@@ -92,5 +92,6 @@ def test_reference_server_answers_like_lmhead(start_server, weights, reference, 
 def test_reference_server_refuses_what_it_does_not_implement(reference):
     x = np.zeros((1, 2, D), dtype=np.float32)
     with RemoteLMHead(reference, timeout=60) as head:
+        assert head.health() == "SERVING"
         with pytest.raises(Exception, match="UNIMPLEMENTED"):
             head.forward(x, labels=np.zeros((1, 2), dtype=np.int64), return_argmax=True)

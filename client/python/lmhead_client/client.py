@@ -4,6 +4,7 @@ Thread-safety: a RemoteLMHead may be shared by threads (gRPC channels are thread
 """
 
 import json
+import re
 import threading
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
@@ -219,6 +220,9 @@ class RemoteLMHead:
         """Runs forward over one ForwardStream call in micro-batches of rows of x, yielding
         each micro-batch's result as it arrives (see StreamChunk). Each micro-batch is reduced
         on its own: "mean" gives per-micro-batch means. `forward_stream` combines them."""
+        if "parallel_streams" in forward_args:
+            raise TypeError("iter_forward_stream sends one stream; parallel_streams is "
+                            "forward_stream's")
         for start, stop, response in self._stream(x, micro_batch_size, max_chunk_bytes,
                                                   forward_args):
             output = _output(response, _tensors.is_torch(x), forward_args.get("labels") is not None,
@@ -246,12 +250,18 @@ class RemoteLMHead:
         parallel_streams: the micro-batches are spread over this many ForwardStream calls at
         once, each on a connection of its own, a run of consecutive micro-batches each; the
         answers are combined in the job's order, so the result is exactly one stream's. When a
-        stream fails the others are cancelled and the job raises the first failure in the
-        job's order (its " (micro-batch N)" counts within that stream). Default 1.
+        stream fails the streams after it are cancelled and the job raises the first failure in
+        the job's order, its " (micro-batch N)" counted in the job. Each stream holds one of
+        the server's --max_open_streams (64 by default) while it runs. Default 1.
         """
-        if parallel_streams < 1:
-            raise ValueError(f"parallel_streams must be positive, got {parallel_streams}")
+        if (not isinstance(parallel_streams, (int, np.integer)) or isinstance(parallel_streams, bool)
+                or parallel_streams < 1):
+            raise ValueError(f"parallel_streams must be a positive integer, got "
+                             f"{parallel_streams!r}")
         reduction = forward_args.get("loss_reduction", "mean")
+        if reduction not in _REDUCTIONS:  # before it is sent as "sum"
+            raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
+                             f"got {reduction!r}")
         has_labels = forward_args.get("labels") is not None
         divisor = forward_args.get("loss_div_factor")
         sent_args = dict(forward_args)
@@ -338,36 +348,43 @@ class RemoteLMHead:
             parts.append((x[start:stop], args))
         results: List[Optional[List[pb.ForwardResponse]]] = [None] * streams
         errors: List[Optional[BaseException]] = [None] * streams
-        calls = _Calls()
+        calls = _Calls(streams)
         methods = self._stream_methods(streams)
 
         def run(s):
             try:
                 part_x, args = parts[s]
                 results[s] = [r for _, _, r in self._stream(
-                    part_x, size, max_chunk_bytes, args, method=methods[s], calls=calls)]
+                    part_x, size, max_chunk_bytes, args, method=methods[s],
+                    calls=calls, index=s)]
+            except LMHeadError as e:
+                # The micro-batch the server names, counted in the job rather than the stream.
+                details = re.sub(r"\(micro-batch (\d+)\)$",
+                                 lambda m: f"(micro-batch {first[s] + int(m.group(1))})",
+                                 e.details)
+                errors[s] = LMHeadError(e.code, details)
+                calls.cancel_after(s)
             except BaseException as e:  # noqa: BLE001 - re-raised by the caller, in job order
                 errors[s] = e
-                calls.cancel_all()
+                calls.cancel_after(s)
 
         threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in range(streams)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        # A failing stream cancels only the streams after it, so the first failure in the job's
+        # order is the earliest micro-batch that fails, whichever stream failed first in time.
         failed = [e for e in errors if e is not None]
         if failed:
-            # The first stream that failed on its own, not because another one cancelled it.
-            own = [e for e in failed if not (isinstance(e, LMHeadError) and e.code ==
-                                             grpc.StatusCode.CANCELLED)]
-            raise (own or failed)[0]
+            raise failed[0]
         return [response for part in results for response in part]
 
     def _stream(self, x, micro_batch_size, max_chunk_bytes, forward_args, method=None,
-                calls: Optional["_Calls"] = None
+                calls: Optional["_Calls"] = None, index: int = 0
                 ) -> Iterator[Tuple[int, int, pb.ForwardResponse]]:
         """(start, stop, response) per micro-batch of one ForwardStream call (on `method`,
-        default this client's channel), registered with `calls` when given."""
+        default this client's channel), registered with `calls` as stream `index` when given."""
         batch = int(x.shape[0])
         bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
         row_args = _row_arguments(batch, forward_args)
@@ -391,7 +408,7 @@ class RemoteLMHead:
 
         call = (method or self._forward_streams[0])(requests(), timeout=self.timeout)
         if calls is not None:
-            calls.add(call)
+            calls.add(index, call)
         finished = False
         try:
             responses = iter(call)
@@ -436,25 +453,26 @@ def _output(response: pb.ForwardResponse, as_torch: bool, has_labels: bool,
 
 
 class _Calls:
-    """The calls of one job's parallel streams: cancel_all() cancels those running and any
-    added later."""
+    """The calls of one job's parallel streams, by stream: cancel_after(s) cancels the calls of
+    the streams after s, running or started later."""
 
-    def __init__(self):
+    def __init__(self, streams: int):
         self._lock = threading.Lock()
-        self._calls = []
-        self._cancelled = False
+        self._calls = [None] * streams
+        self._cancel_from = streams  # streams from this index on are cancelled
 
-    def add(self, call) -> None:
+    def add(self, index: int, call) -> None:
         with self._lock:
-            self._calls.append(call)
-            if self._cancelled:
+            self._calls[index] = call
+            if index >= self._cancel_from:
                 call.cancel()
 
-    def cancel_all(self) -> None:
+    def cancel_after(self, index: int) -> None:
         with self._lock:
-            self._cancelled = True
-            for call in self._calls:
-                call.cancel()
+            self._cancel_from = min(self._cancel_from, index + 1)
+            for call in self._calls[index + 1:]:
+                if call is not None:
+                    call.cancel()
 
 
 def _micro_batches(x, micro_batch_size: Optional[int], max_chunk_bytes: int
