@@ -254,8 +254,8 @@ class RemoteLMHead:
         the job's order, its " (micro-batch N)" counted in the job. Each stream holds one of
         the server's --max_open_streams (64 by default) while it runs. Default 1.
         """
-        if (not isinstance(parallel_streams, (int, np.integer)) or isinstance(parallel_streams, bool)
-                or parallel_streams < 1):
+        if (not isinstance(parallel_streams, (int, np.integer))
+                or isinstance(parallel_streams, bool) or parallel_streams < 1):
             raise ValueError(f"parallel_streams must be a positive integer, got "
                              f"{parallel_streams!r}")
         reduction = forward_args.get("loss_reduction", "mean")
