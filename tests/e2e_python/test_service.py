@@ -64,18 +64,28 @@ def inputs(B=6, S=7, seed=0, ignored=0.3):
 
 def assert_same(streamed, unary, model="rms_fp32"):
     """Equal up to float summation order, with the parity suite's tolerances for the head's
-    dtype (fused_linear's ce_loss = loss - z_loss inherits the bf16 rounding of z_loss)."""
-    rtol, atol = TOLERANCES["bfloat16" if model == "fused_bf16" else "float32"]
+    dtype (fused_linear's ce_loss = loss - z_loss inherits the bf16 rounding of z_loss). bf16
+    logits computed in differently shaped GEMMs (calls packed with others) may differ by one
+    rounding unit of the row's scale, so a logit near 0 is compared at that scale."""
+    bf16 = model == "fused_bf16"
+    rtol, atol = TOLERANCES["bfloat16" if bf16 else "float32"]
+
+    def close(have, want, name):
+        scale = atol
+        if bf16 and name == "logits" and want.numel():
+            scale = max(atol, rtol * float(want.float().nan_to_num(0, 0, 0).abs().max()))
+        torch.testing.assert_close(have, want, rtol=rtol, atol=scale, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+
     if isinstance(unary, torch.Tensor):
-        torch.testing.assert_close(streamed, unary, rtol=rtol, atol=atol, equal_nan=True)
+        close(streamed, unary, "logits")
         return
     assert type(streamed) is LMOutputWithLoss
     for name, want in unary._asdict().items():
         have = getattr(streamed, name)
         assert (have is None) == (want is None), name
         if want is not None:
-            torch.testing.assert_close(have, want, rtol=rtol, atol=atol, equal_nan=True,
-                                       msg=lambda m: f"{name}: {m}")
+            close(have, want, name)
 
 
 # -- Reflection and health -------------------------------------------------------------------
