@@ -219,7 +219,13 @@ def main(argv=None) -> int:
     models = []
     for spec in args.model:
         name, _, path = spec.partition("=")
-        models.append(Model(name, Path(path), device))
+        weights = Path(path)
+        for needed in (weights, weights.with_suffix(".json")):
+            if not needed.is_file():
+                parser.error(f"--model {spec}: no file {needed} (the weights and, beside them, "
+                             "the head's JSON; tests/e2e_python/test_reference_server.py makes "
+                             "a pair)")
+        models.append(Model(name, weights, device))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=[
         ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
     pb_grpc.add_LMHeadServiceServicer_to_server(Service(models), server)
