@@ -22,6 +22,11 @@ _EXTRA_LINKOPTS = {
     "grpc": ["-lgrpc++_reflection"],
 }
 
+# Linked whether or not the binary's own objects use them: the generated gRPC code is a shared
+# library of its own in tests (Bazel's dynamic mode) and needs libgrpc++ from the binary, which
+# --as-needed drops when the test's code calls no gRPC function itself.
+_NO_AS_NEEDED = ["grpc"]
+
 _EXTRA_DEFINES = {
     # Debian's spdlog is built against the system fmt.
     "spdlog": ["SPDLOG_FMT_EXTERNAL"],
@@ -42,6 +47,8 @@ def _system_libs_impl(rctx):
     for name, packages in sorted(_PACKAGES.items()):
         cflags = _pkg_config(rctx, "--cflags", packages)
         libs = _pkg_config(rctx, "--libs", packages) + _EXTRA_LINKOPTS.get(name, [])
+        if name in _NO_AS_NEEDED:
+            libs = ["-Wl,--no-as-needed"] + libs + ["-Wl,--as-needed"]
         defines = _EXTRA_DEFINES.get(name, [])
         lines.append("cc_library(")
         lines.append('    name = "{}",'.format(name))

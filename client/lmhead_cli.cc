@@ -148,7 +148,8 @@ const Flag kAddress{"address", "HOST:PORT", "the server to talk to (required)", 
 const Flag kTimeout{"timeout", "SECONDS", "deadline of each call; 0 for none", "10"};
 const Flag kMaxAttempts{"max_attempts", "N",
                         "attempts per call, 1-5: RESOURCE_EXHAUSTED and UNAVAILABLE are retried "
-                        "with exponential backoff (gRPC's retry policy); 1: no retry",
+                        "with exponential backoff and jitter (a stream only before its first "
+                        "answer); 1: no retry",
                         "5"};
 
 int RunHealth(const Values& values) {

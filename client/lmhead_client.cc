@@ -5,24 +5,27 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <deque>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "absl/random/random.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/micro_batches.h"
 #include "proto/wire_dtype.h"
 
 namespace lmhead {
-namespace {}  // namespace
-
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
@@ -60,12 +63,51 @@ v1::ForwardRequest MakeForwardRequest(const v1::Tensor& hidden_states, const For
   return request;
 }
 
+namespace {
+
+// Retry settings shared by gRPC's policy (unary calls) and ForwardStreamOn (streams).
+constexpr int kMaxAttempts = 5;  // gRPC's limit
+constexpr absl::Duration kInitialBackoff = absl::Milliseconds(100);
+constexpr absl::Duration kMaxBackoff = absl::Seconds(5);
+constexpr int kBackoffMultiplier = 2;
+constexpr int64_t kRetryBufferBytes = int64_t{256} << 20;  // sent messages kept for a retry
+
+}  // namespace
+
 std::string RetryServiceConfig(int max_attempts) {
   if (max_attempts <= 1) return "";
+  // The most specific name wins (gRFC A6): ForwardStream gets no policy; ForwardStreamOn
+  // retries it (docs/API.md "Retries").
   return absl::StrCat(R"({"methodConfig": [{"name": [{"service": "lmhead.v1.LMHeadService"}], )",
-                      R"("retryPolicy": {"maxAttempts": )", std::min(max_attempts, 5),
+                      R"("retryPolicy": {"maxAttempts": )", std::min(max_attempts, kMaxAttempts),
                       R"(, "initialBackoff": "0.1s", "maxBackoff": "5s", "backoffMultiplier": 2, )",
-                      R"("retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]}}]})");
+                      R"("retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]}}, )",
+                      R"({"name": [{"service": "lmhead.v1.LMHeadService", )",
+                      R"("method": "ForwardStream"}]}]})");
+}
+
+void StreamCancellation::Cancel() {
+  absl::MutexLock lock(&mu_);
+  cancelled_ = true;
+  if (context_ != nullptr) context_->TryCancel();
+}
+
+bool StreamCancellation::Attach(grpc::ClientContext* context) {
+  absl::MutexLock lock(&mu_);
+  if (cancelled_) return false;
+  context_ = context;
+  return true;
+}
+
+void StreamCancellation::Detach() {
+  absl::MutexLock lock(&mu_);
+  context_ = nullptr;
+}
+
+bool StreamCancellation::WaitForCancel(absl::Duration delay) {
+  absl::MutexLock lock(&mu_);
+  mu_.AwaitWithTimeout(absl::Condition(&cancelled_), delay);
+  return cancelled_;
 }
 
 std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
@@ -128,52 +170,119 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::Forward(const v1::ForwardReque
 }
 
 absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnResponse& on_response,
-                                         grpc::ClientContext* context) {
-  return ForwardStreamOn(stub_.get(), next, on_response, context);
+                                         StreamCancellation* cancellation) {
+  return ForwardStreamOn(stub_.get(), next, on_response, cancellation);
 }
+
+namespace {
+
+// Whether a stream that ended with `status` before any answer may be tried again, and after how
+// long: gRFC A6's rule (a retryable code; the server's grpc-retry-pushback-ms, where given,
+// replaces the backoff, and a negative one means never), with its random backoff in
+// [0, `*backoff`), `*backoff` growing for the next time.
+std::optional<absl::Duration> RetryDelay(const grpc::Status& status,
+                                         const grpc::ClientContext& context,
+                                         absl::Duration* backoff) {
+  if (status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED &&
+      status.error_code() != grpc::StatusCode::UNAVAILABLE) {
+    return std::nullopt;
+  }
+  const auto& trailers = context.GetServerTrailingMetadata();
+  if (const auto pushback = trailers.find("grpc-retry-pushback-ms"); pushback != trailers.end()) {
+    int64_t ms = 0;
+    if (!absl::SimpleAtoi(absl::string_view(pushback->second.data(), pushback->second.size()),
+                          &ms) ||
+        ms < 0) {
+      return std::nullopt;
+    }
+    return absl::Milliseconds(ms);
+  }
+  thread_local absl::BitGen random;
+  const absl::Duration delay = *backoff * absl::Uniform(random, 0.0, 1.0);
+  *backoff = std::min(*backoff * kBackoffMultiplier, kMaxBackoff);
+  return delay;
+}
+
+}  // namespace
 
 absl::Status LMHeadClient::ForwardStreamOn(v1::LMHeadService::Stub* stub, const NextRequest& next,
                                            const OnResponse& on_response,
-                                           grpc::ClientContext* context) {
-  grpc::ClientContext own_context;
-  if (context == nullptr) context = &own_context;
-  Prepare(context);
-  std::unique_ptr<grpc::ClientReaderWriter<v1::ForwardRequest, v1::ForwardResponse>> stream =
-      stub->ForwardStream(context);
-  // The stream is half-closed only once an answer came or the call ended (when it sent
-  // anything): a half-close sent while gRPC starts a retry attempt was seen lost, leaving the
-  // server waiting for the stream's end until the deadline (docs/API.md "Retries").
-  absl::Notification answered_or_ended;
-  std::thread writer([&]() {
-    v1::ForwardRequest request;
-    bool wrote = false;
-    while (next(&request)) {
-      if (!stream->Write(request)) return;  // the call ended (error or cancellation)
-      wrote = true;
-      request.Clear();
+                                           StreamCancellation* cancellation) {
+  // gRPC 1.51's retry of a bidirectional stream was seen to lose the client's half-close or the
+  // server's answer (docs/API.md "Retries"), so this client retries a refused stream itself:
+  // only before its first answer, resending what it had sent.
+  const absl::Time deadline = options_.timeout.count() > 0
+                                  ? absl::Now() + absl::FromChrono(options_.timeout)
+                                  : absl::InfiniteFuture();
+  std::deque<v1::ForwardRequest> sent;  // every micro-batch sent so far, while `replayable`
+  int64_t sent_bytes = 0;
+  bool replayable = true;
+  bool exhausted = false;  // `next` returned false
+  absl::Duration backoff = kInitialBackoff;
+  for (int attempt = 1;; ++attempt) {
+    grpc::ClientContext context;
+    if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
+    if (!options_.request_id.empty()) context.AddMetadata("x-request-id", options_.request_id);
+    if (cancellation != nullptr && !cancellation->Attach(&context)) {
+      return absl::CancelledError("the stream was cancelled");
     }
-    if (wrote) answered_or_ended.WaitForNotification();
-    stream->WritesDone();
-  });
-  v1::ForwardResponse response;
-  int64_t index = 0;
-  bool cancelled_here = false;
-  while (stream->Read(&response)) {
-    if (!answered_or_ended.HasBeenNotified()) answered_or_ended.Notify();
-    if (!on_response(index++, response)) {
-      context->TryCancel();
-      cancelled_here = true;
-      break;
-    }
-  }
-  if (cancelled_here) {
+    std::unique_ptr<grpc::ClientReaderWriter<v1::ForwardRequest, v1::ForwardResponse>> stream =
+        stub->ForwardStream(&context);
+    std::atomic<bool> answered{false};
+    // The writer owns `sent`, `sent_bytes`, `replayable` and `exhausted` until it is joined.
+    std::thread writer([&]() {
+      for (const v1::ForwardRequest& request : sent) {
+        if (!stream->Write(request)) return;  // the call ended (error or cancellation)
+      }
+      v1::ForwardRequest request;
+      while (!exhausted) {
+        if (!next(&request)) {
+          exhausted = true;
+          break;
+        }
+        if (replayable && !answered) {
+          sent_bytes += static_cast<int64_t>(request.ByteSizeLong());
+          replayable = sent_bytes <= kRetryBufferBytes;
+        }
+        if (!replayable || answered) {
+          sent.clear();
+          if (!stream->Write(request)) return;
+        } else {
+          sent.push_back(std::move(request));
+          if (!stream->Write(sent.back())) return;
+        }
+        request.Clear();
+      }
+      stream->WritesDone();
+    });
+    v1::ForwardResponse response;
+    int64_t index = 0;
+    bool cancelled_here = false;
     while (stream->Read(&response)) {
+      answered = true;
+      if (!on_response(index++, response)) {
+        context.TryCancel();
+        cancelled_here = true;
+        break;
+      }
+    }
+    if (cancelled_here) {
+      while (stream->Read(&response)) {
+      }
+    }
+    writer.join();
+    const grpc::Status status = stream->Finish();
+    if (cancellation != nullptr) cancellation->Detach();
+    if (status.ok() || answered || !replayable || attempt >= options_.max_attempts) {
+      return FromGrpcStatus(status);
+    }
+    const std::optional<absl::Duration> delay = RetryDelay(status, context, &backoff);
+    if (!delay.has_value() || absl::Now() + *delay >= deadline) return FromGrpcStatus(status);
+    if (cancellation != nullptr ? cancellation->WaitForCancel(*delay)
+                                : (absl::SleepFor(*delay), false)) {
+      return absl::CancelledError("the stream was cancelled");
     }
   }
-  if (!answered_or_ended.HasBeenNotified()) answered_or_ended.Notify();
-  writer.join();
-  const grpc::Status status = stream->Finish();
-  return FromGrpcStatus(status);
 }
 
 namespace {
@@ -305,14 +414,14 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
   for (int s = 0; s <= streams; ++s) first[s] = micro_batches * s / streams;
   std::vector<v1::ForwardResponse> answers(micro_batches);
   std::vector<absl::Status> statuses(streams);
-  std::vector<grpc::ClientContext> contexts(streams);
+  std::vector<StreamCancellation> cancellations(streams);
   absl::Mutex mu;  // progress, and cancelling streams
   int64_t done = 0;
   // A failing stream cancels the streams after it (started or not), so that the first failure
   // in the job's order is the earliest micro-batch that fails, whichever failed first in time.
   const auto cancel_after = [&](int s) {
     absl::MutexLock lock(&mu);
-    for (int later = s + 1; later < streams; ++later) contexts[later].TryCancel();
+    for (int later = s + 1; later < streams; ++later) cancellations[later].Cancel();
   };
   std::vector<v1::LMHeadService::Stub*> stubs;
   for (int s = 0; s < streams; ++s) stubs.push_back(StreamStub(s));
@@ -333,7 +442,7 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
         if (progress) progress(done, micro_batches);
         return true;
       };
-      statuses[s] = ForwardStreamOn(stubs[s], next, on_response, &contexts[s]);
+      statuses[s] = ForwardStreamOn(stubs[s], next, on_response, &cancellations[s]);
       if (!statuses[s].ok()) cancel_after(s);
     });
   }

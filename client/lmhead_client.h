@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
 
@@ -33,16 +34,37 @@ struct ClientOptions {
   // makes one up. Default empty.
   std::string request_id;
   // Attempts per call, 1 to 5 (gRPC's limit). Calls refused with RESOURCE_EXHAUSTED or
-  // UNAVAILABLE are retried by gRPC's retry policy (the channel's service config,
-  // RetryServiceConfig) after an exponential backoff with jitter: about 0.1 s, doubling up to 5 s,
-  // within the call's deadline; not when the server answers that the same call would fail again
-  // (a limit it enforces), and not once a stream has received an answer. 1: no retry. Default 5.
+  // UNAVAILABLE are retried after an exponential backoff with jitter (about 0.1 s, doubling up
+  // to 5 s), within the call's deadline; not when the server answers that the same call would
+  // fail again (a limit it enforces). Unary calls by gRPC's retry policy (the channel's service
+  // config, RetryServiceConfig); a stream by this client, only while none of its micro-batches
+  // has been answered (docs/API.md "Retries" says why). 1: no retry. Default 5.
   int max_attempts = 5;
 };
 
 // The gRPC service config that Connect gives its channel for `max_attempts` (docs/API.md
-// "Retries"): a retryPolicy for lmhead.v1.LMHeadService, or "" when max_attempts <= 1.
+// "Retries"): a retryPolicy for lmhead.v1.LMHeadService's unary methods, or "" when
+// max_attempts <= 1.
 std::string RetryServiceConfig(int max_attempts);
+
+// Cancels a ForwardStream call from another thread, whichever attempt it is on. Thread-safe.
+class StreamCancellation {
+ public:
+  // Cancels the running attempt, and any later one before it starts.
+  void Cancel();
+
+ private:
+  friend class LMHeadClient;
+  // Makes `context` the running attempt's; false when Cancel came first.
+  bool Attach(grpc::ClientContext* context);
+  void Detach();
+  // Waits up to `delay` for Cancel; true when cancelled.
+  bool WaitForCancel(absl::Duration delay);
+
+  absl::Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::ClientContext* context_ ABSL_GUARDED_BY(mu_) = nullptr;
+};
 
 // LMHead.forward's keyword arguments (labels included) and the service's own controls. Unset
 // fields take the server's defaults, which are upstream's.
@@ -85,11 +107,15 @@ class LMHeadClient {
   // One ForwardStream call: `next` fills the next micro-batch and returns false when there is
   // none; `on_response` receives each answer, in order, with its index (returning false
   // cancels the call). Requests are written while responses are read, so the server always
-  // has work. `context` may be given to cancel from another thread (TryCancel).
+  // has work. A stream the server refuses before its first answer (RESOURCE_EXHAUSTED or
+  // UNAVAILABLE: too many open streams, a full queue) is retried as options.max_attempts says,
+  // resending the micro-batches it had sent (up to 256 MiB of them; beyond, no retry); `next`
+  // is called once per micro-batch whatever the attempts. `cancellation` may be given to cancel
+  // from another thread.
   using NextRequest = std::function<bool(v1::ForwardRequest* request)>;
   using OnResponse = std::function<bool(int64_t index, const v1::ForwardResponse& response)>;
   absl::Status ForwardStream(const NextRequest& next, const OnResponse& on_response,
-                             grpc::ClientContext* context = nullptr);
+                             StreamCancellation* cancellation = nullptr);
 
   // Forward for a job of any size: splits hidden_states along the batch dimension into
   // micro-batches of at most `max_micro_batch_bytes` of hidden states (at least one row each),
@@ -119,7 +145,7 @@ class LMHeadClient {
  private:
   void Prepare(grpc::ClientContext* context) const;
   absl::Status ForwardStreamOn(v1::LMHeadService::Stub* stub, const NextRequest& next,
-                               const OnResponse& on_response, grpc::ClientContext* context);
+                               const OnResponse& on_response, StreamCancellation* cancellation);
   // The stub of stream `index` of a job's parallel streams: 0 this client's channel, others a
   // channel (connection) each, opened on first use (all this client's when it was not made by
   // Connect).

@@ -300,10 +300,10 @@ TEST(QueueTest, DeadlinesAndCancellationsInTheQueueAreAnsweredWithoutCompute) {
   EXPECT_LT(Clock::now() - start, std::chrono::milliseconds(1500));
 
   // A stream cancelled while its micro-batch waits.
-  grpc::ClientContext context;
+  StreamCancellation cancellation;
   std::thread canceller([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    context.TryCancel();
+    cancellation.Cancel();
   });
   bool sent = false;
   const absl::Status cancelled = Connect(**server)->ForwardStream(
@@ -313,7 +313,7 @@ TEST(QueueTest, DeadlinesAndCancellationsInTheQueueAreAnsweredWithoutCompute) {
         *next = HeavyRequest(8);
         return true;
       },
-      [](int64_t, const v1::ForwardResponse&) { return true; }, &context);
+      [](int64_t, const v1::ForwardResponse&) { return true; }, &cancellation);
   canceller.join();
   EXPECT_EQ(cancelled.code(), absl::StatusCode::kCancelled) << cancelled;
   EXPECT_FALSE(busy.done()) << "the heavy call was too quick for this test";

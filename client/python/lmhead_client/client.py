@@ -401,9 +401,9 @@ class RemoteLMHead:
         def requests():
             for i, b in enumerate(bounds):
                 yield first if i == 0 else request(*b)
-            # The stream is half-closed only once an answer came (or the call ended): a
-            # half-close sent while gRPC starts a retry attempt was seen lost, leaving the server
-            # waiting for the stream's end until the deadline (docs/API.md "Retries").
+            # The stream is half-closed only once an answer came (or the call ended): gRPC 1.51
+            # (C++) was seen to lose a half-close sent while it retried a stream (docs/API.md
+            # "Retries"); a precaution here, where gRPC's policy retries streams.
             answered.wait()
 
         call = (method or self._forward_streams[0])(requests(), timeout=self.timeout)
