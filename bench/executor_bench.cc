@@ -30,6 +30,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -120,8 +121,16 @@ Template Decode(const ModelRegistry& registry, const Options& options,
     std::fprintf(stderr, "decode: %s\n", x.status().ToString().c_str());
     std::exit(1);
   }
+  // The decoded tensors alias `request`, which the caller does not keep: each gets its own copy
+  // (the frontend keeps the request instead).
+  ForwardOptions& decoded = plan->options;
+  if (decoded.labels.has_value()) decoded.labels = decoded.labels->clone();
+  if (auto* positions = std::get_if<at::Tensor>(&decoded.logits_to_keep)) {
+    *positions = positions->clone();
+  }
+  if (auto* factor = std::get_if<at::Tensor>(&decoded.loss_div_factor)) *factor = factor->clone();
   Template call{*plan, *x, plan->model->name() + "\n" + plan->model->VariantKey(plan->config)};
-  if (plan->model->head().device().is_cuda()) call.x = call.x.pin_memory();
+  call.x = plan->model->head().device().is_cuda() ? call.x.pin_memory() : call.x.clone();
   return call;
 }
 
