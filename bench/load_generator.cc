@@ -31,7 +31,7 @@
 
 ABSL_FLAG(std::string, address, "127.0.0.1:50051", "The server, host:port.");
 ABSL_FLAG(int, clients, 64, "Concurrent callers, each with one call in flight at a time.");
-ABSL_FLAG(int, channels, 8, "gRPC channels the callers are spread over.");
+ABSL_FLAG(int, channels, 8, "gRPC channels the callers are spread over, a connection each.");
 ABSL_FLAG(int64_t, tokens, 256, "Tokens per call: hidden states (1, tokens, d_model).");
 ABSL_FLAG(int64_t, d_model, 4096, "Hidden size of the served model.");
 ABSL_FLAG(int64_t, vocab_size, 128256, "Vocabulary size of the served model (labels' range).");
@@ -122,6 +122,7 @@ int Run() {
   ClientOptions options;
   options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   options.timeout = std::chrono::seconds(60);
+  options.own_connection = true;  // --channels connections, not one shared by all
   std::vector<std::unique_ptr<LMHeadClient>> stubs;
   for (int c = 0; c < channels; ++c) {
     stubs.push_back(LMHeadClient::Connect(absl::GetFlag(FLAGS_address), options));

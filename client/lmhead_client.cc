@@ -122,6 +122,7 @@ std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
   } else {
     arguments.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   }
+  if (options.own_connection) arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   auto client = std::make_unique<LMHeadClient>(
       grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), arguments),
       std::move(options));

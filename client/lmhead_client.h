@@ -40,6 +40,10 @@ struct ClientOptions {
   // config, RetryServiceConfig); a stream by this client, only while none of its micro-batches
   // has been answered (docs/API.md "Retries" says why). 1: no retry. Default 5.
   int max_attempts = 5;
+  // A TCP connection of this client's own. gRPC otherwise shares one connection among the
+  // channels of a process that go to the same address with the same settings, so that many
+  // clients move their bytes over one connection. Default false.
+  bool own_connection = false;
 };
 
 // The gRPC service config that Connect gives its channel for `max_attempts` (docs/API.md
