@@ -46,9 +46,10 @@ def _system_libs_impl(rctx):
     lines = ['package(default_visibility = ["//visibility:public"])', ""]
     for name, packages in sorted(_PACKAGES.items()):
         cflags = _pkg_config(rctx, "--cflags", packages)
-        libs = _pkg_config(rctx, "--libs", packages) + _EXTRA_LINKOPTS.get(name, [])
+        libs = _pkg_config(rctx, "--libs", packages)
         if name in _NO_AS_NEEDED:
             libs = ["-Wl,--no-as-needed"] + libs + ["-Wl,--as-needed"]
+        libs += _EXTRA_LINKOPTS.get(name, [])  # as needed: a test's own reflection protos clash
         defines = _EXTRA_DEFINES.get(name, [])
         lines.append("cc_library(")
         lines.append('    name = "{}",'.format(name))
