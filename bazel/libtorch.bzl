@@ -31,14 +31,14 @@ cc_library(
 # LibTorch for the CPU: libtorch_cpu and libc10.
 cc_library(
     name = "torch_cpu",
-    linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-Wl,--no-as-needed", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"],
+    linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-Wl,--push-state,--no-as-needed", "-ltorch_cpu", "-lc10", "-Wl,--pop-state"],
     deps = [":headers"],
 )
 
 # LibTorch with its CUDA backend (--config=cuda).
 cc_library(
     name = "torch_cuda",
-    linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-Wl,--no-as-needed", "-ltorch_cuda", "-lc10_cuda", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"],
+    linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-Wl,--push-state,--no-as-needed", "-ltorch_cuda", "-lc10_cuda", "-ltorch_cpu", "-lc10", "-Wl,--pop-state"],
     deps = [":headers"],
 )
 

@@ -18,14 +18,7 @@ _PACKAGES = {
 }
 
 # Libraries that have no pkg-config file of their own.
-_EXTRA_LINKOPTS = {
-    "grpc": ["-lgrpc++_reflection"],
-}
-
-# Linked whether or not the binary's own objects use them: the generated gRPC code is a shared
-# library of its own in tests (Bazel's dynamic mode) and needs libgrpc++ from the binary, which
-# --as-needed drops when the test's code calls no gRPC function itself.
-_NO_AS_NEEDED = ["grpc"]
+_EXTRA_LINKOPTS = {}
 
 _EXTRA_DEFINES = {
     # Debian's spdlog is built against the system fmt.
@@ -46,10 +39,7 @@ def _system_libs_impl(rctx):
     lines = ['package(default_visibility = ["//visibility:public"])', ""]
     for name, packages in sorted(_PACKAGES.items()):
         cflags = _pkg_config(rctx, "--cflags", packages)
-        libs = _pkg_config(rctx, "--libs", packages)
-        if name in _NO_AS_NEEDED:
-            libs = ["-Wl,--no-as-needed"] + libs + ["-Wl,--as-needed"]
-        libs += _EXTRA_LINKOPTS.get(name, [])  # as needed: a test's own reflection protos clash
+        libs = _pkg_config(rctx, "--libs", packages) + _EXTRA_LINKOPTS.get(name, [])
         defines = _EXTRA_DEFINES.get(name, [])
         lines.append("cc_library(")
         lines.append('    name = "{}",'.format(name))
@@ -58,6 +48,10 @@ def _system_libs_impl(rctx):
         lines.append("    linkopts = {},".format(repr(libs)))
         lines.append(")")
         lines.append("")
+    # gRPC's reflection service, for the server alone: a binary that links it registers the
+    # reflection protos, so a test that has its own generated copy must not.
+    lines.append('cc_library(name = "grpc_reflection", linkopts = ["-lgrpc++_reflection"], deps = [":grpc"])')
+    lines.append("")
     lines.append('exports_files(["protoc", "grpc_cpp_plugin", "grpc/health/v1/health.proto", "grpc/reflection/v1alpha/reflection.proto"])')
     rctx.symlink(rctx.which("protoc"), "protoc")
     # The standard health and reflection APIs (Debian's grpc-proto), for their clients.
