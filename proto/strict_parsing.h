@@ -44,6 +44,7 @@ class StrictTraits {
         grpc::GenericDeserialize<grpc::ProtoBufferReader, T>(buffer, message);
     const std::string type = message->GetTypeName();
     if (status.ok() || (type != v1::ForwardRequest::default_instance().GetTypeName() &&
+                        type != v1::SharedMemoryRequest::default_instance().GetTypeName() &&
                         type != v1::GetModelRequest::default_instance().GetTypeName() &&
                         type != v1::ListModelsRequest::default_instance().GetTypeName())) {
       return status;
@@ -65,6 +66,9 @@ class SerializationTraits<protobuf::MessageLite>
 template <>
 class SerializationTraits<lmhead::v1::ForwardRequest>
     : public lmhead::internal::StrictTraits<lmhead::v1::ForwardRequest> {};
+template <>
+class SerializationTraits<lmhead::v1::SharedMemoryRequest>
+    : public lmhead::internal::StrictTraits<lmhead::v1::SharedMemoryRequest> {};
 
 }  // namespace grpc
 

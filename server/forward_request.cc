@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "core/config.h"
 #include "core/dtype.h"
+#include "server/logging.h"
 #include "server/status.h"
 #include "server/tensor_codec.h"
 
@@ -265,39 +267,90 @@ absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest
 
 namespace {
 
-// RESOURCE_EXHAUSTED unless every tensor the response to `plan` would carry (logits, argmax,
-// loss, ce_loss, z_loss), counted in bytes, fits `limit`.
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+// The region that ForwardRequest.outputs names for output `name`; null when unset.
+const v1::SharedMemoryRef* OutputRef(const v1::OutputRegions& outputs, absl::string_view name) {
+  if (name == "logits") return outputs.has_logits() ? &outputs.logits() : nullptr;
+  if (name == "loss") return outputs.has_loss() ? &outputs.loss() : nullptr;
+  if (name == "ce_loss") return outputs.has_ce_loss() ? &outputs.ce_loss() : nullptr;
+  if (name == "z_loss") return outputs.has_z_loss() ? &outputs.z_loss() : nullptr;
+  if (name == "argmax") return outputs.has_argmax() ? &outputs.argmax() : nullptr;
+  return nullptr;
+}
+
+constexpr absl::string_view kOutputNames[] = {"logits", "loss", "ce_loss", "z_loss", "argmax"};
+
+// Why a call does not produce an output that ForwardRequest.outputs names.
+absl::string_view NotProducedBecause(absl::string_view name) {
+  if (name == "logits") {
+    return "options.return_logits is false or the loss implementation is fused_linear";
+  }
+  if (name == "argmax") return "options.return_argmax is not set";
+  if (name == "z_loss") return "it has no labels or no options.z_loss_multiplier";
+  return "it has no labels";
+}
+
+// Checks the outputs that `outputs` sends to shared memory (each produced by this call, its
+// byte_size that output's size exactly), then RESOURCE_EXHAUSTED unless every other tensor the
+// response to `plan` would carry (logits, argmax, loss, ce_loss, z_loss), counted in bytes, fits
+// `limit`. Records the outputs sent to regions in plan.shared_outputs, not yet resolved.
 absl::StatusOr<ForwardPlan> CheckResponseSize(ForwardPlan plan,
                                               const std::optional<LossOutputSpec>& losses,
-                                              int64_t vocab_size, int64_t limit) {
-  std::vector<std::pair<std::string, int64_t>> parts;  // (output, bytes)
+                                              int64_t vocab_size, int64_t limit,
+                                              const v1::OutputRegions& outputs) {
+  struct Part {
+    std::string name;
+    int64_t bytes;
+    std::string described;  // shape and dtype, "[2, 5, 1000] of FP32"
+  };
+  std::vector<Part> parts;
   bool overflow = false;
-  const auto add = [&](absl::string_view name, std::initializer_list<int64_t> sizes,
-                       int64_t element_size) {
-    int64_t bytes = element_size;
+  const auto add = [&](absl::string_view name, const std::vector<int64_t>& sizes,
+                       v1::DataType dtype) {
+    int64_t bytes = ElementSize(dtype);
     for (const int64_t size : sizes) overflow |= __builtin_mul_overflow(bytes, size, &bytes);
-    parts.emplace_back(name, bytes);
+    parts.push_back(
+        {std::string(name), bytes, absl::StrCat(ShapeText(sizes), " of ", DataTypeName(dtype))});
   };
   const bool returns_logits =
       !losses.has_value() || (plan.options.return_logits != false &&
                               plan.config.loss_implementation == LossImplementation::kDefault);
-  if (returns_logits) {
-    add("logits", {plan.batch, plan.kept, vocab_size}, ElementSize(plan.logits_dtype));
-  }
-  if (plan.options.return_argmax) add("argmax", {plan.batch, plan.kept}, 8);
+  if (returns_logits) add("logits", {plan.batch, plan.kept, vocab_size}, plan.logits_dtype);
+  if (plan.options.return_argmax) add("argmax", {plan.batch, plan.kept}, v1::DATA_TYPE_INT64);
   if (losses.has_value()) {
-    int64_t numel = 1;
-    for (const int64_t size : losses->shape)
-      overflow |= __builtin_mul_overflow(numel, size, &numel);
-    add("loss", {numel}, c10::elementSize(losses->loss_dtype));
-    add("ce_loss", {numel}, c10::elementSize(losses->ce_loss_dtype));
-    if (losses->z_loss_dtype) add("z_loss", {numel}, c10::elementSize(*losses->z_loss_dtype));
+    add("loss", losses->shape, DataTypeOf(losses->loss_dtype));
+    add("ce_loss", losses->shape, DataTypeOf(losses->ce_loss_dtype));
+    if (losses->z_loss_dtype) add("z_loss", losses->shape, DataTypeOf(*losses->z_loss_dtype));
+  }
+  for (const absl::string_view name : kOutputNames) {
+    const v1::SharedMemoryRef* ref = OutputRef(outputs, name);
+    if (ref == nullptr) continue;
+    const std::string field = absl::StrCat("outputs.", name);
+    const auto part =
+        std::find_if(parts.begin(), parts.end(), [&](const Part& p) { return p.name == name; });
+    if (part == parts.end()) {
+      return Invalid(field,
+                     absl::StrCat("this call returns no ", name, ": ", NotProducedBecause(name)));
+    }
+    if (overflow || ref->byte_size() != static_cast<uint64_t>(part->bytes)) {
+      return Invalid(absl::StrCat(field, ".byte_size"),
+                     absl::StrCat("expected ", part->bytes, " bytes (", name, " ", part->described,
+                                  "), got ", ref->byte_size()));
+    }
+    plan.shared_outputs[std::string(name)] =
+        RegionSlice{field, nullptr, ref->region(), ref->offset(), ref->byte_size()};
   }
   int64_t total = 0;
-  for (const auto& [name, bytes] : parts) overflow |= __builtin_add_overflow(total, bytes, &total);
-  if (!overflow && total <= limit) return plan;
   std::vector<std::string> described;
-  for (const auto& [name, bytes] : parts) described.push_back(absl::StrCat(name, " ", bytes));
+  for (const Part& part : parts) {
+    if (plan.shared_outputs.count(part.name) > 0) continue;  // written to shared memory
+    overflow |= __builtin_add_overflow(total, part.bytes, &total);
+    described.push_back(absl::StrCat(part.name, " ", part.bytes));
+  }
+  if (!overflow && total <= limit) return plan;
   // The same request would be refused again: clients are told not to retry it.
   return NotRetryable(absl::ResourceExhaustedError(
       absl::StrCat("hidden_states.shape: the response would carry ",
@@ -307,10 +360,93 @@ absl::StatusOr<ForwardPlan> CheckResponseSize(ForwardPlan plan,
                    "micro-batches, options.logits_to_keep), or set options.return_logits=false")));
 }
 
+// The request's tensors that may be in shared memory and that DecodeInputs decodes, as (field,
+// tensor).
+std::vector<std::pair<absl::string_view, const v1::Tensor*>> TensorFields(
+    const v1::ForwardRequest& request) {
+  std::vector<std::pair<absl::string_view, const v1::Tensor*>> fields = {
+      {"hidden_states", &request.hidden_states()}};
+  if (request.has_labels()) fields.emplace_back("labels", &request.labels());
+  const v1::ForwardOptions& wire = request.options();
+  if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions) {
+    fields.emplace_back("options.logits_to_keep_positions", &wire.logits_to_keep_positions());
+  }
+  if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
+    fields.emplace_back("options.loss_div_factor_tensor", &wire.loss_div_factor_tensor());
+  }
+  return fields;
+}
+
+// FAILED_PRECONDITION naming the first field that references shared memory when it is off.
+absl::Status CheckSharedMemoryAllowed(const v1::ForwardRequest& request,
+                                      const SharedMemoryAccess& access) {
+  if (access.regions != nullptr) return absl::OkStatus();
+  std::string field;
+  for (const auto& [name, tensor] : TensorFields(request)) {
+    if (tensor->has_shared_memory()) {
+      field = absl::StrCat(name, ".shared_memory");
+      break;
+    }
+  }
+  for (const absl::string_view name : kOutputNames) {
+    if (field.empty() && OutputRef(request.outputs(), name) != nullptr) {
+      field = absl::StrCat("outputs.", name);
+    }
+  }
+  if (field.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat(field, ": shared memory is off on this server (--allow_shared_memory)"));
+}
+
+// Finds `slice`'s region for the request's connection and checks that its bytes lie inside it.
+absl::Status Resolve(const SharedMemoryAccess& access, RegionSlice& slice) {
+  absl::StatusOr<std::shared_ptr<const Region>> region =
+      access.regions->Find(slice.id, access.peer);
+  if (!region.ok()) {
+    return absl::Status(region.status().code(),
+                        absl::StrCat(slice.field, ".region: ", region.status().message()));
+  }
+  const uint64_t size = (*region)->size();
+  if (slice.offset > size) {
+    return Invalid(absl::StrCat(slice.field, ".offset"),
+                   absl::StrCat(slice.offset, " is past the end of region ", CallerText(slice.id),
+                                " (", size, " bytes)"));
+  }
+  if (!RangeInside(slice.offset, slice.byte_size, size)) {
+    return Invalid(
+        absl::StrCat(slice.field, ".byte_size"),
+        absl::StrCat("offset ", slice.offset, " + byte_size ", slice.byte_size,
+                     " is past the end of region ", CallerText(slice.id), " (", size, " bytes)"));
+  }
+  slice.region = *std::move(region);
+  return absl::OkStatus();
+}
+
+// Resolves every region `request` names (its used tensors' and its outputs') into `plan`.
+absl::Status ResolveRegions(const v1::ForwardRequest& request, const SharedMemoryAccess& access,
+                            ForwardPlan& plan) {
+  for (const auto& [name, tensor] : TensorFields(request)) {
+    if (!tensor->has_shared_memory()) continue;
+    const v1::SharedMemoryRef& ref = tensor->shared_memory();
+    RegionSlice slice{absl::StrCat(name, ".shared_memory"), nullptr, ref.region(), ref.offset(),
+                      ref.byte_size()};
+    if (absl::Status found = Resolve(access, slice); !found.ok()) return found;
+    plan.shared_inputs[std::string(name)] = std::move(slice);
+  }
+  for (auto& [name, slice] : plan.shared_outputs) {
+    if (absl::Status found = Resolve(access, slice); !found.ok()) return found;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
-                                        const v1::ForwardRequest& request) {
+                                        const v1::ForwardRequest& request,
+                                        const SharedMemoryAccess& shared_memory) {
+  if (absl::Status allowed = CheckSharedMemoryAllowed(request, shared_memory); !allowed.ok()) {
+    return allowed;
+  }
   ForwardPlan plan;
   absl::StatusOr<std::shared_ptr<const Model>> model = registry.Find(request.model());
   if (!model.ok()) return model.status();
@@ -421,27 +557,64 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
       options.loss_div_factor = std::monostate();
     }
   }
-  return CheckResponseSize(plan, losses, base.vocab_size(), limits.max_response_bytes);
+  absl::StatusOr<ForwardPlan> checked = CheckResponseSize(
+      std::move(plan), losses, base.vocab_size(), limits.max_response_bytes, request.outputs());
+  if (!checked.ok()) return checked;
+  if (shared_memory.regions != nullptr) {
+    if (absl::Status resolved = ResolveRegions(request, shared_memory, *checked); !resolved.ok()) {
+      return resolved;
+    }
+  }
+  return checked;
 }
 
+namespace {
+
+// Where a resolved slice's bytes are, keeping its region mapped while they are used.
+ExternalBytes BytesOf(const RegionSlice& slice) {
+  const Region& region = *slice.region;
+  return ExternalBytes{static_cast<char*>(region.data()) + slice.offset,
+                       region.kind() == Region::Kind::kCuda
+                           ? c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(region.device()))
+                           : c10::Device(c10::kCPU),
+                       slice.region};
+}
+
+// `tensor` decoded from the request or from its region. `private_copy`: a region's bytes are
+// copied into host memory of the server's own (see DecodeInputs).
+absl::StatusOr<at::Tensor> DecodeField(const v1::Tensor& tensor, const TensorRule& rule,
+                                       const ForwardPlan& plan, bool private_copy) {
+  const auto slice = plan.shared_inputs.find(std::string(rule.field));
+  if (slice == plan.shared_inputs.end()) return DecodeTensor(tensor, rule);
+  return DecodeExternalTensor(tensor, rule, BytesOf(slice->second), private_copy);
+}
+
+}  // namespace
+
 absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan) {
-  absl::StatusOr<at::Tensor> x = DecodeTensor(request.hidden_states(), kHiddenRule);
+  // Hidden states may be read where they are: any value is valid. The index tensors and the
+  // divisor are validated by their values (ValidateForward, after this): those are copied out of
+  // shared memory first, so that the client cannot change them between the check and the use.
+  absl::StatusOr<at::Tensor> x =
+      DecodeField(request.hidden_states(), kHiddenRule, *plan, /*private_copy=*/false);
   if (!x.ok()) return x.status();
   ForwardOptions& options = plan->options;
   if (request.has_labels()) {
-    absl::StatusOr<at::Tensor> labels = DecodeTensor(request.labels(), kLabelsRule);
+    absl::StatusOr<at::Tensor> labels =
+        DecodeField(request.labels(), kLabelsRule, *plan, /*private_copy=*/true);
     if (!labels.ok()) return labels.status();
     options.labels = labels->to(at::kLong);
   }
   const v1::ForwardOptions& wire = request.options();
   if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepPositions) {
     absl::StatusOr<at::Tensor> positions =
-        DecodeTensor(wire.logits_to_keep_positions(), kPositionsRule);
+        DecodeField(wire.logits_to_keep_positions(), kPositionsRule, *plan, /*private_copy=*/true);
     if (!positions.ok()) return positions.status();
     options.logits_to_keep = *positions;
   }
   if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
-    absl::StatusOr<at::Tensor> factor = DecodeTensor(wire.loss_div_factor_tensor(), kDivFactorRule);
+    absl::StatusOr<at::Tensor> factor =
+        DecodeField(wire.loss_div_factor_tensor(), kDivFactorRule, *plan, /*private_copy=*/true);
     if (!factor.ok()) return factor.status();
     options.loss_div_factor = *factor;
   }
@@ -450,20 +623,43 @@ absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, Forwa
 
 absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
                            v1::ForwardResponse* response) {
-  if (output.logits.has_value()) {
-    absl::Status status =
-        EncodeTensor(*output.logits, plan.logits_dtype, response->mutable_logits());
-    if (!status.ok()) return status;
-  }
-  for (const auto& [value, field] :
-       {std::pair{&output.loss, &v1::ForwardResponse::mutable_loss},
-        std::pair{&output.ce_loss, &v1::ForwardResponse::mutable_ce_loss},
-        std::pair{&output.z_loss, &v1::ForwardResponse::mutable_z_loss},
-        std::pair{&output.argmax, &v1::ForwardResponse::mutable_argmax}}) {
+  using Field = v1::Tensor* (v1::ForwardResponse::*)();
+  const std::tuple<absl::string_view, const std::optional<at::Tensor>*, Field> outputs[] = {
+      {"logits", &output.logits, &v1::ForwardResponse::mutable_logits},
+      {"loss", &output.loss, &v1::ForwardResponse::mutable_loss},
+      {"ce_loss", &output.ce_loss, &v1::ForwardResponse::mutable_ce_loss},
+      {"z_loss", &output.z_loss, &v1::ForwardResponse::mutable_z_loss},
+      {"argmax", &output.argmax, &v1::ForwardResponse::mutable_argmax},
+  };
+  for (const auto& [name, value, field] : outputs) {
     if (!value->has_value()) continue;
-    absl::Status status =
-        EncodeTensor(**value, DataTypeOf((*value)->scalar_type()), (response->*field)());
-    if (!status.ok()) return status;
+    v1::Tensor* wire = (response->*field)();
+    // Logits in the requested dtype; the others in their own.
+    const v1::DataType dtype =
+        name == "logits" ? plan.logits_dtype : DataTypeOf((*value)->scalar_type());
+    const auto slice = plan.shared_outputs.find(std::string(name));
+    if (slice == plan.shared_outputs.end()) {
+      if (absl::Status status = EncodeTensor(**value, dtype, wire); !status.ok()) return status;
+      continue;
+    }
+    const RegionSlice& to = slice->second;
+    if (absl::Status status = EncodeTensorTo(**value, dtype, BytesOf(to), to.byte_size, wire);
+        !status.ok()) {
+      return status;
+    }
+    v1::SharedMemoryRef* ref = wire->mutable_shared_memory();
+    ref->set_region(to.id);
+    ref->set_offset(to.offset);
+    ref->set_byte_size(to.byte_size);
+  }
+  // A region whose object shrank while this call used it lost what was read or written there.
+  for (const auto* slices : {&plan.shared_inputs, &plan.shared_outputs}) {
+    for (const auto& [name, slice] : *slices) {
+      if (!slice.region->shrunk()) continue;
+      return absl::FailedPreconditionError(
+          absl::StrCat(slice.field, ": the shared memory object of region ", CallerText(slice.id),
+                       " shrank below the region while this call used it; its results are lost"));
+    }
   }
   response->set_num_scored_tokens(output.num_scored_tokens);
   response->set_model(plan.model->name());

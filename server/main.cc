@@ -75,6 +75,14 @@ ABSL_FLAG(int, grpc_max_pollers, kDefaults.grpc_max_pollers,
 ABSL_FLAG(bool, stream_read_ahead, kDefaults.stream_read_ahead,
           "ForwardStream reads, decodes and uploads the next micro-batch while the current one "
           "computes (two held at most); false: one at a time.");
+ABSL_FLAG(bool, allow_shared_memory, kDefaults.allow_shared_memory,
+          "Same-host shared memory for tensors: the SharedMemory RPC (local clients only) and "
+          "requests that reference its regions; off: FAILED_PRECONDITION.");
+ABSL_FLAG(int, max_shared_memory_regions, kDefaults.max_shared_memory_regions,
+          "Regions one SharedMemory session may hold at once, 1 to 4096.");
+ABSL_FLAG(int, max_shared_memory_sessions, kDefaults.max_shared_memory_sessions,
+          "SharedMemory sessions open at once (each holds a server thread), 1 to 1024; more get "
+          "RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int, max_config_variants, kDefaults.max_config_variants,
           "Converted weight copies a model keeps for per-request dtype overrides; 0: none.");
 ABSL_FLAG(double, shutdown_grace_seconds, kDefaults.shutdown_grace_seconds,
@@ -184,6 +192,9 @@ int main(int argc, char** argv) {
   options.grpc_completion_queues = absl::GetFlag(FLAGS_grpc_completion_queues);
   options.grpc_max_pollers = absl::GetFlag(FLAGS_grpc_max_pollers);
   options.max_config_variants = absl::GetFlag(FLAGS_max_config_variants);
+  options.allow_shared_memory = absl::GetFlag(FLAGS_allow_shared_memory);
+  options.max_shared_memory_regions = absl::GetFlag(FLAGS_max_shared_memory_regions);
+  options.max_shared_memory_sessions = absl::GetFlag(FLAGS_max_shared_memory_sessions);
   options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
   options.malloc_trim_seconds = absl::GetFlag(FLAGS_malloc_trim_seconds);

@@ -109,6 +109,14 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("max_open_streams",
                    absl::StrCat("must be at least 1, got ", options.max_open_streams));
   }
+  if (options.max_shared_memory_regions < 1 || options.max_shared_memory_regions > 4096) {
+    return Invalid("max_shared_memory_regions",
+                   absl::StrCat("expected 1 to 4096, got ", options.max_shared_memory_regions));
+  }
+  if (options.max_shared_memory_sessions < 1 || options.max_shared_memory_sessions > 1024) {
+    return Invalid("max_shared_memory_sessions",
+                   absl::StrCat("expected 1 to 1024, got ", options.max_shared_memory_sessions));
+  }
   if (options.max_config_variants < 0) {
     return Invalid("max_config_variants", absl::StrCat("must be 0 (no overrides) or more, got ",
                                                        options.max_config_variants));

@@ -92,6 +92,16 @@ struct Options {
   // one that a model keeps converted copies of its weights for; a request that needs one more
   // gets RESOURCE_EXHAUSTED. 0 disables such overrides. Default 4.
   int max_config_variants = 4;
+  // Same-host shared memory for tensors (docs/API.md "Shared memory"): the SharedMemory RPC,
+  // and requests whose tensors or outputs lie in regions registered through it. Off: both
+  // answer FAILED_PRECONDITION. Default false.
+  bool allow_shared_memory = false;
+  // Regions one SharedMemory session may hold at once; one more: RESOURCE_EXHAUSTED. In
+  // [1, 4096]; default 64.
+  int max_shared_memory_regions = 64;
+  // SharedMemory sessions open at once (each holds a server thread while it is open); more:
+  // RESOURCE_EXHAUSTED. In [1, 1024]; default 64.
+  int max_shared_memory_sessions = 64;
   // How long a graceful shutdown waits for in-flight calls before cancelling them, seconds.
   // Default 30.
   double shutdown_grace_seconds = 30;

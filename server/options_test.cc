@@ -24,6 +24,9 @@ TEST(ValidateOptionsTest, LimitsAtTheirBoundsAreValid) {
   options.max_queue_delay_us = 10'000'000;
   options.max_open_streams = 1;
   options.max_config_variants = 0;
+  options.allow_shared_memory = true;
+  options.max_shared_memory_regions = 4096;
+  options.max_shared_memory_sessions = 1;
   options.shutdown_grace_seconds = 0;
   options.malloc_trim_seconds = 0;
   options.device = "cuda:12";
@@ -90,6 +93,10 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.grpc_completion_queues = -1; }, "--grpc_completion_queues: "},
       {[](Options& o) { o.grpc_max_pollers = 0; }, "--grpc_max_pollers: "},
       {[](Options& o) { o.max_config_variants = -1; }, "--max_config_variants: "},
+      {[](Options& o) { o.max_shared_memory_regions = 0; }, "--max_shared_memory_regions: "},
+      {[](Options& o) { o.max_shared_memory_regions = 4097; }, "--max_shared_memory_regions: "},
+      {[](Options& o) { o.max_shared_memory_sessions = 0; }, "--max_shared_memory_sessions: "},
+      {[](Options& o) { o.max_shared_memory_sessions = 1025; }, "--max_shared_memory_sessions: "},
       {[](Options& o) { o.shutdown_grace_seconds = -1; }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.shutdown_grace_seconds = std::nan(""); }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.malloc_trim_seconds = -1; }, "--malloc_trim_seconds: "},

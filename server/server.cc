@@ -20,6 +20,7 @@
 #include "server/logging.h"
 #include "server/model_registry.h"
 #include "server/scheduler/scheduler.h"
+#include "server/shared_memory/shared_memory.h"
 
 namespace lmhead {
 namespace {
@@ -39,7 +40,10 @@ Server::Server(const Options& options)
       scheduler_(std::make_unique<Scheduler>(
           SchedulerLimits{options.max_batch_tokens, options.max_queue_tokens,
                           absl::Microseconds(options.max_queue_delay_us)})),
-      service_(std::make_unique<LMHeadServiceImpl>(options, scheduler_.get())) {}
+      regions_(options.allow_shared_memory
+                   ? std::make_unique<RegionRegistry>(options.max_shared_memory_regions)
+                   : nullptr),
+      service_(std::make_unique<LMHeadServiceImpl>(options, scheduler_.get(), regions_.get())) {}
 
 Server::~Server() {
   Shutdown();
@@ -99,6 +103,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
                            ? absl::StrCat("batches of up to ", options.max_batch_tokens, " tokens")
                            : std::string("packing off (one call a batch)"),
                        ", queue of ", options.max_queue_tokens, " tokens"));
+  if (options.allow_shared_memory) {
+    LogInfo(kNoRequest,
+            absl::StrCat("shared memory on (--allow_shared_memory): clients on this host only, up "
+                         "to ",
+                         options.max_shared_memory_sessions, " sessions of ",
+                         options.max_shared_memory_regions, " regions"));
+  }
   server->service_->SetRegistry(std::shared_ptr<const ModelRegistry>(*std::move(registry)));
   SetServing(server->server_.get(), true);
   LogInfo(kNoRequest, absl::StrCat("serving on port ", server->port_));

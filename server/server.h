@@ -1,5 +1,6 @@
 // Server: the lmhead gRPC server's life cycle and its parts (docs/ARCHITECTURE.md): the frontend
-// (the gRPC service), the scheduler and one executor per device. Binds, answers health checks
+// (the gRPC service), the scheduler, one executor per device and, with --allow_shared_memory,
+// the shared-memory regions clients register. Binds, answers health checks
 // with NOT_SERVING while the models load, then SERVING; on Shutdown it drains (NOT_SERVING, no
 // new calls, queued and running work finishes within the grace period, what cannot is answered
 // UNAVAILABLE). Serves lmhead.v1.LMHeadService, the standard grpc.health.v1.Health service and
@@ -20,6 +21,7 @@ namespace lmhead {
 
 class Executor;
 class LMHeadServiceImpl;
+class RegionRegistry;
 class Scheduler;
 
 class Server {
@@ -46,6 +48,9 @@ class Server {
 
   const Options options_;
   std::unique_ptr<Scheduler> scheduler_;
+  // The shared-memory regions clients registered; null unless --allow_shared_memory. Outlives
+  // the service (its sessions) and the executors (its regions stay mapped while jobs use them).
+  std::unique_ptr<RegionRegistry> regions_;
   std::unique_ptr<LMHeadServiceImpl> service_;
   std::vector<std::unique_ptr<Executor>> executors_;
   std::unique_ptr<grpc::Server> server_;

@@ -116,6 +116,21 @@ absl::StatusOr<std::vector<int64_t>> ValidateTensor(const v1::Tensor& tensor,
   }
   int64_t bytes = ElementSize(tensor.dtype());
   for (const int64_t size : shape) bytes *= size;  // cannot overflow: bounded by `extent`
+  if (tensor.has_shared_memory()) {
+    if (!tensor.data().empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(rule.field, ".data: must be empty when ", rule.field,
+                       ".shared_memory is set (a tensor's bytes are in one of them), got ",
+                       tensor.data().size(), " bytes"));
+    }
+    if (tensor.shared_memory().byte_size() != static_cast<uint64_t>(bytes)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          rule.field, ".shared_memory.byte_size: expected ", bytes, " bytes (",
+          bytes / ElementSize(tensor.dtype()), " elements of ", DataTypeName(tensor.dtype()),
+          " for shape ", ShapeString(shape), "), got ", tensor.shared_memory().byte_size()));
+    }
+    return shape;
+  }
   if (static_cast<int64_t>(tensor.data().size()) != bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         rule.field, ".data: expected ", bytes, " bytes (", bytes / ElementSize(tensor.dtype()),
@@ -128,6 +143,10 @@ absl::StatusOr<std::vector<int64_t>> ValidateTensor(const v1::Tensor& tensor,
 absl::StatusOr<at::Tensor> DecodeTensor(const v1::Tensor& tensor, const TensorRule& rule) {
   absl::StatusOr<std::vector<int64_t>> shape = ValidateTensor(tensor, rule);
   if (!shape.ok()) return shape.status();
+  if (tensor.has_shared_memory()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(rule.field, ".shared_memory: the bytes are in a region, not in the message"));
+  }
   const auto options = at::TensorOptions().dtype(ScalarTypeOf(tensor.dtype()));
   const std::string& data = tensor.data();
   const auto address = reinterpret_cast<std::uintptr_t>(data.data());
@@ -140,7 +159,35 @@ absl::StatusOr<at::Tensor> DecodeTensor(const v1::Tensor& tensor, const TensorRu
   return at::from_blob(const_cast<char*>(data.data()), *shape, options);
 }
 
-absl::Status EncodeTensor(const at::Tensor& value, v1::DataType dtype, v1::Tensor* out) {
+absl::StatusOr<at::Tensor> DecodeExternalTensor(const v1::Tensor& tensor, const TensorRule& rule,
+                                                const ExternalBytes& bytes, bool private_copy) {
+  absl::StatusOr<std::vector<int64_t>> shape = ValidateTensor(tensor, rule);
+  if (!shape.ok()) return shape.status();
+  const auto options = at::TensorOptions().dtype(ScalarTypeOf(tensor.dtype()));
+  const int64_t nbytes = static_cast<int64_t>(tensor.shared_memory().byte_size());
+  const auto address = reinterpret_cast<std::uintptr_t>(bytes.data);
+  if (nbytes > 0 && !private_copy && address % ElementSize(tensor.dtype()) == 0) {
+    // The deleter holds the owner: the bytes stay valid while any view of them lives.
+    return at::from_blob(
+        bytes.data, *shape, [owner = bytes.owner](void*) {}, options.device(bytes.device));
+  }
+  at::Tensor copy = at::empty(*shape, options);
+  if (nbytes == 0) return copy;
+  if (bytes.device.is_cpu()) {
+    std::memcpy(copy.data_ptr(), bytes.data, static_cast<size_t>(nbytes));
+  } else {
+    at::from_blob(copy.data_ptr(), {nbytes}, at::TensorOptions().dtype(at::kByte))
+        .copy_(at::from_blob(bytes.data, {nbytes},
+                             at::TensorOptions().dtype(at::kByte).device(bytes.device)));
+  }
+  return copy;
+}
+
+namespace {
+
+// `value` on the host as `dtype`, contiguous; INVALID_ARGUMENT for a dtype it cannot be written
+// as.
+absl::StatusOr<at::Tensor> HostBytesOf(const at::Tensor& value, v1::DataType dtype) {
   const c10::ScalarType target = ScalarTypeOf(dtype);
   if (target == c10::ScalarType::Undefined ||
       (c10::isIntegralType(target, false) != c10::isIntegralType(value.scalar_type(), false))) {
@@ -148,11 +195,40 @@ absl::Status EncodeTensor(const at::Tensor& value, v1::DataType dtype, v1::Tenso
                                                    c10::toString(value.scalar_type()),
                                                    " tensor as ", DataTypeName(dtype)));
   }
-  const at::Tensor host = value.to(at::kCPU, target).contiguous();
+  return value.to(at::kCPU, target).contiguous();
+}
+
+}  // namespace
+
+absl::Status EncodeTensor(const at::Tensor& value, v1::DataType dtype, v1::Tensor* out) {
+  absl::StatusOr<at::Tensor> host = HostBytesOf(value, dtype);
+  if (!host.ok()) return host.status();
   out->Clear();
   out->set_dtype(dtype);
-  for (int64_t size : host.sizes()) out->add_shape(size);
-  out->mutable_data()->assign(static_cast<const char*>(host.data_ptr()), host.nbytes());
+  for (int64_t size : host->sizes()) out->add_shape(size);
+  out->mutable_data()->assign(static_cast<const char*>(host->data_ptr()), host->nbytes());
+  return absl::OkStatus();
+}
+
+absl::Status EncodeTensorTo(const at::Tensor& value, v1::DataType dtype, const ExternalBytes& bytes,
+                            uint64_t size, v1::Tensor* out) {
+  absl::StatusOr<at::Tensor> host = HostBytesOf(value, dtype);
+  if (!host.ok()) return host.status();
+  if (host->nbytes() != size) {
+    return absl::InternalError(absl::StrCat("an output of ", host->nbytes(),
+                                            " bytes does not fill its ", size,
+                                            " bytes of shared memory"));
+  }
+  const int64_t nbytes = static_cast<int64_t>(size);
+  if (nbytes > 0 && bytes.device.is_cpu()) {
+    std::memcpy(bytes.data, host->data_ptr(), size);
+  } else if (nbytes > 0) {
+    at::from_blob(bytes.data, {nbytes}, at::TensorOptions().dtype(at::kByte).device(bytes.device))
+        .copy_(at::from_blob(host->data_ptr(), {nbytes}, at::TensorOptions().dtype(at::kByte)));
+  }
+  out->Clear();
+  out->set_dtype(dtype);
+  for (int64_t dim : host->sizes()) out->add_shape(dim);
   return absl::OkStatus();
 }
 

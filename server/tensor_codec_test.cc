@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <memory>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -95,6 +97,82 @@ TEST(TensorCodecTest, DecodedTensorsAliasTheMessage) {
   absl::StatusOr<at::Tensor> decoded = DecodeTensor(wire, kHidden);
   ASSERT_TRUE(decoded.ok());
   EXPECT_EQ(decoded->data_ptr(), static_cast<const void*>(wire.data().data()));
+}
+
+// A wire tensor whose bytes are in shared memory (Tensor.shared_memory).
+v1::Tensor InRegion(v1::DataType dtype, std::vector<int64_t> shape, uint64_t byte_size) {
+  v1::Tensor tensor = Wire(dtype, std::move(shape), 0);
+  tensor.mutable_shared_memory()->set_region("r");
+  tensor.mutable_shared_memory()->set_byte_size(byte_size);
+  return tensor;
+}
+
+TEST(TensorCodecTest, SharedMemoryByteSizeIsCheckedLikeData) {
+  EXPECT_TRUE(ValidateTensor(InRegion(v1::DATA_TYPE_FP32, {2, 3, 4}, 96), kHidden).ok());
+  absl::StatusOr<std::vector<int64_t>> shape =
+      ValidateTensor(InRegion(v1::DATA_TYPE_FP32, {2, 3, 4}, 95), kHidden);
+  EXPECT_EQ(shape.status().message(),
+            "hidden_states.shared_memory.byte_size: expected 96 bytes (24 elements of FP32 for "
+            "shape [2, 3, 4]), got 95");
+  v1::Tensor both = InRegion(v1::DATA_TYPE_FP32, {2, 3, 4}, 96);
+  both.set_data(std::string(96, '\0'));
+  EXPECT_EQ(ValidateTensor(both, kHidden).status().message(),
+            "hidden_states.data: must be empty when hidden_states.shared_memory is set (a tensor's "
+            "bytes are in one of them), got 96 bytes");
+  // Not in the message: DecodeTensor cannot read it.
+  EXPECT_EQ(DecodeTensor(InRegion(v1::DATA_TYPE_FP32, {2, 3, 4}, 96), kHidden).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(TensorCodecTest, ExternalBytesAreAliasedOrCopiedAndKeptAlive) {
+  auto memory = std::make_shared<std::vector<float>>(32);
+  for (int i = 0; i < 32; ++i) (*memory)[i] = static_cast<float>(i);
+  std::weak_ptr<std::vector<float>> alive = memory;
+  const v1::Tensor wire = InRegion(v1::DATA_TYPE_FP32, {1, 2, 4}, 32);
+  ExternalBytes bytes{memory->data() + 4, c10::Device(c10::kCPU), memory};
+  absl::StatusOr<at::Tensor> aliased = DecodeExternalTensor(wire, kHidden, bytes, false);
+  absl::StatusOr<at::Tensor> copied = DecodeExternalTensor(wire, kHidden, bytes, true);
+  ASSERT_TRUE(aliased.ok() && copied.ok());
+  EXPECT_EQ(aliased->data_ptr(), static_cast<void*>(memory->data() + 4));
+  EXPECT_NE(copied->data_ptr(), static_cast<void*>(memory->data() + 4));
+  EXPECT_TRUE(at::equal(*aliased, at::arange(4, 12, at::kFloat).view({1, 2, 4})));
+  (*memory)[4] = -1;  // the owner's change shows in the alias only
+  EXPECT_EQ(aliased->flatten()[0].item<float>(), -1);
+  EXPECT_EQ(copied->flatten()[0].item<float>(), 4);
+  // Unaligned bytes are copied.
+  ExternalBytes unaligned{reinterpret_cast<char*>(memory->data()) + 1, c10::Device(c10::kCPU),
+                          memory};
+  absl::StatusOr<at::Tensor> moved = DecodeExternalTensor(wire, kHidden, unaligned, false);
+  ASSERT_TRUE(moved.ok());
+  EXPECT_NE(moved->data_ptr(), unaligned.data);
+  // The alias keeps the owner alive.
+  bytes.owner.reset();
+  unaligned.owner.reset();
+  memory.reset();
+  EXPECT_FALSE(alive.expired());
+  aliased = at::Tensor();
+  EXPECT_TRUE(alive.expired());
+}
+
+TEST(TensorCodecTest, EncodeTensorToWritesTheBytesAndOnlyTheHeader) {
+  std::vector<uint16_t> memory(8, 0xFFFF);
+  const at::Tensor value = at::tensor({1.5f, -2.25f, 3.0f}).view({1, 3});
+  v1::Tensor wire;
+  ASSERT_TRUE(EncodeTensorTo(value, v1::DATA_TYPE_BF16,
+                             ExternalBytes{memory.data() + 1, c10::Device(c10::kCPU), nullptr}, 6,
+                             &wire)
+                  .ok());
+  EXPECT_EQ(wire.dtype(), v1::DATA_TYPE_BF16);
+  EXPECT_EQ(wire.shape_size(), 2);
+  EXPECT_TRUE(wire.data().empty());
+  EXPECT_EQ(memory[0], 0xFFFF);
+  EXPECT_EQ(memory[1], 0x3FC0);  // 1.5 in bf16
+  EXPECT_EQ(memory[3], 0x4040);  // 3.0
+  EXPECT_EQ(memory[4], 0xFFFF);
+  EXPECT_EQ(EncodeTensorTo(value, v1::DATA_TYPE_FP32,
+                           ExternalBytes{memory.data(), c10::Device(c10::kCPU), nullptr}, 6, &wire)
+                .code(),
+            absl::StatusCode::kInternal);
 }
 
 }  // namespace

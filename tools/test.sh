@@ -19,7 +19,7 @@ git ls-files -z '*.cc' '*.h' '*.cu' ':!bazel/' | xargs -0 clang-format --dry-run
 
 bazel test //...
 bazel build --config=cuda //core/... //tests/gpu:gpu_lm_head_test //tests/gpu:gpu_server_oom_test \
-  //bench:gpu_lm_head_bench
+  //tests/gpu:gpu_shared_memory_test //server:shared_memory //bench:gpu_lm_head_bench
 
 bazel build //tests/parity:parity_runner //server:lmhead_server
 LMHEAD_PARITY_RUNNER="$root/bazel-bin/tests/parity/parity_runner" \

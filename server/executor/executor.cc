@@ -67,8 +67,10 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
       item.options.interrupt_check = job.still_wanted;
       item.validated = true;  // by the frontend (server/frontend/service.cc Decode)
       if (device.is_cpu()) {
-        launched.nonfinite[i] = at::isfinite(rows(job.x)).logical_not().sum(-1);
-        item.x = job.x.to(ToScalarType(job.plan.config.dtype));
+        // Hidden states in a CUDA shared-memory region come to the host first.
+        const at::Tensor x = job.x.is_cpu() ? job.x : job.x.to(at::kCPU);
+        launched.nonfinite[i] = at::isfinite(rows(x)).logical_not().sum(-1);
+        item.x = x.to(ToScalarType(job.plan.config.dtype));
       }
       return item;
     });
@@ -81,14 +83,17 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
   }
   for (const auto& [dtype, group] : by_dtype) {
     // Each job's rows in pinned host memory: a large call comes in pageable memory (the frontend
-    // pins small ones) and is staged here, so that its transfer is asynchronous too. A job that
-    // cannot be staged gets its error alone.
+    // pins small ones) and is staged here, so that its transfer is asynchronous too; rows in a
+    // CUDA shared-memory region are copied from their device as they are. A job that cannot be
+    // staged gets its error alone.
     std::vector<size_t> jobs;
     std::vector<at::Tensor> sources;
     for (const size_t i : group) {
       absl::StatusOr<at::Tensor> source = CatchTorchErrors([&]() -> absl::StatusOr<at::Tensor> {
         at::Tensor x = rows(batch[i]->x);
-        if (!x.is_pinned()) x = at::empty(x.sizes(), x.options().pinned_memory(true)).copy_(x);
+        if (x.is_cpu() && !x.is_pinned()) {
+          x = at::empty(x.sizes(), x.options().pinned_memory(true)).copy_(x);
+        }
         return x;
       });
       if (source.ok()) {

@@ -22,6 +22,7 @@
 #include "server/model_registry.h"
 #include "server/read_ahead.h"
 #include "server/scheduler/scheduler.h"
+#include "server/shared_memory/shared_memory.h"
 #include "server/status.h"
 
 namespace lmhead {
@@ -64,6 +65,7 @@ struct Call {
 // computes. `stream_ending`, for a stream's micro-batch, is set once the stream stops: the job
 // is then no longer wanted. May throw c10::Error.
 absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits,
+                            const SharedMemoryAccess& shared_memory,
                             const grpc::ServerContext& context,
                             std::shared_ptr<const v1::ForwardRequest> owned_request,
                             const v1::ForwardRequest& request,
@@ -72,7 +74,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   call.start = Clock::now();
   call.owned_request = std::move(owned_request);
   call.request = &request;
-  absl::StatusOr<ForwardPlan> plan = PlanForward(registry, limits, request);
+  absl::StatusOr<ForwardPlan> plan = PlanForward(registry, limits, request, shared_memory);
   if (!plan.ok()) return plan.status();
   auto job = std::make_shared<Job>();
   job->plan = *std::move(plan);
@@ -94,9 +96,10 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   }
   // A small call is staged in pinned memory here, on the caller's thread, so that the executor's
   // copy to the GPU is one asynchronous transfer; a large one is staged by the executor
-  // (PlaceInputs), which bounds the pinned memory to its two batches in flight.
+  // (PlaceInputs), which bounds the pinned memory to its two batches in flight. Hidden states in
+  // a CUDA shared-memory region are on a device already.
   constexpr int64_t kStagedHereBytes = int64_t{16} << 20;
-  if ((*head)->device().is_cuda() && job->x.nbytes() <= kStagedHereBytes) {
+  if ((*head)->device().is_cuda() && job->x.is_cpu() && job->x.nbytes() <= kStagedHereBytes) {
     job->x = job->x.pin_memory();
   }
   job->tokens = job->plan.batch * job->plan.length;
@@ -222,8 +225,13 @@ absl::Status InMicroBatch(const absl::Status& status, int64_t index) {
 
 }  // namespace
 
-LMHeadServiceImpl::LMHeadServiceImpl(const Options& options, Scheduler* scheduler)
-    : options_(options), scheduler_(scheduler), open_streams_(options.max_open_streams) {}
+LMHeadServiceImpl::LMHeadServiceImpl(const Options& options, Scheduler* scheduler,
+                                     RegionRegistry* regions)
+    : options_(options),
+      scheduler_(scheduler),
+      regions_(regions),
+      open_streams_(options.max_open_streams),
+      shared_memory_sessions_(options.max_shared_memory_sessions) {}
 
 LMHeadServiceImpl::~LMHeadServiceImpl() = default;
 
@@ -280,7 +288,9 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
   absl::Status status = admission.status;
   if (status.ok()) {
     status = CatchTorchErrors([&]() -> absl::Status {
-      absl::StatusOr<Call> call = Decode(*admission.models, options_, *context, nullptr, *request);
+      const SharedMemoryAccess shared_memory{regions_, regions_ != nullptr ? context->peer() : ""};
+      absl::StatusOr<Call> call =
+          Decode(*admission.models, options_, shared_memory, *context, nullptr, *request);
       if (!call.ok()) return call.status();
       if (absl::Status queued = scheduler_->Submit(call->job); !queued.ok()) return queued;
       return Encode(*call, AwaitJob(*scheduler_, *call->job), response);
@@ -320,6 +330,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
                   /*answered=*/false);
   }
   const ModelRegistry& models = *admission.models;
+  const SharedMemoryAccess shared_memory{regions_, regions_ != nullptr ? context->peer() : ""};
   // Each micro-batch is a job in the queue like any unary call. With --stream_read_ahead the next
   // one is read, decoded and queued while the current one runs (two held at most); without, one
   // at a time on this thread. Only the first may be refused for a full queue: later ones wait
@@ -339,7 +350,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     return CatchTorchErrors([&]() -> Queued {
       const v1::ForwardRequest& message = *request;
       absl::StatusOr<Call> call =
-          Decode(models, options_, *context, std::move(request), message, &ending);
+          Decode(models, options_, shared_memory, *context, std::move(request), message, &ending);
       if (!call.ok()) return call.status();
       if (absl::Status queued = scheduler_->Submit(call->job, /*wait_for_room=*/submitted > 0);
           !queued.ok()) {
@@ -438,6 +449,129 @@ grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
   }
   return Finish(context, admission, absl::StrCat("GetModel name=", CallerText(request->name())),
                 status, status.ok());
+}
+
+namespace {
+
+// Answers one request of a SharedMemory session.
+v1::SharedMemoryResponse HandleSharedMemoryRequest(RegionRegistry::Session& session,
+                                                   const v1::SharedMemoryRequest& request) {
+  absl::StatusOr<std::string> region;
+  switch (request.action_case()) {
+    case v1::SharedMemoryRequest::kRegisterSystem: {
+      const v1::RegisterSystemSharedMemory& system = request.register_system();
+      region = session.RegisterSystem(system.key(), system.offset(), system.byte_size());
+      break;
+    }
+    case v1::SharedMemoryRequest::kRegisterCuda: {
+      const v1::RegisterCudaSharedMemory& cuda = request.register_cuda();
+      region = session.RegisterCuda(cuda.raw_handle(), cuda.device_id(), cuda.byte_size());
+      break;
+    }
+    case v1::SharedMemoryRequest::kUnregister:
+      if (absl::Status status = session.Unregister(request.unregister()); status.ok()) {
+        region = request.unregister();
+      } else {
+        region = status;
+      }
+      break;
+    default:
+      region = absl::InvalidArgumentError(
+          "action: expected one of register_system, register_cuda or unregister");
+  }
+  v1::SharedMemoryResponse response;
+  if (region.ok()) {
+    response.set_region(*region);
+  } else {
+    response.set_code(static_cast<int>(region.status().code()));
+    response.set_message(std::string(region.status().message()));
+  }
+  return response;
+}
+
+// A region id in a log line: its first 8 digits (the id is what lets a client use the region).
+std::string LoggedRegion(absl::string_view id) {
+  return absl::StrCat(CallerText(id.substr(0, 8)), "...");
+}
+
+}  // namespace
+
+grpc::Status LMHeadServiceImpl::SharedMemory(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::SharedMemoryResponse, v1::SharedMemoryRequest>* stream) {
+  const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
+  const auto refuse = [&](const absl::Status& status) {
+    return Finish(context, admission, "SharedMemory", status, /*answered=*/false);
+  };
+  if (!admission.status.ok()) return refuse(admission.status);
+  if (regions_ == nullptr) {
+    return refuse(absl::FailedPreconditionError(
+        "shared memory is off on this server (--allow_shared_memory)"));
+  }
+  const std::string peer = context->peer();
+  if (!IsLocalPeer(peer)) {
+    return refuse(absl::PermissionDeniedError(
+        absl::StrCat("shared memory is only for clients on the server's host (loopback or a Unix "
+                     "socket); this call came from ",
+                     CallerText(peer))));
+  }
+  ConcurrencyLimiter::Slot slot = shared_memory_sessions_.TryAcquire();
+  if (!slot) {
+    return refuse(absl::ResourceExhaustedError(
+        absl::StrCat("too many shared memory sessions: ", shared_memory_sessions_.max_in_use(),
+                     " (--max_shared_memory_sessions); retry later")));
+  }
+  // Every region the session registers is unregistered when `session` goes, however the call
+  // ends: the client's half-close, cancellation, a lost connection, the deadline, or shutdown
+  // (each ends Read below).
+  std::unique_ptr<RegionRegistry::Session> session = regions_->OpenSession(peer);
+  int64_t answered = 0;
+  absl::Status status;
+  v1::SharedMemoryRequest request;
+  while (true) {
+    TakeRequestParseFailure();
+    if (!stream->Read(&request)) {
+      if (TakeRequestParseFailure()) {
+        status = absl::InvalidArgumentError(
+            "request: not a valid lmhead.v1.SharedMemoryRequest message (the protobuf wire "
+            "format could not be parsed)");
+      }
+      break;
+    }
+    const v1::SharedMemoryResponse response = HandleSharedMemoryRequest(*session, request);
+    if (response.code() != 0) {
+      LogWarning(admission.request_id,
+                 absl::StrCat("SharedMemory request ", answered, " failed: ", response.message()));
+    } else if (request.has_unregister()) {
+      LogInfo(admission.request_id,
+              absl::StrCat("unregistered shared memory region ", LoggedRegion(response.region())));
+    } else {
+      LogInfo(admission.request_id,
+              absl::StrCat(
+                  "registered shared memory region ", LoggedRegion(response.region()),
+                  request.has_register_system()
+                      ? absl::StrCat(" (", request.register_system().byte_size(), " bytes of ",
+                                     CallerText(request.register_system().key()), ")")
+                      : absl::StrCat(" (", request.register_cuda().byte_size(),
+                                     " bytes on cuda:", request.register_cuda().device_id(), ")")));
+    }
+    if (answered == 0) EchoRequestId(context, admission.request_id, /*headers=*/true);
+    ++answered;
+    if (!stream->Write(response)) {
+      status = absl::CancelledError("the client went away");
+      break;
+    }
+  }
+  if (status.ok() && context->IsCancelled()) {
+    status = absl::CancelledError("the client cancelled the session");
+  }
+  const int held = session->regions();
+  session.reset();
+  return Finish(context, admission,
+                absl::StrCat("SharedMemory session of ", answered,
+                             answered == 1 ? " request, " : " requests, ", held,
+                             held == 1 ? " region" : " regions", " unregistered at its end"),
+                status, answered > 0);
 }
 
 }  // namespace lmhead

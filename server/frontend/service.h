@@ -16,12 +16,15 @@
 namespace lmhead {
 
 class ModelRegistry;
+class RegionRegistry;
 class Scheduler;
 
 class LMHeadServiceImpl final : public v1::LMHeadService::Service {
  public:
-  // `scheduler` must outlive the service.
-  LMHeadServiceImpl(const Options& options, Scheduler* scheduler);
+  // `scheduler` must outlive the service; so must `regions`, the shared-memory regions, null
+  // when shared memory is off (--allow_shared_memory).
+  LMHeadServiceImpl(const Options& options, Scheduler* scheduler,
+                    RegionRegistry* regions = nullptr);
   ~LMHeadServiceImpl() override;
 
   // Makes the models available. Until then every RPC answers UNAVAILABLE ("loading").
@@ -36,6 +39,12 @@ class LMHeadServiceImpl final : public v1::LMHeadService::Service {
                           v1::ListModelsResponse* response) override;
   grpc::Status GetModel(grpc::ServerContext* context, const v1::GetModelRequest* request,
                         v1::ModelInfo* response) override;
+  // A shared-memory session: its regions live until the call ends (docs/API.md "Shared
+  // memory"). Does not count as running for WaitIdle: a session idles for as long as its client
+  // runs, and server shutdown ends it.
+  grpc::Status SharedMemory(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<v1::SharedMemoryResponse, v1::SharedMemoryRequest>* stream) override;
 
   // Graceful shutdown: from now on new Forward/ForwardStream calls get UNAVAILABLE; calls
   // already running go on (an open stream may still send micro-batches).
@@ -51,9 +60,11 @@ class LMHeadServiceImpl final : public v1::LMHeadService::Service {
 
   const Options options_;
   Scheduler* const scheduler_;
+  RegionRegistry* const regions_;
   // Forward and ForwardStream calls inside their handler.
   std::atomic<int> running_calls_{0};
   ConcurrencyLimiter open_streams_;
+  ConcurrencyLimiter shared_memory_sessions_;
   std::atomic<int64_t> nonfinite_inputs_{0};
   std::atomic<bool> draining_{false};
   // Written once by SetRegistry, read by every call.

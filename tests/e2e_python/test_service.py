@@ -98,7 +98,7 @@ def test_reflection_lists_services(server):
         assert {"lmhead.v1.LMHeadService", "grpc.health.v1.Health"} <= services, services
         methods = {m.name for m in database.FindFileContainingSymbol(
             "lmhead.v1.LMHeadService").service[0].method}
-        assert methods == {"Forward", "ForwardStream", "ListModels", "GetModel"}
+        assert methods == {"Forward", "ForwardStream", "ListModels", "GetModel", "SharedMemory"}
 
 
 def test_health_serving(server):

@@ -49,6 +49,14 @@ def wire_tensor(dtype, shape, data=None, packed=True):
     return out
 
 
+def in_shared_memory(tensor, region, offset, byte_size):
+    """`tensor` (wire bytes) with Tensor.shared_memory = 4: a SharedMemoryRef (region = 1,
+    offset = 2, byte_size = 3)."""
+    ref = (b"\x0a" + varint(len(region)) + region + b"\x10" + varint(offset) + b"\x18"
+           + varint(byte_size))
+    return tensor + b"\x22" + varint(len(ref)) + ref
+
+
 def npy(descr, shape, data, version=1, fortran=False):
     shape_text = "(" + "".join(f"{d}, " for d in shape)[:-2] + ("," if len(shape) == 1 else "") + ")"
     header = f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape_text}, }}"
@@ -88,6 +96,11 @@ def seeds():
         "bad_negative_dim": wire_tensor(FP32, [1, -2, 2], b""),
         "bad_byte_length": wire_tensor(FP32, [1, 2, 2], b"\0" * 15),
         "bad_rank_9": wire_tensor(FP32, [1] * 9, b"\0" * 4),
+        "shm_hidden_fp32_1x2x4": in_shared_memory(wire_tensor(FP32, [1, 2, 4], b""), b"r" * 32,
+                                                  64, 32),
+        "shm_labels_int64_1x3": in_shared_memory(wire_tensor(INT64, [1, 3], b""), b"r", 0, 24),
+        "bad_shm_and_data": in_shared_memory(wire_tensor(FP32, [1, 2, 4]), b"r", 0, 32),
+        "bad_shm_byte_size": in_shared_memory(wire_tensor(FP32, [1, 2, 4], b""), b"r", 0, 31),
     }
     f32 = struct.pack("<6f", 0.5, -1.0, 2.0, 3.5, -0.25, 1e-3)
     npys = {

@@ -3,7 +3,8 @@
 // (copied from server/forward_request.cc). Beyond what the sanitizers catch, it checks the header's
 // contracts: a rejected tensor gets INVALID_ARGUMENT naming the field, DecodeTensor accepts
 // exactly what ValidateTensor accepts and never throws, the decoded tensor has the validated
-// shape, dtype and bytes, and EncodeTensor writes the same wire tensor back.
+// shape, dtype and bytes, and EncodeTensor writes the same wire tensor back. A tensor whose bytes
+// are in shared memory has its byte_size checked and is not decoded here.
 #include <ATen/ATen.h>
 
 #include <cstddef>
@@ -54,6 +55,23 @@ void CheckRule(const v1::Tensor& tensor, const TensorRule& rule) {
     LMHEAD_FUZZ_CHECK(decoded.status() == shape.status(),
                       "%s: DecodeTensor says %s, ValidateTensor %s", field.c_str(),
                       decoded.status().ToString().c_str(), shape.status().ToString().c_str());
+    return;
+  }
+
+  // Bytes in shared memory: byte_size checked as the data's length is, and nothing to decode here
+  // (the server decodes them from their resolved region, DecodeExternalTensor).
+  if (tensor.has_shared_memory()) {
+    LMHEAD_FUZZ_CHECK(tensor.data().empty(), "%s: accepted data beside shared_memory",
+                      field.c_str());
+    int64_t bytes = ElementSize(tensor.dtype());
+    for (int64_t dim : *shape) bytes *= dim;
+    LMHEAD_FUZZ_CHECK(tensor.shared_memory().byte_size() == static_cast<uint64_t>(bytes),
+                      "%s: accepted a byte_size of %llu for %lld bytes", field.c_str(),
+                      static_cast<unsigned long long>(tensor.shared_memory().byte_size()),
+                      static_cast<long long>(bytes));
+    LMHEAD_FUZZ_CHECK(absl::IsFailedPrecondition(decoded.status()),
+                      "%s: DecodeTensor of a shared-memory tensor says %s", field.c_str(),
+                      decoded.status().ToString().c_str());
     return;
   }
 

@@ -3,7 +3,7 @@
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
 #   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server|parity|oom|
-#                     serving|executor|e2e] [--quick]
+#                     serving|executor|e2e|shm] [--quick]
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
 # parity: the parity suite (tests/parity) with our head on cuda:0 against olmo_core on the same
@@ -12,6 +12,7 @@
 # benchmark (64 clients x 256 tokens against the real server: batching off and on, one GPU and,
 # where there are two, both; the kernel-only tokens/s of the same shape measured first).
 # executor: the same load without gRPC (bench/executor_bench.cc): jobs straight to the scheduler.
+# shm: CUDA shared memory through the real server (tests/gpu/gpu_shared_memory_test.cc).
 # e2e: issue 13's end-to-end benchmark (bench/e2e_bench.py): one 32,768-token job through the
 # Python client and the CLI with 1 and 4 streams, and through bench/reference_server.py.
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
@@ -109,7 +110,7 @@ if wants parity; then
     echo "!! parity: the runner did not build or the wheels did not install"
   fi
 fi
-if wants server || wants oom || wants serving || wants executor || wants e2e; then
+if wants server || wants oom || wants serving || wants executor || wants e2e || wants shm; then
   echo "== build the server and the CLI"
   # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
@@ -136,6 +137,10 @@ if wants server || wants oom || wants serving || wants executor || wants e2e; th
   if wants oom; then
     g++ "${cxxflags[@]}" -I.gpu/gen -c tests/gpu/gpu_server_oom_test.cc \
       -o "$build/gpu_server_oom_test.o" & pids+=($!)
+  fi
+  if wants shm; then
+    g++ "${cxxflags[@]}" -I.gpu/gen -c tests/gpu/gpu_shared_memory_test.cc \
+      -o "$build/gpu_shared_memory_test.o" & pids+=($!)
   fi
   if wants serving; then
     g++ -std=c++17 -O2 -I. -I.gpu/gen -isystem "$deps/usr/include" -c bench/load_generator.cc \
@@ -234,6 +239,16 @@ if wants oom; then
   LMHEAD_SERVER="$build/lmhead_server" timeout "$limit" "$build/gpu_server_oom_test" \
     > "$out/gpu_oom.txt" 2>&1 && echo "gpu server oom test: passed" || echo "gpu server oom test: FAILED"
   grep -vE "^\[ *(RUN|OK) *\]|^\[-+\]|^$" "$out/gpu_oom.txt" | cut -c1-400 | head -60 || true
+fi
+if wants shm; then
+  echo "== CUDA shared memory through the server (tests/gpu/gpu_shared_memory_test.cc)"
+  client_objs=($(ls "$build"/cli_*.o | grep -v "/cli_lmhead_cli\.o$"))  # the generated stubs among them
+  g++ -o "$build/gpu_shared_memory_test" "$build/gpu_shared_memory_test.o" "${client_objs[@]}" \
+    "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}" $grpc_flags
+  LMHEAD_SERVER="$build/lmhead_server" timeout "$limit" "$build/gpu_shared_memory_test" \
+    > "$out/gpu_shm.txt" 2>&1 && echo "gpu shared memory test: passed" \
+    || echo "gpu shared memory test: FAILED"
+  grep -vE "^\[ *(RUN|OK) *\]|^\[-+\]|^$" "$out/gpu_shm.txt" | cut -c1-400 | head -60 || true
 fi
 if wants server; then
   echo "== the same demo head served from the CPU and from cuda:0"
