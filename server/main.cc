@@ -72,6 +72,15 @@ ABSL_FLAG(int, grpc_completion_queues, kDefaults.grpc_completion_queues,
           "gRPC completion queues; 0: one per CPU core, at most 16.");
 ABSL_FLAG(int, grpc_max_pollers, kDefaults.grpc_max_pollers,
           "Most gRPC threads waiting for calls per completion queue (more threads end when idle).");
+ABSL_FLAG(int, http2_max_frame_bytes, kDefaults.http2_max_frame_bytes,
+          "Largest HTTP/2 frame the server accepts, 16384 to 16777215 bytes; 0: gRPC's 16 KiB.");
+ABSL_FLAG(int, http2_stream_window_bytes, kDefaults.http2_stream_window_bytes,
+          "HTTP/2 flow-control window offered per stream before BDP probing adapts it, bytes; "
+          "0: gRPC's 64 KiB.");
+ABSL_FLAG(bool, http2_bdp_probe, kDefaults.http2_bdp_probe,
+          "Adapt HTTP/2 windows to the connection's bandwidth-delay product (gRPC's BDP probe).");
+ABSL_FLAG(int, http2_write_buffer_bytes, kDefaults.http2_write_buffer_bytes,
+          "Bytes gRPC may buffer for writing per connection; -1: gRPC's own.");
 ABSL_FLAG(bool, stream_read_ahead, kDefaults.stream_read_ahead,
           "ForwardStream reads, decodes and uploads the next micro-batch while the current one "
           "computes (two held at most); false: one at a time.");
@@ -191,6 +200,10 @@ int main(int argc, char** argv) {
   options.max_open_streams = absl::GetFlag(FLAGS_max_open_streams);
   options.grpc_completion_queues = absl::GetFlag(FLAGS_grpc_completion_queues);
   options.grpc_max_pollers = absl::GetFlag(FLAGS_grpc_max_pollers);
+  options.http2_max_frame_bytes = absl::GetFlag(FLAGS_http2_max_frame_bytes);
+  options.http2_stream_window_bytes = absl::GetFlag(FLAGS_http2_stream_window_bytes);
+  options.http2_bdp_probe = absl::GetFlag(FLAGS_http2_bdp_probe);
+  options.http2_write_buffer_bytes = absl::GetFlag(FLAGS_http2_write_buffer_bytes);
   options.max_config_variants = absl::GetFlag(FLAGS_max_config_variants);
   options.allow_shared_memory = absl::GetFlag(FLAGS_allow_shared_memory);
   options.max_shared_memory_regions = absl::GetFlag(FLAGS_max_shared_memory_regions);

@@ -105,6 +105,22 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("grpc_max_pollers",
                    absl::StrCat("expected 1 to 1024, got ", options.grpc_max_pollers));
   }
+  if (options.http2_max_frame_bytes != 0 &&
+      (options.http2_max_frame_bytes < 16384 || options.http2_max_frame_bytes > 16777215)) {
+    return Invalid("http2_max_frame_bytes",
+                   absl::StrCat("expected 0 (gRPC's 16 KiB) or 16384 to 16777215, got ",
+                                options.http2_max_frame_bytes));
+  }
+  if (options.http2_stream_window_bytes != 0 && options.http2_stream_window_bytes < 65535) {
+    return Invalid("http2_stream_window_bytes",
+                   absl::StrCat("expected 0 (gRPC's 64 KiB) or 65535 to 2147483647, got ",
+                                options.http2_stream_window_bytes));
+  }
+  if (options.http2_write_buffer_bytes < -1) {
+    return Invalid("http2_write_buffer_bytes",
+                   absl::StrCat("expected -1 (gRPC's own) or 0 to 2147483647, got ",
+                                options.http2_write_buffer_bytes));
+  }
   if (options.max_open_streams < 1) {
     return Invalid("max_open_streams",
                    absl::StrCat("must be at least 1, got ", options.max_open_streams));

@@ -85,6 +85,18 @@ struct Options {
   // 2). Defaults 0 and 16.
   int grpc_completion_queues = 0;
   int grpc_max_pollers = 16;
+  // HTTP/2 transport settings (docs/API.md "Transport"; 0 or -1: gRPC's own). The largest frame
+  // the server accepts (SETTINGS_MAX_FRAME_SIZE), bytes, 16384 to 16777215; 0: gRPC's 16 KiB.
+  int http2_max_frame_bytes = 0;
+  // The flow-control window the server offers each stream before BDP probing adapts it
+  // (gRPC's "lookahead"), bytes, 65535 to 2^31 - 1; 0: gRPC's 64 KiB.
+  int http2_stream_window_bytes = 0;
+  // Adapt the windows to the connection's bandwidth-delay product (gRPC's BDP probe). Default
+  // true.
+  bool http2_bdp_probe = true;
+  // Bytes gRPC may buffer for writing on a connection before it waits for the socket, 0 to
+  // 2^31 - 1; -1: gRPC's own.
+  int http2_write_buffer_bytes = -1;
   // ForwardStream reads, decodes and uploads micro-batch k+1 on a second thread while k computes
   // (two micro-batches held at most). false: one micro-batch at a time. Default true.
   bool stream_read_ahead = true;

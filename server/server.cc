@@ -73,6 +73,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, queues);
   builder.SetSyncServerOption(grpc::ServerBuilder::MAX_POLLERS, options.grpc_max_pollers);
   builder.SetMaxSendMessageSize(INT_MAX);
+  if (options.http2_max_frame_bytes > 0) {
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, options.http2_max_frame_bytes);
+  }
+  if (options.http2_stream_window_bytes > 0) {
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
+                               options.http2_stream_window_bytes);
+  }
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, options.http2_bdp_probe ? 1 : 0);
+  if (options.http2_write_buffer_bytes >= 0) {
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, options.http2_write_buffer_bytes);
+  }
   builder.RegisterService(server->service_.get());
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {

@@ -179,7 +179,15 @@ if wants e2e; then
   rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
   PYTHONPATH="$pydeps:client/python" step python3 bench/e2e_bench.py --device cuda:0 \
     --kernel_tokens_per_s "$kernel" --lmhead "$build/lmhead_server" --cli "$build/lmhead" \
-    | tee "$out/e2e.txt"
+    | tee "$out/e2e.txt"  echo "-- where one 8192-token unary call's time goes (bench/transport_breakdown.py), by HTTP/2 setting"
+  for http2 in "" "--http2_stream_window_bytes=67108864" \
+    "--http2_stream_window_bytes=67108864 --http2_max_frame_bytes=16777215" \
+    "--http2_stream_window_bytes=67108864 --http2_max_frame_bytes=16777215 --http2_bdp_probe=false"; do
+    echo "server flags: ${http2:-(gRPC's defaults)}"
+    PYTHONPATH="$pydeps:client/python" step python3 bench/transport_breakdown.py --device cuda:0 \
+      --lmhead "$build/lmhead_server" --tokens 8192 --vocab_size 128256 --repeat 7 \
+      --server_flags="$http2" | tee -a "$out/breakdown.txt"
+  done
 fi
 if wants serving; then
   echo "== serving: 64 clients x 256-token calls, d=4096, V=128256, bf16, fused_linear, sum (issue 12)"
