@@ -211,14 +211,18 @@ if wants serving; then
       --tokens 256 --d_model 4096 --vocab_size 128256 --seconds 20 --warmup_seconds 5 \
       --label "$2" | tee -a "$out/serving.txt"
   }
-  runs=("off --device cuda:0 --max_batch_tokens 1" "on --device cuda:0 --max_batch_tokens 8192"
-    "grpc_defaults --device cuda:0 --grpc_completion_queues 1 --grpc_max_pollers 2")
+  runs=("off --device cuda:0 --max_batch_tokens 1" "on --device cuda:0 --max_batch_tokens 8192")
   ((gpus >= 2)) && runs+=("two --device cuda:0,cuda:1")
   for run in "${runs[@]}"; do
     read -r name flags <<< "$run"
     serve "$name" $flags
     load "$name" "$name: ${flags}"
     if [[ $name == on ]]; then  # the Python client beside it, on the same server
+      # One caller, one call at a time: what the transport adds to a 256-token call (issue 13's
+      # latency goal: p50 less the server's batch compute).
+      step "$build/lmhead_load" --address "127.0.0.1:$(cat "$work/on")" --clients 1 --channels 1 \
+        --tokens 256 --d_model 4096 --vocab_size 128256 --seconds 10 --warmup_seconds 2 \
+        --label "one caller: --device cuda:0" | tee -a "$out/serving.txt"
       pydeps="$deps/py"
       python3 -m pip install -q --no-deps --target "$pydeps" .gpu/client/grpcio*.whl \
         .gpu/olmo/protobuf-*.whl > /dev/null 2>&1 || true
