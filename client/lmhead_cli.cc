@@ -14,7 +14,9 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -24,6 +26,7 @@
 #include "absl/strings/str_join.h"
 #include "client/lmhead_client.h"
 #include "client/tensor_file.h"
+#include "client/tensor_view.h"
 
 namespace lmhead {
 namespace {
@@ -287,14 +290,17 @@ int RunForward(const Values& values) {
     return UsageError(command, "--parallel_streams: expected an integer >= 1");
   }
 
-  absl::StatusOr<v1::Tensor> hidden =
-      ReadTensorFile(Get(values, "hidden"), Get(values, "hidden_name"));
+  // Read in place from read-only mappings of the files: the requests' hidden states are sent from
+  // the mapping (SerializeForwardRequest), their labels copied into them.
+  absl::StatusOr<TensorView> hidden =
+      MapTensorFile(Get(values, "hidden"), Get(values, "hidden_name"));
   if (!hidden.ok()) return Failed(hidden.status());
+  std::optional<TensorView> labels;
   if (!Get(values, "labels").empty()) {
-    absl::StatusOr<v1::Tensor> labels =
-        ReadTensorFile(Get(values, "labels"), Get(values, "labels_name"));
-    if (!labels.ok()) return Failed(labels.status());
-    args.labels = *std::move(labels);
+    absl::StatusOr<TensorView> mapped =
+        MapTensorFile(Get(values, "labels"), Get(values, "labels_name"));
+    if (!mapped.ok()) return Failed(mapped.status());
+    labels = *std::move(mapped);
   }
 
   absl::StatusOr<ClientOptions> client_options = ClientOptionsFrom(values);
@@ -304,12 +310,12 @@ int RunForward(const Values& values) {
   auto client = LMHeadClient::Connect(Get(values, "address"), *client_options);
   absl::StatusOr<v1::ForwardResponse> response;
   const auto max_chunk_bytes = static_cast<int64_t>(chunk_mib * (1 << 20));
-  if (max_chunk_bytes == 0 || static_cast<int64_t>(hidden->data().size()) <= max_chunk_bytes) {
-    response = client->Forward(*hidden, args);
+  if (max_chunk_bytes == 0 || static_cast<int64_t>(hidden->data.size()) <= max_chunk_bytes) {
+    response = client->Forward(*hidden, labels, args);
   } else {
     const bool tty = isatty(STDERR_FILENO);
     response = client->ForwardChunked(
-        *hidden, args, max_chunk_bytes,
+        *hidden, labels, args, max_chunk_bytes,
         [tty](int64_t done, int64_t total) {
           constexpr int kWidth = 30;
           const int filled = static_cast<int>(kWidth * done / std::max<int64_t>(total, 1));
@@ -367,9 +373,13 @@ std::vector<Command> Commands() {
        "Runs LMHead.forward on the server: reads hidden states (and labels) from .npy or\n"
        ".safetensors, writes logits/loss/ce_loss/z_loss/argmax to a .safetensors file (metadata:\n"
        "model, model_version, num_scored_tokens, num_nonfinite_inputs). Inputs larger than\n"
-       "--chunk_mib are streamed in micro-batches along the batch dimension, with a progress bar.",
+       "--chunk_mib are streamed in micro-batches along the batch dimension, with a progress bar.\n"
+       "Input files are memory-mapped, not read: gRPC sends the hidden states from the mapping\n"
+       "(labels are copied into each request), in the file's dtype (bf16 stays bf16).",
        {kAddress,
-        {"hidden", "FILE", "(batch, seq_len, d_model) hidden states, .npy or .safetensors", ""},
+        {"hidden", "FILE",
+         "(batch, seq_len, d_model) hidden states, .npy (<f2, <f4) or .safetensors (also bf16)",
+         ""},
         {"hidden_name", "NAME", "tensor name inside a .safetensors --hidden file", ""},
         {"labels", "FILE", "(batch, seq_len) int64/int32 labels, .npy or .safetensors", ""},
         {"labels_name", "NAME", "tensor name inside a .safetensors --labels file", ""},

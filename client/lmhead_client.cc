@@ -1,8 +1,12 @@
 #include "client/lmhead_client.h"
 
 #include <grpcpp/create_channel.h>
+#include <grpcpp/impl/client_unary_call.h>
+#include <grpcpp/impl/rpc_method.h>
 #include <grpcpp/security/credentials.h>
+#include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/channel_arguments.h>
+#include <grpcpp/support/sync_stream.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +27,8 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/micro_batches.h"
+#include "client/tensor_view.h"
+#include "client/wire_request.h"
 #include "proto/wire_dtype.h"
 
 namespace lmhead {
@@ -31,11 +37,12 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
-v1::ForwardRequest MakeForwardRequest(const v1::Tensor& hidden_states, const ForwardArgs& args) {
+namespace {
+
+// The request for `args` without hidden states and labels.
+v1::ForwardRequest RequestWithoutInputs(const ForwardArgs& args) {
   v1::ForwardRequest request;
   request.set_model(args.model);
-  *request.mutable_hidden_states() = hidden_states;
-  if (args.labels.has_value()) *request.mutable_labels() = *args.labels;
   if (args.loss_implementation != v1::LOSS_IMPLEMENTATION_UNSPECIFIED) {
     request.mutable_config()->set_loss_implementation(args.loss_implementation);
   }
@@ -63,6 +70,28 @@ v1::ForwardRequest MakeForwardRequest(const v1::Tensor& hidden_states, const For
   return request;
 }
 
+// The labels of a call given `labels` as a view and `args`: the view, or a view of args.labels;
+// INVALID_ARGUMENT when both are given.
+absl::StatusOr<std::optional<TensorView>> LabelsOf(const std::optional<TensorView>& labels,
+                                                   const ForwardArgs& args) {
+  if (labels.has_value() && args.labels.has_value()) {
+    return absl::InvalidArgumentError(
+        "labels: given both as a view and in ForwardArgs.labels; pass one");
+  }
+  if (labels.has_value()) return labels;
+  if (args.labels.has_value()) return ViewOf(*args.labels);
+  return std::nullopt;
+}
+
+}  // namespace
+
+v1::ForwardRequest MakeForwardRequest(const v1::Tensor& hidden_states, const ForwardArgs& args) {
+  v1::ForwardRequest request = RequestWithoutInputs(args);
+  *request.mutable_hidden_states() = hidden_states;
+  if (args.labels.has_value()) *request.mutable_labels() = *args.labels;
+  return request;
+}
+
 namespace {
 
 // Retry settings shared by gRPC's policy (unary calls) and ForwardStreamOn (streams).
@@ -71,6 +100,10 @@ constexpr absl::Duration kInitialBackoff = absl::Milliseconds(100);
 constexpr absl::Duration kMaxBackoff = absl::Seconds(5);
 constexpr int kBackoffMultiplier = 2;
 constexpr int64_t kRetryBufferBytes = int64_t{256} << 20;  // sent messages kept for a retry
+
+// The methods called with requests serialised by SerializeForwardRequest, not the stub's.
+constexpr char kForwardPath[] = "/lmhead.v1.LMHeadService/Forward";
+constexpr char kForwardStreamPath[] = "/lmhead.v1.LMHeadService/ForwardStream";
 
 }  // namespace
 
@@ -134,13 +167,13 @@ std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
   return client;
 }
 
-v1::LMHeadService::Stub* LMHeadClient::StreamStub(int index) {
-  if (index == 0 || !open_channel_) return stub_.get();
+std::shared_ptr<grpc::Channel> LMHeadClient::StreamChannel(int index) {
+  if (index == 0 || !open_channel_) return channel_;
   absl::MutexLock lock(&streams_mu_);
-  while (static_cast<int>(stream_stubs_.size()) < index) {
-    stream_stubs_.push_back(v1::LMHeadService::NewStub(open_channel_()));
+  while (static_cast<int>(stream_channels_.size()) < index) {
+    stream_channels_.push_back(open_channel_());
   }
-  return stream_stubs_[index - 1].get();
+  return stream_channels_[index - 1];
 }
 
 LMHeadClient::LMHeadClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
@@ -161,6 +194,27 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::Forward(const v1::Tensor& hidd
   return Forward(MakeForwardRequest(hidden_states, args));
 }
 
+absl::StatusOr<v1::ForwardResponse> LMHeadClient::Forward(const TensorView& hidden_states,
+                                                          const std::optional<TensorView>& labels,
+                                                          const ForwardArgs& args) {
+  absl::StatusOr<std::optional<TensorView>> label_view = LabelsOf(labels, args);
+  if (!label_view.ok()) return label_view.status();
+  v1::ForwardRequest request = RequestWithoutInputs(args);
+  if (label_view->has_value()) CopyTensorTo(**label_view, request.mutable_labels());
+  const grpc::ByteBuffer serialized = SerializeForwardRequest(std::move(request), hidden_states);
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::ForwardResponse response;
+  // As the generated stub calls Forward, with the request's bytes as they are.
+  const grpc::Status status =
+      grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, v1::ForwardResponse>(
+          channel_.get(),
+          grpc::internal::RpcMethod(kForwardPath, grpc::internal::RpcMethod::NORMAL_RPC), &context,
+          serialized, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
 absl::StatusOr<v1::ForwardResponse> LMHeadClient::Forward(const v1::ForwardRequest& request) {
   grpc::ClientContext context;
   Prepare(&context);
@@ -168,11 +222,6 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::Forward(const v1::ForwardReque
   const grpc::Status status = stub_->Forward(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
   return response;
-}
-
-absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnResponse& on_response,
-                                         StreamCancellation* cancellation) {
-  return ForwardStreamOn(stub_.get(), next, on_response, cancellation);
 }
 
 namespace {
@@ -204,9 +253,33 @@ std::optional<absl::Duration> RetryDelay(const grpc::Status& status,
   return delay;
 }
 
+// The bytes a request takes on the wire.
+int64_t WireBytes(const v1::ForwardRequest& request) {
+  return static_cast<int64_t>(request.ByteSizeLong());
+}
+int64_t WireBytes(const grpc::ByteBuffer& request) {
+  return static_cast<int64_t>(request.Length());
+}
+
+// Opens ForwardStream calls on `channel` whose requests are already serialised
+// (SerializeForwardRequest). gRPC's C++ API has no public synchronous call of raw bytes; this is
+// how generated stubs open theirs.
+auto OpenSerializedStream(std::shared_ptr<grpc::Channel> channel) {
+  return [channel = std::move(channel)](grpc::ClientContext* context) {
+    return std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, v1::ForwardResponse>>(
+        grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, v1::ForwardResponse>::Create(
+            channel.get(),
+            grpc::internal::RpcMethod(kForwardStreamPath,
+                                      grpc::internal::RpcMethod::BIDI_STREAMING),
+            context));
+  };
+}
+
 }  // namespace
 
-absl::Status LMHeadClient::ForwardStreamOn(v1::LMHeadService::Stub* stub, const NextRequest& next,
+template <class Request>
+absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
+                                           const std::function<bool(Request*)>& next,
                                            const OnResponse& on_response,
                                            StreamCancellation* cancellation) {
   // gRPC 1.51's retry of a bidirectional stream was seen to lose the client's half-close or the
@@ -215,7 +288,7 @@ absl::Status LMHeadClient::ForwardStreamOn(v1::LMHeadService::Stub* stub, const 
   const absl::Time deadline = options_.timeout.count() > 0
                                   ? absl::Now() + absl::FromChrono(options_.timeout)
                                   : absl::InfiniteFuture();
-  std::deque<v1::ForwardRequest> sent;  // every micro-batch sent so far, while `replayable`
+  std::deque<Request> sent;  // every micro-batch sent so far, while `replayable`
   int64_t sent_bytes = 0;
   bool replayable = true;
   bool exhausted = false;  // `next` returned false
@@ -227,22 +300,21 @@ absl::Status LMHeadClient::ForwardStreamOn(v1::LMHeadService::Stub* stub, const 
     if (cancellation != nullptr && !cancellation->Attach(&context)) {
       return absl::CancelledError("the stream was cancelled");
     }
-    std::unique_ptr<grpc::ClientReaderWriter<v1::ForwardRequest, v1::ForwardResponse>> stream =
-        stub->ForwardStream(&context);
+    std::unique_ptr<grpc::ClientReaderWriter<Request, v1::ForwardResponse>> stream = open(&context);
     std::atomic<bool> answered{false};
     // The writer owns `sent`, `sent_bytes`, `replayable` and `exhausted` until it is joined.
     std::thread writer([&]() {
-      for (const v1::ForwardRequest& request : sent) {
+      for (const Request& request : sent) {
         if (!stream->Write(request)) return;  // the call ended (error or cancellation)
       }
-      v1::ForwardRequest request;
+      Request request;
       while (!exhausted) {
         if (!next(&request)) {
           exhausted = true;
           break;
         }
         if (replayable && !answered) {
-          sent_bytes += static_cast<int64_t>(request.ByteSizeLong());
+          sent_bytes += WireBytes(request);
           replayable = sent_bytes <= kRetryBufferBytes;
         }
         if (!replayable || answered) {
@@ -286,6 +358,14 @@ absl::Status LMHeadClient::ForwardStreamOn(v1::LMHeadService::Stub* stub, const 
   }
 }
 
+absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnResponse& on_response,
+                                         StreamCancellation* cancellation) {
+  const OpenStream<v1::ForwardRequest> open = [this](grpc::ClientContext* context) {
+    return stub_->ForwardStream(context);
+  };
+  return ForwardStreamOn(open, next, on_response, cancellation);
+}
+
 namespace {
 
 // `status` of a stream that started at micro-batch `first` of its job, its message's closing
@@ -309,14 +389,24 @@ absl::Status InJobMicroBatches(const absl::Status& status, int64_t first) {
 absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
     const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {
+  return ForwardChunked(ViewOf(hidden_states), std::nullopt, args, max_micro_batch_bytes, progress,
+                        parallel_streams);
+}
+
+absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
+    const TensorView& hidden_states, const std::optional<TensorView>& labels,
+    const ForwardArgs& args, int64_t max_micro_batch_bytes,
+    const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {
+  absl::StatusOr<std::optional<TensorView>> label_view = LabelsOf(labels, args);
+  if (!label_view.ok()) return label_view.status();
   if (parallel_streams < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("parallel_streams: expected 1 or more, got ", parallel_streams));
   }
-  if (hidden_states.shape_size() != 3) {
+  if (hidden_states.shape.size() != 3) {
     return absl::InvalidArgumentError("hidden_states: expected (batch, seq_len, d_model)");
   }
-  const int64_t batch = hidden_states.shape(0);
+  const int64_t batch = hidden_states.shape[0];
   const bool scalar_losses = args.loss_reduction != v1::LOSS_REDUCTION_NONE;
   // The arguments split with the batch (docs/API.md "Combining micro-batches").
   bool split_divisor = false;
@@ -334,42 +424,41 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     split_divisor = factor->shape_size() == 2 && factor->shape(0) == batch && batch > 1;
   }
   const int64_t row_bytes =
-      std::max<int64_t>(hidden_states.data().size() / std::max<int64_t>(batch, 1), 1);
+      std::max<int64_t>(hidden_states.data.size() / std::max<int64_t>(batch, 1), 1);
   const int64_t rows_per_micro_batch = std::max<int64_t>(max_micro_batch_bytes / row_bytes, 1);
   const int64_t micro_batches =
       batch == 0 ? 1 : (batch + rows_per_micro_batch - 1) / rows_per_micro_batch;
 
-  // Per micro-batch: the same options, but sums without the divisor for mean/sum.
-  ForwardArgs micro_args = args;
-  micro_args.labels.reset();
-  micro_args.logits_to_keep = int64_t{0};
+  // Per micro-batch: the same options, but sums without the divisor for mean/sum; the tensors
+  // split with the batch are set per micro-batch.
+  v1::ForwardRequest base = RequestWithoutInputs(args);
+  base.mutable_options()->clear_logits_to_keep();
   if (scalar_losses) {
-    micro_args.loss_reduction = v1::LOSS_REDUCTION_SUM;
-    micro_args.loss_div_factor = std::monostate();
+    base.mutable_options()->set_loss_reduction(v1::LOSS_REDUCTION_SUM);
+    base.mutable_options()->clear_loss_div_factor();
   } else if (split_divisor) {
-    micro_args.loss_div_factor = std::monostate();
+    base.mutable_options()->clear_loss_div_factor();
   }
-  const v1::Tensor empty_hidden;
-  v1::ForwardRequest base = MakeForwardRequest(empty_hidden, micro_args);
-  base.clear_hidden_states();
 
-  // Micro-batch m's request.
-  const auto micro_batch = [&](int64_t m, v1::ForwardRequest* request) {
+  // Micro-batch m's request, serialised for the wire with its rows of hidden states not copied
+  // where the view has an owner (a mapped file: gRPC sends them from there), else copied once;
+  // its labels (and the positions and divisor split with the batch) are copied into it.
+  const auto micro_batch = [&](int64_t m, grpc::ByteBuffer* out) {
     const int64_t begin = std::min(m * rows_per_micro_batch, batch);
     const int64_t end = std::min(begin + rows_per_micro_batch, batch);
-    *request = base;
-    *request->mutable_hidden_states() = SliceRows(hidden_states, begin, end);
-    if (args.labels.has_value()) *request->mutable_labels() = SliceRows(*args.labels, begin, end);
+    v1::ForwardRequest request = base;
+    if (label_view->has_value()) CopyRowsTo(**label_view, begin, end, request.mutable_labels());
     if (const auto* count = std::get_if<int64_t>(&args.logits_to_keep); count && *count != 0) {
-      request->mutable_options()->set_logits_to_keep_count(*count);
+      request.mutable_options()->set_logits_to_keep_count(*count);
     } else if (const auto* positions = std::get_if<v1::Tensor>(&args.logits_to_keep)) {
-      *request->mutable_options()->mutable_logits_to_keep_positions() =
+      *request.mutable_options()->mutable_logits_to_keep_positions() =
           SliceRows(*positions, begin, end);
     }
     if (split_divisor) {
-      *request->mutable_options()->mutable_loss_div_factor_tensor() =
+      *request.mutable_options()->mutable_loss_div_factor_tensor() =
           SliceRows(std::get<v1::Tensor>(args.loss_div_factor), begin, end);
     }
+    *out = SerializeForwardRequest(std::move(request), Rows(hidden_states, begin, end));
   };
 
   CombineOptions combine;
@@ -391,7 +480,7 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
   const int streams = static_cast<int>(std::min<int64_t>(parallel_streams, micro_batches));
   if (streams == 1) {  // combined as the answers arrive
     int64_t sent = 0;
-    const NextRequest next = [&](v1::ForwardRequest* request) {
+    const std::function<bool(grpc::ByteBuffer*)> next = [&](grpc::ByteBuffer* request) {
       if (sent == micro_batches) return false;
       micro_batch(sent++, request);
       return true;
@@ -403,7 +492,9 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
       if (progress) progress(index + 1, micro_batches);
       return true;
     };
-    absl::Status status = ForwardStream(next, on_response);
+    absl::Status status =
+        ForwardStreamOn<grpc::ByteBuffer>(OpenSerializedStream(channel_), next, on_response,
+                                          /*cancellation=*/nullptr);
     if (!failure.ok()) return failure;
     if (!status.ok()) return status;
     return combiner.Finish();
@@ -424,13 +515,13 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     absl::MutexLock lock(&mu);
     for (int later = s + 1; later < streams; ++later) cancellations[later].Cancel();
   };
-  std::vector<v1::LMHeadService::Stub*> stubs;
-  for (int s = 0; s < streams; ++s) stubs.push_back(StreamStub(s));
+  std::vector<OpenStream<grpc::ByteBuffer>> opens;
+  for (int s = 0; s < streams; ++s) opens.push_back(OpenSerializedStream(StreamChannel(s)));
   std::vector<std::thread> threads;
   for (int s = 0; s < streams; ++s) {
     threads.emplace_back([&, s]() {
       int64_t next_index = first[s];
-      const NextRequest next = [&](v1::ForwardRequest* request) {
+      const std::function<bool(grpc::ByteBuffer*)> next = [&](grpc::ByteBuffer* request) {
         if (next_index == first[s + 1]) return false;
         micro_batch(next_index++, request);
         return true;
@@ -443,7 +534,7 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
         if (progress) progress(done, micro_batches);
         return true;
       };
-      statuses[s] = ForwardStreamOn(stubs[s], next, on_response, &cancellations[s]);
+      statuses[s] = ForwardStreamOn(opens[s], next, on_response, &cancellations[s]);
       if (!statuses[s].ok()) cancel_after(s);
     });
   }

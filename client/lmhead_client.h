@@ -1,12 +1,14 @@
 // LMHeadClient: a C++ client of lmhead.v1.LMHeadService whose Forward mirrors LMHead.forward
 // (hidden states plus the same keyword arguments), with helpers that stream a large job as
-// micro-batches. No LibTorch: tensors are lmhead.v1.Tensor messages (see tensor_file.h for
-// reading them from .npy/.safetensors). Thread-safe: one client may serve many threads.
+// micro-batches. No LibTorch: tensors are lmhead.v1.Tensor messages, or TensorViews of bytes held
+// elsewhere (tensor_view.h; tensor_file.h reads both from .npy/.safetensors, MapTensorFile in
+// place). Thread-safe: one client may serve many threads.
 #ifndef LMHEAD_CLIENT_LMHEAD_CLIENT_H_
 #define LMHEAD_CLIENT_LMHEAD_CLIENT_H_
 
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
+#include <grpcpp/support/sync_stream.h>
 
 #include <chrono>
 #include <cstdint>
@@ -22,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "client/tensor_view.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
 
@@ -107,6 +110,13 @@ class LMHeadClient {
   absl::StatusOr<v1::ForwardResponse> Forward(const v1::Tensor& hidden_states,
                                               const ForwardArgs& args);
   absl::StatusOr<v1::ForwardResponse> Forward(const v1::ForwardRequest& request);
+  // Forward of views (e.g. MapTensorFile's), the same request: `labels` (or args.labels; both
+  // given: INVALID_ARGUMENT) are copied into it, and the hidden states are sent from where they
+  // are when the view has an owner (SerializeForwardRequest: gRPC writes them to the connection
+  // from there), else copied once, into the serialised request.
+  absl::StatusOr<v1::ForwardResponse> Forward(const TensorView& hidden_states,
+                                              const std::optional<TensorView>& labels,
+                                              const ForwardArgs& args);
 
   // One ForwardStream call: `next` fills the next micro-batch and returns false when there is
   // none; `on_response` receives each answer, in order, with its index (returning false
@@ -138,6 +148,18 @@ class LMHeadClient {
       const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
       const std::function<void(int64_t done, int64_t total)>& progress = {},
       int parallel_streams = 1);
+  // ForwardChunked of views (e.g. MapTensorFile's of a memory-mapped file), the same requests and
+  // result; nothing of the whole job is copied. Each micro-batch's request is made as the stream
+  // asks for it: its rows of `labels` (or args.labels; both given: INVALID_ARGUMENT) are copied
+  // into it, and its rows of hidden states are sent from where they are when the view has an
+  // owner (SerializeForwardRequest; a retried stream resends them from there too), else copied
+  // once, into the serialised request. The views' bytes must stay valid and unchanged until the
+  // call returns. (The v1::Tensor overload is this one with views without owner.)
+  absl::StatusOr<v1::ForwardResponse> ForwardChunked(
+      const TensorView& hidden_states, const std::optional<TensorView>& labels,
+      const ForwardArgs& args, int64_t max_micro_batch_bytes,
+      const std::function<void(int64_t done, int64_t total)>& progress = {},
+      int parallel_streams = 1);
 
   absl::StatusOr<v1::ListModelsResponse> ListModels();
   absl::StatusOr<v1::ModelInfo> GetModel(const std::string& name = "");
@@ -148,12 +170,20 @@ class LMHeadClient {
 
  private:
   void Prepare(grpc::ClientContext* context) const;
-  absl::Status ForwardStreamOn(v1::LMHeadService::Stub* stub, const NextRequest& next,
+  // Opens one attempt of a ForwardStream call whose requests are `Request`s on `context`.
+  template <class Request>
+  using OpenStream =
+      std::function<std::unique_ptr<grpc::ClientReaderWriter<Request, v1::ForwardResponse>>(
+          grpc::ClientContext* context)>;
+  // ForwardStream with requests that are `Request`s: v1::ForwardRequest messages (ForwardStream),
+  // or grpc::ByteBuffers serialised by SerializeForwardRequest (ForwardChunked).
+  template <class Request>
+  absl::Status ForwardStreamOn(const OpenStream<Request>& open,
+                               const std::function<bool(Request* request)>& next,
                                const OnResponse& on_response, StreamCancellation* cancellation);
-  // The stub of stream `index` of a job's parallel streams: 0 this client's channel, others a
-  // channel (connection) each, opened on first use (all this client's when it was not made by
-  // Connect).
-  v1::LMHeadService::Stub* StreamStub(int index);
+  // The channel of stream `index` of a job's parallel streams: 0 this client's, others a channel
+  // (connection) each, opened on first use (all this client's when it was not made by Connect).
+  std::shared_ptr<grpc::Channel> StreamChannel(int index);
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -161,7 +191,7 @@ class LMHeadClient {
   // Set by Connect: opens another channel to the same server, with a connection of its own.
   std::function<std::shared_ptr<grpc::Channel>()> open_channel_;
   absl::Mutex streams_mu_;
-  std::vector<std::unique_ptr<v1::LMHeadService::Stub>> stream_stubs_
+  std::vector<std::shared_ptr<grpc::Channel>> stream_channels_
       ABSL_GUARDED_BY(streams_mu_);  // index i: stream i + 1
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };

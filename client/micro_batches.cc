@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "client/tensor_view.h"
 #include "proto/wire_dtype.h"
 
 namespace lmhead {
@@ -92,12 +93,7 @@ v1::Tensor* MutableLossField(v1::ForwardResponse* response, int i) {
 
 v1::Tensor SliceRows(const v1::Tensor& tensor, int64_t begin, int64_t end) {
   v1::Tensor out;
-  out.set_dtype(tensor.dtype());
-  int64_t row_bytes = ElementSize(tensor.dtype());
-  for (int i = 1; i < tensor.shape_size(); ++i) row_bytes *= tensor.shape(i);
-  out.add_shape(end - begin);
-  for (int i = 1; i < tensor.shape_size(); ++i) out.add_shape(tensor.shape(i));
-  out.set_data(tensor.data().substr(begin * row_bytes, (end - begin) * row_bytes));
+  CopyRowsTo(ViewOf(tensor), begin, end, &out);
   return out;
 }
 

@@ -15,7 +15,8 @@
 
 namespace lmhead {
 
-// Rows [begin, end) of `tensor` along dimension 0 (rank >= 1).
+// Rows [begin, end) of `tensor` along dimension 0 (rank >= 1): CopyRowsTo (tensor_view.h) of
+// its view.
 v1::Tensor SliceRows(const v1::Tensor& tensor, int64_t begin, int64_t end);
 
 // The value of a one-element FP32, BF16 or FP16 tensor; INVALID_ARGUMENT naming `field` else.

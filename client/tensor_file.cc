@@ -1,10 +1,18 @@
 #include "client/tensor_file.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -63,9 +71,8 @@ std::string NpyHeaderValue(absl::string_view header, absl::string_view key) {
   return std::string(absl::StripAsciiWhitespace(header.substr(start, end - start)));
 }
 
-}  // namespace
-
-absl::StatusOr<v1::Tensor> ParseNpy(std::string bytes) {
+// A whole .npy file's array, read in place: the view's data points into `bytes`.
+absl::StatusOr<TensorView> ViewNpy(absl::string_view bytes) {
   if (bytes.size() < 10 || bytes.substr(0, 6) != "\x93NUMPY") {
     return absl::InvalidArgumentError("npy: not a .npy file (no \\x93NUMPY magic)");
   }
@@ -89,7 +96,7 @@ absl::StatusOr<v1::Tensor> ParseNpy(std::string bytes) {
   if (header_start + header_length > bytes.size()) {
     return absl::InvalidArgumentError("npy: truncated header");
   }
-  const absl::string_view header = absl::string_view(bytes).substr(header_start, header_length);
+  const absl::string_view header = bytes.substr(header_start, header_length);
   const std::string descr = NpyHeaderValue(header, "descr");
   static const auto* kTypes =
       new std::map<std::string, v1::DataType>{{"'<f2'", v1::DATA_TYPE_FP16},
@@ -127,31 +134,121 @@ absl::StatusOr<v1::Tensor> ParseNpy(std::string bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "npy: expected ", expected, " bytes of data for shape ", shape_text, ", got ", data_size));
   }
-  v1::Tensor tensor;
-  tensor.set_dtype(type->second);
-  for (int64_t dim : shape) tensor.add_shape(dim);
-  // The file's bytes become the tensor's: the header is cut off in place, no second copy.
-  bytes.erase(0, header_start + header_length);
-  tensor.set_data(std::move(bytes));
-  return tensor;
+  TensorView view;
+  view.dtype = type->second;
+  view.shape = std::move(shape);
+  view.data = bytes.substr(header_start + header_length);
+  return view;
 }
 
-absl::StatusOr<std::map<std::string, v1::Tensor>> ParseSafetensorsTensors(absl::string_view bytes) {
+// Every tensor of a whole .safetensors file, read in place: the views' data point into `bytes`.
+absl::StatusOr<std::map<std::string, TensorView>> ViewSafetensors(absl::string_view bytes) {
   absl::StatusOr<SafetensorsContents> contents = ParseSafetensorsContents(bytes);
   if (!contents.ok()) return contents.status();
-  std::map<std::string, v1::Tensor> tensors;
-  for (const auto& [name, entry] : contents->tensors) {
+  std::map<std::string, TensorView> views;
+  for (auto& [name, entry] : contents->tensors) {
     auto type = WireDTypes().find(entry.dtype);
     if (type == WireDTypes().end()) {
       return absl::InvalidArgumentError(
           absl::StrCat("safetensors: tensor '", name, "': dtype ", entry.dtype,
                        " is not supported; expected BF16, F16, F32, I32 or I64"));
     }
-    v1::Tensor& tensor = tensors[name];
-    tensor.set_dtype(type->second);
-    for (int64_t dim : entry.shape) tensor.add_shape(dim);
-    tensor.set_data(entry.data.data(), entry.data.size());
+    TensorView& view = views[name];
+    view.dtype = type->second;
+    view.shape = std::move(entry.shape);
+    view.data = entry.data;
   }
+  return views;
+}
+
+// A whole regular file's bytes: a read-only memory mapping of it, or, where the file system
+// cannot map it, a copy read into memory. Immutable.
+class FileBytes {
+ public:
+  // NOT_FOUND when `path` cannot be opened or is not a regular file (as ReadWholeFile says).
+  static absl::StatusOr<std::shared_ptr<const FileBytes>> Open(const std::string& path) {
+    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      return absl::NotFoundError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
+    }
+    struct stat info;
+    if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
+      close(fd);
+      return absl::NotFoundError(absl::StrCat("'", path, "' is not a regular file"));
+    }
+    const auto size = static_cast<size_t>(info.st_size);
+    void* address = size > 0 ? mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    close(fd);                    // a mapping stays valid without it
+    if (address == MAP_FAILED) {  // empty (or unmappable): read it, as before mappings
+      absl::StatusOr<std::string> read = ReadWholeFile(path);
+      if (!read.ok()) return read.status();
+      return std::shared_ptr<const FileBytes>(new FileBytes(*std::move(read)));
+    }
+    // Micro-batches are read front to back: read ahead further than for random access.
+    madvise(address, size, MADV_SEQUENTIAL);
+    return std::shared_ptr<const FileBytes>(new FileBytes(address, size));
+  }
+
+  FileBytes(const FileBytes&) = delete;
+  FileBytes& operator=(const FileBytes&) = delete;
+  ~FileBytes() {
+    if (address_ != nullptr) munmap(address_, size_);
+  }
+
+  absl::string_view bytes() const {
+    return address_ != nullptr ? absl::string_view(static_cast<const char*>(address_), size_)
+                               : absl::string_view(read_);
+  }
+
+ private:
+  FileBytes(void* address, size_t size) : address_(address), size_(size) {}
+  explicit FileBytes(std::string read) : read_(std::move(read)) {}
+
+  void* const address_ = nullptr;  // the mapping, or null
+  const size_t size_ = 0;
+  const std::string read_;  // the bytes read, when not mapped
+};
+
+// The tensor called `name` of a .safetensors file's `views` (empty `name`: the only one).
+absl::StatusOr<TensorView> SelectTensor(const std::string& path,
+                                        std::map<std::string, TensorView> views,
+                                        absl::string_view name) {
+  if (name.empty()) {
+    if (views.size() != 1) {
+      std::vector<std::string> names;
+      for (const auto& [n, t] : views) names.push_back(n);
+      return absl::InvalidArgumentError(absl::StrCat(path, ": holds ", views.size(), " tensors (",
+                                                     absl::StrJoin(names, ", "),
+                                                     "); name the one to use"));
+    }
+    return std::move(views.begin()->second);
+  }
+  auto it = views.find(std::string(name));
+  if (it == views.end()) {
+    return absl::NotFoundError(absl::StrCat(path, ": no tensor named '", name, "'"));
+  }
+  return std::move(it->second);
+}
+
+}  // namespace
+
+absl::StatusOr<v1::Tensor> ParseNpy(std::string bytes) {
+  absl::StatusOr<TensorView> view = ViewNpy(bytes);
+  if (!view.ok()) return view.status();
+  v1::Tensor tensor;
+  tensor.set_dtype(view->dtype);
+  for (int64_t dim : view->shape) tensor.add_shape(dim);
+  // The file's bytes become the tensor's: the header is cut off in place, no second copy.
+  bytes.erase(0, bytes.size() - view->data.size());
+  tensor.set_data(std::move(bytes));
+  return tensor;
+}
+
+absl::StatusOr<std::map<std::string, v1::Tensor>> ParseSafetensorsTensors(absl::string_view bytes) {
+  absl::StatusOr<std::map<std::string, TensorView>> views = ViewSafetensors(bytes);
+  if (!views.ok()) return views.status();
+  std::map<std::string, v1::Tensor> tensors;
+  for (const auto& [name, view] : *views) CopyTensorTo(view, &tensors[name]);
   return tensors;
 }
 
@@ -168,37 +265,35 @@ absl::StatusOr<std::string> SerializeSafetensorsTensors(
   return SerializeSafetensorsContents(contents);
 }
 
-absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path, absl::string_view name) {
-  absl::StatusOr<std::string> bytes = ReadWholeFile(path);
-  if (!bytes.ok()) return bytes.status();
+absl::StatusOr<TensorView> MapTensorFile(const std::string& path, absl::string_view name) {
+  absl::StatusOr<std::shared_ptr<const FileBytes>> file = FileBytes::Open(path);
+  if (!file.ok()) return file.status();
+  const absl::string_view bytes = (*file)->bytes();
   const auto in_file = [&](const absl::Status& status) {
     return absl::Status(status.code(), absl::StrCat(path, ": ", status.message()));
   };
+  absl::StatusOr<TensorView> view;
   if (absl::EndsWith(path, ".npy")) {
-    absl::StatusOr<v1::Tensor> tensor = ParseNpy(*std::move(bytes));
-    if (!tensor.ok()) return in_file(tensor.status());
-    return tensor;
-  }
-  if (!absl::EndsWith(path, ".safetensors")) {
+    view = ViewNpy(bytes);
+    if (!view.ok()) return in_file(view.status());
+  } else if (absl::EndsWith(path, ".safetensors")) {
+    absl::StatusOr<std::map<std::string, TensorView>> views = ViewSafetensors(bytes);
+    if (!views.ok()) return in_file(views.status());
+    view = SelectTensor(path, *std::move(views), name);
+    if (!view.ok()) return view.status();
+  } else {
     return absl::InvalidArgumentError(absl::StrCat(path, ": expected a .npy or .safetensors file"));
   }
-  absl::StatusOr<std::map<std::string, v1::Tensor>> tensors = ParseSafetensorsTensors(*bytes);
-  if (!tensors.ok()) return in_file(tensors.status());
-  if (name.empty()) {
-    if (tensors->size() != 1) {
-      std::vector<std::string> names;
-      for (const auto& [n, t] : *tensors) names.push_back(n);
-      return absl::InvalidArgumentError(absl::StrCat(path, ": holds ", tensors->size(),
-                                                     " tensors (", absl::StrJoin(names, ", "),
-                                                     "); name the one to use"));
-    }
-    return std::move(tensors->begin()->second);
-  }
-  auto it = tensors->find(std::string(name));
-  if (it == tensors->end()) {
-    return absl::NotFoundError(absl::StrCat(path, ": no tensor named '", name, "'"));
-  }
-  return std::move(it->second);
+  view->owner = *std::move(file);
+  return view;
+}
+
+absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path, absl::string_view name) {
+  absl::StatusOr<TensorView> view = MapTensorFile(path, name);
+  if (!view.ok()) return view.status();
+  v1::Tensor tensor;
+  CopyTensorTo(*view, &tensor);
+  return tensor;
 }
 
 absl::Status WriteSafetensorsFile(const std::string& path,

@@ -1,7 +1,8 @@
 // Reading and writing wire tensors (lmhead.v1.Tensor) as files, without LibTorch:
 //   .npy          NumPy's format (versions 1-3; little-endian <f2, <f4, <i4, <i8; C order)
 //   .safetensors  huggingface/safetensors (F16, BF16, F32, I32, I64)
-// Errors name the file (and tensor) and what was expected.
+// Errors name the file (and tensor) and what was expected. MapTensorFile reads a tensor in place,
+// from a read-only memory mapping of its file; ReadTensorFile copies it into a v1::Tensor.
 #ifndef LMHEAD_CLIENT_TENSOR_FILE_H_
 #define LMHEAD_CLIENT_TENSOR_FILE_H_
 
@@ -11,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "client/tensor_view.h"
 #include "proto/lmhead/v1/lmhead.pb.h"
 
 namespace lmhead {
@@ -28,8 +30,18 @@ absl::StatusOr<std::string> SerializeSafetensorsTensors(
     const std::map<std::string, v1::Tensor>& tensors,
     const std::map<std::string, std::string>& metadata = {});
 
-// Reads one tensor: a .npy file's array, or from a .safetensors file the tensor called `name`
-// (empty `name`: the file's only tensor). INVALID_ARGUMENT for other extensions.
+// One tensor of a file, read in place: a .npy file's array, or from a .safetensors file the
+// tensor called `name` (empty `name`: the file's only tensor). The file is mapped read-only
+// (mmap PROT_READ, MAP_PRIVATE; a file system that cannot map it, or an empty file, is read into
+// memory instead) and its header parsed and checked in place as ParseNpy and
+// ParseSafetensorsTensors check it (dtype, shape, byte length against the file's size); the
+// view's data points into the mapping, which the view's `owner` keeps alive, and its pages are
+// read from the file when first touched. NOT_FOUND when the file cannot be opened or is not a
+// regular file; INVALID_ARGUMENT for other extensions. The file must not shrink while a view of
+// it is in use (touching a page past its new end is SIGBUS, as with any mapped file).
+absl::StatusOr<TensorView> MapTensorFile(const std::string& path, absl::string_view name = "");
+
+// MapTensorFile's tensor copied into a v1::Tensor (one copy of its bytes); the same errors.
 absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path, absl::string_view name = "");
 
 // Writes a .safetensors file (through a temporary file renamed into place).

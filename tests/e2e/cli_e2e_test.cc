@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/tensor_file.h"
 #include "gtest/gtest.h"
@@ -229,6 +230,105 @@ TEST(CliMicroBatchTest, StreamedJobsGiveWhatOneRequestGives) {
   const auto [streamed_loss, streamed_ce] = run(finite, "--chunk_mib 0.0001");
   EXPECT_NEAR(streamed_loss, one_loss, 1e-5 * std::fabs(one_loss));
   EXPECT_NEAR(streamed_ce, one_ce, 1e-5 * std::fabs(one_ce));
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+// The file the CLI wrote at `path`, whole.
+std::string ReadOutput(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  std::stringstream bytes;
+  bytes << file.rdbuf();
+  return bytes.str();
+}
+
+// Issue 13: the CLI maps its input files and copies each micro-batch's rows once, into its
+// request, in the file's dtype. bf16 hidden states from a .safetensors file holding two tensors,
+// .npy labels, 5 micro-batches: over 1, 2 and 3 streams the output files are the same bytes (a
+// server that computes each micro-batch alone), and they agree with one request. The server
+// takes requests of at most 6000 bytes: the bf16 job (4608 bytes of hidden states) fits in one,
+// as fp32 (9216) would not, so bf16 stays bf16 on the wire.
+TEST(CliMappedInputTest, Bf16MicroBatchesOverParallelStreamsAreOneStreams) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--max_batch_tokens=1", "--max_message_bytes=6000"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  v1::Tensor hidden;
+  hidden.set_dtype(v1::DATA_TYPE_BF16);
+  for (int64_t dim : {9, 4, 64}) hidden.add_shape(dim);
+  std::string* data = hidden.mutable_data();
+  for (int i = 0; i < 9 * 4 * 64; ++i) {
+    const float value = static_cast<float>((i * 37) % 29) / 8.0f - 1.75f;
+    uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    const uint16_t bf16 = static_cast<uint16_t>(bits >> 16);  // exact: few mantissa bits
+    data->append(reinterpret_cast<const char*>(&bf16), 2);
+  }
+  v1::Tensor other;
+  other.set_dtype(v1::DATA_TYPE_FP32);
+  other.add_shape(3);
+  other.set_data(std::string(12, '\x01'));
+  ASSERT_TRUE(
+      WriteSafetensorsFile(dir + "/bf16.safetensors", {{"hidden", hidden}, {"other", other}}).ok());
+  std::string labels(9 * 4 * 8, '\0');
+  for (int i = 0; i < 36; ++i) {
+    const int64_t id = i % 7 == 3 ? -100 : (i * 53) % 1000;
+    std::memcpy(&labels[i * 8], &id, 8);
+  }
+  WriteNpy(dir + "/labels36.npy", "<i8", "(9, 4)", labels);
+
+  for (const std::string reduction : {"none", "mean"}) {
+    SCOPED_TRACE(reduction);
+    const auto run = [&](const std::string& chunking) {
+      const std::string output = dir + "/mapped.safetensors";
+      Result result = RunCli(absl::StrCat(
+          "forward --address ", (*server)->address(), " --hidden ", dir,
+          "/bf16.safetensors --hidden_name hidden --labels ", dir, "/labels36.npy --output ",
+          output, " --loss_reduction ", reduction,
+          " --z_loss_multiplier 1e-3 --return_argmax true --logits_dtype fp32 ", chunking));
+      EXPECT_EQ(result.exit_code, 0) << chunking << ": " << result.out;
+      if (absl::StrContains(chunking, "0.001")) {
+        EXPECT_NE(result.out.find("5/5 micro-batches"), std::string::npos) << result.out;
+      }
+      return ReadOutput(output);
+    };
+    const std::string one_stream = run("--chunk_mib 0.001");
+    for (const std::string streams : {"2", "3"}) {
+      EXPECT_EQ(run("--chunk_mib 0.001 --parallel_streams " + streams), one_stream) << streams;
+    }
+    const std::string one_request = run("--chunk_mib 0");
+    absl::StatusOr<std::map<std::string, v1::Tensor>> streamed =
+        ParseSafetensorsTensors(one_stream);
+    absl::StatusOr<std::map<std::string, v1::Tensor>> whole = ParseSafetensorsTensors(one_request);
+    ASSERT_TRUE(streamed.ok()) << streamed.status();
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    ASSERT_EQ(streamed->size(), 5u);
+    for (const auto& [name, tensor] : *whole) {
+      SCOPED_TRACE(name);
+      ASSERT_EQ(streamed->count(name), 1u);
+      const v1::Tensor& got = streamed->at(name);
+      EXPECT_EQ(got.dtype(), tensor.dtype());
+      EXPECT_EQ(got.shape().size(), tensor.shape().size());
+      ASSERT_EQ(got.data().size(), tensor.data().size());
+      if (name == "argmax") {
+        EXPECT_EQ(got.data(), tensor.data());
+        continue;
+      }
+      for (size_t i = 0; i < tensor.data().size() / 4; ++i) {
+        float a, b;
+        std::memcpy(&a, got.data().data() + 4 * i, 4);
+        std::memcpy(&b, tensor.data().data() + 4 * i, 4);
+        ASSERT_NEAR(a, b, 1e-5f * (1 + std::fabs(b))) << i;
+      }
+    }
+  }
+  // The same job as fp32 does not fit the server's limit in one request.
+  std::string fp32(9 * 4 * 64 * 4, '\0');
+  WriteNpy(dir + "/fp32.npy", "<f4", "(9, 4, 64)", fp32);
+  Result too_big =
+      RunCli(absl::StrCat("forward --address ", (*server)->address(), " --hidden ", dir,
+                          "/fp32.npy --output ", dir, "/too_big.safetensors --chunk_mib 0"));
+  EXPECT_EQ(too_big.exit_code, 1) << too_big.out;
+  EXPECT_NE(too_big.out.find("RESOURCE_EXHAUSTED"), std::string::npos) << too_big.out;
   EXPECT_EQ((*server)->Stop(), 0);
 }
 

@@ -12,11 +12,13 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <regex>
 #include <set>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -485,6 +487,101 @@ TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
     }
     EXPECT_EQ(n, 1u) << id << "\n" << after;
   }
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+// Issue 13: ForwardChunked of a memory-mapped file sends each micro-batch's rows of hidden
+// states from the mapping, not copied; a stream refused before its first answer is tried again,
+// resending those micro-batches, and the job's answer is the one a free server gives, and the one
+// the copying path (v1::Tensor) gives, byte for byte.
+TEST(RetryTest, AChunkedJobFromAMappedFileIsRetriedWithTheSameBytes) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--max_open_streams=1", "--max_batch_tokens=1"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const auto connect = [&](int max_attempts, const std::string& request_id) {
+    ClientOptions options;
+    options.timeout = std::chrono::seconds(60);
+    options.max_attempts = max_attempts;
+    options.request_id = request_id;
+    return LMHeadClient::Connect((*server)->address(), options);
+  };
+  at::Generator generator = at::detail::createCPUGenerator(13);
+  const v1::Tensor hidden = ToWire(at::randn({6, 3, 64}, generator).to(at::kBFloat16));
+  const std::string path = absl::StrCat(std::getenv("TEST_TMPDIR"), "/mapped.safetensors");
+  ASSERT_TRUE(WriteSafetensorsFile(path, {{"hidden", hidden}}).ok());
+  absl::StatusOr<TensorView> mapped = MapTensorFile(path);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  ASSERT_NE(mapped->owner, nullptr);
+  ForwardArgs args;
+  args.labels = ToWire(at::randint(1000, {6, 3}, generator, at::TensorOptions(at::kLong)));
+  args.loss_reduction = v1::LOSS_REDUCTION_NONE;
+  args.return_argmax = true;
+  const int64_t two_rows = 2 * 3 * 64 * 2;  // 3 micro-batches
+  const auto expect_same = [](const v1::ForwardResponse& got, const v1::ForwardResponse& want) {
+    EXPECT_EQ(got.num_scored_tokens(), want.num_scored_tokens());
+    for (const auto& [name, a, b] : {std::tuple{"logits", &got.logits(), &want.logits()},
+                                     std::tuple{"loss", &got.loss(), &want.loss()},
+                                     std::tuple{"ce_loss", &got.ce_loss(), &want.ce_loss()},
+                                     std::tuple{"argmax", &got.argmax(), &want.argmax()}}) {
+      EXPECT_EQ(a->SerializeAsString(), b->SerializeAsString()) << name;
+    }
+  };
+  absl::StatusOr<v1::ForwardResponse> expected =
+      connect(1, "free")->ForwardChunked(*mapped, std::nullopt, args, two_rows);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_EQ(expected->logits().dtype(), v1::DATA_TYPE_FP32);
+  absl::StatusOr<v1::ForwardResponse> copied =
+      connect(1, "copied")->ForwardChunked(hidden, args, two_rows);
+  ASSERT_TRUE(copied.ok()) << copied.status();
+  expect_same(*copied, *expected);
+
+  // A stream holds the only slot until the mapped job's first attempt has been refused.
+  std::atomic<bool> holding{false}, release{false};
+  const v1::ForwardRequest small = MakeForwardRequest(ToWire(at::randn({1, 2, 64})), ForwardArgs());
+  std::thread holder([&] {
+    int sent = 0;
+    absl::Status status = connect(1, "holder")
+                              ->ForwardStream(
+                                  [&](v1::ForwardRequest* next) {
+                                    if (sent == 1) {
+                                      while (!release)
+                                        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+                                      return false;
+                                    }
+                                    ++sent;
+                                    *next = small;
+                                    return true;
+                                  },
+                                  [&](int64_t, const v1::ForwardResponse&) {
+                                    holding = true;
+                                    return true;
+                                  });
+    EXPECT_TRUE(status.ok()) << status;
+  });
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!holding && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::thread releaser([&] {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!absl::StrContains((*server)->Log(),
+                              "request_id=mapped ForwardStream failed: RESOURCE_EXHAUSTED") &&
+           std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    release = true;
+  });
+  absl::StatusOr<v1::ForwardResponse> retried =
+      connect(5, "mapped")->ForwardChunked(*mapped, std::nullopt, args, two_rows);
+  releaser.join();
+  holder.join();
+  ASSERT_TRUE(holding) << (*server)->Log();
+  ASSERT_TRUE(retried.ok()) << retried.status();
+  expect_same(*retried, *expected);
+  const std::string log = (*server)->Log();
+  EXPECT_TRUE(absl::StrContains(log, "request_id=mapped ForwardStream failed: RESOURCE_EXHAUSTED"))
+      << log;
+  EXPECT_TRUE(absl::StrContains(log, "request_id=mapped ForwardStream 3 micro-batches ok")) << log;
   EXPECT_EQ((*server)->Stop(), 0);
 }
 
