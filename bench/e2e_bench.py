@@ -1,9 +1,11 @@
 """End-to-end tokens/s of one big job through the transport (issue 13's benchmark): the Python
-client and the `lmhead` CLI against lmhead_server, with 1 and K parallel streams, and the same
-Python client against bench/reference_server.py (the server a user would write instead), on
-the same weights; each figure beside the kernel-only tokens/s given with --kernel_tokens_per_s
-(on a GPU machine `gpu_lm_head_bench --serving` measures it in the same run: tools/gpu/run.sh
-e2e).
+client and the `lmhead` CLI against lmhead_server, with 1 and K parallel streams, the Python
+client through system shared memory and (with --device cuda:N, the job's hidden states created
+on that GPU) through CUDA IPC, and the same Python client against bench/reference_server.py (the
+server a user would write instead), on the same weights; each figure beside the kernel-only
+tokens/s given with --kernel_tokens_per_s (on a GPU machine `gpu_lm_head_bench --serving`
+measures it in the same run: tools/gpu/run.sh e2e). lmhead_server runs with
+--allow_shared_memory; the other rows' clients have shared memory off.
 
 The job: --rows x (--tokens / --rows) hidden states (bf16 on a GPU, fp32 on the CPU) with int64
 labels, loss reduction sum, no logits. The head: rms norm, no bias, random weights in
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
               f"{x.numel() * x.element_size() / 2**20:.0f} MiB of hidden states, micro-batches "
               f"of {args.chunk_mib} MiB, device {args.device}", flush=True)
         servers = {"lmhead": Process([args.lmhead, "--host", "127.0.0.1", "--device", args.device,
-                                      "--model", f"bench={weights}"], work, "lmhead")}
+                                      "--model", f"bench={weights}", "--allow_shared_memory"],
+                                     work, "lmhead")}
         if not args.no_reference:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 filter(None, [str(REPO / "client/python"), os.environ.get("PYTHONPATH")])))
@@ -130,12 +133,26 @@ def main(argv=None) -> int:
                  "--model", f"bench={weights}"], work, "reference", env=env)
         try:
             for name, server in servers.items():
-                with RemoteLMHead(server.address, timeout=600) as head:
+                with RemoteLMHead(server.address, timeout=600, shared_memory="off") as head:
                     for k in streams:
                         report(f"{name}, Python client, {k} stream{'s' if k > 1 else ''}",
                                timed(lambda: head.forward_stream(
                                    x, max_chunk_bytes=chunk_bytes, parallel_streams=k, **job),
                                    args.repeat))
+            # The same micro-batches through shared memory: written into the client's POSIX
+            # buffers, or (CUDA IPC) read by the server from the GPU tensor where it lies.
+            shared = [("system shared memory", x)]
+            if gpu:
+                shared.append(("CUDA IPC", x.to(args.device)))
+            for what, hidden in shared:
+                with RemoteLMHead(servers["lmhead"].address, timeout=600,
+                                  shared_memory="on") as head:
+                    report(f"lmhead, Python client, {what}",
+                           timed(lambda: head.forward_stream(
+                               hidden, max_chunk_bytes=chunk_bytes, **job), args.repeat))
+                    used = head._shm.stats["cuda_calls" if hidden.is_cuda else "system_calls"]
+                    if used == 0:
+                        raise RuntimeError(f"the {what} row did not use it: {head._shm.stats}")
             if args.cli:
                 files = work / "job.safetensors"
                 save_file({"x": x, "labels": labels}, str(files))
@@ -153,7 +170,8 @@ def main(argv=None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
-    best = {name: max(rate for what, rate in rows if what.startswith(name + ", Python"))
+    streamed = [(what, rate) for what, rate in rows if what.endswith(("stream", "streams"))]
+    best = {name: max(rate for what, rate in streamed if what.startswith(name + ", Python"))
             for name in servers}
     if "reference" in best:
         print(f"lmhead / reference server (Python client, best of the stream counts): "

@@ -1,6 +1,7 @@
 """bench/e2e_bench.py (issue 13's end-to-end benchmark) runs on the CPU at a small shape: every
-row it promises (Python client with 1 and 2 streams, the reference server, the CLI when built)
-and the ratio line. The figures themselves are measured on the GPU machine."""
+row it promises (Python client with 1 and 2 streams and through system shared memory, the
+reference server, the CLI when built) and the ratio line. The figures themselves are measured on
+the GPU machine (where the CUDA IPC row is added)."""
 
 import re
 import subprocess
@@ -20,9 +21,11 @@ def test_e2e_bench_runs_at_a_small_shape(server_binary):
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     for row in ("lmhead, Python client, 1 stream", "lmhead, Python client, 2 streams",
+                "lmhead, Python client, system shared memory",
                 "reference, Python client, 1 stream", "reference, Python client, 2 streams"):
         assert re.search(re.escape(row) + r" +[0-9.]+ ms +[0-9]+ tokens/s, +[0-9.]+% of kernel",
                          out), out
     if cli.exists():
         assert "lmhead, CLI (file to file), 2 streams" in out, out
+    assert "CUDA IPC" not in out, out  # only with --device cuda:N
     assert re.search(r"lmhead / reference server .*: [0-9.]+x", out), out

@@ -12,9 +12,11 @@
 # benchmark (64 clients x 256 tokens against the real server: batching off and on, one GPU and,
 # where there are two, both; the kernel-only tokens/s of the same shape measured first).
 # executor: the same load without gRPC (bench/executor_bench.cc): jobs straight to the scheduler.
-# shm: CUDA shared memory through the real server (tests/gpu/gpu_shared_memory_test.cc).
+# shm: CUDA shared memory through the real server (tests/gpu/gpu_shared_memory_test.cc, and the
+# Python client's CUDA IPC: tests/gpu/test_python_cuda_ipc.py).
 # e2e: issue 13's end-to-end benchmark (bench/e2e_bench.py): one 32,768-token job through the
-# Python client and the CLI with 1 and 4 streams, and through bench/reference_server.py.
+# Python client and the CLI with 1 and 4 streams, the Python client through system shared memory
+# and CUDA IPC, and through bench/reference_server.py.
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
@@ -179,11 +181,12 @@ if wants e2e; then
   rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
   PYTHONPATH="$pydeps:client/python" step python3 bench/e2e_bench.py --device cuda:0 \
     --kernel_tokens_per_s "$kernel" --lmhead "$build/lmhead_server" --cli "$build/lmhead" \
-    | tee "$out/e2e.txt"  echo "-- where one 8192-token unary call's time goes (bench/transport_breakdown.py), by HTTP/2 setting"
+    | tee "$out/e2e.txt"
+  echo "-- where one 8192-token unary call's time goes (bench/transport_breakdown.py), by HTTP/2 setting"
   for http2 in "" "--http2_stream_window_bytes=67108864" \
     "--http2_stream_window_bytes=67108864 --http2_max_frame_bytes=16777215" \
     "--http2_stream_window_bytes=67108864 --http2_max_frame_bytes=16777215 --http2_bdp_probe=false"; do
-    echo "server flags: ${http2:-(gRPC's defaults)}"
+    echo "server flags: ${http2:-(the defaults of gRPC)}"
     PYTHONPATH="$pydeps:client/python" step python3 bench/transport_breakdown.py --device cuda:0 \
       --lmhead "$build/lmhead_server" --tokens 8192 --vocab_size 128256 --repeat 7 \
       --server_flags="$http2" | tee -a "$out/breakdown.txt"
@@ -261,6 +264,16 @@ if wants shm; then
     > "$out/gpu_shm.txt" 2>&1 && echo "gpu shared memory test: passed" \
     || echo "gpu shared memory test: FAILED"
   grep -vE "^\[ *(RUN|OK) *\]|^\[-+\]|^$" "$out/gpu_shm.txt" | cut -c1-400 | head -60 || true
+  echo "== the Python client's CUDA IPC through the server (tests/gpu/test_python_cuda_ipc.py)"
+  pydeps="$deps/py"
+  python3 -m pip install -q --no-deps --target "$pydeps" .gpu/client/grpcio*.whl \
+    .gpu/olmo/protobuf-*.whl > /dev/null 2>&1 || true
+  rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
+  LMHEAD_SERVER="$build/lmhead_server" PYTHONPATH="$pydeps:client/python" timeout "$limit" \
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_python_cuda_ipc.py \
+    > "$out/gpu_python_ipc.txt" 2>&1 && echo "python cuda ipc test: passed" \
+    || echo "python cuda ipc test: FAILED"
+  tail -40 "$out/gpu_python_ipc.txt" | cut -c1-400
 fi
 if wants server; then
   echo "== the same demo head served from the CPU and from cuda:0"

@@ -36,11 +36,17 @@ class MicroBatchCombiner:
         self.parts: Dict[str, List[_tensors.Decoded]] = {}
         self.num_scored_tokens = 0
 
-    def add(self, response: pb.ForwardResponse) -> None:
+    def add(self, response: pb.ForwardResponse,
+            outputs: Optional[Dict[str, _tensors.Decoded]] = None) -> None:
+        """Adds the next micro-batch's answer; `outputs`: its tensors already decoded (by name;
+        default: decoded from the response)."""
         self.num_scored_tokens += response.num_scored_tokens
+        if outputs is None:
+            outputs = {name: _tensors.decode(getattr(response, name))
+                       for name in ("logits", "argmax") + LOSS_FIELDS if response.HasField(name)}
         for name in ("logits", "argmax") + LOSS_FIELDS:
-            if response.HasField(name):
-                decoded = _tensors.decode(getattr(response, name))
+            if name in outputs:
+                decoded = outputs[name]
                 earlier = self.parts.setdefault(name, [])
                 if earlier and earlier[0].dtype != decoded.dtype:
                     raise ValueError(f"{name}: micro-batch {len(earlier)} answered in another "

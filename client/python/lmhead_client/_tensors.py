@@ -6,7 +6,7 @@ plus the wire dtype; bfloat16 values are widened to float32 there (exactly), and
 to torch.bfloat16 when the caller wants torch.
 """
 
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -78,6 +78,64 @@ _DTYPE_NAMES = {
 
 def is_torch(value) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+_TORCH_TO_WIRE = {} if torch is None else {
+    torch.float16: pb.DATA_TYPE_FP16,
+    torch.float32: pb.DATA_TYPE_FP32,
+    torch.bfloat16: pb.DATA_TYPE_BF16,
+    torch.int32: pb.DATA_TYPE_INT32,
+    torch.int64: pb.DATA_TYPE_INT64,
+}
+_ITEMSIZE = {pb.DATA_TYPE_BF16: 2, pb.DATA_TYPE_FP16: 2, pb.DATA_TYPE_FP32: 4,
+             pb.DATA_TYPE_INT32: 4, pb.DATA_TYPE_INT64: 8}
+
+
+class TensorLayout(NamedTuple):
+    """The shape and wire dtype of a tensor, and its size in bytes on the wire."""
+
+    shape: Tuple[int, ...]
+    dtype: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE[self.dtype]
+
+
+def layout(value) -> Optional[TensorLayout]:
+    """The layout of a tensor `write_into` can copy as it is: a torch tensor (on any device), a
+    numpy array of native byte order, or BF16, of a wire dtype. None for anything else (which
+    goes inline, where wire_array accepts or refuses it)."""
+    if isinstance(value, BF16):
+        return TensorLayout(tuple(value.bits.shape), pb.DATA_TYPE_BF16)
+    if is_torch(value):
+        dtype = _TORCH_TO_WIRE.get(value.dtype)
+        return None if dtype is None else TensorLayout(tuple(value.shape), dtype)
+    if isinstance(value, np.ndarray) and value.dtype.isnative:
+        dtype = _NUMPY_TO_WIRE.get(value.dtype)
+        return None if dtype is None else TensorLayout(value.shape, dtype)
+    return None
+
+
+def write_into(value, buffer: memoryview, offset: int) -> None:
+    """Copies the elements of `value` (see `layout`) into buffer[offset:] in C order,
+    little-endian: one copy, from whatever strides it has (a CUDA tensor: one device-to-host
+    copy)."""
+    if is_torch(value):
+        value = value.detach()
+        if value.is_cuda or value.device.type != "cpu":
+            target = torch.frombuffer(buffer, dtype=value.dtype, count=value.numel(),
+                                      offset=offset)
+            target.view(value.shape).copy_(value)
+            return
+        # A host tensor is copied by numpy: torch's copy_ hands a large copy to its thread pool,
+        # whose wake-up cost more than the copy itself on a busy host (measured).
+        array = (value.view(torch.int16).numpy().view(np.uint16)
+                 if value.dtype == torch.bfloat16 else value.numpy())
+    else:
+        array = value.bits if isinstance(value, BF16) else value
+    target = np.ndarray(array.shape, array.dtype.newbyteorder("<"), buffer=buffer, offset=offset)
+    np.copyto(target, array, casting="no")
 
 
 def wire_dtype(dtype) -> int:
@@ -176,14 +234,33 @@ class Decoded(NamedTuple):
 
 
 def decode(tensor: pb.Tensor) -> Decoded:
-    numpy_dtype = _WIRE_TO_NUMPY.get(tensor.dtype)
+    return _decode(tensor.data, 0, -1, tensor.dtype, tuple(tensor.shape))
+
+
+def decode_from(buffer, offset: int, byte_size: int, dtype: int, shape: Tuple[int, ...]
+                ) -> Decoded:
+    """A tensor of `shape` and wire `dtype` that lies in buffer[offset:offset + byte_size],
+    copied out (exactly as `decode` copies a tensor out of a message)."""
+    numpy_dtype = _WIRE_TO_NUMPY.get(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if numpy_dtype is not None and count * numpy_dtype.itemsize != byte_size:
+        raise ValueError(f"{byte_size} bytes for shape {list(shape)}")
+    if offset + byte_size > len(buffer):
+        raise ValueError(f"bytes [{offset}, {offset + byte_size}) are past the end of the "
+                         f"region ({len(buffer)} bytes)")
+    return _decode(buffer, offset, count, dtype, shape)
+
+
+def _decode(data, offset: int, count: int, dtype: int, shape: Tuple[int, ...]) -> Decoded:
+    numpy_dtype = _WIRE_TO_NUMPY.get(dtype)
     if numpy_dtype is None:
-        raise ValueError(f"the server sent a tensor of unknown dtype {tensor.dtype}")
-    array = np.frombuffer(tensor.data, dtype=numpy_dtype.newbyteorder("<"))
-    array = array.astype(numpy_dtype).reshape(tuple(tensor.shape))  # a native, writable copy
-    if tensor.dtype == pb.DATA_TYPE_BF16:
-        array = bf16_bits_to_float32(array)
-    return Decoded(array, tensor.dtype)
+        raise ValueError(f"the server sent a tensor of unknown dtype {dtype}")
+    array = np.frombuffer(data, dtype=numpy_dtype.newbyteorder("<"), count=count, offset=offset)
+    if dtype == pb.DATA_TYPE_BF16:
+        array = bf16_bits_to_float32(array.reshape(shape))  # widened into a new array
+    else:
+        array = array.astype(numpy_dtype).reshape(shape)  # a native, writable copy
+    return Decoded(array, dtype)
 
 
 def round_to(array: np.ndarray, dtype: int) -> np.ndarray:

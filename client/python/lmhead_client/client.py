@@ -1,18 +1,22 @@
 """RemoteLMHead: OLMo-core's LMHead.forward, run by an lmhead server over gRPC (lmhead.v1).
 
-Thread-safety: a RemoteLMHead may be shared by threads (gRPC channels are thread-safe).
+Thread-safety: a RemoteLMHead may be shared by threads (gRPC channels are thread-safe, and each
+call in flight has a shared-memory buffer of its own).
 """
 
+import collections
 import json
 import re
 import threading
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+import weakref
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmhead_client import _tensors
+from lmhead_client import _shared_memory, _tensors
+from lmhead_client._errors import LMHeadError
 from lmhead_client._micro_batches import MicroBatchCombiner
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
@@ -27,16 +31,6 @@ _IMPLEMENTATIONS = {
     "fused_linear": pb.LOSS_IMPLEMENTATION_FUSED_LINEAR,
 }
 _LOSS_FIELDS = ("loss", "ce_loss", "z_loss")
-
-
-class LMHeadError(Exception):
-    """A failed call. `code` is the grpc.StatusCode (e.g. INVALID_ARGUMENT, NOT_FOUND,
-    UNIMPLEMENTED, RESOURCE_EXHAUSTED, UNAVAILABLE), `details` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
 
 
 class LMOutputWithLoss(NamedTuple):
@@ -85,13 +79,23 @@ class RemoteLMHead:
       an exponential backoff with jitter, about 0.1 s doubling up to 5 s, within the deadline;
       not when the server answers that the same call would fail again (a limit it enforces),
       and not once a stream has received an answer. 1: no retry. Default 5.
+    shared_memory: "auto" (default): on a server started with --allow_shared_memory and on this
+      host, calls that move at least 1 MiB (hidden states, labels, returned logits) pass their
+      tensors through shared memory instead of the messages (a CUDA tensor by CUDA IPC, without
+      a copy to the host); if the server refuses, every call goes inline from then on. "on":
+      every call uses shared memory, and LMHeadError says why when it cannot. "off": never.
+      Results are the same bits either way (client/python/README.md, "Shared memory").
     Messages of any size are allowed on the client side (the server enforces its limits).
     """
 
     def __init__(self, address: str, model: Optional[str] = None,
-                 timeout: Optional[float] = None, max_attempts: int = 5):
+                 timeout: Optional[float] = None, max_attempts: int = 5,
+                 shared_memory: str = "auto"):
         if not 1 <= max_attempts <= 5:
             raise ValueError(f"max_attempts: expected 1 to 5, got {max_attempts}")
+        if shared_memory not in _shared_memory.MODES:
+            raise ValueError(f"shared_memory: expected one of {list(_shared_memory.MODES)}, "
+                             f"got {shared_memory!r}")
         self.address = address
         self.model = model
         self.timeout = timeout
@@ -122,6 +126,14 @@ class RemoteLMHead:
         self._forward_streams = [self._stream_method(self._channel)]
         self._more_channels: List[grpc.Channel] = []
         self._channels_lock = threading.Lock()
+        # The SharedMemory session lives on the main channel: regions are found only by calls
+        # on the connection that registered them. Ended by close(), or when this client is
+        # garbage-collected (the finalizer holds the transport, not the client).
+        self._shm: Optional[_shared_memory.Transport] = None
+        if shared_memory != "off":
+            self._shm = _shared_memory.Transport(self._channel, address, shared_memory)
+            weakref.finalize(self, self._shm.close)
+        self._model_info: Optional[pb.ModelInfo] = None
 
     @staticmethod
     def _stream_method(channel: grpc.Channel):
@@ -142,6 +154,10 @@ class RemoteLMHead:
             return self._forward_streams[:count]
 
     def close(self) -> None:
+        """Ends the shared-memory session (the server unregisters its regions), unmaps the
+        client's shared memory, and closes the channels."""
+        if self._shm is not None:
+            self._shm.close()
         self._channel.close()
         for channel in self._more_channels:
             channel.close()
@@ -151,6 +167,12 @@ class RemoteLMHead:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def shared_memory_active(self) -> bool:
+        """Whether calls can pass tensors through shared memory now: a session is open and the
+        server accepted it (never before the first call large enough to use it)."""
+        return self._shm is not None and self._shm.active
 
     # -- Models and health ---------------------------------------------------------------------
 
@@ -202,17 +224,26 @@ class RemoteLMHead:
         x is a torch tensor, numpy arrays otherwise (bfloat16 values as float32).
         Raises LMHeadError (with the gRPC status code) when the server refuses the call.
         """
-        request = self._request(
-            x, labels=labels, ignore_index=ignore_index, loss_reduction=loss_reduction,
+        args = dict(
+            labels=labels, ignore_index=ignore_index, loss_reduction=loss_reduction,
             z_loss_multiplier=z_loss_multiplier, loss_div_factor=loss_div_factor,
             return_logits=return_logits, logits_to_keep=logits_to_keep,
             loss_implementation=loss_implementation, logits_dtype=logits_dtype,
             fused_chunk_bytes=fused_chunk_bytes, return_argmax=return_argmax)
+        wire, lease = self._prepare(x, args)
         try:
-            response = self._forward(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            _reraise(e)
-        return _output(response, _tensors.is_torch(x), labels is not None, return_argmax)
+            try:
+                response = self._forward(wire, timeout=self.timeout)
+            except grpc.RpcError as e:
+                error = LMHeadError(e.code(), e.details() or "")
+                if lease is None:
+                    raise error from None
+                response = self._forward_again(x, args, wire, lease, error)
+            fields = _shared_memory.decode_outputs(response, lease)
+        finally:
+            if lease is not None:
+                lease.release()
+        return _output(fields, _tensors.is_torch(x), labels is not None, return_argmax)
 
     def iter_forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
                             max_chunk_bytes: int = 64 << 20,
@@ -223,9 +254,9 @@ class RemoteLMHead:
         if "parallel_streams" in forward_args:
             raise TypeError("iter_forward_stream sends one stream; parallel_streams is "
                             "forward_stream's")
-        for start, stop, response in self._stream(x, micro_batch_size, max_chunk_bytes,
-                                                  forward_args):
-            output = _output(response, _tensors.is_torch(x), forward_args.get("labels") is not None,
+        for start, stop, response, fields in self._stream(x, micro_batch_size, max_chunk_bytes,
+                                                          forward_args):
+            output = _output(fields, _tensors.is_torch(x), forward_args.get("labels") is not None,
                              forward_args.get("return_argmax", False))
             yield StreamChunk(start, stop, output, response.num_scored_tokens)
 
@@ -252,7 +283,9 @@ class RemoteLMHead:
         answers are combined in the job's order, so the result is exactly one stream's. When a
         stream fails the streams after it are cancelled and the job raises the first failure in
         the job's order, its " (micro-batch N)" counted in the job. Each stream holds one of
-        the server's --max_open_streams (64 by default) while it runs. Default 1.
+        the server's --max_open_streams (64 by default) while it runs. Default 1. With shared
+        memory the micro-batches go over the main channel's one stream whatever this says: the
+        regions belong to its connection, and the bytes no longer cross a socket.
         """
         if (not isinstance(parallel_streams, (int, np.integer))
                 or isinstance(parallel_streams, bool) or parallel_streams < 1):
@@ -274,9 +307,12 @@ class RemoteLMHead:
         combiner = MicroBatchCombiner(
             reduction, None if reduction == "none" or divisor is None else float(divisor),
             lambda: self._implementation(forward_args))
-        for response in self._parallel_streams(x, micro_batch_size, max_chunk_bytes, sent_args,
-                                               parallel_streams):
-            combiner.add(response)
+        if parallel_streams > 1 and self._shared_memory_for(x, micro_batch_size,
+                                                            max_chunk_bytes, sent_args):
+            parallel_streams = 1
+        for response, fields in self._parallel_streams(x, micro_batch_size, max_chunk_bytes,
+                                                       sent_args, parallel_streams):
+            combiner.add(response, fields)
 
         combined = {name: _tensors.to_user(decoded, _tensors.is_torch(x))
                     for name, decoded in combiner.finish().items()}
@@ -286,10 +322,86 @@ class RemoteLMHead:
 
     # -- Internals -----------------------------------------------------------------------------
 
-    def _request(self, x, *, labels=None, ignore_index=-100, loss_reduction="mean",
+    def _prepare(self, x, args: dict, shared_memory: bool = True
+                 ) -> Tuple[_tensors.WireRequest, Optional[_shared_memory.Lease]]:
+        """The request of forward(x, **args), and the shared memory it holds (None: inline)."""
+        wire = _tensors.WireRequest(self._request(**args))
+        lease = None
+        if shared_memory and self._shm is not None:
+            lease = self._shm.prepare(wire, x, args.get("labels"),
+                                      lambda: self._logits_layout(x, args))
+        placed = lease.placed if lease is not None else ()
+        if "hidden_states" not in placed:
+            wire.add(_tensors.WireRequest.HIDDEN_STATES, x)
+        if args.get("labels") is not None and "labels" not in placed:
+            wire.add(_tensors.WireRequest.LABELS, args["labels"])
+        return wire, lease
+
+    def _forward_again(self, x, args: dict, wire: _tensors.WireRequest,
+                       lease: _shared_memory.Lease, error: LMHeadError) -> pb.ForwardResponse:
+        """The answer to a call that used shared memory and failed with `error`, sent again
+        when the failure was the transport's: logits the server would not write where this
+        client expected (its picture of the model was stale), or regions lost with the session
+        ("auto": inline). Else raises `error`."""
+        if _shared_memory.lost_regions(error):
+            lease.stale = True  # its buffer and registration are not used again
+        if (error.code == grpc.StatusCode.INVALID_ARGUMENT
+                and error.details.startswith("outputs.") and wire.small.HasField("outputs")):
+            self._model_info = None
+            wire.small.ClearField("outputs")  # the logits come back in the response instead
+        elif self._shm.retry_inline(error):
+            lease.release()
+            wire = self._prepare(x, args, shared_memory=False)[0]
+        else:
+            raise error from None
+        try:
+            return self._forward(wire, timeout=self.timeout)
+        except grpc.RpcError as e:
+            _reraise(e)
+
+    def _logits_layout(self, x, args: dict) -> Optional[_tensors.TensorLayout]:
+        """The layout of the logits forward(x, **args) returns, None when it returns none (or
+        it cannot be told: the logits then come back in the response)."""
+        labels = args.get("labels")
+        if args.get("return_logits") is False:
+            return None
+        try:
+            info = self._model_info
+            if info is None:
+                info = self._model_info = self.get_model()
+            implementation = args.get("loss_implementation") or (
+                "fused_linear"
+                if info.config.loss_implementation == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
+                else "default")
+            if labels is not None and implementation != "default":
+                return None
+            batch, length = int(x.shape[0]), int(x.shape[1])
+            keep = args.get("logits_to_keep", 0)
+            if isinstance(keep, (int, np.integer)):
+                kept = length - _kept_start(int(keep), length)
+            else:
+                kept = int(keep.shape[1])
+            dtype = args.get("logits_dtype")
+            dtype = (_tensors.wire_dtype(dtype) if dtype is not None
+                     else info.dtype or pb.DATA_TYPE_FP32)
+            return _tensors.TensorLayout((batch, kept, int(info.vocab_size)), dtype)
+        except (LMHeadError, KeyError, ValueError, TypeError, AttributeError, IndexError):
+            return None  # the server's answer will say what is wrong
+
+    def _shared_memory_for(self, x, micro_batch_size, max_chunk_bytes, forward_args) -> bool:
+        """Whether the micro-batches of this job would go through shared memory."""
+        if self._shm is None:
+            return False
+        bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
+        rows = bounds[0][1] - bounds[0][0]
+        row_bytes = int(np.prod(x.shape[1:])) * _itemsize(x) if len(x.shape) else 0
+        return self._shm.wants(rows * row_bytes)
+
+    def _request(self, *, labels=None, ignore_index=-100, loss_reduction="mean",
                  z_loss_multiplier=None, loss_div_factor=None, return_logits=None,
                  logits_to_keep=0, loss_implementation=None, logits_dtype=None,
-                 fused_chunk_bytes=None, return_argmax=False) -> _tensors.WireRequest:
+                 fused_chunk_bytes=None, return_argmax=False) -> pb.ForwardRequest:
+        """The request's small fields (the tensors are added by _prepare)."""
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
@@ -319,21 +431,17 @@ class RemoteLMHead:
                 raise ValueError(f"loss_implementation: expected one of "
                                  f"{sorted(_IMPLEMENTATIONS)}, got {loss_implementation!r}")
             request.config.loss_implementation = _IMPLEMENTATIONS[loss_implementation]
-        wire = _tensors.WireRequest(request)
-        wire.add(_tensors.WireRequest.HIDDEN_STATES, x)
-        if labels is not None:
-            wire.add(_tensors.WireRequest.LABELS, labels)
-        return wire
+        return request
 
     def _parallel_streams(self, x, micro_batch_size, max_chunk_bytes, forward_args,
-                          streams: int) -> List[pb.ForwardResponse]:
-        """The answers to every micro-batch of x, in order, over up to `streams` ForwardStream
-        calls at once, each given a run of consecutive micro-batches."""
+                          streams: int) -> List[Tuple[pb.ForwardResponse, Dict]]:
+        """(answer, its decoded outputs) for every micro-batch of x, in order, over up to
+        `streams` ForwardStream calls at once, each given a run of consecutive micro-batches."""
         bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
         streams = min(streams, len(bounds))
         if streams == 1:
-            return [r for _, _, r in self._stream(x, micro_batch_size, max_chunk_bytes,
-                                                  forward_args)]
+            return [(r, f) for _, _, r, f in self._stream(x, micro_batch_size, max_chunk_bytes,
+                                                          forward_args)]
         size = bounds[1][0] - bounds[0][0]  # rows per micro-batch (all but the last)
         batch = int(x.shape[0])
         row_args = _row_arguments(batch, forward_args)
@@ -346,7 +454,7 @@ class RemoteLMHead:
             for name in row_args:
                 args[name] = forward_args[name][start:stop]
             parts.append((x[start:stop], args))
-        results: List[Optional[List[pb.ForwardResponse]]] = [None] * streams
+        results: List[Optional[List[Tuple[pb.ForwardResponse, Dict]]]] = [None] * streams
         errors: List[Optional[BaseException]] = [None] * streams
         calls = _Calls(streams)
         methods = self._stream_methods(streams)
@@ -354,7 +462,7 @@ class RemoteLMHead:
         def run(s):
             try:
                 part_x, args = parts[s]
-                results[s] = [r for _, _, r in self._stream(
+                results[s] = [(r, f) for _, _, r, f in self._stream(
                     part_x, size, max_chunk_bytes, args, method=methods[s],
                     calls=calls, index=s)]
             except LMHeadError as e:
@@ -382,31 +490,67 @@ class RemoteLMHead:
 
     def _stream(self, x, micro_batch_size, max_chunk_bytes, forward_args, method=None,
                 calls: Optional["_Calls"] = None, index: int = 0
-                ) -> Iterator[Tuple[int, int, pb.ForwardResponse]]:
-        """(start, stop, response) per micro-batch of one ForwardStream call (on `method`,
-        default this client's channel), registered with `calls` as stream `index` when given."""
+                ) -> Iterator[Tuple[int, int, pb.ForwardResponse, Dict[str, _tensors.Decoded]]]:
+        """(start, stop, response, its decoded outputs) per micro-batch of one ForwardStream call
+        (on `method`, default this client's channel), registered with `calls` as stream `index`
+        when given. On the main channel micro-batches may use shared memory: each holds a buffer
+        of its own until its answer is read, at most STREAM_WINDOW at once."""
         batch = int(x.shape[0])
         bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
         row_args = _row_arguments(batch, forward_args)
+        shared = method is None and self._shm is not None
+        window = threading.Semaphore(_shared_memory.STREAM_WINDOW)
+        lock = threading.Lock()
+        leases: collections.deque = collections.deque()  # per micro-batch sent, in order
+        state = {"ended": False, "failure": None, "sent": False}
 
         def request(start, stop):
             args = dict(forward_args)
             for name in row_args:
                 args[name] = forward_args[name][start:stop]
-            return self._request(x[start:stop], **args)
+            if not shared:
+                return self._prepare(x[start:stop], args, shared_memory=False)
+            window.acquire()
+            if state["ended"]:  # woken by the cleanup below: the call is over
+                raise LMHeadError(grpc.StatusCode.CANCELLED, "the stream ended")
+            try:
+                wire, lease = self._prepare(x[start:stop], args)
+            except BaseException:
+                window.release()
+                raise
+            if lease is None:
+                window.release()
+            return wire, lease
 
         first = request(*bounds[0])  # argument errors surface here, not in gRPC's thread
         answered = threading.Event()
 
         def requests():
             for i, b in enumerate(bounds):
-                yield first if i == 0 else request(*b)
+                try:
+                    wire, lease = first if i == 0 else request(*b)
+                except BaseException as e:  # noqa: BLE001 - raised by the reading side
+                    state["failure"] = e  # the stream half-closes; the answers then run out
+                    return
+                with lock:
+                    if state["ended"]:  # the call was abandoned meanwhile
+                        if lease is not None and i > 0:  # (the first: released below)
+                            lease.release()
+                        return
+                    leases.append(lease)
+                    state["sent"] = True
+                yield wire
             # The stream is half-closed only once an answer came (or the call ended): gRPC 1.51
             # (C++) was seen to lose a half-close sent while it retried a stream (docs/API.md
             # "Retries"); a precaution here, where gRPC's policy retries streams.
             answered.wait()
 
-        call = (method or self._forward_streams[0])(requests(), timeout=self.timeout)
+        try:
+            call = (method or self._forward_streams[0])(requests(), timeout=self.timeout)
+        except BaseException:
+            if first[1] is not None:
+                first[1].release()
+            raise
         if calls is not None:
             calls.add(index, call)
         finished = False
@@ -416,20 +560,43 @@ class RemoteLMHead:
                 response = next(responses, None)
                 answered.set()
                 if response is None:
+                    if state["failure"] is not None:
+                        raise state["failure"]
                     raise LMHeadError(grpc.StatusCode.INTERNAL,
                                       f"the stream ended before micro-batch [{start}, {stop})")
-                yield start, stop, response
+                with lock:
+                    lease = leases.popleft() if leases else None
+                try:
+                    fields = _shared_memory.decode_outputs(response, lease)
+                finally:
+                    if lease is not None:
+                        lease.release()  # its outputs are copied out: the buffer may be reused
+                        window.release()
+                yield start, stop, response, fields
             # Waits for the call's end, so that its status is seen (an error raises here) and
             # the server records a completed call rather than a cancelled one.
             if next(responses, None) is not None:
                 raise LMHeadError(grpc.StatusCode.INTERNAL, "more answers than micro-batches")
             finished = True
         except grpc.RpcError as e:
+            if state["failure"] is not None:
+                raise state["failure"] from None
             _reraise(e)
         finally:
             answered.set()
             if not finished:
                 call.cancel()  # stops a call that was abandoned or failed
+            with lock:
+                state["ended"] = True
+                left = list(leases)
+                leases.clear()
+                if not state["sent"]:
+                    left.append(first[1])  # the first micro-batch was never sent
+            for lease in left:
+                if lease is not None:
+                    lease.release()
+            for _ in range(_shared_memory.STREAM_WINDOW):
+                window.release()  # a request thread waiting for room sees the end
 
     def _implementation(self, forward_args) -> str:
         """The loss implementation a call with `forward_args` runs: its own, or the model's."""
@@ -441,12 +608,11 @@ class RemoteLMHead:
         return implementation
 
 
-def _output(response: pb.ForwardResponse, as_torch: bool, has_labels: bool,
+def _output(decoded: Dict[str, _tensors.Decoded], as_torch: bool, has_labels: bool,
             return_argmax: bool = False):
-    """The response shaped as LMHead.forward's return value, paired with the argmax when
-    return_argmax is set."""
-    fields = {name: _tensors.to_user(_tensors.decode(getattr(response, name)), as_torch)
-              for name in ("logits", "argmax") + _LOSS_FIELDS if response.HasField(name)}
+    """A response's decoded outputs shaped as LMHead.forward's return value, paired with the
+    argmax when return_argmax is set."""
+    fields = {name: _tensors.to_user(value, as_torch) for name, value in decoded.items()}
     output = (LMOutputWithLoss(*(fields.get(name) for name in ("logits",) + _LOSS_FIELDS))
               if has_labels else fields.get("logits"))
     return (output, fields.get("argmax")) if return_argmax else output
@@ -473,6 +639,17 @@ class _Calls:
             for call in self._calls[index + 1:]:
                 if call is not None:
                     call.cancel()
+
+
+def _kept_start(logits_to_keep: int, length: int) -> int:
+    """The first position an integer logits_to_keep keeps (Python slice semantics; core's
+    KeptStart)."""
+    k = logits_to_keep
+    if k == 0:
+        return 0
+    if k > 0:
+        return 0 if k >= length else length - k
+    return length if k <= -length else -k
 
 
 def _micro_batches(x, micro_batch_size: Optional[int], max_chunk_bytes: int
