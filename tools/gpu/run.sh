@@ -176,16 +176,14 @@ if wants e2e; then
   step "$build/gpu_lm_head_bench" --serving | tee "$out/e2e_kernel.txt"
   kernel=$(grep "N=8192 " "$out/e2e_kernel.txt" | sed -E 's/.* ([0-9]+) tokens\/s/\1/')
   pydeps="$deps/py"
-  python3 -m pip install -q --no-deps --target "$pydeps" .gpu/client/grpcio*.whl \
+  python3 -m pip install -q --no-deps --upgrade --target "$pydeps" .gpu/client/grpcio*.whl \
     .gpu/olmo/*.whl .gpu/whl/liger_kernel-*.whl > /dev/null 2>&1 || true
   rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
   PYTHONPATH="$pydeps:client/python" step python3 bench/e2e_bench.py --device cuda:0 \
     --kernel_tokens_per_s "$kernel" --lmhead "$build/lmhead_server" --cli "$build/lmhead" \
     | tee "$out/e2e.txt"
   echo "-- where one 8192-token unary call's time goes (bench/transport_breakdown.py), by HTTP/2 setting"
-  for http2 in "" "--http2_stream_window_bytes=67108864" \
-    "--http2_stream_window_bytes=67108864 --http2_max_frame_bytes=16777215" \
-    "--http2_stream_window_bytes=67108864 --http2_max_frame_bytes=16777215 --http2_bdp_probe=false"; do
+  for http2 in "" "--http2_stream_window_bytes=67108864 --http2_max_frame_bytes=16777215"; do
     echo "server flags: ${http2:-(the defaults of gRPC)}"
     PYTHONPATH="$pydeps:client/python" step python3 bench/transport_breakdown.py --device cuda:0 \
       --lmhead "$build/lmhead_server" --tokens 8192 --vocab_size 128256 --repeat 7 \
@@ -227,7 +225,7 @@ if wants serving; then
         --tokens 256 --d_model 4096 --vocab_size 128256 --seconds 10 --warmup_seconds 2 \
         --label "one caller: --device cuda:0" | tee -a "$out/serving.txt"
       pydeps="$deps/py"
-      python3 -m pip install -q --no-deps --target "$pydeps" .gpu/client/grpcio*.whl \
+      python3 -m pip install -q --no-deps --upgrade --target "$pydeps" .gpu/client/grpcio*.whl \
         .gpu/olmo/protobuf-*.whl > /dev/null 2>&1 || true
       rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
       PYTHONPATH="$pydeps:client/python" step python3 bench/python_load.py \
@@ -266,7 +264,7 @@ if wants shm; then
   grep -vE "^\[ *(RUN|OK) *\]|^\[-+\]|^$" "$out/gpu_shm.txt" | cut -c1-400 | head -60 || true
   echo "== the Python client's CUDA IPC through the server (tests/gpu/test_python_cuda_ipc.py)"
   pydeps="$deps/py"
-  python3 -m pip install -q --no-deps --target "$pydeps" .gpu/client/grpcio*.whl \
+  python3 -m pip install -q --no-deps --upgrade --target "$pydeps" .gpu/client/grpcio*.whl \
     .gpu/olmo/protobuf-*.whl > /dev/null 2>&1 || true
   rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
   LMHEAD_SERVER="$build/lmhead_server" PYTHONPATH="$pydeps:client/python" timeout "$limit" \
