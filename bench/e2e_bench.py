@@ -57,6 +57,14 @@ class Process:
         self.log.close()
 
 
+def run_cli(command):
+    """Runs the CLI; a failure raises with its own message (stderr), not only its status."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): "
+                           f"{done.stderr.strip()[-2000:]}")
+
+
 def timed(run, repeat: int) -> float:
     run()  # warm-up
     seconds = []
@@ -165,8 +173,7 @@ def main(argv=None) -> int:
                                "--chunk_mib", str(args.chunk_mib), "--parallel_streams", str(k),
                                "--output", str(work / "out.safetensors")]
                     report(f"lmhead, CLI (file to file), {k} stream{'s' if k > 1 else ''}",
-                           timed(lambda: subprocess.run(command, check=True,
-                                                        capture_output=True), args.repeat))
+                           timed(lambda: run_cli(command), args.repeat))
         finally:
             for server in servers.values():
                 server.stop()
