@@ -92,6 +92,9 @@ ABSL_FLAG(int, max_shared_memory_regions, kDefaults.max_shared_memory_regions,
 ABSL_FLAG(int, max_shared_memory_sessions, kDefaults.max_shared_memory_sessions,
           "SharedMemory sessions open at once (each holds a server thread), 1 to 1024; more get "
           "RESOURCE_EXHAUSTED.");
+ABSL_FLAG(std::string, shared_memory_key_prefix, kDefaults.shared_memory_key_prefix,
+          "Shared-memory objects a client may register: only keys starting with this (\"\": any "
+          "the server may open).");
 ABSL_FLAG(int, max_config_variants, kDefaults.max_config_variants,
           "Converted weight copies a model keeps for per-request dtype overrides; 0: none.");
 ABSL_FLAG(double, shutdown_grace_seconds, kDefaults.shutdown_grace_seconds,
@@ -208,6 +211,7 @@ int main(int argc, char** argv) {
   options.allow_shared_memory = absl::GetFlag(FLAGS_allow_shared_memory);
   options.max_shared_memory_regions = absl::GetFlag(FLAGS_max_shared_memory_regions);
   options.max_shared_memory_sessions = absl::GetFlag(FLAGS_max_shared_memory_sessions);
+  options.shared_memory_key_prefix = absl::GetFlag(FLAGS_shared_memory_key_prefix);
   options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
   options.malloc_trim_seconds = absl::GetFlag(FLAGS_malloc_trim_seconds);

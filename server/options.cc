@@ -133,6 +133,13 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("max_shared_memory_sessions",
                    absl::StrCat("expected 1 to 1024, got ", options.max_shared_memory_sessions));
   }
+  if (!options.shared_memory_key_prefix.empty() &&
+      (options.shared_memory_key_prefix.front() != '/' ||
+       options.shared_memory_key_prefix.find('/', 1) != std::string::npos)) {
+    return Invalid("shared_memory_key_prefix",
+                   absl::StrCat("expected \"\" or \"/\" and a name without '/', got '",
+                                options.shared_memory_key_prefix, "'"));
+  }
   if (options.max_config_variants < 0) {
     return Invalid("max_config_variants", absl::StrCat("must be 0 (no overrides) or more, got ",
                                                        options.max_config_variants));

@@ -114,6 +114,11 @@ struct Options {
   // SharedMemory sessions open at once (each holds a server thread while it is open); more:
   // RESOURCE_EXHAUSTED. In [1, 1024]; default 64.
   int max_shared_memory_sessions = 64;
+  // POSIX shared-memory objects a session may register: only those whose key starts with this
+  // ("" allows any the server can open). Without it a local client could have the server read
+  // and write any object the server's user may open. Default "/lmhead" (the Python client's
+  // objects are "/lmhead-<pid>-<random>").
+  std::string shared_memory_key_prefix = "/lmhead";
   // How long a graceful shutdown waits for in-flight calls before cancelling them, seconds.
   // Default 30.
   double shutdown_grace_seconds = 30;

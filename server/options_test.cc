@@ -96,6 +96,8 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.http2_max_frame_bytes = 16777216; }, "--http2_max_frame_bytes: "},
       {[](Options& o) { o.http2_stream_window_bytes = 65534; }, "--http2_stream_window_bytes: "},
       {[](Options& o) { o.http2_write_buffer_bytes = -2; }, "--http2_write_buffer_bytes: "},
+      {[](Options& o) { o.shared_memory_key_prefix = "lmhead"; }, "--shared_memory_key_prefix: "},
+      {[](Options& o) { o.shared_memory_key_prefix = "/a/b"; }, "--shared_memory_key_prefix: "},
       {[](Options& o) { o.max_config_variants = -1; }, "--max_config_variants: "},
       {[](Options& o) { o.max_shared_memory_regions = 0; }, "--max_shared_memory_regions: "},
       {[](Options& o) { o.max_shared_memory_regions = 4097; }, "--max_shared_memory_regions: "},

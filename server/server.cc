@@ -41,7 +41,8 @@ Server::Server(const Options& options)
           SchedulerLimits{options.max_batch_tokens, options.max_queue_tokens,
                           absl::Microseconds(options.max_queue_delay_us)})),
       regions_(options.allow_shared_memory
-                   ? std::make_unique<RegionRegistry>(options.max_shared_memory_regions)
+                   ? std::make_unique<RegionRegistry>(options.max_shared_memory_regions,
+                                                      options.shared_memory_key_prefix)
                    : nullptr),
       service_(std::make_unique<LMHeadServiceImpl>(options, scheduler_.get(), regions_.get())) {}
 

@@ -369,8 +369,8 @@ absl::StatusOr<std::unique_ptr<Region>> Region::OpenCuda(absl::string_view raw_h
 
 // ---- RegionRegistry.
 
-RegionRegistry::RegionRegistry(int max_regions_per_session)
-    : max_regions_per_session_(max_regions_per_session) {}
+RegionRegistry::RegionRegistry(int max_regions_per_session, std::string key_prefix)
+    : max_regions_per_session_(max_regions_per_session), key_prefix_(std::move(key_prefix)) {}
 
 RegionRegistry::~RegionRegistry() = default;
 
@@ -464,6 +464,12 @@ absl::StatusOr<std::string> RegionRegistry::Session::RegisterSystem(absl::string
                                                                     uint64_t byte_size) {
   // The key is checked before it names anything (in the registry or a message).
   if (absl::Status valid = ValidateShmKey(key, "register_system.key"); !valid.ok()) return valid;
+  if (!absl::StartsWith(key, registry_->key_prefix_)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("register_system.key: this server registers only objects whose key starts "
+                     "with '",
+                     registry_->key_prefix_, "' (--shared_memory_key_prefix)"));
+  }
   return Register(absl::StrCat("system:", key), "register_system.key",
                   [&]() { return Region::MapSystem(key, offset, byte_size); });
 }

@@ -99,8 +99,9 @@ class Region {
 // call). Thread-safe; must outlive its sessions.
 class RegionRegistry {
  public:
-  // `max_regions_per_session`: --max_shared_memory_regions.
-  explicit RegionRegistry(int max_regions_per_session);
+  // `max_regions_per_session`: --max_shared_memory_regions; `key_prefix`:
+  // --shared_memory_key_prefix (POSIX objects whose key starts otherwise are PERMISSION_DENIED).
+  explicit RegionRegistry(int max_regions_per_session, std::string key_prefix = "");
   ~RegionRegistry();
   RegionRegistry(const RegionRegistry&) = delete;
   RegionRegistry& operator=(const RegionRegistry&) = delete;
@@ -172,6 +173,7 @@ class RegionRegistry {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int max_regions_per_session_;
+  const std::string key_prefix_;
   mutable absl::Mutex mu_;
   std::map<std::string, Entry, std::less<>> regions_ ABSL_GUARDED_BY(mu_);  // by id
   std::map<std::string, KeyOwner> keys_ ABSL_GUARDED_BY(mu_);

@@ -193,6 +193,20 @@ TEST(RegionTest, CudaNeedsACudaBuild) {
 constexpr char kPeerA[] = "ipv4:127.0.0.1:40001";
 constexpr char kPeerB[] = "ipv4:127.0.0.1:40002";
 
+TEST(RegionRegistryTest, RegistersOnlyKeysWithItsPrefix) {
+  ShmObject object(4096);  // "/lmhead_shm_test_..."
+  RegionRegistry other_prefix(4, "/elsewhere");
+  std::unique_ptr<RegionRegistry::Session> refused = other_prefix.OpenSession(kPeerA);
+  const absl::Status status = refused->RegisterSystem(object.key(), 0, 4096).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(status.message(),
+            "register_system.key: this server registers only objects whose key starts with "
+            "'/elsewhere' (--shared_memory_key_prefix)");
+  EXPECT_EQ(other_prefix.size(), 0);
+  RegionRegistry ours(4, "/lmhead");
+  EXPECT_TRUE(ours.OpenSession(kPeerA)->RegisterSystem(object.key(), 0, 4096).ok());
+}
+
 TEST(RegionRegistryTest, FindsARegionOnlyForItsPeerAndNeverTellsWhichIdsExist) {
   ShmObject object(4096);
   RegionRegistry registry(4);

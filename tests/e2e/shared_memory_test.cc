@@ -635,6 +635,9 @@ TEST_F(SharedMemoryTest, BadReferencesAndRegistrationsGetExactCodesAndMessages) 
       {"/..", 0, 1, grpc::StatusCode::INVALID_ARGUMENT, "register_system.key: expected"},
       {"/" + std::string(300, 'k'), 0, 1, grpc::StatusCode::INVALID_ARGUMENT,
        "register_system.key: a key is at most 255 bytes, got 301"},
+      {"/PostgreSQL.1234", 0, 1, grpc::StatusCode::PERMISSION_DENIED,
+       "register_system.key: this server registers only objects whose key starts with '/lmhead' "
+       "(--shared_memory_key_prefix)"},
       {"/lmhead_e2e_no_such_object", 0, 1, grpc::StatusCode::NOT_FOUND,
        "register_system.key: no shared memory object '/lmhead_e2e_no_such_object'"},
   };

@@ -3,6 +3,7 @@ the real server, and a client killed mid-session, whose regions the server must 
 connection goes (tests/e2e/shared_memory_test.cc covers the rest)."""
 
 import queue
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -23,11 +24,16 @@ def server(start_server):
     return start_server(["--allow_shared_memory"])
 
 
+def _name() -> str:
+    """An object name the server registers (its --shared_memory_key_prefix is "/lmhead")."""
+    return f"lmhead-test-{secrets.token_hex(8)}"
+
+
 def test_the_guides_snippet_gives_what_an_inline_call_gives(server):
     # docs/API.md "Shared memory", as written there (but for the address).
     x = np.random.default_rng(0).standard_normal((4, 128, 64), dtype=np.float32)
     logits_bytes = 4 * 128 * 1000 * 4                      # (4, 128, vocab 1000) fp32
-    shm = shared_memory.SharedMemory(create=True, size=x.nbytes + logits_bytes)
+    shm = shared_memory.SharedMemory(name=_name(), create=True, size=x.nbytes + logits_bytes)
     np.ndarray(x.shape, x.dtype, buffer=shm.buf)[:] = x
 
     channel = grpc.insecure_channel(server.address)         # the session's and the calls' channel
@@ -95,7 +101,7 @@ def _register(stub, key):
 
 
 def test_a_killed_clients_regions_go_with_its_connection(server):
-    shm = shared_memory.SharedMemory(create=True, size=4096)
+    shm = shared_memory.SharedMemory(name=_name(), create=True, size=4096)
     key = "/" + shm.name
     child = subprocess.Popen([sys.executable, "-c", _CHILD, server.address, key, str(CLIENT)],
                              stdout=subprocess.PIPE, text=True)
