@@ -75,12 +75,12 @@ ABSL_FLAG(int, grpc_max_pollers, kDefaults.grpc_max_pollers,
 ABSL_FLAG(int, http2_max_frame_bytes, kDefaults.http2_max_frame_bytes,
           "Largest HTTP/2 frame the server accepts, 16384 to 16777215 bytes; 0: gRPC's 16 KiB.");
 ABSL_FLAG(int, http2_stream_window_bytes, kDefaults.http2_stream_window_bytes,
-          "HTTP/2 flow-control window offered per stream before BDP probing adapts it, bytes; "
-          "0: gRPC's 64 KiB.");
+          "HTTP/2 flow-control window offered per stream before BDP probing adapts it, 65535 to "
+          "2^31 - 1 bytes; 0: gRPC's 64 KiB.");
 ABSL_FLAG(bool, http2_bdp_probe, kDefaults.http2_bdp_probe,
           "Adapt HTTP/2 windows to the connection's bandwidth-delay product (gRPC's BDP probe).");
 ABSL_FLAG(int, http2_write_buffer_bytes, kDefaults.http2_write_buffer_bytes,
-          "Bytes gRPC may buffer for writing per connection; -1: gRPC's own.");
+          "Bytes gRPC may buffer for writing per connection, 0 to 2^31 - 1; -1: gRPC's own.");
 ABSL_FLAG(bool, stream_read_ahead, kDefaults.stream_read_ahead,
           "ForwardStream reads, decodes and uploads the next micro-batch while the current one "
           "computes (two held at most); false: one at a time.");
@@ -173,7 +173,15 @@ int main(int argc, char** argv) {
   for (const std::string& value : FlagValues(argc, argv, "model")) {
     for (absl::string_view part : absl::StrSplit(value, ',')) model_flags.emplace_back(part);
   }
-  absl::ParseCommandLine(argc, argv);
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() > 1) {
+    // abseil reads "--flag false" as --flag and a stray "false": a boolean flag takes its value
+    // after '=' only, and the server takes no arguments but flags.
+    std::cerr << "unexpected argument '" << positional[1]
+              << "': the server takes flags only, and a boolean flag its value after '=' "
+                 "(--allow_shared_memory=false, not --allow_shared_memory false)\n";
+    return 2;
+  }
 
   lmhead::Options options;
   options.host = absl::GetFlag(FLAGS_host);

@@ -120,7 +120,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
             absl::StrCat("shared memory on (--allow_shared_memory): clients on this host only, up "
                          "to ",
                          options.max_shared_memory_sessions, " sessions of ",
-                         options.max_shared_memory_regions, " regions"));
+                         options.max_shared_memory_regions, " regions, ",
+                         options.shared_memory_key_prefix.empty()
+                             ? std::string("objects of any key")
+                             : absl::StrCat("object keys starting with '",
+                                            options.shared_memory_key_prefix, "'")));
   }
   server->service_->SetRegistry(std::shared_ptr<const ModelRegistry>(*std::move(registry)));
   SetServing(server->server_.get(), true);

@@ -360,6 +360,7 @@ TEST(FlagsTest, EmptyAndOutOfRangeValuesAreRefusedAtStartNamingTheFlag) {
       {{"--max_open_streams=0"}, "--max_open_streams: must be at least 1"},
       {{"--shutdown_grace_seconds=-1"}, "--shutdown_grace_seconds: must be a finite number"},
       {{"--demo_vocab_size=0"}, "--demo_vocab_size: must be positive"},
+      {{"--allow_shared_memory", "false"}, "unexpected argument 'false': the server takes flags"},
   };
   for (const auto& [flags, message] : cases) {
     absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(flags);

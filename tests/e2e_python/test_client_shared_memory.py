@@ -167,6 +167,26 @@ def test_auto_uses_shared_memory_for_large_calls_only(server):
         assert auto._shm.stats["system_calls"] == 2
 
 
+def test_a_full_dev_shm_sends_inline_or_fails_clearly(server, monkeypatch):
+    """A /dev/shm without room (a container's 64 MiB) is found when the object is made, not as
+    SIGBUS when it is written: "auto" sends that call inline, "on" says why."""
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_shared_memory.os, "posix_fallocate", full)
+    large = torch.randn(4, BIG // (4 * D * 4) + 1, D)
+    with RemoteLMHead(server.address, shared_memory="off") as inline, \
+            RemoteLMHead(server.address) as auto:
+        _same(auto.forward(large), inline.forward(large))
+        assert not auto._shm.stats.get("system_calls")
+    with RemoteLMHead(server.address, shared_memory="on") as on:
+        with pytest.raises(LMHeadError) as e:
+            on.forward(large)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "No space left on device" in e.value.details
+    assert not _shm_names()
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_streams_give_the_inline_bits(server, reduction):
     gen = torch.Generator().manual_seed(3)

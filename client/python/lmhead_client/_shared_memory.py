@@ -202,6 +202,14 @@ class _Buffer:
     def __init__(self, size: int):
         name = f"lmhead-{os.getpid()}-{secrets.token_hex(8)}"
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        try:
+            # The object's pages are taken now: on a full /dev/shm (a container's 64 MiB) a
+            # sparse object would fail later, as SIGBUS in whichever process writes it.
+            os.posix_fallocate(self._shm._fd, 0, size)
+        except OSError:
+            self._shm.close()
+            self._shm.unlink()
+            raise
         self._linked = True
         self.size = size
         self.key = "/" + name
