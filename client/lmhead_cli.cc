@@ -289,6 +289,10 @@ int RunForward(const Values& values) {
       parallel_streams < 1) {
     return UsageError(command, "--parallel_streams: expected an integer >= 1");
   }
+  if (parallel_streams > 1 && chunk_mib == 0) {
+    return UsageError(command,
+                      "--parallel_streams: needs --chunk_mib > 0 (with 0 the job is one request)");
+  }
 
   // Read in place from read-only mappings of the files: the requests' hidden states are sent from
   // the mapping (SerializeForwardRequest), their labels copied into them.
@@ -370,8 +374,9 @@ std::vector<Command> Commands() {
         kMaxAttempts},
        RunModels},
       {"forward",
-       "Runs LMHead.forward on the server: reads hidden states (and labels) from .npy or\n"
-       ".safetensors, writes logits/loss/ce_loss/z_loss/argmax to a .safetensors file (metadata:\n"
+       "Runs LMHead.forward on the server, from .npy/.safetensors inputs to a .safetensors file.\n"
+       "Reads hidden states (and labels) from .npy or .safetensors, writes\n"
+       "logits/loss/ce_loss/z_loss/argmax to a .safetensors file (metadata:\n"
        "model, model_version, num_scored_tokens, num_nonfinite_inputs). Inputs larger than\n"
        "--chunk_mib are streamed in micro-batches along the batch dimension, with a progress bar.\n"
        "Input files are memory-mapped, not read: gRPC sends the hidden states from the mapping\n"

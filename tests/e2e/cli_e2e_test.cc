@@ -132,13 +132,24 @@ TEST_F(CliTest, ErrorsAndHelp) {
   EXPECT_NE(RunCli("forward --help").out.find("--logits_to_keep K"), std::string::npos);
   Result top = RunCli("--help");
   EXPECT_EQ(top.exit_code, 0);
-  EXPECT_NE(top.out.find("forward"), std::string::npos);
+  // Each command's line is a whole sentence.
+  EXPECT_NE(top.out.find("forward  Runs LMHead.forward on the server, from .npy/.safetensors "
+                         "inputs to a .safetensors file.\n"),
+            std::string::npos)
+      << top.out;
 
   Result unknown_flag = RunCli("health --adress x");
   EXPECT_EQ(unknown_flag.exit_code, 2) << unknown_flag.out;
   EXPECT_NE(unknown_flag.out.find("unknown flag --adress"), std::string::npos);
   EXPECT_EQ(RunCli("frobnicate").exit_code, 2);
   EXPECT_EQ(RunCli("models").exit_code, 2);  // --address is required
+  Result streams_without_chunks = RunCli(
+      "forward --address x --hidden h.npy --output o.safetensors --chunk_mib 0 "
+      "--parallel_streams 2");
+  EXPECT_EQ(streams_without_chunks.exit_code, 2) << streams_without_chunks.out;
+  EXPECT_NE(streams_without_chunks.out.find("--parallel_streams: needs --chunk_mib > 0"),
+            std::string::npos)
+      << streams_without_chunks.out;
 
   const std::string dir = std::getenv("TEST_TMPDIR");
   WriteNpy(dir + "/h.npy", "<f4", "(1, 1, 64)", std::string(256, '\0'));
