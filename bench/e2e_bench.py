@@ -66,6 +66,7 @@ def run_cli(command):
 
 
 def timed(run, repeat: int) -> float:
+    """The median seconds of `repeat` runs of `run`, after one run not counted."""
     run()  # warm-up
     seconds = []
     for _ in range(repeat):

@@ -30,17 +30,7 @@ from lmhead_client import _tensors
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_bench import Process  # noqa: E402  (a server on a free port)
-
-
-def median_seconds(run, repeat: int) -> float:
-    run()  # warm-up
-    seconds = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+from e2e_bench import Process, timed  # noqa: E402  (a server on a free port; a median)
 
 
 def loopback_tcp_seconds(size: int, repeat: int) -> float:
@@ -65,7 +55,7 @@ def loopback_tcp_seconds(size: int, repeat: int) -> float:
             def send():
                 sender.sendall(payload)
                 sender.recv(1)
-            result = median_seconds(send, repeat)
+            result = timed(send, repeat)
         receiver.join()
         return result
 
@@ -123,11 +113,11 @@ def main(argv=None) -> int:
             def call(body):
                 responses.append(forward(body, timeout=600))
 
-            encode_s = median_seconds(serialise, args.repeat)
-            call_s = median_seconds(lambda: call(request), args.repeat)
-            timed = responses[-args.repeat:]
-            tiny_s = median_seconds(lambda: call(tiny), args.repeat)
-        server_ms = {field: statistics.median(getattr(r.timings, f"{field}_us") for r in timed)
+            encode_s = timed(serialise, args.repeat)
+            call_s = timed(lambda: call(request), args.repeat)
+            answered = responses[-args.repeat:]
+            tiny_s = timed(lambda: call(tiny), args.repeat)
+        server_ms = {field: statistics.median(getattr(r.timings, f"{field}_us") for r in answered)
                      / 1e3 for field in ("decode", "queue", "compute", "encode", "total")}
     finally:
         if server is not None:

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <regex>
@@ -370,6 +371,69 @@ TEST(FlagsTest, EmptyAndOutOfRangeValuesAreRefusedAtStartNamingTheFlag) {
   }
 }
 
+// Holds one of the server's stream slots: a stream whose one micro-batch is answered, then kept
+// open until released (at the latest when destroyed).
+class SlotHolder {
+ public:
+  SlotHolder(std::unique_ptr<LMHeadClient> client, v1::ForwardRequest request)
+      : client_(std::move(client)), request_(std::move(request)), thread_([this] { Hold(); }) {}
+  ~SlotHolder() {
+    release_ = true;
+    Join();
+  }
+
+  // True once the micro-batch was answered, within a minute.
+  bool WaitHolding() {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!holding_ && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    if (!holding_) release_ = true;
+    return holding_;
+  }
+  // Releases the slot once `log()` holds `needle` (or after 10 s), from a thread of its own.
+  void ReleaseWhenLogged(std::function<std::string()> log, std::string needle) {
+    releaser_ = std::thread([this, log = std::move(log), needle = std::move(needle)] {
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (!absl::StrContains(log(), needle) && std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+      release_ = true;
+    });
+  }
+  // Waits for the release and the stream's end.
+  void Join() {
+    if (releaser_.joinable()) releaser_.join();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void Hold() {
+    bool sent = false;
+    const absl::Status status = client_->ForwardStream(
+        [&](v1::ForwardRequest* next) {
+          if (sent) {
+            while (!release_) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+            return false;
+          }
+          sent = true;
+          *next = request_;
+          return true;
+        },
+        [&](int64_t, const v1::ForwardResponse&) {
+          holding_ = true;
+          return true;
+        });
+    EXPECT_TRUE(status.ok()) << status;
+  }
+
+  std::unique_ptr<LMHeadClient> client_;
+  const v1::ForwardRequest request_;
+  std::atomic<bool> holding_{false}, release_{false};
+  std::thread thread_;
+  std::thread releaser_;
+};
+
 // Clients retry a refusal that passes (all stream slots busy; a stream is retried by the client,
 // unary calls by gRPC's retry policy), and not one that the server says would come again (a
 // limit): the trailer grpc-retry-pushback-ms = -1.
@@ -390,37 +454,9 @@ TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
   args.labels = ToWire(at::randint(1000, {1, 2}, at::TensorOptions(at::kLong)));
   const v1::ForwardRequest small = MakeForwardRequest(ToWire(x), args);
 
-  // A stream holds the only slot until `release`.
-  std::atomic<bool> holding{false}, release{false};
-  std::thread holder([&] {
-    int sent = 0;
-    absl::Status status = connect(1, "holder")
-                              ->ForwardStream(
-                                  [&](v1::ForwardRequest* next) {
-                                    if (sent == 1) {
-                                      while (!release)
-                                        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-                                      return false;
-                                    }
-                                    ++sent;
-                                    *next = small;
-                                    return true;
-                                  },
-                                  [&](int64_t, const v1::ForwardResponse&) {
-                                    holding = true;
-                                    return true;
-                                  });
-    EXPECT_TRUE(status.ok()) << status;
-  });
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (!holding && std::chrono::steady_clock::now() < give_up) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  if (!holding) {
-    release = true;
-    holder.join();
-    FAIL() << "the holding stream got no answer\n" << (*server)->Log();
-  }
+  // A stream holds the only slot until released.
+  SlotHolder holder(connect(1, "holder"), small);
+  if (!holder.WaitHolding()) FAIL() << "the holding stream got no answer\n" << (*server)->Log();
 
   // A second stream, without retries: refused at once. `next` is called once per micro-batch
   // whatever the attempts.
@@ -443,22 +479,14 @@ TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
   EXPECT_EQ(micro_batches(*connect(1, "once"), 1).code(), absl::StatusCode::kResourceExhausted);
   // With retries: the slot frees once the first attempt was refused, and a later attempt gets
   // it (the attempts' random backoffs make waiting a fixed time flaky).
-  std::thread releaser([&] {
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (!absl::StrContains((*server)->Log(),
-                              "request_id=retried ForwardStream failed: RESOURCE_EXHAUSTED") &&
-           std::chrono::steady_clock::now() < give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-    release = true;
-  });
+  holder.ReleaseWhenLogged([&] { return (*server)->Log(); },
+                           "request_id=retried ForwardStream failed: RESOURCE_EXHAUSTED");
   nexts = answers = 0;
   const absl::Status retried = micro_batches(*connect(5, "retried", std::chrono::seconds(15)), 3);
   EXPECT_TRUE(retried.ok()) << retried;
   EXPECT_EQ(nexts, 4);
   EXPECT_EQ(answers, 3);
-  releaser.join();
-  holder.join();
+  holder.Join();
   const std::string log = (*server)->Log();
   const auto count = [&](const std::string& needle) {
     size_t n = 0;
@@ -537,45 +565,14 @@ TEST(RetryTest, AChunkedJobFromAMappedFileIsRetriedWithTheSameBytes) {
   expect_same(*copied, *expected);
 
   // A stream holds the only slot until the mapped job's first attempt has been refused.
-  std::atomic<bool> holding{false}, release{false};
-  const v1::ForwardRequest small = MakeForwardRequest(ToWire(at::randn({1, 2, 64})), ForwardArgs());
-  std::thread holder([&] {
-    int sent = 0;
-    absl::Status status = connect(1, "holder")
-                              ->ForwardStream(
-                                  [&](v1::ForwardRequest* next) {
-                                    if (sent == 1) {
-                                      while (!release)
-                                        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-                                      return false;
-                                    }
-                                    ++sent;
-                                    *next = small;
-                                    return true;
-                                  },
-                                  [&](int64_t, const v1::ForwardResponse&) {
-                                    holding = true;
-                                    return true;
-                                  });
-    EXPECT_TRUE(status.ok()) << status;
-  });
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (!holding && std::chrono::steady_clock::now() < give_up) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  std::thread releaser([&] {
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (!absl::StrContains((*server)->Log(),
-                              "request_id=mapped ForwardStream failed: RESOURCE_EXHAUSTED") &&
-           std::chrono::steady_clock::now() < give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-    release = true;
-  });
+  SlotHolder holder(connect(1, "holder"),
+                    MakeForwardRequest(ToWire(at::randn({1, 2, 64})), ForwardArgs()));
+  const bool holding = holder.WaitHolding();
+  holder.ReleaseWhenLogged([&] { return (*server)->Log(); },
+                           "request_id=mapped ForwardStream failed: RESOURCE_EXHAUSTED");
   absl::StatusOr<v1::ForwardResponse> retried =
       connect(5, "mapped")->ForwardChunked(*mapped, std::nullopt, args, two_rows);
-  releaser.join();
-  holder.join();
+  holder.Join();
   ASSERT_TRUE(holding) << (*server)->Log();
   ASSERT_TRUE(retried.ok()) << retried.status();
   expect_same(*retried, *expected);

@@ -74,6 +74,15 @@ def _mapped(pid=None):
             if prefix in line]
 
 
+def _in_threads(run, count: int) -> None:
+    """run(0), ..., run(count - 1) at once, each on a thread of its own; returns when all end."""
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def _wait_for(predicate, seconds=20.0):
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -243,11 +252,7 @@ def test_concurrent_calls_from_threads(server):
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _in_threads(run, 8)
         assert not errors, errors[0]
         assert shared._shm.stats["system_calls"] == 3 * len(inputs)
         # Calls in flight at once had buffers of their own, never more than MAX_BUFFERS.
@@ -276,11 +281,7 @@ def test_a_server_with_few_regions_gets_no_more(start_server, mode):
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(t,)) for t in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _in_threads(run, 6)
         assert not errors, errors[0]
         assert head._shm._buffers <= 2 and head.shared_memory_active
         if mode == "on":
