@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=16, help="rows (batch) of the job")
     parser.add_argument("--chunk_mib", type=float, default=64, help="micro-batch size, MiB")
     parser.add_argument("--streams", default="1,4", help="parallel streams to measure")
+    parser.add_argument("--shm_chunk_mib", default="64,16",
+                        help="micro-batch sizes (MiB) of the shared-memory rows: with shared "
+                             "memory the first micro-batch's copy is what the GPU waits for")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--kernel_tokens_per_s", type=float, default=0,
                         help="the head's kernel-only rate at this shape, for the ratios")
@@ -154,14 +157,17 @@ def main(argv=None) -> int:
             if gpu:
                 shared.append(("CUDA IPC", x.to(args.device)))
             for what, hidden in shared:
-                with RemoteLMHead(servers["lmhead"].address, timeout=600,
-                                  shared_memory="on") as head:
-                    report(f"lmhead, Python client, {what}",
-                           timed(lambda: head.forward_stream(
-                               hidden, max_chunk_bytes=chunk_bytes, **job), args.repeat))
-                    used = head._shm.stats["cuda_calls" if hidden.is_cuda else "system_calls"]
-                    if used == 0:
-                        raise RuntimeError(f"the {what} row did not use it: {head._shm.stats}")
+                for mib in [float(m) for m in args.shm_chunk_mib.split(",")]:
+                    with RemoteLMHead(servers["lmhead"].address, timeout=600,
+                                      shared_memory="on") as head:
+                        report(f"lmhead, Python client, {what}, {mib:g} MiB",
+                               timed(lambda: head.forward_stream(
+                                   hidden, max_chunk_bytes=int(mib * (1 << 20)), **job),
+                                   args.repeat))
+                        used = head._shm.stats["cuda_calls" if hidden.is_cuda else "system_calls"]
+                        if used == 0:
+                            raise RuntimeError(f"the {what} row did not use it: "
+                                               f"{head._shm.stats}")
             if args.cli:
                 files = work / "job.safetensors"
                 save_file({"x": x, "labels": labels}, str(files))

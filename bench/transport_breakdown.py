@@ -15,6 +15,7 @@ With --device cuda:0 the server's head runs on that GPU (bf16 on the wire).
 """
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -100,7 +101,9 @@ def main(argv=None) -> int:
         server = Process([args.lmhead, "--host", "127.0.0.1", "--device", args.device,
                           "--demo_d_model", str(args.d_model), "--demo_vocab_size",
                           str(args.vocab_size), "--demo_dtype", demo_dtype, "--log_level",
-                          "warn"] + args.server_flags.split(), workdir, "lmhead")
+                          "warn"] + args.server_flags.split(), workdir, "lmhead",
+                         # The server's huge pages follow its own flag, not this process's.
+                         env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
         address = server.address
     try:
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]

@@ -3,7 +3,10 @@
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -95,6 +98,9 @@ ABSL_FLAG(int, max_shared_memory_sessions, kDefaults.max_shared_memory_sessions,
 ABSL_FLAG(std::string, shared_memory_key_prefix, kDefaults.shared_memory_key_prefix,
           "Shared-memory objects a client may register: only keys starting with this (\"\": any "
           "the server may open).");
+ABSL_FLAG(bool, pin_shared_memory, kDefaults.pin_shared_memory,
+          "On CUDA, page-lock shared-memory regions at registration so the GPU reads them by DMA "
+          "(no staging copy); their pages stay in RAM while registered.");
 ABSL_FLAG(int, max_config_variants, kDefaults.max_config_variants,
           "Converted weight copies a model keeps for per-request dtype overrides; 0: none.");
 ABSL_FLAG(double, shutdown_grace_seconds, kDefaults.shutdown_grace_seconds,
@@ -102,6 +108,10 @@ ABSL_FLAG(double, shutdown_grace_seconds, kDefaults.shutdown_grace_seconds,
 ABSL_FLAG(double, malloc_trim_seconds, kDefaults.malloc_trim_seconds,
           "How often the pages of freed memory are handed back to the kernel (malloc_trim), "
           "seconds; 0: never.");
+ABSL_FLAG(bool, malloc_huge_pages, true,
+          "Back malloc's large blocks with transparent huge pages (glibc.malloc.hugetlb=1; the "
+          "server restarts itself once with it set in GLIBC_TUNABLES, unless that names it "
+          "already): a fresh 64 MiB message costs 32 page faults instead of 16384.");
 ABSL_FLAG(std::string, log_format, "text", "text or json (one JSON object per line).");
 ABSL_FLAG(std::string, log_level, kDefaults.log_level,
           "trace, debug, info, warn, error, critical or off.");
@@ -131,6 +141,24 @@ std::vector<std::string> FlagValues(int argc, char** argv, absl::string_view nam
 // serve the demo head).
 constexpr absl::string_view kNonEmptyFlags[] = {"model",  "host",      "port_file",  "head_config",
                                                 "device", "log_level", "log_format", "demo_dtype"};
+
+// Runs this binary again, with the same arguments, with glibc's malloc told to back its blocks
+// with transparent huge pages (docs/notes/huge_pages.md), unless GLIBC_TUNABLES already names
+// glibc.malloc.hugetlb (the operator's choice, or this restart). Returns only if it cannot.
+void RestartWithHugePages(char** argv) {
+  const char* given = std::getenv("GLIBC_TUNABLES");
+  std::string tunables = given == nullptr ? "" : given;
+  if (absl::StrContains(tunables, "glibc.malloc.hugetlb")) return;
+  absl::StrAppend(&tunables, tunables.empty() ? "" : ":", "glibc.malloc.hugetlb=1");
+  if (setenv("GLIBC_TUNABLES", tunables.c_str(), 1) != 0) return;
+  execv("/proc/self/exe", argv);
+  // Not restarted (no /proc): go on as we are, without the variable.
+  if (given == nullptr) {
+    unsetenv("GLIBC_TUNABLES");
+  } else {
+    setenv("GLIBC_TUNABLES", given, 1);
+  }
+}
 
 }  // namespace
 
@@ -183,6 +211,9 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // Before any thread exists (the restart keeps the blocked signals).
+  if (absl::GetFlag(FLAGS_malloc_huge_pages)) RestartWithHugePages(argv);
+
   lmhead::Options options;
   options.host = absl::GetFlag(FLAGS_host);
   options.port = absl::GetFlag(FLAGS_port);
@@ -220,6 +251,7 @@ int main(int argc, char** argv) {
   options.max_shared_memory_regions = absl::GetFlag(FLAGS_max_shared_memory_regions);
   options.max_shared_memory_sessions = absl::GetFlag(FLAGS_max_shared_memory_sessions);
   options.shared_memory_key_prefix = absl::GetFlag(FLAGS_shared_memory_key_prefix);
+  options.pin_shared_memory = absl::GetFlag(FLAGS_pin_shared_memory);
   options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
   options.malloc_trim_seconds = absl::GetFlag(FLAGS_malloc_trim_seconds);
@@ -240,6 +272,15 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  if (const char* tunables = std::getenv("GLIBC_TUNABLES");
+      tunables != nullptr && absl::StrContains(tunables, "glibc.malloc.hugetlb")) {
+    std::ifstream mode_file("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string mode;
+    std::getline(mode_file, mode);
+    lmhead::LogInfo(lmhead::kNoRequest, absl::StrCat("malloc: GLIBC_TUNABLES=", tunables,
+                                                     "; the kernel's transparent huge pages: ",
+                                                     mode.empty() ? "unknown" : mode));
+  }
   absl::StatusOr<std::unique_ptr<lmhead::Server>> server = lmhead::Server::Start(options);
   if (!server.ok()) {
     lmhead::LogError(lmhead::kNoRequest,

@@ -119,6 +119,10 @@ struct Options {
   // and write any object the server's user may open. Default "/lmhead" (the Python client's
   // objects are "/lmhead-<pid>-<random>").
   std::string shared_memory_key_prefix = "/lmhead";
+  // POSIX regions are page-locked at registration (cudaHostRegister) when the server computes on
+  // CUDA, so a GPU reads hidden states from them by DMA instead of through a staging copy; their
+  // pages then stay in RAM while registered. Default true.
+  bool pin_shared_memory = true;
   // How long a graceful shutdown waits for in-flight calls before cancelling them, seconds.
   // Default 30.
   double shutdown_grace_seconds = 30;

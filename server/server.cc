@@ -12,6 +12,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
@@ -41,8 +42,9 @@ Server::Server(const Options& options)
           SchedulerLimits{options.max_batch_tokens, options.max_queue_tokens,
                           absl::Microseconds(options.max_queue_delay_us)})),
       regions_(options.allow_shared_memory
-                   ? std::make_unique<RegionRegistry>(options.max_shared_memory_regions,
-                                                      options.shared_memory_key_prefix)
+                   ? std::make_unique<RegionRegistry>(
+                         options.max_shared_memory_regions, options.shared_memory_key_prefix,
+                         options.pin_shared_memory && absl::StrContains(options.device, "cuda"))
                    : nullptr),
       service_(std::make_unique<LMHeadServiceImpl>(options, scheduler_.get(), regions_.get())) {}
 

@@ -222,17 +222,24 @@ absl::StatusOr<std::string> NewRegionId() {
 // ---- Region.
 
 Region::Region(Kind kind, void* mapping, size_t mapping_bytes, void* data, uint64_t size,
-               int device, int guard_slot)
+               int device, int guard_slot, bool pinned)
     : kind_(kind),
       mapping_(mapping),
       mapping_bytes_(mapping_bytes),
       data_(data),
       size_(size),
       device_(device),
-      guard_slot_(guard_slot) {}
+      guard_slot_(guard_slot),
+      pinned_(pinned) {}
 
 Region::~Region() {
   if (kind_ == Kind::kSystem) {
+#ifdef LMHEAD_WITH_CUDA
+    if (pinned_) {
+      cudaHostUnregister(mapping_);
+      cudaGetLastError();
+    }
+#endif
     ReleaseGuardSlot(guard_slot_);
     munmap(mapping_, mapping_bytes_);
     return;
@@ -249,7 +256,7 @@ bool Region::shrunk() const {
 }
 
 absl::StatusOr<std::unique_ptr<Region>> Region::MapSystem(absl::string_view key, uint64_t offset,
-                                                          uint64_t byte_size) {
+                                                          uint64_t byte_size, bool pin) {
   if (absl::Status valid = ValidateShmKey(key, "register_system.key"); !valid.ok()) return valid;
   if (byte_size == 0) return Invalid("register_system.byte_size", "must be positive, got 0");
   uint64_t end = 0;
@@ -310,9 +317,25 @@ absl::StatusOr<std::unique_ptr<Region>> Region::MapSystem(absl::string_view key,
         absl::StrCat("register_system: the server maps ", kMaxMappedRegions,
                      " regions already, its most; retry once other clients' sessions end"));
   }
+  bool pinned = false;
+#ifdef LMHEAD_WITH_CUDA
+  if (pin) {
+    pinned = cudaHostRegister(mapping, length, cudaHostRegisterPortable) == cudaSuccess;
+    if (!pinned) {
+      const char* why = cudaGetErrorString(cudaGetLastError());
+      static std::once_flag logged;
+      std::call_once(logged, [&]() {
+        LogWarning("", absl::StrCat("shared memory: a region could not be pinned for CUDA copies (",
+                                    why, "); unpinned regions are staged through pinned memory"));
+      });
+    }
+  }
+#else
+  (void)pin;
+#endif
   return std::unique_ptr<Region>(new Region(Kind::kSystem, mapping, length,
                                             static_cast<char*>(mapping) + (offset - start),
-                                            byte_size, /*device=*/-1, slot));
+                                            byte_size, /*device=*/-1, slot, pinned));
 }
 
 absl::StatusOr<std::unique_ptr<Region>> Region::OpenCuda(absl::string_view raw_handle,
@@ -369,8 +392,10 @@ absl::StatusOr<std::unique_ptr<Region>> Region::OpenCuda(absl::string_view raw_h
 
 // ---- RegionRegistry.
 
-RegionRegistry::RegionRegistry(int max_regions_per_session, std::string key_prefix)
-    : max_regions_per_session_(max_regions_per_session), key_prefix_(std::move(key_prefix)) {}
+RegionRegistry::RegionRegistry(int max_regions_per_session, std::string key_prefix, bool pin_system)
+    : max_regions_per_session_(max_regions_per_session),
+      key_prefix_(std::move(key_prefix)),
+      pin_system_(pin_system) {}
 
 RegionRegistry::~RegionRegistry() = default;
 
@@ -470,8 +495,9 @@ absl::StatusOr<std::string> RegionRegistry::Session::RegisterSystem(absl::string
                      "with '",
                      registry_->key_prefix_, "' (--shared_memory_key_prefix)"));
   }
-  return Register(absl::StrCat("system:", key), "register_system.key",
-                  [&]() { return Region::MapSystem(key, offset, byte_size); });
+  return Register(absl::StrCat("system:", key), "register_system.key", [&]() {
+    return Region::MapSystem(key, offset, byte_size, registry_->pin_system_);
+  });
 }
 
 absl::StatusOr<std::string> RegionRegistry::Session::RegisterCuda(absl::string_view raw_handle,

@@ -57,8 +57,12 @@ class Region {
   // `byte_size` bytes from `offset` of the POSIX shared-memory object `key` (shm_open), mapped
   // read-write (MAP_SHARED; from the page that holds `offset`). Checks the key, byte_size > 0,
   // and that the object is a regular one of at least offset + byte_size bytes (overflow-safe).
+  // `pin`: also page-lock the mapping for CUDA copies (cudaHostRegister, portable to every
+  // device; CUDA builds only), so that a device reads it by DMA without a staging copy; a region
+  // that cannot be pinned is used unpinned (logged once). Pinning costs about as long as reading
+  // the bytes once, at registration.
   static absl::StatusOr<std::unique_ptr<Region>> MapSystem(absl::string_view key, uint64_t offset,
-                                                           uint64_t byte_size);
+                                                           uint64_t byte_size, bool pin = false);
   // The CUDA allocation whose cudaIpcMemHandle_t is `raw_handle` (64 bytes), opened on
   // `device_id` (cudaIpcOpenMemHandle, lazy peer access) after checking that the allocation
   // holds at least `byte_size` bytes from its base. UNIMPLEMENTED in builds without CUDA.
@@ -76,6 +80,8 @@ class Region {
   uint64_t size() const { return size_; }
   // The CUDA device index for kCuda; -1 for kSystem.
   int device() const { return device_; }
+  // True when the mapping is page-locked for CUDA copies (MapSystem's `pin`).
+  bool pinned() const { return pinned_; }
   // True once the client shrank the object below the region while it was mapped: the server's
   // accesses past the new end then found zero pages instead of crashing (see the truncation
   // guard in shared_memory.cc), and the region is unusable from then on.
@@ -83,7 +89,7 @@ class Region {
 
  private:
   Region(Kind kind, void* mapping, size_t mapping_bytes, void* data, uint64_t size, int device,
-         int guard_slot);
+         int guard_slot, bool pinned = false);
 
   const Kind kind_;
   void* const mapping_;  // what munmap takes (kSystem); the IPC pointer (kCuda)
@@ -92,6 +98,7 @@ class Region {
   const uint64_t size_;
   const int device_;
   const int guard_slot_;  // kSystem: its entry in the truncation guard's table
+  const bool pinned_;     // kSystem: cudaHostRegister'ed
 };
 
 // Every registered region of the server, by id; a server object like ModelRegistry, created
@@ -100,8 +107,10 @@ class Region {
 class RegionRegistry {
  public:
   // `max_regions_per_session`: --max_shared_memory_regions; `key_prefix`:
-  // --shared_memory_key_prefix (POSIX objects whose key starts otherwise are PERMISSION_DENIED).
-  explicit RegionRegistry(int max_regions_per_session, std::string key_prefix = "");
+  // --shared_memory_key_prefix (POSIX objects whose key starts otherwise are PERMISSION_DENIED);
+  // `pin_system`: POSIX regions are pinned (Region::MapSystem's `pin`).
+  explicit RegionRegistry(int max_regions_per_session, std::string key_prefix = "",
+                          bool pin_system = false);
   ~RegionRegistry();
   RegionRegistry(const RegionRegistry&) = delete;
   RegionRegistry& operator=(const RegionRegistry&) = delete;
@@ -174,6 +183,7 @@ class RegionRegistry {
 
   const int max_regions_per_session_;
   const std::string key_prefix_;
+  const bool pin_system_;
   mutable absl::Mutex mu_;
   std::map<std::string, Entry, std::less<>> regions_ ABSL_GUARDED_BY(mu_);  // by id
   std::map<std::string, KeyOwner> keys_ ABSL_GUARDED_BY(mu_);

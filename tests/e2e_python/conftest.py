@@ -10,7 +10,7 @@ LMHEAD_SERVER names the binary (default bazel-bin/server/lmhead_server). Prints
 import os
 import subprocess
 import sys
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -43,11 +43,11 @@ def server_binary():
 
 @pytest.fixture
 def start_server(server_binary, tmp_path):
-    """start_server(args) -> ServerProcess; every server started is stopped at teardown."""
+    """start_server(args, env=None) -> ServerProcess; every server started is stopped at teardown."""
     servers = []
 
-    def start(args: List[str]) -> ServerProcess:
-        server = ServerProcess(args, tmp_path / f"server{len(servers)}")
+    def start(args: List[str], env: Optional[dict] = None) -> ServerProcess:
+        server = ServerProcess(args, tmp_path / f"server{len(servers)}", env=env)
         servers.append(server)
         return server
 

@@ -3,7 +3,8 @@
 // sends forwards whose hidden states and labels are in it and whose logits are written into it.
 // The results must equal, bit for bit, the same call with its bytes inline, on a GPU executor and
 // on a CPU one (which copies the hidden states to the host); bad registrations get their exact
-// codes; the region is gone once the session ends, and the server keeps serving.
+// codes; the region is gone once the session ends, and the server keeps serving. POSIX regions
+// registered with a GPU server are page-locked (--pin_shared_memory) and must give the same.
 //
 // Starts $LMHEAD_SERVER (the lmhead_server binary, built with CUDA) with --allow_shared_memory.
 // Run on the GPU machine by `tools/gpu/run.sh shm`; skipped when LMHEAD_SERVER is unset.
@@ -12,6 +13,7 @@
 #include <grpcpp/create_channel.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -189,6 +191,16 @@ class Session {
     EXPECT_TRUE(stream_->Read(&response));
     return response;
   }
+  v1::SharedMemoryResponse RegisterSystem(const std::string& key, uint64_t size) {
+    v1::SharedMemoryRequest request;
+    v1::RegisterSystemSharedMemory* system = request.mutable_register_system();
+    system->set_key(key);
+    system->set_byte_size(size);
+    v1::SharedMemoryResponse response;
+    EXPECT_TRUE(stream_->Write(request));
+    EXPECT_TRUE(stream_->Read(&response));
+    return response;
+  }
   grpc::Status Close() {
     finished_ = true;
     stream_->WritesDone();
@@ -305,6 +317,72 @@ TEST_P(GpuSharedMemoryTest, CudaRegionsGiveWhatInlineBytesGive) {
   EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_TRUE((*server)->running()) << (*server)->Log();
   EXPECT_EQ(cudaFree(buffer), cudaSuccess);
+}
+
+// A POSIX region on a GPU server is page-locked at registration (--pin_shared_memory, on by
+// default) and read by DMA: the results equal the inline call's, with pinning on and off, and the
+// server's log warns of no region it could not pin.
+TEST_P(GpuSharedMemoryTest, PinnedSystemRegionsGiveWhatInlineBytesGive) {
+  const char* binary = std::getenv("LMHEAD_SERVER");
+  if (binary == nullptr) GTEST_SKIP() << "LMHEAD_SERVER is not set";
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no GPU";
+  for (const bool pin : {true, false}) {
+    SCOPED_TRACE(pin ? "pinned" : "not pinned");
+    absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(
+        binary, {"--allow_shared_memory", "--max_batch_tokens=1", "--device=" + GetParam(),
+                 absl::StrCat("--pin_shared_memory=", pin ? "true" : "false")});
+    ASSERT_TRUE(server.ok()) << server.status();
+    auto channel = grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials());
+    auto stub = v1::LMHeadService::NewStub(channel);
+    const v1::ForwardRequest inline_request = InlineRequest();
+    v1::ForwardResponse expected;
+    grpc::Status status = Forward(stub.get(), inline_request, &expected);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+
+    const std::string key = absl::StrCat("/lmhead-gpu-test-", getpid(), pin ? "-pinned" : "");
+    const int fd = shm_open(key.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    ASSERT_GE(fd, 0) << key;
+    ASSERT_EQ(ftruncate(fd, kBufferBytes), 0);
+    void* mapping = mmap(nullptr, kBufferBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    ASSERT_NE(mapping, MAP_FAILED);
+    char* bytes = static_cast<char*>(mapping);
+    const std::string& x = inline_request.hidden_states().data();
+    const std::string& labels = inline_request.labels().data();
+    std::memcpy(bytes, x.data(), x.size());
+    std::memcpy(bytes + kLabelsOffset, labels.data(), labels.size());
+    {
+      Session session(stub.get());
+      const v1::SharedMemoryResponse answer = session.RegisterSystem(key, kBufferBytes);
+      shm_unlink(key.c_str());
+      ASSERT_EQ(answer.code(), 0) << answer.message();
+      v1::ForwardRequest request = inline_request;
+      v1::Tensor* hidden = request.mutable_hidden_states();
+      *hidden->mutable_shared_memory() = Ref(answer.region(), 0, x.size());
+      hidden->clear_data();
+      v1::Tensor* wire_labels = request.mutable_labels();
+      *wire_labels->mutable_shared_memory() = Ref(answer.region(), kLabelsOffset, labels.size());
+      wire_labels->clear_data();
+      const std::string& want_logits = expected.logits().data();
+      *request.mutable_outputs()->mutable_logits() =
+          Ref(answer.region(), kLogitsOffset, want_logits.size());
+      for (int repeat = 0; repeat < 3; ++repeat) {
+        v1::ForwardResponse response;
+        status = Forward(stub.get(), request, &response);
+        ASSERT_TRUE(status.ok()) << status.error_message();
+        ExpectSameFloats(response.loss(), expected.loss());
+        ExpectSameFloats(response.z_loss(), expected.z_loss());
+        EXPECT_EQ(response.num_scored_tokens(), expected.num_scored_tokens());
+        EXPECT_TRUE(std::memcmp(bytes + kLogitsOffset, want_logits.data(), want_logits.size()) == 0)
+            << "logits written to the POSIX region differ";
+      }
+      EXPECT_TRUE(session.Close().ok());
+    }
+    munmap(mapping, kBufferBytes);
+    EXPECT_TRUE((*server)->running()) << (*server)->Log();
+    EXPECT_EQ((*server)->Log().find("could not be pinned"), std::string::npos) << (*server)->Log();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Executors, GpuSharedMemoryTest, ::testing::Values("cuda:0", "cpu"),
