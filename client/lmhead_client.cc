@@ -263,9 +263,11 @@ int64_t WireBytes(const grpc::ByteBuffer& request) {
 
 // Opens ForwardStream calls on `channel` whose requests are already serialised
 // (SerializeForwardRequest). gRPC's C++ API has no public synchronous call of raw bytes; this is
-// how generated stubs open theirs.
-auto OpenSerializedStream(std::shared_ptr<grpc::Channel> channel) {
-  return [channel = std::move(channel)](grpc::ClientContext* context) {
+// how generated stubs open theirs. `wait_for_ready`: the call waits (within its deadline) for a
+// connection that is not up yet instead of failing at once.
+auto OpenSerializedStream(std::shared_ptr<grpc::Channel> channel, bool wait_for_ready = false) {
+  return [channel = std::move(channel), wait_for_ready](grpc::ClientContext* context) {
+    if (wait_for_ready) context->set_wait_for_ready(true);
     return std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, v1::ForwardResponse>>(
         grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, v1::ForwardResponse>::Create(
             channel.get(),
@@ -516,7 +518,13 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     for (int later = s + 1; later < streams; ++later) cancellations[later].Cancel();
   };
   std::vector<OpenStream<grpc::ByteBuffer>> opens;
-  for (int s = 0; s < streams; ++s) opens.push_back(OpenSerializedStream(StreamChannel(s)));
+  // Streams after the first run on connections opened for this job: the server answered on the
+  // first a moment ago, so one that fails to connect (seen once on an H200 host, "failed to
+  // connect to all addresses") waits for gRPC's reconnection rather than failing the job. A
+  // server that is gone fails the first stream, which cancels the others.
+  for (int s = 0; s < streams; ++s) {
+    opens.push_back(OpenSerializedStream(StreamChannel(s), /*wait_for_ready=*/s > 0));
+  }
   std::vector<std::thread> threads;
   for (int s = 0; s < streams; ++s) {
     threads.emplace_back([&, s]() {
