@@ -1,5 +1,6 @@
 // ScoreLogits against a float64 reference written as plain loops over the logits, with ties
-// (integer-valued logits), -inf logits, ignored labels, bf16 logits and every option's errors.
+// (integer-valued logits), -inf logits, ignored labels, bf16 logits and every option's errors
+// (the checks LMHead::Forward shares).
 #include "core/scoring.h"
 
 #include <ATen/ATen.h>
@@ -184,12 +185,17 @@ TEST(ScoreLogitsTest, BadOptionsNameTheirArgument) {
   };
   ScoringOptions options;
   options.label_rank = true;
-  EXPECT_EQ(error(options, std::nullopt),
-            "labels: label_logprobs, label_rank and segment_ids need labels");
+  EXPECT_EQ(error(options, std::nullopt), "scoring: label_rank needs labels");
   EXPECT_EQ(error(options, at::full({2, 3}, 5, at::kLong)),
             "labels: token ids must lie in [0, 5), got 5");
   EXPECT_EQ(error(options, at::zeros({2, 4}, at::kLong)),
-            "labels: expected integer (B=2, S'=3), got (2, 4)");
+            "labels: expected integer (B=2, S'=3), got Long (2, 4)");
+  options = {};
+  options.label_logprobs = true;
+  EXPECT_EQ(error(options, std::nullopt), "scoring: label_logprobs needs labels");
+  options = {};
+  options.segment_ids = at::zeros({2, 3}, at::kLong);
+  EXPECT_EQ(error(options, std::nullopt), "scoring: segment_ids needs labels");
   options = {};
   options.top_k = 6;
   EXPECT_EQ(error(options, labels), "top_k: expected 0 (none) to 5, got 6");
@@ -200,15 +206,30 @@ TEST(ScoreLogitsTest, BadOptionsNameTheirArgument) {
   EXPECT_EQ(error(options, labels), "candidate_ids: token ids must lie in [0, 5), got -1");
   options.candidate_ids = at::zeros({2, 2}, at::kLong);
   EXPECT_EQ(error(options, labels),
-            "candidate_ids: expected int64 (C,) or (B=2, S'=3, C), got (2, 2)");
+            "candidate_ids: expected int64 of shape (C,) or (2, 3, C) with C from 1 to 4096, got "
+            "Long (2, 2)");
+  options.candidate_ids = at::zeros({kMaxCandidates + 1}, at::kLong);
+  EXPECT_EQ(error(options, labels),
+            "candidate_ids: expected int64 of shape (C,) or (2, 3, C) with C from 1 to 4096, got "
+            "Long (4097)");
+  options.candidate_ids = at::zeros({2, 3, 0}, at::kLong);
+  EXPECT_EQ(error(options, labels),
+            "candidate_ids: expected int64 of shape (C,) or (2, 3, C) with C from 1 to 4096, got "
+            "Long (2, 3, 0)");
+  options.candidate_ids = at::zeros({3}, at::kInt);
+  EXPECT_EQ(error(options, labels),
+            "candidate_ids: expected int64 of shape (C,) or (2, 3, C) with C from 1 to 4096, got "
+            "Int (3)");
   options = {};
   options.segment_ids = at::full({2, 3}, -2, at::kLong);
-  EXPECT_EQ(error(options, labels),
-            "segment_ids: expected ids >= 0, or -1 for positions not scored, got -2");
+  EXPECT_EQ(error(options, labels), "segment_ids: kept positions' ids must lie in [-1, 3), got -2");
+  // At most one continuation per position: ids below S'.
+  options.segment_ids = at::full({2, 3}, 3, at::kLong);
+  EXPECT_EQ(error(options, labels), "segment_ids: kept positions' ids must lie in [-1, 3), got 3");
   options.segment_ids = at::zeros({3}, at::kLong);
-  EXPECT_EQ(error(options, labels), "segment_ids: expected int64 (B=2, S'=3), got (3)");
+  EXPECT_EQ(error(options, labels), "segment_ids: expected int64 of shape (2, 3), got Long (3)");
   EXPECT_EQ(error(ScoringOptions(), at::zeros({2, 3}, at::kLong).to(at::kFloat)),
-            "labels: expected integer (B=2, S'=3), got (2, 3)");
+            "labels: expected integer (B=2, S'=3), got Float (2, 3)");
 }
 
 }  // namespace

@@ -1,0 +1,209 @@
+#include "core/fused_scoring.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace lmhead {
+namespace {
+
+// Top-k keys: one int64 per (token, vocabulary id) whose order is the order of the top-k (by
+// logit descending, ties by id ascending), so that a top-k of keys is exact and merges across
+// chunks. High half: the fp32 logit's bits mapped to an int32 of the same order (-0 as +0, every
+// NaN as one NaN above +inf, where torch.sort and torch.argmax rank NaN); low half: 2^32 - 1 - id.
+constexpr int64_t kLowHalf = int64_t{1} << 32;
+constexpr int64_t kMagnitudeBits = 0x7FFFFFFF;
+
+// The keys of `logits` (rows, cols) fp32, vocabulary columns from col0.
+at::Tensor TopKKeys(const at::Tensor& logits, int64_t col0) {
+  at::Tensor canonical = logits.masked_fill(logits.eq(0), 0.0);
+  canonical.masked_fill_(canonical.isnan(), std::numeric_limits<float>::quiet_NaN());
+  at::Tensor bits = canonical.view(at::kInt);
+  // Negative floats order in reverse of their bits: flip the magnitude bits.
+  bits = at::where(bits.lt(0), bits.bitwise_xor(kMagnitudeBits), bits);
+  const at::Tensor ids = at::arange(col0, col0 + logits.size(1), logits.options().dtype(at::kLong));
+  return bits.to(at::kLong).mul_(kLowHalf).add_((kLowHalf - 1) - ids);
+}
+
+// The vocabulary ids and fp32 logits that keys hold.
+std::pair<at::Tensor, at::Tensor> DecodeKeys(const at::Tensor& keys) {
+  const at::Tensor high = keys.div(kLowHalf, "floor");
+  const at::Tensor ids = (kLowHalf - 1) - (keys - high * kLowHalf);
+  const at::Tensor bits = at::where(high.lt(0), high.bitwise_xor(kMagnitudeBits), high);
+  return {ids, bits.to(at::kInt).view(at::kFloat)};
+}
+
+// The per-token state of the pass over one slice of tokens: views of the whole pass's tensors.
+struct TokenState {
+  at::Tensor max;          // (rows,) fp32: the largest logit so far (-inf before any)
+  at::Tensor sum;          // (rows,) fp32: sum of exp(l - shift), shift = max, or 0 while -inf
+  at::Tensor weighted;     // (rows,) fp32: sum of exp(l - shift) * (l - shift)
+  at::Tensor label;        // (rows,) int64: the labels, any valid id where ignored
+  at::Tensor label_logit;  // (rows,) fp32: the label's logit, once its chunk is seen
+  at::Tensor threshold;    // label_rank: (rows,) fp32, the label's logit computed before the GEMM
+  at::Tensor above;        // label_rank: (rows,) int64, logits above the label's
+  at::Tensor keys;         // top-k: (rows, k) int64, the best keys so far
+  at::Tensor candidates;   // candidates: (C,) or (rows, C) int64 ids
+  at::Tensor candidate_logits;  // candidates: (rows, C) fp32
+};
+
+// max with -inf (no logit yet, or only -inf logits) as 0: what the sums are relative to.
+at::Tensor Shift(const at::Tensor& max) { return max.masked_fill(max.isneginf(), 0.0); }
+
+// Folds one chunk of logits (rows, cols) in the compute dtype, vocabulary columns from col0,
+// into `state`.
+void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
+  const int64_t cols = chunk.size(1);
+  const at::Tensor logits = chunk.to(at::kFloat);  // the compute dtype's values, exactly
+
+  // Online log-sum-exp and entropy: the state rescaled to the new shift, plus the chunk's terms.
+  // Nothing is rescaled while the state holds only -inf logits (its sums are 0).
+  const at::Tensor new_max = at::maximum(state.max, logits.amax(1));
+  const at::Tensor old_shift = Shift(state.max);
+  const at::Tensor shift = Shift(new_max);
+  const at::Tensor delta = old_shift - shift;
+  const at::Tensor scale = delta.exp().masked_fill_(state.max.isneginf(), 0.0);
+  state.weighted.copy_((state.weighted + delta * state.sum) * scale);
+  state.sum.mul_(scale);
+  {
+    at::Tensor centred = logits - shift.unsqueeze(1);
+    at::Tensor terms = centred.exp();
+    state.sum.add_(terms.sum(1));
+    centred.masked_fill_(centred.isneginf(), 0.0);  // a -inf logit adds 0, not 0 * -inf
+    state.weighted.add_(terms.mul_(centred).sum(1));
+  }
+  state.max.copy_(new_max);
+
+  // The label's logit where its column is in this chunk; logits above it (in the label's chunk
+  // its own logit from the chunk, so its column never counts; elsewhere the one computed before).
+  const at::Tensor in_chunk = state.label.ge(col0).logical_and(state.label.lt(col0 + cols));
+  const at::Tensor picked =
+      logits.gather(1, (state.label - col0).clamp(0, cols - 1).unsqueeze(1)).squeeze(1);
+  state.label_logit.copy_(at::where(in_chunk, picked, state.label_logit));
+  if (state.above.defined()) {
+    const at::Tensor threshold = at::where(in_chunk, picked, state.threshold);
+    state.above.add_(logits.gt(threshold.unsqueeze(1)).sum(1));
+  }
+
+  if (state.keys.defined()) {
+    const int64_t k = state.keys.size(1);
+    const at::Tensor chunk_best = std::get<0>(
+        TopKKeys(logits, col0).topk(std::min(k, cols), 1, /*largest=*/true, /*sorted=*/false));
+    state.keys.copy_(std::get<0>(
+        at::cat({state.keys, chunk_best}, 1).topk(k, 1, /*largest=*/true, /*sorted=*/true)));
+  }
+
+  if (state.candidates.defined()) {
+    const at::Tensor& ids = state.candidates;
+    const at::Tensor in_range = ids.ge(col0).logical_and(ids.lt(col0 + cols));
+    const at::Tensor columns =
+        (ids - col0).clamp(0, cols - 1).expand({logits.size(0), state.candidate_logits.size(1)});
+    state.candidate_logits.copy_(
+        at::where(in_range, logits.gather(1, columns), state.candidate_logits));
+  }
+}
+
+}  // namespace
+
+FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& labels, int64_t ignore_index,
+                              const ScoringOptions& options, bool with_argmax, int64_t chunk_bytes,
+                              const std::function<void()>& between_chunks) {
+  const int64_t num_tokens = h.size(0);
+  const int64_t vocab_size = weight.size(0);
+  const auto fp32 = h.options().dtype(at::kFloat);
+  const auto int64 = h.options().dtype(at::kLong);
+  const bool segments = options.segment_ids.has_value();
+  // The argmax (for the loss's outputs, or is_greedy) is the top-1.
+  const int64_t keys_kept = std::max<int64_t>(options.top_k, with_argmax || segments ? 1 : 0);
+  const at::Tensor valid = labels.ne(ignore_index);
+  const at::Tensor safe_labels = labels.masked_fill(~valid, 0);
+
+  TokenState all;
+  all.max = at::full({num_tokens}, -std::numeric_limits<float>::infinity(), fp32);
+  all.sum = at::zeros({num_tokens}, fp32);
+  all.weighted = at::zeros({num_tokens}, fp32);
+  all.label = safe_labels;
+  all.label_logit = at::zeros({num_tokens}, fp32);
+  if (options.label_rank) {
+    all.threshold = at::empty({num_tokens}, fp32);
+    all.above = at::zeros({num_tokens}, int64);
+  }
+  if (keys_kept > 0) {
+    all.keys = at::full({num_tokens, keys_kept}, std::numeric_limits<int64_t>::min(), int64);
+  }
+  if (options.candidate_ids.has_value()) {
+    all.candidates = *options.candidate_ids;
+    all.candidate_logits = at::zeros({num_tokens, all.candidates.size(-1)}, fp32);
+  }
+
+  const FusedChunkShape chunk =
+      FusedChunking(num_tokens, vocab_size, h.element_size() + kScoringWorkingBytes, chunk_bytes);
+  // One buffer for every chunk's logits; each chunk is a contiguous view of its front.
+  const at::Tensor buffer =
+      at::empty({std::min(chunk.token_rows, num_tokens) * chunk.vocab_columns}, h.options());
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
+    const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
+    const auto slice = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, t0, rows) : t; };
+    TokenState state{slice(all.max),
+                     slice(all.sum),
+                     slice(all.weighted),
+                     slice(all.label),
+                     slice(all.label_logit),
+                     slice(all.threshold),
+                     slice(all.above),
+                     slice(all.keys),
+                     all.candidates.defined() && all.candidates.dim() == 2 ? slice(all.candidates)
+                                                                           : all.candidates,
+                     slice(all.candidate_logits)};
+    const at::Tensor h_rows = h.narrow(0, t0, rows);
+    if (state.threshold.defined()) {
+      // The label's logit in fp32, rounded once to the compute dtype as the GEMM rounds it.
+      at::Tensor logit =
+          (h_rows.to(at::kFloat) * weight.index_select(0, state.label).to(at::kFloat)).sum(1);
+      if (bias.defined()) logit.add_(bias.index_select(0, state.label).to(at::kFloat));
+      state.threshold.copy_(logit.to(h.scalar_type()).to(at::kFloat));
+    }
+    for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
+      const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
+      if (between_chunks) between_chunks();
+      const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
+      at::Tensor logits = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      if (bias.defined()) {
+        at::addmm_out(logits, bias.narrow(0, v0, cols), h_rows, w_cols);
+      } else {
+        at::mm_out(logits, h_rows, w_cols);
+      }
+      Accumulate(logits, v0, state);
+    }
+  }
+
+  const at::Tensor log_sum = all.sum.log();
+  const at::Tensor lse = Shift(all.max) + log_sum;
+  FusedScores out;
+  out.stats.lse = lse;
+  out.stats.label_logit = all.label_logit;
+  PositionScores& scores = out.scores;
+  if (options.label_logprobs || segments) {
+    scores.label_logprobs = (all.label_logit - lse).masked_fill(~valid, 0.0);
+  }
+  if (options.entropy || segments) scores.entropy = log_sum - all.weighted / all.sum;
+  if (options.label_rank) scores.label_rank = (all.above + 1).masked_fill(~valid, 0);
+  if (keys_kept > 0) {
+    const auto [ids, values] = DecodeKeys(all.keys);
+    const at::Tensor argmax = ids.select(1, 0).contiguous();
+    if (with_argmax) out.stats.argmax = argmax;
+    if (segments) scores.argmax = argmax;
+    if (options.top_k > 0) {
+      scores.top_k_ids = ids.narrow(1, 0, options.top_k).contiguous();
+      scores.top_k_logprobs = values.narrow(1, 0, options.top_k) - lse.unsqueeze(1);
+    }
+  }
+  if (options.candidate_ids.has_value()) {
+    scores.candidate_logprobs = all.candidate_logits - lse.unsqueeze(1);
+  }
+  return out;
+}
+
+}  // namespace lmhead
