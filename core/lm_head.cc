@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "core/device_copy.h"
 #include "core/dtype.h"
+#include "core/fused_scoring.h"
 #include "core/layer_norm.h"
 #include "core/losses.h"
 #include "core/ops/logit_stats.h"
@@ -79,21 +80,47 @@ at::Tensor KeptLabels(const ForwardOptions& options) {
   return SelectPositions(*options.labels, options.logits_to_keep).contiguous().view(-1);
 }
 
+// options.scoring over the kept positions of `batch` rows of `kept`, as core/scoring.h's
+// per-position functions take it: candidate_ids (C,) or (B * S', C), segment_ids kept (B, S').
+ScoringOptions KeptScoring(const ForwardOptions& options, int64_t batch, int64_t kept) {
+  ScoringOptions scoring = options.scoring;
+  if (scoring.candidate_ids.has_value() && scoring.candidate_ids->dim() == 3) {
+    scoring.candidate_ids =
+        scoring.candidate_ids->reshape({batch * kept, scoring.candidate_ids->size(2)});
+  }
+  if (scoring.segment_ids.has_value()) {
+    scoring.segment_ids = SelectPositions(*scoring.segment_ids, options.logits_to_keep);
+  }
+  return scoring;
+}
+
 // The default implementation's tail, shared by Forward and ForwardBatch: logits (B, S', V) of
-// one request, then its argmax, loss terms and outputs.
+// one request, then its argmax, loss terms, scoring outputs (segment sums S' wide) and outputs.
 LMOutput DefaultOutput(const at::Tensor& logits, const ForwardOptions& options) {
+  const int64_t batch = logits.size(0);
+  const int64_t kept = logits.size(1);
+  const at::Tensor flat = logits.view({-1, logits.size(-1)});
+  at::Tensor labels;
+  if (options.labels.has_value()) labels = KeptLabels(options);
   std::optional<at::Tensor> argmax;
   if (options.return_argmax) argmax = logits.argmax(-1);
+  ScoringOutputs scoring;
+  if (options.scoring.any()) {
+    const ScoringOptions kept_scoring = KeptScoring(options, batch, kept);
+    scoring = AssembleScoringOutputs(
+        ScoreLogitRows(flat, labels, options.ignore_index, kept_scoring), batch, kept, labels,
+        options.ignore_index, kept_scoring, /*groups=*/kept);
+  }
   LMOutput out;
   if (!options.labels.has_value()) {
     out.logits = logits;
   } else {
-    const LossTerms terms =
-        DefaultLoss(logits.view({-1, logits.size(-1)}), KeptLabels(options), options.ignore_index,
-                    options.loss_reduction, options.z_loss_multiplier);
-    out = MakeOutput(logits, terms, logits.size(0), options);
+    const LossTerms terms = DefaultLoss(flat, labels, options.ignore_index, options.loss_reduction,
+                                        options.z_loss_multiplier);
+    out = MakeOutput(logits, terms, batch, options);
   }
   out.argmax = std::move(argmax);
+  out.scoring = std::move(scoring);
   return out;
 }
 
@@ -128,14 +155,46 @@ at::Tensor QueueScoredCount(const ForwardOptions& options) {
   return SelectPositions(*options.labels, options.logits_to_keep).ne(options.ignore_index).sum();
 }
 
+// The number of continuations G: 1 + the largest kept segment id, 0 for none.
+at::Tensor SegmentCount(const ForwardOptions& options) {
+  const at::Tensor kept = SelectPositions(*options.scoring.segment_ids, options.logits_to_keep);
+  if (kept.numel() == 0) return at::zeros({}, kept.options());
+  return kept.max().add(1).clamp_min(0);
+}
+
+// G when segment_ids (and a positions tensor) are on the host (free; 0 without segment_ids),
+// else unset.
+std::optional<int64_t> HostSegmentCount(const ForwardOptions& options) {
+  if (!options.scoring.segment_ids.has_value()) return 0;
+  const auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep);
+  if (!options.scoring.segment_ids->is_cpu() || (positions != nullptr && !positions->is_cpu())) {
+    return std::nullopt;
+  }
+  return SegmentCount(options).item<int64_t>();
+}
+
 // `options` with its index tensors on `device` (CopyToDevice: no synchronisation).
 ForwardOptions IndexTensorsOn(const ForwardOptions& options, const c10::Device& device) {
   ForwardOptions moved = options;
-  if (moved.labels.has_value()) moved.labels = CopyToDevice(*moved.labels, device);
+  for (std::optional<at::Tensor>* index :
+       {&moved.labels, &moved.scoring.candidate_ids, &moved.scoring.segment_ids}) {
+    if (index->has_value()) *index = CopyToDevice(**index, device);
+  }
   if (auto* kept = std::get_if<at::Tensor>(&moved.logits_to_keep)) {
     *kept = CopyToDevice(*kept, device);
   }
   return moved;
+}
+
+// Whether any of `options`' index tensors is off the CPU.
+bool IndexTensorsOnDevice(const ForwardOptions& options) {
+  const auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep);
+  if (positions != nullptr && !positions->is_cpu()) return true;
+  for (const std::optional<at::Tensor>* index :
+       {&options.labels, &options.scoring.candidate_ids, &options.scoring.segment_ids}) {
+    if (index->has_value() && !(*index)->is_cpu()) return true;
+  }
+  return false;
 }
 
 absl::Status InvalidArgument(absl::string_view field, absl::string_view message) {
@@ -420,6 +479,22 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
         LossOutputs(config_, batch, KeptLength(options.logits_to_keep, length), options);
     if (!losses.ok()) return losses.status();
   }
+  const ScoringOptions& scoring = options.scoring;
+  if (absl::Status status =
+          ValidateScoringShapes(scoring, batch, KeptLength(options.logits_to_keep, length), length,
+                                vocab_size_, options.labels.has_value());
+      !status.ok()) {
+    return status;
+  }
+  for (const auto& [index, field] : {std::pair<const std::optional<at::Tensor>*, const char*>{
+                                         &scoring.candidate_ids, "candidate_ids"},
+                                     {&scoring.segment_ids, "segment_ids"}}) {
+    if (index->has_value() && (*index)->device() != x.device() && !(*index)->is_cpu()) {
+      return InvalidArgument(
+          field, absl::StrCat("must be on x's device (", x.device().str(), ") or on the CPU, got ",
+                              (*index)->device().str()));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -438,14 +513,16 @@ absl::Status LMHead::ValidateIndexRanges(const at::Tensor& x, const ForwardOptio
     });
     if (!in_range.ok()) return in_range;
   }
+  // The kept positions of a (B, S) index tensor (only they are scored, so only their values
+  // must be valid).
+  const auto kept_of = [&options](const at::Tensor& t) {
+    std::variant<int64_t, at::Tensor> keep = options.logits_to_keep;
+    if (auto* positions = std::get_if<at::Tensor>(&keep)) *positions = positions->to(t.device());
+    return SelectPositions(t, keep);
+  };
   if (options.labels.has_value()) {
-    const at::Tensor& labels = *options.labels;
-    // Only the kept positions are scored, so only their labels must be valid class ids.
-    return CatchTorchErrors([&]() -> absl::Status {
-      std::variant<int64_t, at::Tensor> keep = options.logits_to_keep;
-      if (auto* positions = std::get_if<at::Tensor>(&keep))
-        *positions = positions->to(labels.device());
-      const at::Tensor kept = SelectPositions(labels, keep);
+    absl::Status in_range = CatchTorchErrors([&]() -> absl::Status {
+      const at::Tensor kept = kept_of(*options.labels);
       const at::Tensor bad =
           kept.ne(options.ignore_index).logical_and(kept.lt(0).logical_or(kept.ge(vocab_size_)));
       // Free on the CPU, one device sync elsewhere.
@@ -457,8 +534,17 @@ absl::Status LMHead::ValidateIndexRanges(const at::Tensor& x, const ForwardOptio
                        ") or equal ignore_index=", options.ignore_index, ", got values in [",
                        scored.min().item<int64_t>(), ", ", scored.max().item<int64_t>(), "]"));
     });
+    if (!in_range.ok()) return in_range;
   }
-  return absl::OkStatus();
+  const ScoringOptions& scoring = options.scoring;
+  if (!scoring.candidate_ids.has_value() && !scoring.segment_ids.has_value()) {
+    return absl::OkStatus();
+  }
+  return CatchTorchErrors([&]() -> absl::Status {
+    return ValidateScoringValues(
+        scoring, scoring.segment_ids.has_value() ? kept_of(*scoring.segment_ids) : at::Tensor(),
+        KeptLength(options.logits_to_keep, length), vocab_size_);
+  });
 }
 
 absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& options) const {
@@ -468,18 +554,19 @@ absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& 
 
 namespace {
 
-// An index range check queued on the device: the number of bad entries and of scored
-// positions, copied to pinned host memory behind the check's kernels, and the event after that
-// copy.
+// An index range check queued on the device: the number of bad entries, of scored positions
+// and of continuations, copied to pinned host memory behind the check's kernels, and the event
+// after that copy.
 struct QueuedIndexCheck {
-  at::Tensor counts;  // (2,) int64, pinned host memory: bad entries, scored positions
+  at::Tensor counts;  // (3,) int64, pinned host memory: bad entries, scored positions, G
   c10::Event copied;
 };
 
-// Queues the count of out-of-range positions (in [0, seq_len)) and kept labels (in
-// [0, vocab_size) or ignore_index) of `options`' device tensors, then makes them harmless to
-// compute with: positions clamped, bad labels replaced by ignore_index; and the count of scored
-// positions (0 without labels). Needs seq_len > 0.
+// Queues the count of out-of-range positions (in [0, seq_len)), kept labels (in [0, vocab_size)
+// or ignore_index), candidate ids (in [0, vocab_size)) and kept segment ids (in [-1, kept)) of
+// `options`' device tensors, then makes them harmless to compute with: positions, candidates and
+// segment ids clamped, bad labels replaced by ignore_index; the count of scored positions (0
+// without labels); and G (0 without segment ids). Needs seq_len > 0.
 QueuedIndexCheck QueueIndexCheck(int64_t seq_len, int64_t vocab_size, ForwardOptions& options) {
   at::Tensor bad_count;
   const auto count = [&bad_count](const at::Tensor& bad) {
@@ -498,11 +585,25 @@ QueuedIndexCheck QueueIndexCheck(int64_t seq_len, int64_t vocab_size, ForwardOpt
     count(bad_label(SelectPositions(labels, options.logits_to_keep)));
     labels = at::where(bad_label(labels), options.ignore_index, labels);
   }
+  if (options.scoring.candidate_ids.has_value()) {
+    at::Tensor& candidates = *options.scoring.candidate_ids;
+    count(candidates.lt(0).logical_or(candidates.ge(vocab_size)));
+    candidates = candidates.clamp(0, vocab_size - 1);
+  }
+  if (options.scoring.segment_ids.has_value()) {
+    at::Tensor& segments = *options.scoring.segment_ids;
+    const int64_t kept = KeptLength(options.logits_to_keep, seq_len);
+    const at::Tensor kept_segments = SelectPositions(segments, options.logits_to_keep);
+    count(kept_segments.lt(-1).logical_or(kept_segments.ge(kept)));
+    segments = segments.clamp(-1, kept - 1);
+  }
   const at::Tensor scored =
       options.labels.has_value() ? QueueScoredCount(options) : at::zeros_like(bad_count);
-  const at::Tensor counts = at::stack({bad_count, scored});
+  const at::Tensor groups =
+      options.scoring.segment_ids.has_value() ? SegmentCount(options) : at::zeros_like(bad_count);
+  const at::Tensor counts = at::stack({bad_count, scored, groups});
   const c10::Device device = counts.device();
-  QueuedIndexCheck check{at::empty({2}, counts.options().device(at::kCPU).pinned_memory(true)),
+  QueuedIndexCheck check{at::empty({3}, counts.options().device(at::kCPU).pinned_memory(true)),
                          c10::Event(device.type())};
   check.counts.copy_(counts, /*non_blocking=*/true);
   check.copied.record(c10::impl::VirtualGuardImpl(device.type()).getStream(device));
@@ -513,11 +614,7 @@ QueuedIndexCheck QueueIndexCheck(int64_t seq_len, int64_t vocab_size, ForwardOpt
 
 absl::StatusOr<LMOutput> LMHead::Forward(const at::Tensor& x, const ForwardOptions& options) const {
   if (absl::Status status = ValidateStructure(x, options); !status.ok()) return status;
-  const auto on_device = [](const at::Tensor& t) { return !t.is_cpu(); };
-  const auto* positions = std::get_if<at::Tensor>(&options.logits_to_keep);
-  const bool queue_index_check =
-      x.size(1) > 0 && ((options.labels.has_value() && on_device(*options.labels)) ||
-                        (positions != nullptr && on_device(*positions)));
+  const bool queue_index_check = x.size(1) > 0 && IndexTensorsOnDevice(options);
   if (!queue_index_check) {
     if (absl::Status status = ValidateIndexRanges(x, options); !status.ok()) return status;
   }
@@ -533,13 +630,17 @@ absl::StatusOr<LMOutput> LMHead::ForwardValidated(const at::Tensor& x,
   return CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
     c10::InferenceMode inference;
     const std::optional<int64_t> host_scored = HostScoredCount(options);
+    const std::optional<int64_t> host_groups = HostSegmentCount(options);
     // Index tensors join x on its device without a synchronisation.
     ForwardOptions on_x_device = IndexTensorsOn(options, x.device());
     if (!queue_index_check) {
       at::Tensor scored;
+      at::Tensor groups;
       if (!host_scored.has_value()) scored = QueueScoredCount(on_x_device);
+      if (!host_groups.has_value()) groups = SegmentCount(on_x_device);
       LMOutput output = ForwardChecked(x, on_x_device);
       output.num_scored_tokens = host_scored.has_value() ? *host_scored : scored.item<int64_t>();
+      KeepSegments(output.scoring, host_groups.has_value() ? *host_groups : groups.item<int64_t>());
       return output;
     }
     const QueuedIndexCheck check = QueueIndexCheck(x.size(1), vocab_size_, on_x_device);
@@ -548,6 +649,7 @@ absl::StatusOr<LMOutput> LMHead::ForwardValidated(const at::Tensor& x,
     const int64_t* counts = check.counts.data_ptr<int64_t>();
     if (counts[0] == 0) {
       output.num_scored_tokens = host_scored.value_or(counts[1]);
+      KeepSegments(output.scoring, host_groups.value_or(counts[2]));
       return output;
     }
     absl::Status status = ValidateIndexRanges(x, options);  // the message; synchronises
@@ -574,21 +676,38 @@ LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& optio
     if (!options.interrupt_check) return;
     if (absl::Status status = options.interrupt_check(); !status.ok()) throw StatusError(status);
   };
+  const at::Tensor rows = h.contiguous().view({-1, d_model_});
+  const at::Tensor labels = KeptLabels(options);
+  const int64_t chunk_bytes = FusedChunkBytes(options.fused_chunk_bytes, x.device());
+  if (!options.scoring.any()) {
+    const LossTerms terms = FusedLinearLoss(rows, weight_, bias_, labels, options.ignore_index,
+                                            options.loss_reduction, options.z_loss_multiplier,
+                                            chunk_bytes, between_chunks, options.return_argmax);
+    return FusedOutput(terms, h.size(0), h.size(1), options);
+  }
+  // One pass for the loss's statistics and the scoring outputs (docs/notes/scoring.md).
+  const ScoringOptions scoring = KeptScoring(options, h.size(0), h.size(1));
+  const FusedScores fused =
+      ScoreHiddenStates(rows, weight_, bias_, labels, options.ignore_index, scoring,
+                        options.return_argmax, chunk_bytes, between_chunks);
   const LossTerms terms =
-      FusedLinearLoss(h.contiguous().view({-1, d_model_}), weight_, bias_, KeptLabels(options),
-                      options.ignore_index, options.loss_reduction, options.z_loss_multiplier,
-                      FusedChunkBytes(options.fused_chunk_bytes, x.device()), between_chunks,
-                      options.return_argmax);
-  return FusedOutput(terms, h.size(0), h.size(1), options);
+      FinishFusedLinearLoss(fused.stats, labels, options.ignore_index, options.loss_reduction,
+                            options.z_loss_multiplier, h.scalar_type(), options.return_argmax);
+  LMOutput out = FusedOutput(terms, h.size(0), h.size(1), options);
+  out.scoring = AssembleScoringOutputs(fused.scores, h.size(0), h.size(1), labels,
+                                       options.ignore_index, scoring, /*groups=*/h.size(1));
+  return out;
 }
 
 std::vector<absl::StatusOr<LMOutput>> LMHead::ForwardBatch(
     const std::vector<ForwardItem>& items) const {
   std::vector<absl::StatusOr<LMOutput>> results(
       items.size(), absl::InternalError("ForwardBatch: item not computed"));
-  // The valid items by loss implementation path.
+  // The valid items by loss implementation path; fused_linear items with scoring outputs run
+  // alone (their pass carries per-token state of their own options).
   std::vector<size_t> fused_linear;
   std::vector<size_t> logits;
+  std::vector<size_t> alone;
   for (size_t i = 0; i < items.size(); ++i) {
     const ForwardItem& item = items[i];
     absl::Status status = item.validated ? absl::OkStatus() : ValidateForward(item.x, item.options);
@@ -597,7 +716,14 @@ std::vector<absl::StatusOr<LMOutput>> LMHead::ForwardBatch(
       results[i] = std::move(status);
       continue;
     }
-    (UsesFusedLinear(item.options) ? fused_linear : logits).push_back(i);
+    if (!UsesFusedLinear(item.options)) {
+      logits.push_back(i);
+    } else {
+      (item.options.scoring.any() ? alone : fused_linear).push_back(i);
+    }
+  }
+  for (const size_t i : alone) {
+    results[i] = ForwardValidated(items[i].x, items[i].options, /*queue_index_check=*/false);
   }
   for (const bool fused : {true, false}) {
     const std::vector<size_t>& group = fused ? fused_linear : logits;
@@ -624,10 +750,12 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
     int64_t row = 0;   // first row in the packed tokens
     // fused_linear: the kept labels (B * S',) int64 on the host.
     at::Tensor host_labels;
-    // Logits path: the count of scored positions when taken on the host, else queued on the
-    // device (() int64).
+    // Logits path: the count of scored positions and G when taken on the host, else queued on
+    // the device (() int64 each).
     std::optional<int64_t> host_scored;
     at::Tensor device_scored;
+    std::optional<int64_t> host_groups;
+    at::Tensor device_groups;
   };
   std::vector<Member> members;
   std::vector<at::Tensor> kept_x;  // (B * S', D) each
@@ -649,10 +777,12 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
         }
       } else {
         member.host_scored = HostScoredCount(item.options);
+        member.host_groups = HostSegmentCount(item.options);
         member.options = IndexTensorsOn(item.options, item.x.device());
         if (!member.host_scored.has_value()) {
           member.device_scored = QueueScoredCount(member.options);
         }
+        if (!member.host_groups.has_value()) member.device_groups = SegmentCount(member.options);
       }
       const at::Tensor x = SelectPositions(item.x, member.options.logits_to_keep);
       member.batch = x.size(0);
@@ -714,15 +844,21 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
           packed_logits.narrow(0, member.row, n).view({member.batch, member.kept, vocab_size_}),
           member.options);
       if (member.host_scored.has_value()) out.num_scored_tokens = *member.host_scored;
+      if (member.host_groups.has_value()) KeepSegments(out.scoring, *member.host_groups);
       return out;
     });
   }
   // Counts on the device are read once the whole group is queued.
   for (const Member& member : members) {
     absl::StatusOr<LMOutput>& output = results[member.index];
-    if (!output.ok() || !member.device_scored.defined()) continue;
+    if (!output.ok()) continue;
     absl::Status read = CatchTorchErrors([&]() -> absl::Status {
-      output->num_scored_tokens = member.device_scored.item<int64_t>();
+      if (member.device_scored.defined()) {
+        output->num_scored_tokens = member.device_scored.item<int64_t>();
+      }
+      if (member.device_groups.defined()) {
+        KeepSegments(output->scoring, member.device_groups.item<int64_t>());
+      }
       return absl::OkStatus();
     });
     if (!read.ok()) output = std::move(read);

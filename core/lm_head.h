@@ -20,16 +20,17 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/config.h"
+#include "core/scoring.h"
 
 namespace lmhead {
 
 // The keyword arguments of LMHead.forward, plus two service extensions at the end.
 struct ForwardOptions {
   // (B, S) int64 target token ids; unset: return logits only.
-  // Index tensors (labels and logits_to_keep positions) may be on x's device or on the CPU. On
-  // the CPU their range check is free and they are copied to x's device without waiting for it;
-  // on a CUDA device the check is queued ahead of the forward and read once the forward is queued
-  // (see LMHead::Forward).
+  // Index tensors (labels, logits_to_keep positions, scoring's candidate_ids and segment_ids) may
+  // be on x's device or on the CPU. On the CPU their range check is free and they are copied to
+  // x's device without waiting for it; on a CUDA device the check is queued ahead of the forward
+  // and read once the forward is queued (see LMHead::Forward).
   std::optional<at::Tensor> labels;
   int64_t ignore_index = -100;
   LossReduction loss_reduction = LossReduction::kMean;
@@ -53,6 +54,13 @@ struct ForwardOptions {
   // Extension: also return LMOutput::argmax, each scored position's most likely token id. With
   // fused_linear it is found in the same pass as the loss, without logits.
   bool return_argmax = false;
+  // Extension: scoring outputs for evaluation workers, returned in LMOutput::scoring (shapes,
+  // dtypes and meaning: core/scoring.h); none by default. Entropy, top_k and candidate_ids work
+  // without labels; the others need them. segment_ids are (B, S) like labels and sliced by
+  // logits_to_keep as labels are; candidate_ids are (C,) or (B, S', C) over the kept positions.
+  // `default` computes them from the logits (return_logits=False drops the logits after);
+  // `fused_linear` in its pass over vocabulary chunks, without logits (core/fused_scoring.h).
+  ScoringOptions scoring;
   // Extension: polled before the compute starts and between fused_linear chunks; the first
   // non-OK status it returns stops the forward, and Forward returns that status (the server
   // passes deadline and cancellation checks). Unset: never stops.
@@ -73,6 +81,8 @@ struct LMOutput {
   // labels). Counted on the host, free, when the labels (and a positions tensor) are there; else
   // on x's device, read after the forward is queued.
   int64_t num_scored_tokens = 0;
+  // Extension: what ForwardOptions::scoring asks for (nothing when it asks for nothing).
+  ScoringOutputs scoring;
 
   bool has_loss() const { return loss.has_value(); }
 };
@@ -141,9 +151,10 @@ class LMHead {
   // inputs are INVALID_ARGUMENT naming the argument. On CUDA no host synchronisation stalls the
   // device: index tensors on the host are range-checked there before any work is queued; on the
   // device their check is queued first (out-of-range entries are made harmless for the kernels)
-  // and its one-number result read after the whole forward is queued: the host then waits for
-  // the work queued before the check and for the check, never for the forward. Reading the
-  // outputs waits for the device.
+  // and its result read after the whole forward is queued: the host then waits for the work
+  // queued before the check and for the check, never for the forward. The number of
+  // continuations G (the segment sums' width) is read on the host, or with that result (the sums
+  // are made S' wide, then narrowed). Reading the outputs waits for the device.
   absl::StatusOr<LMOutput> Forward(const at::Tensor& x, const ForwardOptions& options) const;
   // Forward's checks alone, made at once: the status Forward would return for invalid inputs.
   // Index tensors on a CUDA device cost a synchronisation here.
@@ -156,7 +167,10 @@ class LMHead {
   // implementation go through one GEMM (`fused_linear` with labels: one pass of per-token
   // statistics, no logits in memory; otherwise one GEMM of logits), and each item is then
   // finalised on its own slice: labels, ignore_index, logits_to_keep, z-loss, reduction,
-  // loss_div_factor, return_logits and return_argmax act per item. An invalid item, or one whose
+  // loss_div_factor, return_logits, return_argmax and scoring act per item (a `default` item's
+  // scoring outputs come from its slice of the packed logits, its continuation sums from its own
+  // rows; a `fused_linear` item asking for any scoring output runs alone, as Forward, since
+  // its pass carries per-token state of its own options). An invalid item, or one whose
   // interrupt_check fails before the batch starts, gets its status without affecting the others.
   // interrupt_check is polled once per item before the packed compute, not between its chunks.
   // Results come in item order. Each x must be on the head's device; index tensors may be on
@@ -209,7 +223,8 @@ class LMHead {
   // queues it on the device as Forward describes) ValidateIndexRanges.
   absl::StatusOr<LMOutput> ForwardValidated(const at::Tensor& x, const ForwardOptions& options,
                                             bool queue_index_check) const;
-  // The compute of one forward, index tensors on x's device and valid; may throw c10::Error.
+  // The compute of one forward, index tensors on x's device and valid, the segment sums S' wide
+  // (the callers keep G of them); may throw c10::Error.
   LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const;
   // ForwardBatch's packed compute of the items `group` (two or more, valid, on one path:
   // UsesFusedLinear for all or for none), writing their results.
@@ -218,7 +233,8 @@ class LMHead {
   // Everything ValidateForward checks except the values of the index tensors.
   absl::Status ValidateStructure(const at::Tensor& x, const ForwardOptions& options) const;
   // The values of the index tensors: positions in [0, seq_len), kept labels in [0, vocab_size)
-  // or ignore_index. Free on the CPU; synchronises with a device that holds them.
+  // or ignore_index, candidate ids in [0, vocab_size), kept segment ids in [-1, kept positions).
+  // Free on the CPU; synchronises with a device that holds them.
   absl::Status ValidateIndexRanges(const at::Tensor& x, const ForwardOptions& options) const;
 
   LMHeadConfig config_;
