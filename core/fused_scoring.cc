@@ -48,6 +48,25 @@ struct TokenState {
   at::Tensor candidate_logits;  // candidates: (rows, C) fp32
 };
 
+// The state of tokens [t0, t0 + rows): views of `all`'s (candidates shared by every token
+// stay whole).
+TokenState Rows(const TokenState& all, int64_t t0, int64_t rows) {
+  const auto slice = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, t0, rows) : t; };
+  TokenState state;
+  state.max = slice(all.max);
+  state.sum = slice(all.sum);
+  state.weighted = slice(all.weighted);
+  state.label = slice(all.label);
+  state.label_logit = slice(all.label_logit);
+  state.threshold = slice(all.threshold);
+  state.above = slice(all.above);
+  state.keys = slice(all.keys);
+  state.candidates = all.candidates.defined() && all.candidates.dim() == 2 ? slice(all.candidates)
+                                                                           : all.candidates;
+  state.candidate_logits = slice(all.candidate_logits);
+  return state;
+}
+
 // max with -inf (no logit yet, or only -inf logits) as 0: what the sums are relative to.
 at::Tensor Shift(const at::Tensor& max) { return max.masked_fill(max.isneginf(), 0.0); }
 
@@ -111,7 +130,6 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
                               const ScoringOptions& options, bool with_argmax, int64_t chunk_bytes,
                               const std::function<void()>& between_chunks) {
   const int64_t num_tokens = h.size(0);
-  const int64_t vocab_size = weight.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
   const auto int64 = h.options().dtype(at::kLong);
   const bool segments = options.segment_ids.has_value();
@@ -138,46 +156,22 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
     all.candidate_logits = at::zeros({num_tokens, all.candidates.size(-1)}, fp32);
   }
 
-  const FusedChunkShape chunk =
-      FusedChunking(num_tokens, vocab_size, h.element_size() + kScoringWorkingBytes, chunk_bytes);
-  // One buffer for every chunk's logits; each chunk is a contiguous view of its front.
-  const at::Tensor buffer =
-      at::empty({std::min(chunk.token_rows, num_tokens) * chunk.vocab_columns}, h.options());
-  for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
-    const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
-    const auto slice = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, t0, rows) : t; };
-    TokenState state{slice(all.max),
-                     slice(all.sum),
-                     slice(all.weighted),
-                     slice(all.label),
-                     slice(all.label_logit),
-                     slice(all.threshold),
-                     slice(all.above),
-                     slice(all.keys),
-                     all.candidates.defined() && all.candidates.dim() == 2 ? slice(all.candidates)
-                                                                           : all.candidates,
-                     slice(all.candidate_logits)};
-    const at::Tensor h_rows = h.narrow(0, t0, rows);
-    if (state.threshold.defined()) {
-      // The label's logit in fp32, rounded once to the compute dtype as the GEMM rounds it.
-      at::Tensor logit =
-          (h_rows.to(at::kFloat) * weight.index_select(0, state.label).to(at::kFloat)).sum(1);
-      if (bias.defined()) logit.add_(bias.index_select(0, state.label).to(at::kFloat));
-      state.threshold.copy_(logit.to(h.scalar_type()).to(at::kFloat));
-    }
-    for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
-      const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
-      if (between_chunks) between_chunks();
-      const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
-      at::Tensor logits = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      if (bias.defined()) {
-        at::addmm_out(logits, bias.narrow(0, v0, cols), h_rows, w_cols);
-      } else {
-        at::mm_out(logits, h_rows, w_cols);
-      }
-      Accumulate(logits, v0, state);
-    }
-  }
+  // The state of the current token slice: views of the whole pass's.
+  TokenState state;
+  ForEachLogitChunk(
+      h, weight, bias, kScoringWorkingBytes, chunk_bytes, between_chunks,
+      [&](int64_t t0, int64_t rows) {
+        state = Rows(all, t0, rows);
+        if (state.threshold.defined()) {
+          // The label's logit in fp32, rounded once to the compute dtype as the GEMM rounds it.
+          at::Tensor logit = (h.narrow(0, t0, rows).to(at::kFloat) *
+                              weight.index_select(0, state.label).to(at::kFloat))
+                                 .sum(1);
+          if (bias.defined()) logit.add_(bias.index_select(0, state.label).to(at::kFloat));
+          state.threshold.copy_(logit.to(h.scalar_type()).to(at::kFloat));
+        }
+      },
+      [&](const at::Tensor& logits, int64_t v0) { Accumulate(logits, v0, state); });
 
   const at::Tensor log_sum = all.sum.log();
   const at::Tensor lse = Shift(all.max) + log_sum;

@@ -76,13 +76,43 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
   return shape;
 }
 
+void ForEachLogitChunk(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                       int64_t working_bytes_per_logit, int64_t chunk_bytes,
+                       const std::function<void()>& between_chunks,
+                       const std::function<void(int64_t t0, int64_t rows)>& begin_rows,
+                       const std::function<void(const at::Tensor& logits, int64_t v0)>& fold) {
+  const int64_t num_tokens = h.size(0);
+  const int64_t vocab_size = weight.size(0);
+  const FusedChunkShape chunk = FusedChunking(
+      num_tokens, vocab_size, h.element_size() + working_bytes_per_logit, chunk_bytes);
+  // One buffer for every chunk's logits; each chunk is a contiguous view of its front.
+  const at::Tensor buffer =
+      at::empty({std::min(chunk.token_rows, num_tokens) * chunk.vocab_columns}, h.options());
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
+    const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
+    const at::Tensor h_rows = h.narrow(0, t0, rows);
+    if (begin_rows) begin_rows(t0, rows);
+    for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
+      const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
+      if (between_chunks) between_chunks();
+      const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
+      at::Tensor logits = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      if (bias.defined()) {
+        at::addmm_out(logits, bias.narrow(0, v0, cols), h_rows, w_cols);
+      } else {
+        at::mm_out(logits, h_rows, w_cols);
+      }
+      fold(logits, v0);
+    }
+  }
+}
+
 LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weight,
                                     const at::Tensor& bias, const at::Tensor& safe_labels,
                                     int64_t chunk_bytes,
                                     const std::function<void()>& between_chunks, bool with_argmax) {
   const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
   const int64_t num_tokens = h.size(0);
-  const int64_t vocab_size = weight.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
   constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
   LogitStats stats{at::full({num_tokens}, kMinusInfinity, fp32), at::zeros({num_tokens}, fp32)};
@@ -97,33 +127,25 @@ LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weigh
 #ifdef LMHEAD_WITH_CUDA
   if (h.is_cuda()) working_bytes = 0;
 #endif
-  const FusedChunkShape chunk =
-      FusedChunking(num_tokens, vocab_size, h.element_size() + working_bytes, chunk_bytes);
-  // One buffer for every chunk's logits; each chunk is a contiguous view of its front.
-  const at::Tensor buffer =
-      at::empty({std::min(chunk.token_rows, num_tokens) * chunk.vocab_columns}, h.options());
-  for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
-    const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
-    const at::Tensor h_rows = h.narrow(0, t0, rows);
-    const at::Tensor labels_rows = safe_labels.narrow(0, t0, rows);
-    at::Tensor lse_rows = stats.lse.narrow(0, t0, rows);
-    at::Tensor label_logit_rows = stats.label_logit.narrow(0, t0, rows);
-    RunningArgmax best_rows;
-    if (with_argmax) best_rows = {best.value.narrow(0, t0, rows), best.index.narrow(0, t0, rows)};
-    for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
-      const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
-      if (between_chunks) between_chunks();
-      const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
-      at::Tensor logits = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      if (bias.defined()) {
-        at::addmm_out(logits, bias.narrow(0, v0, cols), h_rows, w_cols);
-      } else {
-        at::mm_out(logits, h_rows, w_cols);
-      }
-      AccumulateLogitStats(logits, v0, labels_rows, lse_rows, label_logit_rows,
-                           with_argmax ? &best_rows : nullptr);
-    }
-  }
+  // The statistics of the current token slice: views of the whole pass's.
+  at::Tensor labels_rows;
+  at::Tensor lse_rows;
+  at::Tensor label_logit_rows;
+  RunningArgmax best_rows;
+  ForEachLogitChunk(
+      h, weight, bias, working_bytes, chunk_bytes, between_chunks,
+      [&](int64_t t0, int64_t rows) {
+        labels_rows = safe_labels.narrow(0, t0, rows);
+        lse_rows = stats.lse.narrow(0, t0, rows);
+        label_logit_rows = stats.label_logit.narrow(0, t0, rows);
+        if (with_argmax) {
+          best_rows = {best.value.narrow(0, t0, rows), best.index.narrow(0, t0, rows)};
+        }
+      },
+      [&](const at::Tensor& logits, int64_t v0) {
+        AccumulateLogitStats(logits, v0, labels_rows, lse_rows, label_logit_rows,
+                             with_argmax ? &best_rows : nullptr);
+      });
   stats.argmax = best.index;
   return stats;
 }

@@ -25,6 +25,19 @@ struct FusedChunkShape {
 FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
                               int64_t chunk_bytes);
 
+// Walks the logits h W^T (+ b) of h (N, D), weight (V, D) of one dtype and bias (V,) or
+// undefined, in chunks of FusedChunking(N, V, h's element size + working_bytes_per_logit,
+// chunk_bytes)'s shape: token slices in order, each with its vocabulary slices in increasing
+// column order. Each chunk is formed in h's dtype in one reused buffer, a contiguous (rows, cols)
+// view of its front, and passed to `fold(logits, v0)` (v0: its first column);
+// `begin_rows(t0, rows)`, when set, runs before a token slice's first chunk; `between_chunks`,
+// when set, before each chunk (either may throw to abandon the work). May throw c10::Error.
+void ForEachLogitChunk(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                       int64_t working_bytes_per_logit, int64_t chunk_bytes,
+                       const std::function<void()>& between_chunks,
+                       const std::function<void(int64_t t0, int64_t rows)>& begin_rows,
+                       const std::function<void(const at::Tensor& logits, int64_t v0)>& fold);
+
 // (N,) each.
 struct LogitStats {
   at::Tensor lse;          // log-sum-exp over the vocabulary, in fp32
@@ -55,8 +68,7 @@ LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, cons
                              const std::function<void()>& between_chunks = {},
                              bool with_argmax = false);
 
-// The same by chunks: a GEMM into a reused buffer, then AccumulateLogitStats, per chunk of
-// FusedChunking's shape.
+// The same by chunks: AccumulateLogitStats on every chunk of ForEachLogitChunk.
 LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weight,
                                     const at::Tensor& bias, const at::Tensor& safe_labels,
                                     int64_t chunk_bytes,
