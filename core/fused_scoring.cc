@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 namespace lmhead {
 namespace {
@@ -34,7 +35,7 @@ std::pair<at::Tensor, at::Tensor> DecodeKeys(const at::Tensor& keys) {
   return {ids, bits.to(at::kInt).view(at::kFloat)};
 }
 
-// The per-token state of the pass over one slice of tokens: views of the whole pass's tensors.
+// The per-token state of the pass: (N, ...) tensors, or views of them for a slice of tokens.
 struct TokenState {
   at::Tensor max;          // (rows,) fp32: the largest logit so far (-inf before any)
   at::Tensor sum;          // (rows,) fp32: sum of exp(l - shift), shift = max, or 0 while -inf

@@ -53,13 +53,14 @@ struct ScoringOptions {
   }
 };
 
-// The requested outputs; B, S' as above, G = 1 + the largest kept segment id in the batch (0
-// when there is none), at most S'.
+// The requested outputs, on the logits' device; B, S' as above, G = 1 + the largest kept
+// segment id in the batch (0 when there is none), at most S'.
 struct ScoringOutputs {
-  std::optional<at::Tensor> label_logprobs;      // (B, S') fp32: log p(label); 0 where ignored
-  std::optional<at::Tensor> entropy;             // (B, S') fp32: -sum_v p log p, every position
-  std::optional<at::Tensor> label_rank;          // (B, S') int64: 1 + #{v: logit_v > logit_label}
-  std::optional<at::Tensor> top_k_ids;           // (B, S', k) int64, by descending logit
+  std::optional<at::Tensor> label_logprobs;  // (B, S') fp32: log p(label); 0 where ignored
+  std::optional<at::Tensor> entropy;         // (B, S') fp32: -sum_v p log p, every position
+  // (B, S') int64: 1 + #{v: logit_v > logit_label}; 0 where ignored.
+  std::optional<at::Tensor> label_rank;
+  std::optional<at::Tensor> top_k_ids;           // (B, S', k) int64, by descending logit, then id
   std::optional<at::Tensor> top_k_logprobs;      // (B, S', k) fp32, their log-probabilities
   std::optional<at::Tensor> candidate_logprobs;  // (B, S', C) fp32
   // Per row and segment, over its scored positions:
