@@ -267,6 +267,39 @@ TEST(LMHeadScoringTest, SegmentCountFollowsTheKeptPositions) {
   }
 }
 
+// Forwards that keep no position (and an empty sequence) give empty outputs of the right shapes,
+// on both implementations and through ForwardBatch.
+TEST(LMHeadScoringTest, NoKeptPositions) {
+  std::unique_ptr<LMHead> head = ExactHead(LMHeadConfig{}, 100, 8);
+  for (const int64_t length : {int64_t{4}, int64_t{0}}) {
+    for (const std::variant<int64_t, at::Tensor>& keep :
+         std::vector<std::variant<int64_t, at::Tensor>>{int64_t{-9},
+                                                        at::zeros({2, 0}, at::kLong)}) {
+      for (const LossImplementation implementation :
+           {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+        const std::string what = absl::StrCat("S=", length, " ", Name(implementation));
+        ForwardItem item;
+        item.x = ExactX(2, length, at::kFloat, 9);
+        item.options.labels = at::zeros({2, length}, at::kLong);
+        item.options.logits_to_keep = keep;
+        item.options.loss_implementation = implementation;
+        item.options.scoring = AllOutputs(2, 0, 100, 1, at::zeros({2, length}, at::kLong));
+        const absl::StatusOr<LMOutput> out = head->Forward(item.x, item.options);
+        ASSERT_TRUE(out.ok()) << what << ": " << out.status();
+        EXPECT_EQ(out->scoring.label_rank->sizes(), (std::vector<int64_t>{2, 0})) << what;
+        EXPECT_EQ(out->scoring.top_k_ids->sizes(), (std::vector<int64_t>{2, 0, 64})) << what;
+        EXPECT_EQ(out->scoring.candidate_logprobs->sizes(), (std::vector<int64_t>{2, 0, 40}))
+            << what;
+        EXPECT_EQ(out->scoring.segment_token_counts->sizes(), (std::vector<int64_t>{2, 0})) << what;
+        ExpectSameScoring(out->scoring, Reference(*head, item.x, item.options), what);
+        const std::vector<absl::StatusOr<LMOutput>> batch = head->ForwardBatch({item, item});
+        ASSERT_TRUE(batch[1].ok()) << what << ": " << batch[1].status();
+        ExpectSameScoring(batch[1]->scoring, out->scoring, what);
+      }
+    }
+  }
+}
+
 // fused_linear's loss, ce_loss, z_loss and argmax with scoring outputs (one pass for both) equal
 // those without (ComputeLogitStats' pass) to fp32 rounding.
 TEST(LMHeadScoringTest, FusedLossIsUnchangedByScoring) {
