@@ -105,6 +105,7 @@ struct Totals {
   int64_t batch_size_sum = 0;
   int64_t queue_us_sum = 0;
   int64_t compute_us_sum = 0;
+  int64_t server_us_sum = 0;  // ServerTimings.total_us: arrival to answer, in the server
   std::string first_error;
 };
 
@@ -161,6 +162,7 @@ int Run() {
           mine.batch_size_sum += response->timings().batch_size();
           mine.queue_us_sum += response->timings().queue_us();
           mine.compute_us_sum += response->timings().compute_us();
+          mine.server_us_sum += response->timings().total_us();
         } else if (absl::IsResourceExhausted(response.status()) ||
                    absl::IsUnavailable(response.status())) {
           ++mine.refusals;
@@ -176,6 +178,7 @@ int Run() {
       totals.batch_size_sum += mine.batch_size_sum;
       totals.queue_us_sum += mine.queue_us_sum;
       totals.compute_us_sum += mine.compute_us_sum;
+      totals.server_us_sum += mine.server_us_sum;
       totals.latencies_ms.insert(totals.latencies_ms.end(), mine.latencies_ms.begin(),
                                  mine.latencies_ms.end());
       if (totals.first_error.empty()) totals.first_error = mine.first_error;
@@ -190,8 +193,9 @@ int Run() {
   const double p99 = Percentile(totals.latencies_ms, 0.99);
   std::printf(
       "load %s: clients=%d channels=%d tokens=%lld dtype=%s %s: %lld ok calls in %.0f s, %.0f "
-      "tokens/s, latency p50 %.1f ms p99 %.1f ms (p99/p50 %.2f), refusals %lld, errors %lld, "
-      "mean batch_size %.1f, mean queue %.1f ms, mean batch compute %.1f ms\n",
+      "tokens/s, latency p50 %.2f ms p99 %.2f ms (p99/p50 %.2f), refusals %lld, errors %lld, "
+      "mean batch_size %.1f, mean queue %.1f ms, mean batch compute %.2f ms, mean in the server "
+      "%.2f ms\n",
       absl::GetFlag(FLAGS_label).c_str(), clients, channels,
       static_cast<long long>(absl::GetFlag(FLAGS_tokens)), absl::GetFlag(FLAGS_dtype).c_str(),
       absl::GetFlag(FLAGS_loss_implementation).c_str(), static_cast<long long>(ok), seconds,
@@ -199,7 +203,8 @@ int Run() {
       static_cast<long long>(totals.errors),
       ok > 0 ? static_cast<double>(totals.batch_size_sum) / ok : 0.0,
       ok > 0 ? totals.queue_us_sum / 1000.0 / ok : 0.0,
-      ok > 0 ? totals.compute_us_sum / 1000.0 / ok : 0.0);
+      ok > 0 ? totals.compute_us_sum / 1000.0 / ok : 0.0,
+      ok > 0 ? totals.server_us_sum / 1000.0 / ok : 0.0);
   if (!totals.first_error.empty()) std::printf("first error: %s\n", totals.first_error.c_str());
   if (ok == 0) std::printf("no call was answered: is a server at --address?\n");
   return totals.errors == 0 && ok > 0 ? 0 : 1;

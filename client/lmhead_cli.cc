@@ -31,6 +31,9 @@
 namespace lmhead {
 namespace {
 
+// Streams a streamed forward job is spread over when --parallel_streams is not given.
+constexpr int kDefaultParallelStreams = 4;
+
 struct Flag {
   std::string name;
   std::string value;  // the placeholder in --help; empty: a switch without a value
@@ -284,9 +287,11 @@ int RunForward(const Values& values) {
   if (!absl::SimpleAtod(Get(values, "chunk_mib"), &chunk_mib) || chunk_mib < 0) {
     return UsageError(command, "--chunk_mib: expected a number >= 0");
   }
-  int parallel_streams = 1;
-  if (!absl::SimpleAtoi(Get(values, "parallel_streams"), &parallel_streams) ||
-      parallel_streams < 1) {
+  // Unset: kDefaultParallelStreams for a streamed job (docs/API.md: 4 streams moved a 256 MiB
+  // job 1.65 x faster than 1 on an H200 host, 8 and 16 little more).
+  int parallel_streams = chunk_mib > 0 ? kDefaultParallelStreams : 1;
+  if (const std::string given = Get(values, "parallel_streams");
+      !given.empty() && (!absl::SimpleAtoi(given, &parallel_streams) || parallel_streams < 1)) {
     return UsageError(command, "--parallel_streams: expected an integer >= 1");
   }
   if (parallel_streams > 1 && chunk_mib == 0) {
@@ -402,7 +407,10 @@ std::vector<Command> Commands() {
         {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
         {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},
         {"chunk_mib", "MIB", "micro-batch size for streaming; 0 sends one request", "64"},
-        {"parallel_streams", "N", "streams (and connections) a streamed job is spread over", "1"},
+        {"parallel_streams", "N",
+         "streams (and connections) a streamed job is spread over (default 4; 1 when the job is "
+         "one request)",
+         ""},
         {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"},
         kMaxAttempts},
        RunForward},

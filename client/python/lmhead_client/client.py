@@ -261,7 +261,7 @@ class RemoteLMHead:
             yield StreamChunk(start, stop, output, response.num_scored_tokens)
 
     def forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
-                       max_chunk_bytes: int = 64 << 20, parallel_streams: int = 1,
+                       max_chunk_bytes: int = 64 << 20, parallel_streams: int = 4,
                        **forward_args):
         """forward(x, **forward_args) for jobs of any size: x is split along the batch into
         micro-batches (`micro_batch_size` rows, or as many as fit `max_chunk_bytes` of hidden
@@ -283,7 +283,8 @@ class RemoteLMHead:
         answers are combined in the job's order, so the result is exactly one stream's. When a
         stream fails the streams after it are cancelled and the job raises the first failure in
         the job's order, its " (micro-batch N)" counted in the job. Each stream holds one of
-        the server's --max_open_streams (64 by default) while it runs. Default 1. With shared
+        the server's --max_open_streams (64 by default) while it runs. Default 4 (on an H200
+        host 4 streams moved a 256 MiB job 1.22 x faster than 1; 8 and 16 no more). With shared
         memory the micro-batches go over the main channel's one stream whatever this says: the
         regions belong to its connection, and the bytes no longer cross a socket.
         """
