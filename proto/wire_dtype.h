@@ -19,6 +19,8 @@ inline int64_t ElementSize(v1::DataType dtype) {
       return 4;
     case v1::DATA_TYPE_INT64:
       return 8;
+    case v1::DATA_TYPE_BOOL:
+      return 1;
     default:
       return 0;
   }

@@ -29,6 +29,8 @@ c10::ScalarType ScalarTypeOf(v1::DataType dtype) {
       return c10::ScalarType::Int;
     case v1::DATA_TYPE_INT64:
       return c10::ScalarType::Long;
+    case v1::DATA_TYPE_BOOL:
+      return c10::ScalarType::Bool;
     default:
       return c10::ScalarType::Undefined;
   }
@@ -54,6 +56,8 @@ std::string DataTypeName(int dtype) {
       return "INT32";
     case v1::DATA_TYPE_INT64:
       return "INT64";
+    case v1::DATA_TYPE_BOOL:
+      return "BOOL";
     case v1::DATA_TYPE_UNSPECIFIED:
       return "DATA_TYPE_UNSPECIFIED";
     default:
@@ -73,6 +77,8 @@ v1::DataType DataTypeOf(c10::ScalarType type) {
       return v1::DATA_TYPE_INT32;
     case c10::ScalarType::Long:
       return v1::DATA_TYPE_INT64;
+    case c10::ScalarType::Bool:
+      return v1::DATA_TYPE_BOOL;
     default:
       return v1::DATA_TYPE_UNSPECIFIED;
   }
