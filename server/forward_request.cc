@@ -231,6 +231,10 @@ const TensorRule kHiddenRule{"hidden_states", kFloatTypes, 3};
 const TensorRule kLabelsRule{"labels", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32}, 2};
 const TensorRule kPositionsRule{"options.logits_to_keep_positions", {v1::DATA_TYPE_INT64}, 2};
 const TensorRule kDivFactorRule{"options.loss_div_factor_tensor", kFloatTypes, -1};
+const TensorRule kCandidatesRule{
+    "options.scoring.candidate_ids", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32}, -1};
+const TensorRule kSegmentsRule{
+    "options.scoring.segment_ids", {v1::DATA_TYPE_INT64, v1::DATA_TYPE_INT32}, 2};
 
 }  // namespace
 
@@ -251,6 +255,10 @@ absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest
       {"z_loss_multiplier", "options.z_loss_multiplier"},
       {"fused_chunk_bytes", "options.fused_chunk_bytes"},
       {"loss_implementation", "config.loss_implementation"},
+      {"top_k", "options.scoring.top_k"},
+      {"candidate_ids", "options.scoring.candidate_ids"},
+      {"segment_ids", "options.scoring.segment_ids"},
+      {"scoring", "options.scoring"},
   };
   const absl::string_view message = status.message();
   for (const auto& [argument, field] : names) {
@@ -320,6 +328,27 @@ absl::StatusOr<ForwardPlan> CheckResponseSize(ForwardPlan plan,
                               plan.config.loss_implementation == LossImplementation::kDefault);
   if (returns_logits) add("logits", {plan.batch, plan.kept, vocab_size}, plan.logits_dtype);
   if (plan.options.return_argmax) add("argmax", {plan.batch, plan.kept}, v1::DATA_TYPE_INT64);
+  // Scoring outputs (never in shared memory): the continuations' at their most, one per kept
+  // position.
+  const ScoringOptions& scoring = plan.options.scoring;
+  const std::vector<int64_t> per_position = {plan.batch, plan.kept};
+  if (scoring.label_logprobs) add("scoring.label_logprobs", per_position, v1::DATA_TYPE_FP32);
+  if (scoring.entropy) add("scoring.entropy", per_position, v1::DATA_TYPE_FP32);
+  if (scoring.label_rank) add("scoring.label_rank", per_position, v1::DATA_TYPE_INT64);
+  if (scoring.top_k > 0) {
+    add("scoring.top_k_ids", {plan.batch, plan.kept, scoring.top_k}, v1::DATA_TYPE_INT64);
+    add("scoring.top_k_logprobs", {plan.batch, plan.kept, scoring.top_k}, v1::DATA_TYPE_FP32);
+  }
+  if (scoring.candidate_ids.has_value()) {
+    add("scoring.candidate_logprobs", {plan.batch, plan.kept, scoring.candidate_ids->size(-1)},
+        v1::DATA_TYPE_FP32);
+  }
+  if (scoring.segment_ids.has_value()) {
+    add("scoring.segment_logprob_sums", per_position, v1::DATA_TYPE_FP32);
+    add("scoring.segment_token_counts", per_position, v1::DATA_TYPE_INT64);
+    add("scoring.segment_is_greedy", per_position, v1::DATA_TYPE_BOOL);
+    add("scoring.segment_entropy_sums", per_position, v1::DATA_TYPE_FP32);
+  }
   if (losses.has_value()) {
     add("loss", losses->shape, DataTypeOf(losses->loss_dtype));
     add("ce_loss", losses->shape, DataTypeOf(losses->ce_loss_dtype));
@@ -373,6 +402,12 @@ std::vector<std::pair<absl::string_view, const v1::Tensor*>> TensorFields(
   }
   if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorTensor) {
     fields.emplace_back("options.loss_div_factor_tensor", &wire.loss_div_factor_tensor());
+  }
+  if (wire.scoring().has_candidate_ids()) {
+    fields.emplace_back("options.scoring.candidate_ids", &wire.scoring().candidate_ids());
+  }
+  if (wire.scoring().has_segment_ids()) {
+    fields.emplace_back("options.scoring.segment_ids", &wire.scoring().segment_ids());
   }
   return fields;
 }
@@ -475,6 +510,10 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
     options.fused_chunk_bytes = wire.fused_chunk_bytes();
   }
   options.return_argmax = wire.return_argmax();
+  options.scoring.label_logprobs = wire.scoring().label_logprobs();
+  options.scoring.entropy = wire.scoring().entropy();
+  options.scoring.label_rank = wire.scoring().label_rank();
+  options.scoring.top_k = wire.scoring().top_k();
   options.loss_implementation = plan.config.loss_implementation;
   if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
     options.logits_to_keep = wire.logits_to_keep_count();
@@ -525,6 +564,41 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
   } else if (wire.logits_to_keep_case() == v1::ForwardOptions::kLogitsToKeepCount) {
     plan.kept = plan.length - KeptStart(wire.logits_to_keep_count(), plan.length);
   }
+  // Scoring's index tensors: their shapes here (as meta tensors, so that the core's checks of
+  // the options read them and the response's size counts them); their values come with
+  // DecodeInputs.
+  const auto shape_only = [](const std::vector<int64_t>& shape) {
+    return at::empty(shape, at::TensorOptions().dtype(at::kLong).device(at::kMeta));
+  };
+  if (wire.scoring().has_candidate_ids()) {
+    absl::StatusOr<std::vector<int64_t>> shape =
+        ValidateTensor(wire.scoring().candidate_ids(), kCandidatesRule);
+    if (!shape.ok()) return shape.status();
+    const bool shared = shape->size() == 1;
+    if (!shared && !(shape->size() == 3 && (*shape)[0] == plan.batch && (*shape)[1] == plan.kept)) {
+      return Invalid("options.scoring.candidate_ids.shape",
+                     absl::StrCat("expected (C,) for every kept position or (batch=", plan.batch,
+                                  ", kept=", plan.kept, ", C), got ", ShapeText(*shape)));
+    }
+    const int64_t count = shape->back();
+    if (count < 1 || count > kMaxCandidates) {
+      return Invalid(
+          "options.scoring.candidate_ids.shape",
+          absl::StrCat("expected 1 to ", kMaxCandidates, " ids per position, got ", count));
+    }
+    options.scoring.candidate_ids = shape_only(*shape);
+  }
+  if (wire.scoring().has_segment_ids()) {
+    absl::StatusOr<std::vector<int64_t>> shape =
+        ValidateTensor(wire.scoring().segment_ids(), kSegmentsRule);
+    if (!shape.ok()) return shape.status();
+    if ((*shape)[0] != plan.batch || (*shape)[1] != plan.length) {
+      return Invalid("options.scoring.segment_ids.shape",
+                     absl::StrCat("expected (batch=", plan.batch, ", seq_len=", plan.length,
+                                  ") like hidden_states, got ", ShapeText(*shape)));
+    }
+    options.scoring.segment_ids = shape_only(*shape);
+  }
   // Every tensor of the forward, empty dimensions counted as 1, must be addressable: the
   // largest are the logits (batch, kept, vocab_size) and the hidden states.
   int64_t extent = 8;
@@ -569,6 +643,27 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
 }
 
 namespace {
+
+// ScoringOutputs' field `name` of `wire`.
+v1::Tensor* ScoringField(v1::ScoringOutputs* wire, absl::string_view name) {
+  using Field = v1::Tensor* (v1::ScoringOutputs::*)();
+  static const std::pair<absl::string_view, Field> kFields[] = {
+      {"label_logprobs", &v1::ScoringOutputs::mutable_label_logprobs},
+      {"entropy", &v1::ScoringOutputs::mutable_entropy},
+      {"label_rank", &v1::ScoringOutputs::mutable_label_rank},
+      {"top_k_ids", &v1::ScoringOutputs::mutable_top_k_ids},
+      {"top_k_logprobs", &v1::ScoringOutputs::mutable_top_k_logprobs},
+      {"candidate_logprobs", &v1::ScoringOutputs::mutable_candidate_logprobs},
+      {"segment_logprob_sums", &v1::ScoringOutputs::mutable_segment_logprob_sums},
+      {"segment_token_counts", &v1::ScoringOutputs::mutable_segment_token_counts},
+      {"segment_is_greedy", &v1::ScoringOutputs::mutable_segment_is_greedy},
+      {"segment_entropy_sums", &v1::ScoringOutputs::mutable_segment_entropy_sums},
+  };
+  for (const auto& [field_name, field] : kFields) {
+    if (field_name == name) return (wire->*field)();
+  }
+  return nullptr;
+}
 
 // Where a resolved slice's bytes are, keeping its region mapped while they are used.
 ExternalBytes BytesOf(const RegionSlice& slice) {
@@ -618,6 +713,18 @@ absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, Forwa
     if (!factor.ok()) return factor.status();
     options.loss_div_factor = *factor;
   }
+  if (wire.scoring().has_candidate_ids()) {
+    absl::StatusOr<at::Tensor> ids =
+        DecodeField(wire.scoring().candidate_ids(), kCandidatesRule, *plan, /*private_copy=*/true);
+    if (!ids.ok()) return ids.status();
+    options.scoring.candidate_ids = ids->to(at::kLong);
+  }
+  if (wire.scoring().has_segment_ids()) {
+    absl::StatusOr<at::Tensor> ids =
+        DecodeField(wire.scoring().segment_ids(), kSegmentsRule, *plan, /*private_copy=*/true);
+    if (!ids.ok()) return ids.status();
+    options.scoring.segment_ids = ids->to(at::kLong);
+  }
   return x;
 }
 
@@ -652,6 +759,16 @@ absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
     ref->set_offset(to.offset);
     ref->set_byte_size(to.byte_size);
   }
+  // Scoring outputs, always in the response.
+  ScoringOutputs scoring = output.scoring;
+  for (const auto& [name, value] : ScoringTensors(scoring)) {
+    if (!value->has_value()) continue;
+    v1::Tensor* wire = ScoringField(response->mutable_scoring(), name);
+    if (absl::Status status = EncodeTensor(**value, DataTypeOf((*value)->scalar_type()), wire);
+        !status.ok()) {
+      return status;
+    }
+  }
   // A region whose object shrank while this call used it lost what was read or written there.
   for (const auto* slices : {&plan.shared_inputs, &plan.shared_outputs}) {
     for (const auto& [name, slice] : *slices) {
@@ -665,6 +782,20 @@ absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
   response->set_model(plan.model->name());
   response->set_model_version(plan.model->version());
   return absl::OkStatus();
+}
+
+std::vector<std::pair<absl::string_view, std::optional<at::Tensor>*>> ScoringTensors(
+    ScoringOutputs& outputs) {
+  return {{"label_logprobs", &outputs.label_logprobs},
+          {"entropy", &outputs.entropy},
+          {"label_rank", &outputs.label_rank},
+          {"top_k_ids", &outputs.top_k_ids},
+          {"top_k_logprobs", &outputs.top_k_logprobs},
+          {"candidate_logprobs", &outputs.candidate_logprobs},
+          {"segment_logprob_sums", &outputs.segment_logprob_sums},
+          {"segment_token_counts", &outputs.segment_token_counts},
+          {"segment_is_greedy", &outputs.segment_is_greedy},
+          {"segment_entropy_sums", &outputs.segment_entropy_sums}};
 }
 
 }  // namespace lmhead

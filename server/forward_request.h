@@ -13,7 +13,10 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -91,6 +94,11 @@ absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
 // name replaced by the request's field path ("options.logits_to_keep_positions: ..."); other
 // statuses unchanged.
 absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest& request);
+
+// The tensors of `outputs` (each set only when asked for), named as in v1::ScoringOutputs, in the
+// proto's order.
+std::vector<std::pair<absl::string_view, std::optional<at::Tensor>*>> ScoringTensors(
+    ScoringOutputs& outputs);
 
 // ListModels' description of `model`; its source is the file's name unless `expose_path`.
 v1::ModelInfo ModelInfoToWire(const Model& model, bool expose_path);

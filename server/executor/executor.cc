@@ -19,6 +19,7 @@
 #include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/torch_errors.h"
+#include "server/forward_request.h"
 #include "server/model_registry.h"
 #include "server/status.h"
 #include "server/tensor_codec.h"
@@ -227,6 +228,9 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
       }
       for (std::optional<at::Tensor>* tensor :
            {&output->loss, &output->ce_loss, &output->z_loss, &output->argmax}) {
+        if (tensor->has_value()) tensors.push_back(&**tensor);
+      }
+      for (const auto& [name, tensor] : ScoringTensors(output->scoring)) {
         if (tensor->has_value()) tensors.push_back(&**tensor);
       }
     }
