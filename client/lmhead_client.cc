@@ -23,6 +23,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -67,6 +68,19 @@ v1::ForwardRequest RequestWithoutInputs(const ForwardArgs& args) {
   options->set_logits_dtype(args.logits_dtype);
   if (args.fused_chunk_bytes.has_value()) options->set_fused_chunk_bytes(*args.fused_chunk_bytes);
   options->set_return_argmax(args.return_argmax);
+  if (args.scoring.any()) {
+    v1::ScoringOptions* scoring = options->mutable_scoring();
+    scoring->set_label_logprobs(args.scoring.label_logprobs);
+    scoring->set_entropy(args.scoring.entropy);
+    scoring->set_label_rank(args.scoring.label_rank);
+    scoring->set_top_k(args.scoring.top_k);
+    if (args.scoring.candidate_ids.has_value()) {
+      *scoring->mutable_candidate_ids() = *args.scoring.candidate_ids;
+    }
+    if (args.scoring.segment_ids.has_value()) {
+      *scoring->mutable_segment_ids() = *args.scoring.segment_ids;
+    }
+  }
   return request;
 }
 
@@ -425,6 +439,21 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     }
     split_divisor = factor->shape_size() == 2 && factor->shape(0) == batch && batch > 1;
   }
+  const std::optional<v1::Tensor>& segment_ids = args.scoring.segment_ids;
+  if (segment_ids.has_value() &&
+      (segment_ids->shape_size() != 2 || segment_ids->shape(0) != batch)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("segment_ids: expected (batch, seq_len) like labels, split with the batch (",
+                     batch, " rows); got shape [", absl::StrJoin(segment_ids->shape(), ", "), "]"));
+  }
+  const std::optional<v1::Tensor>& candidate_ids = args.scoring.candidate_ids;
+  const bool split_candidates = candidate_ids.has_value() && candidate_ids->shape_size() > 1;
+  if (split_candidates && (candidate_ids->shape_size() != 3 || candidate_ids->shape(0) != batch)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "candidate_ids: expected (C,) or (batch, kept positions, C), split with the "
+        "batch (",
+        batch, " rows); got shape [", absl::StrJoin(candidate_ids->shape(), ", "), "]"));
+  }
   const int64_t row_bytes =
       std::max<int64_t>(hidden_states.data.size() / std::max<int64_t>(batch, 1), 1);
   const int64_t rows_per_micro_batch = std::max<int64_t>(max_micro_batch_bytes / row_bytes, 1);
@@ -435,6 +464,10 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
   // split with the batch are set per micro-batch.
   v1::ForwardRequest base = RequestWithoutInputs(args);
   base.mutable_options()->clear_logits_to_keep();
+  if (base.options().has_scoring()) {
+    base.mutable_options()->mutable_scoring()->clear_segment_ids();
+    if (split_candidates) base.mutable_options()->mutable_scoring()->clear_candidate_ids();
+  }
   if (scalar_losses) {
     base.mutable_options()->set_loss_reduction(v1::LOSS_REDUCTION_SUM);
     base.mutable_options()->clear_loss_div_factor();
@@ -459,6 +492,14 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     if (split_divisor) {
       *request.mutable_options()->mutable_loss_div_factor_tensor() =
           SliceRows(std::get<v1::Tensor>(args.loss_div_factor), begin, end);
+    }
+    if (segment_ids.has_value()) {
+      *request.mutable_options()->mutable_scoring()->mutable_segment_ids() =
+          SliceRows(*segment_ids, begin, end);
+    }
+    if (split_candidates) {
+      *request.mutable_options()->mutable_scoring()->mutable_candidate_ids() =
+          SliceRows(*candidate_ids, begin, end);
     }
     *out = SerializeForwardRequest(std::move(request), Rows(hidden_states, begin, end));
   };

@@ -73,6 +73,28 @@ class StreamCancellation {
   grpc::ClientContext* context_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
+// The scoring outputs a call asks for (ForwardOptions.scoring, answered in
+// ForwardResponse.scoring; docs/API.md "Scoring"): none by default. B is the batch, S seq_len,
+// S' the positions logits_to_keep keeps.
+struct ScoringArgs {
+  bool label_logprobs = false;  // (B, S') FP32 log p(label); needs labels
+  bool entropy = false;         // (B, S') FP32
+  bool label_rank = false;      // (B, S') INT64 1 + #{tokens with a larger logit}; needs labels
+  int32_t top_k = 0;            // 0: none; 1 to 64 (and <= vocab_size): top_k_ids, _logprobs
+  // INT64/INT32 token ids, (C,) for every kept position or (B, S', C) per position: their
+  // log-probabilities, candidate_logprobs (B, S', C).
+  std::optional<v1::Tensor> candidate_ids;
+  // INT64/INT32 (B, S) like labels (sliced by logits_to_keep as they are): per position the
+  // continuation it belongs to, or -1 for none; gives the (B, G) segment_* sums. Needs labels.
+  std::optional<v1::Tensor> segment_ids;
+
+  // Whether any output is asked for.
+  bool any() const {
+    return label_logprobs || entropy || label_rank || top_k != 0 || candidate_ids.has_value() ||
+           segment_ids.has_value();
+  }
+};
+
 // LMHead.forward's keyword arguments (labels included) and the service's own controls. Unset
 // fields take the server's defaults, which are upstream's.
 struct ForwardArgs {
@@ -89,6 +111,7 @@ struct ForwardArgs {
   v1::DataType logits_dtype = v1::DATA_TYPE_UNSPECIFIED;   // the compute dtype
   std::optional<int64_t> fused_chunk_bytes;
   bool return_argmax = false;  // also return each kept position's most likely token id
+  ScoringArgs scoring;         // scoring outputs; default none
 };
 
 // The request Forward sends for `hidden_states` and `args`.
@@ -135,8 +158,11 @@ class LMHeadClient {
   // micro-batches of at most `max_micro_batch_bytes` of hidden states (at least one row each),
   // streams them, and combines the answers into what one Forward over the whole job returns, by
   // the rule of docs/API.md "Combining micro-batches" (MicroBatchCombiner). Labels, a (B, K)
-  // logits_to_keep and, for "none", a (B, ...) loss_div_factor tensor are split with the batch.
-  // A tensor loss_div_factor with mean or sum is INVALID_ARGUMENT (pass a number). `progress` is
+  // logits_to_keep, for "none" a (B, ...) loss_div_factor tensor, and the scoring's
+  // segment_ids and (B, S', C) candidate_ids are split with the batch ((C,) candidate ids go
+  // whole to every micro-batch). A tensor loss_div_factor with mean or sum is INVALID_ARGUMENT
+  // (pass a number), as are segment_ids or (B, S', C) candidate_ids whose first dimension is
+  // not the batch of hidden_states. `progress` is
   // called after each micro-batch with (done, total). `parallel_streams` > 1 spreads the
   // micro-batches over that many ForwardStream calls at once, each on a connection of its own
   // (clients made by Connect) and given a run of consecutive micro-batches; the answers are

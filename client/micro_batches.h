@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -53,10 +54,15 @@ class MicroBatchCombiner {
   // num_scored_tokens, num_nonfinite_inputs and timings added; mean/sum losses S / n / d (mean)
   // or S / d (sum) with S the float64 sum of the micro-batches' sums, n the scored tokens, d the
   // divisor (IEEE division: 0 gives inf or NaN), each in the dtype the micro-batches returned.
+  // Scoring outputs: the per-position ones (B, S', ...) concatenated along the batch; the
+  // per-segment ones (B, G) too, after widening each micro-batch's to the job's largest G with
+  // what one call gives a segment no scored position has (sums 0, count 0, is_greedy true).
   absl::StatusOr<v1::ForwardResponse> Finish();
 
  private:
   bool scalar_losses() const;
+  // Adds the next micro-batch's scoring outputs (`count_` is its index).
+  absl::Status AddScoring(const v1::ForwardResponse& response);
 
   CombineOptions options_;
   v1::ForwardResponse combined_;
@@ -65,6 +71,10 @@ class MicroBatchCombiner {
   double sums_[3] = {0, 0, 0};
   v1::DataType dtypes_[3] = {v1::DATA_TYPE_UNSPECIFIED, v1::DATA_TYPE_UNSPECIFIED,
                              v1::DATA_TYPE_UNSPECIFIED};
+  // Whether the first answer had scoring outputs; the (B, G) segment outputs of each answer, by
+  // field (kSegmentFields in the .cc), padded to the largest G by Finish.
+  bool scoring_ = false;
+  std::vector<std::vector<v1::Tensor>> segment_parts_;
 };
 
 }  // namespace lmhead

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -145,6 +146,184 @@ TEST(MicroBatchCombinerTest, RefusesAnswersInAnotherDtype) {
   *b.mutable_loss() = ScalarTensor(1.0, v1::DATA_TYPE_BF16);
   ASSERT_TRUE(combiner.Add(a).ok());
   EXPECT_EQ(combiner.Add(b).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A tensor of `shape` holding `values` as `dtype` (FP32, INT64 or BOOL).
+v1::Tensor Make(v1::DataType dtype, std::vector<int64_t> shape, const std::vector<double>& values) {
+  v1::Tensor tensor;
+  tensor.set_dtype(dtype);
+  for (int64_t dim : shape) tensor.add_shape(dim);
+  std::string* data = tensor.mutable_data();
+  for (double value : values) {
+    if (dtype == v1::DATA_TYPE_FP32) {
+      const float f = static_cast<float>(value);
+      data->append(reinterpret_cast<const char*>(&f), 4);
+    } else if (dtype == v1::DATA_TYPE_INT64) {
+      const int64_t i = static_cast<int64_t>(value);
+      data->append(reinterpret_cast<const char*>(&i), 8);
+    } else {
+      data->push_back(value != 0 ? '\x01' : '\0');
+    }
+  }
+  return tensor;
+}
+
+v1::Tensor Fp32(std::vector<int64_t> shape, const std::vector<double>& values) {
+  return Make(v1::DATA_TYPE_FP32, std::move(shape), values);
+}
+v1::Tensor Int64(std::vector<int64_t> shape, const std::vector<double>& values) {
+  return Make(v1::DATA_TYPE_INT64, std::move(shape), values);
+}
+v1::Tensor Bool(std::vector<int64_t> shape, const std::vector<double>& values) {
+  return Make(v1::DATA_TYPE_BOOL, std::move(shape), values);
+}
+
+void ExpectTensorEq(const v1::Tensor& got, const v1::Tensor& want, const std::string& what) {
+  EXPECT_EQ(got.dtype(), want.dtype()) << what;
+  EXPECT_EQ(std::vector<int64_t>(got.shape().begin(), got.shape().end()),
+            std::vector<int64_t>(want.shape().begin(), want.shape().end()))
+      << what;
+  EXPECT_EQ(got.data(), want.data()) << what;
+}
+
+// The segment outputs of rows whose calls saw different numbers of segments.
+v1::ScoringOutputs Segments(int64_t rows, int64_t groups, const std::vector<double>& sums,
+                            const std::vector<double>& counts, const std::vector<double>& greedy,
+                            const std::vector<double>& entropy) {
+  v1::ScoringOutputs out;
+  *out.mutable_segment_logprob_sums() = Fp32({rows, groups}, sums);
+  *out.mutable_segment_token_counts() = Int64({rows, groups}, counts);
+  *out.mutable_segment_is_greedy() = Bool({rows, groups}, greedy);
+  *out.mutable_segment_entropy_sums() = Fp32({rows, groups}, entropy);
+  return out;
+}
+
+// Per-position outputs are concatenated along the batch, in order, whatever their trailing dims.
+TEST(MicroBatchCombinerScoringTest, ConcatenatesPerPositionOutputs) {
+  MicroBatchCombiner combiner({v1::LOSS_REDUCTION_NONE, std::nullopt, nullptr});
+  v1::ForwardResponse a;
+  v1::ScoringOutputs* sa = a.mutable_scoring();
+  *sa->mutable_label_logprobs() = Fp32({1, 2}, {-1.5, 0});
+  *sa->mutable_entropy() = Fp32({1, 2}, {2, 3});
+  *sa->mutable_label_rank() = Int64({1, 2}, {1, 0});
+  *sa->mutable_top_k_ids() = Int64({1, 2, 3}, {4, 5, 6, 7, 8, 9});
+  *sa->mutable_top_k_logprobs() = Fp32({1, 2, 3}, {-1, -2, -3, -4, -5, -6});
+  *sa->mutable_candidate_logprobs() = Fp32({1, 2, 1}, {-0.25, -0.5});
+  v1::ForwardResponse b;
+  v1::ScoringOutputs* sb = b.mutable_scoring();
+  *sb->mutable_label_logprobs() = Fp32({2, 2}, {-2, -3, -4, -5});
+  *sb->mutable_entropy() = Fp32({2, 2}, {4, 5, 6, 7});
+  *sb->mutable_label_rank() = Int64({2, 2}, {2, 3, 4, 5});
+  *sb->mutable_top_k_ids() = Int64({2, 2, 3}, {10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21});
+  *sb->mutable_top_k_logprobs() =
+      Fp32({2, 2, 3}, {-7, -8, -9, -10, -11, -12, -13, -14, -15, -16, -17, -18});
+  *sb->mutable_candidate_logprobs() = Fp32({2, 2, 1}, {-1, -2, -3, -4});
+  ASSERT_TRUE(combiner.Add(a).ok());
+  ASSERT_TRUE(combiner.Add(b).ok());
+  absl::StatusOr<v1::ForwardResponse> got = combiner.Finish();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(got->has_scoring());
+  const v1::ScoringOutputs& s = got->scoring();
+  ExpectTensorEq(s.label_logprobs(), Fp32({3, 2}, {-1.5, 0, -2, -3, -4, -5}), "label_logprobs");
+  ExpectTensorEq(s.entropy(), Fp32({3, 2}, {2, 3, 4, 5, 6, 7}), "entropy");
+  ExpectTensorEq(s.label_rank(), Int64({3, 2}, {1, 0, 2, 3, 4, 5}), "label_rank");
+  std::vector<double> ids, logprobs;
+  for (int i = 4; i <= 21; ++i) ids.push_back(i);
+  for (int i = 1; i <= 18; ++i) logprobs.push_back(-i);
+  ExpectTensorEq(s.top_k_ids(), Int64({3, 2, 3}, ids), "top_k_ids");
+  ExpectTensorEq(s.top_k_logprobs(), Fp32({3, 2, 3}, logprobs), "top_k_logprobs");
+  ExpectTensorEq(s.candidate_logprobs(), Fp32({3, 2, 1}, {-0.25, -0.5, -1, -2, -3, -4}),
+                 "candidate_logprobs");
+  EXPECT_FALSE(s.has_segment_logprob_sums());
+}
+
+// One call over the four rows sees G = 3 (row 1's largest segment id is 2). Alone, micro-batch 0
+// (rows 0, 1) sees 3, micro-batch 1 (row 2: only context) 0, micro-batch 2 (row 3) 1: their
+// (B, G) outputs are widened with what one call gives a segment no scored position has.
+TEST(MicroBatchCombinerScoringTest, WidensSegmentOutputsToTheJobsLargestG) {
+  const v1::ScoringOutputs whole =
+      Segments(4, 3, /*sums=*/{-1, -2, 0, -3, 0, -4, 0, 0, 0, -5, 0, 0},
+               /*counts=*/{1, 2, 0, 1, 0, 3, 0, 0, 0, 4, 0, 0},
+               /*greedy=*/{1, 0, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1},
+               /*entropy=*/{0.5, 1, 0, 1.5, 0, 2, 0, 0, 0, 2.5, 0, 0});
+  std::vector<v1::ForwardResponse> parts(3);
+  *parts[0].mutable_scoring() = Segments(2, 3, {-1, -2, 0, -3, 0, -4}, {1, 2, 0, 1, 0, 3},
+                                         {1, 0, 1, 0, 1, 1}, {0.5, 1, 0, 1.5, 0, 2});
+  *parts[1].mutable_scoring() = Segments(1, 0, {}, {}, {}, {});
+  *parts[2].mutable_scoring() = Segments(1, 1, {-5}, {4}, {0}, {2.5});
+  for (const v1::LossReduction reduction : {v1::LOSS_REDUCTION_NONE, v1::LOSS_REDUCTION_SUM}) {
+    MicroBatchCombiner combiner({reduction, std::nullopt, nullptr});
+    for (const v1::ForwardResponse& part : parts) ASSERT_TRUE(combiner.Add(part).ok());
+    absl::StatusOr<v1::ForwardResponse> got = combiner.Finish();
+    ASSERT_TRUE(got.ok()) << got.status();
+    const v1::ScoringOutputs& s = got->scoring();
+    ExpectTensorEq(s.segment_logprob_sums(), whole.segment_logprob_sums(), "sums");
+    ExpectTensorEq(s.segment_token_counts(), whole.segment_token_counts(), "counts");
+    ExpectTensorEq(s.segment_is_greedy(), whole.segment_is_greedy(), "is_greedy");
+    ExpectTensorEq(s.segment_entropy_sums(), whole.segment_entropy_sums(), "entropy sums");
+    EXPECT_FALSE(s.has_label_logprobs());
+  }
+}
+
+// No micro-batch saw a segment (every kept id -1): (B, 0), as one call gives.
+TEST(MicroBatchCombinerScoringTest, NoSegmentsAnywhereGivesZeroWidth) {
+  MicroBatchCombiner combiner({v1::LOSS_REDUCTION_NONE, std::nullopt, nullptr});
+  v1::ForwardResponse part;
+  *part.mutable_scoring() = Segments(2, 0, {}, {}, {}, {});
+  ASSERT_TRUE(combiner.Add(part).ok());
+  *part.mutable_scoring() = Segments(1, 0, {}, {}, {}, {});
+  ASSERT_TRUE(combiner.Add(part).ok());
+  absl::StatusOr<v1::ForwardResponse> got = combiner.Finish();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ExpectTensorEq(got->scoring().segment_is_greedy(), Bool({3, 0}, {}), "is_greedy");
+  ExpectTensorEq(got->scoring().segment_token_counts(), Int64({3, 0}, {}), "counts");
+}
+
+TEST(MicroBatchCombinerScoringTest, NoScoringAskedGivesNone) {
+  MicroBatchCombiner combiner({v1::LOSS_REDUCTION_NONE, std::nullopt, nullptr});
+  v1::ForwardResponse part;
+  *part.mutable_argmax() = Int64({1, 1}, {3});
+  ASSERT_TRUE(combiner.Add(part).ok());
+  ASSERT_TRUE(combiner.Add(part).ok());
+  absl::StatusOr<v1::ForwardResponse> got = combiner.Finish();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_FALSE(got->has_scoring());
+}
+
+// Answers that cannot be one job's are refused, naming the output, rather than misaligned.
+TEST(MicroBatchCombinerScoringTest, RefusesAnswersThatDoNotFit) {
+  const auto refused = [](const v1::ForwardResponse& first, const v1::ForwardResponse& second,
+                          const std::string& field) {
+    MicroBatchCombiner combiner({v1::LOSS_REDUCTION_NONE, std::nullopt, nullptr});
+    absl::Status status = combiner.Add(first);
+    if (status.ok()) status = combiner.Add(second);
+    if (status.ok()) status = combiner.Finish().status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << field << ": " << status;
+    EXPECT_NE(status.message().find(field), absl::string_view::npos) << status;
+  };
+  v1::ForwardResponse entropy;
+  *entropy.mutable_scoring()->mutable_entropy() = Fp32({1, 2}, {1, 2});
+  v1::ForwardResponse rank;
+  *rank.mutable_scoring()->mutable_label_rank() = Int64({1, 2}, {1, 2});
+  v1::ForwardResponse none;
+  refused(entropy, rank, "scoring.entropy: micro-batch 1 answered without it");
+  refused(entropy, none, "scoring: micro-batch 1 answered without scoring outputs");
+  refused(none, entropy, "scoring: micro-batch 1 answered with scoring outputs");
+  v1::ForwardResponse longer;
+  *longer.mutable_scoring()->mutable_entropy() = Fp32({1, 3}, {1, 2, 3});
+  refused(entropy, longer, "scoring.entropy: micro-batch 1 answered DATA_TYPE_FP32 [1, 3]");
+  v1::ForwardResponse short_data = entropy;
+  short_data.mutable_scoring()->mutable_entropy()->mutable_data()->resize(4);
+  refused(entropy, short_data, "scoring.entropy: micro-batch 1 answered 4 bytes");
+  v1::ForwardResponse segments;
+  *segments.mutable_scoring() = Segments(1, 1, {-1}, {1}, {1}, {0.5});
+  v1::ForwardResponse wrong_dtype = segments;
+  *wrong_dtype.mutable_scoring()->mutable_segment_is_greedy() = Int64({1, 1}, {1});
+  refused(segments, wrong_dtype,
+          "scoring.segment_is_greedy: micro-batch 1 answered DATA_TYPE_INT64");
+  v1::ForwardResponse rank3 = segments;
+  *rank3.mutable_scoring()->mutable_segment_token_counts() = Int64({1, 1, 1}, {1});
+  refused(segments, rank3, "scoring.segment_token_counts: micro-batch 1");
 }
 
 // The 16-bit encodings round to nearest even, as LibTorch's casts from float32 do.

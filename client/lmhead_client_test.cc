@@ -1,0 +1,102 @@
+// LMHeadClient's requests, without a server: what MakeForwardRequest puts in ForwardOptions, and
+// the arguments ForwardChunked refuses before it connects. The calls themselves are tested
+// against the real server in tests/e2e.
+#include "client/lmhead_client.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace lmhead {
+namespace {
+
+v1::Tensor Int64(std::vector<int64_t> shape, const std::vector<int64_t>& values) {
+  v1::Tensor tensor;
+  tensor.set_dtype(v1::DATA_TYPE_INT64);
+  for (int64_t dim : shape) tensor.add_shape(dim);
+  tensor.set_data(std::string(reinterpret_cast<const char*>(values.data()), values.size() * 8));
+  return tensor;
+}
+
+v1::Tensor Hidden(int64_t batch, int64_t seq_len, int64_t d_model) {
+  v1::Tensor tensor;
+  tensor.set_dtype(v1::DATA_TYPE_FP32);
+  for (int64_t dim : {batch, seq_len, d_model}) tensor.add_shape(dim);
+  tensor.set_data(std::string(batch * seq_len * d_model * 4, '\0'));
+  return tensor;
+}
+
+TEST(MakeForwardRequestTest, AsksForNoScoringByDefault) {
+  const v1::ForwardRequest request = MakeForwardRequest(Hidden(1, 2, 4), ForwardArgs());
+  EXPECT_FALSE(request.options().has_scoring());
+}
+
+TEST(MakeForwardRequestTest, FillsScoringOptions) {
+  ForwardArgs args;
+  args.labels = Int64({1, 2}, {3, 4});
+  args.scoring.label_logprobs = true;
+  args.scoring.entropy = true;
+  args.scoring.label_rank = true;
+  args.scoring.top_k = 5;
+  args.scoring.candidate_ids = Int64({2}, {7, 9});
+  args.scoring.segment_ids = Int64({1, 2}, {-1, 0});
+  const v1::ForwardRequest request = MakeForwardRequest(Hidden(1, 2, 4), args);
+  ASSERT_TRUE(request.options().has_scoring());
+  const v1::ScoringOptions& scoring = request.options().scoring();
+  EXPECT_TRUE(scoring.label_logprobs());
+  EXPECT_TRUE(scoring.entropy());
+  EXPECT_TRUE(scoring.label_rank());
+  EXPECT_EQ(scoring.top_k(), 5);
+  EXPECT_EQ(scoring.candidate_ids().SerializeAsString(),
+            args.scoring.candidate_ids->SerializeAsString());
+  EXPECT_EQ(scoring.segment_ids().SerializeAsString(),
+            args.scoring.segment_ids->SerializeAsString());
+
+  // Each option alone asks for scoring.
+  for (int i = 0; i < 6; ++i) {
+    ForwardArgs one;
+    one.scoring.label_logprobs = i == 0;
+    one.scoring.entropy = i == 1;
+    one.scoring.label_rank = i == 2;
+    if (i == 3) one.scoring.top_k = 1;
+    if (i == 4) one.scoring.candidate_ids = Int64({1}, {0});
+    if (i == 5) one.scoring.segment_ids = Int64({1, 2}, {0, 0});
+    EXPECT_TRUE(MakeForwardRequest(Hidden(1, 2, 4), one).options().has_scoring()) << i;
+  }
+}
+
+// Ids split with the batch must have the job's rows; refused before anything is sent (the
+// address is never dialled).
+TEST(ForwardChunkedTest, RefusesScoringIdsThatCannotBeSplitWithTheBatch) {
+  ClientOptions options;
+  options.timeout = std::chrono::seconds(5);
+  auto client = LMHeadClient::Connect("127.0.0.1:1", options);
+  const v1::Tensor hidden = Hidden(3, 2, 4);
+  const auto refused = [&](const ForwardArgs& args, const std::string& message) {
+    absl::StatusOr<v1::ForwardResponse> response =
+        client->ForwardChunked(hidden, args, /*max_micro_batch_bytes=*/32);
+    EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument) << response.status();
+    EXPECT_NE(response.status().message().find(message), absl::string_view::npos)
+        << response.status();
+  };
+  ForwardArgs args;
+  args.labels = Int64({3, 2}, {1, 2, 3, 4, 5, 6});
+  args.scoring.segment_ids = Int64({2, 2}, {0, 0, 0, 0});
+  refused(args,
+          "segment_ids: expected (batch, seq_len) like labels, split with the batch (3 rows); "
+          "got shape [2, 2]");
+  args.scoring.segment_ids = Int64({6}, {0, 0, 0, 0, 0, 0});
+  refused(args, "segment_ids: expected (batch, seq_len)");
+  args.scoring.segment_ids.reset();
+  args.scoring.candidate_ids = Int64({1, 2, 1}, {0, 1});
+  refused(args,
+          "candidate_ids: expected (C,) or (batch, kept positions, C), split with the batch "
+          "(3 rows); got shape [1, 2, 1]");
+  args.scoring.candidate_ids = Int64({3, 2}, {0, 1, 2, 3, 4, 5});
+  refused(args, "candidate_ids: expected (C,) or (batch, kept positions, C)");
+}
+
+}  // namespace
+}  // namespace lmhead
