@@ -6,7 +6,8 @@
 // bench/gpu_baselines.py measures Liger-Kernel and Cut Cross-Entropy the same way.
 //
 //   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick] | --sustained |
-//                      --serving]
+//                      --serving | --scoring]
+// --scoring times issue 14's scoring outputs against the loss alone (Scoring, below).
 // --serving prints the kernel-only tokens/s that bench/load_generator.cc's serving benchmark
 // divides by: LMHead::Forward as an executor runs it (bf16, fused_linear, sum, host labels, no
 // z-loss) on a batch of --max_batch_tokens (8192) tokens already on the device.
@@ -434,6 +435,64 @@ void Serving(int64_t d, int64_t v, int64_t n, int rounds) {
       timing[0].median_ms, n / (timing[0].median_ms / 1000.0));
 }
 
+// Issue 14's scoring outputs at one shape, measured interleaved against the loss alone (the
+// fused kernel, ComputeLogitStats): fused_linear with label log-probabilities, entropy and rank;
+// with top-5 as well; with the continuation sums; and `default` (logits, then ScoreLogits) with
+// the same outputs. Each row prints its time, its ratio to the loss alone and its peak extra
+// device memory.
+void Scoring(int64_t d, int64_t v, int64_t n, int reps) {
+  BenchInputs in = MakeBenchInputs(d, v, n);
+  const at::Tensor x = in.x.view({1, n, d});
+  const at::Tensor labels = in.host_labels.view({1, n});
+  const at::Tensor segments = (at::arange(n, at::kLong) / 256).view({1, n});
+  struct Variant {
+    const char* name;
+    LossImplementation implementation;
+    bool per_token;
+    int64_t top_k;
+    bool segments;
+  };
+  const Variant variants[] = {
+      {"fused_linear, loss only", LossImplementation::kFusedLinear, false, 0, false},
+      {"fused_linear + logprobs, entropy, rank", LossImplementation::kFusedLinear, true, 0, false},
+      {"fused_linear + those and top-5", LossImplementation::kFusedLinear, true, 5, false},
+      {"fused_linear + continuation sums", LossImplementation::kFusedLinear, false, 0, true},
+      {"default + logprobs, entropy, rank, top-5", LossImplementation::kDefault, true, 5, false},
+  };
+  std::vector<std::function<void()>> runs;
+  for (const Variant& variant : variants) {
+    runs.push_back([&, variant] {
+      ForwardOptions options;
+      options.labels = labels;
+      options.loss_reduction = LossReduction::kSum;
+      options.loss_implementation = variant.implementation;
+      options.return_logits = false;
+      options.scoring.label_logprobs = variant.per_token;
+      options.scoring.entropy = variant.per_token;
+      options.scoring.label_rank = variant.per_token;
+      options.scoring.top_k = variant.top_k;
+      if (variant.segments) options.scoring.segment_ids = segments;
+      auto result = in.head->Forward(x, options);
+      if (!result.ok()) throw std::runtime_error(std::string(result.status().message()));
+    });
+  }
+  const std::vector<Timing> timing = MeasureInterleaved(runs, reps);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (timing[i].oom) {
+      std::printf("scoring: d=%lld V=%lld N=%lld bf16 %s: failed (OOM)\n",
+                  static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
+                  variants[i].name);
+      continue;
+    }
+    std::printf(
+        "scoring: d=%lld V=%lld N=%lld bf16 %-42s %8.2f ms  x%.2f of loss only  peak extra %.0f "
+        "MB\n",
+        static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
+        variants[i].name, timing[i].median_ms, timing[i].median_ms / timing[0].median_ms,
+        timing[i].peak_extra_mb);
+  }
+}
+
 }  // namespace
 }  // namespace lmhead
 
@@ -451,6 +510,10 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("card: %s\n\n", prop.name);
+  if (argc > 1 && std::string(argv[1]) == "--scoring") {
+    Scoring(4096, 128256, 8192, 7);
+    return 0;
+  }
   if (argc > 1 && std::string(argv[1]) == "--serving") {
     Serving(4096, 128256, 8192, 15);
     Serving(4096, 128256, 256, 15);

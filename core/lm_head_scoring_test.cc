@@ -9,9 +9,14 @@
 // vocabulary has many equal logits, and duplicate weight rows), and values equal to fp32
 // rounding of the softmax. One test uses Gaussian data to show that rounding alone separates the
 // implementations there.
+//
+// The heads and inputs of the tests on dyadic data live on $LMHEAD_TEST_DEVICE (default "cpu"):
+// on the GPU machine `tools/gpu/run.sh test` runs them on "cuda:0" too, where both
+// implementations must give the same exact results.
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <map>
@@ -30,6 +35,12 @@ namespace {
 constexpr int64_t kD = 16;
 constexpr int64_t kIgnore = -100;
 
+// Where the dyadic heads and inputs live: $LMHEAD_TEST_DEVICE, or the CPU.
+std::string TestDevice() {
+  const char* device = std::getenv("LMHEAD_TEST_DEVICE");
+  return device == nullptr || *device == '\0' ? "cpu" : device;
+}
+
 at::ScalarType ScalarTypeOf(DType dtype) {
   return dtype == DType::kFloat32 ? at::kFloat : at::kBFloat16;
 }
@@ -37,7 +48,8 @@ at::ScalarType ScalarTypeOf(DType dtype) {
 // A head of `config` with dyadic parameters (rows 5, 6 and the last copy row 2; normalized heads
 // keep sz = 1/4, whose effective scale sz * sqrt(16) is 1).
 std::unique_ptr<LMHead> ExactHead(const LMHeadConfig& config, int64_t vocab, uint64_t seed) {
-  absl::StatusOr<std::unique_ptr<LMHead>> head = LMHead::Build(config, kD, vocab, "cpu", seed);
+  absl::StatusOr<std::unique_ptr<LMHead>> head =
+      LMHead::Build(config, kD, vocab, TestDevice(), seed);
   EXPECT_TRUE(head.ok()) << head.status();
   at::Generator gen = at::detail::createCPUGenerator(seed);
   const auto f32 = at::TensorOptions(at::kFloat);
@@ -50,7 +62,7 @@ std::unique_ptr<LMHead> ExactHead(const LMHeadConfig& config, int64_t vocab, uin
     } else if (name == "w_out.bias") {
       value = at::randint(-8, 9, {vocab}, gen, f32) / 8;
     }
-    state[name] = value.to(tensor.scalar_type());
+    state[name] = value.to(tensor.device(), tensor.scalar_type());
   }
   EXPECT_TRUE((*head)->LoadStateDict(state).ok());
   return *std::move(head);
@@ -58,7 +70,8 @@ std::unique_ptr<LMHead> ExactHead(const LMHeadConfig& config, int64_t vocab, uin
 
 at::Tensor ExactX(int64_t batch, int64_t length, at::ScalarType dtype, uint64_t seed) {
   at::Generator gen = at::detail::createCPUGenerator(seed);
-  return at::randint(-1, 2, {batch, length, kD}, gen, at::TensorOptions(at::kFloat)).to(dtype);
+  return at::randint(-1, 2, {batch, length, kD}, gen, at::TensorOptions(at::kFloat))
+      .to(c10::Device(TestDevice()), dtype);
 }
 
 // The kept positions of a (B, S, ...) tensor, as logits_to_keep keeps them.
@@ -75,11 +88,11 @@ at::Tensor Kept(const at::Tensor& t, const std::variant<int64_t, at::Tensor>& ke
 at::Tensor Float64Logits(const LMHead& head, const at::Tensor& x) {
   at::Tensor weight, bias, sz;
   for (const auto& [name, tensor] : head.NamedParameters()) {
-    if (name == "w_out.weight") weight = tensor.to(at::kDouble);
-    if (name == "w_out.bias") bias = tensor.to(at::kDouble);
-    if (name == "sz") sz = tensor.to(at::kDouble);
+    if (name == "w_out.weight") weight = tensor.cpu().to(at::kDouble);
+    if (name == "w_out.bias") bias = tensor.cpu().to(at::kDouble);
+    if (name == "sz") sz = tensor.cpu().to(at::kDouble);
   }
-  at::Tensor logits = at::matmul(x.to(at::kDouble), weight.t());
+  at::Tensor logits = at::matmul(x.cpu().to(at::kDouble), weight.t());
   if (bias.defined()) logits = logits + bias;
   if (sz.defined()) logits = logits * (sz * std::sqrt(double{kD}));
   return logits;
@@ -107,12 +120,15 @@ void ExpectSameScoring(const ScoringOutputs& got, const ScoringOutputs& want,
                            const std::optional<at::Tensor>& w, double scale) {
     ASSERT_EQ(g.has_value(), w.has_value()) << what << ": " << name;
     if (!w.has_value()) return;
-    ASSERT_EQ(g->sizes(), w->sizes()) << what << ": " << name;
-    ASSERT_EQ(g->scalar_type(), w->scalar_type()) << what << ": " << name;
-    const bool same = at::isFloatingType(w->scalar_type())
-                          ? at::allclose(*g, *w, rtol, atol * scale)
-                          : at::equal(*g, *w);
-    EXPECT_TRUE(same) << what << ": " << name << "\n" << *g << "\nvs\n" << *w;
+
+    const at::Tensor got_cpu = g->cpu();
+    const at::Tensor want_cpu = w->cpu();
+    ASSERT_EQ(got_cpu.sizes(), want_cpu.sizes()) << what << ": " << name;
+    ASSERT_EQ(got_cpu.scalar_type(), want_cpu.scalar_type()) << what << ": " << name;
+    const bool same = at::isFloatingType(want_cpu.scalar_type())
+                          ? at::allclose(got_cpu, want_cpu, rtol, atol * scale)
+                          : at::equal(got_cpu, want_cpu);
+    EXPECT_TRUE(same) << what << ": " << name << "\n" << got_cpu << "\nvs\n" << want_cpu;
   };
   compare("label_logprobs", got.label_logprobs, want.label_logprobs, 1);
   compare("entropy", got.entropy, want.entropy, 1);

@@ -3,9 +3,11 @@
 # tests, compute-sanitizer and the benchmarks. Run from the repository root on that machine:
 #
 #   tools/gpu/run.sh [test|bench|all|breakdown|chunks|paths|sustained|variants|server|parity|oom|
-#                     serving|executor|e2e|shm] [--quick]
+#                     serving|executor|e2e|shm|scoring] [--quick]
 #
-# Several steps may be given as one word list, e.g. "test server"; `all` is "test bench".
+# Several steps may be given as one word list, e.g. "test server"; `all` is "test bench". test
+# also runs core/lm_head_scoring_test.cc's exact cases on cuda:0; scoring: issue 14's scoring
+# outputs timed against the loss alone (gpu_lm_head_bench --scoring).
 # parity: the parity suite (tests/parity) with our head on cuda:0 against olmo_core on the same
 # GPU (its PyTorch path and its Liger path; wheels from .gpu/olmo and .gpu/whl). oom: the real
 # server run out of device memory (tests/gpu/gpu_server_oom_test.cc). serving: issue 12's serving
@@ -15,7 +17,7 @@
 # shm: CUDA shared memory through the real server (tests/gpu/gpu_shared_memory_test.cc, and the
 # Python client's CUDA IPC: tests/gpu/test_python_cuda_ipc.py).
 # e2e: issue 13's end-to-end benchmark (bench/e2e_bench.py): one 32,768-token job through the
-# Python client and the CLI with 1 and 4 streams, the Python client through system shared memory
+# Python client and the CLI with 1, 4 and 8 streams, the Python client through system shared memory
 # and CUDA IPC, and through bench/reference_server.py.
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
 # Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
@@ -52,7 +54,7 @@ ldflags=(-Wl,--disable-new-dtags -L"$torch/lib" -Wl,-rpath,"$torch/lib" -Wl,--no
 
 echo "== build ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 sources=(core/config.cc core/torch_errors.cc core/device_copy.cc core/layer_norm.cc core/losses.cc core/lm_head.cc
-  core/ops/logit_stats.cc core/ops/cpu/logit_stats_cpu.cc)
+  core/scoring.cc core/fused_scoring.cc core/ops/logit_stats.cc core/ops/cpu/logit_stats_cpu.cc)
 pids=()
 for src in "${sources[@]}"; do
   g++ "${cxxflags[@]}" -c "$src" -o "$build/$(basename "$src" .cc).o" & pids+=($!)
@@ -66,11 +68,14 @@ nvcc "${nvcc_flags[@]}" -c core/ops/cuda/logit_stats_cuda.cu -o "$build/logit_st
 nvcc "${nvcc_flags[@]}" -c core/ops/cuda/fused_logit_stats_cuda.cu \
   -o "$build/fused_logit_stats_cuda.o" 2> "$out/ptxas_fused.txt" & pids+=($!)
 g++ "${cxxflags[@]}" -c tests/gpu/gpu_lm_head_test.cc -o "$build/gpu_lm_head_test.o" & pids+=($!)
+g++ "${cxxflags[@]}" -c core/lm_head_scoring_test.cc -o "$build/lm_head_scoring_test.o" & pids+=($!)
 g++ "${cxxflags[@]}" -c bench/gpu_lm_head_bench.cc -o "$build/gpu_lm_head_bench.o" & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
-objs=("$build"/{config,torch_errors,device_copy,layer_norm,losses,lm_head,logit_stats,logit_stats_cpu,logit_stats_cuda,fused_logit_stats_cuda}.o)
+objs=("$build"/{config,torch_errors,device_copy,layer_norm,losses,lm_head,scoring,fused_scoring,logit_stats,logit_stats_cpu,logit_stats_cuda,fused_logit_stats_cuda}.o)
 g++ -o "$build/gpu_lm_head_test" "$build/gpu_lm_head_test.o" "${objs[@]}" \
   "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
+g++ -o "$build/lm_head_scoring_test" "$build/lm_head_scoring_test.o" "${objs[@]}" \
+  "$libdir/libgmock.a" "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
 g++ -o "$build/gpu_lm_head_bench" "$build/gpu_lm_head_bench.o" "${objs[@]}" "${ldflags[@]}"
 grep -E "registers|spill" "$out/ptxas.txt" | head -6 || true
 grep -E "registers|spill|C7510" "$out/ptxas_fused.txt" | cut -c1-160 | head -8 || true
@@ -80,10 +85,19 @@ if wants test; then
   timeout "$limit" "$build/gpu_lm_head_test" > "$out/gpu_test.txt" 2>&1 && echo "gpu tests: passed" \
     || echo "gpu tests: FAILED"
   grep -E "^\[==========\]|^\[  PASSED  \]|^\[  FAILED  \]" "$out/gpu_test.txt" || true
+  echo "== scoring outputs on cuda:0 (core/lm_head_scoring_test.cc, dyadic data: exact results)"
+  LMHEAD_TEST_DEVICE=cuda:0 timeout "$limit" "$build/lm_head_scoring_test" \
+    --gtest_filter='LMHeadScoringTest.BothImplementations*:LMHeadScoringTest.ScoresWithoutLabels:LMHeadScoringTest.SegmentCount*:LMHeadScoringTest.NoKeptPositions' \
+    > "$out/gpu_scoring_test.txt" 2>&1 && echo "gpu scoring tests: passed" || echo "gpu scoring tests: FAILED"
+  grep -E "^\[==========\]|^\[  PASSED  \]|^\[  FAILED  \]|Failure" "$out/gpu_scoring_test.txt" | head -20 || true
   echo "== compute-sanitizer memcheck (small case)"
   timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 1 "$build/gpu_lm_head_test" \
     --gtest_filter='GpuLMHeadSmokeTest.*' > "$out/memcheck.txt" 2>&1 \
     && echo "memcheck: clean" || { echo "memcheck: errors"; tail -30 "$out/memcheck.txt"; }
+fi
+if wants scoring; then
+  echo "== scoring outputs against the loss alone (gpu_lm_head_bench --scoring, issue 14)"
+  step "$build/gpu_lm_head_bench" --scoring | tee "$out/scoring.txt"
 fi
 if wants parity; then
   echo "== parity against olmo_core on the same GPU (tests/parity, LMHEAD_PARITY_DEVICE=cuda:0)"
