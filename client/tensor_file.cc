@@ -37,11 +37,9 @@ int64_t ByteSize(const std::vector<int64_t>& shape, v1::DataType dtype) {
 
 // The safetensors dtype names the wire has.
 const std::map<std::string, v1::DataType>& WireDTypes() {
-  static const auto* types = new std::map<std::string, v1::DataType>{{"BF16", v1::DATA_TYPE_BF16},
-                                                                     {"F16", v1::DATA_TYPE_FP16},
-                                                                     {"F32", v1::DATA_TYPE_FP32},
-                                                                     {"I32", v1::DATA_TYPE_INT32},
-                                                                     {"I64", v1::DATA_TYPE_INT64}};
+  static const auto* types = new std::map<std::string, v1::DataType>{
+      {"BF16", v1::DATA_TYPE_BF16}, {"F16", v1::DATA_TYPE_FP16},  {"F32", v1::DATA_TYPE_FP32},
+      {"I32", v1::DATA_TYPE_INT32}, {"I64", v1::DATA_TYPE_INT64}, {"BOOL", v1::DATA_TYPE_BOOL}};
   return *types;
 }
 
@@ -102,12 +100,13 @@ absl::StatusOr<TensorView> ViewNpy(absl::string_view bytes) {
       new std::map<std::string, v1::DataType>{{"'<f2'", v1::DATA_TYPE_FP16},
                                               {"'<f4'", v1::DATA_TYPE_FP32},
                                               {"'<i4'", v1::DATA_TYPE_INT32},
-                                              {"'<i8'", v1::DATA_TYPE_INT64}};
+                                              {"'<i8'", v1::DATA_TYPE_INT64},
+                                              {"'|b1'", v1::DATA_TYPE_BOOL}};
   auto type = kTypes->find(descr);
   if (type == kTypes->end()) {
     return absl::InvalidArgumentError(
         absl::StrCat("npy: dtype ", descr,
-                     " is not supported; expected '<f2', '<f4', '<i4' or '<i8' (use "
+                     " is not supported; expected '<f2', '<f4', '<i4', '<i8' or '|b1' (use "
                      ".safetensors for bfloat16)"));
   }
   if (NpyHeaderValue(header, "fortran_order") != "False") {
@@ -151,7 +150,7 @@ absl::StatusOr<std::map<std::string, TensorView>> ViewSafetensors(absl::string_v
     if (type == WireDTypes().end()) {
       return absl::InvalidArgumentError(
           absl::StrCat("safetensors: tensor '", name, "': dtype ", entry.dtype,
-                       " is not supported; expected BF16, F16, F32, I32 or I64"));
+                       " is not supported; expected BF16, F16, F32, I32, I64 or BOOL"));
     }
     TensorView& view = views[name];
     view.dtype = type->second;

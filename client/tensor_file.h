@@ -1,6 +1,9 @@
 // Reading and writing wire tensors (lmhead.v1.Tensor) as files, without LibTorch:
-//   .npy          NumPy's format (versions 1-3; little-endian <f2, <f4, <i4, <i8; C order)
-//   .safetensors  huggingface/safetensors (F16, BF16, F32, I32, I64)
+//   .npy          NumPy's format (versions 1-3; little-endian <f2, <f4, <i4, <i8, and |b1;
+//                 C order)
+//   .safetensors  huggingface/safetensors (F16, BF16, F32, I32, I64, BOOL)
+// BOOL (1 byte, 0 or 1) is an output dtype (ScoringOutputs.segment_is_greedy): read back, and
+// written, as the others.
 // Errors name the file (and tensor) and what was expected. MapTensorFile reads a tensor in place,
 // from a read-only memory mapping of its file; ReadTensorFile copies it into a v1::Tensor.
 #ifndef LMHEAD_CLIENT_TENSOR_FILE_H_
@@ -21,7 +24,7 @@ namespace lmhead {
 absl::StatusOr<v1::Tensor> ParseNpy(std::string bytes);
 
 // Parses a whole .safetensors file's bytes (validated by core/safetensors_format.h); every
-// tensor, by name. INVALID_ARGUMENT for dtypes the wire lacks (F64, I16, I8, U8, BOOL).
+// tensor, by name. INVALID_ARGUMENT for dtypes the wire lacks (F64, I16, I8, U8).
 absl::StatusOr<std::map<std::string, v1::Tensor>> ParseSafetensorsTensors(absl::string_view bytes);
 
 // Serialises tensors (in name order) with optional string metadata. INVALID_ARGUMENT for data

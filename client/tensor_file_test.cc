@@ -129,6 +129,30 @@ TEST(TensorFileTest, SafetensorsRoundTripWithMetadata) {
   EXPECT_EQ(ReadTensorFile(dir + "/t.txt").status().code(), absl::StatusCode::kNotFound);
 }
 
+// BOOL outputs (segment_is_greedy) are written as safetensors "BOOL" and read back; .npy '|b1'
+// reads as BOOL.
+TEST(TensorFileTest, BoolRoundTrips) {
+  v1::Tensor greedy;
+  greedy.set_dtype(v1::DATA_TYPE_BOOL);
+  greedy.add_shape(2);
+  greedy.add_shape(3);
+  greedy.set_data(std::string("\x01\x00\x01\x01\x00\x00", 6));
+  const std::string path = TempDir() + "/bool.safetensors";
+  ASSERT_TRUE(WriteSafetensorsFile(path, {{"segment_is_greedy", greedy}}).ok());
+  absl::StatusOr<std::string> bytes = ReadWholeFile(path);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  absl::StatusOr<SafetensorsContents> contents = ParseSafetensorsContents(*bytes);
+  ASSERT_TRUE(contents.ok()) << contents.status();
+  EXPECT_EQ(contents->tensors.at("segment_is_greedy").dtype, "BOOL");
+  absl::StatusOr<v1::Tensor> back = ReadTensorFile(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->SerializeAsString(), greedy.SerializeAsString());
+
+  absl::StatusOr<v1::Tensor> npy = ParseNpy(Npy("|b1", "(2, 3)", greedy.data()));
+  ASSERT_TRUE(npy.ok()) << npy.status();
+  EXPECT_EQ(npy->SerializeAsString(), greedy.SerializeAsString());
+}
+
 TEST(TensorFileTest, RejectsSafetensorsWithBadOffsets) {
   v1::Tensor a;
   a.set_dtype(v1::DATA_TYPE_FP32);
