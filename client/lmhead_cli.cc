@@ -33,6 +33,8 @@ namespace {
 
 // Streams a streamed forward job is spread over when --parallel_streams is not given.
 constexpr int kDefaultParallelStreams = 4;
+// The largest ScoringOptions.top_k the service takes (lmhead.proto).
+constexpr int kMaxTopK = 64;
 
 struct Flag {
   std::string name;
@@ -283,6 +285,36 @@ int RunForward(const Values& values) {
       return UsageError(command, "--logits_to_keep: not an integer");
     args.logits_to_keep = value;
   }
+  // Scoring outputs (docs/API.md "Scoring").
+  for (const auto& [name, asked] : {std::pair{"label_logprobs", &args.scoring.label_logprobs},
+                                    std::pair{"entropy", &args.scoring.entropy},
+                                    std::pair{"label_rank", &args.scoring.label_rank}}) {
+    const std::string text = Get(values, name);
+    if (!text.empty() && text != "true" && text != "false") {
+      return UsageError(command,
+                        absl::StrCat("--", name, ": a switch; give it alone or =true/=false"));
+    }
+    *asked = text == "true";
+  }
+  if (!absl::SimpleAtoi(Get(values, "top_k"), &args.scoring.top_k) || args.scoring.top_k < 0 ||
+      args.scoring.top_k > kMaxTopK) {
+    return UsageError(command, absl::StrCat("--top_k: expected an integer from 0 to ", kMaxTopK));
+  }
+  for (const char* file : {"candidate_ids", "segment_ids"}) {
+    const std::string name_flag = absl::StrCat(file, "_name");
+    if (!Get(values, name_flag).empty() && Get(values, file).empty()) {
+      return UsageError(command, absl::StrCat("--", name_flag, ": needs --", file));
+    }
+  }
+  const bool has_labels = !Get(values, "labels").empty();
+  for (const auto& [flag, asked] :
+       {std::pair{"label_logprobs", args.scoring.label_logprobs},
+        std::pair{"label_rank", args.scoring.label_rank},
+        std::pair{"segment_ids", !Get(values, "segment_ids").empty()}}) {
+    if (asked && !has_labels) {
+      return UsageError(command, absl::StrCat("--", flag, ": needs --labels"));
+    }
+  }
   double chunk_mib = 0;
   if (!absl::SimpleAtod(Get(values, "chunk_mib"), &chunk_mib) || chunk_mib < 0) {
     return UsageError(command, "--chunk_mib: expected a number >= 0");
@@ -310,6 +342,15 @@ int RunForward(const Values& values) {
         MapTensorFile(Get(values, "labels"), Get(values, "labels_name"));
     if (!mapped.ok()) return Failed(mapped.status());
     labels = *std::move(mapped);
+  }
+  // The scoring's ids are read whole (one copy; ForwardChunked copies each micro-batch's rows).
+  for (const auto& [file, ids] : {std::pair{"candidate_ids", &args.scoring.candidate_ids},
+                                  std::pair{"segment_ids", &args.scoring.segment_ids}}) {
+    if (Get(values, file).empty()) continue;
+    absl::StatusOr<v1::Tensor> read =
+        ReadTensorFile(Get(values, file), Get(values, absl::StrCat(file, "_name")));
+    if (!read.ok()) return Failed(read.status());
+    *ids = *std::move(read);
   }
 
   absl::StatusOr<ClientOptions> client_options = ClientOptionsFrom(values);
@@ -342,6 +383,14 @@ int RunForward(const Values& values) {
   if (response->has_ce_loss()) outputs["ce_loss"] = response->ce_loss();
   if (response->has_z_loss()) outputs["z_loss"] = response->z_loss();
   if (response->has_argmax()) outputs["argmax"] = response->argmax();
+  // The scoring outputs, under their ScoringOutputs field names (segment_is_greedy as BOOL).
+  const google::protobuf::Reflection* reflection = response->scoring().GetReflection();
+  std::vector<const google::protobuf::FieldDescriptor*> scoring_fields;
+  reflection->ListFields(response->scoring(), &scoring_fields);
+  for (const google::protobuf::FieldDescriptor* field : scoring_fields) {
+    outputs[field->name()] =
+        static_cast<const v1::Tensor&>(reflection->GetMessage(response->scoring(), field));
+  }
   const std::map<std::string, std::string> metadata = {
       {"model", response->model()},
       {"model_version", response->model_version()},
@@ -381,9 +430,11 @@ std::vector<Command> Commands() {
       {"forward",
        "Runs LMHead.forward on the server, from .npy/.safetensors inputs to a .safetensors file.\n"
        "Reads hidden states (and labels) from .npy or .safetensors, writes\n"
-       "logits/loss/ce_loss/z_loss/argmax to a .safetensors file (metadata:\n"
-       "model, model_version, num_scored_tokens, num_nonfinite_inputs). Inputs larger than\n"
-       "--chunk_mib are streamed in micro-batches along the batch dimension, with a progress bar.\n"
+       "logits/loss/ce_loss/z_loss/argmax and the scoring outputs asked for (label_logprobs,\n"
+       "entropy, label_rank, top_k_ids, top_k_logprobs, candidate_logprobs, segment_*) to a\n"
+       ".safetensors file (metadata: model, model_version, num_scored_tokens,\n"
+       "num_nonfinite_inputs). Inputs larger than --chunk_mib are streamed in micro-batches\n"
+       "along the batch dimension, with a progress bar.\n"
        "Input files are memory-mapped, not read: gRPC sends the hidden states from the mapping\n"
        "(labels are copied into each request), in the file's dtype (bf16 stays bf16).",
        {kAddress,
@@ -403,6 +454,30 @@ std::vector<Command> Commands() {
         {"return_argmax", "true|false", "also write argmax: each position's most likely token id",
          "false"},
         {"logits_to_keep", "K", "0 all; K>0 the last K positions; K<0 drops the first |K|", ""},
+        {"label_logprobs", "",
+         "write label_logprobs: log p(label) per kept position, 0 where ignored (needs --labels)",
+         ""},
+        {"entropy", "", "write entropy: -sum p log p per kept position", ""},
+        {"label_rank", "",
+         "write label_rank: 1 + the tokens with a larger logit than the label's, 0 where "
+         "ignored (needs --labels)",
+         ""},
+        {"top_k", "K",
+         "write top_k_ids and top_k_logprobs: the K (0-64) most likely tokens per kept "
+         "position, by descending logit, then id",
+         "0"},
+        {"candidate_ids", "FILE",
+         "int64/int32 token ids, (C,) for every kept position or (batch, kept, C): writes "
+         "candidate_logprobs, their log-probabilities; .npy or .safetensors",
+         ""},
+        {"candidate_ids_name", "NAME", "tensor name inside a .safetensors --candidate_ids file",
+         ""},
+        {"segment_ids", "FILE",
+         "(batch, seq_len) int64/int32 continuation ids like labels, -1 for none: writes "
+         "segment_logprob_sums, _token_counts, _is_greedy, _entropy_sums (batch, G) (needs "
+         "--labels); .npy or .safetensors",
+         ""},
+        {"segment_ids_name", "NAME", "tensor name inside a .safetensors --segment_ids file", ""},
         {"loss_implementation", "default|fused_linear", "override the model's", ""},
         {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
         {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},

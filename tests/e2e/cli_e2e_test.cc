@@ -1,6 +1,7 @@
 // End-to-end tests of the `lmhead` command-line client against the real server.
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -9,6 +10,8 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -341,6 +344,357 @@ TEST(CliMappedInputTest, Bf16MicroBatchesOverParallelStreamsAreOneStreams) {
   EXPECT_EQ(too_big.exit_code, 1) << too_big.out;
   EXPECT_NE(too_big.out.find("RESOURCE_EXHAUSTED"), std::string::npos) << too_big.out;
   EXPECT_EQ((*server)->Stop(), 0);
+}
+
+// --- Issue 14: the scoring outputs, written by the CLI. ---
+
+// The tensors of a .safetensors file the CLI wrote.
+std::map<std::string, v1::Tensor> ReadOutputs(const std::string& path) {
+  absl::StatusOr<std::map<std::string, v1::Tensor>> tensors =
+      ParseSafetensorsTensors(ReadOutput(path));
+  EXPECT_TRUE(tensors.ok()) << path << ": " << tensors.status();
+  return tensors.ok() ? *std::move(tensors) : std::map<std::string, v1::Tensor>{};
+}
+
+// `tensor`'s elements as doubles (FP32, INT64 or BOOL).
+std::vector<double> Values(const v1::Tensor& tensor) {
+  std::vector<double> out;
+  const std::string& data = tensor.data();
+  if (tensor.dtype() == v1::DATA_TYPE_FP32) {
+    for (size_t i = 0; i + 4 <= data.size(); i += 4) {
+      float value;
+      std::memcpy(&value, data.data() + i, 4);
+      out.push_back(value);
+    }
+  } else if (tensor.dtype() == v1::DATA_TYPE_INT64) {
+    for (size_t i = 0; i + 8 <= data.size(); i += 8) {
+      int64_t value;
+      std::memcpy(&value, data.data() + i, 8);
+      out.push_back(static_cast<double>(value));
+    }
+  } else if (tensor.dtype() == v1::DATA_TYPE_BOOL) {
+    for (char byte : data) out.push_back(byte);
+  } else {
+    ADD_FAILURE() << "unexpected dtype " << tensor.dtype();
+  }
+  return out;
+}
+
+std::vector<int64_t> Shape(const v1::Tensor& tensor) {
+  return std::vector<int64_t>(tensor.shape().begin(), tensor.shape().end());
+}
+
+// An expected output: dtype, shape and values.
+struct Expected {
+  v1::DataType dtype;
+  std::vector<int64_t> shape;
+  std::vector<double> values;
+};
+
+// `got` equals `want`: the same dtype and shape, integers and booleans exactly, floats within
+// `tolerance` * (1 + |want|).
+void ExpectOutput(const std::map<std::string, v1::Tensor>& outputs, const std::string& name,
+                  const Expected& want, double tolerance) {
+  SCOPED_TRACE(name);
+  ASSERT_EQ(outputs.count(name), 1u);
+  const v1::Tensor& got = outputs.at(name);
+  EXPECT_EQ(got.dtype(), want.dtype);
+  ASSERT_EQ(Shape(got), want.shape);
+  const std::vector<double> values = Values(got);
+  ASSERT_EQ(values.size(), want.values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (want.dtype == v1::DATA_TYPE_FP32) {
+      ASSERT_NEAR(values[i], want.values[i], tolerance * (1 + std::fabs(want.values[i])))
+          << "element " << i;
+    } else {
+      ASSERT_EQ(values[i], want.values[i]) << "element " << i;
+    }
+  }
+}
+
+// The scoring outputs computed here, in double, from logits (B, S', V) in FP32 and the kept
+// positions' labels and segment ids (B, S'); ties to the lower id.
+std::map<std::string, Expected> ScoringReference(const v1::Tensor& logits,
+                                                 const std::vector<int64_t>& labels,
+                                                 const std::vector<int64_t>& segments, int top_k,
+                                                 const std::vector<int64_t>& candidates,
+                                                 int64_t candidates_per_position) {
+  const int64_t batch = logits.shape(0), kept = logits.shape(1), vocab = logits.shape(2);
+  const std::vector<double> all = Values(logits);
+  const int64_t groups =
+      1 + std::max<int64_t>(*std::max_element(segments.begin(), segments.end()), -1);
+  const int64_t c = candidates_per_position;
+  std::map<std::string, Expected> out = {
+      {"label_logprobs", {v1::DATA_TYPE_FP32, {batch, kept}, {}}},
+      {"entropy", {v1::DATA_TYPE_FP32, {batch, kept}, {}}},
+      {"label_rank", {v1::DATA_TYPE_INT64, {batch, kept}, {}}},
+      {"top_k_ids", {v1::DATA_TYPE_INT64, {batch, kept, top_k}, {}}},
+      {"top_k_logprobs", {v1::DATA_TYPE_FP32, {batch, kept, top_k}, {}}},
+      {"candidate_logprobs", {v1::DATA_TYPE_FP32, {batch, kept, c}, {}}},
+      {"segment_logprob_sums", {v1::DATA_TYPE_FP32, {batch, groups}, {}}},
+      {"segment_token_counts", {v1::DATA_TYPE_INT64, {batch, groups}, {}}},
+      {"segment_is_greedy", {v1::DATA_TYPE_BOOL, {batch, groups}, {}}},
+      {"segment_entropy_sums", {v1::DATA_TYPE_FP32, {batch, groups}, {}}},
+  };
+  out["segment_logprob_sums"].values.assign(batch * groups, 0);
+  out["segment_token_counts"].values.assign(batch * groups, 0);
+  out["segment_is_greedy"].values.assign(batch * groups, 1);
+  out["segment_entropy_sums"].values.assign(batch * groups, 0);
+  for (int64_t n = 0; n < batch * kept; ++n) {
+    const double* row = all.data() + n * vocab;
+    const double max = *std::max_element(row, row + vocab);
+    double sum = 0;
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(row[v] - max);
+    const double lse = max + std::log(sum);
+    double entropy = 0;
+    for (int64_t v = 0; v < vocab; ++v) entropy -= std::exp(row[v] - lse) * (row[v] - lse);
+    std::vector<int64_t> order(vocab);
+    for (int64_t v = 0; v < vocab; ++v) order[v] = v;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return row[a] > row[b]; });
+    const int64_t label = labels[n];
+    const bool scored = label != -100;
+    int64_t rank = 0;
+    if (scored) {
+      rank = 1;
+      for (int64_t v = 0; v < vocab; ++v) rank += row[v] > row[label];
+    }
+    out["label_logprobs"].values.push_back(scored ? row[label] - lse : 0);
+    out["entropy"].values.push_back(entropy);
+    out["label_rank"].values.push_back(rank);
+    for (int k = 0; k < top_k; ++k) {
+      out["top_k_ids"].values.push_back(order[k]);
+      out["top_k_logprobs"].values.push_back(row[order[k]] - lse);
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t id =
+          candidates.size() == static_cast<size_t>(c) ? candidates[j] : candidates[n * c + j];
+      out["candidate_logprobs"].values.push_back(row[id] - lse);
+    }
+    if (scored && segments[n] >= 0) {
+      const int64_t at = n / kept * groups + segments[n];
+      out["segment_logprob_sums"].values[at] += row[label] - lse;
+      out["segment_token_counts"].values[at] += 1;
+      if (order[0] != label) out["segment_is_greedy"].values[at] = 0;
+      out["segment_entropy_sums"].values[at] += entropy;
+    }
+  }
+  return out;
+}
+
+// A demo head with d_model 16 and 50 tokens; hidden states (4, 6, 16) in FP32 with two positions
+// all zero (every logit 0: ties everywhere), labels with ignored positions, continuations of
+// which row 1 skips id 1, row 2 has none and row 3 one.
+class CliScoringTest : public ::testing::Test {
+ protected:
+  static constexpr int64_t kBatch = 4, kSeqLen = 6, kDModel = 16, kVocab = 50;
+
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+        ServerProcess::Start({"--demo_d_model=16", "--demo_vocab_size=50"});
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+    const std::string dir = std::getenv("TEST_TMPDIR");
+    std::string hidden(kBatch * kSeqLen * kDModel * 4, '\0');
+    for (int64_t i = 0; i < kBatch * kSeqLen * kDModel; ++i) {
+      const int64_t position = i / kDModel;
+      if (position == 1 * kSeqLen + 2 || position == 2 * kSeqLen + 3) continue;  // zeros
+      const float value = static_cast<float>((i * 7) % 23) / 8.0f - 1.375f;
+      std::memcpy(&hidden[i * 4], &value, 4);
+    }
+    WriteNpy(dir + "/score_hidden.npy", "<f4", "(4, 6, 16)", hidden);
+    labels_.resize(kBatch * kSeqLen);
+    for (int64_t i = 0; i < kBatch * kSeqLen; ++i) labels_[i] = i % 5 == 4 ? -100 : (i * 13) % 50;
+    labels_[1 * kSeqLen + 2] = 5;         // a tie it does not win: not greedy, rank 1
+    labels_[2 * kSeqLen + 3] = 0;         // a tie it wins (the lowest id)
+    segments_ = {-1, 0,  0,  1,  1,  1,   //
+                 -1, -1, 0,  0,  2,  2,   // id 1 absent: count 0, greedy
+                 -1, -1, -1, -1, -1, -1,  // none
+                 0,  0,  0,  0,  0,  0};
+    WriteNpy(dir + "/score_labels.npy", "<i8", "(4, 6)", Bytes(labels_));
+    // Segment ids in a .safetensors file beside another tensor: read by name.
+    ASSERT_TRUE(WriteSafetensorsFile(dir + "/score_segments.safetensors",
+                                     {{"segment_ids", Int64Tensor({kBatch, kSeqLen}, segments_)},
+                                      {"other", Int64Tensor({1}, {0})}})
+                    .ok());
+    WriteNpy(dir + "/score_candidates.npy", "<i8", "(3,)", Bytes(kCandidates));
+  }
+  static void TearDownTestSuite() {
+    EXPECT_EQ(server_->Stop(), 0);
+    delete server_;
+  }
+
+  static std::string Bytes(const std::vector<int64_t>& values) {
+    return std::string(reinterpret_cast<const char*>(values.data()), values.size() * 8);
+  }
+  static v1::Tensor Int64Tensor(const std::vector<int64_t>& shape,
+                                const std::vector<int64_t>& values) {
+    v1::Tensor tensor;
+    tensor.set_dtype(v1::DATA_TYPE_INT64);
+    for (int64_t dim : shape) tensor.add_shape(dim);
+    tensor.set_data(Bytes(values));
+    return tensor;
+  }
+  // The positions `logits_to_keep` keeps of a row (Python slice semantics).
+  static std::vector<int64_t> Kept(int64_t logits_to_keep) {
+    const int64_t begin = logits_to_keep > 0 ? kSeqLen - logits_to_keep : -logits_to_keep;
+    std::vector<int64_t> kept;
+    for (int64_t s = begin; s < kSeqLen; ++s) kept.push_back(s);
+    return kept;
+  }
+  // `values` (B, S) at the kept positions, (B, S').
+  static std::vector<int64_t> AtKept(const std::vector<int64_t>& values, int64_t logits_to_keep) {
+    std::vector<int64_t> out;
+    for (int64_t b = 0; b < kBatch; ++b) {
+      for (int64_t s : Kept(logits_to_keep)) out.push_back(values[b * kSeqLen + s]);
+    }
+    return out;
+  }
+  // Runs forward on the test's inputs with `flags`; the outputs it wrote.
+  static std::map<std::string, v1::Tensor> Forward(const std::string& flags,
+                                                   std::string* printed = nullptr) {
+    const std::string dir = std::getenv("TEST_TMPDIR");
+    const std::string output = dir + "/scored.safetensors";
+    std::remove(output.c_str());
+    Result run = RunCli(absl::StrCat("forward --address ", server_->address(), " --hidden ", dir,
+                                     "/score_hidden.npy --labels ", dir,
+                                     "/score_labels.npy --output ", output, " ", flags));
+    EXPECT_EQ(run.exit_code, 0) << flags << ": " << run.out;
+    if (printed != nullptr) *printed = run.out;
+    return ReadOutputs(output);
+  }
+
+  static inline const std::vector<int64_t> kCandidates = {0, 7, 49};
+  static inline std::vector<int64_t> labels_, segments_;
+  static inline ServerProcess* server_ = nullptr;
+};
+
+// Every scoring output, asked together, equals what this test computes in double from the
+// logits the same server returns (default implementation), for both implementations, both forms
+// of candidate ids and logits_to_keep 0, -1 (drop the first) and 3 (the last three).
+TEST_F(CliScoringTest, EveryOutputEqualsTheReferenceFromLogits) {
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  for (const int64_t keep : {0, -1, 3}) {
+    const std::map<std::string, v1::Tensor> reference_run = Forward(
+        absl::StrCat("--loss_implementation default --return_logits true --logits_to_keep ", keep));
+    ASSERT_EQ(reference_run.count("logits"), 1u);
+    const v1::Tensor& logits = reference_run.at("logits");
+    const int64_t kept = static_cast<int64_t>(Kept(keep).size());
+    ASSERT_EQ(Shape(logits), (std::vector<int64_t>{kBatch, kept, kVocab}));
+    EXPECT_EQ(reference_run.count("label_logprobs"), 0u);  // none unless asked
+    // Per-position candidates (B, S', 2), from a .safetensors file.
+    std::vector<int64_t> per_position;
+    for (int64_t i = 0; i < kBatch * kept * 2; ++i) per_position.push_back((i * 17 + 3) % kVocab);
+    ASSERT_TRUE(WriteSafetensorsFile(dir + "/score_candidates.safetensors",
+                                     {{"ids", Int64Tensor({kBatch, kept, 2}, per_position)}})
+                    .ok());
+    for (const bool shared_candidates : {true, false}) {
+      const std::map<std::string, Expected> want = ScoringReference(
+          logits, AtKept(labels_, keep), AtKept(segments_, keep), /*top_k=*/5,
+          shared_candidates ? kCandidates : per_position, shared_candidates ? 3 : 2);
+      for (const std::string implementation : {"default", "fused_linear"}) {
+        SCOPED_TRACE(absl::StrCat("logits_to_keep ", keep, ", ", implementation,
+                                  shared_candidates ? ", (C,) candidates" : ", (B, S', C)"));
+        const std::string candidates =
+            shared_candidates
+                ? absl::StrCat("--candidate_ids ", dir, "/score_candidates.npy")
+                : absl::StrCat("--candidate_ids ", dir,
+                               "/score_candidates.safetensors --candidate_ids_name ids");
+        const std::map<std::string, v1::Tensor> got = Forward(absl::StrCat(
+            "--loss_implementation ", implementation, " --logits_to_keep ", keep,
+            " --label_logprobs --entropy --label_rank --top_k 5 ", candidates, " --segment_ids ",
+            dir, "/score_segments.safetensors --segment_ids_name segment_ids"));
+        for (const auto& [name, expected] : want) ExpectOutput(got, name, expected, 2e-5);
+      }
+    }
+  }
+}
+
+// A streamed job (one row per micro-batch, over 2 streams) writes what one request writes: the
+// per-position outputs concatenated, the segment outputs of rows that saw 2, 3, 0 and 1
+// continuations widened to the job's 3, and (B, S', C) candidates split with the rows.
+TEST_F(CliScoringTest, StreamedJobWritesWhatOneRequestWrites) {
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  std::vector<int64_t> per_position;
+  for (int64_t i = 0; i < kBatch * kSeqLen * 4; ++i) per_position.push_back((i * 29 + 1) % kVocab);
+  ASSERT_TRUE(WriteSafetensorsFile(dir + "/score_candidates_all.safetensors",
+                                   {{"ids", Int64Tensor({kBatch, kSeqLen, 4}, per_position)}})
+                  .ok());
+  for (const std::string implementation : {"default", "fused_linear"}) {
+    SCOPED_TRACE(implementation);
+    const std::string flags =
+        absl::StrCat("--loss_implementation ", implementation,
+                     " --loss_reduction none --label_logprobs --entropy --label_rank --top_k 4 "
+                     "--candidate_ids ",
+                     dir, "/score_candidates_all.safetensors --segment_ids ", dir,
+                     "/score_segments.safetensors --segment_ids_name segment_ids");
+    const std::map<std::string, v1::Tensor> one = Forward(flags + " --chunk_mib 0");
+    std::string printed;
+    const std::map<std::string, v1::Tensor> streamed =
+        Forward(flags + " --chunk_mib 0.0004 --parallel_streams 2", &printed);
+    EXPECT_NE(printed.find("4/4 micro-batches"), std::string::npos) << printed;
+    ASSERT_EQ(one.size(), streamed.size());
+    ASSERT_EQ(one.count("segment_is_greedy"), 1u);
+    EXPECT_EQ(Shape(one.at("segment_is_greedy")), (std::vector<int64_t>{kBatch, 3}));
+    for (const auto& [name, tensor] : one) {
+      ExpectOutput(streamed, name, {tensor.dtype(), Shape(tensor), Values(tensor)}, 1e-5);
+    }
+  }
+}
+
+TEST_F(CliScoringTest, UsageAndServerErrors) {
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  const std::string base = absl::StrCat("forward --address ", server_->address(), " --hidden ", dir,
+                                        "/score_hidden.npy --output ", dir, "/o.safetensors");
+  const std::string labels = absl::StrCat(" --labels ", dir, "/score_labels.npy");
+  const std::string segments = absl::StrCat(" --segment_ids ", dir,
+                                            "/score_segments.safetensors --segment_ids_name "
+                                            "segment_ids");
+  const std::vector<std::pair<std::string, std::string>> usage = {
+      {" --label_logprobs", "lmhead forward: --label_logprobs: needs --labels"},
+      {" --label_rank --entropy", "lmhead forward: --label_rank: needs --labels"},
+      {segments, "lmhead forward: --segment_ids: needs --labels"},
+      {labels + " --top_k 65", "lmhead forward: --top_k: expected an integer from 0 to 64"},
+      {" --top_k -1", "--top_k: expected an integer from 0 to 64"},
+      {" --top_k many", "--top_k: expected an integer from 0 to 64"},
+      {" --candidate_ids_name ids", "--candidate_ids_name: needs --candidate_ids"},
+      {labels + " --segment_ids_name segment_ids", "--segment_ids_name: needs --segment_ids"},
+      {" --entropy=maybe", "--entropy: a switch"},
+  };
+  for (const auto& [flags, message] : usage) {
+    Result run = RunCli(base + flags);
+    EXPECT_EQ(run.exit_code, 2) << flags << ": " << run.out;
+    EXPECT_NE(run.out.find(message), std::string::npos) << flags << ": " << run.out;
+  }
+  EXPECT_EQ(RunCli(base + " --entropy=false").exit_code, 0);
+
+  // What only the server (or the file) can tell: exit 1 with the status.
+  WriteNpy(dir + "/bad_candidates.npy", "<i8", "(1,)", Bytes({kVocab}));
+  ASSERT_TRUE(WriteSafetensorsFile(dir + "/short_segments.safetensors",
+                                   {{"s", Int64Tensor({2, kSeqLen}, std::vector<int64_t>(12, 0))}})
+                  .ok());
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {" --top_k 64", "INVALID_ARGUMENT: options.scoring.top_k"},
+      {absl::StrCat(" --candidate_ids ", dir, "/bad_candidates.npy"),
+       "INVALID_ARGUMENT: options.scoring.candidate_ids"},
+      {absl::StrCat(labels, " --segment_ids ", dir, "/short_segments.safetensors"),
+       "INVALID_ARGUMENT: options.scoring.segment_ids"},
+      // Row 1 has continuation 2, and two kept positions leave room for ids 0 and 1 only.
+      {labels + segments + " --logits_to_keep 2",
+       "INVALID_ARGUMENT: options.scoring.segment_ids: kept positions' ids must lie in [-1, 2), "
+       "got 2"},
+      // Streamed, the client splits the ids with the rows, so it needs the job's batch.
+      {absl::StrCat(labels, " --chunk_mib 0.0004 --segment_ids ", dir,
+                    "/short_segments.safetensors"),
+       "INVALID_ARGUMENT: segment_ids: expected (batch, seq_len) like labels, split with the "
+       "batch (4 rows); got shape [2, 6]"},
+      {absl::StrCat(" --candidate_ids ", dir, "/missing.npy"), "cannot open"},
+  };
+  for (const auto& [flags, message] : refused) {
+    Result run = RunCli(base + flags);
+    EXPECT_EQ(run.exit_code, 1) << flags << ": " << run.out;
+    EXPECT_NE(run.out.find(message), std::string::npos) << flags << ": " << run.out;
+  }
 }
 
 }  // namespace
