@@ -12,6 +12,18 @@ from lmhead_client import _tensors
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 
 LOSS_FIELDS = ("loss", "ce_loss", "z_loss")
+# ForwardResponse.scoring's tensors (ScoringOutputs), by how micro-batches combine: per kept
+# position, (B, S', ...), and per continuation, (B, G).
+POSITION_SCORING_FIELDS = ("label_logprobs", "entropy", "label_rank", "top_k_ids",
+                           "top_k_logprobs", "candidate_logprobs")
+SEGMENT_SCORING_FIELDS = ("segment_logprob_sums", "segment_token_counts", "segment_is_greedy",
+                          "segment_entropy_sums")
+SCORING_FIELDS = POSITION_SCORING_FIELDS + SEGMENT_SCORING_FIELDS
+# What a continuation that no position of a row has looks like in one call (count 0, sums 0,
+# greedy vacuously): a micro-batch's (B, G) outputs are padded with it to the job's G.
+_ABSENT_SEGMENT = {"segment_logprob_sums": 0.0, "segment_token_counts": 0,
+                   "segment_is_greedy": True, "segment_entropy_sums": 0.0}
+_CONCATENATED = ("logits", "argmax") + POSITION_SCORING_FIELDS
 
 
 class MicroBatchCombiner:
@@ -19,7 +31,11 @@ class MicroBatchCombiner:
 
     For "mean" and "sum" each micro-batch must have been sent with reduction "sum" and without
     loss_div_factor. `finish()` then returns:
-      - logits, argmax and "none" losses concatenated along the batch;
+      - logits, argmax, "none" losses and the per-position scoring outputs concatenated along
+        the batch;
+      - the per-continuation scoring outputs (B, G) concatenated along the batch after padding
+        each micro-batch's to the job's G (the largest) as one call has an absent continuation:
+        count 0, sums 0, is_greedy true;
       - num_scored_tokens added up;
       - "sum": S / d, "mean": S / n / d, with S the float64 sum of the micro-batches' sums, n the
         scored tokens and d the loss_div_factor (IEEE division: dividing by 0 gives inf or NaN);
@@ -44,7 +60,8 @@ class MicroBatchCombiner:
         if outputs is None:
             outputs = {name: _tensors.decode(getattr(response, name))
                        for name in ("logits", "argmax") + LOSS_FIELDS if response.HasField(name)}
-        for name in ("logits", "argmax") + LOSS_FIELDS:
+            outputs.update(decode_scoring(response))
+        for name in ("logits", "argmax") + LOSS_FIELDS + SCORING_FIELDS:
             if name in outputs:
                 decoded = outputs[name]
                 earlier = self.parts.setdefault(name, [])
@@ -58,8 +75,13 @@ class MicroBatchCombiner:
         combined = {}
         for name, parts in self.parts.items():
             dtype = parts[0].dtype
-            if name in ("logits", "argmax") or self.reduction == "none":
+            if name in _CONCATENATED or (name in LOSS_FIELDS and self.reduction == "none"):
                 array = np.concatenate([p.array for p in parts], axis=0)
+            elif name in SEGMENT_SCORING_FIELDS:
+                groups = max(p.array.shape[1] for p in parts)
+                array = np.concatenate(
+                    [np.pad(p.array, ((0, 0), (0, groups - p.array.shape[1])),
+                            constant_values=_ABSENT_SEGMENT[name]) for p in parts], axis=0)
             else:
                 array = _tensors.round_to(np.asarray(self._scalar(parts), dtype=np.float32),
                                           dtype)
@@ -81,3 +103,12 @@ class MicroBatchCombiner:
             if self.loss_div_factor is not None:
                 total = total / np.float64(self.loss_div_factor)
         return total
+
+
+def decode_scoring(response: pb.ForwardResponse) -> Dict[str, _tensors.Decoded]:
+    """ForwardResponse.scoring's tensors by name (always in the response: OutputRegions has no
+    field for them)."""
+    if not response.HasField("scoring"):
+        return {}
+    return {name: _tensors.decode(getattr(response.scoring, name))
+            for name in SCORING_FIELDS if response.scoring.HasField(name)}

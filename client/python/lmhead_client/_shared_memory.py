@@ -8,7 +8,7 @@ cannot be shared through a device-to-host copy into it), the request names them 
 SharedMemoryRef, and the logits, when the call returns them, are written by the server into the
 same buffer and copied out once into the returned array. A CUDA tensor is registered instead as
 a region over its CUDA allocation and read by the server where it lies. Small outputs (losses,
-argmax) stay in the response.
+argmax, the scoring outputs) stay in the response.
 
 Buffers: a call (or a micro-batch in flight) holds one buffer of its own until its answer is
 read, so parallel calls never share one; at most MAX_BUFFERS exist at once, reused by size. Each
@@ -36,6 +36,7 @@ import grpc
 
 from lmhead_client import _tensors
 from lmhead_client._errors import LMHeadError
+from lmhead_client._micro_batches import SCORING_FIELDS, decode_scoring
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 
 _LOG = logging.getLogger("lmhead_client")
@@ -744,7 +745,8 @@ def _only_referenced_here(storage) -> bool:
 def decode_outputs(response: pb.ForwardResponse, lease: Optional[Lease]
                    ) -> Dict[str, _tensors.Decoded]:
     """A response's outputs by name, copied out of the call's buffer where the server wrote
-    them there."""
+    them there; the scoring outputs (ForwardResponse.scoring) by their ScoringOutputs names,
+    always from the response."""
     fields = {}
     for name in _OUTPUT_NAMES:
         if not response.HasField(name):
@@ -757,4 +759,10 @@ def decode_outputs(response: pb.ForwardResponse, lease: Optional[Lease]
             fields[name] = lease.decode(name, tensor)
         else:
             fields[name] = _tensors.decode(tensor)
+    for name in SCORING_FIELDS:
+        if response.scoring.HasField(name) and getattr(response.scoring, name).HasField(
+                "shared_memory"):
+            raise LMHeadError(grpc.StatusCode.INTERNAL,
+                              f"scoring.{name}: the server wrote it to shared memory unasked")
+    fields.update(decode_scoring(response))
     return fields

@@ -3,7 +3,8 @@
 Encoding accepts torch tensors (when torch is installed), numpy arrays, and `BF16` (raw bfloat16
 bits in a uint16 array, since numpy has no bfloat16). Decoding yields `Decoded`: a numpy array
 plus the wire dtype; bfloat16 values are widened to float32 there (exactly), and converted back
-to torch.bfloat16 when the caller wants torch.
+to torch.bfloat16 when the caller wants torch. BOOL (outputs only: the server takes none) decodes
+to numpy bool and torch.bool.
 """
 
 from typing import List, NamedTuple, Optional, Tuple
@@ -68,6 +69,8 @@ _NUMPY_TO_WIRE = {
 }
 _WIRE_TO_NUMPY = {v: k for k, v in _NUMPY_TO_WIRE.items()}
 _WIRE_TO_NUMPY[pb.DATA_TYPE_BF16] = np.dtype(np.uint16)
+# Decoded only: requests carry no booleans, so encoding a bool array stays a TypeError.
+_WIRE_TO_NUMPY[pb.DATA_TYPE_BOOL] = np.dtype(np.bool_)
 
 _DTYPE_NAMES = {
     "bf16": pb.DATA_TYPE_BF16, "bfloat16": pb.DATA_TYPE_BF16,
@@ -88,7 +91,7 @@ _TORCH_TO_WIRE = {} if torch is None else {
     torch.int64: pb.DATA_TYPE_INT64,
 }
 _ITEMSIZE = {pb.DATA_TYPE_BF16: 2, pb.DATA_TYPE_FP16: 2, pb.DATA_TYPE_FP32: 4,
-             pb.DATA_TYPE_INT32: 4, pb.DATA_TYPE_INT64: 8}
+             pb.DATA_TYPE_INT32: 4, pb.DATA_TYPE_INT64: 8, pb.DATA_TYPE_BOOL: 1}
 
 
 class TensorLayout(NamedTuple):
@@ -258,6 +261,9 @@ def _decode(data, offset: int, count: int, dtype: int, shape: Tuple[int, ...]) -
     array = np.frombuffer(data, dtype=numpy_dtype.newbyteorder("<"), count=count, offset=offset)
     if dtype == pb.DATA_TYPE_BF16:
         array = bf16_bits_to_float32(array.reshape(shape))  # widened into a new array
+    elif dtype == pb.DATA_TYPE_BOOL:
+        # Any nonzero byte is true (numpy would keep other bytes as they are in a bool array).
+        array = array.view(np.uint8).astype(np.bool_).reshape(shape)
     else:
         array = array.astype(numpy_dtype).reshape(shape)  # a native, writable copy
     return Decoded(array, dtype)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmhead_client import _shared_memory, _tensors
 from lmhead_client._errors import LMHeadError
-from lmhead_client._micro_batches import MicroBatchCombiner
+from lmhead_client._micro_batches import SCORING_FIELDS, MicroBatchCombiner
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
 
@@ -31,6 +31,12 @@ _IMPLEMENTATIONS = {
     "fused_linear": pb.LOSS_IMPLEMENTATION_FUSED_LINEAR,
 }
 _LOSS_FIELDS = ("loss", "ce_loss", "z_loss")
+# The arguments of score() that choose outputs (ScoringOptions), and the forward arguments it
+# takes besides them.
+_SCORING_ARGS = ("label_logprobs", "entropy", "label_rank", "top_k", "candidate_ids",
+                 "segment_ids")
+_SCORE_FORWARD_ARGS = ("ignore_index", "loss_reduction", "z_loss_multiplier", "loss_div_factor",
+                       "logits_to_keep", "loss_implementation", "fused_chunk_bytes")
 
 
 class LMOutputWithLoss(NamedTuple):
@@ -41,6 +47,26 @@ class LMOutputWithLoss(NamedTuple):
     loss: object
     ce_loss: object
     z_loss: Optional[object]
+
+
+class Scores(NamedTuple):
+    """What `RemoteLMHead.score` returns: the scoring outputs (lmhead.v1.ScoringOutputs; None
+    when not asked for), the loss (None without labels) and the number of scored tokens.
+    B is the batch, S' the kept positions, G = 1 + the largest kept segment id (docs/API.md
+    "Scoring"); log-probabilities are float32 whatever the head's dtype."""
+
+    label_logprobs: Optional[object] = None        # (B, S') float32; 0 where not scored
+    entropy: Optional[object] = None               # (B, S') float32
+    label_rank: Optional[object] = None            # (B, S') int64; 0 where not scored
+    top_k_ids: Optional[object] = None             # (B, S', k) int64
+    top_k_logprobs: Optional[object] = None        # (B, S', k) float32
+    candidate_logprobs: Optional[object] = None    # (B, S', C) float32
+    segment_logprob_sums: Optional[object] = None  # (B, G) float32
+    segment_token_counts: Optional[object] = None  # (B, G) int64
+    segment_is_greedy: Optional[object] = None     # (B, G) bool
+    segment_entropy_sums: Optional[object] = None  # (B, G) float32
+    loss: Optional[object] = None                  # as forward's, for loss_reduction
+    num_scored_tokens: int = 0
 
 
 class StreamChunk(NamedTuple):
@@ -230,20 +256,62 @@ class RemoteLMHead:
             return_logits=return_logits, logits_to_keep=logits_to_keep,
             loss_implementation=loss_implementation, logits_dtype=logits_dtype,
             fused_chunk_bytes=fused_chunk_bytes, return_argmax=return_argmax)
-        wire, lease = self._prepare(x, args)
-        try:
-            try:
-                response = self._forward(wire, timeout=self.timeout)
-            except grpc.RpcError as e:
-                error = LMHeadError(e.code(), e.details() or "")
-                if lease is None:
-                    raise error from None
-                response = self._forward_again(x, args, wire, lease, error)
-            fields = _shared_memory.decode_outputs(response, lease)
-        finally:
-            if lease is not None:
-                lease.release()
+        fields = self._call(x, args)[1]
         return _output(fields, _tensors.is_torch(x), labels is not None, return_argmax)
+
+    def score(self, hidden_states, labels=None, *, label_logprobs: bool = False,
+              entropy: bool = False, label_rank: bool = False, top_k: int = 0,
+              candidate_ids=None, segment_ids=None, **forward_args) -> Scores:
+        """Scoring outputs for evaluation (docs/API.md "Scoring"), computed by the server from
+        the same pass as the loss and returned instead of the logits (never the logits).
+
+        hidden_states: (B, S, d_model), as forward's x. labels: (B, S) int64/int32 target ids;
+        label_logprobs, label_rank and segment_ids need them (ValueError without). Outputs:
+          label_logprobs: log p(label) per kept position (0 where the label is ignore_index);
+          entropy: -sum p log p per kept position;
+          label_rank: 1 + the number of tokens with a strictly larger logit than the label's;
+          top_k (0 to 64): the k most likely ids per kept position and their log-probabilities,
+            by descending logit, then ascending id;
+          candidate_ids: (C,) token ids for every kept position, or (B, S', C) per position,
+            int64/int32: their log-probabilities (B, S', C);
+          segment_ids: (B, S) int64/int32 like labels (sliced by logits_to_keep as labels are):
+            per position the continuation it belongs to, in [0, S'), or -1 for none; gives per
+            row and continuation the sum of log p(label), the scored token count, whether every
+            label was the argmax and the summed entropy, (B, G).
+        forward_args: forward's ignore_index, loss_reduction, z_loss_multiplier,
+        loss_div_factor, logits_to_keep, loss_implementation and fused_chunk_bytes.
+        Without labels every kept position is scored for entropy, top_k and candidates (the
+        call is sent with labels that are all ignore_index, so that no logits come back).
+
+        Returns Scores: torch tensors when hidden_states is a torch tensor, numpy arrays
+        otherwise, as forward. Raises LMHeadError when the server refuses the call (an
+        INVALID_ARGUMENT names the field, e.g. "options.scoring.top_k: ...").
+        """
+        has_labels, args = _score_arguments(
+            hidden_states, labels, dict(label_logprobs=label_logprobs, entropy=entropy,
+                                        label_rank=label_rank, top_k=top_k,
+                                        candidate_ids=candidate_ids, segment_ids=segment_ids),
+            forward_args, "score")
+        response, fields = self._call(hidden_states, args)
+        return _scores(fields, response.num_scored_tokens, _tensors.is_torch(hidden_states),
+                       has_labels)
+
+    def score_stream(self, hidden_states, labels=None, *, micro_batch_size: Optional[int] = None,
+                     max_chunk_bytes: int = 64 << 20, parallel_streams: int = 4,
+                     **score_args) -> Scores:
+        """score(hidden_states, labels, **score_args) for jobs of any size, sent in
+        micro-batches of rows as forward_stream sends them, with the same result as one score
+        call: the per-position outputs are concatenated along the batch, the per-continuation
+        outputs (B, G) too after padding each micro-batch's to the job's G as one call has an
+        absent continuation (count 0, sums 0, is_greedy true), and the loss combined as
+        forward_stream combines it. Labels, segment_ids, a (B, S', C) candidate_ids and a
+        (B, K) logits_to_keep are split with the rows."""
+        scoring = {name: score_args.pop(name) for name in _SCORING_ARGS if name in score_args}
+        has_labels, args = _score_arguments(hidden_states, labels, scoring, score_args,
+                                            "score_stream")
+        combined, scored = self._stream_job(hidden_states, micro_batch_size, max_chunk_bytes,
+                                            parallel_streams, args)
+        return _scores(combined, scored, _tensors.is_torch(hidden_states), has_labels)
 
     def iter_forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
                             max_chunk_bytes: int = 64 << 20,
@@ -254,6 +322,7 @@ class RemoteLMHead:
         if "parallel_streams" in forward_args:
             raise TypeError("iter_forward_stream sends one stream; parallel_streams is "
                             "forward_stream's")
+        _refuse_scoring(forward_args, "iter_forward_stream")
         for start, stop, response, fields in self._stream(x, micro_batch_size, max_chunk_bytes,
                                                           forward_args):
             output = _output(fields, _tensors.is_torch(x), forward_args.get("labels") is not None,
@@ -288,6 +357,38 @@ class RemoteLMHead:
         memory the micro-batches go over the main channel's one stream whatever this says: the
         regions belong to its connection, and the bytes no longer cross a socket.
         """
+        _refuse_scoring(forward_args, "forward_stream")
+        combined = self._stream_job(x, micro_batch_size, max_chunk_bytes, parallel_streams,
+                                    forward_args)[0]
+        combined = {name: _tensors.to_user(decoded, _tensors.is_torch(x))
+                    for name, decoded in combined.items()}
+        has_labels = forward_args.get("labels") is not None
+        output = (LMOutputWithLoss(*(combined.get(name) for name in ("logits",) + _LOSS_FIELDS))
+                  if has_labels else combined.get("logits"))
+        return (output, combined.get("argmax")) if forward_args.get("return_argmax") else output
+
+    # -- Internals -----------------------------------------------------------------------------
+
+    def _call(self, x, args: dict) -> Tuple[pb.ForwardResponse, Dict[str, _tensors.Decoded]]:
+        """One Forward call of forward(x, **args): the response and its decoded outputs."""
+        wire, lease = self._prepare(x, args)
+        try:
+            try:
+                response = self._forward(wire, timeout=self.timeout)
+            except grpc.RpcError as e:
+                error = LMHeadError(e.code(), e.details() or "")
+                if lease is None:
+                    raise error from None
+                response = self._forward_again(x, args, wire, lease, error)
+            return response, _shared_memory.decode_outputs(response, lease)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _stream_job(self, x, micro_batch_size, max_chunk_bytes, parallel_streams,
+                    forward_args) -> Tuple[Dict[str, _tensors.Decoded], int]:
+        """forward_stream's job: the micro-batches' outputs combined (docs/API.md "Combining
+        micro-batches"), and the scored tokens."""
         if (not isinstance(parallel_streams, (int, np.integer))
                 or isinstance(parallel_streams, bool) or parallel_streams < 1):
             raise ValueError(f"parallel_streams must be a positive integer, got "
@@ -296,7 +397,6 @@ class RemoteLMHead:
         if reduction not in _REDUCTIONS:  # before it is sent as "sum"
             raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
                              f"got {reduction!r}")
-        has_labels = forward_args.get("labels") is not None
         divisor = forward_args.get("loss_div_factor")
         sent_args = dict(forward_args)
         if reduction != "none":
@@ -314,14 +414,7 @@ class RemoteLMHead:
         for response, fields in self._parallel_streams(x, micro_batch_size, max_chunk_bytes,
                                                        sent_args, parallel_streams):
             combiner.add(response, fields)
-
-        combined = {name: _tensors.to_user(decoded, _tensors.is_torch(x))
-                    for name, decoded in combiner.finish().items()}
-        output = (LMOutputWithLoss(*(combined.get(name) for name in ("logits",) + _LOSS_FIELDS))
-                  if has_labels else combined.get("logits"))
-        return (output, combined.get("argmax")) if forward_args.get("return_argmax") else output
-
-    # -- Internals -----------------------------------------------------------------------------
+        return combiner.finish(), combiner.num_scored_tokens
 
     def _prepare(self, x, args: dict, shared_memory: bool = True
                  ) -> Tuple[_tensors.WireRequest, Optional[_shared_memory.Lease]]:
@@ -401,8 +494,10 @@ class RemoteLMHead:
     def _request(self, *, labels=None, ignore_index=-100, loss_reduction="mean",
                  z_loss_multiplier=None, loss_div_factor=None, return_logits=None,
                  logits_to_keep=0, loss_implementation=None, logits_dtype=None,
-                 fused_chunk_bytes=None, return_argmax=False) -> pb.ForwardRequest:
-        """The request's small fields (the tensors are added by _prepare)."""
+                 fused_chunk_bytes=None, return_argmax=False, label_logprobs=False,
+                 entropy=False, label_rank=False, top_k=0, candidate_ids=None,
+                 segment_ids=None) -> pb.ForwardRequest:
+        """The request's small fields (the hidden states and labels are added by _prepare)."""
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
@@ -425,6 +520,14 @@ class RemoteLMHead:
         if fused_chunk_bytes is not None:
             options.fused_chunk_bytes = int(fused_chunk_bytes)
         options.return_argmax = bool(return_argmax)
+        scoring = pb.ScoringOptions(label_logprobs=bool(label_logprobs), entropy=bool(entropy),
+                                    label_rank=bool(label_rank), top_k=int(top_k))
+        if candidate_ids is not None:
+            scoring.candidate_ids.CopyFrom(_tensors.encode(candidate_ids))
+        if segment_ids is not None:
+            scoring.segment_ids.CopyFrom(_tensors.encode(segment_ids))
+        if scoring.ByteSize():  # asked for something (absent: no scoring)
+            options.scoring.CopyFrom(scoring)
 
         request = pb.ForwardRequest(model=self.model or "", options=options)
         if loss_implementation is not None:
@@ -619,6 +722,56 @@ def _output(decoded: Dict[str, _tensors.Decoded], as_torch: bool, has_labels: bo
     return (output, fields.get("argmax")) if return_argmax else output
 
 
+def _scores(decoded: Dict[str, _tensors.Decoded], num_scored_tokens: int, as_torch: bool,
+            has_labels: bool) -> Scores:
+    """Scores from a response's (or a combined job's) decoded outputs."""
+    fields = {name: _tensors.to_user(decoded[name], as_torch)
+              for name in SCORING_FIELDS + ("loss",) if name in decoded}
+    if not has_labels:
+        fields.pop("loss", None)  # the loss over labels score() made up
+    return Scores(**fields, num_scored_tokens=int(num_scored_tokens))
+
+
+def _refuse_scoring(forward_args: dict, method: str) -> None:
+    for name in _SCORING_ARGS:
+        if name in forward_args:
+            raise TypeError(f"{method} got the scoring argument {name!r}; scoring outputs come "
+                            "from score() and score_stream()")
+
+
+def _score_arguments(x, labels, scoring: dict, forward_args: dict, method: str
+                     ) -> Tuple[bool, dict]:
+    """(whether labels were given, the forward arguments of the request) for score(x, labels,
+    **scoring, **forward_args): no logits; without labels, labels that are all ignore_index
+    (so that return_logits=False is allowed and no position is scored), the loss not asked."""
+    for name in forward_args:
+        if name not in _SCORE_FORWARD_ARGS:
+            raise TypeError(f"{method}() got an unexpected keyword argument {name!r}"
+                            + (" (it returns no logits)" if name in (
+                                "return_logits", "logits_dtype", "return_argmax") else ""))
+    args = dict(forward_args, **scoring)
+    has_labels = labels is not None
+    if not has_labels:
+        for name in ("label_logprobs", "label_rank", "segment_ids"):
+            value = scoring.get(name)
+            if value is not None and value is not False:
+                raise ValueError(f"scoring: {name} needs labels")
+        for name in ("loss_reduction", "z_loss_multiplier", "loss_div_factor"):
+            args.pop(name, None)
+        args["loss_reduction"] = "sum"  # over no token: 0, and valid for an empty batch
+        shape = tuple(x.shape)
+        if len(shape) >= 2:
+            ignore_index = int(forward_args.get("ignore_index", -100))
+            dtype = np.int32 if -2**31 <= ignore_index < 2**31 else np.int64
+            labels = np.full(shape[:2], ignore_index, dtype=dtype)
+            if _tensors.is_torch(x):
+                labels = _tensors.torch.from_numpy(labels)
+    args["labels"] = labels
+    if labels is not None:
+        args["return_logits"] = False
+    return has_labels, args
+
+
 class _Calls:
     """The calls of one job's parallel streams, by stream: cancel_after(s) cancels the calls of
     the streams after s, running or started later."""
@@ -674,12 +827,16 @@ def _itemsize(x) -> int:
 
 
 def _row_arguments(batch: int, forward_args: dict) -> List[str]:
-    """The forward arguments split with the batch: labels, a (B, K) logits_to_keep, and for
-    "none" a loss_div_factor with B rows. Refuses what cannot be split."""
-    names = ["labels"] if forward_args.get("labels") is not None else []
+    """The forward arguments split with the batch: labels, segment_ids, a (B, K)
+    logits_to_keep, a (B, S', C) candidate_ids, and for "none" a loss_div_factor with B rows.
+    Refuses what cannot be split."""
+    names = [name for name in ("labels", "segment_ids") if forward_args.get(name) is not None]
     keep = forward_args.get("logits_to_keep", 0)
     if not isinstance(keep, (int, np.integer)) and len(keep.shape) == 2 and keep.shape[0] == batch:
         names.append("logits_to_keep")
+    candidates = forward_args.get("candidate_ids")
+    if candidates is not None and len(np.shape(candidates)) == 3 and len(candidates) == batch:
+        names.append("candidate_ids")
     div = forward_args.get("loss_div_factor")
     if (div is not None and not isinstance(div, (int, float, np.number))
             and forward_args.get("loss_reduction", "mean") == "none"):
