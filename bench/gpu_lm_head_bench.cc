@@ -444,7 +444,7 @@ void Scoring(int64_t d, int64_t v, int64_t n, int reps) {
   BenchInputs in = MakeBenchInputs(d, v, n);
   const at::Tensor x = in.x.view({1, n, d});
   const at::Tensor labels = in.host_labels.view({1, n});
-  const at::Tensor segments = (at::arange(n, at::kLong) / 256).view({1, n});
+  const at::Tensor segments = at::floor_divide(at::arange(n, at::kLong), 256).view({1, n});
   struct Variant {
     const char* name;
     LossImplementation implementation;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -147,8 +148,11 @@ absl::StatusOr<ScoringOutputs> ScoreLogits(const at::Tensor& logits,
       length, ids, ignore_index, rows, groups);
 }
 
-PositionScores ScoreLogitRows(const at::Tensor& logits, const at::Tensor& labels,
-                              int64_t ignore_index, const ScoringOptions& options) {
+namespace {
+
+// ScoreLogitRows on one slice of rows, holding every temporary for all of them.
+PositionScores ScoreLogitSlice(const at::Tensor& logits, const at::Tensor& labels,
+                               int64_t ignore_index, const ScoringOptions& options) {
   const bool segments = options.segment_ids.has_value();
   at::Tensor valid;  // (N,) bool: scored positions
   at::Tensor safe;   // (N,) the labels, 0 where ignored
@@ -185,6 +189,42 @@ PositionScores ScoreLogitRows(const at::Tensor& logits, const at::Tensor& labels
                                  : candidates);
   }
   if (segments) scores.argmax = logits.argmax(-1);
+  return scores;
+}
+
+}  // namespace
+
+PositionScores ScoreLogitRows(const at::Tensor& logits, const at::Tensor& labels,
+                              int64_t ignore_index, const ScoringOptions& options,
+                              int64_t slice_bytes) {
+  const int64_t n = logits.size(0);
+  const int64_t per_row = std::max<int64_t>(logits.size(1), 1) * kScoringBytesPerLogit;
+  const int64_t rows = std::max<int64_t>(slice_bytes / per_row, 1);
+  if (n <= rows) return ScoreLogitSlice(logits, labels, ignore_index, options);
+  std::vector<PositionScores> parts;
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t count = std::min(rows, n - start);
+    ScoringOptions slice = options;
+    if (slice.candidate_ids.has_value() && slice.candidate_ids->dim() == 2) {
+      slice.candidate_ids = slice.candidate_ids->narrow(0, start, count);
+    }
+    parts.push_back(ScoreLogitSlice(logits.narrow(0, start, count),
+                                    labels.defined() ? labels.narrow(0, start, count) : labels,
+                                    ignore_index, slice));
+  }
+  const auto join = [&](at::Tensor PositionScores::*field) {
+    if (!(parts.front().*field).defined()) return at::Tensor();
+    std::vector<at::Tensor> pieces;
+    for (const PositionScores& part : parts) pieces.push_back(part.*field);
+    return at::cat(pieces);
+  };
+  PositionScores scores;
+  for (at::Tensor PositionScores::*field :
+       {&PositionScores::label_logprobs, &PositionScores::entropy, &PositionScores::label_rank,
+        &PositionScores::top_k_ids, &PositionScores::top_k_logprobs,
+        &PositionScores::candidate_logprobs, &PositionScores::argmax}) {
+    scores.*field = join(field);
+  }
   return scores;
 }
 

@@ -111,11 +111,20 @@ struct PositionScores {
   at::Tensor argmax;              // (N,) int64 (torch.argmax's pick); segments
 };
 
+// Bytes ScoreLogitRows counts per logit of a slice for its temporaries (fp32 log-probabilities,
+// probabilities and their products, a stable sort's values and ids, comparisons).
+inline constexpr int64_t kScoringBytesPerLogit = 32;
+// The default bound on those temporaries: 256 MiB.
+inline constexpr int64_t kScoringSliceBytes = int64_t{256} << 20;
+
 // From logits (N, V) of any floating dtype and labels (N,) int64 (undefined when nothing asked
 // needs them); options' candidate_ids (C,) or (N, C), segment_ids only telling whether
-// continuation sums are asked. ScoreLogits' computation, holding (N, V) fp32 log-probabilities.
+// continuation sums are asked. ScoreLogits' computation, over slices of rows whose temporaries
+// (kScoringBytesPerLogit per logit) stay within `slice_bytes` (one row at least): the same
+// results whatever the slicing.
 PositionScores ScoreLogitRows(const at::Tensor& logits, const at::Tensor& labels,
-                              int64_t ignore_index, const ScoringOptions& options);
+                              int64_t ignore_index, const ScoringOptions& options,
+                              int64_t slice_bytes = kScoringSliceBytes);
 
 // The outputs of `batch` rows of `length` kept positions from their scores and labels (N,) int64
 // (undefined without labels): the per-position outputs reshaped, and with options' segment_ids

@@ -232,5 +232,36 @@ TEST(ScoreLogitsTest, BadOptionsNameTheirArgument) {
             "labels: expected integer (B=2, S'=3), got Float (2, 3)");
 }
 
+// Scoring over slices of rows (the bound on its temporaries) gives what one slice gives: one row
+// per slice, three rows, and all of them, with per-position candidates split with the rows.
+TEST(ScoreLogitRowsTest, SlicesGiveWhatOneSliceGives) {
+  at::Generator gen = at::detail::createCPUGenerator(11);
+  const int64_t n = 7;
+  const int64_t vocab = 50;
+  const at::Tensor logits = at::randn({n, vocab}, gen).to(at::kBFloat16);
+  at::Tensor labels = at::randint(vocab, {n}, gen, at::TensorOptions(at::kLong));
+  labels[2] = -100;
+  ScoringOptions options;
+  options.label_logprobs = true;
+  options.entropy = true;
+  options.label_rank = true;
+  options.top_k = 5;
+  options.candidate_ids = at::randint(vocab, {n, 3}, gen, at::TensorOptions(at::kLong));
+  options.segment_ids = at::zeros({1, n}, at::kLong);
+  const PositionScores whole =
+      ScoreLogitRows(logits, labels, -100, options, /*slice_bytes=*/int64_t{1} << 40);
+  for (const int64_t rows : {int64_t{1}, int64_t{3}}) {
+    const PositionScores sliced =
+        ScoreLogitRows(logits, labels, -100, options, rows * vocab * kScoringBytesPerLogit);
+    for (at::Tensor PositionScores::*field :
+         {&PositionScores::label_logprobs, &PositionScores::entropy, &PositionScores::label_rank,
+          &PositionScores::top_k_ids, &PositionScores::top_k_logprobs,
+          &PositionScores::candidate_logprobs, &PositionScores::argmax}) {
+      ASSERT_TRUE((sliced.*field).defined()) << rows;
+      EXPECT_TRUE(at::equal(sliced.*field, whole.*field)) << rows;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lmhead
