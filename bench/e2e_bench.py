@@ -88,9 +88,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=16, help="rows (batch) of the job")
     parser.add_argument("--chunk_mib", type=float, default=64, help="micro-batch size, MiB")
     parser.add_argument("--streams", default="1,4", help="parallel streams to measure")
-    parser.add_argument("--shm_chunk_mib", default="64,16",
-                        help="micro-batch sizes (MiB) of the shared-memory rows: with shared "
-                             "memory the first micro-batch's copy is what the GPU waits for")
+    parser.add_argument("--shm_chunk_mib", default="",
+                        help="micro-batch sizes (MiB) of the shared-memory rows, comma-separated "
+                             "(default: --chunk_mib and a quarter of it): with shared memory the "
+                             "first micro-batch's copy is what the GPU waits for")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--kernel_tokens_per_s", type=float, default=0,
                         help="the head's kernel-only rate at this shape, for the ratios")
@@ -157,7 +158,9 @@ def main(argv=None) -> int:
             if gpu:
                 shared.append(("CUDA IPC", x.to(args.device)))
             for what, hidden in shared:
-                for mib in [float(m) for m in args.shm_chunk_mib.split(",")]:
+                sizes = ([float(m) for m in args.shm_chunk_mib.split(",")]
+                         if args.shm_chunk_mib else [args.chunk_mib, args.chunk_mib / 4])
+                for mib in sizes:
                     with RemoteLMHead(servers["lmhead"].address, timeout=600,
                                       shared_memory="on") as head:
                         report(f"lmhead, Python client, {what}, {mib:g} MiB",

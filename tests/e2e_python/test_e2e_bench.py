@@ -21,7 +21,8 @@ def test_e2e_bench_runs_at_a_small_shape(server_binary):
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     for row in ("lmhead, Python client, 1 stream", "lmhead, Python client, 2 streams",
-                "lmhead, Python client, system shared memory",
+                "lmhead, Python client, system shared memory, 0.0625 MiB",
+                "lmhead, Python client, system shared memory, 0.015625 MiB",
                 "reference, Python client, 1 stream", "reference, Python client, 2 streams"):
         assert re.search(re.escape(row) + r" +[0-9.]+ ms +[0-9]+ tokens/s, +[0-9.]+% of kernel",
                          out), out
