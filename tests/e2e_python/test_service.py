@@ -188,7 +188,7 @@ def test_finished_streams_end_ok_on_the_server(server):
     before = server.log().count("cancelled")
     with RemoteLMHead(server.address, timeout=60) as head:
         for _ in range(3):
-            head.forward_stream(x, labels=labels, micro_batch_size=2)
+            head.forward_stream(x, labels=labels, micro_batch_size=2, parallel_streams=1)
         list(head.iter_forward_stream(x, labels=labels, micro_batch_size=3))
     deadline = time.time() + 5
     while server.log().count("ForwardStream 3 micro-batches ok") < 3 and time.time() < deadline:
