@@ -45,6 +45,7 @@ struct TokenState {
   at::Tensor threshold;    // label_rank: (rows,) fp32, the label's logit computed before the GEMM
   at::Tensor above;        // label_rank: (rows,) int64, logits above the label's
   at::Tensor keys;         // top-k: (rows, k) int64, the best keys so far
+  RunningArgmax argmax;    // the argmax where the CUDA kernel finds it (no top-k asked)
   at::Tensor candidates;   // candidates: (C,) or (rows, C) int64 ids
   at::Tensor candidate_logits;  // candidates: (rows, C) fp32
 };
@@ -62,6 +63,7 @@ TokenState Rows(const TokenState& all, int64_t t0, int64_t rows) {
   state.threshold = slice(all.threshold);
   state.above = slice(all.above);
   state.keys = slice(all.keys);
+  state.argmax = RunningArgmax{slice(all.argmax.value), slice(all.argmax.index)};
   state.candidates = all.candidates.defined() && all.candidates.dim() == 2 ? slice(all.candidates)
                                                                            : all.candidates;
   state.candidate_logits = slice(all.candidate_logits);
@@ -71,10 +73,38 @@ TokenState Rows(const TokenState& all, int64_t t0, int64_t rows) {
 // max with -inf (no logit yet, or only -inf logits) as 0: what the sums are relative to.
 at::Tensor Shift(const at::Tensor& max) { return max.masked_fill(max.isneginf(), 0.0); }
 
+// The top-k keys and the candidates' logits of one chunk (`logits` in fp32) into `state`.
+void AccumulateTopKAndCandidates(const at::Tensor& logits, int64_t col0, TokenState& state) {
+  const int64_t cols = logits.size(1);
+  if (state.keys.defined()) {
+    const int64_t k = state.keys.size(1);
+    const at::Tensor chunk_best = std::get<0>(
+        TopKKeys(logits, col0).topk(std::min(k, cols), 1, /*largest=*/true, /*sorted=*/false));
+    state.keys.copy_(std::get<0>(
+        at::cat({state.keys, chunk_best}, 1).topk(k, 1, /*largest=*/true, /*sorted=*/true)));
+  }
+  if (state.candidates.defined()) {
+    const at::Tensor& ids = state.candidates;
+    const at::Tensor in_range = ids.ge(col0).logical_and(ids.lt(col0 + cols));
+    const at::Tensor columns =
+        (ids - col0).clamp(0, cols - 1).expand({logits.size(0), state.candidate_logits.size(1)});
+    state.candidate_logits.copy_(
+        at::where(in_range, logits.gather(1, columns), state.candidate_logits));
+  }
+}
+
 // Folds one chunk of logits (rows, cols) in the compute dtype, vocabulary columns from col0,
-// into `state`.
+// into `state`: on CUDA the softmax, label, rank and argmax terms in one kernel, else with ATen.
 void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
   const int64_t cols = chunk.size(1);
+  if (AccumulateScoringStats(chunk, col0, state.label, state.threshold, state.max, state.sum,
+                             state.weighted, state.label_logit, state.above,
+                             state.argmax.value.defined() ? &state.argmax : nullptr)) {
+    if (state.keys.defined() || state.candidates.defined()) {
+      AccumulateTopKAndCandidates(chunk.to(at::kFloat), col0, state);
+    }
+    return;
+  }
   const at::Tensor logits = chunk.to(at::kFloat);  // the compute dtype's values, exactly
 
   // Online log-sum-exp and entropy: the state rescaled to the new shift, plus the chunk's terms.
@@ -106,22 +136,7 @@ void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
     state.above.add_(logits.gt(threshold.unsqueeze(1)).sum(1));
   }
 
-  if (state.keys.defined()) {
-    const int64_t k = state.keys.size(1);
-    const at::Tensor chunk_best = std::get<0>(
-        TopKKeys(logits, col0).topk(std::min(k, cols), 1, /*largest=*/true, /*sorted=*/false));
-    state.keys.copy_(std::get<0>(
-        at::cat({state.keys, chunk_best}, 1).topk(k, 1, /*largest=*/true, /*sorted=*/true)));
-  }
-
-  if (state.candidates.defined()) {
-    const at::Tensor& ids = state.candidates;
-    const at::Tensor in_range = ids.ge(col0).logical_and(ids.lt(col0 + cols));
-    const at::Tensor columns =
-        (ids - col0).clamp(0, cols - 1).expand({logits.size(0), state.candidate_logits.size(1)});
-    state.candidate_logits.copy_(
-        at::where(in_range, logits.gather(1, columns), state.candidate_logits));
-  }
+  AccumulateTopKAndCandidates(logits, col0, state);
 }
 
 }  // namespace
@@ -134,8 +149,12 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
   const auto fp32 = h.options().dtype(at::kFloat);
   const auto int64 = h.options().dtype(at::kLong);
   const bool segments = options.segment_ids.has_value();
-  // The argmax (for the loss's outputs, or is_greedy) is the top-1.
-  const int64_t keys_kept = std::max<int64_t>(options.top_k, with_argmax || segments ? 1 : 0);
+  // The argmax (for the loss's outputs, or is_greedy) is the top-1, or, where the CUDA kernel
+  // folds the chunks and no top-k is asked, the kernel's running argmax.
+  const bool wants_argmax = with_argmax || segments;
+  const bool running_argmax = wants_argmax && options.top_k == 0 && ScoringKernelApplies(h);
+  const int64_t keys_kept =
+      std::max<int64_t>(options.top_k, wants_argmax && !running_argmax ? 1 : 0);
   const at::Tensor valid = labels.ne(ignore_index);
   const at::Tensor safe_labels = labels.masked_fill(~valid, 0);
 
@@ -151,6 +170,10 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
   }
   if (keys_kept > 0) {
     all.keys = at::full({num_tokens, keys_kept}, std::numeric_limits<int64_t>::min(), int64);
+  }
+  if (running_argmax) {
+    all.argmax.value = at::full({num_tokens}, -std::numeric_limits<float>::infinity(), fp32);
+    all.argmax.index = at::full({num_tokens}, std::numeric_limits<int64_t>::max(), int64);
   }
   if (options.candidate_ids.has_value()) {
     all.candidates = *options.candidate_ids;
@@ -185,6 +208,10 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
   }
   if (options.entropy || segments) scores.entropy = log_sum - all.weighted / all.sum;
   if (options.label_rank) scores.label_rank = (all.above + 1).masked_fill(~valid, 0);
+  if (running_argmax) {
+    if (with_argmax) out.stats.argmax = all.argmax.index;
+    if (segments) scores.argmax = all.argmax.index;
+  }
   if (keys_kept > 0) {
     const auto [ids, values] = DecodeKeys(all.keys);
     const at::Tensor argmax = ids.select(1, 0).contiguous();

@@ -143,9 +143,9 @@ void ExpectSameScoring(const ScoringOutputs& got, const ScoringOutputs& want,
   compare("segment_entropy_sums", got.segment_entropy_sums, want.segment_entropy_sums, 10);
 }
 
-// Every output asked for: k and the candidates' form vary with `variant`: k = 1 and C = 1 shared,
-// or k = min(64, V) and C = 40 per kept position (ids at both ends of the vocabulary, the tied
-// rows and random ones).
+// Every output asked for: k and the candidates' form vary with `variant`: k = 1 (or 0, every
+// other time) and C = 1 shared, or k = min(64, V) and C = 40 per kept position (ids at both ends of
+// the vocabulary, the tied rows and random ones).
 ScoringOptions AllOutputs(int64_t batch, int64_t kept, int64_t vocab, int variant,
                           const at::Tensor& segment_ids) {
   ScoringOptions scoring;
@@ -154,7 +154,7 @@ ScoringOptions AllOutputs(int64_t batch, int64_t kept, int64_t vocab, int varian
   scoring.label_rank = true;
   scoring.segment_ids = segment_ids;
   if (variant % 2 == 0) {
-    scoring.top_k = 1;
+    scoring.top_k = variant % 4 == 0 ? 1 : 0;  // without top-k, CUDA finds the argmax by kernel
     scoring.candidate_ids = at::tensor(std::vector<int64_t>{vocab - 1}, at::kLong);
   } else {
     scoring.top_k = std::min(kMaxTopK, vocab);

@@ -54,6 +54,49 @@ void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor
 
 }  // namespace
 
+bool ScoringKernelApplies(const at::Tensor& h) {
+#ifdef LMHEAD_WITH_CUDA
+  return h.is_cuda();
+#else
+  (void)h;
+  return false;
+#endif
+}
+
+bool AccumulateScoringStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
+                            const at::Tensor& threshold, at::Tensor& max, at::Tensor& sum,
+                            at::Tensor& weighted, at::Tensor& label_logit, at::Tensor& above,
+                            RunningArgmax* argmax) {
+#ifdef LMHEAD_WITH_CUDA
+  if (!ScoringKernelApplies(logits)) return false;
+  const c10::DeviceGuard on_logits_device(logits.device());  // the kernel launches there
+  TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
+  for (const at::Tensor* state : std::initializer_list<const at::Tensor*>{
+           &safe_labels, &max, &sum, &weighted, &label_logit}) {
+    TORCH_CHECK(state->is_contiguous(), "per-token scoring state must be contiguous");
+  }
+  TORCH_CHECK(threshold.defined() == above.defined(), "threshold and above go together");
+  TORCH_CHECK(!above.defined() || (above.is_contiguous() && threshold.is_contiguous()),
+              "per-token scoring state must be contiguous");
+  TORCH_CHECK(argmax == nullptr || (argmax->value.is_contiguous() && argmax->index.is_contiguous()),
+              "the running argmax must be contiguous");
+  C10_CUDA_CHECK(cuda::AccumulateScoringStats(
+      logits.data_ptr(), CudaLogitType(logits.scalar_type()), logits.size(0), logits.size(1),
+      logits.stride(0), col0, safe_labels.data_ptr<int64_t>(),
+      threshold.defined() ? threshold.data_ptr<float>() : nullptr, max.data_ptr<float>(),
+      sum.data_ptr<float>(), weighted.data_ptr<float>(), label_logit.data_ptr<float>(),
+      above.defined() ? above.data_ptr<int64_t>() : nullptr,
+      argmax != nullptr ? argmax->value.data_ptr<float>() : nullptr,
+      argmax != nullptr ? argmax->index.data_ptr<int64_t>() : nullptr,
+      c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
+  return true;
+#else
+  (void)logits, (void)col0, (void)safe_labels, (void)threshold, (void)max, (void)sum;
+  (void)weighted, (void)label_logit, (void)above, (void)argmax;
+  return false;
+#endif
+}
+
 FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
                               int64_t chunk_bytes) {
   const int64_t budget = std::max<int64_t>(chunk_bytes / bytes_per_logit, 1);  // logits

@@ -75,6 +75,21 @@ LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weigh
                                     const std::function<void()>& between_chunks = {},
                                     bool with_argmax = false);
 
+// The scoring pass's fold of one chunk of logits (rows, cols), vocabulary columns from col0, on
+// a CUDA device: one kernel (core/ops/cuda/logit_stats_cuda.h, AccumulateScoringStats) updates
+// the rows' fp32 max, sum and weighted (the online log-sum-exp and entropy terms, relative to
+// the max, or to 0 while it is -inf), label_logit, and with `threshold` and `above` (both or
+// neither) the int64 count of logits above the label's, and with `argmax` the running argmax.
+// Every state tensor is contiguous, (rows,), on the chunk's device. Returns false, having done
+// nothing, where the kernel does not run (not a CUDA tensor, or a build without CUDA). May throw
+// c10::Error.
+// Whether AccumulateScoringStats runs for chunks of logits on `h`'s device.
+bool ScoringKernelApplies(const at::Tensor& h);
+bool AccumulateScoringStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
+                            const at::Tensor& threshold, at::Tensor& max, at::Tensor& sum,
+                            at::Tensor& weighted, at::Tensor& label_logit, at::Tensor& above,
+                            RunningArgmax* argmax);
+
 // Whether the fused GEMM can run: a --config=cuda build, CUDA tensors of bf16 or fp16 on a
 // compute capability 9.0 device, no bias, and operands TMA can read (D a multiple of 8, 16-byte
 // aligned rows).

@@ -129,6 +129,178 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Online softmax state with the entropy's term, relative to the running max m (while m is -inf
+// the sums are 0): s = sum exp(x - m), w = sum exp(x - m) (x - m).
+struct EntropyState {
+  float m;
+  float s;
+  float w;
+};
+
+__device__ __forceinline__ void AddEntropy(EntropyState& state, float x) {
+  if (x == -INFINITY) return;
+  if (x > state.m) {
+    if (state.m == -INFINITY) {
+      state = {x, 1.f, 0.f};
+      return;
+    }
+    const float d = state.m - x;
+    const float e = __expf(d);
+    state.w = (state.w + d * state.s) * e;
+    state.s = state.s * e + 1.f;
+    state.m = x;
+    return;
+  }
+  const float d = x - state.m;  // NaN for a NaN x: the sums become NaN
+  const float e = __expf(d);
+  state.s += e;
+  state.w += e * d;
+}
+
+__device__ __forceinline__ EntropyState MergeEntropy(EntropyState a, EntropyState b) {
+  if (a.m == -INFINITY) return b;
+  if (b.m == -INFINITY) return a;
+  const float m = fmaxf(a.m, b.m);
+  const float da = a.m - m;
+  const float db = b.m - m;
+  const float ea = __expf(da);
+  const float eb = __expf(db);
+  return {m, a.s * ea + b.s * eb, (a.w + da * a.s) * ea + (b.w + db * b.s) * eb};
+}
+
+// One warp per row, as AccumulateLogitStatsKernel: each lane folds its columns into an
+// EntropyState, counts those above the row's threshold and (kArgmax) tracks its best column;
+// the warp merges them with shuffles and lane 0 merges the chunk into the row's state.
+template <typename T, bool kRank, bool kArgmax>
+__global__ void __launch_bounds__(kThreads)
+    AccumulateScoringStatsKernel(const T* __restrict__ logits, int64_t rows, int64_t cols,
+                                 int64_t row_stride, int64_t col0,
+                                 const int64_t* __restrict__ labels,
+                                 const float* __restrict__ threshold, float* __restrict__ max,
+                                 float* __restrict__ sum, float* __restrict__ weighted,
+                                 float* __restrict__ label_logit, int64_t* __restrict__ above,
+                                 float* __restrict__ best_value, int64_t* __restrict__ best_index) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const T* x = logits + row * row_stride;
+  const int64_t label_column = labels[row] - col0;
+  const bool label_here = label_column >= 0 && label_column < cols;
+  float bar = 0.f;
+  if constexpr (kRank) bar = label_here ? ToFloat(x[label_column]) : threshold[row];
+  EntropyState state{-INFINITY, 0.f, 0.f};
+  int64_t count = 0;
+  Best best{-INFINITY, INT64_MAX};
+  const auto fold = [&](float value, int64_t column) {
+    AddEntropy(state, value);
+    if constexpr (kRank) count += value > bar ? 1 : 0;
+    if constexpr (kArgmax) Consider(best, value, column);
+  };
+
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kInFlight = 4;
+  struct alignas(16) Vec {
+    T v[kVec];
+  };
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) % 16);
+  const int64_t to_boundary =
+      misalignment == 0 ? 0 : (16 - misalignment) / static_cast<int64_t>(sizeof(T));
+  const int64_t head = to_boundary < cols ? to_boundary : cols;
+  if (lane < head) fold(ToFloat(x[lane]), lane);
+  const int64_t num_vecs = (cols - head) / kVec;
+  const Vec* xv = reinterpret_cast<const Vec*>(x + head);
+  for (int64_t base = lane; base < num_vecs; base += 32 * kInFlight) {
+    Vec loaded[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      if (base + u * 32 < num_vecs) loaded[u] = xv[base + u * 32];
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      if (base + u * 32 < num_vecs) {
+        const int64_t first = head + (base + u * 32) * kVec;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) fold(ToFloat(loaded[u].v[k]), first + k);
+      }
+    }
+  }
+  for (int64_t j = head + num_vecs * kVec + lane; j < cols; j += 32) fold(ToFloat(x[j]), j);
+
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const EntropyState other{__shfl_xor_sync(0xffffffff, state.m, offset),
+                             __shfl_xor_sync(0xffffffff, state.s, offset),
+                             __shfl_xor_sync(0xffffffff, state.w, offset)};
+    state = MergeEntropy(state, other);
+    if constexpr (kRank) count += __shfl_xor_sync(0xffffffff, count, offset);
+    if constexpr (kArgmax) {
+      const float value = __shfl_xor_sync(0xffffffff, best.value, offset);
+      const int64_t column = __shfl_xor_sync(0xffffffff, best.column, offset);
+      Consider(best, value, column);
+    }
+  }
+  if (lane == 0) {
+    // The row's state is relative to its max, or to 0 while that is -inf (its sums are 0 then).
+    const float old_max = max[row];
+    EntropyState merged = state;
+    if (old_max != -INFINITY) {
+      merged = MergeEntropy(EntropyState{old_max, sum[row], weighted[row]}, state);
+    }
+    if (merged.m != -INFINITY || old_max != -INFINITY) {
+      max[row] = merged.m;
+      sum[row] = merged.s;
+      weighted[row] = merged.w;
+    }
+    if (label_here) label_logit[row] = ToFloat(x[label_column]);
+    if constexpr (kRank) above[row] += count;
+    if constexpr (kArgmax) {
+      const Best so_far{best_value[row], best_index[row]};
+      if (Beats(best.value, col0 + best.column, so_far)) {
+        best_value[row] = best.value;
+        best_index[row] = col0 + best.column;
+      }
+    }
+  }
+}
+
+template <typename T, bool kRank>
+void LaunchScoring(unsigned blocks, const T* logits, int64_t rows, int64_t cols, int64_t row_stride,
+                   int64_t col0, const int64_t* labels, const float* threshold, float* max,
+                   float* sum, float* weighted, float* label_logit, int64_t* above,
+                   float* best_value, int64_t* best_index, cudaStream_t stream) {
+  if (best_value != nullptr) {
+    AccumulateScoringStatsKernel<T, kRank, true><<<blocks, kThreads, 0, stream>>>(
+        logits, rows, cols, row_stride, col0, labels, threshold, max, sum, weighted, label_logit,
+        above, best_value, best_index);
+  } else {
+    AccumulateScoringStatsKernel<T, kRank, false>
+        <<<blocks, kThreads, 0, stream>>>(logits, rows, cols, row_stride, col0, labels, threshold,
+                                          max, sum, weighted, label_logit, above, nullptr, nullptr);
+  }
+}
+
+template <typename T>
+cudaError_t LaunchScoring(const void* logits, int64_t rows, int64_t cols, int64_t row_stride,
+                          int64_t col0, const int64_t* labels, const float* threshold, float* max,
+                          float* sum, float* weighted, float* label_logit, int64_t* above,
+                          float* best_value, int64_t* best_index, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if ((best_value == nullptr) != (best_index == nullptr) ||
+      (above == nullptr) != (threshold == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const auto blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
+  const T* typed = static_cast<const T*>(logits);
+  if (above != nullptr) {
+    LaunchScoring<T, true>(blocks, typed, rows, cols, row_stride, col0, labels, threshold, max, sum,
+                           weighted, label_logit, above, best_value, best_index, stream);
+  } else {
+    LaunchScoring<T, false>(blocks, typed, rows, cols, row_stride, col0, labels, threshold, max,
+                            sum, weighted, label_logit, above, best_value, best_index, stream);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t Launch(const void* logits, int64_t rows, int64_t cols, int64_t row_stride, int64_t col0,
                    const int64_t* labels, float* lse, float* label_logit, float* best_value,
@@ -163,6 +335,27 @@ cudaError_t AccumulateLogitStats(const void* logits, LogitType type, int64_t row
     case LogitType::kFloat16:
       return Launch<__half>(logits, rows, cols, row_stride, col0, labels, lse, label_logit,
                             best_value, best_index, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t AccumulateScoringStats(const void* logits, LogitType type, int64_t rows, int64_t cols,
+                                   int64_t row_stride, int64_t col0, const int64_t* labels,
+                                   const float* threshold, float* max, float* sum, float* weighted,
+                                   float* label_logit, int64_t* above, float* best_value,
+                                   int64_t* best_index, cudaStream_t stream) {
+  switch (type) {
+    case LogitType::kFloat32:
+      return LaunchScoring<float>(logits, rows, cols, row_stride, col0, labels, threshold, max, sum,
+                                  weighted, label_logit, above, best_value, best_index, stream);
+    case LogitType::kBFloat16:
+      return LaunchScoring<__nv_bfloat16>(logits, rows, cols, row_stride, col0, labels, threshold,
+                                          max, sum, weighted, label_logit, above, best_value,
+                                          best_index, stream);
+    case LogitType::kFloat16:
+      return LaunchScoring<__half>(logits, rows, cols, row_stride, col0, labels, threshold, max,
+                                   sum, weighted, label_logit, above, best_value, best_index,
+                                   stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -26,6 +26,23 @@ cudaError_t AccumulateLogitStats(const void* logits, LogitType type, int64_t row
                                  float* lse, float* label_logit, float* best_value,
                                  int64_t* best_index, cudaStream_t stream);
 
+// The scoring pass's epilogue (core/fused_scoring.h): for each of `rows` rows of `logits` laid
+// out as above, folds the chunk into per-row fp32 state relative to a shift c = max[r] (0 while
+// max[r] is -inf):
+//   max[r]         the largest logit so far (start at -inf)
+//   sum[r]         sum_j exp(l_j - c)                      (start at 0)
+//   weighted[r]    sum_j exp(l_j - c) (l_j - c)            (start at 0; -inf logits add nothing)
+//   label_logit[r] <- logits[r][labels[r] - col0]          if labels[r] is in the chunk
+// With `above` (and `threshold`): above[r] += the chunk's logits strictly larger than the
+// label's: its logit in this chunk where its column is here, else threshold[r]. With
+// `best_value` and `best_index`, the running argmax as AccumulateLogitStats keeps it. NaN logits
+// make the row's sums NaN. Launches on `stream` and returns the launch's error.
+cudaError_t AccumulateScoringStats(const void* logits, LogitType type, int64_t rows, int64_t cols,
+                                   int64_t row_stride, int64_t col0, const int64_t* labels,
+                                   const float* threshold, float* max, float* sum, float* weighted,
+                                   float* label_logit, int64_t* above, float* best_value,
+                                   int64_t* best_index, cudaStream_t stream);
+
 }  // namespace lmhead::cuda
 
 #endif  // LMHEAD_CORE_OPS_CUDA_LOGIT_STATS_CUDA_H_
