@@ -44,7 +44,9 @@ struct TokenState {
   at::Tensor label_logit;  // (rows,) fp32: the label's logit, once its chunk is seen
   at::Tensor threshold;    // label_rank: (rows,) fp32, the label's logit computed before the GEMM
   at::Tensor above;        // label_rank: (rows,) int64, logits above the label's
-  at::Tensor keys;         // top-k: (rows, k) int64, the best keys so far
+  at::Tensor keys;         // top-k with ATen: (rows, k) int64, the best keys so far
+  at::Tensor top_values;   // top-k by the CUDA kernel: (rows, k) fp32, best first
+  at::Tensor top_ids;      // and their ids, (rows, k) int64
   RunningArgmax argmax;    // the argmax where the CUDA kernel finds it (no top-k asked)
   at::Tensor candidates;   // candidates: (C,) or (rows, C) int64 ids
   at::Tensor candidate_logits;  // candidates: (rows, C) fp32
@@ -63,6 +65,8 @@ TokenState Rows(const TokenState& all, int64_t t0, int64_t rows) {
   state.threshold = slice(all.threshold);
   state.above = slice(all.above);
   state.keys = slice(all.keys);
+  state.top_values = slice(all.top_values);
+  state.top_ids = slice(all.top_ids);
   state.argmax = RunningArgmax{slice(all.argmax.value), slice(all.argmax.index)};
   state.candidates = all.candidates.defined() && all.candidates.dim() == 2 ? slice(all.candidates)
                                                                            : all.candidates;
@@ -100,6 +104,10 @@ void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
   if (AccumulateScoringStats(chunk, col0, state.label, state.threshold, state.max, state.sum,
                              state.weighted, state.label_logit, state.above,
                              state.argmax.value.defined() ? &state.argmax : nullptr)) {
+    if (state.top_values.defined()) {
+      TORCH_CHECK(AccumulateTopK(chunk, col0, state.top_values, state.top_ids),
+                  "the top-k kernel did not run where the scoring kernel did");
+    }
     if (state.keys.defined() || state.candidates.defined()) {
       AccumulateTopKAndCandidates(chunk.to(at::kFloat), col0, state);
     }
@@ -168,7 +176,13 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
     all.threshold = at::empty({num_tokens}, fp32);
     all.above = at::zeros({num_tokens}, int64);
   }
-  if (keys_kept > 0) {
+  // On CUDA the kernel keeps the top-k as (value, id) pairs; elsewhere ATen keeps int64 keys.
+  const bool kernel_top_k = keys_kept > 0 && ScoringKernelApplies(h);
+  if (kernel_top_k) {
+    all.top_values =
+        at::full({num_tokens, keys_kept}, -std::numeric_limits<float>::infinity(), fp32);
+    all.top_ids = at::full({num_tokens, keys_kept}, std::numeric_limits<int64_t>::max(), int64);
+  } else if (keys_kept > 0) {
     all.keys = at::full({num_tokens, keys_kept}, std::numeric_limits<int64_t>::min(), int64);
   }
   if (running_argmax) {
@@ -213,7 +227,8 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
     if (segments) scores.argmax = all.argmax.index;
   }
   if (keys_kept > 0) {
-    const auto [ids, values] = DecodeKeys(all.keys);
+    const auto [ids, values] =
+        kernel_top_k ? std::make_pair(all.top_ids, all.top_values) : DecodeKeys(all.keys);
     const at::Tensor argmax = ids.select(1, 0).contiguous();
     if (with_argmax) out.stats.argmax = argmax;
     if (segments) scores.argmax = argmax;

@@ -97,6 +97,25 @@ bool AccumulateScoringStats(const at::Tensor& logits, int64_t col0, const at::Te
 #endif
 }
 
+bool AccumulateTopK(const at::Tensor& logits, int64_t col0, at::Tensor& values, at::Tensor& ids) {
+#ifdef LMHEAD_WITH_CUDA
+  if (!ScoringKernelApplies(logits)) return false;
+  const c10::DeviceGuard on_logits_device(logits.device());  // the kernel launches there
+  TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
+  TORCH_CHECK(values.is_contiguous() && ids.is_contiguous() && values.dim() == 2 &&
+                  ids.sizes() == values.sizes() && values.size(0) == logits.size(0),
+              "the running top-k must be contiguous (rows, k)");
+  C10_CUDA_CHECK(cuda::AccumulateTopK(
+      logits.data_ptr(), CudaLogitType(logits.scalar_type()), logits.size(0), logits.size(1),
+      logits.stride(0), col0, static_cast<int>(values.size(1)), values.data_ptr<float>(),
+      ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
+  return true;
+#else
+  (void)logits, (void)col0, (void)values, (void)ids;
+  return false;
+#endif
+}
+
 FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
                               int64_t chunk_bytes) {
   const int64_t budget = std::max<int64_t>(chunk_bytes / bytes_per_logit, 1);  // logits

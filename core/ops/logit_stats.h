@@ -90,6 +90,14 @@ bool AccumulateScoringStats(const at::Tensor& logits, int64_t col0, const at::Te
                             at::Tensor& weighted, at::Tensor& label_logit, at::Tensor& above,
                             RunningArgmax* argmax);
 
+// The scoring pass's running top-k over chunks of logits (rows, cols), vocabulary columns from
+// col0, on a CUDA device (core/ops/cuda/logit_stats_cuda.h, AccumulateTopK): `values` (rows, k)
+// fp32 and `ids` (rows, k) int64, contiguous, each row best first by torch.argmax's order (NaN
+// first, then the larger logit, then the lower id); empty slots hold (-inf, INT64_MAX), which is
+// how they start. k from 1 to 64. Returns false, having done nothing, where the kernel does not
+// run (as AccumulateScoringStats). May throw c10::Error.
+bool AccumulateTopK(const at::Tensor& logits, int64_t col0, at::Tensor& values, at::Tensor& ids);
+
 // Whether the fused GEMM can run: a --config=cuda build, CUDA tensors of bf16 or fp16 on a
 // compute capability 9.0 device, no bias, and operands TMA can read (D a multiple of 8, 16-byte
 // aligned rows).

@@ -94,6 +94,14 @@ if wants test; then
   timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 1 "$build/gpu_lm_head_test" \
     --gtest_filter='GpuLMHeadSmokeTest.*' > "$out/memcheck.txt" 2>&1 \
     && echo "memcheck: clean" || { echo "memcheck: errors"; tail -30 "$out/memcheck.txt"; }
+  echo "== compute-sanitizer memcheck and racecheck of the scoring kernels (small cases)"
+  for tool in memcheck racecheck; do
+    LMHEAD_TEST_DEVICE=cuda:0 timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      "$build/lm_head_scoring_test" \
+      --gtest_filter='LMHeadScoringTest.ScoresWithoutLabels:LMHeadScoringTest.SegmentCount*' \
+      > "$out/scoring_$tool.txt" 2>&1 && echo "scoring $tool: clean" \
+      || { echo "scoring $tool: errors"; tail -30 "$out/scoring_$tool.txt"; }
+  done
 fi
 if wants scoring; then
   echo "== scoring outputs against the loss alone (gpu_lm_head_bench --scoring, issue 14)"

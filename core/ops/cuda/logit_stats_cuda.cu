@@ -301,6 +301,92 @@ cudaError_t LaunchScoring(const void* logits, int64_t rows, int64_t cols, int64_
   return cudaGetLastError();
 }
 
+// One warp per row keeps the row's top-k in shared memory, sorted best first; each round the
+// lanes read 32 consecutive columns, and the few that beat the k-th entry are inserted one at a
+// time (ballot, then the warp shifts the worse entries down by one).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    AccumulateTopKKernel(const T* __restrict__ logits, int64_t rows, int64_t cols,
+                         int64_t row_stride, int64_t col0, int k, float* __restrict__ top_values,
+                         int64_t* __restrict__ top_ids) {
+  __shared__ float values[kWarps][kMaxTopK];
+  __shared__ int64_t ids[kWarps][kMaxTopK];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (row >= rows) return;
+  float* v = values[warp];
+  int64_t* id = ids[warp];
+  for (int j = lane; j < k; j += 32) {
+    v[j] = top_values[row * k + j];
+    id[j] = top_ids[row * k + j];
+  }
+  __syncwarp();
+  Best worst{v[k - 1], id[k - 1]};
+  const T* x = logits + row * row_stride;
+  for (int64_t base = 0; base < cols; base += 32) {
+    const int64_t j = base + lane;
+    const float value = j < cols ? ToFloat(x[j]) : -INFINITY;
+    const int64_t column = col0 + j;
+    unsigned pending = __ballot_sync(0xffffffff, j < cols && Beats(value, column, worst));
+    while (pending != 0) {
+      const int source = __ffs(pending) - 1;
+      pending &= pending - 1;
+      const float cv = __shfl_sync(0xffffffff, value, source);
+      const int64_t cc = __shfl_sync(0xffffffff, column, source);
+      if (!Beats(cv, cc, worst)) continue;  // an earlier insertion raised the bar
+      // Its place: the number of entries that beat it (an empty slot beats nothing).
+      const Best candidate{cv, cc};
+      const int place =
+          __popc(__ballot_sync(0xffffffff, lane < k && Beats(v[lane], id[lane], candidate))) +
+          __popc(__ballot_sync(0xffffffff,
+                               lane + 32 < k && Beats(v[lane + 32], id[lane + 32], candidate)));
+      // Entries from `place` move down one; the last falls off.
+      float moved[2];
+      int64_t moved_id[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int slot = lane + 32 * h;
+        if (slot > place && slot < k) {
+          moved[h] = v[slot - 1];
+          moved_id[h] = id[slot - 1];
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int slot = lane + 32 * h;
+        if (slot > place && slot < k) {
+          v[slot] = moved[h];
+          id[slot] = moved_id[h];
+        }
+      }
+      if (lane == 0) {
+        v[place] = cv;
+        id[place] = cc;
+      }
+      __syncwarp();
+      worst = Best{v[k - 1], id[k - 1]};
+    }
+  }
+  for (int j = lane; j < k; j += 32) {
+    top_values[row * k + j] = v[j];
+    top_ids[row * k + j] = id[j];
+  }
+}
+
+template <typename T>
+cudaError_t LaunchTopK(const void* logits, int64_t rows, int64_t cols, int64_t row_stride,
+                       int64_t col0, int k, float* top_values, int64_t* top_ids,
+                       cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (k < 1 || k > kMaxTopK) return cudaErrorInvalidValue;
+  const auto blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
+  AccumulateTopKKernel<T><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const T*>(logits), rows, cols, row_stride, col0, k, top_values, top_ids);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t Launch(const void* logits, int64_t rows, int64_t cols, int64_t row_stride, int64_t col0,
                    const int64_t* labels, float* lse, float* label_logit, float* best_value,
@@ -356,6 +442,23 @@ cudaError_t AccumulateScoringStats(const void* logits, LogitType type, int64_t r
       return LaunchScoring<__half>(logits, rows, cols, row_stride, col0, labels, threshold, max,
                                    sum, weighted, label_logit, above, best_value, best_index,
                                    stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t AccumulateTopK(const void* logits, LogitType type, int64_t rows, int64_t cols,
+                           int64_t row_stride, int64_t col0, int k, float* top_values,
+                           int64_t* top_ids, cudaStream_t stream) {
+  switch (type) {
+    case LogitType::kFloat32:
+      return LaunchTopK<float>(logits, rows, cols, row_stride, col0, k, top_values, top_ids,
+                               stream);
+    case LogitType::kBFloat16:
+      return LaunchTopK<__nv_bfloat16>(logits, rows, cols, row_stride, col0, k, top_values, top_ids,
+                                       stream);
+    case LogitType::kFloat16:
+      return LaunchTopK<__half>(logits, rows, cols, row_stride, col0, k, top_values, top_ids,
+                                stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -43,6 +43,16 @@ cudaError_t AccumulateScoringStats(const void* logits, LogitType type, int64_t r
                                    float* label_logit, int64_t* above, float* best_value,
                                    int64_t* best_index, cudaStream_t stream);
 
+// A running top-k per row across chunks (k from 1 to kMaxTopK): top_values (rows, k) fp32 and
+// top_ids (rows, k) int64, each row ordered best first in torch.argmax's order (NaN above every
+// number, then the larger value, then the lower id), merged with the chunk's logits (vocabulary
+// ids col0 + j). An empty slot holds (-inf, INT64_MAX), below every logit; start with all slots
+// empty. Launches on `stream` and returns the launch's error.
+inline constexpr int kMaxTopK = 64;
+cudaError_t AccumulateTopK(const void* logits, LogitType type, int64_t rows, int64_t cols,
+                           int64_t row_stride, int64_t col0, int k, float* top_values,
+                           int64_t* top_ids, cudaStream_t stream);
+
 }  // namespace lmhead::cuda
 
 #endif  // LMHEAD_CORE_OPS_CUDA_LOGIT_STATS_CUDA_H_
