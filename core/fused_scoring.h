@@ -30,8 +30,8 @@ struct FusedScores {
 // (V,) or undefined, labels (N,) int64 (ignore_index or in [0, V)), `options` as ScoreLogitRows
 // takes them (valid, on h's device). The logits are formed in h's dtype one chunk at a time
 // (ForEachLogitChunk, core/ops/logit_stats.h); an epilogue folds each chunk into per-token
-// state (on CUDA one kernel, AccumulateScoringStats, for all but the top-k and the candidates;
-// ATen otherwise): an online log-sum-exp and entropy (running max m, s = sum
+// state (on CUDA the kernels AccumulateScoringStats and AccumulateTopK, for all but the
+// candidates; ATen otherwise): an online log-sum-exp and entropy (running max m, s = sum
 // exp(l - m), t = sum exp(l - m) (l - m); -inf logits add nothing), the label's logit, the count
 // of logits above it, a top-k merged across chunks (exact, ties to the lower id) and the
 // candidates' logits. At most `chunk_bytes` of logits and their working copies exist at once,
