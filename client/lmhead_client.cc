@@ -439,6 +439,19 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
     }
     split_divisor = factor->shape_size() == 2 && factor->shape(0) == batch && batch > 1;
   }
+  // Per-row arguments with other rows than the job's would lose or lack rows once split.
+  if (label_view->has_value() &&
+      ((*label_view)->shape.size() != 2 || (*label_view)->shape[0] != batch)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("labels: expected (batch, seq_len) like hidden_states, split with the batch (",
+                     batch, " rows); got shape [", absl::StrJoin((*label_view)->shape, ", "), "]"));
+  }
+  if (const auto* positions = std::get_if<v1::Tensor>(&args.logits_to_keep);
+      positions != nullptr && (positions->shape_size() != 2 || positions->shape(0) != batch)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logits_to_keep: expected (batch, K) positions, split with the batch (", batch,
+                     " rows); got shape [", absl::StrJoin(positions->shape(), ", "), "]"));
+  }
   const std::optional<v1::Tensor>& segment_ids = args.scoring.segment_ids;
   if (segment_ids.has_value() &&
       (segment_ids->shape_size() != 2 || segment_ids->shape(0) != batch)) {

@@ -98,5 +98,31 @@ TEST(ForwardChunkedTest, RefusesScoringIdsThatCannotBeSplitWithTheBatch) {
   refused(args, "candidate_ids: expected (C,) or (batch, kept positions, C)");
 }
 
+// Labels and positions split with the batch must have the job's rows too: a streamed job would
+// otherwise drop extra rows silently (one request is refused by the server).
+TEST(ForwardChunkedTest, RefusesLabelsAndPositionsWithOtherRowsThanTheJob) {
+  ClientOptions options;
+  options.timeout = std::chrono::seconds(5);
+  auto client = LMHeadClient::Connect("127.0.0.1:1", options);
+  const v1::Tensor hidden = Hidden(3, 2, 4);
+  const auto refused = [&](const ForwardArgs& args, const std::string& message) {
+    absl::StatusOr<v1::ForwardResponse> response =
+        client->ForwardChunked(hidden, args, /*max_micro_batch_bytes=*/32);
+    EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument) << response.status();
+    EXPECT_NE(response.status().message().find(message), absl::string_view::npos)
+        << response.status();
+  };
+  ForwardArgs args;
+  args.labels = Int64({4, 2}, {1, 2, 3, 4, 5, 6, 7, 8});
+  refused(args,
+          "labels: expected (batch, seq_len) like hidden_states, split with the batch (3 rows); "
+          "got shape [4, 2]");
+  args.labels = Int64({3, 2}, {1, 2, 3, 4, 5, 6});
+  args.logits_to_keep = Int64({2, 1}, {0, 1});
+  refused(args,
+          "logits_to_keep: expected (batch, K) positions, split with the batch (3 rows); got "
+          "shape [2, 1]");
+}
+
 }  // namespace
 }  // namespace lmhead

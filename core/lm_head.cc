@@ -113,7 +113,7 @@ LMOutput DefaultOutput(const at::Tensor& logits, const ForwardOptions& options) 
   }
   LMOutput out;
   if (!options.labels.has_value()) {
-    out.logits = logits;
+    if (options.return_logits != false) out.logits = logits;
   } else {
     const LossTerms terms = DefaultLoss(flat, labels, options.ignore_index, options.loss_reduction,
                                         options.z_loss_multiplier);
@@ -429,9 +429,11 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
   const LossImplementation implementation =
       options.loss_implementation.value_or(config_.loss_implementation);
   if (!options.labels.has_value()) {
-    if (options.return_logits == false) {
+    // Upstream's rule; the scoring outputs (an extension) are a reason to ask for no logits.
+    if (options.return_logits == false && !options.scoring.any()) {
       return InvalidArgument("return_logits",
-                             "'return_logits=False' is only valid when 'labels' is provided");
+                             "'return_logits=False' is only valid when 'labels' is provided (or "
+                             "a scoring output is asked for)");
     }
   } else {
     const at::Tensor& labels = *options.labels;

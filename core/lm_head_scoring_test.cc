@@ -254,6 +254,12 @@ TEST(LMHeadScoringTest, ScoresWithoutLabels) {
     EXPECT_TRUE(out->logits.has_value());
     ExpectSameScoring(out->scoring, Reference(*head, x, options), "no labels");
     EXPECT_EQ(out->scoring.top_k_ids->sizes(), (std::vector<int64_t>{3, 4, 7}));
+    // Scoring outputs alone: return_logits=False is valid without labels when they are asked.
+    options.return_logits = false;
+    out = head->Forward(x, options);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_FALSE(out->logits.has_value());
+    ExpectSameScoring(out->scoring, Reference(*head, x, options), "no labels, no logits");
   }
 }
 

@@ -323,9 +323,10 @@ absl::StatusOr<ForwardPlan> CheckResponseSize(ForwardPlan plan,
     parts.push_back(
         {std::string(name), bytes, absl::StrCat(ShapeText(sizes), " of ", DataTypeName(dtype))});
   };
+  // Without labels the logits come back unless a call asking for scoring outputs declines them.
   const bool returns_logits =
-      !losses.has_value() || (plan.options.return_logits != false &&
-                              plan.config.loss_implementation == LossImplementation::kDefault);
+      plan.options.return_logits != false &&
+      (!losses.has_value() || plan.config.loss_implementation == LossImplementation::kDefault);
   if (returns_logits) add("logits", {plan.batch, plan.kept, vocab_size}, plan.logits_dtype);
   if (plan.options.return_argmax) add("argmax", {plan.batch, plan.kept}, v1::DATA_TYPE_INT64);
   // Scoring outputs (never in shared memory): the continuations' at their most, one per kept

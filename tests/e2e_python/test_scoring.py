@@ -403,7 +403,34 @@ def test_bad_inputs_are_invalid_argument_naming_the_field(server, implementation
     with RemoteLMHead(server.address, model="fp32", timeout=60) as head:
         for kwargs, field in BAD:
             for call in (head.score, head.score_stream):
+                candidates = kwargs.get("candidate_ids")
+                if (call == head.score_stream and candidates is not None
+                        and candidates.dim() == 3 and len(candidates) != len(x)):
+                    # Rows that cannot be split with the job's: refused before sending.
+                    with pytest.raises(ValueError, match="^candidate_ids: .* 4 rows"):
+                        call(x, labels, loss_implementation=implementation, **kwargs)
+                    continue
                 with pytest.raises(LMHeadError) as error:
                     call(x, labels, loss_implementation=implementation, **kwargs)
                 assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT, (kwargs, error.value)
                 assert error.value.details.startswith(field), (kwargs, error.value.details)
+
+
+def test_streamed_rows_must_be_the_jobs(server):
+    """A streamed job's per-row arguments with more or fewer rows than the hidden states are
+    refused before anything is sent (one call would be refused by the server; split into
+    micro-batches, extra rows would be dropped silently)."""
+    x, labels, _ = _inputs(seed=8)
+    rows = len(x)
+    with RemoteLMHead(server.address, model="fp32", timeout=60) as head:
+        cases = [("labels", dict(labels=torch.cat([labels, labels[:1]]))),
+                 ("segment_ids", dict(labels=labels, segment_ids=torch.zeros(
+                     rows - 1, x.shape[1], dtype=torch.long))),
+                 ("logits_to_keep", dict(labels=labels, logits_to_keep=torch.zeros(
+                     rows + 1, 2, dtype=torch.long)))]
+        for name, kwargs in cases:
+            with pytest.raises(ValueError, match=f"^{name}: .*the job's {rows} rows"):
+                head.score_stream(x, **kwargs, micro_batch_size=1, label_logprobs=True)
+            if name != "segment_ids":
+                with pytest.raises(ValueError, match=f"^{name}: .*the job's {rows} rows"):
+                    head.forward_stream(x, **kwargs, micro_batch_size=1)

@@ -280,8 +280,8 @@ class RemoteLMHead:
             label was the argmax and the summed entropy, (B, G).
         forward_args: forward's ignore_index, loss_reduction, z_loss_multiplier,
         loss_div_factor, logits_to_keep, loss_implementation and fused_chunk_bytes.
-        Without labels every kept position is scored for entropy, top_k and candidates (the
-        call is sent with labels that are all ignore_index, so that no logits come back).
+        Without labels every kept position is scored for entropy, top_k and candidates (at least
+        one of them must be asked for; ValueError otherwise), and there is no loss.
 
         Returns Scores: torch tensors when hidden_states is a torch tensor, numpy arrays
         otherwise, as forward. Raises LMHeadError when the server refuses the call (an
@@ -742,13 +742,16 @@ def _refuse_scoring(forward_args: dict, method: str) -> None:
 def _score_arguments(x, labels, scoring: dict, forward_args: dict, method: str
                      ) -> Tuple[bool, dict]:
     """(whether labels were given, the forward arguments of the request) for score(x, labels,
-    **scoring, **forward_args): no logits; without labels, labels that are all ignore_index
-    (so that return_logits=False is allowed and no position is scored), the loss not asked."""
+    **scoring, **forward_args): no logits (return_logits=False, which the server takes without
+    labels when a scoring output is asked for); without labels no loss either."""
     for name in forward_args:
         if name not in _SCORE_FORWARD_ARGS:
             raise TypeError(f"{method}() got an unexpected keyword argument {name!r}"
                             + (" (it returns no logits)" if name in (
                                 "return_logits", "logits_dtype", "return_argmax") else ""))
+    top_k = scoring.get("top_k", 0)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise TypeError(f"top_k: expected an integer from 0 to 64, got {top_k!r}")
     args = dict(forward_args, **scoring)
     has_labels = labels is not None
     if not has_labels:
@@ -756,19 +759,13 @@ def _score_arguments(x, labels, scoring: dict, forward_args: dict, method: str
             value = scoring.get(name)
             if value is not None and value is not False:
                 raise ValueError(f"scoring: {name} needs labels")
+        if not (scoring.get("entropy") or top_k or scoring.get("candidate_ids") is not None):
+            raise ValueError(f"{method}: without labels ask for entropy, top_k or "
+                             "candidate_ids (the others need labels)")
         for name in ("loss_reduction", "z_loss_multiplier", "loss_div_factor"):
             args.pop(name, None)
-        args["loss_reduction"] = "sum"  # over no token: 0, and valid for an empty batch
-        shape = tuple(x.shape)
-        if len(shape) >= 2:
-            ignore_index = int(forward_args.get("ignore_index", -100))
-            dtype = np.int32 if -2**31 <= ignore_index < 2**31 else np.int64
-            labels = np.full(shape[:2], ignore_index, dtype=dtype)
-            if _tensors.is_torch(x):
-                labels = _tensors.torch.from_numpy(labels)
     args["labels"] = labels
-    if labels is not None:
-        args["return_logits"] = False
+    args["return_logits"] = False
     return has_labels, args
 
 
@@ -829,13 +826,25 @@ def _itemsize(x) -> int:
 def _row_arguments(batch: int, forward_args: dict) -> List[str]:
     """The forward arguments split with the batch: labels, segment_ids, a (B, K)
     logits_to_keep, a (B, S', C) candidate_ids, and for "none" a loss_div_factor with B rows.
-    Refuses what cannot be split."""
+    Refuses (ValueError naming the argument) what cannot be split, and per-row arguments whose
+    rows are not the job's: a micro-batch would otherwise drop or lack rows silently."""
+    def rows_of(name: str, what: str, rank: int) -> None:
+        shape = tuple(np.shape(forward_args[name]))
+        if len(shape) != rank or shape[0] != batch:
+            raise ValueError(f"{name}: expected {what} with the job's {batch} rows (split with "
+                             f"the batch into micro-batches), got shape {list(shape)}")
+
     names = [name for name in ("labels", "segment_ids") if forward_args.get(name) is not None]
+    for name in names:
+        rows_of(name, "(batch, seq_len)", 2)
+    # The splittable forms (other ranks go whole to every micro-batch: the server names them).
     keep = forward_args.get("logits_to_keep", 0)
-    if not isinstance(keep, (int, np.integer)) and len(keep.shape) == 2 and keep.shape[0] == batch:
+    if not isinstance(keep, (int, np.integer)) and len(np.shape(keep)) == 2:
+        rows_of("logits_to_keep", "(batch, K) positions", 2)
         names.append("logits_to_keep")
     candidates = forward_args.get("candidate_ids")
-    if candidates is not None and len(np.shape(candidates)) == 3 and len(candidates) == batch:
+    if candidates is not None and len(np.shape(candidates)) == 3:
+        rows_of("candidate_ids", "(batch, kept positions, C)", 3)
         names.append("candidate_ids")
     div = forward_args.get("loss_div_factor")
     if (div is not None and not isinstance(div, (int, float, np.number))
