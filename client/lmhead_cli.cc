@@ -298,7 +298,8 @@ int RunForward(const Values& values) {
   }
   if (!absl::SimpleAtoi(Get(values, "top_k"), &args.scoring.top_k) || args.scoring.top_k < 0 ||
       args.scoring.top_k > kMaxTopK) {
-    return UsageError(command, absl::StrCat("--top_k: expected an integer from 0 to ", kMaxTopK));
+    return UsageError(command, absl::StrCat("--top_k: expected an integer from 0 to ", kMaxTopK,
+                                            ", got '", Get(values, "top_k"), "'"));
   }
   for (const char* file : {"candidate_ids", "segment_ids"}) {
     const std::string name_flag = absl::StrCat(file, "_name");
@@ -459,7 +460,7 @@ std::vector<Command> Commands() {
          ""},
         {"entropy", "", "write entropy: -sum p log p per kept position", ""},
         {"label_rank", "",
-         "write label_rank: 1 + the tokens with a larger logit than the label's, 0 where "
+         "write label_rank: 1 + the tokens with a strictly larger logit than the label's, 0 where "
          "ignored (needs --labels)",
          ""},
         {"top_k", "K",
