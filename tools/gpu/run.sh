@@ -7,7 +7,8 @@
 #
 # Several steps may be given as one word list, e.g. "test server"; `all` is "test bench". test
 # also runs core/lm_head_scoring_test.cc's exact cases on cuda:0; scoring: issue 14's scoring
-# outputs timed against the loss alone (gpu_lm_head_bench --scoring).
+# outputs timed against the loss alone (gpu_lm_head_bench --scoring), and
+# tests/e2e_python/test_scoring.py through a server on cuda:0.
 # parity: the parity suite (tests/parity) with our head on cuda:0 against olmo_core on the same
 # GPU (its PyTorch path and its Liger path; wheels from .gpu/olmo and .gpu/whl). oom: the real
 # server run out of device memory (tests/gpu/gpu_server_oom_test.cc). serving: issue 12's serving
@@ -103,10 +104,6 @@ if wants test; then
       || { echo "scoring $tool: errors"; tail -30 "$out/scoring_$tool.txt"; }
   done
 fi
-if wants scoring; then
-  echo "== scoring outputs against the loss alone (gpu_lm_head_bench --scoring, issue 14)"
-  step "$build/gpu_lm_head_bench" --scoring | tee "$out/scoring.txt"
-fi
 if wants parity; then
   echo "== parity against olmo_core on the same GPU (tests/parity, LMHEAD_PARITY_DEVICE=cuda:0)"
   build_parity_runner() {
@@ -134,7 +131,8 @@ if wants parity; then
     echo "!! parity: the runner did not build or the wheels did not install"
   fi
 fi
-if wants server || wants oom || wants serving || wants executor || wants e2e || wants shm; then
+if wants server || wants oom || wants serving || wants executor || wants e2e || wants shm ||
+  wants scoring; then
   echo "== build the server and the CLI"
   # grpc.pc names openssl, whose -dev package is not there; libgrpc links it itself.
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
@@ -297,6 +295,26 @@ if wants shm; then
     > "$out/gpu_python_ipc.txt" 2>&1 && echo "python cuda ipc test: passed" \
     || echo "python cuda ipc test: FAILED"
   tail -40 "$out/gpu_python_ipc.txt" | cut -c1-400
+fi
+if wants scoring; then
+  echo "== scoring outputs against the loss alone (gpu_lm_head_bench --scoring, issue 14)"
+  step "$build/gpu_lm_head_bench" --scoring | tee "$out/scoring.txt"
+  echo "== the scoring tests through gRPC, the server on cuda:0 (tests/e2e_python/test_scoring.py)"
+  pydeps="$deps/py"
+  python3 -m pip install -q --no-deps --upgrade --target "$pydeps" .gpu/client/grpcio*.whl \
+    .gpu/olmo/*.whl > /dev/null 2>&1 || true
+  rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
+  # The tests' servers, each on cuda:0 (the last --device given wins). Not the test that a
+  # streamed job gives one call's bits: on the CPU a row's softmax sums the same way whatever the
+  # batch; CUDA's reductions (and GEMMs) pick their order by shape, so the bits differ there.
+  printf '#!/bin/sh\nexec %s "$@" --device cuda:0\n' "$build/lmhead_server" > "$build/server_on_gpu"
+  chmod +x "$build/server_on_gpu"
+  LMHEAD_SERVER="$build/server_on_gpu" PYTHONPATH="$pydeps:client/python" timeout "$limit" \
+    python3 -m pytest -q -p no:cacheprovider tests/e2e_python/test_scoring.py \
+    -k "not test_score_stream_equals_one_call" \
+    > "$out/gpu_python_scoring.txt" 2>&1 && echo "python scoring tests on cuda:0: passed" \
+    || echo "python scoring tests on cuda:0: FAILED"
+  tail -15 "$out/gpu_python_scoring.txt" | cut -c1-400
 fi
 if wants server; then
   echo "== the same demo head served from the CPU and from cuda:0"
