@@ -705,11 +705,11 @@ std::vector<absl::StatusOr<LMOutput>> LMHead::ForwardBatch(
     const std::vector<ForwardItem>& items) const {
   std::vector<absl::StatusOr<LMOutput>> results(
       items.size(), absl::InternalError("ForwardBatch: item not computed"));
-  // The valid items by loss implementation path; fused_linear items with scoring outputs run
-  // alone (their pass carries per-token state of their own options).
+  // The valid items by path: fused_linear without and with scoring outputs (one pass each), and
+  // the logits path.
   std::vector<size_t> fused_linear;
   std::vector<size_t> logits;
-  std::vector<size_t> alone;
+  std::vector<size_t> scoring;
   for (size_t i = 0; i < items.size(); ++i) {
     const ForwardItem& item = items[i];
     absl::Status status = item.validated ? absl::OkStatus() : ValidateForward(item.x, item.options);
@@ -721,11 +721,14 @@ std::vector<absl::StatusOr<LMOutput>> LMHead::ForwardBatch(
     if (!UsesFusedLinear(item.options)) {
       logits.push_back(i);
     } else {
-      (item.options.scoring.any() ? alone : fused_linear).push_back(i);
+      (item.options.scoring.any() ? scoring : fused_linear).push_back(i);
     }
   }
-  for (const size_t i : alone) {
-    results[i] = ForwardValidated(items[i].x, items[i].options, /*queue_index_check=*/false);
+  if (scoring.size() == 1) {
+    const ForwardItem& item = items[scoring.front()];
+    results[scoring.front()] = ForwardValidated(item.x, item.options, /*queue_index_check=*/false);
+  } else if (scoring.size() > 1) {
+    ForwardPackedScoring(items, scoring, results);
   }
   for (const bool fused : {true, false}) {
     const std::vector<size_t>& group = fused ? fused_linear : logits;
@@ -737,6 +740,156 @@ std::vector<absl::StatusOr<LMOutput>> LMHead::ForwardBatch(
     }
   }
   return results;
+}
+
+void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
+                                  const std::vector<size_t>& group,
+                                  std::vector<absl::StatusOr<LMOutput>>& results) const {
+  c10::InferenceMode inference;
+  // One valid item of the group, its index tensors on x's device.
+  struct Member {
+    size_t index;
+    ForwardOptions options;
+    ScoringOptions scoring;  // over its kept positions (KeptScoring)
+    at::Tensor labels;       // its kept labels (B * S',) int64
+    int64_t batch = 0;
+    int64_t kept = 0;
+    int64_t row = 0;  // first row in the packed tokens
+    // The count of scored positions and G when taken on the host, else queued on the device.
+    std::optional<int64_t> host_scored;
+    at::Tensor device_scored;
+    std::optional<int64_t> host_groups;
+    at::Tensor device_groups;
+  };
+  std::vector<Member> members;
+  std::vector<at::Tensor> kept_x;
+  int64_t rows = 0;
+  for (const size_t i : group) {
+    const ForwardItem& item = items[i];
+    absl::Status prepared = CatchTorchErrors([&]() -> absl::Status {
+      Member member{i, IndexTensorsOn(item.options, item.x.device())};
+      member.host_scored = HostScoredCount(item.options);
+      member.host_groups = HostSegmentCount(item.options);
+      if (!member.host_scored.has_value()) member.device_scored = QueueScoredCount(member.options);
+      if (!member.host_groups.has_value()) member.device_groups = SegmentCount(member.options);
+      const at::Tensor x = SelectPositions(item.x, member.options.logits_to_keep);
+      member.batch = x.size(0);
+      member.kept = x.size(1);
+      member.row = rows;
+      member.labels = KeptLabels(member.options);
+      member.scoring = KeptScoring(member.options, member.batch, member.kept);
+      kept_x.push_back(x.reshape({-1, d_model_}));
+      rows += member.batch * member.kept;
+      members.push_back(std::move(member));
+      return absl::OkStatus();
+    });
+    if (!prepared.ok()) {
+      results[i] = std::move(prepared);
+      kept_x.resize(members.size());
+    }
+  }
+  if (members.empty()) return;
+
+  // One scoring pass over every kept token of the group, asking what any member asks: the
+  // largest k, every member's candidates padded to the largest C (id 0), and the labels with
+  // each member's ignored positions marked -1 (never a valid id), the pass's ignore_index.
+  FusedScores fused;
+  absl::Status computed = CatchTorchErrors([&]() -> absl::Status {
+    at::Tensor h = at::cat(kept_x);
+    if (norm_ != nullptr) h = norm_->Forward(h);
+    ScoringOptions all;
+    int64_t candidates = 0;
+    bool with_argmax = false;
+    bool same_chunk_bytes = true;
+    std::vector<at::Tensor> labels;
+    for (const Member& member : members) {
+      const ScoringOptions& own = member.scoring;
+      all.label_logprobs = all.label_logprobs || own.label_logprobs;
+      all.entropy = all.entropy || own.entropy;
+      all.label_rank = all.label_rank || own.label_rank;
+      all.top_k = std::max(all.top_k, own.top_k);
+      if (own.segment_ids.has_value()) all.segment_ids = own.segment_ids;  // only its presence
+      if (own.candidate_ids.has_value()) {
+        candidates = std::max(candidates, own.candidate_ids->size(-1));
+      }
+      with_argmax = with_argmax || member.options.return_argmax;
+      same_chunk_bytes = same_chunk_bytes && member.options.fused_chunk_bytes ==
+                                                 members.front().options.fused_chunk_bytes;
+      labels.push_back(
+          member.labels.masked_fill(member.labels.eq(member.options.ignore_index), -1));
+    }
+    if (candidates > 0) {
+      std::vector<at::Tensor> per_row;
+      for (const Member& member : members) {
+        const int64_t n = member.batch * member.kept;
+        at::Tensor ids = at::zeros({n, candidates}, h.options().dtype(at::kLong));
+        if (member.scoring.candidate_ids.has_value()) {
+          const at::Tensor& own = *member.scoring.candidate_ids;
+          ids.narrow(1, 0, own.size(-1)).copy_(own.dim() == 1 ? own.expand({n, own.size(0)}) : own);
+        }
+        per_row.push_back(ids);
+      }
+      all.candidate_ids = at::cat(per_row);
+    }
+    const int64_t chunk_bytes = FusedChunkBytes(
+        same_chunk_bytes ? members.front().options.fused_chunk_bytes : 0, h.device());
+    fused = ScoreHiddenStates(h.contiguous(), weight_, bias_, at::cat(labels), /*ignore_index=*/-1,
+                              all, with_argmax, chunk_bytes);
+    return absl::OkStatus();
+  });
+
+  // Each member finalised on its own rows, as ForwardChecked finalises one forward.
+  for (const Member& member : members) {
+    const int64_t n = member.batch * member.kept;
+    results[member.index] = CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
+      if (!computed.ok()) return computed;
+      const auto rows_of = [&](const at::Tensor& t) {
+        return t.defined() ? t.narrow(0, member.row, n) : t;
+      };
+      LogitStats stats{rows_of(fused.stats.lse), rows_of(fused.stats.label_logit),
+                       rows_of(fused.stats.argmax)};
+      const ForwardOptions& options = member.options;
+      const LossTerms terms = FinishFusedLinearLoss(
+          stats, member.labels, options.ignore_index, options.loss_reduction,
+          options.z_loss_multiplier, weight_.scalar_type(), options.return_argmax);
+      LMOutput out = FusedOutput(terms, member.batch, member.kept, options);
+      PositionScores scores;
+      const PositionScores& packed = fused.scores;
+      scores.label_logprobs = rows_of(packed.label_logprobs);
+      scores.entropy = rows_of(packed.entropy);
+      scores.label_rank = rows_of(packed.label_rank);
+      scores.argmax = rows_of(packed.argmax);
+      if (member.scoring.top_k > 0) {
+        scores.top_k_ids = rows_of(packed.top_k_ids).narrow(1, 0, member.scoring.top_k);
+        scores.top_k_logprobs = rows_of(packed.top_k_logprobs).narrow(1, 0, member.scoring.top_k);
+      }
+      if (member.scoring.candidate_ids.has_value()) {
+        scores.candidate_logprobs =
+            rows_of(packed.candidate_logprobs).narrow(1, 0, member.scoring.candidate_ids->size(-1));
+      }
+      out.scoring = AssembleScoringOutputs(scores, member.batch, member.kept, member.labels,
+                                           options.ignore_index, member.scoring,
+                                           /*groups=*/member.kept);
+      if (member.host_scored.has_value()) out.num_scored_tokens = *member.host_scored;
+      if (member.host_groups.has_value()) KeepSegments(out.scoring, *member.host_groups);
+      return out;
+    });
+  }
+  // Counts on the device are read once the whole group is queued.
+  for (const Member& member : members) {
+    absl::StatusOr<LMOutput>& output = results[member.index];
+    if (!output.ok()) continue;
+    absl::Status read = CatchTorchErrors([&]() -> absl::Status {
+      if (member.device_scored.defined()) {
+        output->num_scored_tokens = member.device_scored.item<int64_t>();
+      }
+      if (member.device_groups.defined()) {
+        KeepSegments(output->scoring, member.device_groups.item<int64_t>());
+      }
+      return absl::OkStatus();
+    });
+    if (!read.ok()) output = std::move(read);
+  }
 }
 
 void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,

@@ -169,8 +169,9 @@ class LMHead {
   // finalised on its own slice: labels, ignore_index, logits_to_keep, z-loss, reduction,
   // loss_div_factor, return_logits, return_argmax and scoring act per item (a `default` item's
   // scoring outputs come from its slice of the packed logits, its continuation sums from its own
-  // rows; a `fused_linear` item asking for any scoring output runs alone, as Forward, since
-  // its pass carries per-token state of its own options). An invalid item, or one whose
+  // rows; `fused_linear` items asking for scoring outputs share one scoring pass of their own,
+  // which computes for every token what any of them asks: the largest top_k, every candidate
+  // list, and each item keeps its own). An invalid item, or one whose
   // interrupt_check fails before the batch starts, gets its status without affecting the others.
   // interrupt_check is polled once per item before the packed compute, not between its chunks.
   // Results come in item order. Each x must be on the head's device; index tensors may be on
@@ -230,6 +231,11 @@ class LMHead {
   // UsesFusedLinear for all or for none), writing their results.
   void ForwardPacked(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,
                      bool fused_linear, std::vector<absl::StatusOr<LMOutput>>& results) const;
+  // ForwardBatch's packed compute of the fused_linear items `group` (two or more, valid) that
+  // ask for scoring outputs: one scoring pass (FusedScores) for all their kept tokens, asking what
+  // any of them asks, then each item's loss terms and outputs from its own rows.
+  void ForwardPackedScoring(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,
+                            std::vector<absl::StatusOr<LMOutput>>& results) const;
   // Everything ValidateForward checks except the values of the index tensors.
   absl::Status ValidateStructure(const at::Tensor& x, const ForwardOptions& options) const;
   // The values of the index tensors: positions in [0, seq_len), kept labels in [0, vocab_size)

@@ -450,8 +450,9 @@ TEST(LMHeadScoringTest, InterruptCheckStopsBetweenScoringChunks) {
   EXPECT_EQ(checks, 5);  // before the compute and before each of the 4 chunks
 }
 
-// ForwardBatch: every item's scoring outputs are Forward's (default items packed, fused_linear
-// items asking for scoring alone), beside items that ask for none.
+// ForwardBatch: every item's scoring outputs are Forward's (default items packed into one GEMM,
+// fused_linear items asking for scoring into one scoring pass, with their own k, candidates,
+// ignore_index and argmax), beside items that ask for none.
 TEST(LMHeadScoringTest, ForwardBatchEqualsForwardPerItem) {
   for (const DType dtype : {DType::kFloat32, DType::kBFloat16}) {
     SCOPED_TRACE(Name(dtype));
@@ -486,6 +487,12 @@ TEST(LMHeadScoringTest, ForwardBatchEqualsForwardPerItem) {
       }
       items.push_back(std::move(item));
     }
+    // Packed fused_linear scoring items that differ in more than their outputs.
+    items[5].options.return_argmax = true;
+    items[6].options.ignore_index = -7;
+    items[6].options.labels->index_put_({0, 0}, -7);
+    items[6].options.z_loss_multiplier = 1e-3;
+    items[6].options.loss_reduction = LossReduction::kNone;
     const std::vector<absl::StatusOr<LMOutput>> batch = head->ForwardBatch(items);
     ASSERT_EQ(batch.size(), items.size());
     for (size_t i = 0; i < items.size(); ++i) {
@@ -497,6 +504,12 @@ TEST(LMHeadScoringTest, ForwardBatchEqualsForwardPerItem) {
       EXPECT_EQ(batch[i]->num_scored_tokens, solo->num_scored_tokens) << what;
       if (solo->loss.has_value()) {
         EXPECT_TRUE(at::allclose(*batch[i]->loss, *solo->loss, 1e-5, 1e-6)) << what;
+      }
+      ASSERT_EQ(batch[i]->argmax.has_value(), solo->argmax.has_value()) << what;
+      if (solo->argmax.has_value()) EXPECT_TRUE(at::equal(*batch[i]->argmax, *solo->argmax));
+      ASSERT_EQ(batch[i]->z_loss.has_value(), solo->z_loss.has_value()) << what;
+      if (solo->z_loss.has_value()) {
+        EXPECT_TRUE(at::allclose(*batch[i]->z_loss, *solo->z_loss, 1e-5, 1e-6)) << what;
       }
     }
   }
