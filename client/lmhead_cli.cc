@@ -138,6 +138,11 @@ int Failed(const absl::Status& status) {
   return 1;
 }
 
+// Failed for an input file given by --`flag`: the message names the flag.
+int FailedInput(absl::string_view flag, const absl::Status& status) {
+  return Failed(absl::Status(status.code(), absl::StrCat("--", flag, ": ", status.message())));
+}
+
 // The connection flags of `command`: --timeout, --max_attempts.
 absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
   ClientOptions options;
@@ -336,12 +341,12 @@ int RunForward(const Values& values) {
   // the mapping (SerializeForwardRequest), their labels copied into them.
   absl::StatusOr<TensorView> hidden =
       MapTensorFile(Get(values, "hidden"), Get(values, "hidden_name"));
-  if (!hidden.ok()) return Failed(hidden.status());
+  if (!hidden.ok()) return FailedInput("hidden", hidden.status());
   std::optional<TensorView> labels;
   if (!Get(values, "labels").empty()) {
     absl::StatusOr<TensorView> mapped =
         MapTensorFile(Get(values, "labels"), Get(values, "labels_name"));
-    if (!mapped.ok()) return Failed(mapped.status());
+    if (!mapped.ok()) return FailedInput("labels", mapped.status());
     labels = *std::move(mapped);
   }
   // The scoring's ids are read whole (one copy; ForwardChunked copies each micro-batch's rows).
@@ -350,7 +355,7 @@ int RunForward(const Values& values) {
     if (Get(values, file).empty()) continue;
     absl::StatusOr<v1::Tensor> read =
         ReadTensorFile(Get(values, file), Get(values, absl::StrCat(file, "_name")));
-    if (!read.ok()) return Failed(read.status());
+    if (!read.ok()) return FailedInput(file, read.status());
     *ids = *std::move(read);
   }
 

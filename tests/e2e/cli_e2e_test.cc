@@ -164,7 +164,7 @@ TEST_F(CliTest, ErrorsAndHelp) {
   Result missing = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
                                        "/missing.npy --output ", dir, "/o.safetensors"));
   EXPECT_EQ(missing.exit_code, 1);
-  EXPECT_NE(missing.out.find("cannot open"), std::string::npos) << missing.out;
+  EXPECT_NE(missing.out.find("--hidden: cannot open"), std::string::npos) << missing.out;
   Result no_streams =
       RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir, "/h.npy --output ", dir,
                           "/o.safetensors --parallel_streams 0"));
@@ -688,7 +688,7 @@ TEST_F(CliScoringTest, UsageAndServerErrors) {
                     "/short_segments.safetensors"),
        "INVALID_ARGUMENT: segment_ids: expected (batch, seq_len) like labels, split with the "
        "batch (4 rows); got shape [2, 6]"},
-      {absl::StrCat(" --candidate_ids ", dir, "/missing.npy"), "cannot open"},
+      {absl::StrCat(" --candidate_ids ", dir, "/missing.npy"), "--candidate_ids: cannot open"},
   };
   for (const auto& [flags, message] : refused) {
     Result run = RunCli(base + flags);
