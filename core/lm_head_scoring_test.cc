@@ -21,6 +21,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -235,6 +236,55 @@ TEST(LMHeadScoringTest, BothImplementationsMatchScoreLogitsOnFloat64Logits) {
     }
   }
   EXPECT_EQ(checked, 2 * 2 * 4 * 5);
+}
+
+// A NaN in the hidden states makes its position's logits NaN: its log-probabilities, entropy and
+// the continuation it belongs to are NaN, as log_softmax gives; its rank is 1 and its top-k the
+// lowest ids (NaN ranks first, as torch.argmax and torch.sort rank it); the other positions are
+// untouched. Both implementations, against ScoreLogits on the float64 logits.
+TEST(LMHeadScoringTest, NaNHiddenStatesGiveNaNScores) {
+  std::unique_ptr<LMHead> head = ExactHead(LMHeadConfig{}, 300, 14);
+  at::Tensor x = ExactX(2, 4, at::kFloat, 15);
+  x.select(0, 0).select(0, 1).fill_(std::numeric_limits<float>::quiet_NaN());
+  for (const LossImplementation implementation :
+       {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
+    const std::string what(Name(implementation));
+    ForwardOptions options;
+    options.labels = at::randint(300, {2, 4}, at::kLong);
+    options.loss_implementation = implementation;
+    options.fused_chunk_bytes = 3000;  // several vocabulary chunks
+    options.scoring =
+        AllOutputs(2, 4, 300, 3, at::tensor({0, 0, 1, 1, 0, 0, 1, 1}, at::kLong).view({2, 4}));
+    absl::StatusOr<LMOutput> out = head->Forward(x, options);
+    ASSERT_TRUE(out.ok()) << what << ": " << out.status();
+    const ScoringOutputs want = Reference(*head, x, options);
+    const ScoringOutputs& got = out->scoring;
+    for (const auto& [name, g, w] :
+         {std::tuple{"label_logprobs", &got.label_logprobs, &want.label_logprobs},
+          std::tuple{"entropy", &got.entropy, &want.entropy},
+          std::tuple{"top_k_logprobs", &got.top_k_logprobs, &want.top_k_logprobs},
+          std::tuple{"candidate_logprobs", &got.candidate_logprobs, &want.candidate_logprobs},
+          std::tuple{"segment_logprob_sums", &got.segment_logprob_sums, &want.segment_logprob_sums},
+          std::tuple{"segment_entropy_sums", &got.segment_entropy_sums,
+                     &want.segment_entropy_sums}}) {
+      ASSERT_TRUE(g->has_value() && w->has_value()) << what << ": " << name;
+      EXPECT_TRUE(at::allclose((*g)->cpu(), (*w)->cpu(), 1e-5, 1e-4, /*equal_nan=*/true))
+          << what << ": " << name << "\n"
+          << **g << "\nvs\n"
+          << **w;
+    }
+    EXPECT_TRUE(std::isnan(got.entropy->cpu()[0][1].item<float>())) << what;
+    EXPECT_TRUE(std::isnan(got.segment_logprob_sums->cpu()[0][0].item<float>())) << what;
+    for (const auto& [name, g, w] :
+         {std::tuple{"label_rank", &got.label_rank, &want.label_rank},
+          std::tuple{"top_k_ids", &got.top_k_ids, &want.top_k_ids},
+          std::tuple{"segment_token_counts", &got.segment_token_counts, &want.segment_token_counts},
+          std::tuple{"segment_is_greedy", &got.segment_is_greedy, &want.segment_is_greedy}}) {
+      EXPECT_TRUE(at::equal((*g)->cpu(), (*w)->cpu())) << what << ": " << name << "\n"
+                                                       << **g << "\nvs\n"
+                                                       << **w;
+    }
+  }
 }
 
 // Entropy, top-k and candidates need no labels (the `default` path: logits only).

@@ -167,9 +167,9 @@ PositionScores ScoreLogitSlice(const at::Tensor& logits, const at::Tensor& label
         logprobs.gather(1, safe.unsqueeze(1)).squeeze(1).masked_fill(~valid, 0.0);
   }
   if (options.entropy || segments) {
-    // p log p is 0 where p is 0 (a logit of -inf, or one that underflows).
+    // p log p is 0 where p is 0 (a logit of -inf, or one that underflows); NaN stays NaN.
     const at::Tensor p = logprobs.exp();
-    scores.entropy = -at::where(p > 0, p * logprobs, at::zeros_like(p)).sum(-1);
+    scores.entropy = -at::where(p.eq(0), at::zeros_like(p), p * logprobs).sum(-1);
   }
   if (options.label_rank) {
     const at::Tensor label_logit = logits.gather(1, safe.unsqueeze(1));

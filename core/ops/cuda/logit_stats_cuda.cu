@@ -137,7 +137,13 @@ struct EntropyState {
   float w;
 };
 
+// A NaN logit makes the state NaN for good (m too, so that merges keep it): as log_softmax, the
+// row's sums are then NaN.
 __device__ __forceinline__ void AddEntropy(EntropyState& state, float x) {
+  if (isnan(x) || isnan(state.m)) {
+    state = {NAN, NAN, NAN};
+    return;
+  }
   if (x == -INFINITY) return;
   if (x > state.m) {
     if (state.m == -INFINITY) {
@@ -151,13 +157,14 @@ __device__ __forceinline__ void AddEntropy(EntropyState& state, float x) {
     state.m = x;
     return;
   }
-  const float d = x - state.m;  // NaN for a NaN x: the sums become NaN
+  const float d = x - state.m;
   const float e = __expf(d);
   state.s += e;
   state.w += e * d;
 }
 
 __device__ __forceinline__ EntropyState MergeEntropy(EntropyState a, EntropyState b) {
+  if (isnan(a.m) || isnan(b.m)) return {NAN, NAN, NAN};
   if (a.m == -INFINITY) return b;
   if (b.m == -INFINITY) return a;
   const float m = fmaxf(a.m, b.m);
