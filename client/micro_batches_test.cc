@@ -43,7 +43,9 @@ v1::Tensor ToTensor(const Json& json) {
   for (const Json& size : json["shape"]) tensor.add_shape(size.get<int64_t>());
   std::string data;
   for (const Json& value : json["values"]) {
-    if (dtype == v1::DATA_TYPE_INT64) {
+    if (dtype == v1::DATA_TYPE_BOOL) {
+      data.push_back(value.get<bool>() ? '\1' : '\0');
+    } else if (dtype == v1::DATA_TYPE_INT64) {
       const int64_t v = value.get<int64_t>();
       data.append(reinterpret_cast<const char*>(&v), sizeof(v));
     } else {
@@ -62,6 +64,16 @@ v1::ForwardResponse ToResponse(const Json& json) {
   if (json.contains("ce_loss")) *response.mutable_ce_loss() = ToTensor(json["ce_loss"]);
   if (json.contains("z_loss")) *response.mutable_z_loss() = ToTensor(json["z_loss"]);
   response.set_num_scored_tokens(json["num_scored_tokens"].get<int64_t>());
+  if (json.contains("scoring")) {
+    v1::ScoringOutputs* scoring = response.mutable_scoring();
+    for (const auto& [name, tensor] : json["scoring"].items()) {
+      const google::protobuf::FieldDescriptor* field =
+          v1::ScoringOutputs::descriptor()->FindFieldByName(name);
+      EXPECT_NE(field, nullptr) << name;
+      if (field == nullptr) continue;
+      scoring->GetReflection()->MutableMessage(scoring, field)->CopyFrom(ToTensor(tensor));
+    }
+  }
   return response;
 }
 
@@ -76,7 +88,7 @@ void ExpectSameTensor(bool has_got, const v1::Tensor& got, bool has_want, const 
             std::vector<int64_t>(want.shape().begin(), want.shape().end()))
       << what;
   ASSERT_EQ(got.data().size(), want.data().size()) << what;
-  if (got.dtype() == v1::DATA_TYPE_INT64) {
+  if (got.dtype() == v1::DATA_TYPE_INT64 || got.dtype() == v1::DATA_TYPE_BOOL) {
     EXPECT_EQ(got.data(), want.data()) << what;
     return;
   }
@@ -103,7 +115,7 @@ TEST(MicroBatchCombinerTest, SharedVectors) {
   std::ifstream file(path);
   ASSERT_TRUE(file) << path;
   const Json vectors = Json::parse(file);
-  ASSERT_GE(vectors["cases"].size(), 20u);
+  ASSERT_GE(vectors["cases"].size(), 24u);
   for (const Json& c : vectors["cases"]) {
     const std::string name = c["name"].get<std::string>();
     CombineOptions options;
@@ -135,6 +147,17 @@ TEST(MicroBatchCombinerTest, SharedVectors) {
                      name + ": ce_loss");
     ExpectSameTensor(got->has_z_loss(), got->z_loss(), want.has_z_loss(), want.z_loss(),
                      name + ": z_loss");
+    const google::protobuf::Descriptor* scoring = v1::ScoringOutputs::descriptor();
+    for (int f = 0; f < scoring->field_count(); ++f) {
+      const google::protobuf::FieldDescriptor* field = scoring->field(f);
+      const google::protobuf::Reflection* reflection = v1::ScoringOutputs::GetReflection();
+      ExpectSameTensor(
+          reflection->HasField(got->scoring(), field),
+          static_cast<const v1::Tensor&>(reflection->GetMessage(got->scoring(), field)),
+          reflection->HasField(want.scoring(), field),
+          static_cast<const v1::Tensor&>(reflection->GetMessage(want.scoring(), field)),
+          name + ": scoring." + field->name());
+    }
   }
 }
 

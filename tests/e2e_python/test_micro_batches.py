@@ -15,7 +15,7 @@ import torch
 
 from lmhead_client import LMHeadError, LMOutputWithLoss, RemoteLMHead
 from lmhead_client import _tensors
-from lmhead_client._micro_batches import MicroBatchCombiner
+from lmhead_client._micro_batches import SCORING_FIELDS, MicroBatchCombiner
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 from server_process import REPO, ServerProcess
 
@@ -29,6 +29,9 @@ def _number(value) -> float:
 
 def _tensor(spec) -> pb.Tensor:
     dtype = getattr(pb, "DATA_TYPE_" + spec["dtype"])
+    if dtype == pb.DATA_TYPE_BOOL:
+        array = np.array(spec["values"], dtype=np.bool_)
+        return pb.Tensor(dtype=dtype, shape=spec["shape"], data=array.tobytes())
     values = [_number(v) for v in spec["values"]]
     if dtype == pb.DATA_TYPE_INT64:
         array = np.array(values, dtype=np.int64)
@@ -44,6 +47,8 @@ def _response(spec) -> pb.ForwardResponse:
     for name in ("logits", "argmax", "loss", "ce_loss", "z_loss"):
         if name in spec:
             getattr(response, name).CopyFrom(_tensor(spec[name]))
+    for name, tensor in spec.get("scoring", {}).items():
+        getattr(response.scoring, name).CopyFrom(_tensor(tensor))
     return response
 
 
@@ -59,9 +64,10 @@ def test_shared_vectors(case):
     want = _response(case["expected"])
     assert combiner.num_scored_tokens == want.num_scored_tokens
     names = {n for n in ("logits", "argmax", "loss", "ce_loss", "z_loss") if want.HasField(n)}
-    assert set(got) == names
-    for name in names:
-        expected = _tensors.decode(getattr(want, name))
+    scored = {n for n in SCORING_FIELDS if want.scoring.HasField(n)}
+    assert set(got) == names | scored
+    for name in names | scored:
+        expected = _tensors.decode(getattr(want.scoring if name in scored else want, name))
         assert got[name].dtype == expected.dtype, name
         assert got[name].array.shape == expected.array.shape, name
         # Bit-exact, NaNs of any payload equal.
