@@ -437,9 +437,9 @@ void Serving(int64_t d, int64_t v, int64_t n, int rounds) {
 
 // Issue 14's scoring outputs at one shape, measured interleaved against the loss alone (the
 // fused kernel, ComputeLogitStats): fused_linear with label log-probabilities, entropy and rank;
-// with top-5 as well; with the continuation sums; and `default` (logits, then ScoreLogits) with
-// the same outputs. Each row prints its time, its ratio to the loss alone and its peak extra
-// device memory.
+// with top-5 or top-64 as well; with the continuation sums; and `default` (logits, then
+// ScoreLogits) with the same outputs. Each row prints its time, its ratio to the loss alone and its
+// peak extra device memory.
 void Scoring(int64_t d, int64_t v, int64_t n, int reps) {
   BenchInputs in = MakeBenchInputs(d, v, n);
   const at::Tensor x = in.x.view({1, n, d});
@@ -456,6 +456,7 @@ void Scoring(int64_t d, int64_t v, int64_t n, int reps) {
       {"fused_linear, loss only", LossImplementation::kFusedLinear, false, 0, false},
       {"fused_linear + logprobs, entropy, rank", LossImplementation::kFusedLinear, true, 0, false},
       {"fused_linear + those and top-5", LossImplementation::kFusedLinear, true, 5, false},
+      {"fused_linear + those and top-64", LossImplementation::kFusedLinear, true, 64, false},
       {"fused_linear + continuation sums", LossImplementation::kFusedLinear, false, 0, true},
       {"default + logprobs, entropy, rank, top-5", LossImplementation::kDefault, true, 5, false},
   };
