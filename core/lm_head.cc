@@ -556,6 +556,39 @@ absl::Status LMHead::ValidateForward(const at::Tensor& x, const ForwardOptions& 
 
 namespace {
 
+// A packed item's count of scored positions and G (its continuations): taken on the host where
+// its index tensors are there (free), else queued on the device and read once the whole group
+// is queued, so that no item waits for the device before the others are queued.
+struct ItemCounts {
+  std::optional<int64_t> host_scored;
+  at::Tensor device_scored;  // () int64, when not counted on the host
+  std::optional<int64_t> host_groups;
+  at::Tensor device_groups;  // () int64, when not counted on the host
+
+  // `given`: the item's options as it came; `on_device`: with its index tensors on x's device.
+  static ItemCounts Take(const ForwardOptions& given, const ForwardOptions& on_device) {
+    ItemCounts counts{HostScoredCount(given), {}, HostSegmentCount(given), {}};
+    if (!counts.host_scored.has_value()) counts.device_scored = QueueScoredCount(on_device);
+    if (!counts.host_groups.has_value()) counts.device_groups = SegmentCount(on_device);
+    return counts;
+  }
+  // Sets the counts taken on the host.
+  void SetHostCounts(LMOutput& out) const {
+    if (host_scored.has_value()) out.num_scored_tokens = *host_scored;
+    if (host_groups.has_value()) KeepSegments(out.scoring, *host_groups);
+  }
+  // Reads the counts queued on the device into `output`; a failure becomes its status.
+  void ReadDeviceCounts(absl::StatusOr<LMOutput>& output) const {
+    if (!output.ok()) return;
+    absl::Status read = CatchTorchErrors([&]() -> absl::Status {
+      if (device_scored.defined()) output->num_scored_tokens = device_scored.item<int64_t>();
+      if (device_groups.defined()) KeepSegments(output->scoring, device_groups.item<int64_t>());
+      return absl::OkStatus();
+    });
+    if (!read.ok()) output = std::move(read);
+  }
+};
+
 // An index range check queued on the device: the number of bad entries, of scored positions
 // and of continuations, copied to pinned host memory behind the check's kernels, and the event
 // after that copy.
@@ -755,11 +788,7 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
     int64_t batch = 0;
     int64_t kept = 0;
     int64_t row = 0;  // first row in the packed tokens
-    // The count of scored positions and G when taken on the host, else queued on the device.
-    std::optional<int64_t> host_scored;
-    at::Tensor device_scored;
-    std::optional<int64_t> host_groups;
-    at::Tensor device_groups;
+    ItemCounts counts;
   };
   std::vector<Member> members;
   std::vector<at::Tensor> kept_x;
@@ -768,10 +797,7 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
     const ForwardItem& item = items[i];
     absl::Status prepared = CatchTorchErrors([&]() -> absl::Status {
       Member member{i, IndexTensorsOn(item.options, item.x.device())};
-      member.host_scored = HostScoredCount(item.options);
-      member.host_groups = HostSegmentCount(item.options);
-      if (!member.host_scored.has_value()) member.device_scored = QueueScoredCount(member.options);
-      if (!member.host_groups.has_value()) member.device_groups = SegmentCount(member.options);
+      member.counts = ItemCounts::Take(item.options, member.options);
       const at::Tensor x = SelectPositions(item.x, member.options.logits_to_keep);
       member.batch = x.size(0);
       member.kept = x.size(1);
@@ -870,26 +896,12 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
       out.scoring = AssembleScoringOutputs(scores, member.batch, member.kept, member.labels,
                                            options.ignore_index, member.scoring,
                                            /*groups=*/member.kept);
-      if (member.host_scored.has_value()) out.num_scored_tokens = *member.host_scored;
-      if (member.host_groups.has_value()) KeepSegments(out.scoring, *member.host_groups);
+      member.counts.SetHostCounts(out);
       return out;
     });
   }
   // Counts on the device are read once the whole group is queued.
-  for (const Member& member : members) {
-    absl::StatusOr<LMOutput>& output = results[member.index];
-    if (!output.ok()) continue;
-    absl::Status read = CatchTorchErrors([&]() -> absl::Status {
-      if (member.device_scored.defined()) {
-        output->num_scored_tokens = member.device_scored.item<int64_t>();
-      }
-      if (member.device_groups.defined()) {
-        KeepSegments(output->scoring, member.device_groups.item<int64_t>());
-      }
-      return absl::OkStatus();
-    });
-    if (!read.ok()) output = std::move(read);
-  }
+  for (const Member& member : members) member.counts.ReadDeviceCounts(results[member.index]);
 }
 
 void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,
@@ -905,12 +917,8 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
     int64_t row = 0;   // first row in the packed tokens
     // fused_linear: the kept labels (B * S',) int64 on the host.
     at::Tensor host_labels;
-    // Logits path: the count of scored positions and G when taken on the host, else queued on
-    // the device (() int64 each).
-    std::optional<int64_t> host_scored;
-    at::Tensor device_scored;
-    std::optional<int64_t> host_groups;
-    at::Tensor device_groups;
+    // Logits path: the counts (the fused_linear path counts its labels on the host).
+    ItemCounts counts;
   };
   std::vector<Member> members;
   std::vector<at::Tensor> kept_x;  // (B * S', D) each
@@ -931,13 +939,8 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
           *positions = CopyToDevice(*positions, item.x.device());
         }
       } else {
-        member.host_scored = HostScoredCount(item.options);
-        member.host_groups = HostSegmentCount(item.options);
         member.options = IndexTensorsOn(item.options, item.x.device());
-        if (!member.host_scored.has_value()) {
-          member.device_scored = QueueScoredCount(member.options);
-        }
-        if (!member.host_groups.has_value()) member.device_groups = SegmentCount(member.options);
+        member.counts = ItemCounts::Take(item.options, member.options);
       }
       const at::Tensor x = SelectPositions(item.x, member.options.logits_to_keep);
       member.batch = x.size(0);
@@ -998,26 +1001,12 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
       LMOutput out = DefaultOutput(
           packed_logits.narrow(0, member.row, n).view({member.batch, member.kept, vocab_size_}),
           member.options);
-      if (member.host_scored.has_value()) out.num_scored_tokens = *member.host_scored;
-      if (member.host_groups.has_value()) KeepSegments(out.scoring, *member.host_groups);
+      member.counts.SetHostCounts(out);
       return out;
     });
   }
   // Counts on the device are read once the whole group is queued.
-  for (const Member& member : members) {
-    absl::StatusOr<LMOutput>& output = results[member.index];
-    if (!output.ok()) continue;
-    absl::Status read = CatchTorchErrors([&]() -> absl::Status {
-      if (member.device_scored.defined()) {
-        output->num_scored_tokens = member.device_scored.item<int64_t>();
-      }
-      if (member.device_groups.defined()) {
-        KeepSegments(output->scoring, member.device_groups.item<int64_t>());
-      }
-      return absl::OkStatus();
-    });
-    if (!read.ok()) output = std::move(read);
-  }
+  for (const Member& member : members) member.counts.ReadDeviceCounts(results[member.index]);
 }
 
 absl::Status NormalizedLMHead::CreateParameters(const c10::Device& device) {
