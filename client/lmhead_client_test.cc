@@ -67,61 +67,56 @@ TEST(MakeForwardRequestTest, FillsScoringOptions) {
   }
 }
 
-// Ids split with the batch must have the job's rows; refused before anything is sent (the
-// address is never dialled).
-TEST(ForwardChunkedTest, RefusesScoringIdsThatCannotBeSplitWithTheBatch) {
+// ForwardChunked of 3 rows of hidden states with `args` is INVALID_ARGUMENT containing `message`,
+// before anything is sent (the address is never dialled).
+void ExpectRefusedBeforeSending(const ForwardArgs& args, const std::string& message) {
   ClientOptions options;
   options.timeout = std::chrono::seconds(5);
   auto client = LMHeadClient::Connect("127.0.0.1:1", options);
-  const v1::Tensor hidden = Hidden(3, 2, 4);
-  const auto refused = [&](const ForwardArgs& args, const std::string& message) {
-    absl::StatusOr<v1::ForwardResponse> response =
-        client->ForwardChunked(hidden, args, /*max_micro_batch_bytes=*/32);
-    EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument) << response.status();
-    EXPECT_NE(response.status().message().find(message), absl::string_view::npos)
-        << response.status();
-  };
+  absl::StatusOr<v1::ForwardResponse> response =
+      client->ForwardChunked(Hidden(3, 2, 4), args, /*max_micro_batch_bytes=*/32);
+  EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument) << response.status();
+  EXPECT_NE(response.status().message().find(message), absl::string_view::npos)
+      << response.status();
+}
+
+// Ids split with the batch must have the job's rows; refused before anything is sent (the
+// address is never dialled).
+TEST(ForwardChunkedTest, RefusesScoringIdsThatCannotBeSplitWithTheBatch) {
   ForwardArgs args;
   args.labels = Int64({3, 2}, {1, 2, 3, 4, 5, 6});
   args.scoring.segment_ids = Int64({2, 2}, {0, 0, 0, 0});
-  refused(args,
-          "segment_ids: expected (batch, seq_len) like labels, split with the batch (3 rows); "
-          "got shape [2, 2]");
+  ExpectRefusedBeforeSending(
+      args,
+      "segment_ids: expected (batch, seq_len) like labels, split with the batch (3 rows); "
+      "got shape [2, 2]");
   args.scoring.segment_ids = Int64({6}, {0, 0, 0, 0, 0, 0});
-  refused(args, "segment_ids: expected (batch, seq_len)");
+  ExpectRefusedBeforeSending(args, "segment_ids: expected (batch, seq_len)");
   args.scoring.segment_ids.reset();
   args.scoring.candidate_ids = Int64({1, 2, 1}, {0, 1});
-  refused(args,
-          "candidate_ids: expected (C,) or (batch, kept positions, C), split with the batch "
-          "(3 rows); got shape [1, 2, 1]");
+  ExpectRefusedBeforeSending(
+      args,
+      "candidate_ids: expected (C,) or (batch, kept positions, C), split with the batch "
+      "(3 rows); got shape [1, 2, 1]");
   args.scoring.candidate_ids = Int64({3, 2}, {0, 1, 2, 3, 4, 5});
-  refused(args, "candidate_ids: expected (C,) or (batch, kept positions, C)");
+  ExpectRefusedBeforeSending(args, "candidate_ids: expected (C,) or (batch, kept positions, C)");
 }
 
 // Labels and positions split with the batch must have the job's rows too: a streamed job would
 // otherwise drop extra rows silently (one request is refused by the server).
 TEST(ForwardChunkedTest, RefusesLabelsAndPositionsWithOtherRowsThanTheJob) {
-  ClientOptions options;
-  options.timeout = std::chrono::seconds(5);
-  auto client = LMHeadClient::Connect("127.0.0.1:1", options);
-  const v1::Tensor hidden = Hidden(3, 2, 4);
-  const auto refused = [&](const ForwardArgs& args, const std::string& message) {
-    absl::StatusOr<v1::ForwardResponse> response =
-        client->ForwardChunked(hidden, args, /*max_micro_batch_bytes=*/32);
-    EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument) << response.status();
-    EXPECT_NE(response.status().message().find(message), absl::string_view::npos)
-        << response.status();
-  };
   ForwardArgs args;
   args.labels = Int64({4, 2}, {1, 2, 3, 4, 5, 6, 7, 8});
-  refused(args,
-          "labels: expected (batch, seq_len) like hidden_states, split with the batch (3 rows); "
-          "got shape [4, 2]");
+  ExpectRefusedBeforeSending(
+      args,
+      "labels: expected (batch, seq_len) like hidden_states, split with the batch (3 rows); "
+      "got shape [4, 2]");
   args.labels = Int64({3, 2}, {1, 2, 3, 4, 5, 6});
   args.logits_to_keep = Int64({2, 1}, {0, 1});
-  refused(args,
-          "logits_to_keep: expected (batch, K) positions, split with the batch (3 rows); got "
-          "shape [2, 1]");
+  ExpectRefusedBeforeSending(
+      args,
+      "logits_to_keep: expected (batch, K) positions, split with the batch (3 rows); got "
+      "shape [2, 1]");
 }
 
 }  // namespace
