@@ -77,7 +77,8 @@ TokenState Rows(const TokenState& all, int64_t t0, int64_t rows) {
 // max with -inf (no logit yet, or only -inf logits) as 0: what the sums are relative to.
 at::Tensor Shift(const at::Tensor& max) { return max.masked_fill(max.isneginf(), 0.0); }
 
-// The top-k keys and the candidates' logits of one chunk (`logits` in fp32) into `state`.
+// The top-k keys and the candidates' logits of one chunk into `state`; the keys need `logits` in
+// fp32, the candidates take them in any dtype (converted after the gather).
 void AccumulateTopKAndCandidates(const at::Tensor& logits, int64_t col0, TokenState& state) {
   const int64_t cols = logits.size(1);
   if (state.keys.defined()) {
@@ -93,7 +94,7 @@ void AccumulateTopKAndCandidates(const at::Tensor& logits, int64_t col0, TokenSt
     const at::Tensor columns =
         (ids - col0).clamp(0, cols - 1).expand({logits.size(0), state.candidate_logits.size(1)});
     state.candidate_logits.copy_(
-        at::where(in_range, logits.gather(1, columns), state.candidate_logits));
+        at::where(in_range, logits.gather(1, columns).to(at::kFloat), state.candidate_logits));
   }
 }
 
@@ -108,9 +109,10 @@ void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
       TORCH_CHECK(AccumulateTopK(chunk, col0, state.top_values, state.top_ids),
                   "the top-k kernel did not run where the scoring kernel did");
     }
-    if (state.keys.defined() || state.candidates.defined()) {
-      AccumulateTopKAndCandidates(chunk.to(at::kFloat), col0, state);
-    }
+    // Where the kernels run the top-k is theirs: only the candidates are left, gathered from the
+    // chunk as it is (no fp32 copy of the whole chunk).
+    TORCH_CHECK(!state.keys.defined(), "ATen top-k keys where the top-k kernel runs");
+    AccumulateTopKAndCandidates(chunk, col0, state);
     return;
   }
   const at::Tensor logits = chunk.to(at::kFloat);  // the compute dtype's values, exactly
