@@ -645,26 +645,31 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
 
 namespace {
 
-// ScoringOutputs' field `name` of `wire`.
-v1::Tensor* ScoringField(v1::ScoringOutputs* wire, absl::string_view name) {
-  using Field = v1::Tensor* (v1::ScoringOutputs::*)();
-  static const std::pair<absl::string_view, Field> kFields[] = {
-      {"label_logprobs", &v1::ScoringOutputs::mutable_label_logprobs},
-      {"entropy", &v1::ScoringOutputs::mutable_entropy},
-      {"label_rank", &v1::ScoringOutputs::mutable_label_rank},
-      {"top_k_ids", &v1::ScoringOutputs::mutable_top_k_ids},
-      {"top_k_logprobs", &v1::ScoringOutputs::mutable_top_k_logprobs},
-      {"candidate_logprobs", &v1::ScoringOutputs::mutable_candidate_logprobs},
-      {"segment_logprob_sums", &v1::ScoringOutputs::mutable_segment_logprob_sums},
-      {"segment_token_counts", &v1::ScoringOutputs::mutable_segment_token_counts},
-      {"segment_is_greedy", &v1::ScoringOutputs::mutable_segment_is_greedy},
-      {"segment_entropy_sums", &v1::ScoringOutputs::mutable_segment_entropy_sums},
-  };
-  for (const auto& [field_name, field] : kFields) {
-    if (field_name == name) return (wire->*field)();
-  }
-  return nullptr;
-}
+// Each scoring output: its name, the core's tensor and the response's field.
+struct ScoringFieldOf {
+  absl::string_view name;
+  std::optional<at::Tensor> ScoringOutputs::*core;
+  v1::Tensor* (v1::ScoringOutputs::*wire)();
+};
+constexpr ScoringFieldOf kScoringFields[] = {
+    {"label_logprobs", &ScoringOutputs::label_logprobs,
+     &v1::ScoringOutputs::mutable_label_logprobs},
+    {"entropy", &ScoringOutputs::entropy, &v1::ScoringOutputs::mutable_entropy},
+    {"label_rank", &ScoringOutputs::label_rank, &v1::ScoringOutputs::mutable_label_rank},
+    {"top_k_ids", &ScoringOutputs::top_k_ids, &v1::ScoringOutputs::mutable_top_k_ids},
+    {"top_k_logprobs", &ScoringOutputs::top_k_logprobs,
+     &v1::ScoringOutputs::mutable_top_k_logprobs},
+    {"candidate_logprobs", &ScoringOutputs::candidate_logprobs,
+     &v1::ScoringOutputs::mutable_candidate_logprobs},
+    {"segment_logprob_sums", &ScoringOutputs::segment_logprob_sums,
+     &v1::ScoringOutputs::mutable_segment_logprob_sums},
+    {"segment_token_counts", &ScoringOutputs::segment_token_counts,
+     &v1::ScoringOutputs::mutable_segment_token_counts},
+    {"segment_is_greedy", &ScoringOutputs::segment_is_greedy,
+     &v1::ScoringOutputs::mutable_segment_is_greedy},
+    {"segment_entropy_sums", &ScoringOutputs::segment_entropy_sums,
+     &v1::ScoringOutputs::mutable_segment_entropy_sums},
+};
 
 // Where a resolved slice's bytes are, keeping its region mapped while they are used.
 ExternalBytes BytesOf(const RegionSlice& slice) {
@@ -761,11 +766,11 @@ absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
     ref->set_byte_size(to.byte_size);
   }
   // Scoring outputs, always in the response.
-  ScoringOutputs scoring = output.scoring;
-  for (const auto& [name, value] : ScoringTensors(scoring)) {
-    if (!value->has_value()) continue;
-    v1::Tensor* wire = ScoringField(response->mutable_scoring(), name);
-    if (absl::Status status = EncodeTensor(**value, DataTypeOf((*value)->scalar_type()), wire);
+  for (const ScoringFieldOf& field : kScoringFields) {
+    const std::optional<at::Tensor>& value = output.scoring.*field.core;
+    if (!value.has_value()) continue;
+    v1::Tensor* wire = (response->mutable_scoring()->*field.wire)();
+    if (absl::Status status = EncodeTensor(*value, DataTypeOf(value->scalar_type()), wire);
         !status.ok()) {
       return status;
     }
@@ -787,16 +792,11 @@ absl::Status EncodeOutputs(const LMOutput& output, const ForwardPlan& plan,
 
 std::vector<std::pair<absl::string_view, std::optional<at::Tensor>*>> ScoringTensors(
     ScoringOutputs& outputs) {
-  return {{"label_logprobs", &outputs.label_logprobs},
-          {"entropy", &outputs.entropy},
-          {"label_rank", &outputs.label_rank},
-          {"top_k_ids", &outputs.top_k_ids},
-          {"top_k_logprobs", &outputs.top_k_logprobs},
-          {"candidate_logprobs", &outputs.candidate_logprobs},
-          {"segment_logprob_sums", &outputs.segment_logprob_sums},
-          {"segment_token_counts", &outputs.segment_token_counts},
-          {"segment_is_greedy", &outputs.segment_is_greedy},
-          {"segment_entropy_sums", &outputs.segment_entropy_sums}};
+  std::vector<std::pair<absl::string_view, std::optional<at::Tensor>*>> tensors;
+  for (const ScoringFieldOf& field : kScoringFields) {
+    tensors.emplace_back(field.name, &(outputs.*field.core));
+  }
+  return tensors;
 }
 
 }  // namespace lmhead
