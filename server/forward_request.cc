@@ -479,11 +479,13 @@ absl::Status ResolveRegions(const v1::ForwardRequest& request, const SharedMemor
 
 absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
                                         const v1::ForwardRequest& request,
-                                        const SharedMemoryAccess& shared_memory) {
+                                        const SharedMemoryAccess& shared_memory,
+                                        const DetachedData* hidden_states_data) {
   if (absl::Status allowed = CheckSharedMemoryAllowed(request, shared_memory); !allowed.ok()) {
     return allowed;
   }
   ForwardPlan plan;
+  plan.hidden_states_data = hidden_states_data;
   absl::StatusOr<std::shared_ptr<const Model>> model = registry.Find(request.model());
   if (!model.ok()) return model.status();
   plan.model = *std::move(model);
@@ -532,7 +534,7 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
 
   // Tensor shapes.
   absl::StatusOr<std::vector<int64_t>> x_shape =
-      ValidateTensor(request.hidden_states(), kHiddenRule);
+      ValidateTensor(request.hidden_states(), kHiddenRule, hidden_states_data);
   if (!x_shape.ok()) return x_shape.status();
   plan.batch = (*x_shape)[0];
   plan.length = (*x_shape)[1];
@@ -692,12 +694,15 @@ absl::StatusOr<at::Tensor> DecodeField(const v1::Tensor& tensor, const TensorRul
 
 }  // namespace
 
-absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan) {
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan,
+                                        bool pinned) {
   // Hidden states may be read where they are: any value is valid. The index tensors and the
   // divisor are validated by their values (ValidateForward, after this): those are copied out of
   // shared memory first, so that the client cannot change them between the check and the use.
   absl::StatusOr<at::Tensor> x =
-      DecodeField(request.hidden_states(), kHiddenRule, *plan, /*private_copy=*/false);
+      plan->hidden_states_data != nullptr
+          ? DecodeTensor(request.hidden_states(), kHiddenRule, plan->hidden_states_data, pinned)
+          : DecodeField(request.hidden_states(), kHiddenRule, *plan, /*private_copy=*/false);
   if (!x.ok()) return x.status();
   ForwardOptions& options = plan->options;
   if (request.has_labels()) {

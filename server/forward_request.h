@@ -25,6 +25,7 @@
 #include "proto/lmhead/v1/lmhead.pb.h"
 #include "server/model_registry.h"
 #include "server/options.h"
+#include "server/received_request.h"
 #include "server/shared_memory/shared_memory.h"
 
 namespace lmhead {
@@ -60,6 +61,9 @@ struct ForwardPlan {
   // there, by name ("logits", "loss", "ce_loss", "z_loss", "argmax"). Empty without shared memory.
   std::map<std::string, RegionSlice> shared_inputs;
   std::map<std::string, RegionSlice> shared_outputs;
+  // hidden_states.data when the frontend kept it out of the message (server/received_request.h);
+  // it lives as long as the request.
+  const DetachedData* hidden_states_data = nullptr;
 };
 
 // Checks every field of `request` against its model and `limits`: the model's name, the config
@@ -69,10 +73,13 @@ struct ForwardPlan {
 // (--max_response_bytes, outputs written to regions not counted). Then resolves every region
 // the request names through `shared_memory` and checks offset + byte_size against the region's
 // size: FAILED_PRECONDITION when shared memory is off, NOT_FOUND for a region this connection
-// did not register. Reads shapes and enums only; allocates no tensor data.
+// did not register. `hidden_states_data`, when not null, is the request's hidden_states.data,
+// kept out of the message (ReceivedForwardRequest). Reads shapes and enums only; allocates no
+// tensor data.
 absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
                                         const v1::ForwardRequest& request,
-                                        const SharedMemoryAccess& shared_memory = {});
+                                        const SharedMemoryAccess& shared_memory = {},
+                                        const DetachedData* hidden_states_data = nullptr);
 
 // The request's tensors, in their wire dtypes: the hidden states (returned; the executor moves
 // them to its device, counts their NaN/infinite values and converts them to the compute dtype
@@ -80,8 +87,11 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
 // request where they can, so `request` must outlive them; hidden states in a region are read
 // there (on the host, or on the region's CUDA device), while the index tensors and the divisor
 // are copied out of their regions into host memory of their own before anyone validates them.
+// Hidden states kept out of the message (plan->hidden_states_data) are gathered into host memory
+// of their own, pinned when `pinned` (for a CUDA device: the one copy before the transfer).
 // May throw c10::Error.
-absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan);
+absl::StatusOr<at::Tensor> DecodeInputs(const v1::ForwardRequest& request, ForwardPlan* plan,
+                                        bool pinned = false);
 
 // Writes LMHead.forward's outputs and the bookkeeping fields (num_scored_tokens, model, version)
 // into `response`; an output that the plan sends to a region is written there, and its response

@@ -3,7 +3,8 @@
 // does not overflow, and a byte length (of `data`, or Tensor.shared_memory's byte_size) equal to
 // numel * element size. Messages start with the field's name ("hidden_states.shape[2]: ...") and
 // say what was expected. A tensor's bytes in shared memory are read and written through
-// ExternalBytes, which the caller resolves (server/forward_request.cc).
+// ExternalBytes, which the caller resolves (server/forward_request.cc); a `data` field kept in
+// the buffers it was received in, through DetachedData (server/received_request.h).
 #ifndef LMHEAD_SERVER_TENSOR_CODEC_H_
 #define LMHEAD_SERVER_TENSOR_CODEC_H_
 
@@ -21,6 +22,7 @@
 #include "absl/strings/string_view.h"
 #include "proto/lmhead/v1/lmhead.pb.h"
 #include "proto/wire_dtype.h"
+#include "server/received_request.h"
 
 namespace lmhead {
 
@@ -39,15 +41,21 @@ struct TensorRule {
 
 // Checks `tensor` against `rule` and returns its shape. Allocates nothing beyond the shape. A
 // tensor with `shared_memory` set must have empty `data`, and shared_memory.byte_size is checked
-// as the length of `data` is otherwise (its region is not looked at here).
+// as the length of `data` is otherwise (its region is not looked at here). `detached`, when not
+// null, is the tensor's `data`, kept out of the message.
 absl::StatusOr<std::vector<int64_t>> ValidateTensor(const v1::Tensor& tensor,
-                                                    const TensorRule& rule);
+                                                    const TensorRule& rule,
+                                                    const DetachedData* detached = nullptr);
 
 // Validates, then returns a CPU tensor over `tensor.data()` without copying when the bytes are
 // aligned for the element type (else a copy). The result aliases the message: it must not
-// outlive it and must not be written to. FAILED_PRECONDITION for a tensor whose bytes are in
-// shared memory (DecodeExternalTensor reads those).
-absl::StatusOr<at::Tensor> DecodeTensor(const v1::Tensor& tensor, const TensorRule& rule);
+// outlive it and must not be written to. With `detached` (the tensor's `data`, kept out of the
+// message), its bytes are gathered into a tensor of its own instead, in pinned host memory when
+// `pinned` (a CUDA build). FAILED_PRECONDITION for a tensor whose bytes are in shared memory
+// (DecodeExternalTensor reads those). May throw c10::Error (pinned memory unavailable).
+absl::StatusOr<at::Tensor> DecodeTensor(const v1::Tensor& tensor, const TensorRule& rule,
+                                        const DetachedData* detached = nullptr,
+                                        bool pinned = false);
 
 // Where a tensor's bytes are when they are not in its message (a resolved Tensor.shared_memory):
 // at `data` on `device` (host memory, or a CUDA device's), valid for as long as `owner` lives.

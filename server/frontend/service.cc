@@ -1,9 +1,12 @@
 #include "server/frontend/service.h"
 
 #include <ATen/ATen.h>
+#include <grpcpp/impl/rpc_service_method.h>
+#include <grpcpp/support/method_handler.h>
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -21,6 +24,7 @@
 #include "server/logging.h"
 #include "server/model_registry.h"
 #include "server/read_ahead.h"
+#include "server/received_request.h"
 #include "server/scheduler/scheduler.h"
 #include "server/shared_memory/shared_memory.h"
 #include "server/status.h"
@@ -29,6 +33,13 @@ namespace lmhead {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The method paths of lmhead.v1.LMHeadService (proto/lmhead/v1/lmhead.proto).
+constexpr char kForwardMethod[] = "/lmhead.v1.LMHeadService/Forward";
+constexpr char kForwardStreamMethod[] = "/lmhead.v1.LMHeadService/ForwardStream";
+constexpr char kListModelsMethod[] = "/lmhead.v1.LMHeadService/ListModels";
+constexpr char kGetModelMethod[] = "/lmhead.v1.LMHeadService/GetModel";
+constexpr char kSharedMemoryMethod[] = "/lmhead.v1.LMHeadService/SharedMemory";
 
 int64_t MicrosBetween(Clock::time_point start, Clock::time_point end) {
   return std::chrono::duration_cast<std::chrono::microseconds>(end - start).count();
@@ -51,8 +62,8 @@ absl::Status CheckStillWanted(const grpc::ServerContext& context) {
 
 // A Forward call or stream micro-batch: its request, plan and job, from decoding to encoding.
 struct Call {
-  // Streams: the message the decoded tensors alias (unary calls keep their own).
-  std::shared_ptr<const v1::ForwardRequest> owned_request;
+  // Streams: the request the decoded tensors alias (unary calls keep their own).
+  std::shared_ptr<const ReceivedForwardRequest> owned_request;
   const v1::ForwardRequest* request = nullptr;
   std::shared_ptr<Job> job;
   Clock::time_point start;
@@ -67,24 +78,29 @@ struct Call {
 absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits,
                             const SharedMemoryAccess& shared_memory,
                             const grpc::ServerContext& context,
-                            std::shared_ptr<const v1::ForwardRequest> owned_request,
-                            const v1::ForwardRequest& request,
+                            std::shared_ptr<const ReceivedForwardRequest> owned_request,
+                            const ReceivedForwardRequest& received,
                             const std::atomic<bool>* stream_ending = nullptr) {
   Call call;
   call.start = Clock::now();
   call.owned_request = std::move(owned_request);
+  const v1::ForwardRequest& request = received.message();
   call.request = &request;
-  absl::StatusOr<ForwardPlan> plan = PlanForward(registry, limits, request, shared_memory);
+  absl::StatusOr<ForwardPlan> plan =
+      PlanForward(registry, limits, request, shared_memory, received.hidden_states_data());
   if (!plan.ok()) return plan.status();
   auto job = std::make_shared<Job>();
   job->plan = *std::move(plan);
-  absl::StatusOr<at::Tensor> x = DecodeInputs(request, &job->plan);
-  if (!x.ok()) return x.status();
-  job->x = *std::move(x);
   // The head for this configuration on the first executor's device: the model's, or a converted
   // copy (the others make theirs alike).
   absl::StatusOr<std::shared_ptr<const LMHead>> head = job->plan.model->HeadFor(job->plan.config);
   if (!head.ok()) return head.status();
+  // Hidden states still in the received buffers are gathered straight into pinned memory for a
+  // GPU: the one host copy before the transfer.
+  absl::StatusOr<at::Tensor> x =
+      DecodeInputs(request, &job->plan, /*pinned=*/(*head)->device().is_cuda());
+  if (!x.ok()) return x.status();
+  job->x = *std::move(x);
   // One element on the head's device, broadcast to x's shape: what the core checks of x (rank,
   // sizes, dtype, device) without a copy of x.
   const at::Tensor shape_of_x = at::empty({1}, at::TensorOptions()
@@ -94,10 +110,11 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   if (absl::Status valid = (*head)->ValidateForward(shape_of_x, job->plan.options); !valid.ok()) {
     return WithWireFields(valid, request);
   }
-  // A small call is staged in pinned memory here, on the caller's thread, so that the executor's
-  // copy to the GPU is one asynchronous transfer; a large one is staged by the executor
-  // (PlaceInputs), which bounds the pinned memory to its two batches in flight. Hidden states in
-  // a CUDA shared-memory region are on a device already.
+  // A small call whose hidden states are in the message (or in a POSIX region) is staged in
+  // pinned memory here, on the caller's thread, so that the executor's copy to the GPU is one
+  // asynchronous transfer; a large one is staged by the executor (PlaceInputs), which bounds the
+  // pinned memory to its two batches in flight. Hidden states in a CUDA shared-memory region are
+  // on a device already; those gathered from the received buffers are pinned already.
   constexpr int64_t kStagedHereBytes = int64_t{16} << 20;
   if ((*head)->device().is_cuda() && job->x.is_cpu() && job->x.nbytes() <= kStagedHereBytes) {
     job->x = job->x.pin_memory();
@@ -231,7 +248,37 @@ LMHeadServiceImpl::LMHeadServiceImpl(const Options& options, Scheduler* schedule
       scheduler_(scheduler),
       regions_(regions),
       open_streams_(options.max_open_streams),
-      shared_memory_sessions_(options.max_shared_memory_sessions) {}
+      shared_memory_sessions_(options.max_shared_memory_sessions) {
+  // lmhead.v1.LMHeadService's methods, as the generated service registers them, with
+  // ReceivedForwardRequest for the forwards' requests. Unary responses are serialised through
+  // MessageLite, as generated handlers do (proto/strict_parsing.h).
+  using grpc::internal::BidiStreamingHandler;
+  using grpc::internal::RpcMethod;
+  using grpc::internal::RpcMethodHandler;
+  using grpc::internal::RpcServiceMethod;
+  using Self = LMHeadServiceImpl;
+  using Lite = grpc::protobuf::MessageLite;
+  AddMethod(new RpcServiceMethod(
+      kForwardMethod, RpcMethod::NORMAL_RPC,
+      new RpcMethodHandler<Self, ReceivedForwardRequest, v1::ForwardResponse,
+                           ReceivedForwardRequest, Lite>(std::mem_fn(&Self::Forward), this)));
+  AddMethod(new RpcServiceMethod(
+      kForwardStreamMethod, RpcMethod::BIDI_STREAMING,
+      new BidiStreamingHandler<Self, ReceivedForwardRequest, v1::ForwardResponse>(
+          std::mem_fn(&Self::ForwardStream), this)));
+  AddMethod(new RpcServiceMethod(
+      kListModelsMethod, RpcMethod::NORMAL_RPC,
+      new RpcMethodHandler<Self, v1::ListModelsRequest, v1::ListModelsResponse, Lite, Lite>(
+          std::mem_fn(&Self::ListModels), this)));
+  AddMethod(new RpcServiceMethod(
+      kGetModelMethod, RpcMethod::NORMAL_RPC,
+      new RpcMethodHandler<Self, v1::GetModelRequest, v1::ModelInfo, Lite, Lite>(
+          std::mem_fn(&Self::GetModel), this)));
+  AddMethod(new RpcServiceMethod(
+      kSharedMemoryMethod, RpcMethod::BIDI_STREAMING,
+      new BidiStreamingHandler<Self, v1::SharedMemoryRequest, v1::SharedMemoryResponse>(
+          std::mem_fn(&Self::SharedMemory), this)));
+}
 
 LMHeadServiceImpl::~LMHeadServiceImpl() = default;
 
@@ -281,8 +328,9 @@ class RunningCall {
 }  // namespace
 
 grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
-                                        const v1::ForwardRequest* request,
+                                        const ReceivedForwardRequest* received,
                                         v1::ForwardResponse* response) {
+  const v1::ForwardRequest* request = &received->message();
   const RunningCall running(&running_calls_);
   const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
   absl::Status status = admission.status;
@@ -290,7 +338,7 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
     status = CatchTorchErrors([&]() -> absl::Status {
       const SharedMemoryAccess shared_memory{regions_, regions_ != nullptr ? context->peer() : ""};
       absl::StatusOr<Call> call =
-          Decode(*admission.models, options_, shared_memory, *context, nullptr, *request);
+          Decode(*admission.models, options_, shared_memory, *context, nullptr, *received);
       if (!call.ok()) return call.status();
       if (absl::Status queued = scheduler_->Submit(call->job); !queued.ok()) return queued;
       return Encode(*call, AwaitJob(*scheduler_, *call->job), response);
@@ -315,7 +363,7 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
 
 grpc::Status LMHeadServiceImpl::ForwardStream(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<v1::ForwardResponse, v1::ForwardRequest>* stream) {
+    grpc::ServerReaderWriter<v1::ForwardResponse, ReceivedForwardRequest>* stream) {
   const RunningCall running(&running_calls_);
   const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
   if (!admission.status.ok()) {
@@ -339,18 +387,17 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
   std::atomic<bool> ending{false};
   using Queued = absl::StatusOr<Call>;
   const auto read_and_queue = [&]() -> std::optional<Queued> {
-    auto request = std::make_shared<v1::ForwardRequest>();
-    TakeRequestParseFailure();
+    auto request = std::make_shared<ReceivedForwardRequest>();
     if (!stream->Read(request.get())) {
-      if (!TakeRequestParseFailure()) return std::nullopt;  // the client's end of the stream
+      if (!request->parse_failed()) return std::nullopt;  // the client's end of the stream
       return Queued(absl::InvalidArgumentError(
           "request: not a valid lmhead.v1.ForwardRequest message (the protobuf wire format could "
           "not be parsed)"));
     }
     return CatchTorchErrors([&]() -> Queued {
-      const v1::ForwardRequest& message = *request;
+      const ReceivedForwardRequest& received = *request;
       absl::StatusOr<Call> call =
-          Decode(models, options_, shared_memory, *context, std::move(request), message, &ending);
+          Decode(models, options_, shared_memory, *context, std::move(request), received, &ending);
       if (!call.ok()) return call.status();
       if (absl::Status queued = scheduler_->Submit(call->job, /*wait_for_room=*/submitted > 0);
           !queued.ok()) {

@@ -2,6 +2,12 @@
 // (docs/ARCHITECTURE.md). Each handler admits the call (loading, draining, request id, deadline),
 // decodes the wire form, hands the work to the scheduler and encodes what comes back; it
 // computes nothing itself. Thread-safe.
+//
+// It registers the service's methods itself rather than deriving from the generated
+// LMHeadService::Service, so that Forward and ForwardStream read their requests as
+// ReceivedForwardRequest, whose hidden states stay in the received buffers until they are
+// copied to where the executor reads them (docs/notes/receive_path.md). The wire API is the
+// generated service's: same method paths, same messages.
 #ifndef LMHEAD_SERVER_FRONTEND_SERVICE_H_
 #define LMHEAD_SERVER_FRONTEND_SERVICE_H_
 
@@ -12,6 +18,7 @@
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
 #include "server/concurrency_limiter.h"
 #include "server/options.h"
+#include "server/received_request.h"
 
 namespace lmhead {
 
@@ -19,7 +26,7 @@ class ModelRegistry;
 class RegionRegistry;
 class Scheduler;
 
-class LMHeadServiceImpl final : public v1::LMHeadService::Service {
+class LMHeadServiceImpl final : public grpc::Service {
  public:
   // `scheduler` must outlive the service; so must `regions`, the shared-memory regions, null
   // when shared memory is off (--allow_shared_memory).
@@ -30,21 +37,21 @@ class LMHeadServiceImpl final : public v1::LMHeadService::Service {
   // Makes the models available. Until then every RPC answers UNAVAILABLE ("loading").
   void SetRegistry(std::shared_ptr<const ModelRegistry> registry);
 
-  grpc::Status Forward(grpc::ServerContext* context, const v1::ForwardRequest* request,
-                       v1::ForwardResponse* response) override;
+  grpc::Status Forward(grpc::ServerContext* context, const ReceivedForwardRequest* request,
+                       v1::ForwardResponse* response);
   grpc::Status ForwardStream(
       grpc::ServerContext* context,
-      grpc::ServerReaderWriter<v1::ForwardResponse, v1::ForwardRequest>* stream) override;
+      grpc::ServerReaderWriter<v1::ForwardResponse, ReceivedForwardRequest>* stream);
   grpc::Status ListModels(grpc::ServerContext* context, const v1::ListModelsRequest* request,
-                          v1::ListModelsResponse* response) override;
+                          v1::ListModelsResponse* response);
   grpc::Status GetModel(grpc::ServerContext* context, const v1::GetModelRequest* request,
-                        v1::ModelInfo* response) override;
+                        v1::ModelInfo* response);
   // A shared-memory session: its regions live until the call ends (docs/API.md "Shared
   // memory"). Does not count as running for WaitIdle: a session idles for as long as its client
   // runs, and server shutdown ends it.
   grpc::Status SharedMemory(
       grpc::ServerContext* context,
-      grpc::ServerReaderWriter<v1::SharedMemoryResponse, v1::SharedMemoryRequest>* stream) override;
+      grpc::ServerReaderWriter<v1::SharedMemoryResponse, v1::SharedMemoryRequest>* stream);
 
   // Graceful shutdown: from now on new Forward/ForwardStream calls get UNAVAILABLE; calls
   // already running go on (an open stream may still send micro-batches).

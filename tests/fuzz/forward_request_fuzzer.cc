@@ -1,19 +1,25 @@
 // Fuzzes a whole request's decoding and validation (server/forward_request.h): the input is
 // parsed as an lmhead.v1.ForwardRequest for a small demo head and goes the way the service
-// takes it: PlanForward (wire forms, config overrides, enums, shapes, limits), the head for its
-// configuration, DecodeInputs, LMHead::ValidateForward, and for small requests the forward
-// itself and EncodeOutputs. Beyond what the sanitizers catch, it checks the contracts:
+// takes it: ParseForwardRequest over the input cut into pieces (server/received_request.h),
+// which must give protobuf's verdict and message, PlanForward (wire forms, config overrides, enums,
+// shapes, limits), the head for its configuration, DecodeInputs, LMHead::ValidateForward, and for
+// small requests the forward itself and EncodeOutputs. Beyond what the sanitizers catch, it checks
+// the contracts:
 //  - every refusal has a caller's code and a message that starts with a request field path;
 //  - nothing throws, and once every check has passed the forward succeeds (a LibTorch error
 //    there would be a check we lack);
 //  - the response's tensors fit --max_response_bytes.
 #include <ATen/ATen.h>
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -24,6 +30,7 @@
 #include "server/forward_request.h"
 #include "server/model_registry.h"
 #include "server/options.h"
+#include "server/received_request.h"
 #include "tests/fuzz/fuzz_check.h"
 
 namespace lmhead {
@@ -86,8 +93,9 @@ void CheckRefusal(const absl::Status& status, const char* where) {
                     text.c_str());
 }
 
-void Run(const v1::ForwardRequest& request) {
-  absl::StatusOr<ForwardPlan> plan = PlanForward(Registry(), Limits(), request);
+void Run(const v1::ForwardRequest& request, const DetachedData* hidden_states_data) {
+  absl::StatusOr<ForwardPlan> plan =
+      PlanForward(Registry(), Limits(), request, {}, hidden_states_data);
   if (!plan.ok()) return CheckRefusal(plan.status(), "PlanForward");
   absl::StatusOr<std::shared_ptr<const LMHead>> head = plan->model->HeadFor(plan->config);
   if (!head.ok()) return CheckRefusal(head.status(), "HeadFor");
@@ -118,9 +126,50 @@ void Run(const v1::ForwardRequest& request) {
 }  // namespace
 }  // namespace lmhead
 
+namespace {
+
+std::string Deterministic(const lmhead::v1::ForwardRequest& message) {
+  std::string bytes;
+  google::protobuf::io::StringOutputStream stream(&bytes);
+  google::protobuf::io::CodedOutputStream coded(&stream);
+  coded.SetSerializationDeterministic(true);
+  message.SerializeToCodedStream(&coded);
+  coded.Trim();
+  return bytes;
+}
+
+}  // namespace
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  const absl::string_view wire(reinterpret_cast<const char*>(data), size);
+  lmhead::v1::ForwardRequest expected;
+  const bool valid = expected.ParseFromArray(data, static_cast<int>(size));
+  // The input in pieces as gRPC's slices would hold it: cut at three places the input picks.
+  std::vector<absl::string_view> pieces;
+  size_t start = 0;
+  for (size_t i = 0; i < 3 && size > 0; ++i) {
+    const size_t cut = std::max(start, std::min<size_t>(size, data[i % size] * (i + 1)));
+    pieces.push_back(wire.substr(start, cut - start));
+    start = cut;
+  }
+  pieces.push_back(wire.substr(start));
   lmhead::v1::ForwardRequest request;
-  if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
-  lmhead::Run(request);
+  lmhead::DetachedData hidden_states_data;
+  const absl::Status parsed = lmhead::ParseForwardRequest(pieces, &request, &hidden_states_data);
+  LMHEAD_FUZZ_CHECK(parsed.ok() == valid, "ParseForwardRequest: %s where protobuf's parse %s",
+                    parsed.ToString().c_str(), valid ? "succeeds" : "fails");
+  if (!valid) return 0;
+  lmhead::v1::ForwardRequest rejoined = request;
+  if (hidden_states_data.size > 0) {
+    LMHEAD_FUZZ_CHECK(request.hidden_states().data().empty(), "detached data left in the message");
+    std::string bytes(hidden_states_data.size, '\0');
+    lmhead::GatherDetachedData(hidden_states_data, bytes.data());
+    rejoined.mutable_hidden_states()->set_data(bytes);
+  }
+  // Compared as serialised (deterministically): a NaN option is equal to itself there.
+  LMHEAD_FUZZ_CHECK(Deterministic(rejoined) == Deterministic(expected),
+                    "ParseForwardRequest's message differs from protobuf's: %s",
+                    request.ShortDebugString().c_str());
+  lmhead::Run(request, hidden_states_data.size > 0 ? &hidden_states_data : nullptr);
   return 0;
 }
