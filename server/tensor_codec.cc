@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/blocking_counter.h"
 
 namespace lmhead {
 namespace {
@@ -160,14 +161,24 @@ absl::StatusOr<at::Tensor> DecodeTensor(const v1::Tensor& tensor, const TensorRu
   const auto options = at::TensorOptions().dtype(ScalarTypeOf(tensor.dtype()));
   if (detached != nullptr) {
     at::Tensor gathered = at::empty(*shape, options.pinned_memory(pinned));
-    // In ranges of at least 4 MiB on LibTorch's intra-op threads: one thread copies 64 MiB of
-    // received slices, cold in the cache, at about 6 GB/s (docs/notes/receive_path.md).
-    constexpr int64_t kGatherGrainBytes = int64_t{4} << 20;
-    at::parallel_for(0, static_cast<int64_t>(detached->size), kGatherGrainBytes,
-                     [&](int64_t begin, int64_t end) {
-                       GatherDetachedData(*detached, gathered.data_ptr(),
-                                          static_cast<uint64_t>(begin), static_cast<uint64_t>(end));
-                     });
+    // In ranges of at least 4 MiB, up to 8 at once: this thread takes the first, LibTorch's
+    // inter-op threads the others. Not at::parallel_for: its OpenMP teams, one per calling gRPC
+    // thread, oversubscribe the cores (docs/notes/receive_path.md).
+    constexpr uint64_t kGatherGrainBytes = uint64_t{4} << 20;
+    const uint64_t size = detached->size;
+    const uint64_t ranges = std::clamp<uint64_t>(
+        std::min<uint64_t>(size / kGatherGrainBytes, at::get_num_interop_threads()), 1, 8);
+    const uint64_t step = (size + ranges - 1) / ranges;
+    void* destination = gathered.data_ptr();
+    absl::BlockingCounter others(static_cast<int>(ranges - 1));
+    for (uint64_t i = 1; i < ranges; ++i) {
+      at::launch([&, i] {
+        GatherDetachedData(*detached, destination, i * step, (i + 1) * step);
+        others.DecrementCount();
+      });
+    }
+    GatherDetachedData(*detached, destination, 0, step);
+    others.Wait();
     return gathered;
   }
   const std::string& data = tensor.data();

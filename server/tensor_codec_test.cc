@@ -175,5 +175,30 @@ TEST(TensorCodecTest, EncodeTensorToWritesTheBytesAndOnlyTheHeader) {
             absl::StatusCode::kInternal);
 }
 
+TEST(TensorCodecTest, DetachedDataIsCheckedAndGatheredInRanges) {
+  // 3 x 1000 x 2048 fp32 (23.4 MiB: several gather ranges), in parts of uneven sizes.
+  const at::Tensor value = at::randn({3, 1000, 2048});
+  const std::string bytes(static_cast<const char*>(value.data_ptr()), value.nbytes());
+  DetachedData data;
+  for (size_t start = 0, length = 1; start < bytes.size();
+       start += length, length = length * 3 + 1) {
+    data.parts.push_back(absl::string_view(bytes).substr(start, length));
+    data.size += data.parts.back().size();
+  }
+  v1::Tensor wire;
+  wire.set_dtype(v1::DATA_TYPE_FP32);
+  for (const int64_t size : value.sizes()) wire.add_shape(size);
+  const TensorRule rule{"hidden_states", {v1::DATA_TYPE_FP32}, 3};
+  absl::StatusOr<at::Tensor> decoded = DecodeTensor(wire, rule, &data);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_TRUE(at::equal(*decoded, value));
+
+  data.size -= 4;  // one element short: the data's length is checked as a message's would be
+  data.parts.back().remove_suffix(4);
+  EXPECT_EQ(DecodeTensor(wire, rule, &data).status().message(),
+            "hidden_states.data: expected 24576000 bytes (6144000 elements of FP32 for shape [3, "
+            "1000, 2048]), got 24575996");
+}
+
 }  // namespace
 }  // namespace lmhead
