@@ -331,7 +331,7 @@ TEST(QueueTest, SigtermLetsQueuedWorkFinishWithinTheGracePeriod) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
       HeavyServer({"--shutdown_grace_seconds=60"});
   ASSERT_TRUE(server.ok()) << server.status();
-  BusyExecutor busy(**server, 2048);
+  BusyExecutor busy(**server);
   Callers callers(**server, 4);
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   ASSERT_FALSE(busy.done());
