@@ -149,6 +149,84 @@ void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
   AccumulateTopKAndCandidates(logits, col0, state);
 }
 
+// The label's logit per token in fp32, computed before the GEMM and rounded once to the compute
+// dtype as the GEMM rounds it: what label_rank compares the logits outside the label's chunk
+// against.
+at::Tensor LabelLogitBeforeGemm(const at::Tensor& h, const at::Tensor& weight,
+                                const at::Tensor& bias, const at::Tensor& labels) {
+  at::Tensor logit = (h.to(at::kFloat) * weight.index_select(0, labels).to(at::kFloat)).sum(1);
+  if (bias.defined()) logit.add_(bias.index_select(0, labels).to(at::kFloat));
+  return logit.to(h.scalar_type()).to(at::kFloat);
+}
+
+// What a pass leaves per token, before the outputs are formed: (N,) lse, label_logit and
+// argmax (when asked); entropy's terms or the entropy itself; logits above the label's; the
+// top-k (N, k) and candidates' logits (N, C) where asked.
+struct PassResult {
+  at::Tensor lse;
+  at::Tensor label_logit;
+  at::Tensor entropy;
+  at::Tensor above;
+  at::Tensor argmax;
+  at::Tensor top_ids;
+  at::Tensor top_values;
+  at::Tensor candidate_logits;
+};
+
+FusedScores Outputs(const PassResult& pass, const at::Tensor& valid, const ScoringOptions& options,
+                    bool with_argmax) {
+  const bool segments = options.segment_ids.has_value();
+  FusedScores out;
+  out.stats.lse = pass.lse;
+  out.stats.label_logit = pass.label_logit;
+  PositionScores& scores = out.scores;
+  if (options.label_logprobs || segments) {
+    scores.label_logprobs = (pass.label_logit - pass.lse).masked_fill(~valid, 0.0);
+  }
+  if (options.entropy || segments) scores.entropy = pass.entropy;
+  if (options.label_rank) scores.label_rank = (pass.above + 1).masked_fill(~valid, 0);
+  if (with_argmax) out.stats.argmax = pass.argmax;
+  if (segments) scores.argmax = pass.argmax;
+  if (options.top_k > 0) {
+    scores.top_k_ids = pass.top_ids.narrow(1, 0, options.top_k).contiguous();
+    scores.top_k_logprobs = pass.top_values.narrow(1, 0, options.top_k) - pass.lse.unsqueeze(1);
+  }
+  if (options.candidate_ids.has_value()) {
+    scores.candidate_logprobs = pass.candidate_logits - pass.lse.unsqueeze(1);
+  }
+  return out;
+}
+
+// The scores the fused GEMM's epilogue gives (label log-probabilities, entropy, rank, argmax), in
+// its one pass (core/ops/logit_stats.h, FusedGemmScoring).
+PassResult ScoreWithFusedGemm(const at::Tensor& h, const at::Tensor& weight,
+                              const at::Tensor& safe_labels, const ScoringOptions& options,
+                              bool wants_argmax, int64_t chunk_bytes,
+                              const std::function<void()>& between_chunks) {
+  FusedGemmScoring scoring;
+  if (options.label_rank) {
+    // In slices, so that the fp32 copies of h's rows and their labels' weight rows stay small.
+    constexpr int64_t kSliceRows = 4096;
+    const int64_t num_tokens = h.size(0);
+    scoring.threshold = at::empty({num_tokens}, h.options().dtype(at::kFloat));
+    for (int64_t t0 = 0; t0 < num_tokens; t0 += kSliceRows) {
+      const int64_t rows = std::min(kSliceRows, num_tokens - t0);
+      scoring.threshold.narrow(0, t0, rows)
+          .copy_(LabelLogitBeforeGemm(h.narrow(0, t0, rows), weight, at::Tensor(),
+                                      safe_labels.narrow(0, t0, rows)));
+    }
+  }
+  const LogitStats stats = ComputeLogitStatsFusedGemm(h, weight, safe_labels, chunk_bytes,
+                                                      between_chunks, wants_argmax, &scoring);
+  PassResult pass;
+  pass.lse = stats.lse;
+  pass.label_logit = stats.label_logit;
+  pass.argmax = stats.argmax;
+  pass.entropy = scoring.entropy;
+  pass.above = scoring.above;
+  return pass;
+}
+
 }  // namespace
 
 FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
@@ -162,11 +240,19 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
   // The argmax (for the loss's outputs, or is_greedy) is the top-1, or, where the CUDA kernel
   // folds the chunks and no top-k is asked, the kernel's running argmax.
   const bool wants_argmax = with_argmax || segments;
+  const at::Tensor valid = labels.ne(ignore_index);
+  const at::Tensor safe_labels = labels.masked_fill(~valid, 0);
+  // Where the loss takes the fused GEMM, so do the scores its epilogue gives; the top-k and the
+  // candidates need each chunk's logits: the chunked pass.
+  if (options.top_k == 0 && !options.candidate_ids.has_value() &&
+      FusedGemmPreferred(h, weight, bias, chunk_bytes, wants_argmax, /*with_scoring=*/true)) {
+    return Outputs(ScoreWithFusedGemm(h, weight, safe_labels, options, wants_argmax, chunk_bytes,
+                                      between_chunks),
+                   valid, options, with_argmax);
+  }
   const bool running_argmax = wants_argmax && options.top_k == 0 && ScoringKernelApplies(h);
   const int64_t keys_kept =
       std::max<int64_t>(options.top_k, wants_argmax && !running_argmax ? 1 : 0);
-  const at::Tensor valid = labels.ne(ignore_index);
-  const at::Tensor safe_labels = labels.masked_fill(~valid, 0);
 
   TokenState all;
   all.max = at::full({num_tokens}, -std::numeric_limits<float>::infinity(), fp32);
@@ -203,46 +289,28 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
       [&](int64_t t0, int64_t rows) {
         state = Rows(all, t0, rows);
         if (state.threshold.defined()) {
-          // The label's logit in fp32, rounded once to the compute dtype as the GEMM rounds it.
-          at::Tensor logit = (h.narrow(0, t0, rows).to(at::kFloat) *
-                              weight.index_select(0, state.label).to(at::kFloat))
-                                 .sum(1);
-          if (bias.defined()) logit.add_(bias.index_select(0, state.label).to(at::kFloat));
-          state.threshold.copy_(logit.to(h.scalar_type()).to(at::kFloat));
+          state.threshold.copy_(
+              LabelLogitBeforeGemm(h.narrow(0, t0, rows), weight, bias, state.label));
         }
       },
       [&](const at::Tensor& logits, int64_t v0) { Accumulate(logits, v0, state); });
 
   const at::Tensor log_sum = all.sum.log();
-  const at::Tensor lse = Shift(all.max) + log_sum;
-  FusedScores out;
-  out.stats.lse = lse;
-  out.stats.label_logit = all.label_logit;
-  PositionScores& scores = out.scores;
-  if (options.label_logprobs || segments) {
-    scores.label_logprobs = (all.label_logit - lse).masked_fill(~valid, 0.0);
-  }
-  if (options.entropy || segments) scores.entropy = log_sum - all.weighted / all.sum;
-  if (options.label_rank) scores.label_rank = (all.above + 1).masked_fill(~valid, 0);
-  if (running_argmax) {
-    if (with_argmax) out.stats.argmax = all.argmax.index;
-    if (segments) scores.argmax = all.argmax.index;
-  }
+  PassResult pass;
+  pass.lse = Shift(all.max) + log_sum;
+  pass.label_logit = all.label_logit;
+  pass.entropy = log_sum - all.weighted / all.sum;
+  pass.above = all.above;
+  if (running_argmax) pass.argmax = all.argmax.index;
   if (keys_kept > 0) {
     const auto [ids, values] =
         kernel_top_k ? std::make_pair(all.top_ids, all.top_values) : DecodeKeys(all.keys);
-    const at::Tensor argmax = ids.select(1, 0).contiguous();
-    if (with_argmax) out.stats.argmax = argmax;
-    if (segments) scores.argmax = argmax;
-    if (options.top_k > 0) {
-      scores.top_k_ids = ids.narrow(1, 0, options.top_k).contiguous();
-      scores.top_k_logprobs = values.narrow(1, 0, options.top_k) - lse.unsqueeze(1);
-    }
+    pass.argmax = ids.select(1, 0).contiguous();
+    pass.top_ids = ids;
+    pass.top_values = values;
   }
-  if (options.candidate_ids.has_value()) {
-    scores.candidate_logprobs = all.candidate_logits - lse.unsqueeze(1);
-  }
-  return out;
+  pass.candidate_logits = all.candidate_logits;
+  return Outputs(pass, valid, options, with_argmax);
 }
 
 }  // namespace lmhead

@@ -1,6 +1,6 @@
 // The scoring outputs (core/scoring.h) for `fused_linear`: computed from hidden states over
-// vocabulary chunks, without ever holding the whole logits, in the same pass as the loss's
-// per-token statistics.
+// vocabulary chunks (or in the fused GEMM's epilogue on Hopper), without ever holding the whole
+// logits, in the same pass as the loss's per-token statistics.
 #ifndef LMHEAD_CORE_FUSED_SCORING_H_
 #define LMHEAD_CORE_FUSED_SCORING_H_
 
@@ -41,7 +41,10 @@ struct FusedScores {
 // results equal ScoreLogitRows' on these logits to fp32 rounding, but for one thing: the label
 // rank counts the logits of other chunks than the label's against the label's logit computed
 // before the GEMM (h . W[label] (+ b) in fp32, rounded to h's dtype), which may differ from the
-// chunk's by rounding. May throw c10::Error.
+// chunk's by rounding. Where the loss takes Hopper's fused GEMM (FusedGemmPreferred) and neither
+// top-k nor candidates are asked, the same terms come from that GEMM's epilogue, tile by tile in
+// registers, with `chunk_bytes` bounding its partials (ComputeLogitStatsFusedGemm with
+// FusedGemmScoring; docs/notes/scoring.md). May throw c10::Error.
 FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& labels, int64_t ignore_index,
                               const ScoringOptions& options, bool with_argmax, int64_t chunk_bytes,

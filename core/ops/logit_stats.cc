@@ -230,23 +230,34 @@ bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::T
 #endif
 }
 
-int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax) {
+int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax, bool with_scoring) {
 #ifdef LMHEAD_WITH_CUDA
-  return 128 * cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax);
+  return 128 * cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax, with_scoring);
 #else
-  (void)vocab_size, (void)with_argmax;
+  (void)vocab_size, (void)with_argmax, (void)with_scoring;
   return 0;
 #endif
 }
 
+bool FusedGemmPreferred(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                        int64_t chunk_bytes, bool with_argmax, bool with_scoring) {
+  // At d=4096, run back to back at the cards' power cap, the fused GEMM is slower than the
+  // chunked path on both the H100 and the H200 (docs/BENCHMARKS.md, v10).
+  constexpr int64_t kFusedGemmMaxRowBytes = 4096;
+  return FusedGemmApplies(h, weight, bias) &&
+         h.size(1) * h.element_size() <= kFusedGemmMaxRowBytes &&
+         chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax, with_scoring);
+}
+
 LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
                                       const at::Tensor& safe_labels, int64_t chunk_bytes,
-                                      const std::function<void()>& between_chunks,
-                                      bool with_argmax) {
+                                      const std::function<void()>& between_chunks, bool with_argmax,
+                                      FusedGemmScoring* scoring) {
 #ifdef LMHEAD_WITH_CUDA
+  const bool with_scoring = scoring != nullptr;
   TORCH_CHECK(FusedGemmApplies(h, weight, at::Tensor()),
               "the fused GEMM does not apply to these operands (see FusedGemmApplies)");
-  TORCH_CHECK(chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax),
+  TORCH_CHECK(chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax, with_scoring),
               "chunk_bytes is below one 128-token slice of the fused GEMM's partials");
   const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
   const int64_t num_tokens = h.size(0);
@@ -254,7 +265,18 @@ LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& wei
   const auto fp32 = h.options().dtype(at::kFloat);
   LogitStats stats{at::empty({num_tokens}, fp32), at::empty({num_tokens}, fp32)};
   if (with_argmax) stats.argmax = at::empty({num_tokens}, h.options().dtype(at::kLong));
-  const int64_t bytes_per_row = cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax);
+  at::Tensor threshold;
+  if (with_scoring) {
+    scoring->entropy = at::empty({num_tokens}, fp32);
+    if (scoring->threshold.defined()) {
+      threshold = scoring->threshold.to(h.device(), at::kFloat).contiguous();
+      TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == num_tokens,
+                  "the scoring threshold must be (N,)");
+      scoring->above = at::empty({num_tokens}, h.options().dtype(at::kLong));
+    }
+  }
+  const int64_t bytes_per_row =
+      cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax, with_scoring);
   const auto* properties = at::cuda::getDeviceProperties(h.device().index());
   // Whole 128-row tiles per slice, as many as the scratch budget holds (at least one, checked
   // above).
@@ -267,18 +289,26 @@ LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& wei
   for (int64_t t0 = 0; t0 < num_tokens; t0 += slice_rows) {
     const int64_t rows = std::min(slice_rows, num_tokens - t0);
     if (between_chunks) between_chunks();
+    cuda::FusedScoringTerms terms;
+    if (with_scoring) {
+      terms.entropy = scoring->entropy.data_ptr<float>() + t0;
+      if (threshold.defined()) {
+        terms.threshold = threshold.data_ptr<float>() + t0;
+        terms.above = scoring->above.data_ptr<int64_t>() + t0;
+      }
+    }
     C10_CUDA_CHECK(cuda::FusedLogitStats(
         h.narrow(0, t0, rows).data_ptr(), h.stride(0), weight.data_ptr(), weight.stride(0),
         CudaLogitType(h.scalar_type()), rows, vocab_size, h.size(1),
         labels.data_ptr<int64_t>() + t0, stats.lse.data_ptr<float>() + t0,
         stats.label_logit.data_ptr<float>() + t0,
         with_argmax ? stats.argmax.data_ptr<int64_t>() + t0 : nullptr, scratch.data_ptr(),
-        properties->multiProcessorCount, stream));
+        properties->multiProcessorCount, stream, with_scoring ? &terms : nullptr));
   }
   return stats;
 #else
   (void)h, (void)weight, (void)safe_labels, (void)chunk_bytes, (void)between_chunks,
-      (void)with_argmax;
+      (void)with_argmax, (void)scoring;
   TORCH_CHECK(false, "the fused GEMM needs a --config=cuda build");
 #endif
 }
@@ -286,12 +316,7 @@ LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& wei
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
                              const std::function<void()>& between_chunks, bool with_argmax) {
-  // The fused GEMM where it was measured faster than the chunked path on both the H100 and the
-  // H200: rows of h up to 4 KiB (d <= 2048 in bf16). At d=4096, run back to back at the cards'
-  // power cap, it is slower on both (docs/BENCHMARKS.md, v10), so wider rows keep the chunked path.
-  constexpr int64_t kFusedGemmMaxRowBytes = 4096;
-  if (FusedGemmApplies(h, weight, bias) && h.size(1) * h.element_size() <= kFusedGemmMaxRowBytes &&
-      chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax)) {
+  if (FusedGemmPreferred(h, weight, bias, chunk_bytes, with_argmax)) {
     return ComputeLogitStatsFusedGemm(h, weight, safe_labels, chunk_bytes, between_chunks,
                                       with_argmax);
   }

@@ -104,15 +104,33 @@ bool AccumulateTopK(const at::Tensor& logits, int64_t col0, at::Tensor& values, 
 bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
 
 // The smallest chunk_bytes ComputeLogitStatsFusedGemm takes: one 128-token slice of partials.
-int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax);
+int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax, bool with_scoring = false);
+
+// Whether ComputeLogitStats (and the scoring pass) take the fused GEMM: FusedGemmApplies, rows of
+// h of at most 4 KiB (where it was measured faster than the chunked path on both Hopper cards)
+// and chunk_bytes >= FusedGemmMinChunkBytes.
+bool FusedGemmPreferred(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                        int64_t chunk_bytes, bool with_argmax, bool with_scoring = false);
+
+// The scoring terms the fused GEMM adds (core/ops/cuda/fused_logit_stats_cuda.h,
+// FusedScoringTerms): given `threshold`, (N,) fp32 (the label's logit computed before the GEMM,
+// rounded as the GEMM rounds it) or undefined, it fills `entropy` (N,) fp32 and, with a
+// threshold, `above` (N,) int64: the logits above the label's.
+struct FusedGemmScoring {
+  at::Tensor threshold;
+  at::Tensor entropy;
+  at::Tensor above;
+};
 
 // The same by one fused GEMM per slice of tokens (core/ops/cuda/fused_logit_stats_cuda.h: no
-// logits in memory; the partials of a slice fit in chunk_bytes). Requires FusedGemmApplies (no
-// bias) and chunk_bytes >= FusedGemmMinChunkBytes; throws c10::Error otherwise.
+// logits in memory; the partials of a slice fit in chunk_bytes), with the scoring terms when
+// `scoring` is given. Requires FusedGemmApplies (no bias) and chunk_bytes >=
+// FusedGemmMinChunkBytes; throws c10::Error otherwise.
 LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
                                       const at::Tensor& safe_labels, int64_t chunk_bytes,
                                       const std::function<void()>& between_chunks = {},
-                                      bool with_argmax = false);
+                                      bool with_argmax = false,
+                                      FusedGemmScoring* scoring = nullptr);
 
 // One chunk: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
 // column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,

@@ -615,6 +615,104 @@ TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
   }
 }
 
+// Scoring in the fused GEMM's epilogue (label log-probabilities, entropy, rank and the argmax
+// behind segment sums) against fp64 over one cuBLAS GEMM's logits in the compute dtype, and
+// against the chunked pass (fused_chunk_bytes below the fused GEMM's minimum): vocabularies that
+// are not multiples of the tile, ignored labels, a NaN row, several token slices. The GEMMs may
+// round a logit differently by one unit, so a rank is checked against the counts of logits
+// surely above and possibly above the label's.
+TEST(GpuFusedGemmTest, ScoringMatchesChunkedAndFp64) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    int64_t n, v, d, chunk_bytes;
+  };
+  // V=32003: 251 tiles of 128 at 24 bytes each with scoring; 128-row slices, so 8 of them.
+  const int64_t slices_of_128 = 128 * 251 * 24;
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (const Shape& s : {Shape{1, 1000, 64, 64 << 20}, Shape{300, 5003, 128, 64 << 20},
+                           Shape{1000, 32003, 256, slices_of_128}}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " N=" << s.n << " V=" << s.v << " d=" << s.d);
+      LMHeadConfig config;
+      config.dtype = dtype == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+      config.bias = false;
+      absl::StatusOr<std::unique_ptr<LMHead>> head =
+          LMHead::Build(config, s.d, s.v, "cuda", static_cast<uint64_t>(s.v));
+      ASSERT_TRUE(head.ok()) << head.status();
+      at::Generator gen = at::detail::createCPUGenerator(s.n * 5 + s.v);
+      const auto opts = at::TensorOptions(at::kCUDA).dtype(dtype);
+      at::Tensor x = at::randn({1, s.n, s.d}, gen).to(opts);
+      if (s.n > 2) x.select(1, 2).fill_(std::numeric_limits<float>::quiet_NaN());
+      at::Tensor labels = at::randint(s.v, {1, s.n}, gen, at::TensorOptions(at::kLong));
+      labels.narrow(1, 0, std::min<int64_t>(s.n, 3)).select(1, 0).fill_(-100);  // ignored
+      at::Tensor w;
+      for (const auto& [name, t] : (*head)->NamedParameters()) {
+        if (name == "w_out.weight") w = t;
+      }
+      ASSERT_TRUE(w.defined());
+      if (!FusedGemmApplies(x.view({s.n, s.d}), w, at::Tensor())) {
+        GTEST_SKIP() << "the fused GEMM needs a compute capability 9.0 device";
+      }
+      const auto run = [&](int64_t chunk_bytes) {
+        ForwardOptions options;
+        options.labels = labels;
+        options.loss_implementation = LossImplementation::kFusedLinear;
+        options.return_logits = false;
+        options.fused_chunk_bytes = chunk_bytes;
+        options.scoring.label_logprobs = true;
+        options.scoring.entropy = true;
+        options.scoring.label_rank = true;
+        options.scoring.segment_ids =
+            at::arange(s.n, at::TensorOptions(at::kLong)).floor_divide(7).view({1, s.n});
+        absl::StatusOr<LMOutput> out = (*head)->Forward(x, options);
+        EXPECT_TRUE(out.ok()) << out.status();
+        return *std::move(out);
+      };
+      const LMOutput fused = run(s.chunk_bytes);
+      const LMOutput chunked = run(100000);  // below the minimum of every shape here
+      // The reference: the logits of one cuBLAS GEMM in the compute dtype, in fp64.
+      const at::Tensor logits = at::mm(x.view({s.n, s.d}), w.t()).to(at::kDouble).cpu();
+      const at::Tensor flat_labels = labels.view({s.n});
+      const at::Tensor valid = flat_labels.ne(-100);
+      const at::Tensor safe = flat_labels.masked_fill(~valid, 0);
+      const at::Tensor logp = at::log_softmax(logits, 1);
+      const at::Tensor want_logprobs =
+          logp.gather(1, safe.unsqueeze(1)).squeeze(1).masked_fill(~valid, 0.0);
+      const at::Tensor want_entropy = -(logp.exp() * logp).nansum(1);
+      const double unit =
+          dtype == at::kBFloat16 ? RoundingUnit(DType::kBFloat16) : RoundingUnit(DType::kFloat16);
+      const double bound = 2 * unit * logits.abs().nan_to_num(0, 0, 0).max().item<double>();
+      const at::Tensor finite = at::isfinite(logits).all(1);
+      const at::Tensor label_logit = logits.gather(1, safe.unsqueeze(1));
+      const at::Tensor slack = unit * (label_logit.abs() + logits.abs());
+      const at::Tensor rank_low = (logits - label_logit).gt(slack).sum(1) + 1;
+      const at::Tensor rank_high = (logits - label_logit).ge(-slack).sum(1);
+      for (const LMOutput* got : {&fused, &chunked}) {
+        SCOPED_TRACE(got == &fused ? "fused GEMM" : "chunked");
+        const at::Tensor logprobs = got->scoring.label_logprobs->view({s.n}).cpu().to(at::kDouble);
+        const at::Tensor entropy = got->scoring.entropy->view({s.n}).cpu().to(at::kDouble);
+        const at::Tensor rank = got->scoring.label_rank->view({s.n}).cpu();
+        // A NaN row gives NaN scores (its ignored label too: only finite rows are compared).
+        EXPECT_TRUE(at::equal(entropy.isnan(), ~finite));
+        EXPECT_TRUE(at::equal(logprobs.isnan(), ~finite & valid));
+        const at::Tensor rows = finite & valid;
+        EXPECT_TRUE(at::allclose(logprobs.masked_select(rows), want_logprobs.masked_select(rows), 0,
+                                 bound));
+        EXPECT_TRUE(at::allclose(entropy.masked_select(finite), want_entropy.masked_select(finite),
+                                 1e-3, bound));
+        EXPECT_TRUE((rank.masked_select(~valid) == 0).all().item<bool>());
+        EXPECT_TRUE((rank.masked_select(rows) >= rank_low.masked_select(rows)).all().item<bool>())
+            << rank.masked_select(rows) << rank_low.masked_select(rows);
+        EXPECT_TRUE((rank.masked_select(rows) <= rank_high.masked_select(rows)).all().item<bool>());
+        EXPECT_TRUE(got->scoring.segment_logprob_sums.has_value());
+      }
+      // The segment sums are formed from the same per-token scores by the same code.
+      const at::Tensor sums_fused = fused.scoring.segment_logprob_sums->cpu();
+      const at::Tensor sums_chunked = chunked.scoring.segment_logprob_sums->cpu();
+      EXPECT_TRUE(at::allclose(sums_fused, sums_chunked, 1e-3, 7 * bound, /*equal_nan=*/true));
+    }
+  }
+}
+
 // A head on the second card while the first is current (as in a server run with --device
 // cuda:1): both implementations give the CPU's numbers, whichever device is current.
 TEST(GpuLMHeadDeviceTest, HeadOnSecondDevice) {

@@ -42,15 +42,21 @@ struct Partials {
   float* sum;            // sum over the tile of exp(logit - max)
   float* best_value;     // the tile's argmax value (argmax only)
   int32_t* best_column;  // and its vocabulary column
+  float* weighted;       // scoring: sum over the tile of exp(logit - max) * (logit - max)
+  int32_t* above;        // scoring, with thresholds: the tile's logits above the threshold
   int64_t tile_stride;
 };
 
 // A CUTLASS collective epilogue (the interface of epilogue::collective::DefaultEpilogue, wrapped
 // by Sm90TmaWarpSpecializedAdapter) that writes no tensor: each row's logits in the tile, rounded
 // to Element, become one Partials entry, and the label's logit is stored where the label's
-// column lies in the tile.
-template <class Element, bool kArgmax>
+// column lies in the tile. kScoring (with kArgmax) adds the entropy's term and, given
+// thresholds, the count of logits above the label's: the label's own logit in the tile that
+// holds its column, the threshold (computed before the GEMM) in the others.
+template <class Element, bool kArgmax, bool kScoring>
 class TileStatsEpilogue {
+  static_assert(kArgmax || !kScoring, "the scoring epilogue computes the argmax too");
+
  public:
   // Aliases that CUTLASS's kernel and device adapter read; there is no C or D tensor.
   using ElementC = Element;
@@ -74,6 +80,7 @@ class TileStatsEpilogue {
     const int64_t* labels = nullptr;
     float* label_logit = nullptr;
     Partials partials = {};
+    const float* threshold = nullptr;  // scoring: per row; null: no count
   };
   using Params = Arguments;
 
@@ -205,15 +212,46 @@ class TileStatsEpilogue {
       hi_chain[k % kChains] = fmaxf(hi_chain[k % kChains], x(k));
     float hi = fmaxf(fmaxf(hi_chain[0], hi_chain[1]), fmaxf(hi_chain[2], hi_chain[3]));
     float sum = 0.f;
+    float weighted = 0.f;  // scoring
     if (hi != -INFINITY) {
       constexpr float kLog2e = 1.4426950408889634f;
       const float offset = -hi * kLog2e;
       float sum_chain[kChains] = {0.f, 0.f, 0.f, 0.f};
+      float weighted_chain[kChains] = {0.f, 0.f, 0.f, 0.f};
       CUTLASS_PRAGMA_UNROLL
       for (int k = 0; k < kCount; ++k) {
-        sum_chain[k % kChains] += Exp2(fmaf(x(k), kLog2e, offset));
+        const float term = Exp2(fmaf(x(k), kLog2e, offset));
+        sum_chain[k % kChains] += term;
+        if constexpr (kScoring) {
+          // A -inf logit adds 0, not 0 * -inf.
+          if (x(k) != -INFINITY) {
+            weighted_chain[k % kChains] = fmaf(term, x(k) - hi, weighted_chain[k % kChains]);
+          }
+        }
       }
       sum = (sum_chain[0] + sum_chain[1]) + (sum_chain[2] + sum_chain[3]);
+      weighted = (weighted_chain[0] + weighted_chain[1]) + (weighted_chain[2] + weighted_chain[3]);
+    }
+    int above = 0;  // scoring, with thresholds
+    if constexpr (kScoring) {
+      if (params_.threshold != nullptr) {
+        // The label's logit where one of the quad's lanes holds its column.
+        bool quad_holds = holds_label;
+        float quad_label = label_value;
+        CUTLASS_PRAGMA_UNROLL
+        for (int offset = 1; offset < 4; offset *= 2) {
+          const bool other_holds = __shfl_xor_sync(0xffffffff, quad_holds, offset);
+          const float other_label = __shfl_xor_sync(0xffffffff, quad_label, offset);
+          if (other_holds && !quad_holds) {
+            quad_holds = true;
+            quad_label = other_label;
+          }
+        }
+        const float threshold =
+            quad_holds ? quad_label : (in_rows ? params_.threshold[row] : INFINITY);
+        CUTLASS_PRAGMA_UNROLL
+        for (int k = 0; k < kCount; ++k) above += x(k) > threshold ? 1 : 0;
+      }
     }
     Best best{-INFINITY, INT64_MAX};
     if constexpr (kArgmax) {
@@ -231,10 +269,18 @@ class TileStatsEpilogue {
       if (!kWholeTile && best.column >= vocab) best = {-INFINITY, INT64_MAX};
     }
     MaxSum state{hi, sum};
+    MaxSumWeighted scored{hi, sum, weighted};  // scoring
     CUTLASS_PRAGMA_UNROLL
     for (int offset = 1; offset < 4; offset *= 2) {
-      state = Merge(state, MaxSum{__shfl_xor_sync(0xffffffff, state.m, offset),
-                                  __shfl_xor_sync(0xffffffff, state.s, offset)});
+      if constexpr (kScoring) {
+        scored = Merge(scored, MaxSumWeighted{__shfl_xor_sync(0xffffffff, scored.m, offset),
+                                              __shfl_xor_sync(0xffffffff, scored.s, offset),
+                                              __shfl_xor_sync(0xffffffff, scored.w, offset)});
+        above += __shfl_xor_sync(0xffffffff, above, offset);
+      } else {
+        state = Merge(state, MaxSum{__shfl_xor_sync(0xffffffff, state.m, offset),
+                                    __shfl_xor_sync(0xffffffff, state.s, offset)});
+      }
       if constexpr (kArgmax) {
         const float value = __shfl_xor_sync(0xffffffff, best.value, offset);
         const int64_t column = __shfl_xor_sync(0xffffffff, best.column, offset);
@@ -244,8 +290,15 @@ class TileStatsEpilogue {
     if (in_rows && thread_idx % 4 == 0) {
       const Partials& p = params_.partials;
       const int64_t i = tile * p.tile_stride + row;
-      p.max[i] = state.m;
-      p.sum[i] = state.s;
+      if constexpr (kScoring) {
+        p.max[i] = scored.m;
+        p.sum[i] = scored.s;
+        p.weighted[i] = scored.w;
+        if (params_.threshold != nullptr) p.above[i] = above;
+      } else {
+        p.max[i] = state.m;
+        p.sum[i] = state.s;
+      }
       if constexpr (kArgmax) {
         p.best_value[i] = best.value;
         p.best_column[i] = static_cast<int32_t>(best.column);
@@ -263,15 +316,15 @@ class TileStatsEpilogue {
   Params params_;
 };
 
-template <class Element, bool kArgmax>
+template <class Element, bool kArgmax, bool kScoring>
 struct FusedGemm {
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-      TileStatsEpilogue<Element, kArgmax>>;
+      TileStatsEpilogue<Element, kArgmax, kScoring>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 8,
       Element, cutlass::layout::ColumnMajor, 8, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename TileStatsEpilogue<Element, kArgmax>::SharedStorage))>,
+          sizeof(typename TileStatsEpilogue<Element, kArgmax, kScoring>::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop,
                                                       Epilogue, cutlass::gemm::PersistentScheduler>;
@@ -283,45 +336,77 @@ struct FusedGemm {
 constexpr int kMergeRows = 32;
 constexpr int kMergeSlices = 8;
 
-template <bool kArgmax>
+// The scoring outputs of the merge (kScoring): null pointers are not written.
+struct ScoringOut {
+  float* entropy;
+  int64_t* above;  // with thresholds
+};
+
+template <bool kArgmax, bool kScoring>
 __global__ void __launch_bounds__(kMergeRows* kMergeSlices)
     MergeTilesKernel(Partials partials, int tiles, int64_t rows, float* __restrict__ lse,
-                     int64_t* __restrict__ argmax) {
-  __shared__ MaxSum states[kMergeSlices][kMergeRows];
+                     int64_t* __restrict__ argmax, ScoringOut scoring) {
+  __shared__ MaxSumWeighted states[kMergeSlices][kMergeRows];
   __shared__ Best bests[kMergeSlices][kMergeRows];
+  __shared__ int64_t aboves[kMergeSlices][kMergeRows];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRows + threadIdx.x;
-  MaxSum state{-INFINITY, 0.f};
+  // Without scoring, w stays 0 and Merge's extra terms are 0.
+  MaxSumWeighted state{-INFINITY, 0.f, 0.f};
   Best best{-INFINITY, INT64_MAX};
+  int64_t above = 0;
   if (row < rows) {
     for (int tile = threadIdx.y; tile < tiles; tile += kMergeSlices) {
       const int64_t at = tile * partials.tile_stride + row;
-      state = Merge(state, MaxSum{partials.max[at], partials.sum[at]});
+      if constexpr (kScoring) {
+        state =
+            Merge(state, MaxSumWeighted{partials.max[at], partials.sum[at], partials.weighted[at]});
+        if (scoring.above != nullptr) above += partials.above[at];
+      } else {
+        const MaxSum merged =
+            Merge(MaxSum{state.m, state.s}, MaxSum{partials.max[at], partials.sum[at]});
+        state = {merged.m, merged.s, 0.f};
+      }
       if constexpr (kArgmax) Consider(best, partials.best_value[at], partials.best_column[at]);
     }
   }
   states[threadIdx.y][threadIdx.x] = state;
   if constexpr (kArgmax) bests[threadIdx.y][threadIdx.x] = best;
+  if constexpr (kScoring) aboves[threadIdx.y][threadIdx.x] = above;
   __syncthreads();
   if (threadIdx.y != 0 || row >= rows) return;
   for (int slice = 1; slice < kMergeSlices; ++slice) {
-    state = Merge(state, states[slice][threadIdx.x]);
+    if constexpr (kScoring) {
+      state = Merge(state, states[slice][threadIdx.x]);
+      above += aboves[slice][threadIdx.x];
+    } else {
+      const MaxSum merged = Merge(MaxSum{state.m, state.s}, MaxSum{states[slice][threadIdx.x].m,
+                                                                   states[slice][threadIdx.x].s});
+      state = {merged.m, merged.s, 0.f};
+    }
     if constexpr (kArgmax) {
       const Best other = bests[slice][threadIdx.x];
       Consider(best, other.value, other.column);
     }
   }
   lse[row] = state.m == -INFINITY ? -INFINITY : state.m + __logf(state.s);
-  if constexpr (kArgmax) argmax[row] = best.column;
+  if constexpr (kArgmax) {
+    if (argmax != nullptr) argmax[row] = best.column;
+  }
+  if constexpr (kScoring) {
+    // -sum p log p = log(s) - w / s (NaN for a row of only -inf logits, as 0 / 0).
+    if (scoring.entropy != nullptr) scoring.entropy[row] = logf(state.s) - state.w / state.s;
+    if (scoring.above != nullptr) scoring.above[row] = above;
+  }
 }
 
 int64_t NumTiles(int64_t vocab) { return (vocab + kTileColumns - 1) / kTileColumns; }
 
-template <class Element, bool kArgmax>
+template <class Element, bool kArgmax, bool kScoring>
 cudaError_t Run(const void* h, int64_t h_row_stride, const void* weight, int64_t weight_row_stride,
                 int64_t rows, int64_t vocab, int64_t dim, const int64_t* labels, float* lse,
-                float* label_logit, int64_t* argmax, void* scratch, int sm_count,
-                cudaStream_t stream) {
-  using Gemm = typename FusedGemm<Element, kArgmax>::Gemm;
+                float* label_logit, int64_t* argmax, const FusedScoringTerms* scoring,
+                void* scratch, int sm_count, cudaStream_t stream) {
+  using Gemm = typename FusedGemm<Element, kArgmax, kScoring>::Gemm;
   const int64_t tiles = NumTiles(vocab);
   const int64_t partial_count = tiles * rows;
   Partials partials;
@@ -331,6 +416,14 @@ cudaError_t Run(const void* h, int64_t h_row_stride, const void* weight, int64_t
   if constexpr (kArgmax) {
     partials.best_value = partials.sum + partial_count;
     partials.best_column = reinterpret_cast<int32_t*>(partials.best_value + partial_count);
+  }
+  ScoringOut scoring_out{nullptr, nullptr};
+  const float* threshold = nullptr;
+  if constexpr (kScoring) {
+    partials.weighted = reinterpret_cast<float*>(partials.best_column + partial_count);
+    partials.above = reinterpret_cast<int32_t*>(partials.weighted + partial_count);
+    threshold = scoring->threshold;
+    scoring_out = {scoring->entropy, threshold != nullptr ? scoring->above : nullptr};
   }
   int device = 0;
   if (const cudaError_t error = cudaGetDevice(&device); error != cudaSuccess) return error;
@@ -344,7 +437,7 @@ cudaError_t Run(const void* h, int64_t h_row_stride, const void* weight, int64_t
       cutlass::gemm::GemmUniversalMode::kGemm,
       {static_cast<int>(rows), static_cast<int>(vocab), static_cast<int>(dim), 1},
       {static_cast<const Element*>(h), stride_a, static_cast<const Element*>(weight), stride_b},
-      {labels, label_logit, partials},
+      {labels, label_logit, partials, threshold},
       hw_info};
   Gemm gemm;
   if (gemm.can_implement(arguments) != cutlass::Status::kSuccess ||
@@ -358,8 +451,8 @@ cudaError_t Run(const void* h, int64_t h_row_stride, const void* weight, int64_t
   }
   const dim3 block(kMergeRows, kMergeSlices);
   const auto blocks = static_cast<unsigned>((rows + kMergeRows - 1) / kMergeRows);
-  MergeTilesKernel<kArgmax>
-      <<<blocks, block, 0, stream>>>(partials, static_cast<int>(tiles), rows, lse, argmax);
+  MergeTilesKernel<kArgmax, kScoring><<<blocks, block, 0, stream>>>(
+      partials, static_cast<int>(tiles), rows, lse, argmax, scoring_out);
   return cudaGetLastError();
 }
 
@@ -373,33 +466,40 @@ bool FusedLogitStatsSupported(LogitType type, int major, int minor, int64_t dim,
          weight_row_stride % 8 == 0 && aligned(h) && aligned(weight);
 }
 
-int64_t FusedLogitStatsScratchBytesPerRow(int64_t vocab, bool with_argmax) {
-  return NumTiles(vocab) * (with_argmax ? 16 : 8);
+int64_t FusedLogitStatsScratchBytesPerRow(int64_t vocab, bool with_argmax, bool with_scoring) {
+  return NumTiles(vocab) * (with_scoring ? 24 : with_argmax ? 16 : 8);
 }
 
 cudaError_t FusedLogitStats(const void* h, int64_t h_row_stride, const void* weight,
                             int64_t weight_row_stride, LogitType type, int64_t rows, int64_t vocab,
                             int64_t dim, const int64_t* labels, float* lse, float* label_logit,
-                            int64_t* argmax, void* scratch, int sm_count, cudaStream_t stream) {
+                            int64_t* argmax, void* scratch, int sm_count, cudaStream_t stream,
+                            const FusedScoringTerms* scoring) {
   if (rows == 0) return cudaSuccess;
   if (rows > INT32_MAX || vocab > INT32_MAX || dim > INT32_MAX) return cudaErrorInvalidValue;
-  const bool with_argmax = argmax != nullptr;
+  // One instantiation per (dtype, outputs): losses, losses with the argmax, scoring (which
+  // computes the argmax too and writes it where asked).
+  const auto run = [&](auto element) {
+    using Element = decltype(element);
+    if (scoring != nullptr) {
+      return Run<Element, true, true>(h, h_row_stride, weight, weight_row_stride, rows, vocab, dim,
+                                      labels, lse, label_logit, argmax, scoring, scratch, sm_count,
+                                      stream);
+    }
+    if (argmax != nullptr) {
+      return Run<Element, true, false>(h, h_row_stride, weight, weight_row_stride, rows, vocab, dim,
+                                       labels, lse, label_logit, argmax, nullptr, scratch, sm_count,
+                                       stream);
+    }
+    return Run<Element, false, false>(h, h_row_stride, weight, weight_row_stride, rows, vocab, dim,
+                                      labels, lse, label_logit, argmax, nullptr, scratch, sm_count,
+                                      stream);
+  };
   switch (type) {
     case LogitType::kBFloat16:
-      return with_argmax
-                 ? Run<cutlass::bfloat16_t, true>(h, h_row_stride, weight, weight_row_stride, rows,
-                                                  vocab, dim, labels, lse, label_logit, argmax,
-                                                  scratch, sm_count, stream)
-                 : Run<cutlass::bfloat16_t, false>(h, h_row_stride, weight, weight_row_stride, rows,
-                                                   vocab, dim, labels, lse, label_logit, argmax,
-                                                   scratch, sm_count, stream);
+      return run(cutlass::bfloat16_t{});
     case LogitType::kFloat16:
-      return with_argmax ? Run<cutlass::half_t, true>(h, h_row_stride, weight, weight_row_stride,
-                                                      rows, vocab, dim, labels, lse, label_logit,
-                                                      argmax, scratch, sm_count, stream)
-                         : Run<cutlass::half_t, false>(h, h_row_stride, weight, weight_row_stride,
-                                                       rows, vocab, dim, labels, lse, label_logit,
-                                                       argmax, scratch, sm_count, stream);
+      return run(cutlass::half_t{});
     case LogitType::kFloat32:
       break;
   }

@@ -21,7 +21,20 @@ bool FusedLogitStatsSupported(LogitType type, int major, int minor, int64_t dim,
 
 // Bytes of scratch that FusedLogitStats needs per row of h (the partial state of every
 // vocabulary tile).
-int64_t FusedLogitStatsScratchBytesPerRow(int64_t vocab, bool with_argmax);
+int64_t FusedLogitStatsScratchBytesPerRow(int64_t vocab, bool with_argmax,
+                                          bool with_scoring = false);
+
+// The scoring terms FusedLogitStats adds when given them (docs/notes/scoring.md), per row r:
+//   entropy[r] = -sum_j p[r][j] log p[r][j], p = softmax(logit[r])          (fp32 arithmetic)
+//   above[r] = #{j : logit[r][j] > t[r]}: t[r] the label's logit in the tile that holds the
+//              label's column, threshold[r] in the others      (only when threshold is not null)
+// threshold[r] is meant to be the label's logit computed before the GEMM, rounded as the GEMM
+// rounds it. All (rows,) arrays on the device.
+struct FusedScoringTerms {
+  float* entropy = nullptr;
+  const float* threshold = nullptr;
+  int64_t* above = nullptr;
+};
 
 // For each of `rows` rows of h (rows x dim, row-major with `h_row_stride`) against weight
 // (vocab x dim, row-major with `weight_row_stride`), with the logits h W^T rounded to `type` as
@@ -29,13 +42,15 @@ int64_t FusedLogitStatsScratchBytesPerRow(int64_t vocab, bool with_argmax);
 //   lse[r] = log(sum_j exp(logit[r][j]))          (fp32 arithmetic)
 //   label_logit[r] = logit[r][labels[r]]          (labels in [0, vocab))
 //   argmax[r] = torch.argmax(logit[r])            (only when argmax is not null)
-// `scratch` holds rows * FusedLogitStatsScratchBytesPerRow bytes, 16-byte aligned. `sm_count` is
-// the device's multiprocessor count. Launches on `stream`; returns the first launch error, or
+// and, with `scoring`, its terms. `scratch` holds rows * FusedLogitStatsScratchBytesPerRow bytes
+// (with_scoring as `scoring` is given), 16-byte aligned. `sm_count` is the device's
+// multiprocessor count. Launches on `stream`; returns the first launch error, or
 // cudaErrorInvalidValue for operands that FusedLogitStatsSupported refuses.
 cudaError_t FusedLogitStats(const void* h, int64_t h_row_stride, const void* weight,
                             int64_t weight_row_stride, LogitType type, int64_t rows, int64_t vocab,
                             int64_t dim, const int64_t* labels, float* lse, float* label_logit,
-                            int64_t* argmax, void* scratch, int sm_count, cudaStream_t stream);
+                            int64_t* argmax, void* scratch, int sm_count, cudaStream_t stream,
+                            const FusedScoringTerms* scoring = nullptr);
 
 }  // namespace lmhead::cuda
 

@@ -46,6 +46,30 @@ __device__ __forceinline__ void AddMany(MaxSum& state, const float (&x)[N]) {
   state.s += sum;
 }
 
+// Online softmax state with the entropy's term: running max m, sum s of exp(x - m) and sum w of
+// exp(x - m) * (x - m); -sum p log p = log(s) - w / s.
+struct MaxSumWeighted {
+  float m;
+  float s;
+  float w;
+};
+
+__device__ __forceinline__ MaxSumWeighted Merge(MaxSumWeighted a, MaxSumWeighted b) {
+  MaxSumWeighted out{fmaxf(a.m, b.m), 0.f, 0.f};
+  if (out.m == -INFINITY) return out;
+  // Each side rescaled to the common max; a side of only -inf values adds nothing.
+  const auto add = [&out](const MaxSumWeighted& x) {
+    if (x.m == -INFINITY) return;
+    const float shift = x.m - out.m;
+    const float scale = __expf(shift);
+    out.s += x.s * scale;
+    out.w += (x.w + shift * x.s) * scale;
+  };
+  add(a);
+  add(b);
+  return out;
+}
+
 // Argmax state: the best value so far and its column, in torch.argmax's order: NaN above every
 // number (the first NaN wins), then the larger value, then the lower column.
 struct Best {
