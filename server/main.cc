@@ -32,7 +32,11 @@ namespace {
 const lmhead::Options kDefaults;
 }  // namespace
 
-ABSL_FLAG(std::string, host, kDefaults.host, "Address to listen on (one socket).");
+ABSL_FLAG(std::string, host, kDefaults.host,
+          "Address to listen on (one socket); one that is not loopback needs --allow_insecure.");
+ABSL_FLAG(bool, allow_insecure, kDefaults.allow_insecure,
+          "Allow a --host that is not loopback, served in the clear (no TLS or tokens yet): "
+          "anyone who reaches the port can use the server.");
 ABSL_FLAG(int, port, kDefaults.port,
           "TCP port; 0 picks a free one (logged, and written to --port_file).");
 ABSL_FLAG(std::string, port_file, kDefaults.port_file,
@@ -216,6 +220,7 @@ int main(int argc, char** argv) {
 
   lmhead::Options options;
   options.host = absl::GetFlag(FLAGS_host);
+  options.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
   options.port = absl::GetFlag(FLAGS_port);
   options.port_file = absl::GetFlag(FLAGS_port_file);
   for (const std::string& spec : model_flags) {

@@ -19,6 +19,11 @@ absl::Status Invalid(absl::string_view flag, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", message));
 }
 
+// 127.0.0.0/8, ::1 and localhost.
+bool IsLoopbackHost(absl::string_view host) {
+  return absl::StartsWith(host, "127.") || host == "localhost" || host == "::1" || host == "[::1]";
+}
+
 bool IsDeviceName(absl::string_view device) {
   if (device == "cpu" || device == "cuda") return true;
   if (!absl::ConsumePrefix(&device, "cuda:") || device.empty() || device.size() > 3) return false;
@@ -40,6 +45,14 @@ bool IsModelName(absl::string_view name) {
 
 absl::Status ValidateOptions(const Options& options) {
   if (options.host.empty()) return Invalid("host", "must not be empty (e.g. 127.0.0.1)");
+  if (!IsLoopbackHost(options.host) && !options.allow_insecure) {
+    return Invalid("host",
+                   absl::StrCat(options.host,
+                                " is not a loopback address, and this server has no TLS or token "
+                                "authentication yet: anyone who reaches the port could use its "
+                                "devices and read its outputs. Listen on 127.0.0.1, or pass "
+                                "--allow_insecure to serve in the clear behind a network policy"));
+  }
   if (options.port < 0 || options.port > 65535) {
     return Invalid("port", absl::StrCat("expected 0 (any free port) to 65535, got ", options.port));
   }

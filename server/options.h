@@ -27,8 +27,13 @@ struct ModelSpec {
 enum class LogFormat { kText, kJson };
 
 struct Options {
-  // Address to listen on. Default "0.0.0.0" (all IPv4 interfaces).
-  std::string host = "0.0.0.0";
+  // Address to listen on. Default "127.0.0.1" (this host only); another address needs
+  // allow_insecure (the server has no TLS or token authentication yet).
+  std::string host = "127.0.0.1";
+  // Whether the server may listen on a non-loopback address in the clear, where anyone who
+  // reaches the port can use the devices and read the outputs (put it behind a network policy).
+  // Default false: a non-loopback --host is refused at start.
+  bool allow_insecure = false;
   // TCP port; 0 picks a free one (written to port_file and logged). Default 50051.
   int port = 50051;
   // When set, the bound port is written there (decimal, then a newline) once the server is

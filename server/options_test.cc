@@ -14,6 +14,19 @@ namespace {
 
 TEST(ValidateOptionsTest, DefaultsAreValid) { EXPECT_TRUE(ValidateOptions(Options()).ok()); }
 
+TEST(ValidateOptionsTest, LoopbackHostsNeedNoFlagAndOthersNeedAllowInsecure) {
+  Options options;
+  for (const char* host : {"127.0.0.1", "127.8.9.10", "localhost", "::1", "[::1]"}) {
+    options.host = host;
+    EXPECT_TRUE(ValidateOptions(options).ok()) << host;
+  }
+  options.allow_insecure = true;
+  for (const char* host : {"0.0.0.0", "[::]", "10.1.2.3"}) {
+    options.host = host;
+    EXPECT_TRUE(ValidateOptions(options).ok()) << host;
+  }
+}
+
 TEST(ValidateOptionsTest, LimitsAtTheirBoundsAreValid) {
   Options options;
   options.port = 65535;
@@ -46,6 +59,9 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
   };
   const std::vector<Case> cases = {
       {[](Options& o) { o.host = ""; }, "--host: "},
+      {[](Options& o) { o.host = "0.0.0.0"; }, "--host: 0.0.0.0 is not a loopback address"},
+      {[](Options& o) { o.host = "10.1.2.3"; }, "--host: 10.1.2.3 is not a loopback address"},
+      {[](Options& o) { o.host = "[::]"; }, "--host: [::] is not a loopback address"},
       {[](Options& o) { o.port = -1; }, "--port: "},
       {[](Options& o) { o.port = 65536; }, "--port: "},
       {[](Options& o) {

@@ -319,7 +319,7 @@ TEST(ListeningTest, PortZeroListensOnOneSocketTheReportedOne) {
   for (const std::string host : {"0.0.0.0", "127.0.0.1", "localhost"}) {
     SCOPED_TRACE(host);
     absl::StatusOr<std::unique_ptr<ServerProcess>> server =
-        ServerProcess::Start({"--host=" + host});
+        ServerProcess::Start({"--host=" + host, "--allow_insecure"});
     ASSERT_TRUE(server.ok()) << server.status();
     const std::set<std::string> inodes = SocketInodes((*server)->pid());
     std::vector<int> listening_ports;
@@ -349,6 +349,8 @@ TEST(FlagsTest, EmptyAndOutOfRangeValuesAreRefusedAtStartNamingTheFlag) {
       {{"--model=demo"}, "--model: expected NAME=PATH.safetensors"},
       {{"--model=a b=x.safetensors"}, "--model: a model name is 1 to 128 characters"},
       {{"--host="}, "--host: given an empty value"},
+      {{"--host=0.0.0.0"}, "--host: 0.0.0.0 is not a loopback address"},
+      {{"--host=::"}, "--host: :: is not a loopback address"},
       {{"--device=gpu"}, "--device: expected a comma-separated list of cpu, cuda"},
       {{"--device=cpu,"}, "--device: expected a comma-separated list of cpu, cuda"},
       {{"--log_level="}, "--log_level: given an empty value"},

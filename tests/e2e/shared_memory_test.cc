@@ -959,7 +959,7 @@ TEST(SharedMemoryPeerTest, SessionsOnlyFromThisHostsLoopback) {
   const std::string address = NonLoopbackAddress();
   if (address.empty()) GTEST_SKIP() << "no IPv4 address besides loopback";
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
-      ServerProcess::Start({"--allow_shared_memory", "--host=0.0.0.0"});
+      ServerProcess::Start({"--allow_shared_memory", "--host=0.0.0.0", "--allow_insecure"});
   ASSERT_TRUE(server.ok()) << server.status();
   const std::string port = (*server)->address().substr((*server)->address().rfind(':') + 1);
   grpc::ChannelArguments arguments;
