@@ -11,6 +11,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -19,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -143,9 +146,32 @@ int FailedInput(absl::string_view flag, const absl::Status& status) {
   return Failed(absl::Status(status.code(), absl::StrCat("--", flag, ": ", status.message())));
 }
 
-// The connection flags of `command`: --timeout, --max_attempts.
+// The bearer token: the first non-empty line of --auth_token_file, else $LMHEAD_AUTH_TOKEN, else
+// none.
+absl::StatusOr<std::string> AuthToken(const Values& values) {
+  const std::string path = Get(values, "auth_token_file");
+  if (path.empty()) {
+    const char* token = std::getenv("LMHEAD_AUTH_TOKEN");
+    return std::string(token != nullptr ? absl::StripAsciiWhitespace(token) : "");
+  }
+  std::ifstream file(path);
+  const bool opened = file.is_open();
+  std::string line;
+  while (std::getline(file, line)) {
+    if (const absl::string_view token = absl::StripAsciiWhitespace(line); !token.empty()) {
+      return std::string(token);
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--auth_token_file: ", opened ? "the file has no token" : "cannot read the file"));
+}
+
+// The connection flags of `command`: --timeout, --max_attempts, --auth_token_file.
 absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
   ClientOptions options;
+  absl::StatusOr<std::string> token = AuthToken(values);
+  if (!token.ok()) return token.status();
+  options.auth_token = *std::move(token);
   double seconds = 0;
   if (absl::SimpleAtod(Get(values, "timeout"), &seconds) && seconds > 0) {
     options.timeout = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
@@ -158,6 +184,10 @@ absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
 }
 
 const Flag kAddress{"address", "HOST:PORT", "the server to talk to (required)", ""};
+const Flag kAuthTokenFile{"auth_token_file", "PATH",
+                          "a file whose first line is the bearer token to send (for a server "
+                          "started with --auth_token_file); default: $LMHEAD_AUTH_TOKEN",
+                          ""};
 const Flag kTimeout{"timeout", "SECONDS", "deadline of each call; 0 for none", "10"};
 const Flag kMaxAttempts{"max_attempts", "N",
                         "attempts per call, 1-5: RESOURCE_EXHAUSTED and UNAVAILABLE are retried "
@@ -424,14 +454,16 @@ std::vector<Command> Commands() {
        {kAddress,
         {"service", "NAME", "the service to ask about; empty: the whole server", ""},
         kTimeout,
-        kMaxAttempts},
+        kMaxAttempts,
+        kAuthTokenFile},
        RunHealth},
       {"models",
        "Lists the loaded models (name, d_model, vocab_size, dtype, parameters, device, version).",
        {kAddress,
         {"json", "", "print the full ListModels response as JSON", ""},
         kTimeout,
-        kMaxAttempts},
+        kMaxAttempts,
+        kAuthTokenFile},
        RunModels},
       {"forward",
        "Runs LMHead.forward on the server, from .npy/.safetensors inputs to a .safetensors file.\n"
@@ -493,7 +525,8 @@ std::vector<Command> Commands() {
          "one request)",
          ""},
         {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"},
-        kMaxAttempts},
+        kMaxAttempts,
+        kAuthTokenFile},
        RunForward},
   };
 }

@@ -201,6 +201,9 @@ void LMHeadClient::Prepare(grpc::ClientContext* context) const {
     context->set_deadline(std::chrono::system_clock::now() + options_.timeout);
   }
   if (!options_.request_id.empty()) context->AddMetadata("x-request-id", options_.request_id);
+  if (!options_.auth_token.empty()) {
+    context->AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
+  }
 }
 
 absl::StatusOr<v1::ForwardResponse> LMHeadClient::Forward(const v1::Tensor& hidden_states,
@@ -313,6 +316,9 @@ absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
     grpc::ClientContext context;
     if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
     if (!options_.request_id.empty()) context.AddMetadata("x-request-id", options_.request_id);
+    if (!options_.auth_token.empty()) {
+      context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
+    }
     if (cancellation != nullptr && !cancellation->Attach(&context)) {
       return absl::CancelledError("the stream was cancelled");
     }

@@ -47,6 +47,9 @@ struct ClientOptions {
   // channels of a process that go to the same address with the same settings, so that many
   // clients move their bytes over one connection. Default false.
   bool own_connection = false;
+  // Sent with every call as `authorization: Bearer <auth_token>`, for a server started with
+  // --auth_token_file (docs/API.md "Authentication"). Default empty: no header.
+  std::string auth_token;
 };
 
 // The gRPC service config that Connect gives its channel for `max_attempts` (docs/API.md

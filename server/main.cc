@@ -33,10 +33,14 @@ const lmhead::Options kDefaults;
 }  // namespace
 
 ABSL_FLAG(std::string, host, kDefaults.host,
-          "Address to listen on (one socket); one that is not loopback needs --allow_insecure.");
+          "Address to listen on (one socket); one that is not loopback needs --auth_token_file "
+          "or --allow_insecure.");
 ABSL_FLAG(bool, allow_insecure, kDefaults.allow_insecure,
-          "Allow a --host that is not loopback, served in the clear (no TLS or tokens yet): "
-          "anyone who reaches the port can use the server.");
+          "Allow a --host that is not loopback without --auth_token_file: anyone who reaches "
+          "the port can use the server.");
+ABSL_FLAG(std::string, auth_token_file, kDefaults.auth_token_file,
+          "Bearer tokens, one per line: every LMHeadService call must carry 'authorization: "
+          "Bearer TOKEN' with one of them (the health service is not checked).");
 ABSL_FLAG(int, port, kDefaults.port,
           "TCP port; 0 picks a free one (logged, and written to --port_file).");
 ABSL_FLAG(std::string, port_file, kDefaults.port_file,
@@ -143,8 +147,9 @@ std::vector<std::string> FlagValues(int argc, char** argv, absl::string_view nam
 
 // Flags whose value, when given, must not be empty (an empty --model would otherwise silently
 // serve the demo head).
-constexpr absl::string_view kNonEmptyFlags[] = {"model",  "host",      "port_file",  "head_config",
-                                                "device", "log_level", "log_format", "demo_dtype"};
+constexpr absl::string_view kNonEmptyFlags[] = {"model",       "host",       "port_file",
+                                                "head_config", "device",     "log_level",
+                                                "log_format",  "demo_dtype", "auth_token_file"};
 
 // Runs this binary again, with the same arguments, with glibc's malloc told to back its blocks
 // with transparent huge pages (docs/notes/huge_pages.md), unless GLIBC_TUNABLES already names
@@ -221,6 +226,7 @@ int main(int argc, char** argv) {
   lmhead::Options options;
   options.host = absl::GetFlag(FLAGS_host);
   options.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
+  options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   options.port = absl::GetFlag(FLAGS_port);
   options.port_file = absl::GetFlag(FLAGS_port_file);
   for (const std::string& spec : model_flags) {

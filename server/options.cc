@@ -45,13 +45,13 @@ bool IsModelName(absl::string_view name) {
 
 absl::Status ValidateOptions(const Options& options) {
   if (options.host.empty()) return Invalid("host", "must not be empty (e.g. 127.0.0.1)");
-  if (!IsLoopbackHost(options.host) && !options.allow_insecure) {
+  if (!IsLoopbackHost(options.host) && options.auth_token_file.empty() && !options.allow_insecure) {
     return Invalid("host",
                    absl::StrCat(options.host,
-                                " is not a loopback address, and this server has no TLS or token "
-                                "authentication yet: anyone who reaches the port could use its "
-                                "devices and read its outputs. Listen on 127.0.0.1, or pass "
-                                "--allow_insecure to serve in the clear behind a network policy"));
+                                " is not a loopback address, and no --auth_token_file is given: "
+                                "anyone who reaches the port could use the server's devices and "
+                                "read its outputs. Listen on 127.0.0.1, give tokens, or pass "
+                                "--allow_insecure to serve without them behind a network policy"));
   }
   if (options.port < 0 || options.port > 65535) {
     return Invalid("port", absl::StrCat("expected 0 (any free port) to 65535, got ", options.port));

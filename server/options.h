@@ -28,12 +28,16 @@ enum class LogFormat { kText, kJson };
 
 struct Options {
   // Address to listen on. Default "127.0.0.1" (this host only); another address needs
-  // allow_insecure (the server has no TLS or token authentication yet).
+  // auth_token_file or allow_insecure (the server has no TLS yet).
   std::string host = "127.0.0.1";
-  // Whether the server may listen on a non-loopback address in the clear, where anyone who
-  // reaches the port can use the devices and read the outputs (put it behind a network policy).
-  // Default false: a non-loopback --host is refused at start.
+  // Whether the server may listen on a non-loopback address without authentication, where
+  // anyone who reaches the port can use the devices and read the outputs (put it behind a
+  // network policy). Default false: such a --host is refused at start.
   bool allow_insecure = false;
+  // A file of bearer tokens, one per line (server/auth.h): every call of LMHeadService must carry
+  // `authorization: Bearer TOKEN` with one of them (UNAUTHENTICATED otherwise); the health
+  // service is not checked. Read at start. Default empty: no authentication.
+  std::string auth_token_file;
   // TCP port; 0 picks a free one (written to port_file and logged). Default 50051.
   int port = 50051;
   // When set, the bound port is written there (decimal, then a newline) once the server is

@@ -36,7 +36,7 @@ void SetServing(grpc::Server* server, bool serving) {
 
 }  // namespace
 
-Server::Server(const Options& options)
+Server::Server(const Options& options, std::shared_ptr<const BearerTokens> tokens)
     : options_(options),
       scheduler_(std::make_unique<Scheduler>(
           SchedulerLimits{options.max_batch_tokens, options.max_queue_tokens,
@@ -46,7 +46,8 @@ Server::Server(const Options& options)
                          options.max_shared_memory_regions, options.shared_memory_key_prefix,
                          options.pin_shared_memory && absl::StrContains(options.device, "cuda"))
                    : nullptr),
-      service_(std::make_unique<LMHeadServiceImpl>(options, scheduler_.get(), regions_.get())) {}
+      service_(std::make_unique<LMHeadServiceImpl>(options, scheduler_.get(), regions_.get(),
+                                                   std::move(tokens))) {}
 
 Server::~Server() {
   Shutdown();
@@ -61,7 +62,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   if (absl::Status status = ValidateOptions(options); !status.ok()) return status;
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  auto server = std::unique_ptr<Server>(new Server(options));
+  std::shared_ptr<const BearerTokens> tokens;
+  if (!options.auth_token_file.empty()) {
+    absl::StatusOr<std::unique_ptr<const BearerTokens>> read =
+        BearerTokens::Read(options.auth_token_file);
+    if (!read.ok()) return read.status();
+    tokens = *std::move(read);
+  }
+  auto server = std::unique_ptr<Server>(new Server(options, std::move(tokens)));
 
   const std::string address = absl::StrCat(options.host, ":", options.port);
   grpc::ServerBuilder builder;

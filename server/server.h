@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/auth.h"
 #include "server/options.h"
 
 namespace lmhead {
@@ -44,7 +45,7 @@ class Server {
   void Wait();
 
  private:
-  explicit Server(const Options& options);
+  Server(const Options& options, std::shared_ptr<const BearerTokens> tokens);
 
   const Options options_;
   std::unique_ptr<Scheduler> scheduler_;

@@ -243,10 +243,12 @@ absl::Status InMicroBatch(const absl::Status& status, int64_t index) {
 }  // namespace
 
 LMHeadServiceImpl::LMHeadServiceImpl(const Options& options, Scheduler* scheduler,
-                                     RegionRegistry* regions)
+                                     RegionRegistry* regions,
+                                     std::shared_ptr<const BearerTokens> tokens)
     : options_(options),
       scheduler_(scheduler),
       regions_(regions),
+      tokens_(std::move(tokens)),
       open_streams_(options.max_open_streams),
       shared_memory_sessions_(options.max_shared_memory_sessions) {
   // lmhead.v1.LMHeadService's methods, as the generated service registers them, with
@@ -300,10 +302,24 @@ bool LMHeadServiceImpl::WaitIdle(std::chrono::system_clock::time_point deadline)
 
 namespace {
 
-Admission Admit(const grpc::ServerContext& context,
+// The call's bearer token, checked first: a caller without one learns nothing of the server's
+// state.
+bool Authenticated(const grpc::ServerContext& context, const BearerTokens* tokens) {
+  if (tokens == nullptr) return true;
+  const auto& metadata = context.client_metadata();
+  const auto header = metadata.find("authorization");
+  return header != metadata.end() &&
+         tokens->Accepts(absl::string_view(header->second.data(), header->second.size()));
+}
+
+Admission Admit(const grpc::ServerContext& context, const BearerTokens* tokens,
                 const std::shared_ptr<const ModelRegistry>& models, bool forward, bool draining) {
   Admission admission{RequestIdOf(context), models, absl::OkStatus()};
-  if (forward && draining) {
+  if (!Authenticated(context, tokens)) {
+    admission.status = absl::UnauthenticatedError(
+        "this server needs a bearer token: call metadata 'authorization: Bearer TOKEN' with one "
+        "of the tokens it was given (docs/API.md \"Authentication\")");
+  } else if (forward && draining) {
     admission.status = absl::UnavailableError("the server is shutting down");
   } else if (models == nullptr) {
     admission.status = absl::UnavailableError("the server is still loading its models");
@@ -332,7 +348,8 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
                                         v1::ForwardResponse* response) {
   const v1::ForwardRequest* request = &received->message();
   const RunningCall running(&running_calls_);
-  const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
+  const Admission admission =
+      Admit(*context, tokens_.get(), registry(), /*forward=*/true, draining_);
   absl::Status status = admission.status;
   if (status.ok()) {
     status = CatchTorchErrors([&]() -> absl::Status {
@@ -365,7 +382,8 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::ForwardResponse, ReceivedForwardRequest>* stream) {
   const RunningCall running(&running_calls_);
-  const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
+  const Admission admission =
+      Admit(*context, tokens_.get(), registry(), /*forward=*/true, draining_);
   if (!admission.status.ok()) {
     return Finish(context, admission, "ForwardStream", admission.status, /*answered=*/false);
   }
@@ -468,7 +486,8 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
 grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
                                            const v1::ListModelsRequest* /*request*/,
                                            v1::ListModelsResponse* response) {
-  const Admission admission = Admit(*context, registry(), /*forward=*/false, draining_);
+  const Admission admission =
+      Admit(*context, tokens_.get(), registry(), /*forward=*/false, draining_);
   if (admission.status.ok()) {
     for (const auto& model : admission.models->List()) {
       *response->add_models() = ModelInfoToWire(*model, options_.expose_model_paths);
@@ -481,7 +500,8 @@ grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
 grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
                                          const v1::GetModelRequest* request,
                                          v1::ModelInfo* response) {
-  const Admission admission = Admit(*context, registry(), /*forward=*/false, draining_);
+  const Admission admission =
+      Admit(*context, tokens_.get(), registry(), /*forward=*/false, draining_);
   absl::Status status = admission.status;
   if (status.ok()) {
     if (absl::StatusOr<std::shared_ptr<const Model>> model =
@@ -546,7 +566,8 @@ std::string LoggedRegion(absl::string_view id) {
 grpc::Status LMHeadServiceImpl::SharedMemory(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::SharedMemoryResponse, v1::SharedMemoryRequest>* stream) {
-  const Admission admission = Admit(*context, registry(), /*forward=*/true, draining_);
+  const Admission admission =
+      Admit(*context, tokens_.get(), registry(), /*forward=*/true, draining_);
   const auto refuse = [&](const absl::Status& status) {
     return Finish(context, admission, "SharedMemory", status, /*answered=*/false);
   };

@@ -16,6 +16,7 @@
 #include <memory>
 
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
+#include "server/auth.h"
 #include "server/concurrency_limiter.h"
 #include "server/options.h"
 #include "server/received_request.h"
@@ -29,9 +30,10 @@ class Scheduler;
 class LMHeadServiceImpl final : public grpc::Service {
  public:
   // `scheduler` must outlive the service; so must `regions`, the shared-memory regions, null
-  // when shared memory is off (--allow_shared_memory).
-  LMHeadServiceImpl(const Options& options, Scheduler* scheduler,
-                    RegionRegistry* regions = nullptr);
+  // when shared memory is off (--allow_shared_memory). `tokens`: the bearer tokens every call
+  // must carry one of (UNAUTHENTICATED otherwise); null: none needed.
+  LMHeadServiceImpl(const Options& options, Scheduler* scheduler, RegionRegistry* regions = nullptr,
+                    std::shared_ptr<const BearerTokens> tokens = nullptr);
   ~LMHeadServiceImpl() override;
 
   // Makes the models available. Until then every RPC answers UNAVAILABLE ("loading").
@@ -68,6 +70,7 @@ class LMHeadServiceImpl final : public grpc::Service {
   const Options options_;
   Scheduler* const scheduler_;
   RegionRegistry* const regions_;
+  const std::shared_ptr<const BearerTokens> tokens_;
   // Forward and ForwardStream calls inside their handler.
   std::atomic<int> running_calls_{0};
   ConcurrencyLimiter open_streams_;

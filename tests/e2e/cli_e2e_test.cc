@@ -699,3 +699,38 @@ TEST_F(CliScoringTest, UsageAndServerErrors) {
 
 }  // namespace
 }  // namespace lmhead
+
+namespace lmhead {
+namespace {
+
+// The CLI's token: --auth_token_file's first line, else $LMHEAD_AUTH_TOKEN.
+TEST(CliAuthTest, TokenFromAFileOrTheEnvironment) {
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  std::ofstream(dir + "/server-tokens") << "cli-token-0123456789abcdef\n";
+  std::ofstream(dir + "/client-token") << "\ncli-token-0123456789abcdef\n";
+  std::ofstream(dir + "/empty-token") << "\n";
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--auth_token_file=" + dir + "/server-tokens"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string models = "models --address " + (*server)->address();
+  Result refused = RunCli(models);
+  EXPECT_EQ(refused.exit_code, 1) << refused.out;
+  EXPECT_NE(refused.out.find("UNAUTHENTICATED"), std::string::npos) << refused.out;
+  Result from_file = RunCli(absl::StrCat(models, " --auth_token_file ", dir, "/client-token"));
+  EXPECT_EQ(from_file.exit_code, 0) << from_file.out;
+  EXPECT_NE(from_file.out.find("demo"), std::string::npos) << from_file.out;
+  Result empty = RunCli(absl::StrCat(models, " --auth_token_file ", dir, "/empty-token"));
+  EXPECT_EQ(empty.exit_code, 2) << empty.out;
+  EXPECT_NE(empty.out.find("--auth_token_file: the file has no token"), std::string::npos)
+      << empty.out;
+  ASSERT_EQ(setenv("LMHEAD_AUTH_TOKEN", "cli-token-0123456789abcdef", 1), 0);
+  Result from_environment = RunCli(models);
+  ASSERT_EQ(unsetenv("LMHEAD_AUTH_TOKEN"), 0);
+  EXPECT_EQ(from_environment.exit_code, 0) << from_environment.out;
+  // Health needs no token.
+  EXPECT_EQ(RunCli("health --address " + (*server)->address()).exit_code, 0);
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+}  // namespace
+}  // namespace lmhead

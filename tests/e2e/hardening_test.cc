@@ -597,3 +597,74 @@ TEST(RetryTest, ServiceConfigIsGrpcsRetryPolicy) {
 
 }  // namespace
 }  // namespace lmhead
+
+namespace lmhead {
+namespace {
+
+// --auth_token_file: every LMHeadService call needs one of the tokens (UNAUTHENTICATED, the same
+// answer for a missing and a wrong token, nothing about the tokens), the health service does
+// not; a server with tokens may listen beyond loopback without --allow_insecure.
+TEST(AuthTest, CallsNeedATokenAndHealthDoesNot) {
+  const std::string path = absl::StrCat(std::getenv("TEST_TMPDIR"), "/tokens");
+  std::ofstream(path) << "old-token-0123456789abcdef\n\ncurrent-token-0123456789abcdef\n";
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--auth_token_file=" + path, "--host=0.0.0.0"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const auto connect = [&](const std::string& token) {
+    ClientOptions options;
+    options.timeout = std::chrono::seconds(30);
+    options.max_attempts = 1;
+    options.auth_token = token;
+    return LMHeadClient::Connect((*server)->address(), options);
+  };
+  const at::Tensor x = at::randn({1, 3, 64});
+  ForwardArgs args;
+  args.return_logits = false;
+  args.loss_reduction = v1::LOSS_REDUCTION_NONE;  // per token: streamed equals one call, bitwise
+  args.labels = ToWire(at::randint(1000, {1, 3}, at::kLong));
+  for (const std::string& token : {std::string(), std::string("wrong-token-0123456789abcdef"),
+                                   std::string("current-token-0123456789abcde")}) {
+    SCOPED_TRACE(token);
+    auto client = connect(token);
+    const absl::Status listed = client->ListModels().status();
+    EXPECT_EQ(listed.code(), absl::StatusCode::kUnauthenticated) << listed;
+    EXPECT_FALSE(absl::StrContains(listed.message(), "token-0123")) << listed;
+    EXPECT_EQ(client->GetModel("demo").status().code(), absl::StatusCode::kUnauthenticated);
+    EXPECT_EQ(client->Forward(ToWire(x), args).status().code(), absl::StatusCode::kUnauthenticated);
+    const absl::StatusOr<v1::ForwardResponse> streamed =
+        client->ForwardChunked(ToWire(x), args, /*max_micro_batch_bytes=*/256);
+    EXPECT_EQ(streamed.status().code(), absl::StatusCode::kUnauthenticated) << streamed.status();
+    // Probes carry no token.
+    const auto health = client->Health("");
+    ASSERT_TRUE(health.ok()) << health.status();
+    EXPECT_EQ(*health, grpc::health::v1::HealthCheckResponse::SERVING);
+  }
+  for (const char* token : {"old-token-0123456789abcdef", "current-token-0123456789abcdef"}) {
+    auto client = connect(token);
+    EXPECT_TRUE(client->ListModels().ok());
+    const absl::StatusOr<v1::ForwardResponse> one = client->Forward(ToWire(x), args);
+    ASSERT_TRUE(one.ok()) << one.status();
+    const absl::StatusOr<v1::ForwardResponse> streamed =
+        client->ForwardChunked(ToWire(x), args, /*max_micro_batch_bytes=*/256);
+    ASSERT_TRUE(streamed.ok()) << streamed.status();
+    EXPECT_EQ(streamed->loss().data(), one->loss().data());
+  }
+  EXPECT_EQ((*server)->Stop(), 0);
+  EXPECT_TRUE(absl::StrContains((*server)->Log(), "failed: UNAUTHENTICATED"));
+  EXPECT_FALSE(absl::StrContains((*server)->Log(), "token-0123"));
+}
+
+TEST(AuthTest, BadTokenFilesStopTheServerNamingTheFlag) {
+  const std::string path = absl::StrCat(std::getenv("TEST_TMPDIR"), "/short-tokens");
+  std::ofstream(path) << "short\n";
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--auth_token_file=" + path});
+  ASSERT_FALSE(server.ok());
+  EXPECT_TRUE(
+      absl::StrContains(server.status().message(), "--auth_token_file: line 1 is not a token"))
+      << server.status();
+  EXPECT_FALSE(absl::StrContains(server.status().message(), "short\n"));
+}
+
+}  // namespace
+}  // namespace lmhead

@@ -6,6 +6,7 @@ call in flight has a shared-memory buffer of its own).
 
 import collections
 import json
+import os
 import re
 import threading
 import weakref
@@ -95,6 +96,37 @@ def retry_service_config(max_attempts: int) -> str:
     }]})
 
 
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout,
+                            list(details.metadata or []) + [self._header], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
 class RemoteLMHead:
     """A client of one lmhead server.
 
@@ -111,12 +143,15 @@ class RemoteLMHead:
       a copy to the host); if the server refuses, every call goes inline from then on. "on":
       every call uses shared memory, and LMHeadError says why when it cannot. "off": never.
       Results are the same bits either way (client/python/README.md, "Shared memory").
+    auth_token: sent with every call as `authorization: Bearer <auth_token>`, for a server
+      started with --auth_token_file; None (default): the LMHEAD_AUTH_TOKEN environment
+      variable, if set and not empty.
     Messages of any size are allowed on the client side (the server enforces its limits).
     """
 
     def __init__(self, address: str, model: Optional[str] = None,
                  timeout: Optional[float] = None, max_attempts: int = 5,
-                 shared_memory: str = "auto"):
+                 shared_memory: str = "auto", auth_token: Optional[str] = None):
         if not 1 <= max_attempts <= 5:
             raise ValueError(f"max_attempts: expected 1 to 5, got {max_attempts}")
         if shared_memory not in _shared_memory.MODES:
@@ -139,7 +174,11 @@ class RemoteLMHead:
         else:
             options.append(("grpc.enable_retries", 0))
         self._options = options
-        self._channel = grpc.insecure_channel(address, options=options)
+        if auth_token is None:
+            auth_token = os.environ.get("LMHEAD_AUTH_TOKEN", "").strip() or None
+        self._interceptors = [_BearerToken(auth_token)] if auth_token else []
+        self._channel = grpc.intercept_channel(grpc.insecure_channel(address, options=options),
+                                               *self._interceptors)
         self._stub = pb_grpc.LMHeadServiceStub(self._channel)
         # Forward and ForwardStream with requests serialised by WireRequest (one copy of the
         # hidden states instead of three).
@@ -172,9 +211,11 @@ class RemoteLMHead:
         """ForwardStream on `count` channels (connections), opened as needed."""
         with self._channels_lock:
             while len(self._forward_streams) < count:
-                channel = grpc.insecure_channel(
-                    self.address,
-                    options=self._options + [("grpc.use_local_subchannel_pool", 1)])
+                channel = grpc.intercept_channel(
+                    grpc.insecure_channel(
+                        self.address,
+                        options=self._options + [("grpc.use_local_subchannel_pool", 1)]),
+                    *self._interceptors)
                 self._more_channels.append(channel)
                 self._forward_streams.append(self._stream_method(channel))
             return self._forward_streams[:count]
