@@ -17,7 +17,9 @@
 #include <iostream>
 #include <map>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -166,12 +168,40 @@ absl::StatusOr<std::string> AuthToken(const Values& values) {
       "--auth_token_file: ", opened ? "the file has no token" : "cannot read the file"));
 }
 
-// The connection flags of `command`: --timeout, --max_attempts, --auth_token_file.
+// The PEM text of the file that --`flag` names, else $`variable` names; empty when neither.
+absl::StatusOr<std::string> PemFile(const Values& values, const std::string& flag,
+                                    const char* variable) {
+  std::string path = Get(values, flag);
+  if (path.empty() && std::getenv(variable) != nullptr) path = std::getenv(variable);
+  if (path.empty()) return std::string();
+  std::ifstream file(path);
+  std::stringstream text;
+  text << file.rdbuf();
+  if (!file || !absl::StrContains(text.str(), "-----BEGIN ")) {
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": cannot read a PEM file at ", path,
+                                                   " (from --", flag, " or $", variable, ")"));
+  }
+  return text.str();
+}
+
+// The connection flags of `command`: --timeout, --max_attempts, --auth_token_file, --tls*.
 absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
   ClientOptions options;
   absl::StatusOr<std::string> token = AuthToken(values);
   if (!token.ok()) return token.status();
   options.auth_token = *std::move(token);
+  options.tls = Get(values, "tls") == "true";
+  for (const auto& [flag, variable, pem] :
+       {std::tuple{"tls_roots", "LMHEAD_TLS_ROOTS", &options.tls_root_certs},
+        std::tuple{"tls_cert", "LMHEAD_TLS_CERT", &options.tls_cert_chain},
+        std::tuple{"tls_key", "LMHEAD_TLS_KEY", &options.tls_private_key}}) {
+    absl::StatusOr<std::string> text = PemFile(values, flag, variable);
+    if (!text.ok()) return text.status();
+    *pem = *std::move(text);
+  }
+  if (options.tls_cert_chain.empty() != options.tls_private_key.empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+  }
   double seconds = 0;
   if (absl::SimpleAtod(Get(values, "timeout"), &seconds) && seconds > 0) {
     options.timeout = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
@@ -184,6 +214,16 @@ absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
 }
 
 const Flag kAddress{"address", "HOST:PORT", "the server to talk to (required)", ""};
+const Flag kTls{"tls", "", "speak TLS (implied by the --tls_* files)", ""};
+const Flag kTlsRoots{"tls_roots", "PATH",
+                     "PEM bundle of the CAs the server's certificate must chain to (default: "
+                     "$LMHEAD_TLS_ROOTS, else gRPC's default roots)",
+                     ""};
+const Flag kTlsCert{"tls_cert", "PATH",
+                    "this client's certificate chain (PEM) for a mutual-TLS server (default: "
+                    "$LMHEAD_TLS_CERT)",
+                    ""};
+const Flag kTlsKey{"tls_key", "PATH", "the key of --tls_cert (PEM; default: $LMHEAD_TLS_KEY)", ""};
 const Flag kAuthTokenFile{"auth_token_file", "PATH",
                           "a file whose first line is the bearer token to send (for a server "
                           "started with --auth_token_file); default: $LMHEAD_AUTH_TOKEN",
@@ -455,7 +495,11 @@ std::vector<Command> Commands() {
         {"service", "NAME", "the service to ask about; empty: the whole server", ""},
         kTimeout,
         kMaxAttempts,
-        kAuthTokenFile},
+        kAuthTokenFile,
+        kTls,
+        kTlsRoots,
+        kTlsCert,
+        kTlsKey},
        RunHealth},
       {"models",
        "Lists the loaded models (name, d_model, vocab_size, dtype, parameters, device, version).",
@@ -463,7 +507,11 @@ std::vector<Command> Commands() {
         {"json", "", "print the full ListModels response as JSON", ""},
         kTimeout,
         kMaxAttempts,
-        kAuthTokenFile},
+        kAuthTokenFile,
+        kTls,
+        kTlsRoots,
+        kTlsCert,
+        kTlsKey},
        RunModels},
       {"forward",
        "Runs LMHead.forward on the server, from .npy/.safetensors inputs to a .safetensors file.\n"
@@ -526,7 +574,11 @@ std::vector<Command> Commands() {
          ""},
         {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"},
         kMaxAttempts,
-        kAuthTokenFile},
+        kAuthTokenFile,
+        kTls,
+        kTlsRoots,
+        kTlsCert,
+        kTlsKey},
        RunForward},
   };
 }

@@ -170,13 +170,21 @@ std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
     arguments.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   }
   if (options.own_connection) arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (options.tls || !options.tls_root_certs.empty() || !options.tls_cert_chain.empty() ||
+      !options.tls_private_key.empty()) {
+    grpc::SslCredentialsOptions tls;
+    tls.pem_root_certs = options.tls_root_certs;
+    tls.pem_cert_chain = options.tls_cert_chain;
+    tls.pem_private_key = options.tls_private_key;
+    credentials = grpc::SslCredentials(tls);
+  }
   auto client = std::make_unique<LMHeadClient>(
-      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), arguments),
-      std::move(options));
-  client->open_channel_ = [address, arguments]() mutable {
+      grpc::CreateCustomChannel(address, credentials, arguments), std::move(options));
+  client->open_channel_ = [address, arguments, credentials]() mutable {
     grpc::ChannelArguments own = arguments;
     own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection
-    return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), own);
+    return grpc::CreateCustomChannel(address, credentials, own);
   };
   return client;
 }

@@ -50,6 +50,14 @@ struct ClientOptions {
   // Sent with every call as `authorization: Bearer <auth_token>`, for a server started with
   // --auth_token_file (docs/API.md "Authentication"). Default empty: no header.
   std::string auth_token;
+  // TLS (docs/API.md "TLS"): the channel speaks TLS when `tls` is set or any of the PEM texts
+  // below is given. tls_root_certs: the CAs the server's certificate must chain to (empty:
+  // gRPC's default roots); tls_cert_chain and tls_private_key: this client's certificate and
+  // key, for a server that asks for one (mutual TLS). Defaults: plaintext.
+  bool tls = false;
+  std::string tls_root_certs;
+  std::string tls_cert_chain;
+  std::string tls_private_key;
 };
 
 // The gRPC service config that Connect gives its channel for `max_attempts` (docs/API.md

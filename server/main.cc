@@ -33,11 +33,20 @@ const lmhead::Options kDefaults;
 }  // namespace
 
 ABSL_FLAG(std::string, host, kDefaults.host,
-          "Address to listen on (one socket); one that is not loopback needs --auth_token_file "
-          "or --allow_insecure.");
+          "Address to listen on (one socket); one that is not loopback needs TLS, "
+          "--auth_token_file or --allow_insecure.");
 ABSL_FLAG(bool, allow_insecure, kDefaults.allow_insecure,
-          "Allow a --host that is not loopback without --auth_token_file: anyone who reaches "
-          "the port can use the server.");
+          "Allow a --host that is not loopback without TLS or --auth_token_file: anyone who "
+          "reaches the port can use the server.");
+ABSL_FLAG(std::string, tls_cert, kDefaults.tls_cert,
+          "TLS: the server's certificate chain (PEM); with --tls_key the port speaks only TLS.");
+ABSL_FLAG(std::string, tls_key, kDefaults.tls_key, "TLS: the private key of --tls_cert (PEM).");
+ABSL_FLAG(std::string, tls_client_ca, kDefaults.tls_client_ca,
+          "Mutual TLS: the CAs (PEM bundle) whose client certificates are accepted; clients "
+          "without one are refused.");
+ABSL_FLAG(int, tls_reload_seconds, kDefaults.tls_reload_seconds,
+          "How often the TLS files are re-read (renewed certificates apply without a restart), "
+          "1 to 86400.");
 ABSL_FLAG(std::string, auth_token_file, kDefaults.auth_token_file,
           "Bearer tokens, one per line: every LMHeadService call must carry 'authorization: "
           "Bearer TOKEN' with one of them (the health service is not checked).");
@@ -226,6 +235,10 @@ int main(int argc, char** argv) {
   lmhead::Options options;
   options.host = absl::GetFlag(FLAGS_host);
   options.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
+  options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  options.tls_reload_seconds = absl::GetFlag(FLAGS_tls_reload_seconds);
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   options.port = absl::GetFlag(FLAGS_port);
   options.port_file = absl::GetFlag(FLAGS_port_file);

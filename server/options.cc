@@ -2,7 +2,10 @@
 
 #include <climits>
 #include <cmath>
+#include <fstream>
 #include <set>
+#include <sstream>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -45,13 +48,39 @@ bool IsModelName(absl::string_view name) {
 
 absl::Status ValidateOptions(const Options& options) {
   if (options.host.empty()) return Invalid("host", "must not be empty (e.g. 127.0.0.1)");
-  if (!IsLoopbackHost(options.host) && options.auth_token_file.empty() && !options.allow_insecure) {
+  if (options.tls_cert.empty() != options.tls_key.empty()) {
+    return Invalid(options.tls_cert.empty() ? "tls_cert" : "tls_key",
+                   "--tls_cert and --tls_key go together (the certificate chain and its key)");
+  }
+  if (!options.tls_client_ca.empty() && options.tls_cert.empty()) {
+    return Invalid("tls_client_ca", "needs --tls_cert and --tls_key (mutual TLS is TLS)");
+  }
+  const std::pair<const char*, std::string> tls_files[] = {
+      {"tls_cert", options.tls_cert},
+      {"tls_key", options.tls_key},
+      {"tls_client_ca", options.tls_client_ca}};
+  for (const auto& [flag, path] : tls_files) {
+    if (path.empty()) continue;
+    std::ifstream file(path);
+    std::stringstream text;
+    text << file.rdbuf();
+    if (!file || !absl::StrContains(text.str(), "-----BEGIN ")) {
+      return Invalid(flag, "cannot read a PEM file there");
+    }
+  }
+  if (options.tls_reload_seconds < 1 || options.tls_reload_seconds > 86400) {
+    return Invalid("tls_reload_seconds",
+                   absl::StrCat("expected 1 to 86400, got ", options.tls_reload_seconds));
+  }
+  if (!IsLoopbackHost(options.host) && options.tls_cert.empty() &&
+      options.auth_token_file.empty() && !options.allow_insecure) {
     return Invalid("host",
                    absl::StrCat(options.host,
-                                " is not a loopback address, and no --auth_token_file is given: "
-                                "anyone who reaches the port could use the server's devices and "
-                                "read its outputs. Listen on 127.0.0.1, give tokens, or pass "
-                                "--allow_insecure to serve without them behind a network policy"));
+                                " is not a loopback address, and neither TLS (--tls_cert) nor "
+                                "--auth_token_file is given: anyone who reaches the port could use "
+                                "the server's devices and read its outputs. Listen on 127.0.0.1, "
+                                "add TLS or tokens, or pass --allow_insecure to serve without "
+                                "them behind a network policy"));
   }
   if (options.port < 0 || options.port > 65535) {
     return Invalid("port", absl::StrCat("expected 0 (any free port) to 65535, got ", options.port));

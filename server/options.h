@@ -27,9 +27,19 @@ struct ModelSpec {
 enum class LogFormat { kText, kJson };
 
 struct Options {
-  // Address to listen on. Default "127.0.0.1" (this host only); another address needs
-  // auth_token_file or allow_insecure (the server has no TLS yet).
+  // Address to listen on. Default "127.0.0.1" (this host only); another address needs TLS,
+  // auth_token_file or allow_insecure.
   std::string host = "127.0.0.1";
+  // TLS (docs/API.md "TLS"): the server's certificate chain and private key, PEM files, both or
+  // neither; with them the port speaks only TLS. Re-read every tls_reload_seconds, so renewed
+  // certificates take effect without a restart. Default empty: plaintext.
+  std::string tls_cert;
+  std::string tls_key;
+  // Mutual TLS: PEM bundle of the CAs whose client certificates are accepted; clients without
+  // one are refused at the handshake. Needs tls_cert. Default empty: no client certificates.
+  std::string tls_client_ca;
+  // How often the TLS files are checked for changes, in seconds, 1 to 86400. Default 60.
+  int tls_reload_seconds = 60;
   // Whether the server may listen on a non-loopback address without authentication, where
   // anyone who reaches the port can use the devices and read the outputs (put it behind a
   // network policy). Default false: such a --host is refused at start.

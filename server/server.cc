@@ -3,6 +3,8 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_builder.h>
 
 #include <algorithm>
@@ -58,6 +60,28 @@ Server::~Server() {
   executors_.clear();
 }
 
+namespace {
+
+// Plaintext, or TLS from files gRPC's certificate provider re-reads every tls_reload_seconds
+// (mutual TLS with tls_client_ca).
+std::shared_ptr<grpc::ServerCredentials> ServerCredentialsFor(const Options& options) {
+  if (options.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  const auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      options.tls_key, options.tls_cert, options.tls_client_ca,
+      static_cast<unsigned>(options.tls_reload_seconds));
+  grpc::experimental::TlsServerCredentialsOptions tls(provider);
+  tls.watch_identity_key_cert_pairs();
+  if (options.tls_client_ca.empty()) {
+    tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  } else {
+    tls.watch_root_certs();
+    tls.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
+  return grpc::experimental::TlsServerCredentials(tls);
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   if (absl::Status status = ValidateOptions(options); !status.ok()) return status;
   grpc::EnableDefaultHealthCheckService(true);
@@ -73,7 +97,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
 
   const std::string address = absl::StrCat(options.host, ":", options.port);
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.AddListeningPort(address, ServerCredentialsFor(options), &server->port_);
   // One socket per address. With SO_REUSEPORT gRPC opens a second listener, which for port 0
   // gets a port of its own that nobody is told about (and another process could share ours).
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

@@ -127,6 +127,24 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._details(details), requests)
 
 
+def _pem(value, variable: str, name: str) -> Optional[bytes]:
+    """PEM bytes from `value` (bytes, or a file's path), else from the file $`variable` names."""
+    if value is None:
+        value = os.environ.get(variable) or None
+        if value is None:
+            return None
+    if isinstance(value, bytes):
+        return value
+    try:
+        with open(value, "rb") as file:
+            pem = file.read()
+    except OSError as error:
+        raise ValueError(f"{name}: cannot read {value}: {error.strerror}") from None
+    if b"-----BEGIN " not in pem:
+        raise ValueError(f"{name}: {value} is not a PEM file")
+    return pem
+
+
 class RemoteLMHead:
     """A client of one lmhead server.
 
@@ -146,12 +164,18 @@ class RemoteLMHead:
     auth_token: sent with every call as `authorization: Bearer <auth_token>`, for a server
       started with --auth_token_file; None (default): the LMHEAD_AUTH_TOKEN environment
       variable, if set and not empty.
+    tls: speak TLS (docs/API.md "TLS"); implied by any of the three below. tls_roots: the CAs
+      the server's certificate must chain to, a PEM file's path or its bytes (None: the
+      LMHEAD_TLS_ROOTS file, else gRPC's default roots); tls_cert and tls_key: this client's
+      certificate chain and key for a mutual-TLS server, both or neither (None: LMHEAD_TLS_CERT
+      and LMHEAD_TLS_KEY).
     Messages of any size are allowed on the client side (the server enforces its limits).
     """
 
     def __init__(self, address: str, model: Optional[str] = None,
                  timeout: Optional[float] = None, max_attempts: int = 5,
-                 shared_memory: str = "auto", auth_token: Optional[str] = None):
+                 shared_memory: str = "auto", auth_token: Optional[str] = None,
+                 tls: bool = False, tls_roots=None, tls_cert=None, tls_key=None):
         if not 1 <= max_attempts <= 5:
             raise ValueError(f"max_attempts: expected 1 to 5, got {max_attempts}")
         if shared_memory not in _shared_memory.MODES:
@@ -177,8 +201,14 @@ class RemoteLMHead:
         if auth_token is None:
             auth_token = os.environ.get("LMHEAD_AUTH_TOKEN", "").strip() or None
         self._interceptors = [_BearerToken(auth_token)] if auth_token else []
-        self._channel = grpc.intercept_channel(grpc.insecure_channel(address, options=options),
-                                               *self._interceptors)
+        pems = [_pem(value, variable, name) for value, variable, name in (
+            (tls_roots, "LMHEAD_TLS_ROOTS", "tls_roots"), (tls_cert, "LMHEAD_TLS_CERT", "tls_cert"),
+            (tls_key, "LMHEAD_TLS_KEY", "tls_key"))]
+        if (pems[1] is None) != (pems[2] is None):
+            raise ValueError("tls_cert and tls_key go together")
+        self._credentials = (grpc.ssl_channel_credentials(pems[0], pems[2], pems[1])
+                             if tls or any(pem is not None for pem in pems) else None)
+        self._channel = self._new_channel(options)
         self._stub = pb_grpc.LMHeadServiceStub(self._channel)
         # Forward and ForwardStream with requests serialised by WireRequest (one copy of the
         # hidden states instead of three).
@@ -200,6 +230,13 @@ class RemoteLMHead:
             weakref.finalize(self, self._shm.close)
         self._model_info: Optional[pb.ModelInfo] = None
 
+    def _new_channel(self, options: list) -> grpc.Channel:
+        """A channel to the server: TLS or plaintext, with the token's interceptor."""
+        channel = (grpc.secure_channel(self.address, self._credentials, options=options)
+                   if self._credentials is not None
+                   else grpc.insecure_channel(self.address, options=options))
+        return grpc.intercept_channel(channel, *self._interceptors)
+
     @staticmethod
     def _stream_method(channel: grpc.Channel):
         return channel.stream_stream(
@@ -211,11 +248,8 @@ class RemoteLMHead:
         """ForwardStream on `count` channels (connections), opened as needed."""
         with self._channels_lock:
             while len(self._forward_streams) < count:
-                channel = grpc.intercept_channel(
-                    grpc.insecure_channel(
-                        self.address,
-                        options=self._options + [("grpc.use_local_subchannel_pool", 1)]),
-                    *self._interceptors)
+                channel = self._new_channel(
+                    self._options + [("grpc.use_local_subchannel_pool", 1)])
                 self._more_channels.append(channel)
                 self._forward_streams.append(self._stream_method(channel))
             return self._forward_streams[:count]
