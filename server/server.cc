@@ -2,6 +2,8 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
@@ -80,6 +82,22 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentialsFor(const Options& opt
   return grpc::experimental::TlsServerCredentials(tls);
 }
 
+// Removes gRPC's reflection service from a builder (its plugin registers itself in every
+// builder of a process that links it).
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(
+        std::remove_if(plugins->begin(), plugins->end(),
+                       [](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+                         return dynamic_cast<grpc::reflection::ProtoServerReflectionPlugin*>(
+                                    plugin.get()) != nullptr;
+                       }),
+        plugins->end());
+  }
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
@@ -118,6 +136,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, options.http2_bdp_probe ? 1 : 0);
   if (options.http2_write_buffer_bytes >= 0) {
     builder.AddChannelArgument(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, options.http2_write_buffer_bytes);
+  }
+  // Reflection describes the API only, but with tokens every call but the health service's needs
+  // one, and reflection's handlers cannot check them: it is left out (grpcurl then takes -proto).
+  if (!options.auth_token_file.empty()) {
+    builder.SetOption(std::make_unique<WithoutReflection>());
   }
   builder.RegisterService(server->service_.get());
   server->server_ = builder.BuildAndStart();

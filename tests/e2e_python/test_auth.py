@@ -62,3 +62,14 @@ def test_the_token_as_an_argument_or_from_the_environment(server, monkeypatch):
     with RemoteLMHead(server.address, auth_token=TOKEN, shared_memory="off") as head:
         inline = head.forward(x_big, labels=labels_big, loss_reduction="none")
     assert torch.equal(via_shm.loss, inline.loss)
+
+
+def test_reflection_is_off_with_tokens(server):
+    """Its handlers could not check a token: a token server does not offer reflection."""
+    with grpc.insecure_channel(server.address) as channel:
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as error:
+            list(reflect(iter([b"\x3a\x00"]), timeout=10))  # list_services = ""
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
