@@ -164,28 +164,48 @@ absl::Status Encode(Call& call, absl::StatusOr<LMOutput> output, v1::ForwardResp
   return absl::OkStatus();
 }
 
-// Echoes the request id as `x-request-id`: among the response's headers when the call succeeds
-// or a stream has answered, else in its trailers alone. A refusal must be a trailers-only
-// response: headers commit a call, and gRPC's retry policy then would not retry it.
-void EchoRequestId(grpc::ServerContext* context, const std::string& request_id, bool headers) {
-  if (headers) {
-    context->AddInitialMetadata("x-request-id", request_id);
-  } else {
-    context->AddTrailingMetadata("x-request-id", request_id);
-  }
+// The caller's header `name`, or "" when absent.
+absl::string_view Header(const grpc::ServerContext& context, absl::string_view name) {
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find(grpc::string_ref(name.data(), name.size()));
+  return it == metadata.end() ? absl::string_view()
+                              : absl::string_view(it->second.data(), it->second.size());
 }
 
-// The caller's `x-request-id` header, or a fresh id.
+// `value` if it is a W3C traceparent (version-trace_id-parent_id-flags in lower-case hex, the
+// version not ff, neither id all zeros, as W3C Trace Context defines the header),
+// else "".
+absl::string_view ValidTraceparent(absl::string_view value) {
+  const auto hex = [](absl::string_view part) {
+    return std::all_of(part.begin(), part.end(),
+                       [](char c) { return absl::ascii_isdigit(c) || (c >= 'a' && c <= 'f'); });
+  };
+  const auto zeros = [](absl::string_view part) {
+    return std::all_of(part.begin(), part.end(), [](char c) { return c == '0'; });
+  };
+  if (value.size() != 55 || value[2] != '-' || value[35] != '-' || value[52] != '-') return "";
+  const absl::string_view version = value.substr(0, 2), trace_id = value.substr(3, 32),
+                          parent_id = value.substr(36, 16), flags = value.substr(53, 2);
+  if (!hex(version) || !hex(trace_id) || !hex(parent_id) || !hex(flags) || version == "ff" ||
+      zeros(trace_id) || zeros(parent_id)) {
+    return "";
+  }
+  return value;
+}
+
+// The call's request id: the caller's `x-request-id` when it is 1-128 characters of
+// [A-Za-z0-9._:-] (it goes into every log line of the call), else the trace id of a valid W3C
+// `traceparent`, else a fresh id.
 std::string RequestIdOf(const grpc::ServerContext& context) {
-  const auto& metadata = context.client_metadata();
-  // Used as given only when it is 1-128 characters of [A-Za-z0-9._:-] (it goes into every log
-  // line of the call).
-  if (auto it = metadata.find("x-request-id");
-      it != metadata.end() && !it->second.empty() && it->second.size() <= 128 &&
-      std::all_of(it->second.begin(), it->second.end(), [](char c) {
+  const absl::string_view given = Header(context, "x-request-id");
+  if (!given.empty() && given.size() <= 128 && std::all_of(given.begin(), given.end(), [](char c) {
         return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == ':' || c == '-';
       })) {
-    return std::string(it->second.data(), it->second.size());
+    return std::string(given);
+  }
+  if (const absl::string_view trace = ValidTraceparent(Header(context, "traceparent"));
+      !trace.empty()) {
+    return std::string(trace.substr(3, 32));
   }
   return NewRequestId();
 }
@@ -212,20 +232,38 @@ void LogOutcome(absl::string_view request_id, absl::string_view what, const absl
   }
 }
 
-// The prologue every handler shares: the call's request id and the loaded models, or why the
+// The prologue every handler shares: the call's request id (and W3C traceparent, "" when none
+// or invalid) and the loaded models, or why the
 // call cannot be served (still loading; for forwards, draining).
 struct Admission {
   std::string request_id;
+  std::string traceparent;
   std::shared_ptr<const ModelRegistry> models;
   absl::Status status;
 };
+
+// Echoes the request id as `x-request-id`, and the caller's traceparent: among the response's
+// headers when the call succeeds or a stream has answered, else in its trailers alone. A
+// refusal must be a trailers-only response: headers commit a call, and gRPC's retry policy then
+// would not retry it.
+void EchoRequestId(grpc::ServerContext* context, const Admission& admission, bool headers) {
+  const auto echo = [&](const std::string& key, const std::string& value) {
+    if (headers) {
+      context->AddInitialMetadata(key, value);
+    } else {
+      context->AddTrailingMetadata(key, value);
+    }
+  };
+  echo("x-request-id", admission.request_id);
+  if (!admission.traceparent.empty()) echo("traceparent", admission.traceparent);
+}
 
 // The epilogue every handler shares: logs the outcome, echoes the request id (in the headers
 // when `answered`), adds retry advice and returns what the caller is told.
 grpc::Status Finish(grpc::ServerContext* context, const Admission& admission,
                     absl::string_view what, const absl::Status& status, bool answered) {
   LogOutcome(admission.request_id, what, status);
-  EchoRequestId(context, admission.request_id, answered);
+  EchoRequestId(context, admission, answered);
   AddRetryAdvice(status, context);
   return ForCaller(status, admission.request_id);
 }
@@ -314,7 +352,9 @@ bool Authenticated(const grpc::ServerContext& context, const BearerTokens* token
 
 Admission Admit(const grpc::ServerContext& context, const BearerTokens* tokens,
                 const std::shared_ptr<const ModelRegistry>& models, bool forward, bool draining) {
-  Admission admission{RequestIdOf(context), models, absl::OkStatus()};
+  Admission admission{RequestIdOf(context),
+                      std::string(ValidTraceparent(Header(context, "traceparent"))), models,
+                      absl::OkStatus()};
   if (!Authenticated(context, tokens)) {
     admission.status = absl::UnauthenticatedError(
         "this server needs a bearer token: call metadata 'authorization: Bearer TOKEN' with one "
@@ -448,7 +488,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     nonfinite += response.num_nonfinite_inputs();
     LogDebug(admission.request_id,
              absl::StrCat("micro-batch ", index, " total_us=", response.timings().total_us()));
-    if (index == 0) EchoRequestId(context, admission.request_id, /*headers=*/true);
+    if (index == 0) EchoRequestId(context, admission, /*headers=*/true);
     if (!stream->Write(response)) {
       status = absl::CancelledError("the client went away");
       break;
@@ -623,7 +663,7 @@ grpc::Status LMHeadServiceImpl::SharedMemory(
                       : absl::StrCat(" (", request.register_cuda().byte_size(),
                                      " bytes on cuda:", request.register_cuda().device_id(), ")")));
     }
-    if (answered == 0) EchoRequestId(context, admission.request_id, /*headers=*/true);
+    if (answered == 0) EchoRequestId(context, admission, /*headers=*/true);
     ++answered;
     if (!stream->Write(response)) {
       status = absl::CancelledError("the client went away");
