@@ -13,6 +13,7 @@ _PACKAGES = {
     "nlohmann_json": ["nlohmann_json"],
     "gtest": ["gtest", "gmock"],
     "gtest_main": ["gtest", "gmock", "gtest_main"],
+    "prometheus": ["prometheus-cpp-pull", "prometheus-cpp-core"],
     "protobuf": ["protobuf"],
     "spdlog": ["spdlog"],
 }

@@ -44,6 +44,9 @@ ABSL_FLAG(std::string, tls_key, kDefaults.tls_key, "TLS: the private key of --tl
 ABSL_FLAG(std::string, tls_client_ca, kDefaults.tls_client_ca,
           "Mutual TLS: the CAs (PEM bundle) whose client certificates are accepted; clients "
           "without one are refused.");
+ABSL_FLAG(int, metrics_port, kDefaults.metrics_port,
+          "Prometheus metrics at http://HOST:PORT/metrics (plain HTTP, no tokens; 0: a free "
+          "port, logged); -1: none.");
 ABSL_FLAG(int, tls_reload_seconds, kDefaults.tls_reload_seconds,
           "How often the TLS files are re-read (renewed certificates apply without a restart), "
           "1 to 86400.");
@@ -239,6 +242,7 @@ int main(int argc, char** argv) {
   options.tls_key = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
   options.tls_reload_seconds = absl::GetFlag(FLAGS_tls_reload_seconds);
+  options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   options.port = absl::GetFlag(FLAGS_port);
   options.port_file = absl::GetFlag(FLAGS_port_file);

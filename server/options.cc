@@ -68,6 +68,11 @@ absl::Status ValidateOptions(const Options& options) {
       return Invalid(flag, "cannot read a PEM file there");
     }
   }
+  if (options.metrics_port < -1 || options.metrics_port > 65535) {
+    return Invalid("metrics_port", absl::StrCat("expected -1 (none), 0 (any free port) to 65535, "
+                                                "got ",
+                                                options.metrics_port));
+  }
   if (options.tls_reload_seconds < 1 || options.tls_reload_seconds > 86400) {
     return Invalid("tls_reload_seconds",
                    absl::StrCat("expected 1 to 86400, got ", options.tls_reload_seconds));

@@ -40,6 +40,9 @@ struct Options {
   std::string tls_client_ca;
   // How often the TLS files are checked for changes, in seconds, 1 to 86400. Default 60.
   int tls_reload_seconds = 60;
+  // Prometheus metrics (docs/OPERATIONS.md): /metrics over plain HTTP on this port of `host`,
+  // without TLS or tokens; 0 picks a free port (logged); -1 (default): no metrics endpoint.
+  int metrics_port = -1;
   // Whether the server may listen on a non-loopback address without authentication, where
   // anyone who reaches the port can use the devices and read the outputs (put it behind a
   // network policy). Default false: such a --host is refused at start.

@@ -142,6 +142,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   if (!options.auth_token_file.empty()) {
     builder.SetOption(std::make_unique<WithoutReflection>());
   }
+  if (options.metrics_port >= 0) {
+    Metrics::Gauges gauges;
+    gauges.queue_tokens = [scheduler = server->scheduler_.get()] {
+      return scheduler->queued_tokens();
+    };
+    gauges.inflight = [service = server->service_.get()] {
+      return static_cast<int64_t>(service->running_calls());
+    };
+    absl::StatusOr<std::unique_ptr<Metrics>> metrics =
+        Metrics::Start(options.host, options.metrics_port, std::move(gauges));
+    if (!metrics.ok()) return metrics.status();
+    server->metrics_ = *std::move(metrics);
+    server->service_->SetMetrics(server->metrics_.get());
+    LogInfo(kNoRequest, absl::StrCat("metrics at http://", options.host, ":",
+                                     server->metrics_->port(), "/metrics"));
+  }
   builder.RegisterService(server->service_.get());
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "server/auth.h"
+#include "server/metrics.h"
 #include "server/options.h"
 
 namespace lmhead {
@@ -58,6 +59,9 @@ class Server {
   int port_ = 0;
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+  // The /metrics endpoint (--metrics_port), null without one. Last: its gauges read the
+  // scheduler and the service, so it goes first.
+  std::unique_ptr<Metrics> metrics_;
 };
 
 }  // namespace lmhead

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing lmhead needs, skipping whatever is already there:
 # Debian's packages (Bazel 4.2.3, gRPC, protobuf, abseil, spdlog, GoogleTest, Google Benchmark,
-# nlohmann-json, clang with libFuzzer) and the project's Python venv (LibTorch, olmo_core; see
+# nlohmann-json, prometheus-cpp, clang with libFuzzer) and the project's Python venv (LibTorch, olmo_core; see
 # tools/venv.sh).
 # Idempotent; safe to run on every build. Prints the venv path last.
 set -euo pipefail
@@ -11,7 +11,7 @@ packages=(
   bazel-bootstrap bazel-platforms bazel-rules-java pkg-config
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev
-  nlohmann-json3-dev python3-venv clang-format
+  nlohmann-json3-dev python3-venv clang-format prometheus-cpp-dev
   # The fuzz targets (tools/fuzz.sh): clang, and compiler-rt's libFuzzer and sanitizer runtimes.
   clang libclang-rt-14-dev
 )

@@ -145,7 +145,8 @@ absl::StatusOr<LMOutput> AwaitJob(Scheduler& scheduler, Job& job) {
 }
 
 // Encodes a finished call's answer into `response`. May throw c10::Error.
-absl::Status Encode(Call& call, absl::StatusOr<LMOutput> output, v1::ForwardResponse* response) {
+absl::Status Encode(Call& call, absl::StatusOr<LMOutput> output, v1::ForwardResponse* response,
+                    Metrics* metrics) {
   if (!output.ok()) return WithWireFields(output.status(), *call.request);
   response->Clear();
   if (absl::Status status = EncodeOutputs(*output, call.job->plan, response); !status.ok()) {
@@ -161,6 +162,11 @@ absl::Status Encode(Call& call, absl::StatusOr<LMOutput> output, v1::ForwardResp
   timings->set_encode_us(std::max<int64_t>(
       0, MicrosBetween(call.decoded, encoded) - call.job->queue_us - call.job->compute_us));
   timings->set_total_us(MicrosBetween(call.start, encoded));
+  if (metrics != nullptr) {
+    metrics->RecordForward(call.job->plan.model->name(), call.job->tokens,
+                           response->num_scored_tokens(), timings->decode_us(), timings->queue_us(),
+                           timings->compute_us(), timings->encode_us(), timings->batch_size());
+  }
   return absl::OkStatus();
 }
 
@@ -238,6 +244,8 @@ void LogOutcome(absl::string_view request_id, absl::string_view what, const absl
 struct Admission {
   std::string request_id;
   std::string traceparent;
+  std::string method;          // the RPC's name, for the metrics
+  Metrics* metrics = nullptr;  // null: none
   std::shared_ptr<const ModelRegistry> models;
   absl::Status status;
 };
@@ -260,9 +268,19 @@ void EchoRequestId(grpc::ServerContext* context, const Admission& admission, boo
 
 // The epilogue every handler shares: logs the outcome, echoes the request id (in the headers
 // when `answered`), adds retry advice and returns what the caller is told.
+// `model`: the model the call named ("": the default model), counted under its name when it is
+// loaded; null for calls that name none.
 grpc::Status Finish(grpc::ServerContext* context, const Admission& admission,
-                    absl::string_view what, const absl::Status& status, bool answered) {
+                    absl::string_view what, const absl::Status& status, bool answered,
+                    const std::string* model = nullptr) {
   LogOutcome(admission.request_id, what, status);
+  if (admission.metrics != nullptr) {
+    std::string loaded;
+    if (admission.models != nullptr && model != nullptr) {
+      if (auto found = admission.models->Find(*model); found.ok()) loaded = (*found)->name();
+    }
+    admission.metrics->CountCall(admission.method, loaded, status.code());
+  }
   EchoRequestId(context, admission, answered);
   AddRetryAdvice(status, context);
   return ForCaller(status, admission.request_id);
@@ -350,11 +368,15 @@ bool Authenticated(const grpc::ServerContext& context, const BearerTokens* token
          tokens->Accepts(absl::string_view(header->second.data(), header->second.size()));
 }
 
-Admission Admit(const grpc::ServerContext& context, const BearerTokens* tokens,
-                const std::shared_ptr<const ModelRegistry>& models, bool forward, bool draining) {
-  Admission admission{RequestIdOf(context),
-                      std::string(ValidTraceparent(Header(context, "traceparent"))), models,
-                      absl::OkStatus()};
+Admission Admit(const grpc::ServerContext& context, absl::string_view method, Metrics* metrics,
+                const BearerTokens* tokens, const std::shared_ptr<const ModelRegistry>& models,
+                bool forward, bool draining) {
+  Admission admission;
+  admission.request_id = RequestIdOf(context);
+  admission.traceparent = std::string(ValidTraceparent(Header(context, "traceparent")));
+  admission.method = std::string(method);
+  admission.metrics = metrics;
+  admission.models = models;
   if (!Authenticated(context, tokens)) {
     admission.status = absl::UnauthenticatedError(
         "this server needs a bearer token: call metadata 'authorization: Bearer TOKEN' with one "
@@ -389,7 +411,7 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
   const v1::ForwardRequest* request = &received->message();
   const RunningCall running(&running_calls_);
   const Admission admission =
-      Admit(*context, tokens_.get(), registry(), /*forward=*/true, draining_);
+      Admit(*context, "Forward", metrics_, tokens_.get(), registry(), /*forward=*/true, draining_);
   absl::Status status = admission.status;
   if (status.ok()) {
     status = CatchTorchErrors([&]() -> absl::Status {
@@ -398,7 +420,7 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
           Decode(*admission.models, options_, shared_memory, *context, nullptr, *received);
       if (!call.ok()) return call.status();
       if (absl::Status queued = scheduler_->Submit(call->job); !queued.ok()) return queued;
-      return Encode(*call, AwaitJob(*scheduler_, *call->job), response);
+      return Encode(*call, AwaitJob(*scheduler_, *call->job), response, metrics_);
     });
   }
   if (status.ok()) {
@@ -415,15 +437,15 @@ grpc::Status LMHeadServiceImpl::Forward(grpc::ServerContext* context,
                    status.ok() ? absl::StrCat(" total_us=", response->timings().total_us(),
                                               " batch_size=", response->timings().batch_size())
                                : ""),
-      status, status.ok());
+      status, status.ok(), &request->model());
 }
 
 grpc::Status LMHeadServiceImpl::ForwardStream(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::ForwardResponse, ReceivedForwardRequest>* stream) {
   const RunningCall running(&running_calls_);
-  const Admission admission =
-      Admit(*context, tokens_.get(), registry(), /*forward=*/true, draining_);
+  const Admission admission = Admit(*context, "ForwardStream", metrics_, tokens_.get(), registry(),
+                                    /*forward=*/true, draining_);
   if (!admission.status.ok()) {
     return Finish(context, admission, "ForwardStream", admission.status, /*answered=*/false);
   }
@@ -478,7 +500,7 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
     std::optional<Queued> call = read_ahead ? read_ahead->Next() : read_and_queue();
     if (!call.has_value()) break;
     status = call->ok() ? CatchTorchErrors([&]() {
-      return Encode(**call, AwaitJob(*scheduler_, *(*call)->job), &response);
+      return Encode(**call, AwaitJob(*scheduler_, *(*call)->job), &response, metrics_);
     })
                         : call->status();
     if (!status.ok()) {
@@ -526,8 +548,8 @@ grpc::Status LMHeadServiceImpl::ForwardStream(
 grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
                                            const v1::ListModelsRequest* /*request*/,
                                            v1::ListModelsResponse* response) {
-  const Admission admission =
-      Admit(*context, tokens_.get(), registry(), /*forward=*/false, draining_);
+  const Admission admission = Admit(*context, "ListModels", metrics_, tokens_.get(), registry(),
+                                    /*forward=*/false, draining_);
   if (admission.status.ok()) {
     for (const auto& model : admission.models->List()) {
       *response->add_models() = ModelInfoToWire(*model, options_.expose_model_paths);
@@ -540,8 +562,8 @@ grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
 grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
                                          const v1::GetModelRequest* request,
                                          v1::ModelInfo* response) {
-  const Admission admission =
-      Admit(*context, tokens_.get(), registry(), /*forward=*/false, draining_);
+  const Admission admission = Admit(*context, "GetModel", metrics_, tokens_.get(), registry(),
+                                    /*forward=*/false, draining_);
   absl::Status status = admission.status;
   if (status.ok()) {
     if (absl::StatusOr<std::shared_ptr<const Model>> model =
@@ -555,7 +577,7 @@ grpc::Status LMHeadServiceImpl::GetModel(grpc::ServerContext* context,
     }
   }
   return Finish(context, admission, absl::StrCat("GetModel name=", CallerText(request->name())),
-                status, status.ok());
+                status, status.ok(), &request->name());
 }
 
 namespace {
@@ -606,8 +628,8 @@ std::string LoggedRegion(absl::string_view id) {
 grpc::Status LMHeadServiceImpl::SharedMemory(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::SharedMemoryResponse, v1::SharedMemoryRequest>* stream) {
-  const Admission admission =
-      Admit(*context, tokens_.get(), registry(), /*forward=*/true, draining_);
+  const Admission admission = Admit(*context, "SharedMemory", metrics_, tokens_.get(), registry(),
+                                    /*forward=*/true, draining_);
   const auto refuse = [&](const absl::Status& status) {
     return Finish(context, admission, "SharedMemory", status, /*answered=*/false);
   };

@@ -18,6 +18,7 @@
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
 #include "server/auth.h"
 #include "server/concurrency_limiter.h"
+#include "server/metrics.h"
 #include "server/options.h"
 #include "server/received_request.h"
 
@@ -35,6 +36,13 @@ class LMHeadServiceImpl final : public grpc::Service {
   LMHeadServiceImpl(const Options& options, Scheduler* scheduler, RegionRegistry* regions = nullptr,
                     std::shared_ptr<const BearerTokens> tokens = nullptr);
   ~LMHeadServiceImpl() override;
+
+  // Counts calls and forwards in `metrics` (which must outlive the service) from now on; set
+  // before the server starts serving. Default: none.
+  void SetMetrics(Metrics* metrics) { metrics_ = metrics; }
+
+  // Forward and ForwardStream calls inside their handler now.
+  int running_calls() const { return running_calls_.load(); }
 
   // Makes the models available. Until then every RPC answers UNAVAILABLE ("loading").
   void SetRegistry(std::shared_ptr<const ModelRegistry> registry);
@@ -71,6 +79,7 @@ class LMHeadServiceImpl final : public grpc::Service {
   Scheduler* const scheduler_;
   RegionRegistry* const regions_;
   const std::shared_ptr<const BearerTokens> tokens_;
+  Metrics* metrics_ = nullptr;
   // Forward and ForwardStream calls inside their handler.
   std::atomic<int> running_calls_{0};
   ConcurrencyLimiter open_streams_;

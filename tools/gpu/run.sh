@@ -138,7 +138,8 @@ if wants server || wants oom || wants serving || wants executor || wants e2e || 
   [[ -f $libdir/pkgconfig/openssl.pc ]] || printf 'Name: openssl\nDescription: system\nVersion: 3\nLibs:\nCflags:\n' \
     > "$libdir/pkgconfig/openssl.pc"
   grpc_flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --cflags --libs \
-    grpc++ grpc protobuf spdlog fmt absl_flags absl_flags_parse absl_flags_usage)
+    grpc++ grpc protobuf spdlog fmt absl_flags absl_flags_parse absl_flags_usage \
+    prometheus-cpp-pull prometheus-cpp-core)
   # Every server/ and client/ source (subfolders too) but tests and fuzz targets, so that a new
   # file needs no edit here.
   library_sources() { find "$1" -maxdepth 2 -name '*.cc' | sort | grep -vE "_(test|fuzzer|bench)\.cc$"; }
