@@ -228,12 +228,22 @@ const Flag kAuthTokenFile{"auth_token_file", "PATH",
                           "a file whose first line is the bearer token to send (for a server "
                           "started with --auth_token_file); default: $LMHEAD_AUTH_TOKEN",
                           ""};
+
 const Flag kTimeout{"timeout", "SECONDS", "deadline of each call; 0 for none", "10"};
 const Flag kMaxAttempts{"max_attempts", "N",
                         "attempts per call, 1-5: RESOURCE_EXHAUSTED and UNAVAILABLE are retried "
                         "with exponential backoff and jitter (a stream only before its first "
                         "answer); 1: no retry",
                         "5"};
+
+// `flags` with the connection flags every command takes after them: --max_attempts, the token
+// and TLS.
+std::vector<Flag> WithConnection(std::vector<Flag> flags) {
+  for (const Flag& flag : {kMaxAttempts, kAuthTokenFile, kTls, kTlsRoots, kTlsCert, kTlsKey}) {
+    flags.push_back(flag);
+  }
+  return flags;
+}
 
 int RunHealth(const Values& values) {
   if (Get(values, "address").empty()) return UsageError("health", "--address is required");
@@ -491,27 +501,19 @@ std::vector<Command> Commands() {
   return {
       {"health",
        "Asks the standard grpc.health.v1 service whether the server is SERVING; exits 0 if so.",
-       {kAddress,
-        {"service", "NAME", "the service to ask about; empty: the whole server", ""},
-        kTimeout,
-        kMaxAttempts,
-        kAuthTokenFile,
-        kTls,
-        kTlsRoots,
-        kTlsCert,
-        kTlsKey},
+       WithConnection({
+           kAddress,
+           {"service", "NAME", "the service to ask about; empty: the whole server", ""},
+           kTimeout,
+       }),
        RunHealth},
       {"models",
        "Lists the loaded models (name, d_model, vocab_size, dtype, parameters, device, version).",
-       {kAddress,
-        {"json", "", "print the full ListModels response as JSON", ""},
-        kTimeout,
-        kMaxAttempts,
-        kAuthTokenFile,
-        kTls,
-        kTlsRoots,
-        kTlsCert,
-        kTlsKey},
+       WithConnection({
+           kAddress,
+           {"json", "", "print the full ListModels response as JSON", ""},
+           kTimeout,
+       }),
        RunModels},
       {"forward",
        "Runs LMHead.forward on the server, from .npy/.safetensors inputs to a .safetensors file.\n"
@@ -523,62 +525,60 @@ std::vector<Command> Commands() {
        "along the batch dimension, with a progress bar.\n"
        "Input files are memory-mapped, not read: gRPC sends the hidden states from the mapping\n"
        "(labels are copied into each request), in the file's dtype (bf16 stays bf16).",
-       {kAddress,
-        {"hidden", "FILE",
-         "(batch, seq_len, d_model) hidden states, .npy (<f2, <f4) or .safetensors (also bf16)",
-         ""},
-        {"hidden_name", "NAME", "tensor name inside a .safetensors --hidden file", ""},
-        {"labels", "FILE", "(batch, seq_len) int64/int32 labels, .npy or .safetensors", ""},
-        {"labels_name", "NAME", "tensor name inside a .safetensors --labels file", ""},
-        {"output", "FILE", "where to write the outputs (.safetensors, required)", ""},
-        {"model", "NAME", "model to use; empty: the server's default", ""},
-        {"ignore_index", "INT", "label value that is not scored", "-100"},
-        {"loss_reduction", "mean|sum|none", "how losses are reduced", "mean"},
-        {"z_loss_multiplier", "X", "turns z-loss on with this multiplier", ""},
-        {"loss_div_factor", "X", "divides loss, ce_loss and z_loss", ""},
-        {"return_logits", "true|false", "whether logits are returned with the losses", ""},
-        {"return_argmax", "true|false", "also write argmax: each position's most likely token id",
-         "false"},
-        {"logits_to_keep", "K", "0 all; K>0 the last K positions; K<0 drops the first |K|", ""},
-        {"label_logprobs", "",
-         "write label_logprobs: log p(label) per kept position, 0 where ignored (needs --labels)",
-         ""},
-        {"entropy", "", "write entropy: -sum p log p per kept position", ""},
-        {"label_rank", "",
-         "write label_rank: 1 + the tokens with a strictly larger logit than the label's, 0 where "
-         "ignored (needs --labels)",
-         ""},
-        {"top_k", "K",
-         "write top_k_ids and top_k_logprobs: the K (0-64) most likely tokens per kept "
-         "position, by descending logit, then id",
-         "0"},
-        {"candidate_ids", "FILE",
-         "int64/int32 token ids, (C,) for every kept position or (batch, kept, C): writes "
-         "candidate_logprobs, their log-probabilities; .npy or .safetensors",
-         ""},
-        {"candidate_ids_name", "NAME", "tensor name inside a .safetensors --candidate_ids file",
-         ""},
-        {"segment_ids", "FILE",
-         "(batch, seq_len) int64/int32 continuation ids like labels, -1 for none: writes "
-         "segment_logprob_sums, _token_counts, _is_greedy, _entropy_sums (batch, G) (needs "
-         "--labels); .npy or .safetensors",
-         ""},
-        {"segment_ids_name", "NAME", "tensor name inside a .safetensors --segment_ids file", ""},
-        {"loss_implementation", "default|fused_linear", "override the model's", ""},
-        {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
-        {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},
-        {"chunk_mib", "MIB", "micro-batch size for streaming; 0 sends one request", "64"},
-        {"parallel_streams", "N",
-         "streams (and connections) a streamed job is spread over (default 4; 1 when the job is "
-         "one request)",
-         ""},
-        {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"},
-        kMaxAttempts,
-        kAuthTokenFile,
-        kTls,
-        kTlsRoots,
-        kTlsCert,
-        kTlsKey},
+       WithConnection({
+           kAddress,
+           {"hidden", "FILE",
+            "(batch, seq_len, d_model) hidden states, .npy (<f2, <f4) or .safetensors (also bf16)",
+            ""},
+           {"hidden_name", "NAME", "tensor name inside a .safetensors --hidden file", ""},
+           {"labels", "FILE", "(batch, seq_len) int64/int32 labels, .npy or .safetensors", ""},
+           {"labels_name", "NAME", "tensor name inside a .safetensors --labels file", ""},
+           {"output", "FILE", "where to write the outputs (.safetensors, required)", ""},
+           {"model", "NAME", "model to use; empty: the server's default", ""},
+           {"ignore_index", "INT", "label value that is not scored", "-100"},
+           {"loss_reduction", "mean|sum|none", "how losses are reduced", "mean"},
+           {"z_loss_multiplier", "X", "turns z-loss on with this multiplier", ""},
+           {"loss_div_factor", "X", "divides loss, ce_loss and z_loss", ""},
+           {"return_logits", "true|false", "whether logits are returned with the losses", ""},
+           {"return_argmax", "true|false",
+            "also write argmax: each position's most likely token id", "false"},
+           {"logits_to_keep", "K", "0 all; K>0 the last K positions; K<0 drops the first |K|", ""},
+           {"label_logprobs", "",
+            "write label_logprobs: log p(label) per kept position, 0 where ignored (needs "
+            "--labels)",
+            ""},
+           {"entropy", "", "write entropy: -sum p log p per kept position", ""},
+           {"label_rank", "",
+            "write label_rank: 1 + the tokens with a strictly larger logit than the label's, 0 "
+            "where "
+            "ignored (needs --labels)",
+            ""},
+           {"top_k", "K",
+            "write top_k_ids and top_k_logprobs: the K (0-64) most likely tokens per kept "
+            "position, by descending logit, then id",
+            "0"},
+           {"candidate_ids", "FILE",
+            "int64/int32 token ids, (C,) for every kept position or (batch, kept, C): writes "
+            "candidate_logprobs, their log-probabilities; .npy or .safetensors",
+            ""},
+           {"candidate_ids_name", "NAME", "tensor name inside a .safetensors --candidate_ids file",
+            ""},
+           {"segment_ids", "FILE",
+            "(batch, seq_len) int64/int32 continuation ids like labels, -1 for none: writes "
+            "segment_logprob_sums, _token_counts, _is_greedy, _entropy_sums (batch, G) (needs "
+            "--labels); .npy or .safetensors",
+            ""},
+           {"segment_ids_name", "NAME", "tensor name inside a .safetensors --segment_ids file", ""},
+           {"loss_implementation", "default|fused_linear", "override the model's", ""},
+           {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
+           {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},
+           {"chunk_mib", "MIB", "micro-batch size for streaming; 0 sends one request", "64"},
+           {"parallel_streams", "N",
+            "streams (and connections) a streamed job is spread over (default 4; 1 when the job is "
+            "one request)",
+            ""},
+           {"timeout", "SECONDS", "deadline of the whole call; 0 for none", "0"},
+       }),
        RunForward},
   };
 }
