@@ -44,6 +44,9 @@ ABSL_FLAG(std::string, tls_key, kDefaults.tls_key, "TLS: the private key of --tl
 ABSL_FLAG(std::string, tls_client_ca, kDefaults.tls_client_ca,
           "Mutual TLS: the CAs (PEM bundle) whose client certificates are accepted; clients "
           "without one are refused.");
+ABSL_FLAG(int, health_port, kDefaults.health_port,
+          "A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (0: a "
+          "free port, logged); -1: none.");
 ABSL_FLAG(int, metrics_port, kDefaults.metrics_port,
           "Prometheus metrics at http://HOST:PORT/metrics (plain HTTP, no tokens; 0: a free "
           "port, logged); -1: none.");
@@ -243,6 +246,7 @@ int main(int argc, char** argv) {
   options.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
   options.tls_reload_seconds = absl::GetFlag(FLAGS_tls_reload_seconds);
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  options.health_port = absl::GetFlag(FLAGS_health_port);
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   options.port = absl::GetFlag(FLAGS_port);
   options.port_file = absl::GetFlag(FLAGS_port_file);

@@ -68,6 +68,11 @@ absl::Status ValidateOptions(const Options& options) {
       return Invalid(flag, "cannot read a PEM file there");
     }
   }
+  if (options.health_port < -1 || options.health_port > 65535) {
+    return Invalid("health_port", absl::StrCat("expected -1 (none), 0 (any free port) to 65535, "
+                                               "got ",
+                                               options.health_port));
+  }
   if (options.metrics_port < -1 || options.metrics_port > 65535) {
     return Invalid("metrics_port", absl::StrCat("expected -1 (none), 0 (any free port) to 65535, "
                                                 "got ",

@@ -40,6 +40,10 @@ struct Options {
   std::string tls_client_ca;
   // How often the TLS files are checked for changes, in seconds, 1 to 86400. Default 60.
   int tls_reload_seconds = 60;
+  // A second, plaintext port that serves only the standard health service (grpc.health.v1), on
+  // `host`: for probes that cannot speak TLS (the kubelet's gRPC probes). 0 picks a free port
+  // (logged); -1 (default): none.
+  int health_port = -1;
   // Prometheus metrics (docs/OPERATIONS.md): /metrics over plain HTTP on this port of `host`,
   // without TLS or tokens; 0 picks a free port (logged); -1 (default): no metrics endpoint.
   int metrics_port = -1;

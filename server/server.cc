@@ -10,6 +10,7 @@
 #include <grpcpp/server_builder.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <fstream>
@@ -19,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
 #include "server/executor/executor.h"
 #include "server/frontend/service.h"
@@ -81,6 +83,32 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentialsFor(const Options& opt
   }
   return grpc::experimental::TlsServerCredentials(tls);
 }
+
+}  // namespace
+
+// grpc.health.v1.Health's Check for the health-only port: the status the main server's health
+// service has for "" and lmhead.v1.LMHeadService (gRPC's default health service cannot run on a
+// server without services of its own). Watch is not offered there. Thread-safe.
+class HealthCheck final : public grpc::health::v1::Health::Service {
+ public:
+  void SetServing(bool serving) { serving_ = serving; }
+
+  grpc::Status Check(grpc::ServerContext*, const grpc::health::v1::HealthCheckRequest* request,
+                     grpc::health::v1::HealthCheckResponse* response) override {
+    if (!request->service().empty() &&
+        request->service() != v1::LMHeadService::service_full_name()) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service");
+    }
+    response->set_status(serving_ ? grpc::health::v1::HealthCheckResponse::SERVING
+                                  : grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+    return grpc::Status::OK;
+  }
+
+ private:
+  std::atomic<bool> serving_{false};
+};
+
+namespace {
 
 // Removes gRPC's reflection service from a builder (its plugin registers itself in every
 // builder of a process that links it).
@@ -163,7 +191,25 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
   }
-  SetServing(server->server_.get(), false);
+  if (options.health_port >= 0) {
+    const std::string health_address = absl::StrCat(options.host, ":", options.health_port);
+    grpc::ServerBuilder health;
+    health.AddListeningPort(health_address, grpc::InsecureServerCredentials(),
+                            &server->health_port_);
+    health.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    health.SetOption(std::make_unique<WithoutReflection>());
+    server->health_check_ = std::make_unique<HealthCheck>();
+    health.RegisterService(server->health_check_.get());
+    server->health_server_ = health.BuildAndStart();
+    if (server->health_server_ == nullptr || server->health_port_ == 0) {
+      server->Shutdown();
+      return absl::UnavailableError(
+          absl::StrCat("--health_port: cannot listen on ", health_address));
+    }
+    LogInfo(kNoRequest,
+            absl::StrCat("health checks (plaintext) on ", options.host, ":", server->health_port_));
+  }
+  server->SetServingStatus(false);
   LogInfo(kNoRequest, absl::StrCat("listening on ", options.host, ":", server->port_,
                                    " (NOT_SERVING while loading models)"));
 
@@ -200,7 +246,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
                                             options.shared_memory_key_prefix, "'")));
   }
   server->service_->SetRegistry(std::shared_ptr<const ModelRegistry>(*std::move(registry)));
-  SetServing(server->server_.get(), true);
+  server->SetServingStatus(true);
   LogInfo(kNoRequest, absl::StrCat("serving on port ", server->port_));
   if (!options.port_file.empty()) {
     // Written under another name and renamed, so readers never see a partial file.
@@ -224,7 +270,7 @@ void Server::Shutdown() {
   // calls finish. Only then are the listeners closed and what remains (health watches,
   // calls past the grace period) cancelled: gRPC's own Shutdown would wait for endless
   // health watches until the deadline.
-  SetServing(server_.get(), false);
+  SetServingStatus(false);
   service_->StartDraining();
   LogInfo(kNoRequest, absl::StrCat("draining: NOT_SERVING, waiting up to ",
                                    options_.shutdown_grace_seconds, " s for in-flight calls"));
@@ -240,11 +286,20 @@ void Server::Shutdown() {
                                "this call ran"));
   }
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  if (health_server_ != nullptr) {
+    health_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  }
   LogInfo(kNoRequest, "shut down");
 }
 
 void Server::Wait() {
   if (server_ != nullptr) server_->Wait();
+  if (health_server_ != nullptr) health_server_->Wait();
+}
+
+void Server::SetServingStatus(bool serving) {
+  SetServing(server_.get(), serving);
+  if (health_check_ != nullptr) health_check_->SetServing(serving);
 }
 
 }  // namespace lmhead

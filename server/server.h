@@ -26,6 +26,8 @@ class LMHeadServiceImpl;
 class RegionRegistry;
 class Scheduler;
 
+class HealthCheck;
+
 class Server {
  public:
   // Binds options.host:options.port, loads the models and starts serving; logs the bound port
@@ -47,6 +49,8 @@ class Server {
 
  private:
   Server(const Options& options, std::shared_ptr<const BearerTokens> tokens);
+  // The health status of both servers (SetServing).
+  void SetServingStatus(bool serving);
 
   const Options options_;
   std::unique_ptr<Scheduler> scheduler_;
@@ -57,6 +61,10 @@ class Server {
   std::vector<std::unique_ptr<Executor>> executors_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  // The plaintext health-only server (--health_port) and its service, null without one.
+  std::unique_ptr<HealthCheck> health_check_;
+  std::unique_ptr<grpc::Server> health_server_;
+  int health_port_ = 0;
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
   // The /metrics endpoint (--metrics_port), null without one. Last: its gauges read the

@@ -80,3 +80,30 @@ def test_clients_without_the_ca_or_a_certificate_do_not_connect(server, certific
         RemoteLMHead(server.address, tls_cert=str(certificates / "client.pem"))
     with pytest.raises(ValueError, match="tls_roots: .* is not a PEM file"):
         RemoteLMHead(server.address, tls_roots=str(certificates / "ext"))
+
+
+def test_a_plaintext_health_port_for_probes(certificates, tmp_path):
+    """--health_port: probes that cannot speak TLS (the kubelet's) get the health service, and
+    nothing else, in plaintext."""
+    import re
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
+    from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
+
+    server = ServerProcess(["--tls_cert", str(certificates / "server.pem"),
+                            "--tls_key", str(certificates / "server.key"), "--health_port", "0"],
+                           tmp_path)
+    try:
+        port = re.search(r"health checks \(plaintext\) on [^:]+:(\d+)", server.log()).group(1)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "lmhead.v1.LMHeadService"):
+                answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+            with pytest.raises(grpc.RpcError) as error:
+                pb_grpc.LMHeadServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        assert server.stop() == 0
