@@ -200,7 +200,9 @@ absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
     *pem = *std::move(text);
   }
   if (options.tls_cert_chain.empty() != options.tls_private_key.empty()) {
-    return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+    return absl::InvalidArgumentError(
+        "--tls_cert and --tls_key go together (from the flags or $LMHEAD_TLS_CERT and "
+        "$LMHEAD_TLS_KEY)");
   }
   double seconds = 0;
   if (absl::SimpleAtod(Get(values, "timeout"), &seconds) && seconds > 0) {
@@ -224,10 +226,11 @@ const Flag kTlsCert{"tls_cert", "PATH",
                     "$LMHEAD_TLS_CERT)",
                     ""};
 const Flag kTlsKey{"tls_key", "PATH", "the key of --tls_cert (PEM; default: $LMHEAD_TLS_KEY)", ""};
-const Flag kAuthTokenFile{"auth_token_file", "PATH",
-                          "a file whose first line is the bearer token to send (for a server "
-                          "started with --auth_token_file); default: $LMHEAD_AUTH_TOKEN",
-                          ""};
+const Flag kAuthTokenFile{
+    "auth_token_file", "PATH",
+    "a file whose first non-empty line is the bearer token to send (for a server "
+    "started with --auth_token_file); default: $LMHEAD_AUTH_TOKEN",
+    ""};
 
 const Flag kTimeout{"timeout", "SECONDS", "deadline of each call; 0 for none", "10"};
 const Flag kMaxAttempts{"max_attempts", "N",

@@ -31,7 +31,7 @@ bool EqualInConstantTime(absl::string_view a, absl::string_view b) {
 
 absl::StatusOr<std::unique_ptr<const BearerTokens>> BearerTokens::Read(const std::string& path) {
   std::ifstream file(path);
-  if (!file) return BadFile("cannot read the file");
+  if (!file) return BadFile(absl::StrCat("cannot read ", path));
   std::vector<std::string> tokens;
   std::string line;
   for (int number = 1; std::getline(file, line); ++number) {
@@ -46,14 +46,14 @@ absl::StatusOr<std::unique_ptr<const BearerTokens>> BearerTokens::Read(const std
     }
     tokens.emplace_back(token);
   }
-  if (file.bad()) return BadFile("cannot read the file");
+  if (file.bad()) return BadFile(absl::StrCat("cannot read ", path));
   if (tokens.empty()) return BadFile("the file has no token");
   return std::make_unique<const BearerTokens>(std::move(tokens));
 }
 
 bool BearerTokens::Accepts(absl::string_view authorization) const {
-  constexpr absl::string_view kScheme = "Bearer ";
-  if (!absl::StartsWith(authorization, kScheme)) return false;
+  constexpr absl::string_view kScheme = "Bearer ";  // any case, as HTTP schemes are
+  if (!absl::StartsWithIgnoreCase(authorization, kScheme)) return false;
   const absl::string_view given = authorization.substr(kScheme.size());
   bool accepted = false;
   for (const std::string& token : tokens_) accepted |= EqualInConstantTime(given, token);

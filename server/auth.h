@@ -24,7 +24,8 @@ class BearerTokens {
 
   explicit BearerTokens(std::vector<std::string> tokens) : tokens_(std::move(tokens)) {}
 
-  // Whether `authorization` (the header's value) is "Bearer " and one of the tokens. Compares
+  // Whether `authorization` (the header's value) is "Bearer " (the scheme in any case) and one
+  // of the tokens. Compares
   // every token in full, in time that depends only on the lengths: nothing about the tokens
   // leaks through how long a refusal takes.
   bool Accepts(absl::string_view authorization) const;

@@ -22,10 +22,12 @@ TEST(BearerTokensTest, AcceptsExactlyTheFilesTokens) {
   ASSERT_TRUE(tokens.ok()) << tokens.status();
   EXPECT_TRUE((*tokens)->Accepts("Bearer first-token-0123456789"));
   EXPECT_TRUE((*tokens)->Accepts("Bearer second.token_ABCDEFGHIJ"));
+  EXPECT_TRUE((*tokens)->Accepts("bearer second.token_ABCDEFGHIJ"));
+  EXPECT_TRUE((*tokens)->Accepts("BEARER first-token-0123456789"));
   for (const char* refused :
-       {"", "Bearer ", "first-token-0123456789", "bearer first-token-0123456789",
-        "Bearer first-token-012345678", "Bearer first-token-01234567890",
-        "Bearer  first-token-0123456789", "Basic first-token-0123456789",
+       {"", "Bearer ", "first-token-0123456789", "Bearer first-token-012345678",
+        "Bearer first-token-01234567890", "Bearer\tfirst-token", "Bearer  first-token-0123456789",
+        "Basic first-token-0123456789", "BearerX first-token-0123456789",
         "Bearer first-token-0123456789 second.token_ABCDEFGHIJ"}) {
     EXPECT_FALSE((*tokens)->Accepts(refused)) << refused;
   }
@@ -33,7 +35,7 @@ TEST(BearerTokensTest, AcceptsExactlyTheFilesTokens) {
 
 TEST(BearerTokensTest, BadFilesAreRefusedWithoutShowingTheirContents) {
   EXPECT_EQ(BearerTokens::Read(::testing::TempDir() + "missing").status().message(),
-            "--auth_token_file: cannot read the file");
+            "--auth_token_file: cannot read " + ::testing::TempDir() + "missing");
   EXPECT_EQ(BearerTokens::Read(WriteFile("empty", "\n  \n")).status().message(),
             "--auth_token_file: the file has no token");
   for (const char* line : {"short-secret", "has a space in the middle here", "tab\there-0123456789",

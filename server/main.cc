@@ -54,8 +54,9 @@ ABSL_FLAG(int, tls_reload_seconds, kDefaults.tls_reload_seconds,
           "How often the TLS files are re-read (renewed certificates apply without a restart), "
           "1 to 86400.");
 ABSL_FLAG(std::string, auth_token_file, kDefaults.auth_token_file,
-          "Bearer tokens, one per line: every LMHeadService call must carry 'authorization: "
-          "Bearer TOKEN' with one of them (the health service is not checked).");
+          "Bearer tokens, one per line (16 to 4096 printable ASCII characters without spaces): "
+          "every LMHeadService call must carry 'authorization: Bearer TOKEN' with one of them "
+          "(the health service is not checked; reflection is then off).");
 ABSL_FLAG(int, port, kDefaults.port,
           "TCP port; 0 picks a free one (logged, and written to --port_file).");
 ABSL_FLAG(std::string, port_file, kDefaults.port_file,

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "server/options.h"
 
 namespace lmhead {
 namespace {
@@ -93,7 +94,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& host,
            .Register(registry)
            .Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256});
   metrics->gauges_ = std::make_shared<GaugeCollector>(std::move(gauges));
-  const std::string address = absl::StrCat(host, ":", port);
+  const std::string address = HostPort(host, port);
   try {
     metrics->exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/1);
   } catch (const std::exception&) {

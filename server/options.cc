@@ -22,6 +22,15 @@ absl::Status Invalid(absl::string_view flag, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", message));
 }
 
+}  // namespace
+
+std::string HostPort(const std::string& host, int port) {
+  const bool bare_ipv6 = absl::StrContains(host, ':') && !absl::StartsWith(host, "[");
+  return bare_ipv6 ? absl::StrCat("[", host, "]:", port) : absl::StrCat(host, ":", port);
+}
+
+namespace {
+
 // 127.0.0.0/8, ::1 and localhost.
 bool IsLoopbackHost(absl::string_view host) {
   return absl::StartsWith(host, "127.") || host == "localhost" || host == "::1" || host == "[::1]";
@@ -65,7 +74,7 @@ absl::Status ValidateOptions(const Options& options) {
     std::stringstream text;
     text << file.rdbuf();
     if (!file || !absl::StrContains(text.str(), "-----BEGIN ")) {
-      return Invalid(flag, "cannot read a PEM file there");
+      return Invalid(flag, absl::StrCat("cannot read a PEM file at ", path));
     }
   }
   if (options.health_port < -1 || options.health_port > 65535) {

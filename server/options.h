@@ -26,6 +26,9 @@ struct ModelSpec {
 
 enum class LogFormat { kText, kJson };
 
+// "host:port", an IPv6 host in brackets ("[::1]:50051") whether or not it came with them.
+std::string HostPort(const std::string& host, int port);
+
 struct Options {
   // Address to listen on. Default "127.0.0.1" (this host only); another address needs TLS,
   // auth_token_file or allow_insecure.

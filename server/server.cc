@@ -141,7 +141,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   }
   auto server = std::unique_ptr<Server>(new Server(options, std::move(tokens)));
 
-  const std::string address = absl::StrCat(options.host, ":", options.port);
+  const std::string address = HostPort(options.host, options.port);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(address, ServerCredentialsFor(options), &server->port_);
   // One socket per address. With SO_REUSEPORT gRPC opens a second listener, which for port 0
@@ -192,7 +192,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
   }
   if (options.health_port >= 0) {
-    const std::string health_address = absl::StrCat(options.host, ":", options.health_port);
+    const std::string health_address = HostPort(options.host, options.health_port);
     grpc::ServerBuilder health;
     health.AddListeningPort(health_address, grpc::InsecureServerCredentials(),
                             &server->health_port_);
@@ -212,6 +212,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   server->SetServingStatus(false);
   LogInfo(kNoRequest, absl::StrCat("listening on ", options.host, ":", server->port_,
                                    " (NOT_SERVING while loading models)"));
+  const std::string security = absl::StrCat(
+      options.tls_cert.empty()        ? "plaintext"
+      : options.tls_client_ca.empty() ? "TLS"
+                                      : "mutual TLS",
+      options.auth_token_file.empty() ? ", no bearer tokens" : ", bearer tokens required",
+      options.tls_cert.empty()
+          ? ""
+          : absl::StrCat(" (TLS files re-read every ", options.tls_reload_seconds, " s)"));
+  if (options.tls_cert.empty() && options.auth_token_file.empty() && options.allow_insecure &&
+      !absl::StartsWith(options.host, "127.") && options.host != "localhost") {
+    LogWarning(kNoRequest, absl::StrCat("security: ", security, " on ", options.host,
+                                        " (--allow_insecure): anyone who reaches the port can "
+                                        "use the server"));
+  } else {
+    LogInfo(kNoRequest, absl::StrCat("security: ", security));
+  }
 
   absl::StatusOr<std::unique_ptr<ModelRegistry>> registry = ModelRegistry::Load(options);
   if (!registry.ok()) {

@@ -189,7 +189,11 @@ absl::string_view ValidTraceparent(absl::string_view value) {
   const auto zeros = [](absl::string_view part) {
     return std::all_of(part.begin(), part.end(), [](char c) { return c == '0'; });
   };
-  if (value.size() != 55 || value[2] != '-' || value[35] != '-' || value[52] != '-') return "";
+  // Versions after 00 may append fields ("-..."); their first four parse as 00's.
+  if (value.size() < 55 || value[2] != '-' || value[35] != '-' || value[52] != '-' ||
+      (value.size() > 55 && (value.substr(0, 2) == "00" || value[55] != '-'))) {
+    return "";
+  }
   const absl::string_view version = value.substr(0, 2), trace_id = value.substr(3, 32),
                           parent_id = value.substr(36, 16), flags = value.substr(53, 2);
   if (!hex(version) || !hex(trace_id) || !hex(parent_id) || !hex(flags) || version == "ff" ||

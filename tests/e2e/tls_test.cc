@@ -156,7 +156,7 @@ TEST_F(TlsTest, BadTlsFlagsStopTheServerNamingTheFlag) {
       {{"--tls_cert=" + Dir() + "/one/server.pem"}, "--tls_key: --tls_cert and --tls_key go"},
       {{"--tls_client_ca=" + one_ca_}, "--tls_client_ca: needs --tls_cert and --tls_key"},
       {{"--tls_cert=" + Dir() + "/missing.pem", "--tls_key=" + Dir() + "/one/server.key"},
-       "--tls_cert: cannot read a PEM file there"},
+       "--tls_cert: cannot read a PEM file at "},
       {{"--tls_cert=" + Dir() + "/one/server.pem", "--tls_key=" + Dir() + "/one/server.key",
         "--tls_reload_seconds=0"},
        "--tls_reload_seconds: expected 1 to 86400, got 0"},

@@ -73,3 +73,9 @@ def test_reflection_is_off_with_tokens(server):
         with pytest.raises(grpc.RpcError) as error:
             list(reflect(iter([b"\x3a\x00"]), timeout=10))  # list_services = ""
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_token_read_from_a_file_keeps_working(server, monkeypatch):
+    monkeypatch.delenv("LMHEAD_AUTH_TOKEN", raising=False)
+    with RemoteLMHead(server.address, auth_token=TOKEN + "\n", shared_memory="off") as head:
+        assert head.list_models()

@@ -53,7 +53,7 @@ def test_mutual_tls_with_paths_bytes_or_the_environment(server, certificates, mo
     torch.manual_seed(0)
     x, labels = torch.randn(2, 5, 64), torch.randint(1000, (2, 5))
     with RemoteLMHead(server.address, tls_roots=str(certificates / "ca.pem"),
-                      tls_cert=str(certificates / "client.pem"),
+                      tls_cert=(certificates / "client.pem").read_text(),  # PEM text
                       tls_key=(certificates / "client.key").read_bytes()) as head:
         want = head.forward(x, labels=labels, loss_reduction="none")
         streamed = head.forward_stream(x, labels=labels, loss_reduction="none",

@@ -44,6 +44,12 @@ def test_traceparent_becomes_the_request_id_and_is_echoed(server):
     assert f"request_id={TRACE_ID} GetModel name='missing' failed: NOT_FOUND" in log
 
 
+def test_later_versions_are_read_by_their_first_fields(server):
+    later = f"01-{TRACE_ID}-00f067aa0ba902b7-01-what-comes-next"
+    headers = call(server, [("traceparent", later)])
+    assert headers["x-request-id"] == TRACE_ID and headers["traceparent"] == later
+
+
 def test_x_request_id_wins_and_invalid_traceparents_are_ignored(server):
     headers = call(server, [("traceparent", TRACEPARENT), ("x-request-id", "mine-1")])
     assert headers["x-request-id"] == "mine-1" and headers["traceparent"] == TRACEPARENT

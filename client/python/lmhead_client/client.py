@@ -128,13 +128,16 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 
 def _pem(value, variable: str, name: str) -> Optional[bytes]:
-    """PEM bytes from `value` (bytes, or a file's path), else from the file $`variable` names."""
+    """PEM bytes from `value` (PEM bytes or text, or a file's path), else from the file
+    $`variable` names."""
     if value is None:
         value = os.environ.get(variable) or None
         if value is None:
             return None
     if isinstance(value, bytes):
         return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN "):
+        return value.encode()
     try:
         with open(value, "rb") as file:
             pem = file.read()
@@ -165,7 +168,7 @@ class RemoteLMHead:
       started with --auth_token_file; None (default): the LMHEAD_AUTH_TOKEN environment
       variable, if set and not empty.
     tls: speak TLS (docs/API.md "TLS"); implied by any of the three below. tls_roots: the CAs
-      the server's certificate must chain to, a PEM file's path or its bytes (None: the
+      the server's certificate must chain to, a PEM file's path or its contents (None: the
       LMHEAD_TLS_ROOTS file, else gRPC's default roots); tls_cert and tls_key: this client's
       certificate chain and key for a mutual-TLS server, both or neither (None: LMHEAD_TLS_CERT
       and LMHEAD_TLS_KEY).
@@ -199,7 +202,8 @@ class RemoteLMHead:
             options.append(("grpc.enable_retries", 0))
         self._options = options
         if auth_token is None:
-            auth_token = os.environ.get("LMHEAD_AUTH_TOKEN", "").strip() or None
+            auth_token = os.environ.get("LMHEAD_AUTH_TOKEN", "")
+        auth_token = auth_token.strip() or None  # a token read from a file keeps its newline
         self._interceptors = [_BearerToken(auth_token)] if auth_token else []
         pems = [_pem(value, variable, name) for value, variable, name in (
             (tls_roots, "LMHEAD_TLS_ROOTS", "tls_roots"), (tls_cert, "LMHEAD_TLS_CERT", "tls_cert"),
