@@ -212,8 +212,9 @@ int main(int argc, char** argv) {
   };
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
-      "Serves OLMo-core LM heads over gRPC (lmhead.v1.LMHeadService, grpc.health.v1, "
-      "reflection).\nUsage: lmhead_server [--port=50051] [--model=NAME=PATH.safetensors]...");
+      "Serves OLMo-core LM heads over gRPC (lmhead.v1.LMHeadService, grpc.health.v1, and "
+      "reflection unless --auth_token_file is given).\nUsage: lmhead_server [--port=50051] "
+      "[--model=NAME=PATH.safetensors]...");
   for (const absl::string_view flag : kNonEmptyFlags) {
     for (const std::string& value : FlagValues(argc, argv, flag)) {
       if (absl::StripAsciiWhitespace(value).empty()) {

@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "server/auth.h"
 
 namespace lmhead {
 namespace {
@@ -81,6 +82,12 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("health_port", absl::StrCat("expected -1 (none), 0 (any free port) to 65535, "
                                                "got ",
                                                options.health_port));
+  }
+  if (!options.auth_token_file.empty()) {
+    // Read here too, so that a bad file is a flag error like the others (exit status 2).
+    if (absl::Status read = BearerTokens::Read(options.auth_token_file).status(); !read.ok()) {
+      return read;
+    }
   }
   if (options.metrics_port < -1 || options.metrics_port > 65535) {
     return Invalid("metrics_port", absl::StrCat("expected -1 (none), 0 (any free port) to 65535, "

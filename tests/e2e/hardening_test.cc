@@ -664,6 +664,10 @@ TEST(AuthTest, BadTokenFilesStopTheServerNamingTheFlag) {
       absl::StrContains(server.status().message(), "--auth_token_file: line 1 is not a token"))
       << server.status();
   EXPECT_FALSE(absl::StrContains(server.status().message(), "short\n"));
+  // A flag error like the others (exit status 2, before the server starts).
+  EXPECT_TRUE(absl::StrContains(server.status().message(), "exited with status 512"))
+      << server.status();
+  EXPECT_FALSE(absl::StrContains(server.status().message(), "cannot start")) << server.status();
 }
 
 }  // namespace
