@@ -553,8 +553,7 @@ std::vector<Command> Commands() {
            {"entropy", "", "write entropy: -sum p log p per kept position", ""},
            {"label_rank", "",
             "write label_rank: 1 + the tokens with a strictly larger logit than the label's, 0 "
-            "where "
-            "ignored (needs --labels)",
+            "where ignored (needs --labels)",
             ""},
            {"top_k", "K",
             "write top_k_ids and top_k_logprobs: the K (0-64) most likely tokens per kept "

@@ -25,17 +25,16 @@ absl::Status Invalid(absl::string_view flag, absl::string_view message) {
 
 }  // namespace
 
+bool IsLoopbackHost(absl::string_view host) {
+  return absl::StartsWith(host, "127.") || host == "localhost" || host == "::1" || host == "[::1]";
+}
+
 std::string HostPort(const std::string& host, int port) {
   const bool bare_ipv6 = absl::StrContains(host, ':') && !absl::StartsWith(host, "[");
   return bare_ipv6 ? absl::StrCat("[", host, "]:", port) : absl::StrCat(host, ":", port);
 }
 
 namespace {
-
-// 127.0.0.0/8, ::1 and localhost.
-bool IsLoopbackHost(absl::string_view host) {
-  return absl::StartsWith(host, "127.") || host == "localhost" || host == "::1" || host == "[::1]";
-}
 
 bool IsDeviceName(absl::string_view device) {
   if (device == "cpu" || device == "cuda") return true;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace lmhead {
 
@@ -25,6 +26,9 @@ struct ModelSpec {
 };
 
 enum class LogFormat { kText, kJson };
+
+// Whether `host` is a loopback address: 127.0.0.0/8, ::1 (bracketed or not) or localhost.
+bool IsLoopbackHost(absl::string_view host);
 
 // "host:port", an IPv6 host in brackets ("[::1]:50051") whether or not it came with them.
 std::string HostPort(const std::string& host, int port);

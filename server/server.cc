@@ -220,8 +220,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
       options.tls_cert.empty()
           ? ""
           : absl::StrCat(" (TLS files re-read every ", options.tls_reload_seconds, " s)"));
-  if (options.tls_cert.empty() && options.auth_token_file.empty() && options.allow_insecure &&
-      !absl::StartsWith(options.host, "127.") && options.host != "localhost") {
+  if (options.tls_cert.empty() && options.auth_token_file.empty() &&
+      !IsLoopbackHost(options.host)) {
     LogWarning(kNoRequest, absl::StrCat("security: ", security, " on ", options.host,
                                         " (--allow_insecure): anyone who reaches the port can "
                                         "use the server"));
