@@ -1,5 +1,6 @@
 #include "server/server.h"
 
+#include <grpcpp/ext/health_check_service_server_builder_option.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/impl/server_builder_option.h>
@@ -198,6 +199,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
                             &server->health_port_);
     health.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     health.SetOption(std::make_unique<WithoutReflection>());
+    // Ours instead of gRPC's default health service, which would register the same method.
+    health.SetOption(std::make_unique<grpc::HealthCheckServiceServerBuilderOption>(nullptr));
     server->health_check_ = std::make_unique<HealthCheck>();
     health.RegisterService(server->health_check_.get());
     server->health_server_ = health.BuildAndStart();

@@ -2,7 +2,10 @@
 --tls_cert/--tls_key/--tls_client_ca, certificates made by the openssl command for the run."""
 
 import shutil
+import signal
 import subprocess
+import threading
+import time
 
 import grpc
 import pytest
@@ -93,8 +96,8 @@ def test_a_plaintext_health_port_for_probes(certificates, tmp_path):
     from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
 
     server = ServerProcess(["--tls_cert", str(certificates / "server.pem"),
-                            "--tls_key", str(certificates / "server.key"), "--health_port", "0"],
-                           tmp_path)
+                            "--tls_key", str(certificates / "server.key"), "--health_port", "0",
+                            "--shutdown_grace_seconds", "20"], tmp_path)
     try:
         port = re.search(r"health checks \(plaintext\) on [^:]+:(\d+)", server.log()).group(1)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -105,5 +108,30 @@ def test_a_plaintext_health_port_for_probes(certificates, tmp_path):
             with pytest.raises(grpc.RpcError) as error:
                 pb_grpc.LMHeadServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
             assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # It follows the main port: NOT_SERVING while the server drains on SIGTERM (a stream
+            # held open on the TLS port keeps it draining).
+            credentials = grpc.ssl_channel_credentials((certificates / "ca.pem").read_bytes())
+            with grpc.secure_channel(server.address, credentials) as tls:
+                release = threading.Event()
+
+                def requests():
+                    release.wait(30)
+                    return
+                    yield  # a generator that sends nothing until released
+
+                stream = tls.stream_stream("/lmhead.v1.LMHeadService/ForwardStream",
+                                           request_serializer=lambda b: b,
+                                           response_deserializer=lambda b: b)(requests())
+                time.sleep(0.5)  # the stream is open on the server
+                server.process.send_signal(signal.SIGTERM)
+                status = None
+                for _ in range(50):
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                    if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+                    time.sleep(0.1)
+                release.set()
+                list(stream)
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         assert server.stop() == 0
