@@ -18,10 +18,10 @@ from server_process import CLIENT, REPO, SERVER, ServerProcess
 
 
 def _generate_stubs() -> None:
-    """Runs generate_stubs.sh unless the stubs are newer than the proto."""
-    proto = REPO / "proto/lmhead/v1/lmhead.proto"
+    """Runs generate_stubs.sh unless the stubs are newer than the protos and the generator."""
+    sources = [*(REPO / "proto/lmhead/v1").glob("*.proto"), CLIENT / "generate_stubs.py"]
     stub = CLIENT / "lmhead_client/_proto/lmhead/v1/lmhead_pb2_grpc.py"
-    if not stub.exists() or stub.stat().st_mtime < proto.stat().st_mtime:
+    if not stub.exists() or stub.stat().st_mtime < max(p.stat().st_mtime for p in sources):
         subprocess.run([str(CLIENT / "generate_stubs.sh")], check=True,
                        env=dict(os.environ, PYTHON=sys.executable))
 

@@ -72,10 +72,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def ensure_stubs() -> None:
     """Runs client/python/generate_stubs.sh with this interpreter unless the stubs are newer
-    than the proto (as tests/e2e_python does)."""
-    proto = REPO / "proto/lmhead/v1/lmhead.proto"
+    than the protos and the generator (as tests/e2e_python does)."""
+    sources = [*(REPO / "proto/lmhead/v1").glob("*.proto"), CLIENT / "generate_stubs.py"]
     stub = CLIENT / "lmhead_client/_proto/lmhead/v1/lmhead_pb2_grpc.py"
-    if not stub.exists() or stub.stat().st_mtime < proto.stat().st_mtime:
+    if not stub.exists() or stub.stat().st_mtime < max(p.stat().st_mtime for p in sources):
         subprocess.run([str(CLIENT / "generate_stubs.sh")], check=True,
                        env=dict(os.environ, PYTHON=sys.executable))
 
