@@ -184,13 +184,19 @@ absl::StatusOr<std::string> PemFile(const Values& values, const std::string& fla
   return text.str();
 }
 
-// The connection flags of `command`: --timeout, --max_attempts, --auth_token_file, --tls*.
+// The connection flags of `command`: --address (checked: Connect takes it), --timeout,
+// --max_attempts, --auth_token_file, --tls*.
 absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
+  if (absl::StatusOr<ChannelTarget> target = ChannelTargetOf(Get(values, "address"));
+      !target.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--", target.status().message()));
+  }
   ClientOptions options;
   absl::StatusOr<std::string> token = AuthToken(values);
   if (!token.ok()) return token.status();
   options.auth_token = *std::move(token);
   options.tls = Get(values, "tls") == "true";
+  options.tls_server_name = Get(values, "tls_server_name");
   for (const auto& [flag, variable, pem] :
        {std::tuple{"tls_roots", "LMHEAD_TLS_ROOTS", &options.tls_root_certs},
         std::tuple{"tls_cert", "LMHEAD_TLS_CERT", &options.tls_cert_chain},
@@ -215,8 +221,12 @@ absl::StatusOr<ClientOptions> ClientOptionsFrom(const Values& values) {
   return options;
 }
 
-const Flag kAddress{"address", "HOST:PORT", "the server to talk to (required)", ""};
-const Flag kTls{"tls", "", "speak TLS (implied by the --tls_* files)", ""};
+const Flag kAddress{"address", "HOST:PORT",
+                    "the server to talk to (required); replicas: several IP:PORT separated by "
+                    "commas, or one dns:///NAME:PORT, calls spread round-robin and retried on "
+                    "another when one goes away",
+                    ""};
+const Flag kTls{"tls", "", "speak TLS (implied by the other --tls_* flags)", ""};
 const Flag kTlsRoots{"tls_roots", "PATH",
                      "PEM bundle of the CAs the server's certificate must chain to (default: "
                      "$LMHEAD_TLS_ROOTS, else gRPC's default roots)",
@@ -226,6 +236,10 @@ const Flag kTlsCert{"tls_cert", "PATH",
                     "$LMHEAD_TLS_CERT)",
                     ""};
 const Flag kTlsKey{"tls_key", "PATH", "the key of --tls_cert (PEM; default: $LMHEAD_TLS_KEY)", ""};
+const Flag kTlsServerName{"tls_server_name", "NAME",
+                          "the name the server's certificate must hold (default: --address's "
+                          "host; for several addresses the first one's)",
+                          ""};
 const Flag kAuthTokenFile{
     "auth_token_file", "PATH",
     "a file whose first non-empty line is the bearer token to send (for a server "
@@ -242,7 +256,8 @@ const Flag kMaxAttempts{"max_attempts", "N",
 // `flags` with the connection flags every command takes after them: --max_attempts, the token
 // and TLS.
 std::vector<Flag> WithConnection(std::vector<Flag> flags) {
-  for (const Flag& flag : {kMaxAttempts, kAuthTokenFile, kTls, kTlsRoots, kTlsCert, kTlsKey}) {
+  for (const Flag& flag :
+       {kMaxAttempts, kAuthTokenFile, kTls, kTlsRoots, kTlsCert, kTlsKey, kTlsServerName}) {
     flags.push_back(flag);
   }
   return flags;

@@ -1,5 +1,6 @@
 #include "client/lmhead_client.h"
 
+#include <arpa/inet.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/impl/client_unary_call.h>
 #include <grpcpp/impl/rpc_method.h>
@@ -7,6 +8,7 @@
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/channel_arguments.h>
 #include <grpcpp/support/sync_stream.h>
+#include <netinet/in.h>
 
 #include <algorithm>
 #include <atomic>
@@ -20,10 +22,12 @@
 #include <vector>
 
 #include "absl/random/random.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -121,11 +125,14 @@ constexpr char kForwardStreamPath[] = "/lmhead.v1.LMHeadService/ForwardStream";
 
 }  // namespace
 
-std::string RetryServiceConfig(int max_attempts) {
-  if (max_attempts <= 1) return "";
+std::string RetryServiceConfig(int max_attempts, bool round_robin) {
+  const std::string balancing =
+      round_robin ? R"("loadBalancingConfig": [{"round_robin": {}}])" : "";
+  if (max_attempts <= 1) return balancing.empty() ? "" : absl::StrCat("{", balancing, "}");
   // The most specific name wins (gRFC A6): ForwardStream gets no policy; ForwardStreamOn
   // retries it (docs/API.md "Retries").
-  return absl::StrCat(R"({"methodConfig": [{"name": [{"service": "lmhead.v1.LMHeadService"}], )",
+  return absl::StrCat("{", balancing, balancing.empty() ? "" : ", ",
+                      R"("methodConfig": [{"name": [{"service": "lmhead.v1.LMHeadService"}], )",
                       R"("retryPolicy": {"maxAttempts": )", std::min(max_attempts, kMaxAttempts),
                       R"(, "initialBackoff": "0.1s", "maxBackoff": "5s", "backoffMultiplier": 2, )",
                       R"("retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]}}, )",
@@ -157,13 +164,70 @@ bool StreamCancellation::WaitForCancel(absl::Duration delay) {
   return cancelled_;
 }
 
+absl::StatusOr<ChannelTarget> ChannelTargetOf(absl::string_view address) {
+  const absl::string_view trimmed = absl::StripAsciiWhitespace(address);
+  // A target with a scheme gRPC knows, as it is ("localhost:50051" has none: a host and port).
+  for (const absl::string_view scheme : {"dns:", "ipv4:", "ipv6:"}) {
+    if (absl::StartsWithIgnoreCase(trimmed, scheme))
+      return ChannelTarget{std::string(trimmed), true};
+  }
+  for (const absl::string_view scheme : {"unix:", "unix-abstract:", "vsock:", "xds:"}) {
+    if (absl::StartsWithIgnoreCase(trimmed, scheme))
+      return ChannelTarget{std::string(trimmed), false};
+  }
+  std::vector<absl::string_view> entries = absl::StrSplit(trimmed, ',');
+  for (absl::string_view& entry : entries) entry = absl::StripAsciiWhitespace(entry);
+  if (std::find(entries.begin(), entries.end(), "") != entries.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "address: expected HOST:PORT, several IP:PORT separated by commas, or a gRPC target such "
+        "as dns:///NAME:PORT; got '",
+        address, "'"));
+  }
+  if (entries.size() == 1) return ChannelTarget{std::string(entries[0]), false};
+  int family = 0;
+  for (const absl::string_view entry : entries) {
+    // IPv4 "A.B.C.D:PORT" or IPv6 "[ADDRESS]:PORT".
+    const size_t colon = entry.rfind(':');
+    absl::string_view host = entry.substr(0, colon == absl::string_view::npos ? 0 : colon);
+    const bool bracketed = absl::StartsWith(host, "[") && absl::EndsWith(host, "]");
+    if (bracketed) host = host.substr(1, host.size() - 2);
+    const std::string host_text(host);
+    unsigned char bytes[sizeof(in6_addr)];
+    const int entry_family = bracketed ? AF_INET6 : AF_INET;
+    int port = 0;
+    if (colon == absl::string_view::npos ||
+        inet_pton(entry_family, host_text.c_str(), bytes) != 1 ||
+        !absl::SimpleAtoi(entry.substr(colon + 1), &port) || port < 1 || port > 65535) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "address: '", entry,
+          "' in a list of several addresses must be IP:PORT (an IPv4 address, or an IPv6 one in "
+          "brackets, and a port): gRPC resolves one name per channel; for host names give one "
+          "dns:///NAME:PORT whose DNS records list every replica"));
+    }
+    if (family != 0 && family != entry_family) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("address: '", address,
+                       "' mixes IPv4 and IPv6 addresses; a channel takes a list of one family "
+                       "(ipv4: or ipv6: targets)"));
+    }
+    family = entry_family;
+  }
+  return ChannelTarget{
+      absl::StrCat(family == AF_INET ? "ipv4:" : "ipv6:", absl::StrJoin(entries, ",")), true};
+}
+
 std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
                                                     ClientOptions options) {
+  absl::StatusOr<ChannelTarget> parsed = ChannelTargetOf(address);
+  const ChannelTarget target = parsed.ok() ? *std::move(parsed) : ChannelTarget{address, false};
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(INT_MAX);
   arguments.SetMaxSendMessageSize(INT_MAX);
-  if (const std::string config = RetryServiceConfig(options.max_attempts); !config.empty()) {
+  if (const std::string config = RetryServiceConfig(options.max_attempts, target.replicas);
+      !config.empty()) {
     arguments.SetServiceConfigJSON(config);
+  }
+  if (options.max_attempts > 1) {
     // gRPC keeps a call's sent messages for a retry up to this size (default 256 KiB).
     arguments.SetInt(GRPC_ARG_PER_RPC_RETRY_BUFFER_SIZE, 256 << 20);
   } else {
@@ -172,16 +236,25 @@ std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
   if (options.own_connection) arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (options.tls || !options.tls_root_certs.empty() || !options.tls_cert_chain.empty() ||
-      !options.tls_private_key.empty()) {
+      !options.tls_private_key.empty() || !options.tls_server_name.empty()) {
     grpc::SslCredentialsOptions tls;
     tls.pem_root_certs = options.tls_root_certs;
     tls.pem_cert_chain = options.tls_cert_chain;
     tls.pem_private_key = options.tls_private_key;
     credentials = grpc::SslCredentials(tls);
+    // The certificate is checked against the channel's authority, which for an ipv4: or ipv6:
+    // list would be the whole list: its first address instead.
+    std::string authority = options.tls_server_name;
+    if (authority.empty() && (absl::StartsWithIgnoreCase(target.target, "ipv4:") ||
+                              absl::StartsWithIgnoreCase(target.target, "ipv6:"))) {
+      const absl::string_view list = absl::string_view(target.target).substr(5);
+      authority = std::string(list.substr(0, list.find(',')));
+    }
+    if (!authority.empty()) arguments.SetString(GRPC_ARG_DEFAULT_AUTHORITY, authority);
   }
   auto client = std::make_unique<LMHeadClient>(
-      grpc::CreateCustomChannel(address, credentials, arguments), std::move(options));
-  client->open_channel_ = [address, arguments, credentials]() mutable {
+      grpc::CreateCustomChannel(target.target, credentials, arguments), std::move(options));
+  client->open_channel_ = [address = target.target, arguments, credentials]() mutable {
     grpc::ChannelArguments own = arguments;
     own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection
     return grpc::CreateCustomChannel(address, credentials, own);
@@ -308,10 +381,12 @@ template <class Request>
 absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
                                            const std::function<bool(Request*)>& next,
                                            const OnResponse& on_response,
-                                           StreamCancellation* cancellation) {
+                                           StreamCancellation* cancellation,
+                                           const std::function<void(int64_t)>& rewind) {
   // gRPC 1.51's retry of a bidirectional stream was seen to lose the client's half-close or the
   // server's answer (docs/API.md "Retries"), so this client retries a refused stream itself:
-  // only before its first answer, resending what it had sent.
+  // before its first answer, resending what it had sent; after answers only with `rewind`, from
+  // the first micro-batch not answered (an answered one is never sent again).
   const absl::Time deadline = options_.timeout.count() > 0
                                   ? absl::Now() + absl::FromChrono(options_.timeout)
                                   : absl::InfiniteFuture();
@@ -320,6 +395,7 @@ absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
   bool replayable = true;
   bool exhausted = false;  // `next` returned false
   absl::Duration backoff = kInitialBackoff;
+  int64_t index = 0;  // answers received, over every attempt
   for (int attempt = 1;; ++attempt) {
     grpc::ClientContext context;
     if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
@@ -359,7 +435,6 @@ absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
       stream->WritesDone();
     });
     v1::ForwardResponse response;
-    int64_t index = 0;
     bool cancelled_here = false;
     while (stream->Read(&response)) {
       answered = true;
@@ -376,7 +451,11 @@ absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
     writer.join();
     const grpc::Status status = stream->Finish();
     if (cancellation != nullptr) cancellation->Detach();
-    if (status.ok() || answered || !replayable || attempt >= options_.max_attempts) {
+    // After answers, only a lost server (UNAVAILABLE) is worth another stream, and only where
+    // `next` can start again from the first micro-batch not answered.
+    const bool resume = answered && rewind && status.error_code() == grpc::StatusCode::UNAVAILABLE;
+    if (status.ok() || (answered && !resume) || (!answered && !replayable) ||
+        attempt >= options_.max_attempts) {
       return FromGrpcStatus(status);
     }
     const std::optional<absl::Duration> delay = RetryDelay(status, context, &backoff);
@@ -384,6 +463,13 @@ absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
     if (cancellation != nullptr ? cancellation->WaitForCancel(*delay)
                                 : (absl::SleepFor(*delay), false)) {
       return absl::CancelledError("the stream was cancelled");
+    }
+    if (resume) {  // what was sent is answered or lost with its server: from `index` on
+      rewind(index);
+      sent.clear();
+      sent_bytes = 0;
+      replayable = true;
+      exhausted = false;
     }
   }
 }
@@ -562,9 +648,9 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
       if (progress) progress(index + 1, micro_batches);
       return true;
     };
-    absl::Status status =
-        ForwardStreamOn<grpc::ByteBuffer>(OpenSerializedStream(channel_), next, on_response,
-                                          /*cancellation=*/nullptr);
+    absl::Status status = ForwardStreamOn<grpc::ByteBuffer>(
+        OpenSerializedStream(channel_), next, on_response, /*cancellation=*/nullptr,
+        [&](int64_t answered) { sent = answered; });
     if (!failure.ok()) return failure;
     if (!status.ok()) return status;
     return combiner.Finish();
@@ -610,7 +696,8 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
         if (progress) progress(done, micro_batches);
         return true;
       };
-      statuses[s] = ForwardStreamOn(opens[s], next, on_response, &cancellations[s]);
+      statuses[s] = ForwardStreamOn(opens[s], next, on_response, &cancellations[s],
+                                    [&](int64_t answered) { next_index = first[s] + answered; });
       if (!statuses[s].ok()) cancel_after(s);
     });
   }

@@ -58,12 +58,34 @@ struct ClientOptions {
   std::string tls_root_certs;
   std::string tls_cert_chain;
   std::string tls_private_key;
+  // The name the server's certificate must be valid for, sent as the calls' authority. Empty
+  // (default): the address's host; for a list of replicas the first one's, so with TLS give the
+  // name every replica's certificate holds. Implies TLS.
+  std::string tls_server_name;
 };
 
+// What Connect makes of an address (docs/API.md "Replicas").
+struct ChannelTarget {
+  std::string target;     // the gRPC target
+  bool replicas = false;  // calls are spread over what it names (gRPC's round_robin policy)
+};
+
+// The target of `address`:
+// - "host:port": as it is, one server (gRPC's default pick_first);
+// - a gRPC target with a scheme, as it is; "dns:///NAME:PORT", "ipv4:..." and "ipv6:..." name
+//   replicas (every address the name resolves to, or the list holds);
+// - several "IP:PORT" ("[IPv6]:PORT") separated by commas, all IPv4 or all IPv6: the target
+//   "ipv4:A:P,B:Q" (or "ipv6:..."), replicas.
+// INVALID_ARGUMENT (naming "address") for an empty entry, a host name or a missing port in a
+// list (gRPC resolves one name per channel: give one dns:///NAME:PORT instead), or a list that
+// mixes IPv4 and IPv6.
+absl::StatusOr<ChannelTarget> ChannelTargetOf(absl::string_view address);
+
 // The gRPC service config that Connect gives its channel for `max_attempts` (docs/API.md
-// "Retries"): a retryPolicy for lmhead.v1.LMHeadService's unary methods, or "" when
-// max_attempts <= 1.
-std::string RetryServiceConfig(int max_attempts);
+// "Retries"): a retryPolicy for lmhead.v1.LMHeadService's unary methods, none when
+// max_attempts <= 1; with `round_robin` also gRPC's round_robin load balancing (replicas).
+// "" when it would hold nothing.
+std::string RetryServiceConfig(int max_attempts, bool round_robin = false);
 
 // Cancels a ForwardStream call from another thread, whichever attempt it is on. Thread-safe.
 class StreamCancellation {
@@ -133,9 +155,14 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 
 class LMHeadClient {
  public:
-  // An insecure channel to `address` ("host:port") that sends and receives messages of any
-  // size gRPC allows (the server enforces its own limit) and retries as options.max_attempts
-  // says; requests up to 256 MiB are kept for a retry.
+  // A channel to `address` (ChannelTargetOf: "host:port", several "IP:PORT" separated by
+  // commas, or a gRPC target such as "dns:///NAME:PORT"; an address it refuses is given to
+  // gRPC as it is, whose calls then fail, so check a user's address with ChannelTargetOf
+  // first) that sends and receives messages of any size gRPC allows (the server enforces its
+  // own limit) and retries as options.max_attempts says; requests up to 256 MiB are kept for a
+  // retry. With replicas, calls are spread over them round-robin, a replica that goes away is
+  // left out until it is back, and a call it fails with UNAVAILABLE is retried on another (a
+  // stream only before its first answer).
   static std::unique_ptr<LMHeadClient> Connect(const std::string& address,
                                                ClientOptions options = {});
   LMHeadClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options);
@@ -213,11 +240,15 @@ class LMHeadClient {
       std::function<std::unique_ptr<grpc::ClientReaderWriter<Request, v1::ForwardResponse>>(
           grpc::ClientContext* context)>;
   // ForwardStream with requests that are `Request`s: v1::ForwardRequest messages (ForwardStream),
-  // or grpc::ByteBuffers serialised by SerializeForwardRequest (ForwardChunked).
+  // or grpc::ByteBuffers serialised by SerializeForwardRequest (ForwardChunked). With `rewind`,
+  // a stream that ends UNAVAILABLE after answers (its server went away) is opened again, within
+  // options.max_attempts, for the micro-batches not answered: rewind(n) makes `next` start again
+  // at micro-batch n (the first unanswered), and on_response's index goes on from there.
   template <class Request>
   absl::Status ForwardStreamOn(const OpenStream<Request>& open,
                                const std::function<bool(Request* request)>& next,
-                               const OnResponse& on_response, StreamCancellation* cancellation);
+                               const OnResponse& on_response, StreamCancellation* cancellation,
+                               const std::function<void(int64_t answered)>& rewind = {});
   // The channel of stream `index` of a job's parallel streams: 0 this client's, others a channel
   // (connection) each, opened on first use (all this client's when it was not made by Connect).
   std::shared_ptr<grpc::Channel> StreamChannel(int index);

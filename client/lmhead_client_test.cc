@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -117,6 +118,48 @@ TEST(ForwardChunkedTest, RefusesLabelsAndPositionsWithOtherRowsThanTheJob) {
       args,
       "logits_to_keep: expected (batch, K) positions, split with the batch (3 rows); got "
       "shape [2, 1]");
+}
+
+// Several addresses make one ipv4:/ipv6: target balanced round-robin; one host:port is left as
+// it is (gRPC's default pick_first); names in a list are refused, naming the option.
+TEST(ChannelTargetTest, ListsBecomeOneRoundRobinTarget) {
+  const auto target = [](absl::string_view address) {
+    absl::StatusOr<ChannelTarget> parsed = ChannelTargetOf(address);
+    EXPECT_TRUE(parsed.ok()) << address << ": " << parsed.status();
+    return parsed.ok() ? std::make_pair(parsed->target, parsed->replicas)
+                       : std::make_pair(std::string(), false);
+  };
+  EXPECT_EQ(target("127.0.0.1:50051"), std::make_pair(std::string("127.0.0.1:50051"), false));
+  EXPECT_EQ(target("localhost:50051"), std::make_pair(std::string("localhost:50051"), false));
+  EXPECT_EQ(target("127.0.0.1:1, 10.0.0.2:2"),
+            std::make_pair(std::string("ipv4:127.0.0.1:1,10.0.0.2:2"), true));
+  EXPECT_EQ(target("[::1]:1,[fe80::2]:2"),
+            std::make_pair(std::string("ipv6:[::1]:1,[fe80::2]:2"), true));
+  EXPECT_EQ(target("dns:///lmhead-headless.ns.svc.cluster.local:50051"),
+            std::make_pair(std::string("dns:///lmhead-headless.ns.svc.cluster.local:50051"), true));
+  EXPECT_EQ(target("unix:/tmp/lmhead.sock"),
+            std::make_pair(std::string("unix:/tmp/lmhead.sock"), false));
+  for (const auto& [address, message] : std::vector<std::pair<std::string, std::string>>{
+           {"localhost:1,localhost:2", "address: 'localhost:1' in a list of several addresses"},
+           {"127.0.0.1:1,127.0.0.1", "address: '127.0.0.1' in a list"},
+           {"127.0.0.1:1,127.0.0.1:0", "address: '127.0.0.1:0' in a list"},
+           {"127.0.0.1:1,[::1]:2", "mixes IPv4 and IPv6"},
+           {"127.0.0.1:1,", "address: expected HOST:PORT"}}) {
+    absl::StatusOr<ChannelTarget> parsed = ChannelTargetOf(address);
+    ASSERT_FALSE(parsed.ok()) << address;
+    EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(parsed.status().message().find(message), absl::string_view::npos) << parsed.status();
+  }
+}
+
+TEST(ChannelTargetTest, RoundRobinJoinsTheRetryPolicy) {
+  EXPECT_EQ(RetryServiceConfig(1, /*round_robin=*/true),
+            R"({"loadBalancingConfig": [{"round_robin": {}}]})");
+  const std::string both = RetryServiceConfig(3, /*round_robin=*/true);
+  EXPECT_EQ(both.rfind(R"({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": )", 0), 0)
+      << both;
+  EXPECT_EQ(both.substr(both.find(R"("methodConfig")")),
+            RetryServiceConfig(3).substr(1));  // the same retry policy
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
 // End-to-end tests of the `lmhead` command-line client against the real server.
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -8,13 +9,18 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/tensor_file.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/server_process.h"
@@ -730,6 +736,137 @@ TEST(CliAuthTest, TokenFromAFileOrTheEnvironment) {
   // Health needs no token.
   EXPECT_EQ(RunCli("health --address " + (*server)->address()).exit_code, 0);
   EXPECT_EQ((*server)->Stop(), 0);
+}
+
+// --- Issue 15, item 8: replicas. ---
+
+// Micro-batches `server` has answered, and those of its streams that ended: its log (at
+// --log_level=debug) has a line per micro-batch answered and one per stream that ended.
+std::pair<int, int> MicroBatchesInLog(const ServerProcess& server) {
+  static const std::regex kAnswered(R"( micro-batch \d+ total_us=)");
+  static const std::regex kEnded(R"( ForwardStream (\d+) micro-batch)");
+  std::istringstream log(server.Log());
+  std::pair<int, int> counts{0, 0};
+  std::smatch match;
+  for (std::string line; std::getline(log, line);) {
+    if (std::regex_search(line, kAnswered)) ++counts.first;
+    if (std::regex_search(line, match, kEnded)) counts.second += std::stoi(match[1]);
+  }
+  return counts;
+}
+
+// The same outputs, within `tolerance` relative to max(1, |value|).
+void ExpectSameOutputs(const std::map<std::string, v1::Tensor>& got,
+                       const std::map<std::string, v1::Tensor>& want, double tolerance) {
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [name, tensor] : want) {
+    ASSERT_EQ(got.count(name), 1u) << name;
+    EXPECT_EQ(got.at(name).shape().size(), tensor.shape().size()) << name;
+    const std::vector<double> a = Values(got.at(name)), b = Values(tensor);
+    ASSERT_EQ(a.size(), b.size()) << name;
+    for (size_t i = 0; i < a.size(); ++i) {
+      ASSERT_NEAR(a[i], b[i], tolerance * std::max(1.0, std::abs(b[i]))) << name << "[" << i << "]";
+    }
+  }
+}
+
+// Three replicas of the same demo head given to the CLI as one --address list: when the replica
+// answering one of a streamed job's streams is killed (SIGKILL) mid-stream, the stream goes on on
+// another replica from its first unanswered micro-batch, and the job writes what one server
+// alone writes. Then, with that replica gone, one-request jobs through the list all succeed.
+TEST(CliReplicasTest, JobSurvivesAReplicaKilledMidStream) {
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  // Each micro-batch waits up to 20 ms for company in its server's queue: the streams last.
+  std::vector<std::unique_ptr<ServerProcess>> servers;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+        ServerProcess::Start({"--log_level=debug", "--max_queue_delay_us=20000"});
+    ASSERT_TRUE(server.ok()) << server.status();
+    addresses.push_back((*server)->address());
+    servers.push_back(*std::move(server));
+  }
+  constexpr int kRows = 48, kSeqLen = 4, kDModel = 64;
+  std::string hidden(kRows * kSeqLen * kDModel * 4, '\0');
+  for (size_t i = 0; i < hidden.size() / 4; ++i) {
+    const float value = static_cast<float>((i * 7919) % 23) / 11.0f - 1.0f;
+    std::memcpy(&hidden[i * 4], &value, 4);
+  }
+  WriteNpy(dir + "/replica_hidden.npy", "<f4", "(48, 4, 64)", hidden);
+  std::string labels(kRows * kSeqLen * 8, '\0');
+  for (int i = 0; i < kRows * kSeqLen; ++i) {
+    const int64_t id = (i * 37) % 1000;
+    std::memcpy(&labels[i * 8], &id, 8);
+  }
+  WriteNpy(dir + "/replica_labels.npy", "<i8", "(48, 4)", labels);
+  // One row (1 KiB) per micro-batch, 16 per stream.
+  const std::string job = absl::StrCat(" --hidden ", dir, "/replica_hidden.npy --labels ", dir,
+                                       "/replica_labels.npy --return_logits true --timeout 120");
+  const std::string streamed = job + " --chunk_mib 0.001 --parallel_streams 3";
+
+  Result alone = RunCli(absl::StrCat("forward --address ", addresses[0], streamed, " --output ",
+                                     dir, "/replica_alone.safetensors"));
+  ASSERT_EQ(alone.exit_code, 0) << alone.out;
+  const std::map<std::string, v1::Tensor> want = ReadOutputs(dir + "/replica_alone.safetensors");
+  std::vector<std::pair<int, int>> before;  // (answered, ended) before the job
+  for (const auto& server : servers) before.push_back(MicroBatchesInLog(*server));
+
+  const std::string list = absl::StrJoin(addresses, ",");
+  Result replicated;
+  std::thread job_thread([&]() {
+    replicated = RunCli(absl::StrCat("forward --address ", list, streamed, " --output ", dir,
+                                     "/replica_streamed.safetensors"));
+  });
+  // The first replica seen two answers into the job is killed.
+  int victim = -1;
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (victim < 0 && absl::Now() < deadline) {
+    for (int s = 0; s < 3 && victim < 0; ++s) {
+      if (MicroBatchesInLog(*servers[s]).first - before[s].first >= 2) victim = s;
+    }
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  if (victim >= 0) kill(servers[victim]->pid(), SIGKILL);
+  job_thread.join();
+  ASSERT_GE(victim, 0) << "no replica answered the job";
+  ASSERT_EQ(replicated.exit_code, 0) << replicated.out;
+  EXPECT_NE(replicated.out.find("48/48 micro-batches"), std::string::npos) << replicated.out;
+  ExpectSameOutputs(ReadOutputs(dir + "/replica_streamed.safetensors"), want, 1e-5);
+  // The victim answered micro-batches of a stream it never ended (it was cut), and every
+  // micro-batch of the job was answered by someone.
+  EXPECT_EQ(servers[victim]->Stop(), 128 + SIGKILL);
+  const auto [answered_by_victim, ended_by_victim] = MicroBatchesInLog(*servers[victim]);
+  EXPECT_GT(answered_by_victim - before[victim].first, ended_by_victim - before[victim].second)
+      << servers[victim]->Log();
+  int answered = 0;
+  for (int s = 0; s < 3; ++s) answered += MicroBatchesInLog(*servers[s]).first - before[s].first;
+  EXPECT_GE(answered, kRows);
+
+  // One request per job, three addresses of which one is gone: every job is answered.
+  for (int i = 0; i < 6; ++i) {
+    SCOPED_TRACE(i);
+    Result one = RunCli(absl::StrCat("forward --address ", list, job, " --chunk_mib 0 --output ",
+                                     dir, "/replica_one.safetensors"));
+    ASSERT_EQ(one.exit_code, 0) << one.out;
+    ExpectSameOutputs(ReadOutputs(dir + "/replica_one.safetensors"), want, 1e-5);
+  }
+  for (int s = 0; s < 3; ++s) {
+    if (s != victim) {
+      EXPECT_EQ(servers[s]->Stop(), 0) << servers[s]->Log();
+    }
+  }
+}
+
+TEST(CliReplicasTest, AddressListsAreChecked) {
+  Result names = RunCli("models --address localhost:1,localhost:2");
+  EXPECT_EQ(names.exit_code, 2) << names.out;
+  EXPECT_NE(names.out.find("--address: 'localhost:1' in a list of several addresses must be "
+                           "IP:PORT"),
+            std::string::npos)
+      << names.out;
+  Result mixed = RunCli("health --address 127.0.0.1:1,[::1]:2");
+  EXPECT_EQ(mixed.exit_code, 2) << mixed.out;
+  EXPECT_NE(mixed.out.find("mixes IPv4 and IPv6"), std::string::npos) << mixed.out;
 }
 
 }  // namespace
