@@ -10,6 +10,9 @@
 #     answer and status checked, the server survives and exits 0.
 #  6. Every fuzz target (clang, ASan + UBSan) for 60 s each, after replaying its saved crashes
 #     (tools/fuzz.sh, docs/FUZZING.md).
+#  7. The Kubernetes manifests (deploy/k8s): each overlay rendered by `kubectl kustomize`,
+#     validated against the Kubernetes 1.32 schemas (strict), checked for what the pods depend
+#     on, and the server started with the Deployment's command line (tests/deploy).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -32,3 +35,6 @@ LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
 LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" "$venv/bin/python" tests/soak/soak.py --minutes 1
 
 tools/fuzz.sh 60
+
+LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/deploy

