@@ -13,6 +13,10 @@
 #  7. The Kubernetes manifests (deploy/k8s): each overlay rendered by `kubectl kustomize`,
 #     validated against the Kubernetes 1.32 schemas (strict), checked for what the pods depend
 #     on, and the server started with the Deployment's command line (tests/deploy).
+#  8. Packaging, from a clean copy of the checkout: `pip install client/python`, `pip wheel` and
+#     the sdist's wheel into fresh venvs, and examples/cpp_client (a Bazel workspace of its own
+#     using @lmhead//client:lmhead_client) built; each makes a real call to the server
+#     (tests/packaging).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -38,3 +42,6 @@ tools/fuzz.sh 60
 
 LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/deploy
+
+LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/packaging
