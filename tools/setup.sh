@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing lmhead needs, skipping whatever is already there:
 # Debian's packages (Bazel 4.2.3, gRPC, protobuf, abseil, spdlog, GoogleTest, Google Benchmark,
-# nlohmann-json, prometheus-cpp, clang with libFuzzer) and the project's Python venv (LibTorch, olmo_core; see
-# tools/venv.sh).
+# nlohmann-json, prometheus-cpp, clang with libFuzzer, podman and mmdebstrap) and the project's
+# Python venv (LibTorch, olmo_core; see tools/venv.sh).
 # Idempotent; safe to run on every build. Prints the venv path last.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,6 +14,9 @@ packages=(
   nlohmann-json3-dev python3-venv clang-format prometheus-cpp-dev
   # The fuzz targets (tools/fuzz.sh): clang, and compiler-rt's libFuzzer and sanitizer runtimes.
   clang libclang-rt-14-dev
+  # The container image (deploy/build_image.sh, tests/container): podman with Debian's runc,
+  # and mmdebstrap for its base.
+  podman runc mmdebstrap
 )
 missing=()
 for p in "${packages[@]}"; do

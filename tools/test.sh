@@ -17,6 +17,10 @@
 #     the sdist's wheel into fresh venvs, and examples/cpp_client (a Bazel workspace of its own
 #     using @lmhead//client:lmhead_client) built; each makes a real call to the server
 #     (tests/packaging).
+#  9. The CPU container image (deploy/build_image.sh: podman, a base made from Debian's packages)
+#     built and run read-only as uid 10001: health, a forward through its CLI equal to the host
+#     server's, metrics, TLS with tokens, a graceful stop; hadolint on deploy/Dockerfile
+#     (tests/container).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -45,3 +49,6 @@ LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
 
 LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/packaging
+
+LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" LMHEAD_CLI="$root/bazel-bin/client/lmhead" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/container

