@@ -27,7 +27,7 @@ case "$device" in
   # An output base of its own (as tools/fuzz.sh does), so the CUDA build never replaces the CPU
   # binaries in bazel-bin that the tests run; compiled actions still come from the disk cache.
   cuda)
-    bazel=(bazel "--output_base=$cache/bazel-cuda-image")
+    bazel=(bazel "--output_base=$cache/bazel-cuda-image" --max_idle_secs=60)
     bazel_config=(--config=cuda --symlink_prefix=/)
     ;;
   *) echo "usage: deploy/build_image.sh [cpu|cuda]" >&2; exit 2 ;;
