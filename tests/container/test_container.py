@@ -35,7 +35,8 @@ PODMAN = ["podman", "--runtime", "runc"]
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000"]
 # The hardening docs/OPERATIONS.md recommends.
 HARDENING = ["--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges"]
-
+# On the host's network: free ports instead of the entry point's fixed 50051 and 9090.
+FREE_PORTS = ["--port=0", "--metrics_port=0"]
 
 
 def run(*args, **kwargs):
@@ -72,8 +73,9 @@ def image():
 
 
 class Container:
-    """A detached container of `image` with `workdir` mounted at /work (its port file) and the
-    given extra podman options; `stop()` sends SIGTERM and returns the exit status."""
+    """A detached container of `image` on free ports, with `workdir` mounted at /work (the
+    port file), server arguments `args` and extra podman `options`; `stop()` sends SIGTERM and
+    returns the exit status."""
 
     def __init__(self, image, workdir, args, options=()):
         self.name = f"lmhead-test-{uuid.uuid4().hex[:12]}"
@@ -82,7 +84,7 @@ class Container:
         workdir.chmod(0o777)  # the server runs as uid 10001
         started = run(*PODMAN, "run", "-d", "--name", self.name, "--network=host", *LIMITS,
                       *HARDENING, "-v", f"{workdir}:/work", *options, image,
-                      "--port=0", "--port_file=/work/port", *args)
+                      *FREE_PORTS, "--port_file=/work/port", *args)
         assert started.returncode == 0, started.stderr
         port_file = workdir / "port"
         deadline = time.monotonic() + 120
@@ -187,7 +189,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_image_serves_the_demo_head_like_the_host_as_uid_10001(container, host_answer):
-    c = container(["--metrics_port=0"])
+    c = container()
     # The server itself, seen from the host: every uid (real, effective, saved, fs) is 10001.
     status = Path(f"/proc/{c.pid()}/status").read_text()
     assert re.search(r"^Uid:\s+10001\s+10001\s+10001\s+10001$", status, re.M), status
@@ -260,7 +262,7 @@ def test_tls_and_tokens_from_mounted_secrets(container, tmp_path):
 
 def test_allow_insecure_false_refuses_plaintext_on_every_interface(image):
     result = run(*PODMAN, "run", "--rm", "--network=host", *LIMITS, *HARDENING, image,
-                 "--port=0", "--allow_insecure=false", timeout=120)
+                 *FREE_PORTS, "--allow_insecure=false", timeout=120)
     assert result.returncode != 0
     assert "--allow_insecure" in result.stdout + result.stderr, result.stdout + result.stderr
 
