@@ -5,12 +5,13 @@ call in flight has a shared-memory buffer of its own).
 """
 
 import collections
+import ipaddress
 import json
 import os
 import re
 import threading
 import weakref
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
@@ -84,16 +85,72 @@ def _reraise(error: grpc.RpcError):
     raise LMHeadError(error.code(), error.details() or "") from None
 
 
-def retry_service_config(max_attempts: int) -> str:
-    """The gRPC service config of a channel that makes up to `max_attempts` (2 to 5) attempts
-    per lmhead.v1.LMHeadService call; the C++ client's RetryServiceConfig gives the same."""
-    return json.dumps({"methodConfig": [{
-        "name": [{"service": "lmhead.v1.LMHeadService"}],
-        "retryPolicy": {
-            "maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "5s",
-            "backoffMultiplier": 2, "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
-        },
-    }]})
+def retry_service_config(max_attempts: int, round_robin: bool = False) -> str:
+    """The gRPC service config of a channel that makes up to `max_attempts` (2 to 5; 1: no
+    retry policy) attempts per lmhead.v1.LMHeadService call, and with `round_robin` spreads
+    calls over every address its target resolves to (gRPC's round_robin policy). The C++
+    client's RetryServiceConfig gives the same."""
+    config = {}
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    if max_attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": "lmhead.v1.LMHeadService"}],
+            "retryPolicy": {
+                "maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+            },
+        }]
+    return json.dumps(config)
+
+
+# Target schemes whose name may resolve to several servers: such a channel gets round_robin.
+_REPLICA_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+# Any scheme gRPC's Python channels know (a list entry may not have one).
+_SCHEME = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|vsock|xds|google-c2p):", re.I)
+
+
+def channel_target(address) -> Tuple[str, bool]:
+    """(the gRPC target, whether calls are spread over replicas) for `address`:
+
+    - "host:port": that target, one server (gRPC's default pick_first: unchanged);
+    - a gRPC target with a scheme, as it is; "dns:///NAME:PORT", "ipv4:..." and "ipv6:..."
+      name replicas (every address the name resolves to, or that the list holds);
+    - several addresses, a list or one comma-separated string of "IP:PORT" ("[IPv6]:PORT"),
+      all IPv4 or all IPv6: the target "ipv4:A:P,B:Q" (or "ipv6:..."), replicas. gRPC resolves
+      one name per channel, so a host name in such a list is a ValueError; give one
+      "dns:///NAME:PORT" whose DNS records list every replica instead.
+    """
+    entries = [address] if isinstance(address, str) else list(address)
+    if len(entries) == 1 and isinstance(entries[0], str) and _SCHEME.match(entries[0]):
+        return entries[0], entries[0].lower().startswith(_REPLICA_SCHEMES)
+    entries = [part.strip() for entry in entries for part in str(entry).split(",")]
+    if not entries or not all(entries):
+        raise ValueError(f"address: expected HOST:PORT, several IP:PORT separated by commas, "
+                         f"or a gRPC target such as dns:///NAME:PORT; got {address!r}")
+    if len(entries) == 1:
+        return entries[0], False
+    families = set()
+    for entry in entries:
+        match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", entry)
+        host = match and (match.group(1) or match.group(3))
+        port = match and int(match.group(2) or match.group(4))
+        try:
+            ip = ipaddress.ip_address(host) if host else None
+        except ValueError:
+            ip = None
+        if ip is None or not 0 < port < 65536 or (ip.version == 6) != (match.group(1) is not None):
+            raise ValueError(
+                f"address: {entry!r} in a list of several addresses must be IP:PORT (an IPv4 "
+                "address, or an IPv6 one in brackets, and a port): gRPC resolves one name per "
+                "channel; for host names give one dns:///NAME:PORT whose DNS records list "
+                "every replica")
+        families.add(ip.version)
+    if len(families) > 1:
+        raise ValueError(f"address: {address!r} mixes IPv4 and IPv6 addresses; a channel "
+                         "takes a list of one family (ipv4: or ipv6: targets)")
+    return ("ipv4:" if families == {4} else "ipv6:") + ",".join(entries), True
 
 
 class _CallDetails(collections.namedtuple(
@@ -149,52 +206,74 @@ def _pem(value, variable: str, name: str) -> Optional[bytes]:
 
 
 class RemoteLMHead:
-    """A client of one lmhead server.
+    """A client of one lmhead server, or of several replicas serving the same models.
 
-    address: "host:port". model: the model every call uses (None: the server's default).
+    address: "host:port"; or several replicas (docs/API.md "Replicas"): a list (or one
+      comma-separated string) of "IP:PORT", all IPv4 or all IPv6, or one gRPC target that
+      names several, "dns:///NAME:PORT" (e.g. a headless Kubernetes Service) or "ipv4:A:P,B:Q".
+      Calls to replicas are spread over them by gRPC's round_robin policy; a replica that goes
+      away is left out until it is back, and a call it fails with UNAVAILABLE (refused, or
+      lost with its connection before any answer) is retried on another as max_attempts says.
+      A host name in a list is a ValueError (gRPC resolves one name per channel).
+    model: the model every call uses (None: the server's default).
     timeout: seconds per call (a stream's whole duration); None: no deadline.
     max_attempts: attempts per call, 1 to 5. Calls refused with RESOURCE_EXHAUSTED or
       UNAVAILABLE are retried by gRPC's own retry policy (the channel's service config) after
       an exponential backoff with jitter, about 0.1 s doubling up to 5 s, within the deadline;
       not when the server answers that the same call would fail again (a limit it enforces),
-      and not once a stream has received an answer. 1: no retry. Default 5.
+      and not once a stream has received an answer. 1: no retry (nor failover to another
+      replica). Default 5.
     shared_memory: "auto" (default): on a server started with --allow_shared_memory and on this
       host, calls that move at least 1 MiB (hidden states, labels, returned logits) pass their
       tensors through shared memory instead of the messages (a CUDA tensor by CUDA IPC, without
       a copy to the host); if the server refuses, every call goes inline from then on. "on":
       every call uses shared memory, and LMHeadError says why when it cannot. "off": never.
       Results are the same bits either way (client/python/README.md, "Shared memory").
+      With replicas "auto" is "off", and "on" a ValueError: a session's regions belong to one
+      server's connection.
     auth_token: sent with every call as `authorization: Bearer <auth_token>`, for a server
       started with --auth_token_file; None (default): the LMHEAD_AUTH_TOKEN environment
       variable, if set and not empty.
-    tls: speak TLS (docs/API.md "TLS"); implied by any of the three below. tls_roots: the CAs
+    tls: speak TLS (docs/API.md "TLS"); implied by any of the four below. tls_roots: the CAs
       the server's certificate must chain to, a PEM file's path or its contents (None: the
       LMHEAD_TLS_ROOTS file, else gRPC's default roots); tls_cert and tls_key: this client's
       certificate chain and key for a mutual-TLS server, both or neither (None: LMHEAD_TLS_CERT
-      and LMHEAD_TLS_KEY).
+      and LMHEAD_TLS_KEY). tls_server_name: the name the server's certificate must be valid
+      for, sent as the calls' authority (None: the address's host; with a list of replicas,
+      the first one's, so give the name every replica's certificate holds).
     Messages of any size are allowed on the client side (the server enforces its limits).
     """
 
-    def __init__(self, address: str, model: Optional[str] = None,
+    def __init__(self, address: Union[str, Sequence[str]], model: Optional[str] = None,
                  timeout: Optional[float] = None, max_attempts: int = 5,
                  shared_memory: str = "auto", auth_token: Optional[str] = None,
-                 tls: bool = False, tls_roots=None, tls_cert=None, tls_key=None):
+                 tls: bool = False, tls_roots=None, tls_cert=None, tls_key=None,
+                 tls_server_name: Optional[str] = None):
         if not 1 <= max_attempts <= 5:
             raise ValueError(f"max_attempts: expected 1 to 5, got {max_attempts}")
         if shared_memory not in _shared_memory.MODES:
             raise ValueError(f"shared_memory: expected one of {list(_shared_memory.MODES)}, "
                              f"got {shared_memory!r}")
-        self.address = address
+        self._target, replicas = channel_target(address)
+        if replicas and shared_memory == "on":
+            raise ValueError("shared_memory='on' needs one server: a session's regions belong "
+                             f"to one server's connection, and {address!r} names replicas")
+        if replicas:
+            shared_memory = "off"
+        # As given (a list joined by commas): for messages.
+        self.address = address if isinstance(address, str) else ",".join(address)
         self.model = model
         self.timeout = timeout
         options = [
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),
         ]
+        if max_attempts > 1 or replicas:
+            options.append(("grpc.service_config",
+                            retry_service_config(max_attempts, round_robin=replicas)))
         if max_attempts > 1:
             options += [
                 ("grpc.enable_retries", 1),
-                ("grpc.service_config", retry_service_config(max_attempts)),
                 # gRPC keeps a call's sent messages for a retry up to this size (256 KiB).
                 ("grpc.per_rpc_retry_buffer_size", 256 << 20),
             ]
@@ -210,8 +289,14 @@ class RemoteLMHead:
             (tls_key, "LMHEAD_TLS_KEY", "tls_key"))]
         if (pems[1] is None) != (pems[2] is None):
             raise ValueError("tls_cert and tls_key go together")
-        self._credentials = (grpc.ssl_channel_credentials(pems[0], pems[2], pems[1])
-                             if tls or any(pem is not None for pem in pems) else None)
+        tls = tls or tls_server_name is not None or any(pem is not None for pem in pems)
+        self._credentials = grpc.ssl_channel_credentials(pems[0], pems[2], pems[1]) if tls else None
+        if tls and (tls_server_name is not None or self._target.lower().startswith(
+                ("ipv4:", "ipv6:"))):
+            # The certificate is checked against the channel's authority, which for an ipv4: or
+            # ipv6: list would be the whole list.
+            authority = tls_server_name or self._target.split(":", 1)[1].split(",")[0]
+            options.append(("grpc.default_authority", authority))
         self._channel = self._new_channel(options)
         self._stub = pb_grpc.LMHeadServiceStub(self._channel)
         # Forward and ForwardStream with requests serialised by WireRequest (one copy of the
@@ -236,9 +321,9 @@ class RemoteLMHead:
 
     def _new_channel(self, options: list) -> grpc.Channel:
         """A channel to the server: TLS or plaintext, with the token's interceptor."""
-        channel = (grpc.secure_channel(self.address, self._credentials, options=options)
+        channel = (grpc.secure_channel(self._target, self._credentials, options=options)
                    if self._credentials is not None
-                   else grpc.insecure_channel(self.address, options=options))
+                   else grpc.insecure_channel(self._target, options=options))
         return grpc.intercept_channel(channel, *self._interceptors)
 
     @staticmethod
