@@ -11,19 +11,21 @@ killed (SIGKILL), so the calls it held fail with UNAVAILABLE when it dies.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from lmhead_client import RemoteLMHead
+from lmhead_client import LMHeadError, RemoteLMHead
 from lmhead_client.client import channel_target
 from server_process import REPO, ServerProcess
+from test_tls import make_certificates
 
 D, V = 64, 1000  # the demo head's
 CLI = REPO / "bazel-bin/client/lmhead"
@@ -159,3 +161,32 @@ def test_calls_spread_over_replicas_and_survive_one_killed(replicas, inputs):
         check(answer, expected[i % INPUTS])
     by_others = sum(forward_count(replicas[s]) - counts[s] for s in (0, 2))
     assert total <= by_others + answered_by_1 <= total + held, (by_others, answered_by_1)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_tls_replicas_check_one_name(start_server, tmp_path, inputs):
+    """With TLS the replicas' certificates are checked against one name: by default the list's
+    first address (here 127.0.0.1, which the certificate holds), else tls_server_name."""
+    make_certificates(tmp_path / "tls", ["server"])
+    tls = ["--tls_cert", str(tmp_path / "tls/server.pem"),
+           "--tls_key", str(tmp_path / "tls/server.key")]
+    servers = [start_server(tls + ["--metrics_port", "0"]) for _ in range(2)]
+    addresses = [server.address for server in servers]
+    roots = str(tmp_path / "tls/ca.pem")
+    x, labels = inputs[0]
+    for name in (None, "localhost"):
+        with RemoteLMHead(addresses, tls_roots=roots, tls_server_name=name, max_attempts=1,
+                          timeout=30) as head:
+            for _ in range(6):
+                head.forward(x, labels=labels)
+    assert sum(forward_count(server) for server in servers) == 12
+    # A name the certificate does not hold fails the handshake.
+    with RemoteLMHead(addresses, tls_roots=roots, tls_server_name="elsewhere.example",
+                      max_attempts=1, timeout=10) as head:
+        with pytest.raises(LMHeadError) as error:
+            head.forward(x, labels=labels)
+        assert error.value.code == grpc.StatusCode.UNAVAILABLE
+    if CLI.exists():  # the CLI (bazel-bin/client/lmhead) does the same
+        cli = subprocess.run([str(CLI), "models", "--address", ",".join(addresses),
+                              "--tls_roots", roots], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
