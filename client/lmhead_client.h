@@ -41,7 +41,9 @@ struct ClientOptions {
   // to 5 s), within the call's deadline; not when the server answers that the same call would
   // fail again (a limit it enforces). Unary calls by gRPC's retry policy (the channel's service
   // config, RetryServiceConfig); a stream by this client, only while none of its micro-batches
-  // has been answered (docs/API.md "Retries" says why). 1: no retry. Default 5.
+  // has been answered (docs/API.md "Retries" says why), except that ForwardChunked's streams
+  // that end UNAVAILABLE after answers go on in a new stream from the first micro-batch not
+  // answered. 1: no retry. Default 5.
   int max_attempts = 5;
   // A TCP connection of this client's own. gRPC otherwise shares one connection among the
   // channels of a process that go to the same address with the same settings, so that many

@@ -190,3 +190,55 @@ def test_tls_replicas_check_one_name(start_server, tmp_path, inputs):
         cli = subprocess.run([str(CLI), "models", "--address", ",".join(addresses),
                               "--tls_roots", roots], capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0, cli.stderr
+
+
+def micro_batches_answered(server: ServerProcess) -> int:
+    """Micro-batches the server logged as answered (--log_level=debug: one line each)."""
+    return len(re.findall(r" micro-batch \d+ total_us=", server.log()))
+
+
+def test_stream_goes_on_when_its_replica_is_killed(start_server):
+    """forward_stream over three replicas: the replica answering one of its streams is killed
+    two answers in, and the stream carries on on another replica from its first unanswered
+    micro-batch; the job gives what one server gives."""
+    # Each micro-batch waits up to 20 ms for company in its server's queue: the streams last.
+    servers = [start_server(["--log_level=debug", "--max_queue_delay_us=20000"])
+               for _ in range(3)]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((48, 4, D), dtype=np.float32)
+    labels = rng.integers(0, V, (48, 4)).astype(np.int64)
+    with RemoteLMHead(servers[0].address, shared_memory="off") as alone:
+        want = alone.forward(x, labels=labels)
+    before = [micro_batches_answered(server) for server in servers]
+    result = {}
+
+    def job():
+        with RemoteLMHead([server.address for server in servers], timeout=120) as head:
+            try:
+                result["out"] = head.forward_stream(x, labels=labels, micro_batch_size=1,
+                                                    parallel_streams=3)
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                result["error"] = e
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline:
+        for s, server in enumerate(servers):
+            if micro_batches_answered(server) - before[s] >= 2:
+                victim = s
+                break
+        time.sleep(0.002)
+    assert victim is not None, "no replica answered the job"
+    servers[victim].process.kill()
+    servers[victim].process.wait()
+    thread.join(120)
+    assert "error" not in result, result.get("error")
+    check(result["out"], (want.logits, want.loss))
+    # The victim answered some of a stream's 16 micro-batches, not all; the others the rest.
+    by_victim = micro_batches_answered(servers[victim]) - before[victim]
+    assert 2 <= by_victim
+    assert sum(micro_batches_answered(servers[s]) - before[s] for s in range(3)) >= 48
+    assert len(re.findall(r" ForwardStream \d+ micro-batch", servers[victim].log())) == 0, \
+        servers[victim].log()[-2000:]

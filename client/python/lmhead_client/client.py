@@ -8,8 +8,10 @@ import collections
 import ipaddress
 import json
 import os
+import random
 import re
 import threading
+import time
 import weakref
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -221,8 +223,10 @@ class RemoteLMHead:
       UNAVAILABLE are retried by gRPC's own retry policy (the channel's service config) after
       an exponential backoff with jitter, about 0.1 s doubling up to 5 s, within the deadline;
       not when the server answers that the same call would fail again (a limit it enforces),
-      and not once a stream has received an answer. 1: no retry (nor failover to another
-      replica). Default 5.
+      and not once a stream has received an answer, except that a streamed job whose stream
+      ends UNAVAILABLE after answers (its server went away) carries on in a new stream from
+      its first micro-batch not answered (docs/API.md "Retries"). 1: no retry (nor failover
+      to another replica). Default 5.
     shared_memory: "auto" (default): on a server started with --allow_shared_memory and on this
       host, calls that move at least 1 MiB (hidden states, labels, returned logits) pass their
       tensors through shared memory instead of the messages (a CUDA tensor by CUDA IPC, without
@@ -264,6 +268,7 @@ class RemoteLMHead:
         self.address = address if isinstance(address, str) else ",".join(address)
         self.model = model
         self.timeout = timeout
+        self._max_attempts = max_attempts
         options = [
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),
@@ -487,8 +492,8 @@ class RemoteLMHead:
             raise TypeError("iter_forward_stream sends one stream; parallel_streams is "
                             "forward_stream's")
         _refuse_scoring(forward_args, "iter_forward_stream")
-        for start, stop, response, fields in self._stream(x, micro_batch_size, max_chunk_bytes,
-                                                          forward_args):
+        for start, stop, response, fields in self._resuming(x, micro_batch_size, max_chunk_bytes,
+                                                            forward_args):
             output = _output(fields, _tensors.is_torch(x), forward_args.get("labels") is not None,
                              forward_args.get("return_argmax", False))
             yield StreamChunk(start, stop, output, response.num_scored_tokens)
@@ -708,8 +713,8 @@ class RemoteLMHead:
         bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
         streams = min(streams, len(bounds))
         if streams == 1:
-            return [(r, f) for _, _, r, f in self._stream(x, micro_batch_size, max_chunk_bytes,
-                                                          forward_args)]
+            return [(r, f) for _, _, r, f in self._resuming(x, micro_batch_size, max_chunk_bytes,
+                                                            forward_args)]
         size = bounds[1][0] - bounds[0][0]  # rows per micro-batch (all but the last)
         batch = int(x.shape[0])
         row_args = _row_arguments(batch, forward_args)
@@ -730,7 +735,7 @@ class RemoteLMHead:
         def run(s):
             try:
                 part_x, args = parts[s]
-                results[s] = [(r, f) for _, _, r, f in self._stream(
+                results[s] = [(r, f) for _, _, r, f in self._resuming(
                     part_x, size, max_chunk_bytes, args, method=methods[s],
                     calls=calls, index=s)]
             except LMHeadError as e:
@@ -755,6 +760,43 @@ class RemoteLMHead:
         if failed:
             raise failed[0]
         return [response for part in results for response in part]
+
+    def _resuming(self, x, micro_batch_size, max_chunk_bytes, forward_args, **stream
+                  ) -> Iterator[Tuple[int, int, pb.ForwardResponse, Dict[str, _tensors.Decoded]]]:
+        """_stream(x, ...), carried on when its server goes away after answers: a stream that
+        ends UNAVAILABLE after answering micro-batches is followed, within max_attempts and
+        after gRPC's backoff, by a new one (on another replica where there are several) for the
+        rows not answered. gRPC's retry policy cannot do this (a stream that has answered is
+        committed); an answered micro-batch is never sent again. Yields what _stream yields,
+        rows counted in x."""
+        batch = int(x.shape[0])
+        done, answered, attempts, backoff = 0, 0, 1, 0.1
+        while True:
+            part, args = x, forward_args
+            if done:
+                part, args = x[done:], dict(forward_args)
+                for name in _row_arguments(batch, forward_args):
+                    args[name] = forward_args[name][done:]
+            offset, before = done, answered
+            try:
+                for start, stop, response, fields in self._stream(
+                        part, micro_batch_size, max_chunk_bytes, args, **stream):
+                    done, answered = offset + stop, answered + 1
+                    yield offset + start, offset + stop, response, fields
+                return
+            except LMHeadError as e:
+                if done >= batch > 0 and e.code == grpc.StatusCode.UNAVAILABLE:
+                    return  # every micro-batch answered; only the stream's end was lost
+                if (e.code != grpc.StatusCode.UNAVAILABLE or answered == before
+                        or attempts >= self._max_attempts):
+                    # " (micro-batch N)" counted from this stream's first micro-batch.
+                    raise LMHeadError(e.code, re.sub(
+                        r"\(micro-batch (\d+)\)$",
+                        lambda m: f"(micro-batch {before + int(m.group(1))})", e.details)
+                    ) from None
+            attempts += 1
+            time.sleep(random.uniform(0, backoff))
+            backoff = min(backoff * 2, 5.0)
 
     def _stream(self, x, micro_batch_size, max_chunk_bytes, forward_args, method=None,
                 calls: Optional["_Calls"] = None, index: int = 0
