@@ -308,6 +308,40 @@ int RunModels(const Values& values) {
   return 0;
 }
 
+int RunLoadModel(const Values& values) {
+  for (const char* required : {"address", "name", "path"}) {
+    if (Get(values, required).empty()) {
+      return UsageError("load-model", absl::StrCat("--", required, " is required"));
+    }
+  }
+  absl::StatusOr<ClientOptions> options = ClientOptionsFrom(values);
+  if (!options.ok()) return UsageError("load-model", std::string(options.status().message()));
+  auto client = LMHeadClient::Connect(Get(values, "address"), *options);
+  auto model =
+      client->LoadModel(Get(values, "name"), Get(values, "path"), Get(values, "replace") == "true");
+  if (!model.ok()) return Failed(model.status());
+  std::cout << absl::StrFormat("loaded %s: d_model %d, vocab_size %d, %s, version %s\n",
+                               model->name(), model->d_model(), model->vocab_size(),
+                               DataTypeShortName(model->dtype()), model->version());
+  return 0;
+}
+
+int RunUnloadModel(const Values& values) {
+  for (const char* required : {"address", "name"}) {
+    if (Get(values, required).empty()) {
+      return UsageError("unload-model", absl::StrCat("--", required, " is required"));
+    }
+  }
+  absl::StatusOr<ClientOptions> options = ClientOptionsFrom(values);
+  if (!options.ok()) return UsageError("unload-model", std::string(options.status().message()));
+  auto client = LMHeadClient::Connect(Get(values, "address"), *options);
+  if (absl::Status status = client->UnloadModel(Get(values, "name")); !status.ok()) {
+    return Failed(status);
+  }
+  std::cout << "unloaded " << Get(values, "name") << "\n";
+  return 0;
+}
+
 template <typename Enum>
 bool ParseEnum(const std::string& text, const std::map<std::string, Enum>& names, Enum* out) {
   auto it = names.find(text);
@@ -533,6 +567,33 @@ std::vector<Command> Commands() {
            kTimeout,
        }),
        RunModels},
+      {"load-model",
+       "Loads a model from the server's model repository while it serves (ModelAdminService).\n"
+       "Needs an administrator's token (--auth_token_file with a token of the server's\n"
+       "--admin_token_file). Prints the loaded model.",
+       WithConnection({
+           kAddress,
+           {"name", "NAME", "the name calls will use (1-128 of [A-Za-z0-9._-])", ""},
+           {"path", "PATH",
+            "the .safetensors weights, relative to the server's --model_repository (the head's "
+            "configuration: the .json beside them, else the server's --head_config)",
+            ""},
+           {"replace", "", "replace a loaded model of that name (its running calls finish)", ""},
+           {"timeout", "SECONDS",
+            "deadline of the call (reading large weights takes a while); 0 "
+            "for none",
+            "300"},
+       }),
+       RunLoadModel},
+      {"unload-model",
+       "Stops serving a model (ModelAdminService); calls already running on it finish.\n"
+       "Needs an administrator's token, as load-model.",
+       WithConnection({
+           kAddress,
+           {"name", "NAME", "the loaded model's name", ""},
+           kTimeout,
+       }),
+       RunUnloadModel},
       {"forward",
        "Runs LMHead.forward on the server, from .npy/.safetensors inputs to a .safetensors file.\n"
        "Reads hidden states (and labels) from .npy or .safetensors, writes\n"

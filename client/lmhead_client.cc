@@ -275,6 +275,7 @@ LMHeadClient::LMHeadClient(std::shared_ptr<grpc::Channel> channel, ClientOptions
     : options_(std::move(options)),
       channel_(std::move(channel)),
       stub_(v1::LMHeadService::NewStub(channel_)),
+      admin_(v1::ModelAdminService::NewStub(channel_)),
       health_(grpc::health::v1::Health::NewStub(channel_)) {}
 
 void LMHeadClient::Prepare(grpc::ClientContext* context) const {
@@ -733,6 +734,30 @@ absl::StatusOr<v1::ModelInfo> LMHeadClient::GetModel(const std::string& name) {
   const grpc::Status status = stub_->GetModel(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
   return response;
+}
+
+absl::StatusOr<v1::ModelInfo> LMHeadClient::LoadModel(const std::string& name,
+                                                      const std::string& path, bool replace) {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::LoadModelRequest request;
+  request.set_name(name);
+  request.set_path(path);
+  request.set_replace(replace);
+  v1::ModelInfo response;
+  const grpc::Status status = admin_->LoadModel(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::Status LMHeadClient::UnloadModel(const std::string& name) {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::UnloadModelRequest request;
+  request.set_name(name);
+  v1::UnloadModelResponse response;
+  const grpc::Status status = admin_->UnloadModel(&context, request, &response);
+  return status.ok() ? absl::OkStatus() : FromGrpcStatus(status);
 }
 
 absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> LMHeadClient::Health(

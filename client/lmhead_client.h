@@ -230,6 +230,14 @@ class LMHeadClient {
   absl::StatusOr<v1::ListModelsResponse> ListModels();
   absl::StatusOr<v1::ModelInfo> GetModel(const std::string& name = "");
 
+  // lmhead.v1.ModelAdminService (docs/API.md "Models at run time"); the client's auth_token must
+  // be one of the server's administrator tokens. LoadModel: the weights at `path`, relative to
+  // the server's model repository, served as `name` (replacing a loaded model of that name only
+  // when `replace`); the loaded model's info. UnloadModel: stops serving `name`.
+  absl::StatusOr<v1::ModelInfo> LoadModel(const std::string& name, const std::string& path,
+                                          bool replace = false);
+  absl::Status UnloadModel(const std::string& name);
+
   // grpc.health.v1.Health/Check for `service` ("" is the server as a whole).
   absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
       const std::string& service = "");
@@ -258,6 +266,7 @@ class LMHeadClient {
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::LMHeadService::Stub> stub_;
+  std::unique_ptr<v1::ModelAdminService::Stub> admin_;
   // Set by Connect: opens another channel to the same server, with a connection of its own.
   std::function<std::shared_ptr<grpc::Channel>()> open_channel_;
   absl::Mutex streams_mu_;

@@ -15,8 +15,8 @@ namespace {
 constexpr size_t kMinTokenBytes = 16;
 constexpr size_t kMaxTokenBytes = 4096;
 
-absl::Status BadFile(absl::string_view why) {
-  return absl::InvalidArgumentError(absl::StrCat("--auth_token_file: ", why));
+absl::Status BadFile(absl::string_view flag, absl::string_view why) {
+  return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", why));
 }
 
 // Equal contents, compared without an early exit (length differences leak only the length).
@@ -29,9 +29,10 @@ bool EqualInConstantTime(absl::string_view a, absl::string_view b) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<const BearerTokens>> BearerTokens::Read(const std::string& path) {
+absl::StatusOr<std::unique_ptr<const BearerTokens>> BearerTokens::Read(const std::string& path,
+                                                                       absl::string_view flag) {
   std::ifstream file(path);
-  if (!file) return BadFile(absl::StrCat("cannot read ", path));
+  if (!file) return BadFile(flag, absl::StrCat("cannot read ", path));
   std::vector<std::string> tokens;
   std::string line;
   for (int number = 1; std::getline(file, line); ++number) {
@@ -41,13 +42,14 @@ absl::StatusOr<std::unique_ptr<const BearerTokens>> BearerTokens::Read(const std
       return absl::ascii_isgraph(static_cast<unsigned char>(c));
     });
     if (!printable || token.size() < kMinTokenBytes || token.size() > kMaxTokenBytes) {
-      return BadFile(absl::StrCat("line ", number, " is not a token (", kMinTokenBytes, " to ",
+      return BadFile(flag,
+                     absl::StrCat("line ", number, " is not a token (", kMinTokenBytes, " to ",
                                   kMaxTokenBytes, " printable ASCII characters without spaces)"));
     }
     tokens.emplace_back(token);
   }
-  if (file.bad()) return BadFile(absl::StrCat("cannot read ", path));
-  if (tokens.empty()) return BadFile("the file has no token");
+  if (file.bad()) return BadFile(flag, absl::StrCat("cannot read ", path));
+  if (tokens.empty()) return BadFile(flag, "the file has no token");
   return std::make_unique<const BearerTokens>(std::move(tokens));
 }
 
@@ -58,6 +60,13 @@ bool BearerTokens::Accepts(absl::string_view authorization) const {
   bool accepted = false;
   for (const std::string& token : tokens_) accepted |= EqualInConstantTime(given, token);
   return accepted;
+}
+
+bool BearerTokens::SharesATokenWith(const BearerTokens& other) const {
+  for (const std::string& token : tokens_) {
+    if (other.Accepts(absl::StrCat("Bearer ", token))) return true;
+  }
+  return false;
 }
 
 }  // namespace lmhead

@@ -18,9 +18,10 @@ class BearerTokens {
  public:
   // Reads `path`: one token per line; surrounding whitespace and empty lines are ignored, and
   // a token is 16 to 4096 printable ASCII characters without spaces. INVALID_ARGUMENT naming
-  // --auth_token_file (and the line, never the token) for an unreadable file, a bad line or a
-  // file without tokens.
-  static absl::StatusOr<std::unique_ptr<const BearerTokens>> Read(const std::string& path);
+  // `flag` (--auth_token_file or --admin_token_file) and the line, never the token, for an
+  // unreadable file, a bad line or a file without tokens.
+  static absl::StatusOr<std::unique_ptr<const BearerTokens>> Read(
+      const std::string& path, absl::string_view flag = "auth_token_file");
 
   explicit BearerTokens(std::vector<std::string> tokens) : tokens_(std::move(tokens)) {}
 
@@ -29,6 +30,9 @@ class BearerTokens {
   // every token in full, in time that depends only on the lengths: nothing about the tokens
   // leaks through how long a refusal takes.
   bool Accepts(absl::string_view authorization) const;
+
+  // Whether any token is also one of `other`'s.
+  bool SharesATokenWith(const BearerTokens& other) const;
 
  private:
   std::vector<std::string> tokens_;

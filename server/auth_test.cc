@@ -51,5 +51,19 @@ TEST(BearerTokensTest, BadFilesAreRefusedWithoutShowingTheirContents) {
   }
 }
 
+TEST(BearerTokensTest, NamesTheFlagItReadsAndFindsSharedTokens) {
+  EXPECT_EQ(BearerTokens::Read(WriteFile("none", ""), "admin_token_file").status().message(),
+            "--admin_token_file: the file has no token");
+  const auto users = BearerTokens::Read(WriteFile("users", "user-token-0123456789\n"));
+  const auto admins =
+      BearerTokens::Read(WriteFile("admins", "admin-token-0123456789\n"), "admin_token_file");
+  const auto both = BearerTokens::Read(
+      WriteFile("both", "admin-token-0123456789\nuser-token-0123456789\n"), "admin_token_file");
+  ASSERT_TRUE(users.ok() && admins.ok() && both.ok());
+  EXPECT_FALSE((*admins)->SharesATokenWith(**users));
+  EXPECT_TRUE((*both)->SharesATokenWith(**users));
+  EXPECT_TRUE((*users)->SharesATokenWith(**both));
+}
+
 }  // namespace
 }  // namespace lmhead

@@ -57,6 +57,13 @@ ABSL_FLAG(std::string, auth_token_file, kDefaults.auth_token_file,
           "Bearer tokens, one per line (16 to 4096 printable ASCII characters without spaces): "
           "every LMHeadService call must carry 'authorization: Bearer TOKEN' with one of them "
           "(the health service is not checked; reflection is then off).");
+ABSL_FLAG(std::string, admin_token_file, kDefaults.admin_token_file,
+          "File of administrator tokens, one per line, none of them in --auth_token_file: "
+          "ModelAdminService's calls (LoadModel, UnloadModel) need 'authorization: Bearer "
+          "TOKEN' with one of them. Default: model administration off.");
+ABSL_FLAG(std::string, model_repository, kDefaults.model_repository,
+          "Directory that LoadModel reads weights from (paths relative to it, none leading "
+          "out). Default: LoadModel refused.");
 ABSL_FLAG(int, port, kDefaults.port,
           "TCP port; 0 picks a free one (logged, and written to --port_file).");
 ABSL_FLAG(std::string, port_file, kDefaults.port_file,
@@ -163,9 +170,10 @@ std::vector<std::string> FlagValues(int argc, char** argv, absl::string_view nam
 
 // Flags whose value, when given, must not be empty (an empty --model would otherwise silently
 // serve the demo head).
-constexpr absl::string_view kNonEmptyFlags[] = {"model",       "host",       "port_file",
-                                                "head_config", "device",     "log_level",
-                                                "log_format",  "demo_dtype", "auth_token_file"};
+constexpr absl::string_view kNonEmptyFlags[] = {
+    "model",           "host",       "port_file",  "head_config",     "device",
+    "log_level",       "log_format", "demo_dtype", "auth_token_file", "admin_token_file",
+    "model_repository"};
 
 // Runs this binary again, with the same arguments, with glibc's malloc told to back its blocks
 // with transparent huge pages (docs/notes/huge_pages.md), unless GLIBC_TUNABLES already names
@@ -250,6 +258,8 @@ int main(int argc, char** argv) {
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.health_port = absl::GetFlag(FLAGS_health_port);
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  options.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
+  options.model_repository = absl::GetFlag(FLAGS_model_repository);
   options.port = absl::GetFlag(FLAGS_port);
   options.port_file = absl::GetFlag(FLAGS_port_file);
   for (const std::string& spec : model_flags) {

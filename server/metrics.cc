@@ -10,6 +10,7 @@
 #include <prometheus/registry.h>
 
 #include <exception>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -56,6 +57,37 @@ class Metrics::GaugeCollector : public prometheus::Collectable {
       families.push_back(gauge("lmhead_inflight_calls",
                                "Forward and ForwardStream calls being handled",
                                gauges_.inflight()));
+    }
+    if (gauges_.device_memory) {
+      const std::vector<DeviceMemory> devices = gauges_.device_memory();
+      if (!devices.empty()) {
+        using Field = int64_t DeviceMemory::*;
+        const std::tuple<const char*, const char*, Field> kinds[] = {
+            {"lmhead_device_memory_total_bytes", "Memory of the device", &DeviceMemory::total},
+            {"lmhead_device_memory_used_bytes",
+             "Memory in use on the device, by every process (total less free)",
+             &DeviceMemory::used},
+            {"lmhead_device_memory_reserved_bytes",
+             "Device memory held by this server's LibTorch caching allocator",
+             &DeviceMemory::reserved},
+            {"lmhead_device_memory_allocated_bytes",
+             "Device memory in this server's tensors now (weights, work in flight)",
+             &DeviceMemory::allocated},
+        };
+        for (const auto& [name, help, field] : kinds) {
+          prometheus::MetricFamily family;
+          family.name = name;
+          family.help = help;
+          family.type = prometheus::MetricType::Gauge;
+          for (const DeviceMemory& device : devices) {
+            prometheus::ClientMetric metric;
+            metric.label.push_back({"device", device.device});
+            metric.gauge.value = static_cast<double>(device.*field);
+            family.metric.push_back(std::move(metric));
+          }
+          families.push_back(std::move(family));
+        }
+      }
     }
     return families;
   }

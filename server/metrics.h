@@ -10,10 +10,12 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "server/device_memory.h"
 
 namespace prometheus {
 class Counter;
@@ -32,6 +34,7 @@ class Metrics {
   struct Gauges {
     std::function<int64_t()> queue_tokens;  // tokens of the calls waiting in the queue
     std::function<int64_t()> inflight;      // Forward and ForwardStream calls being handled
+    std::function<std::vector<DeviceMemory>()> device_memory;  // the CUDA devices' memory
   };
 
   // Serves /metrics on host:port (port 0: a free one). UNAVAILABLE when it cannot listen.
@@ -42,7 +45,7 @@ class Metrics {
   // The port /metrics is served on.
   int port() const { return port_; }
 
-  // One finished call of `method` (Forward, ForwardStream, ListModels, GetModel, SharedMemory).
+  // One finished call of `method` (the RPC's name: Forward, ..., LoadModel, UnloadModel).
   void CountCall(absl::string_view method, absl::string_view model, absl::StatusCode code);
   // One computed forward (a unary call, or a stream's micro-batch): its tokens (B x S), the
   // positions its loss scored, its phases in microseconds and the calls packed with it.

@@ -4,6 +4,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -311,10 +312,64 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Load(const Options
 }
 
 absl::StatusOr<std::shared_ptr<const Model>> ModelRegistry::Find(absl::string_view name) const {
-  if (name.empty()) name = default_model_;
+  const bool by_default = name.empty();
+  if (by_default) name = default_model_;
   if (auto it = models_.find(name); it != models_.end()) return it->second;
+  if (by_default) {
+    return absl::NotFoundError(absl::StrCat("model: the default model ", CallerText(name),
+                                            " is not loaded now; name a model (ListModels lists "
+                                            "this server's models)"));
+  }
   return absl::NotFoundError(absl::StrCat("model: no model named ", CallerText(name),
                                           " (ListModels lists this server's models)"));
+}
+
+std::unique_ptr<ModelRegistry> ModelRegistry::With(std::shared_ptr<const Model> model) const {
+  auto copy = std::make_unique<ModelRegistry>(*this);
+  const std::string name = model->name();
+  copy->models_.insert_or_assign(name, std::move(model));
+  return copy;
+}
+
+std::unique_ptr<ModelRegistry> ModelRegistry::Without(absl::string_view name) const {
+  auto copy = std::make_unique<ModelRegistry>(*this);
+  if (auto it = copy->models_.find(name); it != copy->models_.end()) copy->models_.erase(it);
+  return copy;
+}
+
+absl::StatusOr<std::string> ResolveInRepository(const std::string& repository,
+                                                absl::string_view path) {
+  namespace fs = std::filesystem;
+  const std::string quoted = CallerText(path);
+  if (path.empty() || path.front() == '/') {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "path: expected a file's path relative to the server's model repository, got ", quoted));
+  }
+  // Leaving by '..' is refused before the file system is asked, so the answers tell nothing
+  // about files outside.
+  const fs::path relative = fs::path(std::string(path)).lexically_normal();
+  if (!relative.empty() && *relative.begin() == "..") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("path: ", quoted, " leads out of the model repository"));
+  }
+  std::error_code error;
+  const fs::path root = fs::canonical(repository, error);
+  if (error) return absl::FailedPreconditionError("path: the model repository cannot be read");
+  const fs::path file = fs::canonical(root / std::string(path), error);
+  if (error) {
+    return absl::NotFoundError(absl::StrCat("path: no file ", quoted, " in the model repository"));
+  }
+  // Inside: the repository is a prefix of the file's path, component by component.
+  const auto [end, unused] = std::mismatch(root.begin(), root.end(), file.begin(), file.end());
+  if (end != root.end() || file == root) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("path: ", quoted, " leads out of the model repository"));
+  }
+  if (!fs::is_regular_file(file, error)) {
+    return absl::NotFoundError(
+        absl::StrCat("path: ", quoted, " is not a file in the model repository"));
+  }
+  return file.string();
 }
 
 std::vector<std::shared_ptr<const Model>> ModelRegistry::List() const {

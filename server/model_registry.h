@@ -83,20 +83,34 @@ class Model {
 // as one device per executor: FAILED_PRECONDITION naming the flag when a CUDA device is missing.
 absl::StatusOr<std::vector<std::string>> ExecutorDevices(absl::string_view device_flag);
 
-// The models a server serves, by name. Immutable once loaded; thread-safe.
+// The weights file that `path`, relative to the model repository directory `repository`, names:
+// its canonical path. INVALID_ARGUMENT naming the field `path` for an empty or absolute path or
+// one that leads out of the repository (through '..' or a link), NOT_FOUND when there is no
+// regular file there. Messages quote `path` as given, never the repository's location.
+absl::StatusOr<std::string> ResolveInRepository(const std::string& repository,
+                                                absl::string_view path);
+
+// The models a server serves, by name. Immutable once loaded (LoadModel and UnloadModel make
+// a changed copy, which the service then serves); thread-safe.
 class ModelRegistry {
  public:
   // Loads Options::models (or the demo head when there are none). The first error (naming the
   // model and file) stops loading.
   static absl::StatusOr<std::unique_ptr<ModelRegistry>> Load(const Options& options);
 
-  // The model called `name`; the default model for an empty name. NOT_FOUND naming the loaded
-  // models otherwise.
+  // The model called `name`; the default model for an empty name. NOT_FOUND otherwise (also for
+  // an empty name once the default model was unloaded).
   absl::StatusOr<std::shared_ptr<const Model>> Find(absl::string_view name) const;
 
   // All models, sorted by name.
   std::vector<std::shared_ptr<const Model>> List() const;
+  // The model an empty name selects: the first model loaded at start. It stays the default when
+  // unloaded (an empty name then finds nothing) and is again once a model of its name is loaded.
   const std::string& default_model() const { return default_model_; }
+  // A copy with `model` added, in place of a loaded model of the same name if there is one.
+  std::unique_ptr<ModelRegistry> With(std::shared_ptr<const Model> model) const;
+  // A copy without the model called `name` (the same registry if none is).
+  std::unique_ptr<ModelRegistry> Without(absl::string_view name) const;
   // One device per executor, in --device order (each model has a replica on each).
   const std::vector<std::string>& devices() const { return devices_; }
 

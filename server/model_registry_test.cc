@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
+#include "absl/strings/match.h"
 #include "core/lm_head.h"
 #include "gtest/gtest.h"
 
@@ -94,6 +97,80 @@ TEST(ModelRegistryTest, LoadErrorsNameTheModelAndFile) {
       << registry.status();
   options.models = {{"a", "x.safetensors"}, {"a", "y.safetensors"}};
   EXPECT_NE(ModelRegistry::Load(options).status().message().find("given twice"), std::string::npos);
+}
+
+// LoadModel and UnloadModel: copies with a model added, replaced or removed; the original and the
+// models it shares are untouched.
+TEST(ModelRegistryTest, WithAndWithoutMakeChangedCopies) {
+  Options options;
+  options.demo_d_model = 8;
+  options.demo_vocab_size = 20;
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry = ModelRegistry::Load(options);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  const std::shared_ptr<const Model> demo = *(*registry)->Find("demo");
+  absl::StatusOr<std::unique_ptr<Model>> other =
+      Model::Demo(4, 10, /*seed=*/1, DType::kFloat32, {"cpu"}, /*max_variants=*/1);
+  ASSERT_TRUE(other.ok());
+  // A second demo head named "demo" replaces the first in the copy only.
+  const std::shared_ptr<const Model> replacement = *std::move(other);
+  std::unique_ptr<ModelRegistry> replaced = (*registry)->With(replacement);
+  EXPECT_EQ(replaced->Find("demo")->get(), replacement.get());
+  EXPECT_EQ((*registry)->Find("demo")->get(), demo.get());
+  EXPECT_EQ(replaced->List().size(), 1u);
+
+  std::unique_ptr<ModelRegistry> empty = (*registry)->Without("demo");
+  EXPECT_TRUE(empty->List().empty());
+  EXPECT_EQ(empty->default_model(), "demo");
+  const absl::Status gone = empty->Find("").status();
+  EXPECT_EQ(gone.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(gone.message(),
+            "model: the default model 'demo' is not loaded now; name a model (ListModels lists "
+            "this server's models)");
+  EXPECT_EQ(empty->Find("demo").status().code(), absl::StatusCode::kNotFound);
+  // Loaded again under its name, it is the default again.
+  EXPECT_EQ(empty->With(demo)->Find("")->get(), demo.get());
+  EXPECT_EQ((*registry)->Without("absent")->List().size(), 1u);
+}
+
+TEST(ModelRegistryTest, RepositoryPathsStayInside) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::path(::testing::TempDir()) / "repository";
+  const fs::path outside = fs::path(::testing::TempDir()) / "outside.safetensors";
+  fs::remove_all(root);
+  fs::create_directories(root / "sub");
+  std::ofstream(root / "sub" / "head.safetensors") << "x";
+  std::ofstream(outside) << "x";
+  fs::create_symlink(outside, root / "link.safetensors");
+  fs::create_symlink(root / "sub" / "head.safetensors", root / "inner.safetensors");
+
+  absl::StatusOr<std::string> inside = ResolveInRepository(root.string(), "sub/head.safetensors");
+  ASSERT_TRUE(inside.ok()) << inside.status();
+  EXPECT_EQ(*inside, fs::canonical(root / "sub" / "head.safetensors").string());
+  EXPECT_TRUE(ResolveInRepository(root.string(), "sub/../sub/head.safetensors").ok());
+  EXPECT_TRUE(ResolveInRepository(root.string(), "inner.safetensors").ok());
+
+  struct Case {
+    std::string path;
+    absl::StatusCode code;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"", absl::StatusCode::kInvalidArgument},
+           {outside.string(), absl::StatusCode::kInvalidArgument},
+           {"../outside.safetensors", absl::StatusCode::kInvalidArgument},
+           {"sub/../../outside.safetensors", absl::StatusCode::kInvalidArgument},
+           {"link.safetensors", absl::StatusCode::kInvalidArgument},
+           {".", absl::StatusCode::kInvalidArgument},
+           {"sub", absl::StatusCode::kNotFound},
+           {"missing.safetensors", absl::StatusCode::kNotFound},
+           {"../missing.safetensors", absl::StatusCode::kInvalidArgument},
+           {"sub/../../../missing", absl::StatusCode::kInvalidArgument},
+       }) {
+    const absl::Status status = ResolveInRepository(root.string(), c.path).status();
+    EXPECT_EQ(status.code(), c.code) << c.path << ": " << status;
+    EXPECT_TRUE(absl::StartsWith(status.message(), "path: ")) << status;
+    // The repository's location is never shown.
+    EXPECT_EQ(status.message().find(root.string()), absl::string_view::npos) << status;
+  }
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <climits>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -45,6 +46,8 @@ bool IsDeviceName(absl::string_view device) {
   return true;
 }
 
+}  // namespace
+
 bool IsModelName(absl::string_view name) {
   if (name.empty() || name.size() > kMaxModelNameBytes) return false;
   for (const char c : name) {
@@ -52,8 +55,6 @@ bool IsModelName(absl::string_view name) {
   }
   return true;
 }
-
-}  // namespace
 
 absl::Status ValidateOptions(const Options& options) {
   if (options.host.empty()) return Invalid("host", "must not be empty (e.g. 127.0.0.1)");
@@ -87,6 +88,21 @@ absl::Status ValidateOptions(const Options& options) {
     if (absl::Status read = BearerTokens::Read(options.auth_token_file).status(); !read.ok()) {
       return read;
     }
+  }
+  if (!options.admin_token_file.empty()) {
+    absl::StatusOr<std::unique_ptr<const BearerTokens>> admin =
+        BearerTokens::Read(options.admin_token_file, "admin_token_file");
+    if (!admin.ok()) return admin.status();
+    if (!options.auth_token_file.empty() &&
+        (*admin)->SharesATokenWith(**BearerTokens::Read(options.auth_token_file))) {
+      return Invalid("admin_token_file",
+                     "a token in it is also in --auth_token_file: every caller holding it could "
+                     "load and unload models; give administrators tokens of their own");
+    }
+  }
+  if (!options.model_repository.empty() &&
+      !std::filesystem::is_directory(options.model_repository)) {
+    return Invalid("model_repository", absl::StrCat("no directory at ", options.model_repository));
   }
   if (options.metrics_port < -1 || options.metrics_port > 65535) {
     return Invalid("metrics_port", absl::StrCat("expected -1 (none), 0 (any free port) to 65535, "

@@ -27,6 +27,9 @@ struct ModelSpec {
 
 enum class LogFormat { kText, kJson };
 
+// Whether `name` can name a model: 1 to kMaxModelNameBytes characters of [A-Za-z0-9._-].
+bool IsModelName(absl::string_view name);
+
 // Whether `host` is a loopback address: 127.0.0.0/8, ::1 (bracketed or not) or localhost.
 bool IsLoopbackHost(absl::string_view host);
 
@@ -62,6 +65,10 @@ struct Options {
   // `authorization: Bearer TOKEN` with one of them (UNAUTHENTICATED otherwise); the health
   // service is not checked. Read at start. Default empty: no authentication.
   std::string auth_token_file;
+  // A file of administrator tokens, in the same form: the ModelAdminService's calls (LoadModel,
+  // UnloadModel) must carry one of them, and no token of auth_token_file may be one. Default
+  // empty: model administration is off (FAILED_PRECONDITION).
+  std::string admin_token_file;
   // TCP port; 0 picks a free one (written to port_file and logged). Default 50051.
   int port = 50051;
   // When set, the bound port is written there (decimal, then a newline) once the server is
@@ -70,6 +77,9 @@ struct Options {
 
   // Models to load, in flag order; the first is the default model. Empty: the demo head.
   std::vector<ModelSpec> models;
+  // The directory LoadModel reads weights from: its requests name files inside it (relative
+  // paths; none leading out of it, links included). Default empty: LoadModel is refused.
+  std::string model_repository;
   // Head configuration (LMHeadConfig JSON, core/config_json.h) for models that have no
   // `<weights without .safetensors>.json` beside their weights. Default: unset (such a model
   // fails to load, naming both places).

@@ -1,6 +1,7 @@
 #include "server/options.h"
 
 #include <cmath>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <string>
@@ -50,6 +51,23 @@ TEST(ValidateOptionsTest, LimitsAtTheirBoundsAreValid) {
   options.max_response_bytes = 1;
   options.max_message_bytes = 1;
   EXPECT_TRUE(ValidateOptions(options).ok());
+}
+
+TEST(ValidateOptionsTest, AdminTokensMustDifferFromCallersTokens) {
+  const std::string users = ::testing::TempDir() + "users";
+  const std::string admins = ::testing::TempDir() + "admins";
+  std::ofstream(users) << "user-token-0123456789\n";
+  std::ofstream(admins) << "admin-token-0123456789\n";
+  Options options;
+  options.auth_token_file = users;
+  options.admin_token_file = admins;
+  options.model_repository = ::testing::TempDir();
+  EXPECT_TRUE(ValidateOptions(options).ok()) << ValidateOptions(options);
+  std::ofstream(admins) << "admin-token-0123456789\nuser-token-0123456789\n";
+  const absl::Status status = ValidateOptions(options);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(status.message()), ::testing::StartsWith("--admin_token_file: "));
+  EXPECT_EQ(status.message().find("0123456789"), absl::string_view::npos);
 }
 
 TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
@@ -121,6 +139,9 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.max_shared_memory_sessions = 1025; }, "--max_shared_memory_sessions: "},
       {[](Options& o) { o.shutdown_grace_seconds = -1; }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.shutdown_grace_seconds = std::nan(""); }, "--shutdown_grace_seconds: "},
+      {[](Options& o) { o.admin_token_file = "/nonexistent/admin"; }, "--admin_token_file: "},
+      {[](Options& o) { o.model_repository = "/nonexistent/models"; }, "--model_repository: "},
+      {[](Options& o) { o.model_repository = "/dev/null"; }, "--model_repository: "},
       {[](Options& o) { o.malloc_trim_seconds = -1; }, "--malloc_trim_seconds: "},
       {[](Options& o) { o.malloc_trim_seconds = std::numeric_limits<double>::infinity(); },
        "--malloc_trim_seconds: "},

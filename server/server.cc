@@ -23,6 +23,7 @@
 #include "absl/strings/str_join.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
+#include "server/device_memory.h"
 #include "server/executor/executor.h"
 #include "server/frontend/service.h"
 #include "server/logging.h"
@@ -140,7 +141,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
     if (!read.ok()) return read.status();
     tokens = *std::move(read);
   }
+  std::shared_ptr<const BearerTokens> admin_tokens;
+  if (!options.admin_token_file.empty()) {
+    absl::StatusOr<std::unique_ptr<const BearerTokens>> read =
+        BearerTokens::Read(options.admin_token_file, "admin_token_file");
+    if (!read.ok()) return read.status();
+    admin_tokens = *std::move(read);
+  }
   auto server = std::unique_ptr<Server>(new Server(options, std::move(tokens)));
+  server->admin_service_ = std::make_unique<ModelAdminServiceImpl>(options, server->service_.get(),
+                                                                   std::move(admin_tokens));
 
   const std::string address = HostPort(options.host, options.port);
   grpc::ServerBuilder builder;
@@ -179,15 +189,21 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
     gauges.inflight = [service = server->service_.get()] {
       return static_cast<int64_t>(service->running_calls());
     };
+    absl::StatusOr<std::vector<std::string>> devices = ExecutorDevices(options.device);
+    if (devices.ok()) {
+      gauges.device_memory = [devices = *devices] { return ReadDeviceMemory(devices); };
+    }
     absl::StatusOr<std::unique_ptr<Metrics>> metrics =
         Metrics::Start(options.host, options.metrics_port, std::move(gauges));
     if (!metrics.ok()) return metrics.status();
     server->metrics_ = *std::move(metrics);
     server->service_->SetMetrics(server->metrics_.get());
+    server->admin_service_->SetMetrics(server->metrics_.get());
     LogInfo(kNoRequest, absl::StrCat("metrics at http://", options.host, ":",
                                      server->metrics_->port(), "/metrics"));
   }
   builder.RegisterService(server->service_.get());
+  builder.RegisterService(server->admin_service_.get());
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
@@ -222,7 +238,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
       options.auth_token_file.empty() ? ", no bearer tokens" : ", bearer tokens required",
       options.tls_cert.empty()
           ? ""
-          : absl::StrCat(" (TLS files re-read every ", options.tls_reload_seconds, " s)"));
+          : absl::StrCat(" (TLS files re-read every ", options.tls_reload_seconds, " s)"),
+      options.admin_token_file.empty()
+          ? ", model administration off"
+          : absl::StrCat(", model administration with admin tokens",
+                         options.model_repository.empty() ? " (unloading only: no "
+                                                            "--model_repository)"
+                                                          : ""));
   if (options.tls_cert.empty() && options.auth_token_file.empty() &&
       !IsLoopbackHost(options.host)) {
     LogWarning(kNoRequest, absl::StrCat("security: ", security, " on ", options.host,

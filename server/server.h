@@ -3,8 +3,9 @@
 // the shared-memory regions clients register. Binds, answers health checks
 // with NOT_SERVING while the models load, then SERVING; on Shutdown it drains (NOT_SERVING, no
 // new calls, queued and running work finishes within the grace period, what cannot is answered
-// UNAVAILABLE). Serves lmhead.v1.LMHeadService, the standard grpc.health.v1.Health service and
-// server reflection. Thread-safe.
+// UNAVAILABLE). Serves lmhead.v1.LMHeadService, lmhead.v1.ModelAdminService (models loaded and
+// unloaded while serving), the standard grpc.health.v1.Health service and server reflection.
+// Thread-safe.
 #ifndef LMHEAD_SERVER_SERVER_H_
 #define LMHEAD_SERVER_SERVER_H_
 
@@ -23,6 +24,7 @@ namespace lmhead {
 
 class Executor;
 class LMHeadServiceImpl;
+class ModelAdminServiceImpl;
 class RegionRegistry;
 class Scheduler;
 
@@ -58,6 +60,8 @@ class Server {
   // the service (its sessions) and the executors (its regions stay mapped while jobs use them).
   std::unique_ptr<RegionRegistry> regions_;
   std::unique_ptr<LMHeadServiceImpl> service_;
+  // lmhead.v1.ModelAdminService: changes the models service_ serves.
+  std::unique_ptr<ModelAdminServiceImpl> admin_service_;
   std::vector<std::unique_ptr<Executor>> executors_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -16,6 +17,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/time/time.h"
 #include "core/dtype.h"
 #include "core/lm_head.h"
@@ -120,8 +122,11 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
     job->x = job->x.pin_memory();
   }
   job->tokens = job->plan.batch * job->plan.length;
-  job->batch_key =
-      absl::StrCat(job->plan.model->name(), "\n", job->plan.model->VariantKey(job->plan.config));
+  // The model object, not only its name: a model replaced by LoadModel keeps its name, and its
+  // queued calls must not share a batch with the new one's.
+  job->batch_key = absl::StrCat(job->plan.model->name(), "@",
+                                absl::Hex(reinterpret_cast<uintptr_t>(job->plan.model.get())), "\n",
+                                job->plan.model->VariantKey(job->plan.config));
   job->still_wanted = [&context, stream_ending]() {
     if (stream_ending != nullptr && stream_ending->load()) {
       return absl::CancelledError("the stream ended before this micro-batch ran");
@@ -558,7 +563,9 @@ grpc::Status LMHeadServiceImpl::ListModels(grpc::ServerContext* context,
     for (const auto& model : admission.models->List()) {
       *response->add_models() = ModelInfoToWire(*model, options_.expose_model_paths);
     }
-    response->set_default_model(admission.models->default_model());
+    if (admission.models->Find("").ok()) {
+      response->set_default_model(admission.models->default_model());
+    }
   }
   return Finish(context, admission, "ListModels", admission.status, admission.status.ok());
 }
@@ -706,6 +713,121 @@ grpc::Status LMHeadServiceImpl::SharedMemory(
                              answered == 1 ? " request, " : " requests, ", held,
                              held == 1 ? " region" : " regions", " unregistered at its end"),
                 status, answered > 0);
+}
+
+// ---- ModelAdminService.
+
+ModelAdminServiceImpl::ModelAdminServiceImpl(const Options& options, LMHeadServiceImpl* models,
+                                             std::shared_ptr<const BearerTokens> admin_tokens)
+    : options_(options), models_(models), admin_tokens_(std::move(admin_tokens)) {}
+
+namespace {
+
+// Admit for a ModelAdminService call: off without admin tokens, and only with one of them.
+Admission AdmitAdmin(const grpc::ServerContext& context, absl::string_view method, Metrics* metrics,
+                     const BearerTokens* admin_tokens, const LMHeadServiceImpl& models) {
+  Admission admission = Admit(context, method, metrics, admin_tokens, models.registry(),
+                              /*forward=*/false, models.draining());
+  if (admin_tokens == nullptr) {
+    admission.status = absl::FailedPreconditionError(
+        "model administration is off on this server (it needs --admin_token_file)");
+  } else if (absl::IsUnauthenticated(admission.status)) {
+    admission.status = absl::UnauthenticatedError(
+        "model administration needs an administrator's bearer token: call metadata "
+        "'authorization: Bearer TOKEN' with a token of the server's --admin_token_file");
+  } else if (admission.status.ok() && models.draining()) {
+    admission.status = absl::UnavailableError("the server is shutting down");
+  }
+  return admission;
+}
+
+}  // namespace
+
+absl::Status ModelAdminServiceImpl::Load(const v1::LoadModelRequest& request,
+                                         absl::string_view request_id, v1::ModelInfo* info) {
+  if (!IsModelName(request.name())) {
+    return absl::InvalidArgumentError(absl::StrCat("name: expected 1 to ", kMaxModelNameBytes,
+                                                   " characters of [A-Za-z0-9._-], got ",
+                                                   CallerText(request.name())));
+  }
+  if (options_.model_repository.empty()) {
+    return absl::FailedPreconditionError(
+        "path: this server has no model repository (--model_repository), the only place "
+        "LoadModel reads weights from");
+  }
+  absl::StatusOr<std::string> file = ResolveInRepository(options_.model_repository, request.path());
+  if (!file.ok()) return file.status();
+
+  absl::MutexLock lock(&change_mu_);
+  const std::shared_ptr<const ModelRegistry> current = models_->registry();
+  absl::StatusOr<std::shared_ptr<const Model>> loaded = current->Find(request.name());
+  if (loaded.ok() && !request.replace()) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "name: a model named ", CallerText(request.name()), " is loaded already (version ",
+        (*loaded)->version(), "); set replace to replace it"));
+  }
+  absl::StatusOr<std::unique_ptr<Model>> model =
+      Model::Load(ModelSpec{request.name(), *file}, options_.head_config_json, current->devices(),
+                  options_.max_config_variants);
+  if (!model.ok()) {
+    // The repository's location on the host stays the operator's business.
+    std::error_code error;
+    const std::string root =
+        std::filesystem::canonical(options_.model_repository, error).string() + "/";
+    // The same file would fail the same way: clients are told not to retry.
+    return NotRetryable(absl::Status(model.status().code(),
+                                     absl::StrReplaceAll(model.status().message(), {{root, ""}})));
+  }
+  *info = ModelInfoToWire(**model, options_.expose_model_paths);
+  LogInfo(request_id,
+          absl::StrCat("model '", request.name(), "' version ", (*model)->version(), " from ",
+                       (*model)->source(),
+                       loaded.ok() ? absl::StrCat(" replaces version ", (*loaded)->version())
+                                   : std::string(" loaded")));
+  models_->SetRegistry(current->With(std::shared_ptr<const Model>(*std::move(model))));
+  return absl::OkStatus();
+}
+
+absl::Status ModelAdminServiceImpl::Unload(const v1::UnloadModelRequest& request,
+                                           absl::string_view request_id) {
+  if (request.name().empty()) {
+    return absl::InvalidArgumentError("name: expected the name of a loaded model");
+  }
+  absl::MutexLock lock(&change_mu_);
+  const std::shared_ptr<const ModelRegistry> current = models_->registry();
+  absl::StatusOr<std::shared_ptr<const Model>> loaded = current->Find(request.name());
+  if (!loaded.ok()) {
+    return absl::NotFoundError(absl::StrCat("name: no model named ", CallerText(request.name()),
+                                            " (ListModels lists this server's models)"));
+  }
+  models_->SetRegistry(current->Without(request.name()));
+  LogInfo(request_id, absl::StrCat("model '", request.name(), "' version ", (*loaded)->version(),
+                                   " unloaded (calls already admitted on it finish)"));
+  return absl::OkStatus();
+}
+
+grpc::Status ModelAdminServiceImpl::LoadModel(grpc::ServerContext* context,
+                                              const v1::LoadModelRequest* request,
+                                              v1::ModelInfo* response) {
+  const Admission admission =
+      AdmitAdmin(*context, "LoadModel", metrics_, admin_tokens_.get(), *models_);
+  absl::Status status = admission.status;
+  if (status.ok()) status = Load(*request, admission.request_id, response);
+  return Finish(context, admission,
+                absl::StrCat("LoadModel name=", CallerText(request->name()),
+                             " path=", CallerText(request->path())),
+                status, status.ok());
+}
+
+grpc::Status ModelAdminServiceImpl::UnloadModel(grpc::ServerContext* context,
+                                                const v1::UnloadModelRequest* request,
+                                                v1::UnloadModelResponse* /*response*/) {
+  const Admission admission =
+      AdmitAdmin(*context, "UnloadModel", metrics_, admin_tokens_.get(), *models_);
+  absl::Status status = admission.status;
+  if (status.ok()) status = Unload(*request, admission.request_id);
+  return Finish(context, admission, absl::StrCat("UnloadModel name=", CallerText(request->name())),
+                status, status.ok());
 }
 
 }  // namespace lmhead

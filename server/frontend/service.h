@@ -15,6 +15,7 @@
 #include <chrono>
 #include <memory>
 
+#include "absl/synchronization/mutex.h"
 #include "proto/lmhead/v1/lmhead.grpc.pb.h"
 #include "server/auth.h"
 #include "server/concurrency_limiter.h"
@@ -44,8 +45,12 @@ class LMHeadServiceImpl final : public grpc::Service {
   // Forward and ForwardStream calls inside their handler now.
   int running_calls() const { return running_calls_.load(); }
 
-  // Makes the models available. Until then every RPC answers UNAVAILABLE ("loading").
+  // Makes the models available, in place of those before (calls already admitted go on with
+  // the registry they were admitted with). Until the first, every RPC answers UNAVAILABLE
+  // ("loading").
   void SetRegistry(std::shared_ptr<const ModelRegistry> registry);
+  // The models served now; null while loading.
+  std::shared_ptr<const ModelRegistry> registry() const;
 
   grpc::Status Forward(grpc::ServerContext* context, const ReceivedForwardRequest* request,
                        v1::ForwardResponse* response);
@@ -66,6 +71,7 @@ class LMHeadServiceImpl final : public grpc::Service {
   // Graceful shutdown: from now on new Forward/ForwardStream calls get UNAVAILABLE; calls
   // already running go on (an open stream may still send micro-batches).
   void StartDraining() { draining_ = true; }
+  bool draining() const { return draining_; }
   // Waits until no Forward/ForwardStream call is running, or until `deadline`; true if idle.
   bool WaitIdle(std::chrono::system_clock::time_point deadline) const;
 
@@ -73,8 +79,6 @@ class LMHeadServiceImpl final : public grpc::Service {
   int64_t nonfinite_inputs() const { return nonfinite_inputs_.load(); }
 
  private:
-  std::shared_ptr<const ModelRegistry> registry() const;
-
   const Options options_;
   Scheduler* const scheduler_;
   RegionRegistry* const regions_;
@@ -86,8 +90,39 @@ class LMHeadServiceImpl final : public grpc::Service {
   ConcurrencyLimiter shared_memory_sessions_;
   std::atomic<int64_t> nonfinite_inputs_{0};
   std::atomic<bool> draining_{false};
-  // Written once by SetRegistry, read by every call.
+  // Written by SetRegistry, read by every call.
   std::shared_ptr<const ModelRegistry> registry_;
+};
+
+// The handlers of lmhead.v1.ModelAdminService: LoadModel and UnloadModel change the models that
+// an LMHeadServiceImpl serves, one change at a time, each a new registry swapped in whole
+// (ModelRegistry::With, Without). Thread-safe.
+class ModelAdminServiceImpl final : public v1::ModelAdminService::Service {
+ public:
+  // `models` must outlive this service. `admin_tokens`: the tokens a call must carry one of;
+  // null: model administration is off and every call gets FAILED_PRECONDITION.
+  ModelAdminServiceImpl(const Options& options, LMHeadServiceImpl* models,
+                        std::shared_ptr<const BearerTokens> admin_tokens);
+
+  // As LMHeadServiceImpl::SetMetrics.
+  void SetMetrics(Metrics* metrics) { metrics_ = metrics; }
+
+  grpc::Status LoadModel(grpc::ServerContext* context, const v1::LoadModelRequest* request,
+                         v1::ModelInfo* response) override;
+  grpc::Status UnloadModel(grpc::ServerContext* context, const v1::UnloadModelRequest* request,
+                           v1::UnloadModelResponse* response) override;
+
+ private:
+  absl::Status Load(const v1::LoadModelRequest& request, absl::string_view request_id,
+                    v1::ModelInfo* info);
+  absl::Status Unload(const v1::UnloadModelRequest& request, absl::string_view request_id);
+
+  const Options options_;
+  LMHeadServiceImpl* const models_;
+  const std::shared_ptr<const BearerTokens> admin_tokens_;
+  Metrics* metrics_ = nullptr;
+  // Held through each change: read the registry, load, swap in the changed copy.
+  absl::Mutex change_mu_;
 };
 
 }  // namespace lmhead

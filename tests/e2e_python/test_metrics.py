@@ -63,6 +63,8 @@ def test_calls_tokens_phases_and_gauges_are_counted(server):
     assert samples["lmhead_batch_size_sum"] == 3  # --max_batch_tokens 1: one call per batch
     assert samples["lmhead_queue_tokens"] == 0
     assert samples["lmhead_inflight_calls"] == 0
+    # A CPU server has no device-memory gauges (tests/gpu/test_device_metrics.py checks them).
+    assert not [name for name in samples if name.startswith("lmhead_device_memory_")]
 
 
 def test_a_bad_metrics_port_stops_the_server(tmp_path):

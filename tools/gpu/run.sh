@@ -286,13 +286,14 @@ if wants shm; then
     > "$out/gpu_shm.txt" 2>&1 && echo "gpu shared memory test: passed" \
     || echo "gpu shared memory test: FAILED"
   grep -vE "^\[ *(RUN|OK) *\]|^\[-+\]|^$" "$out/gpu_shm.txt" | cut -c1-400 | head -60 || true
-  echo "== the Python client's CUDA IPC through the server (tests/gpu/test_python_cuda_ipc.py)"
+  echo "== the Python client's CUDA IPC, device-memory gauges and models loaded at run time through the server (tests/gpu/test_python_cuda_ipc.py, test_device_metrics.py)"
   pydeps="$deps/py"
   python3 -m pip install -q --no-deps --upgrade --target "$pydeps" .gpu/client/grpcio*.whl \
     .gpu/olmo/protobuf-*.whl > /dev/null 2>&1 || true
   rm -rf client/python/lmhead_client/_proto && cp -r .gpu/client/_proto client/python/lmhead_client/
   LMHEAD_SERVER="$build/lmhead_server" PYTHONPATH="$pydeps:client/python" timeout "$limit" \
-    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_python_cuda_ipc.py \
+    python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_python_cuda_ipc.py \
+    tests/gpu/test_device_metrics.py \
     > "$out/gpu_python_ipc.txt" 2>&1 && echo "python cuda ipc test: passed" \
     || echo "python cuda ipc test: FAILED"
   tail -40 "$out/gpu_python_ipc.txt" | cut -c1-400

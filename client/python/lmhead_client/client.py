@@ -397,6 +397,34 @@ class RemoteLMHead:
         except grpc.RpcError as e:
             _reraise(e)
 
+    # -- Model administration (lmhead.v1.ModelAdminService) -------------------------------------
+
+    def load_model(self, name: str, path: str, *, replace: bool = False,
+                   timeout: Optional[float] = 300) -> pb.ModelInfo:
+        """Loads the safetensors weights at `path`, relative to the server's --model_repository,
+        as model `name` while the server serves; returns its lmhead.v1.ModelInfo. The client's
+        auth_token must be one of the server's administrator tokens (--admin_token_file).
+        `replace`: replace a loaded model of that name (its running calls finish on it).
+        `timeout`: seconds (reading large weights takes a while); None for none.
+        Raises LMHeadError: ALREADY_EXISTS (name taken, not `replace`), INVALID_ARGUMENT or
+        NOT_FOUND (bad name or path, a file that is not a head), FAILED_PRECONDITION (model
+        administration off, or no repository), UNAUTHENTICATED (not an administrator's token).
+        """
+        request = pb.LoadModelRequest(name=name, path=path, replace=replace)
+        try:
+            return pb_grpc.ModelAdminServiceStub(self._channel).LoadModel(request, timeout=timeout)
+        except grpc.RpcError as e:
+            _reraise(e)
+
+    def unload_model(self, name: str) -> None:
+        """Stops serving model `name` (calls already running on it finish); an administrator's
+        token as for load_model. Raises LMHeadError: NOT_FOUND when no model has that name."""
+        try:
+            pb_grpc.ModelAdminServiceStub(self._channel).UnloadModel(
+                pb.UnloadModelRequest(name=name), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _reraise(e)
+
     # -- Forward -------------------------------------------------------------------------------
 
     def forward(self, x, *, labels=None, ignore_index: int = -100, loss_reduction: str = "mean",
