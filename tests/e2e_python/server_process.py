@@ -4,9 +4,11 @@ LMHEAD_SERVER names the binary (default bazel-bin/server/lmhead_server).
 """
 
 import os
+import re
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import List, Optional
 
@@ -41,6 +43,19 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict:
+        """One scrape of the server's --metrics_port (0: the port its log names): each sample's
+        name with its labels -> its value."""
+        port = re.search(r"metrics at http://[^:]+:(\d+)/metrics", self.log()).group(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
+            text = page.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
 
     def stop(self) -> Optional[int]:
         if self.process.poll() is None:

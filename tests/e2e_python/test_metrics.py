@@ -2,9 +2,6 @@
 the real server shows them counted by method, model and code, the forwards' tokens and phase
 histograms, the batch sizes and the gauges."""
 
-import re
-import urllib.request
-
 import grpc
 import pytest
 import torch
@@ -22,15 +19,7 @@ def server(tmp_path_factory):
 
 
 def scrape(server) -> dict:
-    port = re.search(r"metrics at http://[^:]+:(\d+)/metrics", server.log()).group(1)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
-        text = page.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return server.metrics()
 
 
 def test_calls_tokens_phases_and_gauges_are_counted(server):
