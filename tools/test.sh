@@ -2,7 +2,8 @@
 # Runs every test that needs no GPU. Installs what is missing first (tools/setup.sh).
 #  0. Every C++/CUDA source is formatted as .clang-format says.
 #  1. Bazel: unit tests, and the end-to-end tests of the real server and CLI over loopback.
-#  2. The CUDA sources and GPU tests must keep compiling (they run on the GPU machine only).
+#  2. The CUDA sources and GPU tests must keep compiling (they run on the GPU machine only); the
+#     CUDA build of the server is kept for step 4, which starts it (on the CPU).
 #  3. The parity suite: our core against the real olmo_core package.
 #  4. The Python client against the real server: the parity grid over gRPC, reflection, health,
 #     streaming.
@@ -30,15 +31,18 @@ git ls-files -z '*.cc' '*.h' '*.cu' ':!bazel/' | xargs -0 clang-format --dry-run
 
 bazel test //...
 bazel build --config=cuda //core/... //tests/gpu:gpu_lm_head_test //tests/gpu:gpu_server_oom_test \
-  //tests/gpu:gpu_shared_memory_test //server:shared_memory //bench:gpu_lm_head_bench
+  //tests/gpu:gpu_shared_memory_test //server:lmhead_server //bench:gpu_lm_head_bench
+cuda_server=$(mktemp -d)/lmhead_server_cuda
+cp bazel-bin/server/lmhead_server "$cuda_server"
 
 bazel build //tests/parity:parity_runner //server:lmhead_server
 LMHEAD_PARITY_RUNNER="$root/bazel-bin/tests/parity/parity_runner" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/parity
 
 PYTHON="$venv/bin/python" client/python/generate_stubs.sh
-LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" \
+LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" LMHEAD_CUDA_SERVER="$cuda_server" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2e_python
+rm -rf "$(dirname "$cuda_server")"
 
 LMHEAD_SERVER="$root/bazel-bin/server/lmhead_server" "$venv/bin/python" tests/soak/soak.py --minutes 1
 

@@ -18,17 +18,19 @@ SERVER = Path(os.environ.get("LMHEAD_SERVER", REPO / "bazel-bin/server/lmhead_se
 
 
 class ServerProcess:
-    """A running lmhead_server bound to 127.0.0.1 on a free port (--port 0 --port_file).
-    `address` is "127.0.0.1:PORT"; `stop()` sends SIGTERM and waits for it to exit."""
+    """A running lmhead_server (`binary`, default SERVER) bound to 127.0.0.1 on a free port
+    (--port 0 --port_file). `address` is "127.0.0.1:PORT"; `stop()` sends SIGTERM and waits for
+    it to exit."""
 
     def __init__(self, args: List[str], workdir: Path, ready_timeout: float = 180,
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, binary: Optional[Path] = None):
         workdir.mkdir(parents=True, exist_ok=True)
         port_file = workdir / "port"
         self.log_path = workdir / "server.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(SERVER), "--host", "127.0.0.1", "--port", "0", "--port_file", str(port_file),
+                [str(binary or SERVER), "--host", "127.0.0.1", "--port", "0", "--port_file",
+                 str(port_file),
                  *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + ready_timeout
         while not port_file.exists():

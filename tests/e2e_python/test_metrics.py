@@ -2,6 +2,9 @@
 the real server shows them counted by method, model and code, the forwards' tokens and phase
 histograms, the batch sizes and the gauges."""
 
+import os
+from pathlib import Path
+
 import grpc
 import pytest
 import torch
@@ -59,3 +62,22 @@ def test_calls_tokens_phases_and_gauges_are_counted(server):
 def test_a_bad_metrics_port_stops_the_server(tmp_path):
     with pytest.raises(RuntimeError, match="--metrics_port: expected -1"):
         ServerProcess(["--metrics_port", "70000"], tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("LMHEAD_CUDA_SERVER"),
+                    reason="LMHEAD_CUDA_SERVER: a --config=cuda build of lmhead_server")
+def test_the_cuda_build_serves_metrics(tmp_path):
+    """The CUDA libraries' static TLS is larger than the 100 KiB thread stacks civetweb asks
+    for: the endpoint used not to start in a --config=cuda server (docs/notes/thread_stacks.md).
+    Runs on the CPU: it needs the build, not a GPU."""
+    server = ServerProcess(["--metrics_port", "0"], tmp_path,
+                           binary=Path(os.environ["LMHEAD_CUDA_SERVER"]))
+    try:
+        torch.manual_seed(0)
+        with RemoteLMHead(server.address, shared_memory="off") as head:
+            head.forward(torch.randn(1, 3, 64), labels=torch.randint(1000, (1, 3)))
+        samples = server.metrics()
+        assert samples['lmhead_request_total{code="OK",method="Forward",model="demo"}'] == 1
+        assert samples["lmhead_queue_tokens"] == 0
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]

@@ -174,8 +174,9 @@ if wants server || wants oom || wants serving || wants executor || wants e2e || 
       -o "$build/executor_bench.o" & pids+=($!)
   fi
   for pid in "${pids[@]}"; do wait "$pid"; done
+  # server/BUILD's linkopts of lmhead_server (server/thread_stacks.cc).
   g++ -o "$build/lmhead_server" "$build"/srv_*.o "${objs[@]}" "${ldflags[@]}" $grpc_flags \
-    -lgrpc++_reflection
+    -lgrpc++_reflection -ldl -Wl,--export-dynamic-symbol=pthread_attr_setstacksize
   g++ -o "$build/lmhead" "$build"/cli_*.o -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" \
     $grpc_flags
 fi
