@@ -2,7 +2,7 @@
 # Gathers, on the development machine, what tools/gpu/run.sh needs on the GPU machine (which
 # has no network and no Bazel) into .gpu/ (git-ignored; pass it as `carry`):
 #   .gpu/debs  Debian's abseil, GoogleTest, gRPC, protobuf, spdlog, fmt, nlohmann-json,
-#              prometheus-cpp packages
+#              prometheus-cpp packages (and zlib1g-dev: prometheus-cpp-pull.pc requires zlib)
 #   .gpu/whl   the Liger-Kernel and Cut Cross-Entropy wheels for the side-by-side benchmark, and
 #              nvidia-cutlass (tools/requirements-cutlass.txt) for the CUTLASS headers
 #   .gpu/gen   the C++ code protoc generates for lmhead.v1 and grpc.health.v1
@@ -17,7 +17,7 @@ rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen .gpu/olmo .gpu/client
   libgrpc++-dev libgrpc++1.51 libgrpc-dev libgrpc29 libprotobuf-dev libprotobuf32 \
   libre2-9 libre2-dev libc-ares2 libc-ares-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 \
   nlohmann-json3-dev prometheus-cpp-dev libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 \
-  libprometheus-cpp-push1.0 libcivetweb1 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
+  libprometheus-cpp-push1.0 libcivetweb1 zlib1g-dev 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/whl liger-kernel==0.6.4 cut-cross-entropy==25.1.1

@@ -144,7 +144,8 @@ if wants server || wants oom || wants serving || wants executor || wants e2e || 
   # file needs no edit here.
   library_sources() { find "$1" -maxdepth 2 -name '*.cc' | sort | grep -vE "_(test|fuzzer|bench)\.cc$"; }
   srv=(core/config_json.cc core/safetensors.cc core/safetensors_format.cc $(library_sources server)
-    .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc)
+    .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc
+    .gpu/gen/grpc/health/v1/health.pb.cc .gpu/gen/grpc/health/v1/health.grpc.pb.cc)
   pids=()
   for src in "${srv[@]}"; do
     g++ "${cxxflags[@]}" -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -c "$src" \
