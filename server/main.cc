@@ -136,6 +136,9 @@ ABSL_FLAG(int, max_config_variants, kDefaults.max_config_variants,
           "Converted weight copies a model keeps for per-request dtype overrides; 0: none.");
 ABSL_FLAG(double, shutdown_grace_seconds, kDefaults.shutdown_grace_seconds,
           "On SIGTERM/SIGINT, how long in-flight calls may finish before being cancelled.");
+ABSL_FLAG(int, max_connection_age_seconds, kDefaults.max_connection_age_seconds,
+          "Ask each client connection to close after this many seconds (calls on it finish; the "
+          "client reconnects and resolves the name again, finding new replicas); 0: never.");
 ABSL_FLAG(double, malloc_trim_seconds, kDefaults.malloc_trim_seconds,
           "How often the pages of freed memory are handed back to the kernel (malloc_trim), "
           "seconds; 0: never.");
@@ -298,6 +301,7 @@ int main(int argc, char** argv) {
   options.pin_shared_memory = absl::GetFlag(FLAGS_pin_shared_memory);
   options.stream_read_ahead = absl::GetFlag(FLAGS_stream_read_ahead);
   options.shutdown_grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
+  options.max_connection_age_seconds = absl::GetFlag(FLAGS_max_connection_age_seconds);
   options.malloc_trim_seconds = absl::GetFlag(FLAGS_malloc_trim_seconds);
   options.log_level = absl::GetFlag(FLAGS_log_level);
   const std::string log_format = absl::GetFlag(FLAGS_log_format);

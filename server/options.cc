@@ -227,6 +227,11 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("max_config_variants", absl::StrCat("must be 0 (no overrides) or more, got ",
                                                        options.max_config_variants));
   }
+  if (options.max_connection_age_seconds < 0 || options.max_connection_age_seconds > 604800) {
+    return Invalid("max_connection_age_seconds",
+                   absl::StrCat("expected 0 (never) to 604800 (a week), got ",
+                                options.max_connection_age_seconds));
+  }
   if (!std::isfinite(options.shutdown_grace_seconds) || options.shutdown_grace_seconds < 0) {
     return Invalid("shutdown_grace_seconds", absl::StrCat("must be a finite number >= 0, got ",
                                                           options.shutdown_grace_seconds));

@@ -169,6 +169,11 @@ struct Options {
   // How long a graceful shutdown waits for in-flight calls before cancelling them, seconds.
   // Default 30.
   double shutdown_grace_seconds = 30;
+  // After this many seconds a client connection is asked to close (HTTP/2 GOAWAY, gRPC's
+  // max connection age, with jitter); calls on it run to their end, and the client reconnects,
+  // resolving the server's name again: how clients of a DNS name with several replicas find new
+  // ones. 0 to 604800; 0 (default): never.
+  int max_connection_age_seconds = 0;
   // How often the freed memory inside the malloc arena is handed back to the kernel
   // (malloc_trim), seconds; 0 never. Default 60 (docs/SOAK.md).
   double malloc_trim_seconds = 60;

@@ -142,6 +142,8 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.admin_token_file = "/nonexistent/admin"; }, "--admin_token_file: "},
       {[](Options& o) { o.model_repository = "/nonexistent/models"; }, "--model_repository: "},
       {[](Options& o) { o.model_repository = "/dev/null"; }, "--model_repository: "},
+      {[](Options& o) { o.max_connection_age_seconds = -1; }, "--max_connection_age_seconds: "},
+      {[](Options& o) { o.max_connection_age_seconds = 604801; }, "--max_connection_age_seconds: "},
       {[](Options& o) { o.malloc_trim_seconds = -1; }, "--malloc_trim_seconds: "},
       {[](Options& o) { o.malloc_trim_seconds = std::numeric_limits<double>::infinity(); },
        "--malloc_trim_seconds: "},

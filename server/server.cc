@@ -173,6 +173,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
                                options.http2_stream_window_bytes);
   }
   builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, options.http2_bdp_probe ? 1 : 0);
+  if (options.max_connection_age_seconds > 0) {
+    // gRPC's grace after the GOAWAY stays unbounded: no call is cut short.
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS,
+                               options.max_connection_age_seconds * 1000);
+  }
   if (options.http2_write_buffer_bytes >= 0) {
     builder.AddChannelArgument(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, options.http2_write_buffer_bytes);
   }

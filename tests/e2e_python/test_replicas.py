@@ -16,7 +16,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -34,12 +33,8 @@ INPUTS = 8  # distinct inputs, used in turn by the calls
 
 def forward_count(server: ServerProcess) -> int:
     """The server's Forward calls answered OK for the demo model, from its /metrics."""
-    port = re.search(r"metrics at http://[^:]+:(\d+)/metrics", server.log()).group(1)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
-        text = page.read().decode()
-    match = re.search(r'^lmhead_request_total\{code="OK",method="Forward",model="demo"\} (\S+)$',
-                      text, re.M)
-    return int(float(match.group(1))) if match else 0
+    return int(server.metrics().get(
+        'lmhead_request_total{code="OK",method="Forward",model="demo"}', 0))
 
 
 def answered_in_log(server: ServerProcess) -> int:
@@ -242,3 +237,34 @@ def test_stream_goes_on_when_its_replica_is_killed(start_server):
     assert sum(micro_batches_answered(servers[s]) - before[s] for s in range(3)) >= 48
     assert len(re.findall(r" ForwardStream \d+ micro-batch", servers[victim].log())) == 0, \
         servers[victim].log()[-2000:]
+
+
+def test_connections_are_recycled_without_failing_calls(start_server):
+    """--max_connection_age_seconds: the server asks a connection to close after its age (how
+    clients of a DNS name find replicas added later: they resolve it again to reconnect). The
+    client reconnects by itself; unary calls go on without an error and a stream open across
+    the age runs to its end on the old connection."""
+    server = start_server(["--max_connection_age_seconds", "1"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, D)).astype(np.float32)
+    labels = rng.integers(0, V, (4, 3))
+    with RemoteLMHead(server.address, shared_memory="off", max_attempts=1) as head:
+        states = []
+        head._channel.subscribe(states.append, try_to_connect=True)
+        want = head.forward(x, labels=labels, loss_reduction="none").loss
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            np.testing.assert_allclose(head.forward(x, labels=labels, loss_reduction="none").loss,
+                                       want, rtol=1e-6)
+            time.sleep(0.05)
+        stream = head.iter_forward_stream(x, labels=labels, loss_reduction="none",
+                                          micro_batch_size=1)
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            time.sleep(0.6)  # the stream lives past the connection's age
+        assert [c.start for c in chunks] == [0, 1, 2, 3]
+        for c in chunks:
+            np.testing.assert_allclose(c.output.loss, want[c.start:c.stop], rtol=1e-6)
+    ready = states.count(grpc.ChannelConnectivity.READY)
+    assert ready >= 3, states  # connected, then reconnected after each age
