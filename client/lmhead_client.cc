@@ -252,9 +252,20 @@ std::unique_ptr<LMHeadClient> LMHeadClient::Connect(const std::string& address,
     }
     if (!authority.empty()) arguments.SetString(GRPC_ARG_DEFAULT_AUTHORITY, authority);
   }
+  // gRPC 1.51's round_robin starts at the list's first address: each process starts at a
+  // random one, so that many short-lived clients (one CLI call each) spread over the replicas.
+  std::string channel_target = target.target;
+  if (absl::StartsWithIgnoreCase(channel_target, "ipv4:") ||
+      absl::StartsWithIgnoreCase(channel_target, "ipv6:")) {
+    std::vector<std::string> list = absl::StrSplit(channel_target.substr(5), ',');
+    absl::BitGen random;
+    std::rotate(list.begin(), list.begin() + absl::Uniform<size_t>(random, 0, list.size()),
+                list.end());
+    channel_target = absl::StrCat(channel_target.substr(0, 5), absl::StrJoin(list, ","));
+  }
   auto client = std::make_unique<LMHeadClient>(
-      grpc::CreateCustomChannel(target.target, credentials, arguments), std::move(options));
-  client->open_channel_ = [address = target.target, arguments, credentials]() mutable {
+      grpc::CreateCustomChannel(channel_target, credentials, arguments), std::move(options));
+  client->open_channel_ = [address = channel_target, arguments, credentials]() mutable {
     grpc::ChannelArguments own = arguments;
     own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection
     return grpc::CreateCustomChannel(address, credentials, own);

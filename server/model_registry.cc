@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <errno.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -38,8 +39,17 @@ std::string Fingerprint(absl::string_view bytes) {
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  errno = 0;
   std::ifstream file(path, std::ios::binary);
-  if (!file) return absl::NotFoundError(absl::StrCat("cannot open '", path, "'"));
+  if (!file) {
+    const int error = errno;
+    if (error == EACCES || error == EPERM) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "cannot open '", path, "': permission denied (the server's user cannot read it)"));
+    }
+    return absl::NotFoundError(
+        absl::StrCat("cannot open '", path, "'", error == ENOENT ? ": no such file" : ""));
+  }
   std::ostringstream bytes;
   bytes << file.rdbuf();
   if (!file && !file.eof()) return absl::DataLossError(absl::StrCat("cannot read '", path, "'"));
@@ -341,6 +351,10 @@ absl::StatusOr<std::string> ResolveInRepository(const std::string& repository,
                                                 absl::string_view path) {
   namespace fs = std::filesystem;
   const std::string quoted = CallerText(path);
+  if (std::any_of(path.begin(), path.end(), [](char c) { return c == '\0'; })) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("path: a file's path has no NUL character, got ", quoted));
+  }
   if (path.empty() || path.front() == '/') {
     return absl::InvalidArgumentError(absl::StrCat(
         "path: expected a file's path relative to the server's model repository, got ", quoted));

@@ -164,6 +164,7 @@ TEST(ModelRegistryTest, RepositoryPathsStayInside) {
            {"missing.safetensors", absl::StatusCode::kNotFound},
            {"../missing.safetensors", absl::StatusCode::kInvalidArgument},
            {"sub/../../../missing", absl::StatusCode::kInvalidArgument},
+           {std::string("sub/head.safetensors\0../../x", 28), absl::StatusCode::kInvalidArgument},
        }) {
     const absl::Status status = ResolveInRepository(root.string(), c.path).status();
     EXPECT_EQ(status.code(), c.code) << c.path << ": " << status;

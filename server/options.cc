@@ -100,6 +100,11 @@ absl::Status ValidateOptions(const Options& options) {
                      "load and unload models; give administrators tokens of their own");
     }
   }
+  if (!options.model_repository.empty() && options.admin_token_file.empty()) {
+    return Invalid("model_repository",
+                   "only LoadModel reads it, and LoadModel needs --admin_token_file (model "
+                   "administration is off without it)");
+  }
   if (!options.model_repository.empty() &&
       !std::filesystem::is_directory(options.model_repository)) {
     return Invalid("model_repository", absl::StrCat("no directory at ", options.model_repository));

@@ -53,6 +53,13 @@ TEST(ValidateOptionsTest, LimitsAtTheirBoundsAreValid) {
   EXPECT_TRUE(ValidateOptions(options).ok());
 }
 
+// A valid --admin_token_file.
+std::string AdminTokens() {
+  const std::string path = ::testing::TempDir() + "admin-tokens";
+  std::ofstream(path) << "admin-token-0123456789\n";
+  return path;
+}
+
 TEST(ValidateOptionsTest, AdminTokensMustDifferFromCallersTokens) {
   const std::string users = ::testing::TempDir() + "users";
   const std::string admins = ::testing::TempDir() + "admins";
@@ -140,8 +147,17 @@ TEST(ValidateOptionsTest, EveryBadValueNamesItsFlag) {
       {[](Options& o) { o.shutdown_grace_seconds = -1; }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.shutdown_grace_seconds = std::nan(""); }, "--shutdown_grace_seconds: "},
       {[](Options& o) { o.admin_token_file = "/nonexistent/admin"; }, "--admin_token_file: "},
-      {[](Options& o) { o.model_repository = "/nonexistent/models"; }, "--model_repository: "},
-      {[](Options& o) { o.model_repository = "/dev/null"; }, "--model_repository: "},
+      {[](Options& o) { o.model_repository = "/tmp"; }, "--model_repository: "},
+      {[](Options& o) {
+         o.model_repository = "/nonexistent/models";
+         o.admin_token_file = AdminTokens();
+       },
+       "--model_repository: "},
+      {[](Options& o) {
+         o.model_repository = "/dev/null";
+         o.admin_token_file = AdminTokens();
+       },
+       "--model_repository: "},
       {[](Options& o) { o.max_connection_age_seconds = -1; }, "--max_connection_age_seconds: "},
       {[](Options& o) { o.max_connection_age_seconds = 604801; }, "--max_connection_age_seconds: "},
       {[](Options& o) { o.malloc_trim_seconds = -1; }, "--malloc_trim_seconds: "},

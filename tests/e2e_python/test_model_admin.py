@@ -242,6 +242,8 @@ def test_calls_during_replacements_answer_from_the_version_they_name(server, rep
     ("c", "heads/../heads/a.json", grpc.StatusCode.INVALID_ARGUMENT, "model 'c' (heads/a.json)"),
     ("c", "/etc/passwd", grpc.StatusCode.INVALID_ARGUMENT, "path: expected a file's path relative"),
     ("c", "", grpc.StatusCode.INVALID_ARGUMENT, "path: "),
+    ("c", "heads/a.safetensors\x00../../x", grpc.StatusCode.INVALID_ARGUMENT,
+     "path: a file's path has no NUL character"),
     ("", "heads/a.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "name: "),
     ("a/b", "heads/a.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "name: "),
     ("x" * 129, "heads/a.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "name: "),
@@ -259,6 +261,19 @@ def test_a_failed_load_leaves_the_server_as_it_was(server, repository, name, pat
         assert str(root) not in error.value.details  # the repository's place stays private
         assert [(m.name, m.version) for m in user.list_models()] == before
         assert user.forward(x, labels=labels).loss.isfinite()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_file_is_permission_denied(server, repository):
+    root, _ = repository
+    unreadable = root / "unreadable.safetensors"
+    unreadable.write_bytes((root / "heads/a.safetensors").read_bytes())
+    unreadable.chmod(0)
+    with RemoteLMHead(server.address, auth_token=ADMIN) as admin:
+        with pytest.raises(LMHeadError) as error:
+            admin.load_model("u", "unreadable.safetensors")
+    assert error.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "permission denied" in error.value.details
 
 
 def test_only_administrators_change_models(server):

@@ -268,3 +268,18 @@ def test_connections_are_recycled_without_failing_calls(start_server):
             np.testing.assert_allclose(c.output.loss, want[c.start:c.stop], rtol=1e-6)
     ready = states.count(grpc.ChannelConnectivity.READY)
     assert ready >= 3, states  # connected, then reconnected after each age
+
+
+@pytest.mark.skipif(not CLI.exists(), reason="bazel build //client:lmhead")
+def test_one_call_clients_spread_over_replicas(replicas):
+    """Many short-lived clients of one call each (a CLI run) reach every replica: each process
+    starts round_robin at a random address of the list, not always at the first."""
+    addresses = ",".join(server.address for server in replicas)
+    for _ in range(30):
+        run = subprocess.run([str(CLI), "models", "--address", addresses], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+    counts = [int(server.metrics().get(
+        'lmhead_request_total{code="OK",method="ListModels",model=""}', 0))
+        for server in replicas]
+    assert sum(counts) == 30 and min(counts) > 0, counts
