@@ -3,8 +3,10 @@ request id of every log line of the call (unless an x-request-id is given) and i
 response's metadata, with the request id."""
 
 import grpc
+import numpy as np
 import pytest
 
+from lmhead_client import RemoteLMHead
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2 as pb
 from lmhead_client._proto.lmhead.v1 import lmhead_pb2_grpc as pb_grpc
 from server_process import ServerProcess
@@ -58,3 +60,16 @@ def test_x_request_id_wins_and_invalid_traceparents_are_ignored(server):
         headers = call(server, [("traceparent", bad)])
         assert "traceparent" not in headers, bad
         assert headers["x-request-id"] != TRACE_ID and len(headers["x-request-id"]) > 0, bad
+
+
+def test_the_python_client_sends_trace_metadata(server):
+    """RemoteLMHead(metadata=...) sends its pairs with every call, streams included."""
+    x = np.zeros((2, 3, 64), np.float32)
+    with RemoteLMHead(server.address, shared_memory="off",
+                      metadata=[("traceparent", TRACEPARENT)]) as head:
+        head.forward(x)
+        head.forward_stream(x, micro_batch_size=1)
+    assert f"request_id={TRACE_ID} Forward" in server.log()
+    assert f"request_id={TRACE_ID} ForwardStream" in server.log()
+    with pytest.raises(ValueError, match="metadata: keys"):
+        RemoteLMHead(server.address, metadata=[("Trace-Id", "x")])

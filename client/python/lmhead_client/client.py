@@ -161,16 +161,17 @@ class _CallDetails(collections.namedtuple(
     pass
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call of a channel."""
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `headers` ((key, value) pairs: the bearer token, trace ids) to every call of a
+    channel."""
 
-    def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, headers: List[Tuple[str, str]]):
+        self._headers = headers
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         return _CallDetails(details.method, details.timeout,
-                            list(details.metadata or []) + [self._header], details.credentials,
+                            list(details.metadata or []) + self._headers, details.credentials,
                             details.wait_for_ready, details.compression)
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -238,6 +239,9 @@ class RemoteLMHead:
     auth_token: sent with every call as `authorization: Bearer <auth_token>`, for a server
       started with --auth_token_file; None (default): the LMHEAD_AUTH_TOKEN environment
       variable, if set and not empty.
+    metadata: (key, value) pairs sent with every call, e.g. [("traceparent", "00-...")] (a W3C
+      trace context) or [("x-request-id", "job-42")]: the server logs every line of the call
+      under that id and echoes it (docs/API.md "Operations"). Keys are lower-case.
     tls: speak TLS (docs/API.md "TLS"); implied by any of the four below. tls_roots: the CAs
       the server's certificate must chain to, a PEM file's path or its contents (None: the
       LMHEAD_TLS_ROOTS file, else gRPC's default roots); tls_cert and tls_key: this client's
@@ -251,8 +255,8 @@ class RemoteLMHead:
     def __init__(self, address: Union[str, Sequence[str]], model: Optional[str] = None,
                  timeout: Optional[float] = None, max_attempts: int = 5,
                  shared_memory: str = "auto", auth_token: Optional[str] = None,
-                 tls: bool = False, tls_roots=None, tls_cert=None, tls_key=None,
-                 tls_server_name: Optional[str] = None):
+                 metadata: Sequence[Tuple[str, str]] = (), tls: bool = False, tls_roots=None,
+                 tls_cert=None, tls_key=None, tls_server_name: Optional[str] = None):
         if not 1 <= max_attempts <= 5:
             raise ValueError(f"max_attempts: expected 1 to 5, got {max_attempts}")
         if shared_memory not in _shared_memory.MODES:
@@ -288,7 +292,13 @@ class RemoteLMHead:
         if auth_token is None:
             auth_token = os.environ.get("LMHEAD_AUTH_TOKEN", "")
         auth_token = auth_token.strip() or None  # a token read from a file keeps its newline
-        self._interceptors = [_BearerToken(auth_token)] if auth_token else []
+        headers = [("authorization", f"Bearer {auth_token}")] if auth_token else []
+        for key, value in metadata:
+            if not re.fullmatch(r"[0-9a-z._-]+", key) or key == "authorization":
+                raise ValueError(f"metadata: keys are lower-case letters, digits, '.', '_' and "
+                                 f"'-' (the token goes in auth_token), got {key!r}")
+            headers.append((key, str(value)))
+        self._interceptors = [_Metadata(headers)] if headers else []
         pems = [_pem(value, variable, name) for value, variable, name in (
             (tls_roots, "LMHEAD_TLS_ROOTS", "tls_roots"), (tls_cert, "LMHEAD_TLS_CERT", "tls_cert"),
             (tls_key, "LMHEAD_TLS_KEY", "tls_key"))]
