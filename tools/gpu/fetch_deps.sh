@@ -10,6 +10,9 @@
 #              there (tools/gpu/requirements-parity.txt), for the parity step against olmo_core
 #   .gpu/client  the grpcio wheels and the Python client's generated stubs, for the Python figure
 #              of the serving benchmark (bench/python_load.py)
+#   .gpu/build_lists.sh  each binary's sources, copts, nvcc command lines and linkopts, from
+#              bazel cquery/aquery --config=cuda (tools/gpu/bazel_lists.py): run.sh lists none itself.
+#              After a BUILD change, `python3 tools/gpu/bazel_lists.py` alone brings it up to date.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen .gpu/olmo .gpu/client
@@ -31,6 +34,7 @@ mkdir -p .gpu/gen/proto/lmhead/v1 .gpu/gen/grpc/health/v1
 cp bazel-bin/proto/lmhead/v1/lmhead.{pb,grpc.pb}.{h,cc} .gpu/gen/proto/lmhead/v1/
 cp bazel-bin/proto/health/grpc/health/v1/health.{pb,grpc.pb}.{h,cc} .gpu/gen/grpc/health/v1/
 chmod -R u+w .gpu/gen
+python3 tools/gpu/bazel_lists.py
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/client "$(grep -E '^grpcio==' tools/requirements-grpc.txt)" \

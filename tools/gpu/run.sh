@@ -21,7 +21,9 @@
 # Python client and the CLI with 1, 4 and 8 streams, the Python client through system shared memory
 # and CUDA IPC, and through bench/reference_server.py.
 # Needs .gpu/ (made on the development machine by tools/gpu/fetch_deps.sh; pass it as `carry`):
-# Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code.
+# Debian packages unpacked into a private prefix, the baseline wheels, generated protobuf code,
+# and .gpu/build_lists.sh: each binary's sources, the nvcc command lines and the linkopts, from
+# Bazel (tools/gpu/bazel_lists.py), so that this script lists no source or flag of the BUILD files.
 # LibTorch comes from that machine's python3 (torch 2.11.0+cu130), CUDA from its nvcc.
 # Logs and results go to $OUT (or /tmp/lmhead-out). LMHEAD_STEP_SECONDS (default 420) bounds each
 # GPU program's run.
@@ -38,6 +40,7 @@ limit=${LMHEAD_STEP_SECONDS:-420}
 step() { timeout "$limit" "$@" || echo "!! $1 ${2:-} failed or ran past ${limit} s (exit $?)"; }
 wants() { [[ " $what " == *" $1 "* || ($what == all && ($1 == test || $1 == bench)) ]]; }
 
+[[ -f .gpu/build_lists.sh ]] || { echo "!! no .gpu/build_lists.sh: run tools/gpu/fetch_deps.sh"; exit 1; }
 for deb in .gpu/debs/*.deb; do dpkg -x "$deb" "$deps"; done
 python3 -m zipfile -e .gpu/whl/nvidia_cutlass-*.whl "$deps/cutlass"  # headers only
 torch=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')
@@ -46,38 +49,55 @@ libdir="$deps/usr/lib/x86_64-linux-gnu"
 absl=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --libs \
   absl_status absl_statusor absl_strings absl_str_format)
 
-cxxflags=(-std=c++17 -O2 -fPIC -DLMHEAD_WITH_CUDA -I. -isystem "$deps/usr/include"
+# Every .cc with these, plus its rule's defines and copts (copts[SRC] of .gpu/build_lists.sh).
+cxxflags=(-std=c++17 -O2 -fPIC -I. -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -isystem "$deps/usr/include"
   -isystem "$torch/include" -isystem "$torch/include/torch/csrc/api/include"
   -isystem "$cuda/include")
 ldflags=(-Wl,--disable-new-dtags -L"$torch/lib" -Wl,-rpath,"$torch/lib" -Wl,--no-as-needed -ltorch_cuda -lc10_cuda
   -ltorch_cpu -lc10 -Wl,--as-needed -L"$cuda/lib64" -Wl,-rpath,"$cuda/lib64" -lcudart
   -L"$libdir" -Wl,-rpath,"$libdir" $absl -lpthread)
 
-echo "== build ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-sources=(core/config.cc core/torch_errors.cc core/device_copy.cc core/layer_norm.cc core/losses.cc core/lm_head.cc
-  core/scoring.cc core/fused_scoring.cc core/ops/logit_stats.cc core/ops/cpu/logit_stats_cpu.cc)
+# From Bazel (tools/gpu/bazel_lists.py): sources[NAME], copts[SRC], nvcc_args[SRC] (it names
+# $deps), linkopts[NAME].
+source .gpu/build_lists.sh
+ptxas_log() {  # where nvcc's ptxas -v report of a .cu goes
+  case $(basename "$1" .cu) in
+    logit_stats_cuda) echo "$out/ptxas.txt" ;;
+    fused_logit_stats_cuda) echo "$out/ptxas_fused.txt" ;;
+    *) echo "$out/ptxas_$(basename "$1" .cu).txt" ;;
+  esac
+}
+compiled=" "
+compile() {  # compile NAME...: the binaries' sources not compiled yet in this run, in the background
+  local name src o
+  for name; do
+    for src in ${sources[$name]}; do
+      [[ $compiled == *" $src "* ]] && continue
+      compiled+="$src "
+      o=$build/obj/$src.o
+      mkdir -p "$(dirname "$o")"
+      if [[ $src == *.cu ]]; then
+        nvcc ${nvcc_args[$src]} -Xptxas -v -c "$src" -o "$o" 2> "$(ptxas_log "$src")" & pids+=($!)
+      else
+        g++ "${cxxflags[@]}" ${copts[$src]:-} -c "$src" -o "$o" & pids+=($!)
+      fi
+    done
+  done
+}
+objects() { local src; for src in ${sources[$1]}; do echo "$build/obj/$src.o"; done; }
+link() {  # link NAME LIBS...: $build/NAME from its objects, LIBS and its rules' linkopts
+  local name=$1; shift
+  g++ -o "$build/$name" $(objects "$name") "$@" ${linkopts[$name]:-}
+}
+
+echo "== build ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); lists from Bazel at $build_lists_from)"
 pids=()
-for src in "${sources[@]}"; do
-  g++ "${cxxflags[@]}" -c "$src" -o "$build/$(basename "$src" .cc).o" & pids+=($!)
-done
-# The flags of core/ops/cuda/BUILD.
-nvcc_flags=(-std=c++17 -O3 -Xcompiler -fPIC --expt-relaxed-constexpr -DNDEBUG -I.
-  -isystem "$deps/cutlass/cutlass_library/source/include" -gencode=arch=compute_90a,code=sm_90a
-  -gencode=arch=compute_90,code=compute_90 -Xptxas -v)
-nvcc "${nvcc_flags[@]}" -c core/ops/cuda/logit_stats_cuda.cu -o "$build/logit_stats_cuda.o" \
-  2> "$out/ptxas.txt" & pids+=($!)
-nvcc "${nvcc_flags[@]}" -c core/ops/cuda/fused_logit_stats_cuda.cu \
-  -o "$build/fused_logit_stats_cuda.o" 2> "$out/ptxas_fused.txt" & pids+=($!)
-g++ "${cxxflags[@]}" -c tests/gpu/gpu_lm_head_test.cc -o "$build/gpu_lm_head_test.o" & pids+=($!)
-g++ "${cxxflags[@]}" -c core/lm_head_scoring_test.cc -o "$build/lm_head_scoring_test.o" & pids+=($!)
-g++ "${cxxflags[@]}" -c bench/gpu_lm_head_bench.cc -o "$build/gpu_lm_head_bench.o" & pids+=($!)
+compile gpu_lm_head_test lm_head_scoring_test gpu_lm_head_bench
 for pid in "${pids[@]}"; do wait "$pid"; done
-objs=("$build"/{config,torch_errors,device_copy,layer_norm,losses,lm_head,scoring,fused_scoring,logit_stats,logit_stats_cpu,logit_stats_cuda,fused_logit_stats_cuda}.o)
-g++ -o "$build/gpu_lm_head_test" "$build/gpu_lm_head_test.o" "${objs[@]}" \
-  "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
-g++ -o "$build/lm_head_scoring_test" "$build/lm_head_scoring_test.o" "${objs[@]}" \
-  "$libdir/libgmock.a" "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
-g++ -o "$build/gpu_lm_head_bench" "$build/gpu_lm_head_bench.o" "${objs[@]}" "${ldflags[@]}"
+link gpu_lm_head_test "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}"
+link lm_head_scoring_test "$libdir/libgmock.a" "$libdir/libgtest.a" "$libdir/libgtest_main.a" \
+  "${ldflags[@]}"
+link gpu_lm_head_bench "${ldflags[@]}"
 grep -E "registers|spill" "$out/ptxas.txt" | head -6 || true
 grep -E "registers|spill|C7510" "$out/ptxas_fused.txt" | cut -c1-160 | head -8 || true
 
@@ -107,15 +127,12 @@ fi
 if wants parity; then
   echo "== parity against olmo_core on the same GPU (tests/parity, LMHEAD_PARITY_DEVICE=cuda:0)"
   build_parity_runner() {
-    local flags pids=() pid src
+    local flags pids=() pid
     flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --libs \
       absl_flags absl_flags_parse) || return 1
-    for src in tests/parity/parity_runner.cc core/config_json.cc core/safetensors.cc \
-      core/safetensors_format.cc; do
-      g++ "${cxxflags[@]}" -c "$src" -o "$build/parity_$(basename "$src" .cc).o" & pids+=($!)
-    done
+    compile parity_runner
     for pid in "${pids[@]}"; do wait "$pid" || return 1; done
-    g++ -o "$build/parity_runner" "$build"/parity_*.o "${objs[@]}" "${ldflags[@]}" $flags
+    link parity_runner "${ldflags[@]}" $flags
   }
   if build_parity_runner && python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target /tmp/lmhead-parity-site .gpu/olmo/*.whl .gpu/whl/liger_kernel-*.whl; then
@@ -140,53 +157,20 @@ if wants server || wants oom || wants serving || wants executor || wants e2e || 
   grpc_flags=$(PKG_CONFIG_LIBDIR="$libdir/pkgconfig" pkg-config --define-prefix --cflags --libs \
     grpc++ grpc protobuf spdlog fmt absl_flags absl_flags_parse absl_flags_usage \
     prometheus-cpp-pull prometheus-cpp-core)
-  # Every server/ and client/ source (subfolders too) but tests and fuzz targets, so that a new
-  # file needs no edit here.
-  library_sources() { find "$1" -maxdepth 2 -name '*.cc' | sort | grep -vE "_(test|fuzzer|bench)\.cc$"; }
-  srv=(core/config_json.cc core/safetensors.cc core/safetensors_format.cc $(library_sources server)
-    .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc
-    .gpu/gen/grpc/health/v1/health.pb.cc .gpu/gen/grpc/health/v1/health.grpc.pb.cc)
   pids=()
-  for src in "${srv[@]}"; do
-    g++ "${cxxflags[@]}" -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -c "$src" \
-      -o "$build/srv_$(basename "$src" .cc).o" & pids+=($!)
-  done
-  cli=($(library_sources client) core/safetensors_format.cc
-    .gpu/gen/proto/lmhead/v1/lmhead.pb.cc .gpu/gen/proto/lmhead/v1/lmhead.grpc.pb.cc
-    .gpu/gen/grpc/health/v1/health.pb.cc .gpu/gen/grpc/health/v1/health.grpc.pb.cc)
-  for src in "${cli[@]}"; do
-    g++ -std=c++17 -O2 -I. -I.gpu/gen -isystem "$deps/usr/include" -c "$src" \
-      -o "$build/cli_$(basename "$src" .cc).o" & pids+=($!)
-  done
-  if wants oom; then
-    g++ "${cxxflags[@]}" -I.gpu/gen -c tests/gpu/gpu_server_oom_test.cc \
-      -o "$build/gpu_server_oom_test.o" & pids+=($!)
-  fi
-  if wants shm; then
-    g++ "${cxxflags[@]}" -I.gpu/gen -c tests/gpu/gpu_shared_memory_test.cc \
-      -o "$build/gpu_shared_memory_test.o" & pids+=($!)
-  fi
-  if wants serving; then
-    g++ -std=c++17 -O2 -I. -I.gpu/gen -isystem "$deps/usr/include" -c bench/load_generator.cc \
-      -o "$build/load_generator.o" & pids+=($!)
-  fi
-  if wants executor; then
-    g++ "${cxxflags[@]}" -I.gpu/gen -DSPDLOG_FMT_EXTERNAL -c bench/executor_bench.cc \
-      -o "$build/executor_bench.o" & pids+=($!)
-  fi
+  compile lmhead_server lmhead
+  wants oom && compile gpu_server_oom_test
+  wants shm && compile gpu_shared_memory_test
+  wants serving && compile lmhead_load
+  wants executor && compile lmhead_executor_bench
   for pid in "${pids[@]}"; do wait "$pid"; done
-  # server/BUILD's linkopts of lmhead_server (server/thread_stacks.cc).
-  g++ -o "$build/lmhead_server" "$build"/srv_*.o "${objs[@]}" "${ldflags[@]}" $grpc_flags \
-    -lgrpc++_reflection -ldl -Wl,--export-dynamic-symbol=pthread_attr_setstacksize
-  g++ -o "$build/lmhead" "$build"/cli_*.o -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" \
-    $grpc_flags
+  link lmhead_server "${ldflags[@]}" $grpc_flags -lgrpc++_reflection
+  link lmhead -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" $grpc_flags
 fi
 if wants executor; then
   echo "== executor-only: 64 clients x 256-token jobs straight to the scheduler (no gRPC), d=4096,"
   echo "   V=128256, bf16, fused_linear, sum; packing off (1) and on (8192) (issue 12)"
-  g++ -o "$build/lmhead_executor_bench" "$build/executor_bench.o" \
-    $(ls "$build"/srv_*.o | grep -v "/srv_main\.o$") "${objs[@]}" "${ldflags[@]}" $grpc_flags \
-    -lgrpc++_reflection
+  link lmhead_executor_bench "${ldflags[@]}" $grpc_flags -lgrpc++_reflection
   step "$build/lmhead_executor_bench" --device cuda:0 | tee "$out/executor.txt"
   echo "-- again, counting and timing the executor's ATen operators (slower: a callback per operator)"
   step "$build/lmhead_executor_bench" --device cuda:0 --seconds 5 --count_ops | tee -a "$out/executor.txt"
@@ -218,9 +202,7 @@ if wants e2e; then
 fi
 if wants serving; then
   echo "== serving: 64 clients x 256-token calls, d=4096, V=128256, bf16, fused_linear, sum (issue 12)"
-  client_objs=($(ls "$build"/cli_*.o | grep -v "/cli_lmhead_cli\.o$"))
-  g++ -o "$build/lmhead_load" "$build/load_generator.o" "${client_objs[@]}" -L"$libdir" \
-    -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" $grpc_flags
+  link lmhead_load -L"$libdir" -Wl,--disable-new-dtags -Wl,-rpath,"$libdir" $grpc_flags
   step "$build/gpu_lm_head_bench" --serving | tee "$out/serving_kernel.txt"
   kernel=$(grep "N=8192 " "$out/serving_kernel.txt" | sed -E 's/.* ([0-9]+) tokens\/s/\1/')
   gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
@@ -272,18 +254,16 @@ PY
 fi
 if wants oom; then
   echo "== out of device memory through the server (tests/gpu/gpu_server_oom_test.cc)"
-  client_objs=($(ls "$build"/cli_*.o | grep -v "/cli_lmhead_cli\.o$"))  # the client library
-  g++ -o "$build/gpu_server_oom_test" "$build/gpu_server_oom_test.o" "${client_objs[@]}" \
-    "${objs[@]}" "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}" $grpc_flags
+  link gpu_server_oom_test "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}" \
+    $grpc_flags
   LMHEAD_SERVER="$build/lmhead_server" timeout "$limit" "$build/gpu_server_oom_test" \
     > "$out/gpu_oom.txt" 2>&1 && echo "gpu server oom test: passed" || echo "gpu server oom test: FAILED"
   grep -vE "^\[ *(RUN|OK) *\]|^\[-+\]|^$" "$out/gpu_oom.txt" | cut -c1-400 | head -60 || true
 fi
 if wants shm; then
   echo "== CUDA shared memory through the server (tests/gpu/gpu_shared_memory_test.cc)"
-  client_objs=($(ls "$build"/cli_*.o | grep -v "/cli_lmhead_cli\.o$"))  # the generated stubs among them
-  g++ -o "$build/gpu_shared_memory_test" "$build/gpu_shared_memory_test.o" "${client_objs[@]}" \
-    "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}" $grpc_flags
+  link gpu_shared_memory_test "$libdir/libgtest.a" "$libdir/libgtest_main.a" "${ldflags[@]}" \
+    $grpc_flags
   LMHEAD_SERVER="$build/lmhead_server" timeout "$limit" "$build/gpu_shared_memory_test" \
     > "$out/gpu_shm.txt" 2>&1 && echo "gpu shared memory test: passed" \
     || echo "gpu shared memory test: FAILED"
@@ -407,16 +387,18 @@ if wants sustained; then  # each path back to back, with the SM clock and power 
 fi
 if wants variants; then  # fused GEMM schedules (LMHEAD_FUSED_SCHEDULE; "e": an empty epilogue)
   pids=()
+  fused=core/ops/cuda/fused_logit_stats_cuda.cu
   for variant in ${LMHEAD_FUSED_VARIANTS:-1 0 1e 0e}; do
     defines=(-DLMHEAD_FUSED_SCHEDULE="${variant%e}")
     [[ $variant == *e ]] && defines+=(-DLMHEAD_FUSED_EMPTY_EPILOGUE)
-    nvcc "${nvcc_flags[@]}" "${defines[@]}" -c core/ops/cuda/fused_logit_stats_cuda.cu \
+    nvcc ${nvcc_args[$fused]} -Xptxas -v "${defines[@]}" -c "$fused" \
       -o "$build/fused_$variant.o" 2> "$out/ptxas_fused_$variant.txt" & pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done  # a bare `wait` would wait for tee too
   for variant in ${LMHEAD_FUSED_VARIANTS:-1 0 1e 0e}; do
-    variant_objs=("${objs[@]/"$build/fused_logit_stats_cuda.o"/"$build/fused_$variant.o"}")
-    g++ -o "$build/bench_$variant" "$build/gpu_lm_head_bench.o" "${variant_objs[@]}" "${ldflags[@]}"
+    variant_objs=($(objects gpu_lm_head_bench))
+    variant_objs=("${variant_objs[@]/"$build/obj/$fused.o"/"$build/fused_$variant.o"}")
+    g++ -o "$build/bench_$variant" "${variant_objs[@]}" "${ldflags[@]}"
     echo "variant $variant: $(grep -E "spill" "$out/ptxas_fused_$variant.txt" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
     step "$build/bench_$variant" --paths --quick | grep paths || true
   done
