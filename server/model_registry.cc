@@ -343,7 +343,7 @@ std::unique_ptr<ModelRegistry> ModelRegistry::With(std::shared_ptr<const Model> 
 
 std::unique_ptr<ModelRegistry> ModelRegistry::Without(absl::string_view name) const {
   auto copy = std::make_unique<ModelRegistry>(*this);
-  if (auto it = copy->models_.find(name); it != copy->models_.end()) copy->models_.erase(it);
+  copy->models_.erase(std::string(name));
   return copy;
 }
 

@@ -16,6 +16,7 @@
 #include <climits>
 #include <fstream>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -134,19 +135,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const Options& options) {
   if (absl::Status status = ValidateOptions(options); !status.ok()) return status;
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  std::shared_ptr<const BearerTokens> tokens;
-  if (!options.auth_token_file.empty()) {
-    absl::StatusOr<std::unique_ptr<const BearerTokens>> read =
-        BearerTokens::Read(options.auth_token_file);
+  // The tokens of --auth_token_file and --admin_token_file (null when not given); ValidateOptions
+  // has read both files already.
+  std::shared_ptr<const BearerTokens> tokens, admin_tokens;
+  for (auto [path, flag, out] :
+       {std::make_tuple(&options.auth_token_file, "auth_token_file", &tokens),
+        std::make_tuple(&options.admin_token_file, "admin_token_file", &admin_tokens)}) {
+    if (path->empty()) continue;
+    absl::StatusOr<std::unique_ptr<const BearerTokens>> read = BearerTokens::Read(*path, flag);
     if (!read.ok()) return read.status();
-    tokens = *std::move(read);
-  }
-  std::shared_ptr<const BearerTokens> admin_tokens;
-  if (!options.admin_token_file.empty()) {
-    absl::StatusOr<std::unique_ptr<const BearerTokens>> read =
-        BearerTokens::Read(options.admin_token_file, "admin_token_file");
-    if (!read.ok()) return read.status();
-    admin_tokens = *std::move(read);
+    *out = *std::move(read);
   }
   auto server = std::unique_ptr<Server>(new Server(options, std::move(tokens)));
   server->admin_service_ = std::make_unique<ModelAdminServiceImpl>(options, server->service_.get(),
