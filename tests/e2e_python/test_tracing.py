@@ -73,3 +73,8 @@ def test_the_python_client_sends_trace_metadata(server):
     assert f"request_id={TRACE_ID} ForwardStream" in server.log()
     with pytest.raises(ValueError, match="metadata: keys"):
         RemoteLMHead(server.address, metadata=[("Trace-Id", "x")])
+    with pytest.raises(ValueError, match="auth_token"):
+        RemoteLMHead(server.address, metadata=[("authorization", "Bearer x")])
+    with RemoteLMHead(server.address, shared_memory="off",
+                      metadata=[("x-trace-bin", b"\x00\x01")]) as head:
+        head.list_models()  # a binary header goes as bytes

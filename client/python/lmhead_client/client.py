@@ -294,10 +294,13 @@ class RemoteLMHead:
         auth_token = auth_token.strip() or None  # a token read from a file keeps its newline
         headers = [("authorization", f"Bearer {auth_token}")] if auth_token else []
         for key, value in metadata:
-            if not re.fullmatch(r"[0-9a-z._-]+", key) or key == "authorization":
+            if key == "authorization":
+                raise ValueError("metadata: the bearer token goes in auth_token")
+            if not re.fullmatch(r"[0-9a-z._-]+", key):
                 raise ValueError(f"metadata: keys are lower-case letters, digits, '.', '_' and "
-                                 f"'-' (the token goes in auth_token), got {key!r}")
-            headers.append((key, str(value)))
+                                 f"'-', got {key!r}")
+            # gRPC's binary headers ("-bin" keys) carry bytes, the others text.
+            headers.append((key, value if key.endswith("-bin") else str(value)))
         self._interceptors = [_Metadata(headers)] if headers else []
         pems = [_pem(value, variable, name) for value, variable, name in (
             (tls_roots, "LMHEAD_TLS_ROOTS", "tls_roots"), (tls_cert, "LMHEAD_TLS_CERT", "tls_cert"),
