@@ -18,21 +18,13 @@
 namespace lmhead::cuda {
 namespace {
 
-// The GEMM's schedule. The default, a ping-pong kernel: each of two consumer warpgroups owns a
-// 128 x 128 tile, and one's epilogue runs while the other's MMAs do, so the epilogue costs no
-// tensor-core time; clusters of two tiles along the vocabulary share each h tile's load (TMA
-// multicast). LMHEAD_FUSED_SCHEDULE=0 builds the cooperative kernel instead (two warpgroups on one
-// 128 x 256 tile, the tensor cores idle during its epilogue), kept for `tools/gpu/run.sh
-// variants`, which times both (docs/BENCHMARKS.md).
-#if !defined(LMHEAD_FUSED_SCHEDULE) || LMHEAD_FUSED_SCHEDULE == 1
+// The GEMM's schedule: a ping-pong kernel. Each of two consumer warpgroups owns a 128 x 128 tile,
+// and one's epilogue runs while the other's MMAs do, so the epilogue costs no tensor-core time;
+// clusters of two tiles along the vocabulary share each h tile's load (TMA multicast). Why this
+// one and not the cooperative kernel: docs/notes/benchmark_history.md.
 using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
 using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
 using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-#else
-using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
-using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-#endif
 constexpr int kTileColumns = decltype(cute::size<1>(TileShape{}))::value;
 
 // Where the epilogue leaves each (vocabulary tile, row)'s partial state: arrays indexed
@@ -143,9 +135,6 @@ class TileStatsEpilogue {
                       decltype(cute::size<0, 1>(FrgLayout{}))::value == 2,
                   "unexpected accumulator layout");
     constexpr int kMmaM = decltype(cute::size<1>(FrgLayout{}))::value;
-#ifdef LMHEAD_FUSED_EMPTY_EPILOGUE  // timing experiment: the GEMM alone, wrong results
-    if (thread_idx >= 0) return;
-#endif
     const bool whole_tile = col0 + cute::size<1>(blk_shape_mnk) <= vocab;
     // The rows are folded in place: the adapter's store() holds its own copy of the accumulators,
     // dead after this call, so rounding them where they are saves a row's worth of registers.
