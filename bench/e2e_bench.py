@@ -4,7 +4,7 @@ client through system shared memory and (with --device cuda:N, the job's hidden 
 on that GPU) through CUDA IPC, and the same Python client against bench/reference_server.py (the
 server a user would write instead), on the same weights; each figure beside the kernel-only
 tokens/s given with --kernel_tokens_per_s (on a GPU machine `gpu_lm_head_bench --serving`
-measures it in the same run: tools/gpu/run.sh e2e). lmhead_server runs with
+measures it in the same run: tools/gpu/bench.sh e2e). lmhead_server runs with
 --allow_shared_memory; the other rows' clients have shared memory off.
 
 The job: --rows x (--tokens / --rows) hidden states (bf16 on a GPU, fp32 on the CPU) with int64
@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmhead_client import RemoteLMHead
+from results_table import append_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +121,12 @@ def main(argv=None) -> int:
                  if args.kernel_tokens_per_s else "")
         rows.append((what, rate))
         print(f"{what:<48} {seconds * 1e3:9.1f} ms {rate:12.0f} tokens/s{ratio}", flush=True)
+        append_result("transport", d_model=args.d_model, vocab_size=args.vocab_size,
+                      tokens=tokens, dtype="bf16" if gpu else "fp32", implementation=what,
+                      time_ms=seconds * 1e3,
+                      baseline="kernel-only" if args.kernel_tokens_per_s else None,
+                      ratio=rate / args.kernel_tokens_per_s if args.kernel_tokens_per_s else None,
+                      tokens_per_s=rate)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

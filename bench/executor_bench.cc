@@ -10,7 +10,7 @@
 // the caches better). Issue 12's serving benchmark without the transport (docs/BENCHMARKS.md
 // "Serving").
 //
-//   bazel build //bench:lmhead_executor_bench    # or tools/gpu/run.sh executor on a GPU machine
+//   bazel build //bench:lmhead_executor_bench    # or tools/gpu/bench.sh executor on a GPU machine
 //   lmhead_executor_bench --device cuda:0 --clients 64 --tokens 256 --seconds 10
 //   lmhead_executor_bench --device cpu --d_model 256 --vocab_size 8192 --dtype float32 \
 //       --tokens 64 --clients 16 --kernel_tokens 512
@@ -42,6 +42,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "bench/results_table.h"
 #include "core/dtype.h"
 #include "core/lm_head.h"
 #include "server/executor/executor.h"
@@ -380,6 +381,11 @@ void Measure(const ModelRegistry& registry, const std::vector<Template>& calls,
       device_us > 0 ? absl::StrFormat("%6.1f us", device_us).c_str() : "n/a",
       static_cast<long long>(totals.errors));
   if (!totals.first_error.empty()) std::printf("  first error: %s\n", totals.first_error.c_str());
+  AppendResult("executor",
+               {absl::GetFlag(FLAGS_d_model), absl::GetFlag(FLAGS_vocab_size),
+                calls.front().plan.length, absl::GetFlag(FLAGS_dtype),
+                absl::StrFormat("scheduler and executors, max_batch_tokens %d", max_batch_tokens),
+                p50, "kernel-only", tokens_per_s / kernel_tokens_per_s, NAN, tokens_per_s, p99});
   if (ops != nullptr && totals.jobs > 0) {
     // Counted until the last job ended, a little past the measured jobs: per job, approximately.
     std::vector<std::pair<OpCounter::Entry, std::string>> sorted;
@@ -438,6 +444,14 @@ int Run() {
       "(%.1f%%)\n",
       static_cast<long long>(kernel_tokens / tokens), static_cast<long long>(tokens), packed,
       100 * packed / kernel);
+  const auto result = [&](const std::string& what, double rate) {
+    AppendResult("executor",
+                 {options.demo_d_model, options.demo_vocab_size, kernel_tokens, options.demo_dtype,
+                  what, NAN, "kernel-only", rate / kernel, NAN, rate});
+  };
+  result("kernel-only", kernel);
+  result(absl::StrFormat("packed forward of %d items (ForwardBatch)", kernel_tokens / tokens),
+         packed);
   if (options.device != "cpu") {
     for (const auto& [inputs, what] :
          {std::make_pair(Inputs::kCopied, "copied from pinned host memory first"),
@@ -448,6 +462,7 @@ int Run() {
                                      kernel_tokens / tokens, inputs);
       std::printf("  the same, hidden states %s: %.0f tokens/s (%.1f%%)\n", what, rate,
                   100 * rate / kernel);
+      result(absl::StrFormat("packed, hidden states %s", what), rate);
     }
   }
   for (absl::string_view value : absl::StrSplit(absl::GetFlag(FLAGS_max_batch_tokens), ',')) {

@@ -3,12 +3,15 @@ x @ W^T time measured in the same process as the baseline. Runs on the GPU machi
 
     python3 bench/gpu_baselines.py [--quick]
 
-Prints markdown rows: d, V, N, impl, median ms, TFLOP/s, peak extra MB, ratio to cublas.
+Prints markdown rows: d, V, N, impl, median ms, TFLOP/s, peak extra MB, ratio to cublas, and
+appends them to the table fused_linear_forward under $LMHEAD_RESULTS (bench/results_table.py).
 """
 
 import sys
 
 import torch
+
+from results_table import append_result
 
 
 def measure_interleaved(fns, rounds):
@@ -92,8 +95,15 @@ def main():
                 for name, result in zip(names, results):
                     if result is None:
                         print(f"| {d} | {v} | {n} | {name} | failed (OOM) | | | | |")
+                        append_result("fused_linear_forward", d_model=d, vocab_size=v, tokens=n,
+                                      dtype="bf16", implementation=f"{name} (out of memory)",
+                                      baseline="cublas(py)")
                         continue
                     ms, lo, hi, peak = result
+                    append_result("fused_linear_forward", d_model=d, vocab_size=v, tokens=n,
+                                  dtype="bf16", implementation=name, time_ms=ms,
+                                  baseline="cublas(py)", ratio=ms / base, peak_extra_mb=peak,
+                                  tokens_per_s=n / (ms * 1e-3))
                     print(
                         f"| {d} | {v} | {n} | {name} | {ms:.2f} | {lo:.2f}–{hi:.2f} | "
                         f"{flops / ms / 1e9:.0f} | {peak:.0f} | x{ms / base:.3f} |"

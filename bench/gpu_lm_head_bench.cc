@@ -3,7 +3,9 @@
 //   eager   PyTorch eager: bf16 matmul -> fp32 -> logsumexp and label gather;
 //   ours    LMHead fused_linear forward (reduction sum, z-loss on, labels on the host);
 // all measured in this process, with ours/cublas printed as `fused/cublas=<ratio>`.
-// bench/gpu_baselines.py measures Liger-Kernel and Cut Cross-Entropy the same way.
+// bench/gpu_baselines.py measures Liger-Kernel and Cut Cross-Entropy the same way. The default
+// grid, --scoring and --serving also append their rows to the tables fused_linear_forward,
+// scoring and serving under $LMHEAD_RESULTS (bench/results_table.h).
 //
 //   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick] | --sustained |
 //                      --serving | --scoring]
@@ -28,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/results_table.h"
 #include "core/device_copy.h"
 #include "core/lm_head.h"
 #include "core/losses.h"
@@ -129,6 +132,8 @@ void Row(const char* impl, int64_t d, int64_t v, int64_t n, const Timing& t, dou
   if (t.oom) {
     std::printf("| %d | %lld | %lld | %s | failed (OOM) | | | | |\n", static_cast<int>(d),
                 static_cast<long long>(v), static_cast<long long>(n), impl);
+    AppendResult("fused_linear_forward",
+                 {d, v, n, "bf16", std::string(impl) + " (out of memory)", NAN, "cublas"});
     return;
   }
   std::printf("| %d | %lld | %lld | %s | %.2f | %.2f–%.2f | %.0f | %.0f | %s%.3f |\n",
@@ -136,6 +141,9 @@ void Row(const char* impl, int64_t d, int64_t v, int64_t n, const Timing& t, dou
               t.median_ms, t.min_ms, t.max_ms, flops / (t.median_ms * 1e-3) / 1e12, t.peak_extra_mb,
               std::string(impl) == "ours" ? "fused/cublas=" : "x", t.median_ms / cublas_ms);
   std::fflush(stdout);
+  AppendResult("fused_linear_forward",
+               {d, v, n, "bf16", impl, t.median_ms, "cublas", t.median_ms / cublas_ms,
+                t.peak_extra_mb, n / (t.median_ms * 1e-3)});
 }
 
 // A bf16 LMHead without bias or norm using fused_linear, random weights, on cuda:0; exits on
@@ -433,6 +441,9 @@ void Serving(int64_t d, int64_t v, int64_t n, int rounds) {
       "tokens/s\n",
       static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
       timing[0].median_ms, n / (timing[0].median_ms / 1000.0));
+  AppendResult("serving", {d, v, n, "bf16", "kernel-only (LMHead::Forward, batch on the device)",
+                           timing[0].median_ms, "", NAN, timing[0].peak_extra_mb,
+                           n / (timing[0].median_ms / 1000.0)});
 }
 
 // Issue 14's scoring outputs at one shape, measured interleaved against the loss alone (the
@@ -483,8 +494,13 @@ void Scoring(int64_t d, int64_t v, int64_t n, int reps) {
       std::printf("scoring: d=%lld V=%lld N=%lld bf16 %s: failed (OOM)\n",
                   static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
                   variants[i].name);
+      AppendResult("scoring", {d, v, n, "bf16", std::string(variants[i].name) + " (out of memory)",
+                               NAN, variants[0].name});
       continue;
     }
+    AppendResult("scoring", {d, v, n, "bf16", variants[i].name, timing[i].median_ms,
+                             variants[0].name, timing[i].median_ms / timing[0].median_ms,
+                             timing[i].peak_extra_mb, n / (timing[i].median_ms * 1e-3)});
     std::printf(
         "scoring: d=%lld V=%lld N=%lld bf16 %-42s %8.2f ms  x%.2f of loss only  peak extra %.0f "
         "MB\n",

@@ -26,7 +26,9 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "bench/results_table.h"
 #include "client/lmhead_client.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:50051", "The server, host:port.");
@@ -42,6 +44,9 @@ ABSL_FLAG(double, warmup_seconds, 3, "Load before the measurement starts (not co
 ABSL_FLAG(int, max_attempts, 1,
           "Attempts per call (1: a refusal counts as one; 2-5: gRPC's retry policy).");
 ABSL_FLAG(std::string, label, "", "A name for this run, printed with its result line.");
+ABSL_FLAG(double, kernel_tokens_per_s, 0,
+          "The kernel-only rate of the same shape (gpu_lm_head_bench --serving), to print this "
+          "run's share of; 0: none.");
 
 namespace lmhead {
 namespace {
@@ -207,6 +212,17 @@ int Run() {
       ok > 0 ? totals.server_us_sum / 1000.0 / ok : 0.0);
   if (!totals.first_error.empty()) std::printf("first error: %s\n", totals.first_error.c_str());
   if (ok == 0) std::printf("no call was answered: is a server at --address?\n");
+  const double kernel = absl::GetFlag(FLAGS_kernel_tokens_per_s);
+  if (kernel > 0) {
+    std::printf("load %s: %.1f%% of kernel-only (%.0f tokens/s)\n",
+                absl::GetFlag(FLAGS_label).c_str(), 100 * tokens_per_s / kernel, kernel);
+  }
+  AppendResult("serving",
+               {absl::GetFlag(FLAGS_d_model), absl::GetFlag(FLAGS_vocab_size),
+                absl::GetFlag(FLAGS_tokens), absl::GetFlag(FLAGS_dtype),
+                absl::StrFormat("C++ load, %d callers: %s", clients, absl::GetFlag(FLAGS_label)),
+                p50, kernel > 0 ? "kernel-only" : "", kernel > 0 ? tokens_per_s / kernel : NAN, NAN,
+                tokens_per_s, p99});
   return totals.errors == 0 && ok > 0 ? 0 : 1;
 }
 

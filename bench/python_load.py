@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lmhead_client import LMHeadError, RemoteLMHead
+from results_table import append_result
 
 
 def _caller_process(args, start_at: float, results) -> None:
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--warmup_seconds", type=float, default=3)
     parser.add_argument("--label", default="")
+    parser.add_argument("--kernel_tokens_per_s", type=float, default=0,
+                        help="the kernel-only rate to print this run's share of (0: none)")
     args = parser.parse_args()
 
     context = mp.get_context("spawn")
@@ -85,10 +88,16 @@ def main() -> None:
     ms = np.sort(np.array(latencies) * 1000)
     p50 = float(np.percentile(ms, 50)) if len(ms) else 0.0
     p99 = float(np.percentile(ms, 99)) if len(ms) else 0.0
+    rate = len(ms) * args.tokens / args.seconds
+    share = rate / args.kernel_tokens_per_s if args.kernel_tokens_per_s else None
     print(f"python load {args.label}: callers={args.processes * args.threads} "
           f"tokens={args.tokens} bf16 fused_linear: {len(ms)} ok calls in {args.seconds:.0f} s, "
-          f"{len(ms) * args.tokens / args.seconds:.0f} tokens/s, latency p50 {p50:.1f} ms "
-          f"p99 {p99:.1f} ms, refusals {refusals}")
+          f"{rate:.0f} tokens/s" + (f" ({share:.1%} of kernel-only)" if share else "") +
+          f", latency p50 {p50:.1f} ms p99 {p99:.1f} ms, refusals {refusals}")
+    append_result("serving", d_model=args.d_model, vocab_size=args.vocab_size, tokens=args.tokens,
+                  dtype="bf16", implementation=f"Python load, {args.processes * args.threads} "
+                  f"callers: {args.label}", time_ms=p50, baseline="kernel-only" if share else None,
+                  ratio=share, tokens_per_s=rate, p99_ms=p99)
 
 
 if __name__ == "__main__":
