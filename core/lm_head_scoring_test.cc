@@ -11,7 +11,7 @@
 // implementations there.
 //
 // The heads and inputs of the tests on dyadic data live on $LMHEAD_TEST_DEVICE (default "cpu"):
-// on the GPU machine `tools/gpu/run.sh test` runs them on "cuda:0" too, where both
+// on the GPU machine `tools/gpu/test.sh unit` runs them on "cuda:0" too, where both
 // implementations must give the same exact results.
 #include <ATen/ATen.h>
 

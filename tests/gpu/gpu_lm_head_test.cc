@@ -1,4 +1,4 @@
-// GPU tests (tag requires-gpu; run on the GPU machine by tools/gpu/run.sh): both loss
+// GPU tests (tag requires-gpu; run on the GPU machine by tools/gpu/test.sh): both loss
 // implementations on CUDA against an fp64 reference and against the CPU path, over dtypes, head
 // types and norms, vocab sizes that are not multiples of any tile, N=1, ignored and all-ignored
 // labels, every logits_to_keep form and chunkings that split tokens and vocabulary.

@@ -8,7 +8,7 @@
 // would take 307 GB (the hidden states are 77 MB, under the request limit). Afterwards small
 // requests of both implementations must equal the same head computed here on the CPU, and a
 // request of 8192 tokens (8.4 GB of logits) must fit again. Run on the GPU machine by
-// `tools/gpu/run.sh oom`; skipped when LMHEAD_SERVER is unset.
+// `tools/gpu/test.sh oom`; skipped when LMHEAD_SERVER is unset.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <fcntl.h>
@@ -174,7 +174,7 @@ ForwardArgs Args(const Inputs& in, const std::string& implementation, bool logit
   return args;
 }
 
-// Each output the server returned against the CPU head's, as run.sh compares the CPU and GPU
+// Each output the server returned against the CPU head's, as tests/gpu/test_gpu_server_matches_cpu.py compares the CPU and GPU
 // servers (rtol 1e-4, atol 1e-5).
 void ExpectMatchesCpu(const v1::ForwardResponse& response, const LMOutput& want,
                       const std::string& what) {

@@ -7,7 +7,7 @@
 // registered with a GPU server are page-locked (--pin_shared_memory) and must give the same.
 //
 // Starts $LMHEAD_SERVER (the lmhead_server binary, built with CUDA) with --allow_shared_memory.
-// Run on the GPU machine by `tools/gpu/run.sh shm`; skipped when LMHEAD_SERVER is unset.
+// Run on the GPU machine by `tools/gpu/test.sh shm`; skipped when LMHEAD_SERVER is unset.
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <grpcpp/create_channel.h>

@@ -3,7 +3,7 @@ GPU, and models loaded and unloaded there at run time (docs/API.md "Models at ru
 weights' bytes appear in lmhead_device_memory_allocated_bytes when a model loads and leave it
 when it is unloaded; the other gauges agree with the CUDA runtime. Skipped without a GPU.
 
-Run on the GPU machine (tools/gpu/run.sh shm does, with the server it builds):
+Run on the GPU machine (tools/gpu/test.sh shm does, with the server it builds):
   LMHEAD_SERVER=/tmp/lmhead-build/lmhead_server PYTHONPATH=client/python \\
       python3 -m pytest -q -p no:cacheprovider tests/gpu/test_device_metrics.py
 """

@@ -4,7 +4,7 @@ with the bits of an inline call; registrations are cached per allocation, let go
 tensor is gone (its memory returns to torch's allocator), and a non-contiguous tensor, labels
 and logits still work. Skipped without a GPU.
 
-Run on the GPU machine (tools/gpu/run.sh shm does, with the server it builds):
+Run on the GPU machine (tools/gpu/test.sh shm does, with the server it builds):
   LMHEAD_SERVER=/tmp/lmhead-build/lmhead_server PYTHONPATH=client/python \\
       python3 -m pytest -q -p no:cacheprovider tests/gpu/test_python_cuda_ipc.py
 """

@@ -7,7 +7,7 @@ Run (LMHEAD_PARITY_RUNNER overrides the runner's path):
   bazel build //tests/parity:parity_runner
   $(tools/venv.sh path)/bin/python -m pytest -q tests/parity
 
-On a GPU (tools/gpu/run.sh parity): LMHEAD_PARITY_DEVICE=cuda:0 runs our head there
+On a GPU (tools/gpu/test.sh parity): LMHEAD_PARITY_DEVICE=cuda:0 runs our head there
 (parity_runner --device) and compares it with olmo_core on the same GPU, its PyTorch path and its
 Liger path (parity_cases.device_expectation), and reports by implementation and dtype.
 """

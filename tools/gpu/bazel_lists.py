@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Writes .gpu/build_lists.sh: what tools/gpu/run.sh compiles and links, taken from Bazel.
+"""Writes .gpu/build_lists.sh: what tools/gpu/build.sh compiles and links, taken from Bazel.
 
-The GPU machine has no Bazel, so run.sh builds with g++ and nvcc itself; this script (run by
+The GPU machine has no Bazel, so build.sh builds with g++ and nvcc itself; this script (run by
 tools/gpu/fetch_deps.sh on the development machine, or alone after a BUILD file changed, once
 .gpu/gen is there) asks Bazel, under --config=cuda, for
   sources[NAME]    each binary's .cc/.cu files of this repository (bazel cquery 'deps(TARGET)'),
@@ -9,9 +9,11 @@ tools/gpu/fetch_deps.sh on the development machine, or alone after a BUILD file 
   copts[SRC]       the -D flags (defines, local_defines) and copts of the rule that compiles SRC;
   nvcc_args[SRC]   the nvcc command line of each .cu (bazel aquery, bazel/cuda.bzl's genrule),
                    less `-c SRC -o OUT`; `external/cutlass` is the GPU machine's unpacked wheel;
-  linkopts[NAME]   the linkopts of the binary's rules in this repository (server/BUILD's).
-Libraries from outside the repository (LibTorch, CUDA, Debian's) stay run.sh's: there they come
-from pkg-config and the machine's torch, not from Bazel's repositories.
+  linkopts[NAME]   the linkopts of every cc rule the binary depends on: this repository's, then
+                   the external libraries' (@system_libs: Debian's, by -l name; @libtorch and
+                   @cuda_toolkit with their directories as that machine's $torch/lib and
+                   $cuda/lib64, see EXTERNAL_LIBS).
+Compile flags for the libraries' headers stay build.sh's (its include directories).
 """
 import json
 import os
@@ -19,7 +21,7 @@ import shlex
 import subprocess
 import sys
 
-# NAME (as run.sh calls it) -> Bazel target.
+# NAME (as tools/gpu/build.sh calls it) -> Bazel target.
 TARGETS = {
     "gpu_lm_head_test": "//tests/gpu:gpu_lm_head_test",
     "lm_head_scoring_test": "//core:lm_head_scoring_test",
@@ -32,9 +34,12 @@ TARGETS = {
     "lmhead_load": "//bench:lmhead_load",
     "lmhead_executor_bench": "//bench:lmhead_executor_bench",
 }
-# External repositories the nvcc command lines may name, as paths on the GPU machine (run.sh's
+# External repositories the nvcc command lines may name, as paths on the GPU machine (build.sh's
 # $deps: the nvidia-cutlass wheel unpacked there).
 EXTERNAL = {"cutlass": "$deps/cutlass/cutlass_library/source"}
+# External repositories whose libraries a binary may link, with the directory their linkopts'
+# absolute paths become there (None: they may name none; -l names resolve in build.sh's -L).
+EXTERNAL_LIBS = {"system_libs": None, "libtorch": "$torch/lib", "cuda_toolkit": "$cuda/lib64"}
 COMPILED = (".cc", ".cu")
 
 
@@ -79,10 +84,21 @@ def safe(flag, what):
     return flag
 
 
+def external_flag(flag, repo, rule):
+    """A linkopt of an external library with its absolute directory as the GPU machine's."""
+    for prefix in ("-L", "-Wl,-rpath,"):
+        if flag.startswith(prefix + "/"):
+            if EXTERNAL_LIBS[repo] is None:
+                fail(f"{rule}: linkopt {flag!r} names a directory; teach bazel_lists.py about it")
+            return prefix + EXTERNAL_LIBS[repo]
+    return safe(flag, rule)
+
+
 def main():
     os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
     sources, copts, linkopts = {}, {}, {}
     for name, target in TARGETS.items():
+        external = []
         results = bazel("cquery", "--config=cuda", "--output=jsonproto", f"deps({target})")
         srcs = []
         generated = {r["target"]["generatedFile"]["name"] for r in results["results"]
@@ -97,18 +113,27 @@ def main():
                 label = t["generatedFile"]["name"]
                 if label.startswith("//") and label.endswith(COMPILED):
                     srcs.append(gen_copy(label))
+            elif t["type"] == "RULE" and t["rule"]["name"].startswith("@"):
+                rule = t["rule"]
+                repo = rule["name"][1:].partition("//")[0]
+                if rule["ruleClass"] == "cc_library" and attr(rule, "linkopts"):
+                    if repo not in EXTERNAL_LIBS:
+                        fail(f"{target} links {rule['name']}, which build.sh cannot link: add "
+                             "its repository to EXTERNAL_LIBS in tools/gpu/bazel_lists.py")
+                    external.append((rule["name"], [external_flag(f, repo, rule["name"])
+                                                    for f in attr(rule, "linkopts")]))
             elif t["type"] == "RULE" and t["rule"]["name"].startswith("//"):
                 rule = t["rule"]
                 if not rule["ruleClass"].startswith("cc_"):
                     continue
                 # The generated code's include roots are .gpu/gen's layout (fetch_deps.sh).
                 if attr(rule, "includes") and not set(attr(rule, "srcs")) <= generated:
-                    fail(f"{rule['name']} has includes, which run.sh does not apply")
+                    fail(f"{rule['name']} has includes, which build.sh does not apply")
                 flags = [safe(f, rule["name"]) for f in attr(rule, "copts")]
                 flags += ["-D" + safe(d, rule["name"]) for d in
                           attr(rule, "defines") + attr(rule, "local_defines")]
                 if attr(rule, "defines"):
-                    fail(f"{rule['name']} has defines, which reach its dependents: run.sh gives "
+                    fail(f"{rule['name']} has defines, which reach its dependents: build.sh gives "
                          "each source only its own rule's flags")
                 for src in attr(rule, "srcs"):
                     if src.startswith("//") and src.endswith(".cc") and flags:
@@ -116,6 +141,8 @@ def main():
                 opts = [safe(f, rule["name"]) for f in attr(rule, "linkopts")]
                 linkopts.setdefault(name, []).extend(o for o in opts
                                                      if o not in linkopts.get(name, []))
+        for _, opts in sorted(external):  # each library's flags once, as a group
+            linkopts.setdefault(name, []).extend(opts)
         if not srcs:
             fail(f"no sources for {target}")
         sources[name] = sorted(set(srcs))
@@ -144,7 +171,7 @@ def main():
                     prefix, _, rest = w.partition("external/")
                     repo, _, tail = rest.partition("/")
                     if repo not in EXTERNAL:
-                        fail(f"nvcc flag {w!r} names @{repo}, which run.sh does not have: add "
+                        fail(f"nvcc flag {w!r} names @{repo}, which build.sh does not have: add "
                              "it to EXTERNAL in tools/gpu/bazel_lists.py")
                     w = f"{prefix}{EXTERNAL[repo]}/{tail}"
                 else:
@@ -165,7 +192,7 @@ def main():
                            stdout=subprocess.PIPE, text=True).stdout.strip()
     lines = [
         "# Generated by tools/gpu/bazel_lists.py (tools/gpu/fetch_deps.sh) from bazel cquery and",
-        "# aquery --config=cuda; sourced by tools/gpu/run.sh. Do not edit: regenerate.",
+        "# aquery --config=cuda; sourced by tools/gpu/common.sh. Do not edit: regenerate.",
         f"build_lists_from='{commit}{' with local changes' if dirty else ''}'",
         "declare -A sources=(",
         *(f"  [{n}]=\"{' '.join(s)}\"" for n, s in sources.items()),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Gathers, on the development machine, what tools/gpu/run.sh needs on the GPU machine (which
+# Gathers, on the development machine, what tools/gpu/{build,test,bench}.sh need on the GPU machine (which
 # has no network and no Bazel) into .gpu/ (git-ignored; pass it as `carry`):
 #   .gpu/debs  Debian's abseil, GoogleTest, gRPC, protobuf, spdlog, fmt, nlohmann-json,
-#              prometheus-cpp packages (and zlib1g-dev: prometheus-cpp-pull.pc requires zlib)
+#              prometheus-cpp packages (and zlib1g-dev: gRPC's and prometheus-cpp's -lz)
 #   .gpu/whl   the Liger-Kernel and Cut Cross-Entropy wheels for the side-by-side benchmark, and
 #              nvidia-cutlass (tools/requirements-cutlass.txt) for the CUTLASS headers
 #   .gpu/gen   the C++ code protoc generates for lmhead.v1 and grpc.health.v1
@@ -11,8 +11,10 @@
 #   .gpu/client  the grpcio wheels and the Python client's generated stubs, for the Python figure
 #              of the serving benchmark (bench/python_load.py)
 #   .gpu/build_lists.sh  each binary's sources, copts, nvcc command lines and linkopts, from
-#              bazel cquery/aquery --config=cuda (tools/gpu/bazel_lists.py): run.sh lists none itself.
-#              After a BUILD change, `python3 tools/gpu/bazel_lists.py` alone brings it up to date.
+#              bazel cquery/aquery --config=cuda (tools/gpu/bazel_lists.py), and the commit they
+#              were taken at (the benchmarks' tables record it): tools/gpu/ lists none itself.
+#              After a BUILD change or a commit, `python3 tools/gpu/bazel_lists.py` alone brings
+#              it up to date.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 rm -rf .gpu && mkdir -p .gpu/debs .gpu/whl .gpu/gen .gpu/olmo .gpu/client
