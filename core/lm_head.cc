@@ -392,8 +392,8 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
 }
 
 absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions& options) const {
-  // Every input is checked before any compute (docs/SEMANTICS.md lists where this is stricter
-  // than upstream).
+  // Every input is checked before any compute (docs/SPEC.md §4 and §9.2 say where this is
+  // stricter than upstream).
   if (!x.defined() || x.dim() != 3 || x.size(2) != d_model_) {
     return InvalidArgument(
         "x", absl::StrCat("expected shape (batch, seq_len, d_model=", d_model_, "), got ",

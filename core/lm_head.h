@@ -1,6 +1,6 @@
 // LMHead and NormalizedLMHead: OLMo-core's language-model heads (olmo_core.nn.lm_head) on
-// LibTorch, for one device, forward only. Behaviour: ../shared/spec/olmo_lm_head.md; what we
-// reproduce and where we deliberately differ: docs/SEMANTICS.md.
+// LibTorch, for one device, forward only. Behaviour, and where we deliberately differ from
+// upstream: docs/SPEC.md.
 #ifndef LMHEAD_CORE_LM_HEAD_H_
 #define LMHEAD_CORE_LM_HEAD_H_
 

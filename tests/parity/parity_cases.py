@@ -11,8 +11,8 @@ inputs, files for our side), computes its reference and compares outputs. Refere
   float64. Where the spec says the paths agree (mean/sum, a multiplier, a valid label) the
   result must also match olmo_core's default path.
 - `spec`: construction errors of cute_rms / fused_rms (spec §5).
-- `deviation`: where docs/SEMANTICS.md ("Deliberate deviations", spec §9) chose to differ
-  from upstream.
+- `deviation`: where we chose to differ from upstream (docs/SPEC.md §9.2, whose numbers the
+  `why` strings below cite).
 
 On a GPU (`device_expectation`, LMHEAD_PARITY_DEVICE=cuda:N in test_parity.py) the references
 are upstream itself on that GPU: `olmo@cuda` (olmo_core's PyTorch path) and `liger@cuda`
@@ -50,9 +50,9 @@ FIELDS = ("logits", "loss", "ce_loss", "z_loss")
 TOLERANCES = {"float32": (1.3e-6, 1e-5), "bfloat16": (1.6e-2, 1e-5), "float16": (1e-3, 1e-5)}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# fused_linear with no tokens: upstream divides by zero inside Liger (spec §9.11). We chose the
-# empty-sum result (docs/SEMANTICS.md, deviation 4): "mean"/"sum" give 0, "none" gives (B, 0) (and
-# fails for B = 0 like every "none" reshape).
+# fused_linear with no tokens: upstream divides by zero inside Liger. We chose the empty-sum
+# result (docs/SPEC.md §9.2, deviation 4): "mean"/"sum" give 0, "none" gives (B, 0) (and fails
+# for B = 0 like every "none" reshape).
 FUSED_EMPTY_IS_ERROR = False
 
 
