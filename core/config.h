@@ -1,4 +1,4 @@
-// LMHeadConfig and LayerNormConfig: OLMo-core's head configuration (spec §1, §5), its
+// LMHeadConfig and LayerNormConfig: OLMo-core's head configuration (docs/SPEC.md §1, §5), its
 // validation, parameter counts, the names of its enums, and the rule for a request's overrides
 // of a loaded head's config (ApplyConfigOverride). Free of LibTorch, so the server and
 // clients can use it without compiling tensor headers.
@@ -58,8 +58,8 @@ struct LayerNormConfig {
   std::optional<bool> full_precision;
   std::optional<DType> dtype;
 
-  // The construction errors OLMo-core raises for this config (spec §5): INVALID_ARGUMENT for
-  // options the class does not take, UNIMPLEMENTED for combinations the kernels refuse.
+  // The construction errors OLMo-core raises for this config (docs/SPEC.md §5): INVALID_ARGUMENT
+  // for options the class does not take, UNIMPLEMENTED for combinations the kernels refuse.
   absl::Status Validate() const;
 
   // The values the built norm uses, with class defaults filled in.
@@ -81,7 +81,7 @@ struct LMHeadConfig {
   DType dtype = DType::kFloat32;
   LossImplementation loss_implementation = LossImplementation::kDefault;
 
-  // The construction errors of LMHeadConfig.build (spec §1, §4), layer norm included.
+  // The construction errors of LMHeadConfig.build (docs/SPEC.md §1, §4), layer norm included.
   absl::Status Validate() const;
 
   // Whether the built head has a w_out bias.

@@ -1,4 +1,4 @@
-// LMHeadConfig <-> JSON, in the shape of OLMo-core's config dataclasses (spec §1, §5):
+// LMHeadConfig <-> JSON, in the shape of OLMo-core's config dataclasses (docs/SPEC.md §1, §5):
 //
 //   {"name": "default" | "normalized",
 //    "layer_norm": null | {"name": "default" | "rms" | "qwen_rms" | "cute_rms" | "fused_rms" |

@@ -1,4 +1,4 @@
-// The layer norms an LMHead may apply before w_out (olmo_core.nn.layer_norm, spec §5).
+// The layer norms an LMHead may apply before w_out (olmo_core.nn.layer_norm, docs/SPEC.md §5).
 #ifndef LMHEAD_CORE_LAYER_NORM_H_
 #define LMHEAD_CORE_LAYER_NORM_H_
 

@@ -38,7 +38,8 @@ const std::map<std::string, std::string>& HuggingFaceNames() {
   return *names;
 }
 
-// h[:, -k:, :] with Python slice semantics, or a per-row gather along dim 1 (spec §2.1 step 3).
+// h[:, -k:, :] with Python slice semantics, or a per-row gather along dim 1 (docs/SPEC.md §2.1
+// step 3).
 at::Tensor SelectPositions(const at::Tensor& t, const std::variant<int64_t, at::Tensor>& keep) {
   if (const auto* k = std::get_if<int64_t>(&keep)) {
     if (*k == 0) return t;
@@ -52,7 +53,7 @@ at::Tensor SelectPositions(const at::Tensor& t, const std::variant<int64_t, at::
   return t.gather(1, positions);
 }
 
-// _finalize_loss without tensor or context parallelism (spec §2.5).
+// _finalize_loss without tensor or context parallelism (docs/SPEC.md §2.5).
 at::Tensor FinalizeLoss(const at::Tensor& loss, int64_t batch, LossReduction reduction,
                         const std::variant<std::monostate, double, at::Tensor>& div_factor) {
   at::Tensor out = reduction == LossReduction::kNone ? loss.view({batch, -1}) : loss;

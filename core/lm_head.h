@@ -68,7 +68,7 @@ struct ForwardOptions {
 };
 
 // What forward returns: logits alone when no labels were given, else LMOutputWithLoss
-// (logits?, loss, ce_loss, z_loss?) with upstream's shapes and dtypes (spec §3).
+// (logits?, loss, ce_loss, z_loss?) with upstream's shapes and dtypes (docs/SPEC.md §3).
 struct LMOutput {
   std::optional<at::Tensor> logits;
   std::optional<at::Tensor> loss;
@@ -109,7 +109,7 @@ int64_t KeptStart(int64_t logits_to_keep, int64_t seq_len);
 // positions tensor, seq_len - KeptStart(k, seq_len) for an integer k.
 int64_t KeptLength(const std::variant<int64_t, at::Tensor>& logits_to_keep, int64_t seq_len);
 
-// The shape and dtype of the loss outputs Forward returns (spec §3).
+// The shape and dtype of the loss outputs Forward returns (docs/SPEC.md §3).
 struct LossOutputSpec {
   // (batch, kept) for "none", () for "mean" and "sum"; broadcast with the shape of a tensor
   // loss_div_factor, as the division does.
@@ -185,7 +185,7 @@ class LMHead {
   // exception in the packed compute gives every item of its group that status.
   std::vector<absl::StatusOr<LMOutput>> ForwardBatch(const std::vector<ForwardItem>& items) const;
 
-  // Parameters in registration order with OLMo-core's names (spec §6). The tensors share
+  // Parameters in registration order with OLMo-core's names (docs/SPEC.md §6). The tensors share
   // storage with the head's own.
   const NamedTensors& NamedParameters() const { return parameters_; }
 

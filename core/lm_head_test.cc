@@ -198,7 +198,7 @@ TEST(LMHeadTest, ReductionNoneShapesAndMasking) {
   ASSERT_TRUE(dflt.ok() && fused.ok());
   EXPECT_EQ(dflt->loss->sizes(), (std::vector<int64_t>{2, 4}));
   EXPECT_EQ(fused->loss->sizes(), (std::vector<int64_t>{2, 4}));
-  // Default z is unmasked at the ignored position; fused masks it (spec §9.3).
+  // Default z is unmasked at the ignored position; fused masks it (docs/SPEC.md §9.1, item 3).
   EXPECT_GT(dflt->z_loss->index({1, 3}).item<double>(), 0.0);
   EXPECT_EQ(fused->z_loss->index({1, 3}).item<double>(), 0.0);
   EXPECT_EQ(dflt->ce_loss->index({1, 3}).item<double>(), 0.0);

@@ -1,4 +1,5 @@
-// The two loss implementations behind LMHead.forward (spec §2.3, §2.4), before finalisation.
+// The two loss implementations behind LMHead.forward (docs/SPEC.md §2.3, §2.4), before
+// finalisation.
 #ifndef LMHEAD_CORE_LOSSES_H_
 #define LMHEAD_CORE_LOSSES_H_
 

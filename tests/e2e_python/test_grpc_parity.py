@@ -29,7 +29,7 @@ REDUCTION_SKIP = "loss_reduction outside mean/sum/none has no wire value (client
 
 
 def _is_load_time(m: Materialized, expected: Expected) -> bool:
-    """The head cannot be built: olmo_core refuses it, or our core does (spec §5)."""
+    """The head cannot be built: olmo_core refuses it, or our core does (docs/SPEC.md §5)."""
     return m.head is None or expected.source == "spec"
 
 

@@ -232,7 +232,7 @@ def test_every_output_matches_the_reference(server, model, implementation):
             _check(scores, want, what)
             assert scores.num_scored_tokens == int((labels != IGNORE).sum()), what
             # The loss is -sum(label log-probabilities) (fused_linear adds 1e-4 lse^2 per scored
-            # token without a z-loss multiplier, as upstream: shared/spec 2.4 (a)).
+            # token without a z-loss multiplier, as upstream: docs/SPEC.md §9.1, item 1).
             loss = -want["label_logprobs"].sum()
             if implementation == "fused_linear":
                 lse = torch.logsumexp(_logits(x), -1)

@@ -7,10 +7,11 @@ inputs, files for our side), computes its reference and compares outputs. Refere
 
 - `olmo`: olmo_core itself (the default loss path, every logits-only call, every error it raises).
   cute_rms / fused_rms need GPU packages; olmo_core's `rms` with the same options stands in.
-- `fp64`: fused_linear with labels. Liger needs a GPU, so the reference is spec §2.4 computed in
-  float64. Where the spec says the paths agree (mean/sum, a multiplier, a valid label) the
+- `fp64`: fused_linear with labels. Liger needs a GPU, so the reference is docs/SPEC.md §2.4
+  computed in float64. Where the two paths agree (mean/sum, a multiplier, a valid label) the
   result must also match olmo_core's default path.
-- `spec`: construction errors of cute_rms / fused_rms (spec §5).
+- `spec`: construction errors of cute_rms / fused_rms, which upstream raises only once their
+  kernels' packages import (docs/SPEC.md §5).
 - `deviation`: where we chose to differ from upstream (docs/SPEC.md §9.2, whose numbers the
   `why` strings below cite).
 
@@ -202,7 +203,7 @@ def covering_grid(rng: random.Random, count: int) -> List[Case]:
 
 
 def targeted_cases() -> List[Case]:
-    """Edge cases and every error of spec §4 / §5, and the deviations of §9."""
+    """Edge cases, every error of docs/SPEC.md §4 / §5, and the deviations of its §9.2."""
     c = []
     add = c.append
     fused = dict(impl="fused_linear")
@@ -218,7 +219,8 @@ def targeted_cases() -> List[Case]:
         add(Case(head=head, keep="tensor_empty", reduction="none", return_logits=True))
         add(Case(head=head, keep="tensor_empty", reduction="mean"))
         add(Case(head=head, keep="tensor", labels="absent", S=7, B=3))
-    # Positions that upstream rejects (gather/expand errors) and those we reject (spec §9.10).
+    # Positions upstream rejects (gather/expand errors) and those we reject (docs/SPEC.md §9.2,
+    # deviation 2).
     for kind in ("tensor_long", "tensor_1d", "tensor_0d", "tensor_3d", "tensor_oob", "tensor_neg",
                  "tensor_short", "tensor_int32"):
         add(Case(keep=kind, reduction="sum"))
@@ -279,7 +281,7 @@ def targeted_cases() -> List[Case]:
         add(Case(S=0, reduction=red, zml=1e-3, **fused))
     add(Case(B=0, head="normalized", reduction="none"))
     add(Case(B=0, labels="absent"))
-    # --- spec §4 errors ---
+    # --- docs/SPEC.md §4 errors ---
     # return_logits=False without labels.
     for kw in (dict(), dict(head="normalized"), fused, dict(norm=norm("rms"), keep=-2)):
         add(Case(labels="absent", return_logits=False, **kw))
@@ -300,12 +302,13 @@ def targeted_cases() -> List[Case]:
                           ("elementwise_affine", False), ("bias", False),
                           ("full_precision", True), ("dtype", "float32")):
         add(Case(norm=norm("l2_norm", **{option: value})))
-    # cute_rms / fused_rms construction errors (spec §5).
+    # cute_rms / fused_rms construction errors (docs/SPEC.md §5).
     add(Case(norm=norm("fused_rms", elementwise_affine=False)))
     add(Case(norm=norm("fused_rms", full_precision=False), labels="absent"))
     add(Case(norm=norm("cute_rms", full_precision=False)))
     add(Case(norm=norm("cute_rms", full_precision=False, elementwise_affine=False), **fused))
-    # Unknown reductions (fused: an error for us, a silent "sum" upstream; spec §9.9).
+    # Unknown reductions (fused: an error for us, a silent "sum" upstream; docs/SPEC.md §9.2,
+    # deviation 1).
     for red in ("avg", "MEAN", ""):
         add(Case(reduction=red))
         add(Case(reduction=red, zml=1e-3, **fused))
@@ -345,7 +348,7 @@ def olmo_config(case: Case, impl: Optional[str] = None) -> LMHeadConfig:
     if case.norm is not None:
         options = dict(case.norm)
         name = options.pop("name")
-        if name in ("cute_rms", "fused_rms"):  # GPU kernels computing the rms math (spec §5)
+        if name in ("cute_rms", "fused_rms"):  # GPU kernels of the rms math (docs/SPEC.md §5)
             name = "rms"
         if "dtype" in options:
             options["dtype"] = DType(options["dtype"])
@@ -565,8 +568,8 @@ def finalize(t: torch.Tensor, B: int, reduction: str, div) -> torch.Tensor:
 
 
 def fused_reference(case: Case, m: Materialized, with_agree: bool = True) -> Expected:
-    """Spec §2.4 in float64: Liger's fused linear cross-entropy as OLMo-core calls it. With
-    `with_agree`, also olmo_core's default path where the spec says the two agree."""
+    """docs/SPEC.md §2.4 in float64: Liger's fused linear cross-entropy as OLMo-core calls it.
+    With `with_agree`, also olmo_core's default path where the two agree."""
     head = m.head
     h = head.norm(m.x) if head.norm is not None else m.x
     h, labels = select_positions(h, m.labels, m.keep)
@@ -645,9 +648,11 @@ def expectation(case: Case, m: Materialized) -> Expected:
     options = dict(case.norm or ())
     name = options.get("name")
     if name == "fused_rms" and options.get("elementwise_affine") is False:
-        return Expected("spec", "UNIMPLEMENTED", why="fused_rms needs elementwise_affine (§5)")
+        return Expected("spec", "UNIMPLEMENTED",
+                        why="fused_rms needs elementwise_affine (docs/SPEC.md §5)")
     if name in ("cute_rms", "fused_rms") and options.get("full_precision") is False:
-        return Expected("spec", "UNIMPLEMENTED", why=f"{name} needs full_precision (spec §5)")
+        return Expected("spec", "UNIMPLEMENTED",
+                        why=f"{name} needs full_precision (docs/SPEC.md §5)")
     keep = m.keep
     if isinstance(keep, torch.Tensor) and keep.dim() == 2 and keep.dtype == torch.int32:
         return Expected("deviation", "INVALID_ARGUMENT", why="int32 positions (deviation 2)")
@@ -703,7 +708,7 @@ def _cross_entropy_loss_fp64(logits, labels, *, ignore_index=-100, reduction="me
 def float64_reference(case: Case, m: Materialized,
                       fused: bool) -> Optional[Dict[str, Optional[torch.Tensor]]]:
     """The case computed in float64 on the CPU from the same (already rounded) weights and
-    inputs, with no rounding in between: the head and x converted to float64, then spec §2.4
+    inputs, with no rounding in between: the head and x converted to float64, then docs/SPEC.md §2.4
     (fused_reference, whose logits and z-loss then stay in float64) or olmo_core's default path
     with its loss in float64 (_cross_entropy_loss_fp64). Exact but for the float32 casts that
     olmo_core makes itself (full-precision layer norms) and the float32 losses of the fused
@@ -730,8 +735,8 @@ def _upstream_code(e: Exception) -> str:
 def device_expectation(case: Case, m: Materialized, device: str) -> Expected:
     """The reference for `case` with our head on `device`: upstream on the same device.
 
-    - Every error (upstream's, the spec's, our deviations) is taken from the CPU reference and
-      upstream is not run on the device: its CUDA kernels turn labels or positions out of range
+    - Every error (upstream's, docs/SPEC.md §5's, our deviations) is taken from the CPU reference
+      and upstream is not run on the device: its CUDA kernels turn labels or positions out of range
       into device-side asserts, which end the process's CUDA context.
     - fused_linear with labels and no tokens: deviation 4 (Liger divides by zero), from fp64.
     - Otherwise olmo_core's head on `device`: its PyTorch path (`olmo@cuda`) or, for
