@@ -130,7 +130,7 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
   // A slice narrower than the vocabulary is a whole number of kColumnAlignment columns: the
   // chunk's rows (its GEMM's leading dimension) then start 16-byte aligned and GEMM tiles stay
   // whole. An odd width (budget / token_rows for most token counts) made cuBLAS fall back to
-  // kernels 3.5x slower on an H200 (docs/BENCHMARKS.md "Serving").
+  // kernels 3.5x slower on an H200 (docs/notes/fused_gemm_dispatch.md).
   constexpr int64_t kColumnAlignment = 128;
   if (shape.vocab_columns < vocab_size && shape.vocab_columns >= kColumnAlignment) {
     shape.vocab_columns -= shape.vocab_columns % kColumnAlignment;
@@ -242,7 +242,7 @@ int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax, bool with_s
 bool FusedGemmPreferred(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                         int64_t chunk_bytes, bool with_argmax, bool with_scoring) {
   // At d=4096, run back to back at the cards' power cap, the fused GEMM is slower than the
-  // chunked path on both the H100 and the H200 (docs/BENCHMARKS.md, v10).
+  // chunked path on both the H100 and the H200 (docs/notes/fused_gemm_dispatch.md).
   constexpr int64_t kFusedGemmMaxRowBytes = 4096;
   return FusedGemmApplies(h, weight, bias) &&
          h.size(1) * h.element_size() <= kFusedGemmMaxRowBytes &&

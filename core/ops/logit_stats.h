@@ -62,7 +62,7 @@ struct RunningArgmax {
 // `with_argmax` also fills LogitStats::argmax.
 // ComputeLogitStatsFusedGemm where FusedGemmApplies, rows of h are at most 4 KiB (where it was
 // measured faster on both Hopper cards) and chunk_bytes allows it; ComputeLogitStatsChunked
-// elsewhere.
+// elsewhere. Why: docs/notes/fused_gemm_dispatch.md.
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& safe_labels, int64_t chunk_bytes,
                              const std::function<void()>& between_chunks = {},
@@ -107,8 +107,8 @@ bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::T
 int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax, bool with_scoring = false);
 
 // Whether ComputeLogitStats (and the scoring pass) take the fused GEMM: FusedGemmApplies, rows of
-// h of at most 4 KiB (where it was measured faster than the chunked path on both Hopper cards)
-// and chunk_bytes >= FusedGemmMinChunkBytes.
+// h of at most 4 KiB (where it was measured faster than the chunked path on both Hopper cards,
+// docs/notes/fused_gemm_dispatch.md) and chunk_bytes >= FusedGemmMinChunkBytes.
 bool FusedGemmPreferred(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                         int64_t chunk_bytes, bool with_argmax, bool with_scoring = false);
 
