@@ -128,8 +128,9 @@ struct Options {
   // 2). Defaults 0 and 16.
   int grpc_completion_queues = 0;
   int grpc_max_pollers = 16;
-  // HTTP/2 transport settings (docs/API.md "Transport"; 0 or -1: gRPC's own). The largest frame
-  // the server accepts (SETTINGS_MAX_FRAME_SIZE), bytes, 16384 to 16777215; 0: gRPC's 16 KiB.
+  // HTTP/2 transport settings (docs/API.md "Run the server", the --http2_* flags; 0 or -1:
+  // gRPC's own). The largest frame the server accepts (SETTINGS_MAX_FRAME_SIZE), bytes, 16384 to
+  // 16777215; 0: gRPC's 16 KiB.
   int http2_max_frame_bytes = 0;
   // The flow-control window the server offers each stream before BDP probing adapts it
   // (gRPC's "lookahead"), bytes, 65535 to 2^31 - 1; 0: gRPC's 64 KiB.
