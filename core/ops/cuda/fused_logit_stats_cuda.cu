@@ -20,9 +20,9 @@ namespace {
 
 // The GEMM's schedule: a ping-pong kernel. Each of two consumer warpgroups owns a 128 x 128 tile,
 // and one's epilogue runs while the other's MMAs do, so the epilogue costs no tensor-core time;
-// clusters of two tiles along the vocabulary share each h tile's load (TMA multicast). Why this
-// one and not the cooperative kernel: docs/notes/fused_gemm_dispatch.md
-// and docs/notes/benchmark_history.md.
+// clusters of two tiles along the vocabulary share each h tile's load (TMA multicast). When this
+// kernel runs: docs/notes/fused_gemm_dispatch.md; why not the cooperative kernel:
+// docs/notes/benchmark_history.md.
 using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
 using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
 using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
