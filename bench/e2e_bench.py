@@ -114,6 +114,11 @@ def main(argv=None) -> int:
     chunk_bytes = int(args.chunk_mib * (1 << 20))
 
     rows = []
+    if args.kernel_tokens_per_s:  # the baseline, as given
+        append_result("transport", d_model=args.d_model, vocab_size=args.vocab_size,
+                      tokens=8192, dtype="bf16" if gpu else "fp32",
+                      implementation="kernel-only (given: --kernel_tokens_per_s)",
+                      baseline="kernel-only", ratio=1.0, tokens_per_s=args.kernel_tokens_per_s)
 
     def report(what: str, seconds: float):
         rate = tokens / seconds

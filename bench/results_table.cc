@@ -40,6 +40,14 @@ std::string Number(double value, const char* format) {
 
 std::string Count(int64_t value) { return value > 0 ? std::to_string(value) : ""; }
 
+// One name per dtype in every table, as the CLI spells them (bench/results_table.py's _DTYPES).
+std::string DType(const std::string& name) {
+  if (name == "bfloat16") return "bf16";
+  if (name == "float16") return "fp16";
+  if (name == "float32") return "fp32";
+  return name;
+}
+
 }  // namespace
 
 bool AppendResult(const std::string& table, const ResultRow& row) {
@@ -58,9 +66,9 @@ bool AppendResult(const std::string& table, const ResultRow& row) {
   if (std::ftell(file) == 0) line = kHeader;
   line += Text(Env("LMHEAD_CARD")) + "," + Text(Env("LMHEAD_COMMIT")) + "," + date + "," +
           Count(row.d_model) + "," + Count(row.vocab_size) + "," + Count(row.tokens) + "," +
-          Text(row.dtype) + "," + Text(row.implementation) + "," + Number(row.time_ms, "%.3f") +
-          "," + Text(row.baseline) + "," + Number(row.ratio, "%.4f") + "," +
-          Number(row.peak_extra_mb, "%.0f") + "," + Number(row.tokens_per_s, "%.0f") + "," +
+          Text(DType(row.dtype)) + "," + Text(row.implementation) + "," +
+          Number(row.time_ms, "%.3f") + "," + Text(row.baseline) + "," + Number(row.ratio, "%.4f") +
+          "," + Number(row.peak_extra_mb, "%.0f") + "," + Number(row.tokens_per_s, "%.0f") + "," +
           Number(row.p99_ms, "%.3f") + "\n";
   const bool written = std::fputs(line.c_str(), file) >= 0;
   if (std::fclose(file) != 0 || !written) {

@@ -101,7 +101,7 @@ for s in "${steps[@]}"; do
     e2e)
       build gpu_lm_head_bench lmhead_server lmhead
       python_deps
-      kernel=$(kernel_rate)
+      kernel=$(LMHEAD_RESULTS= kernel_rate)  # e2e_bench.py writes it as transport.csv's baseline
       # The client processes as docs/API.md advises ("Throughput of big calls"); the servers
       # restart with the same themselves (--malloc_huge_pages), the reference server inherits it.
       GLIBC_TUNABLES=glibc.malloc.hugetlb=1 run python3 bench/e2e_bench.py --device cuda:0 \
