@@ -19,8 +19,8 @@ def lmhead_fuzzer(name, deps = [], **kwargs):
     native.cc_binary(
         name = name + "_fuzzer",
         srcs = [name + "_fuzzer.cc"],
-        # Only with --config=fuzz: in other configurations the target is never built, and its
-        # dependencies (some private to their packages) would still be checked for visibility.
+        # Only with --config=fuzz: in other configurations the target is never built. Its
+        # dependencies name tests/fuzz in their visibility, as declared friends.
         deps = select({
             "//bazel:fuzz": deps,
             "//conditions:default": [],

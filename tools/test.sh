@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test that needs no GPU. Installs what is missing first (tools/setup.sh).
 #  0. Every C++/CUDA source is formatted as .clang-format says.
-#  1. Bazel: unit tests, and the end-to-end tests of the real server and CLI over loopback.
+#  1. Bazel: unit tests, and the end-to-end tests of the real server and CLI over loopback; every
+#     include of a repository header declared as a dependency in BUILD (tools/check_layering.py).
 #  2. The CUDA sources and GPU tests must keep compiling (they run on the GPU machine only); the
 #     CUDA build of the server is kept for step 4, which starts it (on the CPU).
 #  3. The parity suite: our core against the real olmo_core package.
@@ -30,6 +31,7 @@ venv=$(tools/setup.sh | tail -n 1)
 git ls-files -z '*.cc' '*.h' '*.cu' ':!bazel/' | xargs -0 clang-format --dry-run --Werror
 
 bazel test //...
+python3 tools/check_layering.py
 bazel build --config=cuda //core/... //tests/gpu:gpu_lm_head_test //tests/gpu:gpu_server_oom_test \
   //tests/gpu:gpu_shared_memory_test //server:lmhead_server //bench:gpu_lm_head_bench
 cuda_server=$(mktemp -d)/lmhead_server_cuda
