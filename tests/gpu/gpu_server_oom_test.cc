@@ -174,8 +174,8 @@ ForwardArgs Args(const Inputs& in, const std::string& implementation, bool logit
   return args;
 }
 
-// Each output the server returned against the CPU head's, as tests/gpu/test_gpu_server_matches_cpu.py compares the CPU and GPU
-// servers (rtol 1e-4, atol 1e-5).
+// Each output the server returned against the CPU head's, as
+// tests/gpu/test_gpu_server_matches_cpu.py compares the CPU and GPU servers (rtol 1e-4, atol 1e-5).
 void ExpectMatchesCpu(const v1::ForwardResponse& response, const LMOutput& want,
                       const std::string& what) {
   struct Field {
