@@ -514,14 +514,14 @@ absl::Status InJobMicroBatches(const absl::Status& status, int64_t first) {
 
 }  // namespace
 
-absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
+absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardMicroBatched(
     const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
     const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {
-  return ForwardChunked(ViewOf(hidden_states), std::nullopt, args, max_micro_batch_bytes, progress,
-                        parallel_streams);
+  return ForwardMicroBatched(ViewOf(hidden_states), std::nullopt, args, max_micro_batch_bytes,
+                             progress, parallel_streams);
 }
 
-absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
+absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardMicroBatched(
     const TensorView& hidden_states, const std::optional<TensorView>& labels,
     const ForwardArgs& args, int64_t max_micro_batch_bytes,
     const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {

@@ -418,7 +418,7 @@ TEST_F(ServerTest, ForwardStreamServesAClientThatWaitsForEachAnswer) {
   ExpectStillServing();
 }
 
-TEST_F(ServerTest, ForwardChunkedCombinesLikeOneForward) {
+TEST_F(ServerTest, ForwardMicroBatchedCombinesLikeOneForward) {
   auto client = Connect(*server_);
   const Inputs inputs = MakeInputs(7, 6);
   const int64_t row_bytes = 6 * kDModel * 4;
@@ -437,29 +437,30 @@ TEST_F(ServerTest, ForwardChunkedCombinesLikeOneForward) {
       absl::StatusOr<v1::ForwardResponse> whole = client->Forward(ToWire(inputs.x), args);
       ASSERT_TRUE(whole.ok()) << whole.status();
       std::vector<int64_t> progress;
-      absl::StatusOr<v1::ForwardResponse> chunked = client->ForwardChunked(
+      absl::StatusOr<v1::ForwardResponse> micro_batched = client->ForwardMicroBatched(
           ToWire(inputs.x), args, 2 * row_bytes,
           [&](int64_t done, int64_t total) { progress.push_back(done * 100 + total); });
-      ASSERT_TRUE(chunked.ok()) << chunked.status();
+      ASSERT_TRUE(micro_batched.ok()) << micro_batched.status();
       EXPECT_EQ(progress, (std::vector<int64_t>{104, 204, 304, 404}));
-      EXPECT_EQ(chunked->num_scored_tokens(), whole->num_scored_tokens());
-      EXPECT_EQ(chunked->has_logits(), whole->has_logits());
-      if (whole->has_logits()) ExpectClose(chunked->logits(), FromWire(whole->logits()), "logits");
+      EXPECT_EQ(micro_batched->num_scored_tokens(), whole->num_scored_tokens());
+      EXPECT_EQ(micro_batched->has_logits(), whole->has_logits());
+      if (whole->has_logits())
+        ExpectClose(micro_batched->logits(), FromWire(whole->logits()), "logits");
       for (const auto& [name, got, want] :
-           {std::tuple{"loss", &chunked->loss(), &whole->loss()},
-            std::tuple{"ce_loss", &chunked->ce_loss(), &whole->ce_loss()},
-            std::tuple{"z_loss", &chunked->z_loss(), &whole->z_loss()}}) {
+           {std::tuple{"loss", &micro_batched->loss(), &whole->loss()},
+            std::tuple{"ce_loss", &micro_batched->ce_loss(), &whole->ce_loss()},
+            std::tuple{"z_loss", &micro_batched->z_loss(), &whole->z_loss()}}) {
         ExpectClose(*got, FromWire(*want).to(TorchType(got->dtype())), name, 1e-4, 1e-5);
       }
     }
   }
 }
 
-// parallel_streams spreads a chunked job's micro-batches over several streams and connections:
-// on a server that computes each micro-batch alone, exactly one stream's answer, for every
-// reduction, with positions and a per-row divisor; progress counts every micro-batch; a refused
-// micro-batch, first or last, fails the job with its status.
-TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
+// parallel_streams spreads a micro_batched job's micro-batches over several streams and
+// connections: on a server that computes each micro-batch alone, exactly one stream's answer, for
+// every reduction, with positions and a per-row divisor; progress counts every micro-batch; a
+// refused micro-batch, first or last, fails the job with its status.
+TEST_F(ServerTest, ForwardMicroBatchedOverParallelStreamsIsOneStream) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> unpacked =
       ServerProcess::Start({"--max_batch_tokens=1"});
   ASSERT_TRUE(unpacked.ok()) << unpacked.status();
@@ -482,11 +483,11 @@ TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
       args.loss_div_factor = 3.0;
     }
     absl::StatusOr<v1::ForwardResponse> one =
-        client->ForwardChunked(ToWire(inputs.x), args, 2 * row_bytes);
+        client->ForwardMicroBatched(ToWire(inputs.x), args, 2 * row_bytes);
     ASSERT_TRUE(one.ok()) << one.status();
     for (int streams : {2, 3, 5, 12}) {
       std::vector<int64_t> progress;
-      absl::StatusOr<v1::ForwardResponse> spread = client->ForwardChunked(
+      absl::StatusOr<v1::ForwardResponse> spread = client->ForwardMicroBatched(
           ToWire(inputs.x), args, 2 * row_bytes,
           [&](int64_t done, int64_t total) { progress.push_back(done * 100 + total); }, streams);
       ASSERT_TRUE(spread.ok()) << streams << ": " << spread.status();
@@ -508,7 +509,7 @@ TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
     labels.index_put_({bad_row, 1}, kVocab + 3);
     args.labels = ToWire(labels);
     absl::StatusOr<v1::ForwardResponse> failed =
-        client->ForwardChunked(ToWire(inputs.x), args, row_bytes, {}, 4);
+        client->ForwardMicroBatched(ToWire(inputs.x), args, row_bytes, {}, 4);
     ASSERT_FALSE(failed.ok());
     EXPECT_EQ(failed.status().code(), absl::StatusCode::kInvalidArgument) << failed.status();
     EXPECT_TRUE(absl::StrContains(failed.status().message(), "labels")) << failed.status();
@@ -521,14 +522,16 @@ TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
     labels.index_put_({2, 1}, -5);
     labels.index_put_({7, 1}, kVocab);
     args.labels = ToWire(labels);
-    const absl::Status one = client->ForwardChunked(ToWire(inputs.x), args, row_bytes).status();
+    const absl::Status one =
+        client->ForwardMicroBatched(ToWire(inputs.x), args, row_bytes).status();
     ASSERT_FALSE(one.ok());
     EXPECT_TRUE(absl::EndsWith(one.message(), "(micro-batch 2)")) << one;
     for (int i = 0; i < 4; ++i) {
-      EXPECT_EQ(client->ForwardChunked(ToWire(inputs.x), args, row_bytes, {}, 4).status(), one);
+      EXPECT_EQ(client->ForwardMicroBatched(ToWire(inputs.x), args, row_bytes, {}, 4).status(),
+                one);
     }
   }
-  EXPECT_EQ(client->ForwardChunked(ToWire(inputs.x), {}, row_bytes, {}, 0).status().code(),
+  EXPECT_EQ(client->ForwardMicroBatched(ToWire(inputs.x), {}, row_bytes, {}, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*unpacked)->Stop(), 0) << (*unpacked)->Log();
 }

@@ -336,7 +336,7 @@ PY
         --labels "$work/y.npy" --z_loss_multiplier 1e-3 --loss_reduction none \
         --loss_implementation $impl --output "$work/$dev-$impl.safetensors"
       "$build/lmhead" forward --address "127.0.0.1:$(cat "$work/$dev")" --hidden "$work/xs.npy" \
-        --labels "$work/ys.npy" --loss_reduction none --chunk_mib 1 --return_logits false \
+        --labels "$work/ys.npy" --loss_reduction none --micro_batch_mib 1 --return_logits false \
         --loss_implementation $impl --output "$work/$dev-$impl-stream.safetensors" > /dev/null
     done
   done
