@@ -144,9 +144,23 @@ struct ForwardArgs {
   v1::LossImplementation loss_implementation = v1::LOSS_IMPLEMENTATION_UNSPECIFIED;
   v1::DataType compute_dtype = v1::DATA_TYPE_UNSPECIFIED;  // the model's dtype
   v1::DataType logits_dtype = v1::DATA_TYPE_UNSPECIFIED;   // the compute dtype
-  std::optional<int64_t> fused_chunk_bytes;
+  // The most bytes of the tile of logits fused_linear holds at once (options.logit_tile_bytes);
+  // unset: the server's default.
+  std::optional<int64_t> logit_tile_bytes;
+  // The old name of logit_tile_bytes, kept for one release: sent as the deprecated field
+  // options.fused_chunk_bytes (the server refuses the two when they disagree).
+  [[deprecated("use logit_tile_bytes")]] std::optional<int64_t> fused_chunk_bytes;
   bool return_argmax = false;  // also return each kept position's most likely token id
   ScoringArgs scoring;         // scoring outputs; default none
+
+  // Declared, and defined where fused_chunk_bytes' deprecation is silenced: GCC would otherwise
+  // warn about it in every translation unit that makes or copies a ForwardArgs.
+  ForwardArgs();
+  ForwardArgs(const ForwardArgs&);
+  ForwardArgs(ForwardArgs&&);
+  ForwardArgs& operator=(const ForwardArgs&);
+  ForwardArgs& operator=(ForwardArgs&&);
+  ~ForwardArgs();
 };
 
 // The request Forward sends for `hidden_states` and `args`.

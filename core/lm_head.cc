@@ -133,8 +133,8 @@ LMOutput FusedOutput(const LossTerms& terms, int64_t batch, int64_t kept,
   return out;
 }
 
-int64_t FusedChunkBytes(int64_t requested, const c10::Device& device) {
-  return requested > 0 ? requested : DefaultFusedChunkBytes(device);
+int64_t LogitTileBytes(int64_t requested, const c10::Device& device) {
+  return requested > 0 ? requested : DefaultLogitTileBytes(device);
 }
 
 // The number of scored positions when both index tensors are on the host (free), else unset.
@@ -465,8 +465,8 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
       return InvalidArgument("loss_reduction",
                              "'none' needs a non-empty batch (the loss is reshaped to (B, -1))");
     }
-    if (options.fused_chunk_bytes < 0) {
-      return InvalidArgument("fused_chunk_bytes", "must be positive, or 0 for the default");
+    if (options.logit_tile_bytes < 0) {
+      return InvalidArgument("logit_tile_bytes", "must be positive, or 0 for the default");
     }
     if (const auto* divisor = std::get_if<at::Tensor>(&options.loss_div_factor)) {
       if (divisor->defined() && divisor->device() != x.device() &&
@@ -707,24 +707,24 @@ LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& optio
   const at::Tensor h =
       SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x, options.logits_to_keep);
   if (!UsesFusedLinear(options)) return DefaultOutput(Logits(h), options);
-  const auto between_chunks = [&options]() {
+  const auto between_tiles = [&options]() {
     if (!options.interrupt_check) return;
     if (absl::Status status = options.interrupt_check(); !status.ok()) throw StatusError(status);
   };
   const at::Tensor rows = h.contiguous().view({-1, d_model_});
   const at::Tensor labels = KeptLabels(options);
-  const int64_t chunk_bytes = FusedChunkBytes(options.fused_chunk_bytes, x.device());
+  const int64_t tile_bytes = LogitTileBytes(options.logit_tile_bytes, x.device());
   if (!options.scoring.any()) {
     const LossTerms terms = FusedLinearLoss(rows, weight_, bias_, labels, options.ignore_index,
                                             options.loss_reduction, options.z_loss_multiplier,
-                                            chunk_bytes, between_chunks, options.return_argmax);
+                                            tile_bytes, between_tiles, options.return_argmax);
     return FusedOutput(terms, h.size(0), h.size(1), options);
   }
   // One pass for the loss's statistics and the scoring outputs (docs/notes/scoring.md).
   const ScoringOptions scoring = KeptScoring(options, h.size(0), h.size(1));
   const FusedScores fused =
       ScoreHiddenStates(rows, weight_, bias_, labels, options.ignore_index, scoring,
-                        options.return_argmax, chunk_bytes, between_chunks);
+                        options.return_argmax, tile_bytes, between_tiles);
   const LossTerms terms =
       FinishFusedLinearLoss(fused.stats, labels, options.ignore_index, options.loss_reduction,
                             options.z_loss_multiplier, h.scalar_type(), options.return_argmax);
@@ -826,7 +826,7 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
     ScoringOptions all;
     int64_t candidates = 0;
     bool with_argmax = false;
-    bool same_chunk_bytes = true;
+    bool same_tile_bytes = true;
     std::vector<at::Tensor> labels;
     for (const Member& member : members) {
       const ScoringOptions& own = member.scoring;
@@ -839,8 +839,8 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
         candidates = std::max(candidates, own.candidate_ids->size(-1));
       }
       with_argmax = with_argmax || member.options.return_argmax;
-      same_chunk_bytes = same_chunk_bytes && member.options.fused_chunk_bytes ==
-                                                 members.front().options.fused_chunk_bytes;
+      same_tile_bytes = same_tile_bytes &&
+                        member.options.logit_tile_bytes == members.front().options.logit_tile_bytes;
       labels.push_back(
           member.labels.masked_fill(member.labels.eq(member.options.ignore_index), -1));
     }
@@ -857,10 +857,10 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
       }
       all.candidate_ids = at::cat(per_row);
     }
-    const int64_t chunk_bytes = FusedChunkBytes(
-        same_chunk_bytes ? members.front().options.fused_chunk_bytes : 0, h.device());
+    const int64_t tile_bytes =
+        LogitTileBytes(same_tile_bytes ? members.front().options.logit_tile_bytes : 0, h.device());
     fused = ScoreHiddenStates(h.contiguous(), weight_, bias_, at::cat(labels), /*ignore_index=*/-1,
-                              all, with_argmax, chunk_bytes);
+                              all, with_argmax, tile_bytes);
     return absl::OkStatus();
   });
 
@@ -971,19 +971,19 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
       return absl::OkStatus();
     }
     bool with_argmax = false;
-    bool same_chunk_bytes = true;
+    bool same_tile_bytes = true;
     std::vector<PackedLossRequest> requests;
     for (const Member& member : members) {
       const ForwardOptions& options = member.options;
       with_argmax = with_argmax || options.return_argmax;
-      same_chunk_bytes = same_chunk_bytes &&
-                         options.fused_chunk_bytes == members.front().options.fused_chunk_bytes;
+      same_tile_bytes =
+          same_tile_bytes && options.logit_tile_bytes == members.front().options.logit_tile_bytes;
       requests.push_back({member.host_labels, options.ignore_index, options.loss_reduction,
                           options.z_loss_multiplier, options.return_argmax});
     }
-    const int64_t chunk_bytes = FusedChunkBytes(
-        same_chunk_bytes ? members.front().options.fused_chunk_bytes : 0, h.device());
-    losses = PackedFusedLinearLoss(h, weight_, bias_, requests, chunk_bytes, with_argmax);
+    const int64_t tile_bytes =
+        LogitTileBytes(same_tile_bytes ? members.front().options.logit_tile_bytes : 0, h.device());
+    losses = PackedFusedLinearLoss(h, weight_, bias_, requests, tile_bytes, with_argmax);
     return absl::OkStatus();
   });
 

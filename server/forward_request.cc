@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -253,7 +254,7 @@ absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest
       {"return_logits", "options.return_logits"},
       {"ignore_index", "options.ignore_index"},
       {"z_loss_multiplier", "options.z_loss_multiplier"},
-      {"fused_chunk_bytes", "options.fused_chunk_bytes"},
+      {"logit_tile_bytes", "options.logit_tile_bytes"},
       {"loss_implementation", "config.loss_implementation"},
       {"top_k", "options.scoring.top_k"},
       {"candidate_ids", "options.scoring.candidate_ids"},
@@ -475,6 +476,40 @@ absl::Status ResolveRegions(const v1::ForwardRequest& request, const SharedMemor
   return absl::OkStatus();
 }
 
+// options.logit_tile_bytes, or options.fused_chunk_bytes, its deprecated name (read for one
+// release; the first use in a process logs a warning); both set to different values is an
+// error naming both. nullopt when neither is set.
+absl::StatusOr<std::optional<int64_t>> LogitTileBytesFromWire(const v1::ForwardOptions& wire) {
+  std::optional<int64_t> bytes;
+  absl::string_view field = "options.logit_tile_bytes";
+  if (wire.has_logit_tile_bytes()) bytes = wire.logit_tile_bytes();
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  if (wire.has_fused_chunk_bytes()) {
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true)) {
+      LogWarning(kNoRequest,
+                 "a client sent options.fused_chunk_bytes, deprecated: it is read for one more "
+                 "release; send options.logit_tile_bytes (logged once per process)");
+    }
+    if (bytes.has_value() && *bytes != wire.fused_chunk_bytes()) {
+      return Invalid("options.logit_tile_bytes",
+                     absl::StrCat(*bytes,
+                                  " disagrees with options.fused_chunk_bytes, its "
+                                  "deprecated name, ",
+                                  wire.fused_chunk_bytes(), "; send logit_tile_bytes alone"));
+    }
+    if (!bytes.has_value()) field = "options.fused_chunk_bytes";
+    bytes = wire.fused_chunk_bytes();
+  }
+#pragma GCC diagnostic pop
+  if (bytes.has_value() && *bytes < 0) {
+    return Invalid(
+        field, absl::StrCat("expected a positive byte count (or 0 for the default), got ", *bytes));
+  }
+  return bytes;
+}
+
 }  // namespace
 
 absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
@@ -504,14 +539,9 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
   options.loss_reduction = *reduction;
   if (wire.has_z_loss_multiplier()) options.z_loss_multiplier = wire.z_loss_multiplier();
   if (wire.has_return_logits()) options.return_logits = wire.return_logits();
-  if (wire.has_fused_chunk_bytes()) {
-    if (wire.fused_chunk_bytes() < 0) {
-      return Invalid("options.fused_chunk_bytes",
-                     absl::StrCat("expected a positive byte count (or 0 for the default), got ",
-                                  wire.fused_chunk_bytes()));
-    }
-    options.fused_chunk_bytes = wire.fused_chunk_bytes();
-  }
+  absl::StatusOr<std::optional<int64_t>> tile_bytes = LogitTileBytesFromWire(wire);
+  if (!tile_bytes.ok()) return tile_bytes.status();
+  if (tile_bytes->has_value()) options.logit_tile_bytes = **tile_bytes;
   options.return_argmax = wire.return_argmax();
   options.scoring.label_logprobs = wire.scoring().label_logprobs();
   options.scoring.entropy = wire.scoring().entropy();

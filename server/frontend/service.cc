@@ -139,7 +139,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
 }
 
 // Waits for `job`'s answer. A job whose caller stops wanting it is withdrawn from the queue; one
-// already running is waited for (the core polls still_wanted between chunks).
+// already running is waited for (the core polls still_wanted between tiles).
 absl::StatusOr<LMOutput> AwaitJob(Scheduler& scheduler, Job& job) {
   while (!job.done.WaitForNotificationWithTimeout(absl::Milliseconds(10))) {
     if (absl::Status wanted = job.still_wanted(); !wanted.ok() && scheduler.Withdraw(job)) {

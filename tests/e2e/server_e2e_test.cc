@@ -31,6 +31,16 @@ using ::grpc::health::v1::HealthCheckResponse;
 constexpr int64_t kDModel = 64;
 constexpr int64_t kVocab = 1000;
 
+// Sets fused_chunk_bytes, logit_tile_bytes' deprecated name (kept for one release), for the
+// tests that it still works.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+void SetDeprecatedTileBytes(ForwardArgs* args, int64_t bytes) { args->fused_chunk_bytes = bytes; }
+void SetDeprecatedTileBytes(v1::ForwardOptions* options, int64_t bytes) {
+  options->set_fused_chunk_bytes(bytes);
+}
+#pragma GCC diagnostic pop
+
 std::unique_ptr<LMHeadClient> Connect(const ServerProcess& server, ClientOptions options = {}) {
   if (options.timeout.count() == 0) options.timeout = std::chrono::seconds(60);
   return LMHeadClient::Connect(server.address(), options);
@@ -223,7 +233,14 @@ std::vector<Scenario> Scenarios() {
          a->loss_implementation = v1::LOSS_IMPLEMENTATION_FUSED_LINEAR;
          o->loss_implementation = LossImplementation::kFusedLinear;
          a->z_loss_multiplier = o->z_loss_multiplier = 1e-4;
-         a->fused_chunk_bytes = o->fused_chunk_bytes = 4096;
+         a->logit_tile_bytes = o->logit_tile_bytes = 4096;
+       }},
+      {"fused_linear, the tile by its deprecated name (options.fused_chunk_bytes)",
+       [](const Inputs&, ForwardArgs* a, ForwardOptions* o) {
+         a->loss_implementation = v1::LOSS_IMPLEMENTATION_FUSED_LINEAR;
+         o->loss_implementation = LossImplementation::kFusedLinear;
+         SetDeprecatedTileBytes(a, 4096);
+         o->logit_tile_bytes = 4096;
        }},
       {"int32 labels", [](const Inputs& in, ForwardArgs* a,
                           ForwardOptions*) { a->labels = ToWire(in.labels.to(at::kInt)); }},
@@ -743,9 +760,22 @@ TEST_F(ServerTest, BadInputMatrixGetsExactCodesAndTheServerKeepsServing) {
       {"integer compute dtype",
        [](v1::ForwardRequest* r) { r->mutable_config()->set_dtype(v1::DATA_TYPE_INT32); }, kInvalid,
        "config.dtype: expected BF16, FP16 or FP32 (or unset), got INT32"},
-      {"non-positive fused chunk",
-       [](v1::ForwardRequest* r) { r->mutable_options()->set_fused_chunk_bytes(-1); }, kInvalid,
+      {"negative logit tile",
+       [](v1::ForwardRequest* r) { r->mutable_options()->set_logit_tile_bytes(-1); }, kInvalid,
+       "options.logit_tile_bytes: expected a positive byte count (or 0 for the default), got -1"},
+      // fused_chunk_bytes, logit_tile_bytes' deprecated name, is checked as it was; both names
+      // with different values are refused.
+      {"negative fused_chunk_bytes (deprecated name)",
+       [](v1::ForwardRequest* r) { SetDeprecatedTileBytes(r->mutable_options(), -1); }, kInvalid,
        "options.fused_chunk_bytes: expected a positive byte count (or 0 for the default), got -1"},
+      {"logit tile and its deprecated name disagree",
+       [](v1::ForwardRequest* r) {
+         r->mutable_options()->set_logit_tile_bytes(4096);
+         SetDeprecatedTileBytes(r->mutable_options(), 8192);
+       },
+       kInvalid,
+       "options.logit_tile_bytes: 4096 disagrees with options.fused_chunk_bytes, its deprecated "
+       "name, 8192; send logit_tile_bytes alone"},
       {"return_logits false without labels",
        [](v1::ForwardRequest* r) {
          r->clear_labels();

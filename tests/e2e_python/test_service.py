@@ -263,6 +263,60 @@ def test_old_names_still_work_with_a_deprecation_warning(server):
             module.NoSuchName  # noqa: B018
 
 
+def test_the_tile_budget_by_its_deprecated_name(server):
+    """options.fused_chunk_bytes (field 10, deprecated) is still read as logit_tile_bytes, with a
+    warning in the server's log, and refused when both differ; the client's fused_chunk_bytes=
+    keyword still works with a DeprecationWarning (TypeError with logit_tile_bytes= too)."""
+    x, labels = inputs()
+    args = dict(labels=labels, loss_reduction="none")
+    tile = 2 * V * 4  # two tokens of fp32 logits: several tiles
+    with RemoteLMHead(server.address, model="fused_bf16", timeout=60) as head:
+        want = head.forward(x, logit_tile_bytes=tile, **args)
+        with pytest.warns(DeprecationWarning, match=r"forward\(\): fused_chunk_bytes= is "
+                          r"deprecated, use logit_tile_bytes="):
+            old = head.forward(x, fused_chunk_bytes=tile, **args)
+        assert_same(old, want, "fused_bf16")
+        for method in ("score", "score_stream"):
+            with pytest.warns(DeprecationWarning, match=method):
+                getattr(head, method)(x, labels, entropy=True, fused_chunk_bytes=tile)
+        with pytest.warns(DeprecationWarning, match="forward_stream"):
+            head.forward_stream(x, fused_chunk_bytes=tile, micro_batch_size=4, **args)
+        with pytest.raises(TypeError, match="got both logit_tile_bytes= and its deprecated name "
+                           "fused_chunk_bytes="):
+            head.forward(x, fused_chunk_bytes=tile, logit_tile_bytes=tile, **args)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'chunk_bytes'"):
+            head.forward(x, chunk_bytes=tile)
+
+    hidden = pb.Tensor(dtype=pb.DATA_TYPE_FP32, shape=x.shape, data=x.numpy().tobytes())
+    label_tensor = pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=labels.shape,
+                             data=labels.numpy().tobytes())
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LMHeadServiceStub(channel)
+
+        def forward(**options):
+            request = pb.ForwardRequest(model="fused_bf16", hidden_states=hidden,
+                                        labels=label_tensor)
+            for name, value in options.items():
+                setattr(request.options, name, value)
+            return stub.Forward(request, timeout=60)
+
+        new, old = forward(logit_tile_bytes=tile), forward(fused_chunk_bytes=tile)
+        assert old.loss == new.loss and old.num_scored_tokens == new.num_scored_tokens
+        assert forward(logit_tile_bytes=tile, fused_chunk_bytes=tile).loss == new.loss
+        with pytest.raises(grpc.RpcError) as error:
+            forward(logit_tile_bytes=tile, fused_chunk_bytes=2 * tile)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details() == (
+            f"options.logit_tile_bytes: {tile} disagrees with options.fused_chunk_bytes, its "
+            f"deprecated name, {2 * tile}; send logit_tile_bytes alone")
+        with pytest.raises(grpc.RpcError) as error:
+            forward(fused_chunk_bytes=-1)
+        assert error.value.details() == ("options.fused_chunk_bytes: expected a positive byte "
+                                         "count (or 0 for the default), got -1")
+    # Logged once per process, however many calls used the old name.
+    assert server.log().count("options.fused_chunk_bytes, deprecated") == 1
+
+
 def test_forward_stream_refuses_what_cannot_be_split(server):
     x, labels = inputs()
     with RemoteLMHead(server.address, timeout=60) as head:

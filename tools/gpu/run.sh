@@ -404,7 +404,7 @@ if wants variants; then  # fused GEMM schedules (LMHEAD_FUSED_SCHEDULE; "e": an 
   done
 fi
 if wants chunks; then  # ours at several chunk budgets, interleaved with one GEMM
-  step "$build/gpu_lm_head_bench" --chunk_sweep | tee "$out/gpu_chunks.txt"
+  step "$build/gpu_lm_head_bench" --tile_sweep | tee "$out/gpu_chunks.txt"
 fi
 if wants bench; then
   echo "== benchmark: ours vs cuBLAS and eager"

@@ -41,7 +41,7 @@ _LOSS_FIELDS = ("loss", "ce_loss", "z_loss")
 _SCORING_ARGS = ("label_logprobs", "entropy", "label_rank", "top_k", "candidate_ids",
                  "segment_ids")
 _SCORE_FORWARD_ARGS = ("ignore_index", "loss_reduction", "z_loss_multiplier", "loss_div_factor",
-                       "logits_to_keep", "loss_implementation", "fused_chunk_bytes")
+                       "logits_to_keep", "loss_implementation", "logit_tile_bytes")
 
 
 class LMOutputWithLoss(NamedTuple):
@@ -107,10 +107,10 @@ def __getattr__(name: str):
 DEFAULT_MAX_MICRO_BATCH_BYTES = 64 << 20
 
 
-def _renamed_keyword(kwargs: dict, old: str, new: str, value, method: str):
+def _renamed_keyword(kwargs: dict, old: str, new: str, value, method: str, stacklevel: int = 3):
     """The value of keyword `new` (`value`; None when not given), or of its deprecated name `old`
-    when kwargs has it (taken out of kwargs, with a DeprecationWarning). TypeError when both are
-    given."""
+    when kwargs has it (taken out of kwargs, with a DeprecationWarning for the caller
+    `stacklevel` - 1 frames up). TypeError when both are given."""
     if old not in kwargs:
         return value
     old_value = kwargs.pop(old)
@@ -118,8 +118,28 @@ def _renamed_keyword(kwargs: dict, old: str, new: str, value, method: str):
         raise TypeError(f"{method}() got both {new}= and its deprecated name {old}=; "
                         f"give {new}= alone")
     warnings.warn(f"{method}(): {old}= is deprecated, use {new}= (the old name goes in the next "
-                  "release)", DeprecationWarning, stacklevel=3)
+                  "release)", DeprecationWarning, stacklevel=stacklevel)
     return old_value
+
+
+def _renamed_forward_args(forward_args: dict, method: str, stacklevel: int = 4) -> None:
+    """Moves forward's deprecated keyword fused_chunk_bytes= in forward_args to logit_tile_bytes=
+    (_renamed_keyword), for the public method that was called with them."""
+    if "fused_chunk_bytes" in forward_args:
+        forward_args["logit_tile_bytes"] = _renamed_keyword(
+            forward_args, "fused_chunk_bytes", "logit_tile_bytes",
+            forward_args.get("logit_tile_bytes"), method, stacklevel)
+
+
+def _stream_keywords(forward_args: dict, max_micro_batch_bytes: Optional[int], method: str
+                     ) -> Optional[int]:
+    """The micro-batch budget of a streaming method (max_micro_batch_bytes, or max_chunk_bytes=,
+    its deprecated name, taken out of forward_args), after _renamed_forward_args."""
+    max_micro_batch_bytes = _renamed_keyword(forward_args, "max_chunk_bytes",
+                                             "max_micro_batch_bytes", max_micro_batch_bytes,
+                                             method, stacklevel=4)
+    _renamed_forward_args(forward_args, method, stacklevel=5)
+    return max_micro_batch_bytes
 
 
 def _reraise(error: grpc.RpcError):
@@ -483,7 +503,8 @@ class RemoteLMHead:
                 z_loss_multiplier: Optional[float] = None, loss_div_factor=None,
                 return_logits: Optional[bool] = None, logits_to_keep=0,
                 loss_implementation: Optional[str] = None, logits_dtype=None,
-                fused_chunk_bytes: Optional[int] = None, return_argmax: bool = False):
+                logit_tile_bytes: Optional[int] = None, return_argmax: bool = False,
+                **deprecated):
         """LMHead.forward(x, ...) on the server; the arguments are upstream's.
 
         x: (B, S, d_model) hidden states, a torch tensor (float32/bfloat16/float16) or a numpy
@@ -491,7 +512,9 @@ class RemoteLMHead:
         a (B, K) int64 tensor) and loss_div_factor (a number or a tensor) likewise.
         Extensions: loss_implementation ("default" or "fused_linear") overrides the model's for
         this call; logits_dtype (e.g. "bf16", torch.float32) is the dtype of returned logits;
-        fused_chunk_bytes bounds fused_linear's transient logits; return_argmax=True also
+        logit_tile_bytes bounds the tile of logits fused_linear holds at once (its old name
+        fused_chunk_bytes= still works for one release, with a DeprecationWarning);
+        return_argmax=True also
         returns each kept position's most likely token id, (B, S') int64, logits.argmax(-1)
         (with fused_linear found without logits), as a pair (output, argmax).
 
@@ -499,12 +522,16 @@ class RemoteLMHead:
         x is a torch tensor, numpy arrays otherwise (bfloat16 values as float32).
         Raises LMHeadError (with the gRPC status code) when the server refuses the call.
         """
+        logit_tile_bytes = _renamed_keyword(deprecated, "fused_chunk_bytes", "logit_tile_bytes",
+                                            logit_tile_bytes, "forward")
+        for name in deprecated:
+            raise TypeError(f"forward() got an unexpected keyword argument {name!r}")
         args = dict(
             labels=labels, ignore_index=ignore_index, loss_reduction=loss_reduction,
             z_loss_multiplier=z_loss_multiplier, loss_div_factor=loss_div_factor,
             return_logits=return_logits, logits_to_keep=logits_to_keep,
             loss_implementation=loss_implementation, logits_dtype=logits_dtype,
-            fused_chunk_bytes=fused_chunk_bytes, return_argmax=return_argmax)
+            logit_tile_bytes=logit_tile_bytes, return_argmax=return_argmax)
         fields = self._call(x, args)[1]
         return _output(fields, _tensors.is_torch(x), labels is not None, return_argmax)
 
@@ -528,7 +555,7 @@ class RemoteLMHead:
             row and continuation the sum of log p(label), the scored token count, whether every
             label was the argmax and the summed entropy, (B, G).
         forward_args: forward's ignore_index, loss_reduction, z_loss_multiplier,
-        loss_div_factor, logits_to_keep, loss_implementation and fused_chunk_bytes.
+        loss_div_factor, logits_to_keep, loss_implementation and logit_tile_bytes.
         Without labels every kept position is scored for entropy, top_k and candidates (at least
         one of them must be asked for; ValueError otherwise), and there is no loss.
 
@@ -536,6 +563,7 @@ class RemoteLMHead:
         otherwise, as forward. Raises LMHeadError when the server refuses the call (an
         INVALID_ARGUMENT names the field, e.g. "options.scoring.top_k: ...").
         """
+        _renamed_forward_args(forward_args, "score")
         has_labels, args = _score_arguments(
             hidden_states, labels, dict(label_logprobs=label_logprobs, entropy=entropy,
                                         label_rank=label_rank, top_k=top_k,
@@ -555,8 +583,7 @@ class RemoteLMHead:
         absent continuation (count 0, sums 0, is_greedy true), and the loss combined as
         forward_stream combines it. Labels, segment_ids, a (B, S', C) candidate_ids and a
         (B, K) logits_to_keep are split with the rows."""
-        max_micro_batch_bytes = _renamed_keyword(score_args, "max_chunk_bytes",
-                                                 "max_micro_batch_bytes", max_micro_batch_bytes,
+        max_micro_batch_bytes = _stream_keywords(score_args, max_micro_batch_bytes,
                                                  "score_stream")
         scoring = {name: score_args.pop(name) for name in _SCORING_ARGS if name in score_args}
         has_labels, args = _score_arguments(hidden_states, labels, scoring, score_args,
@@ -572,8 +599,7 @@ class RemoteLMHead:
         forward_stream splits them), yielding each micro-batch's result as it arrives (see
         StreamMicroBatch). Each micro-batch is reduced on its own: "mean" gives per-micro-batch
         means. `forward_stream` combines them."""
-        max_micro_batch_bytes = _renamed_keyword(forward_args, "max_chunk_bytes",
-                                                 "max_micro_batch_bytes", max_micro_batch_bytes,
+        max_micro_batch_bytes = _stream_keywords(forward_args, max_micro_batch_bytes,
                                                  "iter_forward_stream")
         if "parallel_streams" in forward_args:
             raise TypeError("iter_forward_stream sends one stream; parallel_streams is "
@@ -614,8 +640,7 @@ class RemoteLMHead:
         memory the micro-batches go over the main channel's one stream whatever this says: the
         regions belong to its connection, and the bytes no longer cross a socket.
         """
-        max_micro_batch_bytes = _renamed_keyword(forward_args, "max_chunk_bytes",
-                                                 "max_micro_batch_bytes", max_micro_batch_bytes,
+        max_micro_batch_bytes = _stream_keywords(forward_args, max_micro_batch_bytes,
                                                  "forward_stream")
         _refuse_scoring(forward_args, "forward_stream")
         combined = self._stream_job(x, micro_batch_size, max_micro_batch_bytes, parallel_streams,
@@ -756,7 +781,7 @@ class RemoteLMHead:
     def _request(self, *, labels=None, ignore_index=-100, loss_reduction="mean",
                  z_loss_multiplier=None, loss_div_factor=None, return_logits=None,
                  logits_to_keep=0, loss_implementation=None, logits_dtype=None,
-                 fused_chunk_bytes=None, return_argmax=False, label_logprobs=False,
+                 logit_tile_bytes=None, return_argmax=False, label_logprobs=False,
                  entropy=False, label_rank=False, top_k=0, candidate_ids=None,
                  segment_ids=None) -> pb.ForwardRequest:
         """The request's small fields (the hidden states and labels are added by _prepare)."""
@@ -779,8 +804,8 @@ class RemoteLMHead:
             options.logits_to_keep_positions.CopyFrom(_tensors.encode(logits_to_keep))
         if logits_dtype is not None:
             options.logits_dtype = _tensors.wire_dtype(logits_dtype)
-        if fused_chunk_bytes is not None:
-            options.fused_chunk_bytes = int(fused_chunk_bytes)
+        if logit_tile_bytes is not None:
+            options.logit_tile_bytes = int(logit_tile_bytes)
         options.return_argmax = bool(return_argmax)
         scoring = pb.ScoringOptions(label_logprobs=bool(label_logprobs), entropy=bool(entropy),
                                     label_rank=bool(label_rank), top_k=int(top_k))
