@@ -25,7 +25,7 @@ std::string ShapeString(at::IntArrayRef shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-std::string DTypeString(c10::ScalarType type) { return std::string(c10::toString(type)); }
+std::string ScalarTypeName(c10::ScalarType type) { return std::string(c10::toString(type)); }
 
 // Hugging Face spellings of our parameter names.
 const std::map<std::string, std::string>& HuggingFaceNames() {
@@ -225,7 +225,7 @@ absl::StatusOr<LossOutputSpec> LossOutputs(const LMHeadConfig& config, int64_t b
   if (options.z_loss_multiplier.has_value()) {
     spec.z_loss_dtype = options.loss_implementation.value_or(config.loss_implementation) ==
                                 LossImplementation::kFusedLinear
-                            ? ToScalarType(config.dtype)
+                            ? ScalarTypeOf(config.dtype)
                             : at::kFloat;
   }
   const auto* divisor = std::get_if<at::Tensor>(&options.loss_div_factor);
@@ -304,7 +304,7 @@ absl::Status LMHead::CreateParameters(const c10::Device& device) {
     if (norm_->bias().defined()) parameters_.emplace_back("norm.bias", norm_->bias());
   }
   return CatchTorchErrors([&]() -> absl::Status {
-    const auto options = at::TensorOptions().dtype(ToScalarType(config_.dtype)).device(device);
+    const auto options = at::TensorOptions().dtype(ScalarTypeOf(config_.dtype)).device(device);
     weight_ = at::empty({vocab_size_, d_model_}, options);
     parameters_.emplace_back("w_out.weight", weight_);
     if (config_.EffectiveBias()) {
@@ -379,8 +379,8 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
     }
     if (tensor.scalar_type() != param.scalar_type()) {
       return absl::InvalidArgumentError(absl::StrCat("key '", given, "': expected dtype ",
-                                                     DTypeString(param.scalar_type()), ", got ",
-                                                     DTypeString(tensor.scalar_type())));
+                                                     ScalarTypeName(param.scalar_type()), ", got ",
+                                                     ScalarTypeName(tensor.scalar_type())));
     }
   }
   return CatchTorchErrors([&]() -> absl::Status {
@@ -400,9 +400,9 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
                           x.defined() ? ShapeString(x.sizes()) : "an undefined tensor"));
   }
   if (x.scalar_type() != weight_.scalar_type()) {
-    return InvalidArgument(
-        "x", absl::StrCat("dtype ", DTypeString(x.scalar_type()),
-                          " does not match the head's dtype ", DTypeString(weight_.scalar_type())));
+    return InvalidArgument("x", absl::StrCat("dtype ", ScalarTypeName(x.scalar_type()),
+                                             " does not match the head's dtype ",
+                                             ScalarTypeName(weight_.scalar_type())));
   }
   if (x.device() != weight_.device()) {
     return InvalidArgument(
@@ -416,7 +416,7 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
       return InvalidArgument(
           "logits_to_keep",
           absl::StrCat("a positions tensor must be int64 of shape (batch=", batch, ", K), got ",
-                       positions->defined() ? absl::StrCat(DTypeString(positions->scalar_type()),
+                       positions->defined() ? absl::StrCat(ScalarTypeName(positions->scalar_type()),
                                                            " ", ShapeString(positions->sizes()))
                                             : "an undefined tensor"));
     }
@@ -442,7 +442,7 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
       return InvalidArgument(
           "labels",
           absl::StrCat("expected int64 of shape (batch=", batch, ", seq_len=", length, "), got ",
-                       labels.defined() ? absl::StrCat(DTypeString(labels.scalar_type()), " ",
+                       labels.defined() ? absl::StrCat(ScalarTypeName(labels.scalar_type()), " ",
                                                        ShapeString(labels.sizes()))
                                         : "an undefined tensor"));
     }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -43,10 +44,6 @@ std::vector<std::pair<std::string, LMHeadConfig>> Heads(DType dtype) {
   normalized.dtype = dtype;
   heads.emplace_back("normalized", normalized);
   return heads;
-}
-
-at::ScalarType ScalarTypeOf(DType dtype) {
-  return dtype == DType::kFloat32 ? at::kFloat : at::kBFloat16;
 }
 
 // The kept labels, counted here without the head's helpers.

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/scoring.h"
 #include "gmock/gmock.h"
@@ -40,10 +41,6 @@ constexpr int64_t kIgnore = -100;
 std::string TestDevice() {
   const char* device = std::getenv("LMHEAD_TEST_DEVICE");
   return device == nullptr || *device == '\0' ? "cpu" : device;
-}
-
-at::ScalarType ScalarTypeOf(DType dtype) {
-  return dtype == DType::kFloat32 ? at::kFloat : at::kBFloat16;
 }
 
 // A head of `config` with dyadic parameters (rows 5, 6 and the last copy row 2; normalized heads

@@ -71,7 +71,7 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
         // Hidden states in a CUDA shared-memory region come to the host first.
         const at::Tensor x = job.x.is_cpu() ? job.x : job.x.to(at::kCPU);
         launched.nonfinite[i] = at::isfinite(rows(x)).logical_not().sum(-1);
-        item.x = x.to(ToScalarType(job.plan.config.dtype));
+        item.x = x.to(ScalarTypeOf(job.plan.config.dtype));
       }
       return item;
     });
@@ -118,7 +118,7 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
         row += source.size(0);
       }
       const at::Tensor nonfinite = at::isfinite(sent).logical_not().sum(-1);
-      const at::Tensor converted = sent.to(ToScalarType(batch[jobs.front()]->plan.config.dtype));
+      const at::Tensor converted = sent.to(ScalarTypeOf(batch[jobs.front()]->plan.config.dtype));
       row = 0;
       for (const size_t i : jobs) {
         const at::Tensor& x = batch[i]->x;

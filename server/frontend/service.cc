@@ -107,7 +107,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   // sizes, dtype, device) without a copy of x.
   const at::Tensor shape_of_x = at::empty({1}, at::TensorOptions()
                                                    .device((*head)->device())
-                                                   .dtype(ToScalarType((*head)->config().dtype)))
+                                                   .dtype(ScalarTypeOf((*head)->config().dtype)))
                                     .expand(job->x.sizes());
   if (absl::Status valid = (*head)->ValidateForward(shape_of_x, job->plan.options); !valid.ok()) {
     return WithWireFields(valid, request);

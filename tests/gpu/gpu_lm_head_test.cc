@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/ops/logit_stats.h"
 #include "gtest/gtest.h"
@@ -83,18 +84,6 @@ Reference Fp64(const at::Tensor& logits2d, const at::Tensor& labels1d, int64_t i
   const at::Tensor ce =
       at::where(valid, lse - l.gather(1, safe.unsqueeze(1)).squeeze(1), at::zeros_like(lse));
   return {ce, lse, valid};
-}
-
-at::ScalarType ScalarTypeOf(DType dtype) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return at::kBFloat16;
-    case DType::kFloat16:
-      return at::kHalf;
-    case DType::kFloat32:
-      return at::kFloat;
-  }
-  return at::kFloat;
 }
 
 // One rounding step of the dtype, relative (2^-7 for bf16, 2^-10 for fp16), with room for fp32
