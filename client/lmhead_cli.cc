@@ -32,6 +32,7 @@
 #include "client/lmhead_client.h"
 #include "client/tensor_file.h"
 #include "client/tensor_view.h"
+#include "proto/wire_dtype.h"
 
 namespace lmhead {
 namespace {
@@ -301,11 +302,6 @@ int RunHealth(const Values& values) {
   return *status == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
 }
 
-std::string DataTypeShortName(int dtype) {
-  const std::string name = v1::DataType_Name(static_cast<v1::DataType>(dtype));
-  return name.empty() ? absl::StrCat(dtype) : name.substr(std::string("DATA_TYPE_").size());
-}
-
 int RunModels(const Values& values) {
   if (Get(values, "address").empty()) return UsageError("models", "--address is required");
   absl::StatusOr<ClientOptions> options = ClientOptionsFrom(values);
@@ -327,7 +323,7 @@ int RunModels(const Values& values) {
   for (const v1::ModelInfo& model : models->models()) {
     std::cout << absl::StrFormat(
         "%-16s %-8d %-11d %-6s %-12d %-7s %s%s\n", model.name(), model.d_model(),
-        model.vocab_size(), DataTypeShortName(model.dtype()), model.num_params(),
+        model.vocab_size(), DataTypeName(model.dtype()), model.num_params(),
         // One entry per executor (ModelInfo.devices); servers before it report `device` only.
         model.devices().empty() ? model.device() : absl::StrJoin(model.devices(), ","),
         model.version(), model.name() == models->default_model() ? " (default)" : "");
@@ -349,7 +345,7 @@ int RunLoadModel(const Values& values) {
   if (!model.ok()) return Failed(model.status());
   std::cout << absl::StrFormat("loaded %s: d_model %d, vocab_size %d, %s, version %s\n",
                                model->name(), model->d_model(), model->vocab_size(),
-                               DataTypeShortName(model->dtype()), model->version());
+                               DataTypeName(model->dtype()), model->version());
   return 0;
 }
 

@@ -64,7 +64,7 @@ Inputs MakeInputs(int64_t batch, int64_t length, uint64_t seed = 1, int64_t d_mo
 
 void ExpectClose(const v1::Tensor& wire, const at::Tensor& expected, const std::string& what,
                  double rtol = 1e-5, double atol = 1e-6) {
-  ASSERT_EQ(wire.dtype(), WireType(expected.scalar_type())) << what;
+  ASSERT_EQ(wire.dtype(), DataTypeOf(expected.scalar_type())) << what;
   const at::Tensor got = FromWire(wire);
   ASSERT_EQ(got.sizes(), expected.sizes()) << what;
   EXPECT_TRUE(at::allclose(got.to(at::kDouble), expected.to(at::kDouble), rtol, atol,
@@ -467,7 +467,7 @@ TEST_F(ServerTest, ForwardMicroBatchedCombinesLikeOneForward) {
            {std::tuple{"loss", &micro_batched->loss(), &whole->loss()},
             std::tuple{"ce_loss", &micro_batched->ce_loss(), &whole->ce_loss()},
             std::tuple{"z_loss", &micro_batched->z_loss(), &whole->z_loss()}}) {
-        ExpectClose(*got, FromWire(*want).to(TorchType(got->dtype())), name, 1e-4, 1e-5);
+        ExpectClose(*got, FromWire(*want).to(ScalarTypeOf(got->dtype())), name, 1e-4, 1e-5);
       }
     }
   }
