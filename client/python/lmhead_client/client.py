@@ -35,6 +35,22 @@ _IMPLEMENTATIONS = {
     "default": pb.LOSS_IMPLEMENTATION_DEFAULT,
     "fused_linear": pb.LOSS_IMPLEMENTATION_FUSED_LINEAR,
 }
+
+
+def _wire_value(table: dict, argument: str, value):
+    """table[value] (the wire enum value of a name), or ValueError naming `argument`, as
+    upstream raises one for an unknown name."""
+    if value not in table:
+        raise ValueError(f"{argument}: expected one of {sorted(table)}, got {value!r}")
+    return table[value]
+
+
+def _implementation_name(wire_value: int) -> str:
+    """The name of a model's configured loss implementation (lmhead.v1.LossImplementation)."""
+    for name, value in _IMPLEMENTATIONS.items():
+        if value == wire_value:
+            return name
+    return "default"
 _LOSS_FIELDS = ("loss", "ce_loss", "z_loss")
 # The arguments of score() that choose outputs (ScoringOptions), and the forward arguments it
 # takes besides them.
@@ -679,9 +695,7 @@ class RemoteLMHead:
             raise ValueError(f"parallel_streams must be a positive integer, got "
                              f"{parallel_streams!r}")
         reduction = forward_args.get("loss_reduction", "mean")
-        if reduction not in _REDUCTIONS:  # before it is sent as "sum"
-            raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
-                             f"got {reduction!r}")
+        _wire_value(_REDUCTIONS, "loss_reduction", reduction)  # before it is sent as "sum"
         divisor = forward_args.get("loss_div_factor")
         sent_args = dict(forward_args)
         if reduction != "none":
@@ -749,10 +763,8 @@ class RemoteLMHead:
             info = self._model_info
             if info is None:
                 info = self._model_info = self.get_model()
-            implementation = args.get("loss_implementation") or (
-                "fused_linear"
-                if info.config.loss_implementation == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
-                else "default")
+            implementation = (args.get("loss_implementation")
+                              or _implementation_name(info.config.loss_implementation))
             if labels is not None and implementation != "default":
                 return None
             batch, length = int(x.shape[0]), int(x.shape[1])
@@ -785,11 +797,9 @@ class RemoteLMHead:
                  entropy=False, label_rank=False, top_k=0, candidate_ids=None,
                  segment_ids=None) -> pb.ForwardRequest:
         """The request's small fields (the hidden states and labels are added by _prepare)."""
-        if loss_reduction not in _REDUCTIONS:
-            raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
-                             f"got {loss_reduction!r}")
-        options = pb.ForwardOptions(ignore_index=int(ignore_index),
-                                    loss_reduction=_REDUCTIONS[loss_reduction])
+        options = pb.ForwardOptions(
+            ignore_index=int(ignore_index),
+            loss_reduction=_wire_value(_REDUCTIONS, "loss_reduction", loss_reduction))
         if z_loss_multiplier is not None:
             options.z_loss_multiplier = float(z_loss_multiplier)
         if isinstance(loss_div_factor, (int, float, np.number)):
@@ -818,10 +828,8 @@ class RemoteLMHead:
 
         request = pb.ForwardRequest(model=self.model or "", options=options)
         if loss_implementation is not None:
-            if loss_implementation not in _IMPLEMENTATIONS:
-                raise ValueError(f"loss_implementation: expected one of "
-                                 f"{sorted(_IMPLEMENTATIONS)}, got {loss_implementation!r}")
-            request.config.loss_implementation = _IMPLEMENTATIONS[loss_implementation]
+            request.config.loss_implementation = _wire_value(
+                _IMPLEMENTATIONS, "loss_implementation", loss_implementation)
         return request
 
     def _parallel_streams(self, x, micro_batch_size, max_micro_batch_bytes, forward_args,
@@ -1030,9 +1038,7 @@ class RemoteLMHead:
         """The loss implementation a call with `forward_args` runs: its own, or the model's."""
         implementation = forward_args.get("loss_implementation")
         if implementation is None:
-            configured = self.get_model().config.loss_implementation
-            implementation = ("fused_linear" if configured == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
-                              else "default")
+            implementation = _implementation_name(self.get_model().config.loss_implementation)
         return implementation
 
 
