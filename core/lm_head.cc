@@ -673,13 +673,13 @@ absl::StatusOr<LMOutput> LMHead::ForwardValidated(const at::Tensor& x,
       at::Tensor groups;
       if (!host_scored.has_value()) scored = QueueScoredCount(on_x_device);
       if (!host_groups.has_value()) groups = SegmentCount(on_x_device);
-      LMOutput output = ForwardChecked(x, on_x_device);
+      LMOutput output = ComputeForwardOrThrow(x, on_x_device);
       output.num_scored_tokens = host_scored.has_value() ? *host_scored : scored.item<int64_t>();
       KeepSegments(output.scoring, host_groups.has_value() ? *host_groups : groups.item<int64_t>());
       return output;
     }
     const QueuedIndexCheck check = QueueIndexCheck(x.size(1), vocab_size_, on_x_device);
-    LMOutput output = ForwardChecked(x, on_x_device);
+    LMOutput output = ComputeForwardOrThrow(x, on_x_device);
     check.copied.synchronize();  // waits for the check, queued ahead of the forward
     const int64_t* counts = check.counts.data_ptr<int64_t>();
     if (counts[0] == 0) {
@@ -703,7 +703,7 @@ at::Tensor LMHead::Logits(const at::Tensor& h) const {
   return at::linear(h, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
 }
 
-LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const {
+LMOutput LMHead::ComputeForwardOrThrow(const at::Tensor& x, const ForwardOptions& options) const {
   const at::Tensor h =
       SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x, options.logits_to_keep);
   if (!UsesFusedLinear(options)) return DefaultOutput(Logits(h), options);
@@ -864,7 +864,7 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
     return absl::OkStatus();
   });
 
-  // Each member finalised on its own rows, as ForwardChecked finalises one forward.
+  // Each member finalised on its own rows, as ComputeForwardOrThrow finalises one forward.
   for (const Member& member : members) {
     const int64_t n = member.batch * member.kept;
     results[member.index] = CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {

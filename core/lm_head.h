@@ -226,7 +226,7 @@ class LMHead {
                                             bool queue_index_check) const;
   // The compute of one forward, index tensors on x's device and valid, the segment sums S' wide
   // (the callers keep G of them); may throw c10::Error.
-  LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const;
+  LMOutput ComputeForwardOrThrow(const at::Tensor& x, const ForwardOptions& options) const;
   // ForwardBatch's packed compute of the items `group` (two or more, valid, on one path:
   // UsesFusedLinear for all or for none), writing their results.
   void ForwardPacked(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,
