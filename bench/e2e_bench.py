@@ -77,6 +77,15 @@ def timed(run, repeat: int) -> float:
     return statistics.median(seconds)
 
 
+class _OldName(argparse.Action):
+    """An option's old name, kept for one release: stores into the new one, with a deprecation
+    message on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"e2e_bench.py: {option_string} is deprecated, use --{self.dest}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lmhead", default=str(REPO / "bazel-bin/server/lmhead_server"))
@@ -87,12 +96,16 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab_size", type=int, default=128256)
     parser.add_argument("--tokens", type=int, default=32768, help="tokens in the job")
     parser.add_argument("--rows", type=int, default=16, help="rows (batch) of the job")
-    parser.add_argument("--chunk_mib", type=float, default=64, help="micro-batch size, MiB")
+    parser.add_argument("--micro_batch_mib", type=float, default=64, help="micro-batch size, MiB")
+    parser.add_argument("--chunk_mib", type=float, dest="micro_batch_mib", action=_OldName,
+                        help="deprecated: use --micro_batch_mib")
     parser.add_argument("--streams", default="1,4", help="parallel streams to measure")
-    parser.add_argument("--shm_chunk_mib", default="",
+    parser.add_argument("--shm_micro_batch_mib", default="",
                         help="micro-batch sizes (MiB) of the shared-memory rows, comma-separated "
-                             "(default: --chunk_mib and a quarter of it): with shared memory the "
-                             "first micro-batch's copy is what the GPU waits for")
+                             "(default: --micro_batch_mib and a quarter of it): with shared "
+                             "memory the first micro-batch's copy is what the GPU waits for")
+    parser.add_argument("--shm_chunk_mib", dest="shm_micro_batch_mib", action=_OldName,
+                        help="deprecated: use --shm_micro_batch_mib")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--kernel_tokens_per_s", type=float, default=0,
                         help="the head's kernel-only rate at this shape, for the ratios")
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
     labels = torch.randint(0, args.vocab_size, (args.rows, length), generator=gen)
     job = dict(labels=labels, loss_reduction="sum", return_logits=False,
                loss_implementation=implementation)
-    chunk_bytes = int(args.chunk_mib * (1 << 20))
+    micro_batch_bytes = int(args.micro_batch_mib * (1 << 20))
 
     rows = []
     if args.kernel_tokens_per_s:  # the baseline, as given
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
         print(f"job: {args.rows} x {length} tokens, d_model {args.d_model}, vocab "
               f"{args.vocab_size}, {str(dtype).split('.')[-1]}, {implementation}, sum, no logits, "
               f"{x.numel() * x.element_size() / 2**20:.0f} MiB of hidden states, micro-batches "
-              f"of {args.chunk_mib} MiB, device {args.device}", flush=True)
+              f"of {args.micro_batch_mib} MiB, device {args.device}", flush=True)
         servers = {"lmhead": Process([args.lmhead, "--host", "127.0.0.1", "--device", args.device,
                                       "--model", f"bench={weights}", "--allow_shared_memory"],
                                      work, "lmhead")}
@@ -162,7 +175,8 @@ def main(argv=None) -> int:
                     for k in streams:
                         report(f"{name}, Python client, {k} stream{'s' if k > 1 else ''}",
                                timed(lambda: head.forward_stream(
-                                   x, max_chunk_bytes=chunk_bytes, parallel_streams=k, **job),
+                                   x, max_micro_batch_bytes=micro_batch_bytes, parallel_streams=k,
+                                   **job),
                                    args.repeat))
             # The same micro-batches through shared memory: written into the client's POSIX
             # buffers, or (CUDA IPC) read by the server from the GPU tensor where it lies.
@@ -170,14 +184,15 @@ def main(argv=None) -> int:
             if gpu:
                 shared.append(("CUDA IPC", x.to(args.device)))
             for what, hidden in shared:
-                sizes = ([float(m) for m in args.shm_chunk_mib.split(",")]
-                         if args.shm_chunk_mib else [args.chunk_mib, args.chunk_mib / 4])
+                sizes = ([float(m) for m in args.shm_micro_batch_mib.split(",")]
+                         if args.shm_micro_batch_mib
+                         else [args.micro_batch_mib, args.micro_batch_mib / 4])
                 for mib in sizes:
                     with RemoteLMHead(servers["lmhead"].address, timeout=600,
                                       shared_memory="on") as head:
                         report(f"lmhead, Python client, {what}, {mib:g} MiB",
                                timed(lambda: head.forward_stream(
-                                   hidden, max_chunk_bytes=int(mib * (1 << 20)), **job),
+                                   hidden, max_micro_batch_bytes=int(mib * (1 << 20)), **job),
                                    args.repeat))
                         used = head._shm.stats["cuda_calls" if hidden.is_cuda else "system_calls"]
                         if used == 0:
@@ -192,7 +207,8 @@ def main(argv=None) -> int:
                                "--labels", str(files), "--labels_name", "labels",
                                "--loss_reduction", "sum", "--return_logits", "false",
                                "--loss_implementation", implementation,
-                               "--chunk_mib", str(args.chunk_mib), "--parallel_streams", str(k),
+                               "--micro_batch_mib", str(args.micro_batch_mib),
+                               "--parallel_streams", str(k),
                                "--output", str(work / "out.safetensors")]
                     report(f"lmhead, CLI (file to file), {k} stream{'s' if k > 1 else ''}",
                            timed(lambda: run_cli(command), args.repeat))

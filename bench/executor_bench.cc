@@ -163,7 +163,7 @@ double KernelOnly(const ModelRegistry& registry, int64_t tokens, int64_t vocab_s
   for (int64_t i = 0; i < pieces; ++i) {
     ForwardItem item;
     item.x = at::randn({1, length, head.d_model()}, at::TensorOptions().device(device))
-                 .to(ToScalarType(head.config().dtype));
+                 .to(ScalarTypeOf(head.config().dtype));
     host_x.push_back(device.is_cuda() ? item.x.cpu().pin_memory() : item.x);
     ForwardOptions& options = item.options;
     options.labels = at::randint(vocab_size, {1, length}, at::kLong);

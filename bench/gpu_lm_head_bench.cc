@@ -7,8 +7,9 @@
 // grid, --scoring and --serving also append their rows to the tables fused_linear_forward,
 // scoring and serving under $LMHEAD_RESULTS (bench/results_table.h).
 //
-//   gpu_lm_head_bench [--quick | --breakdown | --chunk_sweep | --paths [--quick] | --sustained |
+//   gpu_lm_head_bench [--quick | --breakdown | --tile_sweep | --paths [--quick] | --sustained |
 //                      --serving | --scoring]
+// (--chunk_sweep, --tile_sweep's old name, still works for one release.)
 // --scoring times issue 14's scoring outputs against the loss alone (Scoring, below).
 // --serving prints the kernel-only tokens/s that bench/load_generator.cc's serving benchmark
 // divides by: LMHead::Forward as an executor runs it (bf16, fused_linear, sum, host labels, no
@@ -162,13 +163,13 @@ std::unique_ptr<LMHead> BenchHead(int64_t d, int64_t v) {
 }
 
 // The forward being measured: reduction sum, z-loss on, labels as given, argmax if asked, the
-// default chunk budget unless one is given.
+// default tile budget unless one is given.
 void ForwardOrThrow(const LMHead& head, const at::Tensor& x, const at::Tensor& labels,
-                    bool return_argmax = false, int64_t chunk_bytes = 0) {
+                    bool return_argmax = false, int64_t tile_bytes = 0) {
   ForwardOptions options;
   options.labels = labels;
   options.return_argmax = return_argmax;
-  options.fused_chunk_bytes = chunk_bytes;
+  options.logit_tile_bytes = tile_bytes;
   options.loss_reduction = LossReduction::kSum;
   options.z_loss_multiplier = 1e-4;
   auto result = head.Forward(x, options);
@@ -195,36 +196,36 @@ BenchInputs MakeBenchInputs(int64_t d, int64_t v, int64_t n) {
 }
 
 // Where ours spends its time at one shape, measured interleaved: one GEMM over everything (its
-// output allocated), the GEMMs over chunks of `chunk` alone, the epilogue alone over the same
-// chunks, and the whole forward with its labels on the device and on the host (pinned), and
+// output allocated), the GEMMs over tiles of `tile` alone, the epilogue alone over the same
+// tiles, and the whole forward with its labels on the device and on the host (pinned), and
 // with return_argmax (labels on the host).
-void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, int reps) {
+void Breakdown(int64_t d, int64_t v, int64_t n, const LogitTileShape& tile, int reps) {
   const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
   const BenchInputs in = MakeBenchInputs(d, v, n);
   const LMHead* head = in.head.get();
   const at::Tensor &w = in.w, &x = in.x, &labels = in.labels, &host_labels = in.host_labels;
-  at::Tensor buffer = at::empty({chunk.token_rows, chunk.vocab_columns}, opts);
+  at::Tensor buffer = at::empty({tile.token_rows, tile.vocab_columns}, opts);
   at::Tensor lse = at::full({n}, -INFINITY, opts.dtype(at::kFloat));
   at::Tensor picked = at::zeros({n}, opts.dtype(at::kFloat));
-  const auto for_each_chunk =
+  const auto for_each_tile =
       [&](const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn) {
-        for (int64_t t0 = 0; t0 < n; t0 += chunk.token_rows) {
-          const int64_t rows = std::min(chunk.token_rows, n - t0);
-          for (int64_t v0 = 0; v0 < v; v0 += chunk.vocab_columns) {
-            fn(t0, rows, v0, std::min(chunk.vocab_columns, v - v0));
+        for (int64_t t0 = 0; t0 < n; t0 += tile.token_rows) {
+          const int64_t rows = std::min(tile.token_rows, n - t0);
+          for (int64_t v0 = 0; v0 < v; v0 += tile.vocab_columns) {
+            fn(t0, rows, v0, std::min(tile.vocab_columns, v - v0));
           }
         }
       };
   const std::vector<Timing> timed = MeasureInterleaved(
       {[&] { at::mm(x, w.t()); },
        [&] {
-         for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
+         for_each_tile([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
            at::Tensor out = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
            at::mm_out(out, x.narrow(0, t0, rows), w.narrow(0, v0, cols).t());
          });
        },
        [&] {
-         for_each_chunk([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
+         for_each_tile([&](int64_t t0, int64_t rows, int64_t v0, int64_t cols) {
            at::Tensor lse_rows = lse.narrow(0, t0, rows);
            at::Tensor picked_rows = picked.narrow(0, t0, rows);
            AccumulateLogitStats(buffer.narrow(0, 0, rows).narrow(1, 0, cols), v0,
@@ -254,13 +255,13 @@ void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, in
                           }},
                          reps, /*device_only=*/true);
   std::printf(
-      "breakdown d=%lld V=%lld N=%lld chunk=%lldx%lld: full GEMM %.2f ms, chunked GEMMs %.2f ms, "
+      "breakdown d=%lld V=%lld N=%lld tile=%lldx%lld: full GEMM %.2f ms, tiled GEMMs %.2f ms, "
       "epilogue %.2f ms (%.0f GB/s); forward with labels on the device %.2f ms, on the host "
       "%.2f ms (%.2f ms over GEMMs + epilogue), with return_argmax %.2f ms; the host queues the "
       "forward in %.2f ms; device only (queued behind a spin kernel): full GEMM %.2f ms, forward "
       "%.2f ms, ratio %.3f\n",
       static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
-      static_cast<long long>(chunk.token_rows), static_cast<long long>(chunk.vocab_columns),
+      static_cast<long long>(tile.token_rows), static_cast<long long>(tile.vocab_columns),
       full_gemm.median_ms, gemms.median_ms, epilogue.median_ms,
       2.0 * n * v / (epilogue.median_ms * 1e-3) / 1e9, forward_device_labels.median_ms,
       forward_host_labels.median_ms,
@@ -269,10 +270,10 @@ void Breakdown(int64_t d, int64_t v, int64_t n, const FusedChunkShape& chunk, in
       device_only[1].median_ms, device_only[1].median_ms / device_only[0].median_ms);
 }
 
-// Ours at several chunk budgets against one GEMM into a preallocated output, all interleaved:
-// small chunks leave each chunk's logits in L2 for the epilogue that follows its GEMM, at the
+// Ours at several tile budgets against one GEMM into a preallocated output, all interleaved:
+// small tiles leave each tile's logits in L2 for the epilogue that follows its GEMM, at the
 // price of more, smaller GEMMs.
-void ChunkSweep(int64_t d, int64_t v, int64_t n, int reps) {
+void TileSweep(int64_t d, int64_t v, int64_t n, int reps) {
   const BenchInputs in = MakeBenchInputs(d, v, n);
   const LMHead* head = in.head.get();
   const at::Tensor w = in.w, x = in.x.view({1, n, d}), host_labels = in.host_labels.view({1, n});
@@ -283,32 +284,31 @@ void ChunkSweep(int64_t d, int64_t v, int64_t n, int reps) {
     fns.push_back([&, mib] { ForwardOrThrow(*head, x, host_labels, false, mib << 20); });
   }
   const std::vector<Timing> timed = MeasureInterleaved(fns, reps);
-  std::printf("chunks d=%lld V=%lld N=%lld: cublas %.2f ms", static_cast<long long>(d),
+  std::printf("tiles d=%lld V=%lld N=%lld: cublas %.2f ms", static_cast<long long>(d),
               static_cast<long long>(v), static_cast<long long>(n), timed[0].median_ms);
   for (size_t i = 0; i < budgets_mib.size(); ++i) {
-    const FusedChunkShape chunk = FusedChunking(n, v, 2, budgets_mib[i] << 20);
+    const LogitTileShape tile = LogitTiling(n, v, 2, budgets_mib[i] << 20);
     std::printf("; %lld MiB (%lldx%lld) %.2f ms x%.3f", static_cast<long long>(budgets_mib[i]),
-                static_cast<long long>(chunk.token_rows),
-                static_cast<long long>(chunk.vocab_columns), timed[i + 1].median_ms,
-                timed[i + 1].median_ms / timed[0].median_ms);
+                static_cast<long long>(tile.token_rows), static_cast<long long>(tile.vocab_columns),
+                timed[i + 1].median_ms, timed[i + 1].median_ms / timed[0].median_ms);
   }
   std::printf("\n");
   std::fflush(stdout);
 }
 
 // The two ways to the statistics against one GEMM into a preallocated output, all interleaved:
-// the fused GEMM, the chunked GEMMs and epilogue, the fused GEMM with argmax, and the whole
+// the fused GEMM, the tiled GEMMs and epilogue, the fused GEMM with argmax, and the whole
 // forward (which takes one of the two: ComputeLogitStats).
 void Paths(int64_t d, int64_t v, int64_t n, int reps) {
   const BenchInputs in = MakeBenchInputs(d, v, n);
   const at::Tensor &w = in.w, &x = in.x, &labels = in.labels;
-  const int64_t chunk_bytes = DefaultFusedChunkBytes(at::kCUDA);
+  const int64_t tile_bytes = DefaultLogitTileBytes(at::kCUDA);
   at::Tensor out = at::empty({n, v}, x.options());
   const std::vector<Timing> timed = MeasureInterleaved(
       {[&] { at::mm_out(out, x, w.t()); },
-       [&] { ComputeLogitStatsFusedGemm(x, w, labels, chunk_bytes); },
-       [&] { ComputeLogitStatsChunked(x, w, at::Tensor(), labels, chunk_bytes); },
-       [&] { ComputeLogitStatsFusedGemm(x, w, labels, chunk_bytes, {}, true); },
+       [&] { ComputeLogitStatsFusedGemm(x, w, labels, tile_bytes); },
+       [&] { ComputeLogitStatsTiled(x, w, at::Tensor(), labels, tile_bytes); },
+       [&] { ComputeLogitStatsFusedGemm(x, w, labels, tile_bytes, {}, true); },
        [&] {
          ForwardOrThrow(*in.head, x.view({1, n, d}), in.host_labels.view({1, n}));
        }},
@@ -316,7 +316,7 @@ void Paths(int64_t d, int64_t v, int64_t n, int reps) {
   const double cublas = timed[0].median_ms;
   std::printf(
       "paths d=%lld V=%lld N=%lld: cublas %.2f ms; fused GEMM stats %.2f ms x%.3f (peak %.0f "
-      "MB); chunked stats %.2f ms x%.3f; fused GEMM stats with argmax %.2f ms x%.3f; forward "
+      "MB); tiled stats %.2f ms x%.3f; fused GEMM stats with argmax %.2f ms x%.3f; forward "
       "%.2f ms x%.3f\n",
       static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n), cublas,
       timed[1].median_ms, timed[1].median_ms / cublas, timed[1].peak_extra_mb, timed[2].median_ms,
@@ -330,13 +330,12 @@ void Paths(int64_t d, int64_t v, int64_t n, int reps) {
 void Sustained(int64_t d, int64_t v, int64_t n, double seconds) {
   const BenchInputs in = MakeBenchInputs(d, v, n);
   const at::Tensor &w = in.w, &x = in.x, &labels = in.labels;
-  const int64_t chunk_bytes = DefaultFusedChunkBytes(at::kCUDA);
+  const int64_t tile_bytes = DefaultLogitTileBytes(at::kCUDA);
   at::Tensor out = at::empty({n, v}, x.options());
   const std::vector<std::pair<const char*, std::function<void()>>> fns = {
       {"cublas", [&] { at::mm_out(out, x, w.t()); }},
-      {"fused GEMM stats", [&] { ComputeLogitStatsFusedGemm(x, w, labels, chunk_bytes); }},
-      {"chunked stats",
-       [&] { ComputeLogitStatsChunked(x, w, at::Tensor(), labels, chunk_bytes); }}};
+      {"fused GEMM stats", [&] { ComputeLogitStatsFusedGemm(x, w, labels, tile_bytes); }},
+      {"tiled stats", [&] { ComputeLogitStatsTiled(x, w, at::Tensor(), labels, tile_bytes); }}};
   std::printf("sustained d=%lld V=%lld N=%lld, %.0f s each:\n", static_cast<long long>(d),
               static_cast<long long>(v), static_cast<long long>(n), seconds);
   double cublas_ms = 0;
@@ -387,7 +386,7 @@ void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
   options.labels = host_labels.view({1, n});
   options.loss_reduction = LossReduction::kSum;
   options.z_loss_multiplier = 1e-4;
-  const int64_t chunk_bytes = DefaultFusedChunkBytes(at::kCUDA);
+  const int64_t tile_bytes = DefaultLogitTileBytes(at::kCUDA);
   const auto host_ms = [&](const std::function<void()>& fn) {
     std::vector<double> ms;
     for (int i = 0; i < reps + 2; ++i) {
@@ -404,15 +403,15 @@ void HostProfile(int64_t d, int64_t v, int64_t n, int reps) {
   };
   std::printf(
       "host d=%lld V=%lld N=%lld: small add %.3f ms, one GEMM %.3f ms, validate %.3f ms, copy "
-      "labels %.3f ms, chunk loop %.3f ms, fused loss %.3f ms, forward %.3f ms\n",
+      "labels %.3f ms, tile loop %.3f ms, fused loss %.3f ms, forward %.3f ms\n",
       static_cast<long long>(d), static_cast<long long>(v), static_cast<long long>(n),
       host_ms([&] { small.add_(1.0); }), host_ms([&] { at::mm(x, w.t()); }), host_ms([&] {
         if (!head->ValidateForward(x.view({1, n, d}), options).ok()) std::abort();
       }),
       host_ms([&] { CopyToDevice(host_labels, x.device()); }),
-      host_ms([&] { ComputeLogitStats(x, w, at::Tensor(), labels, chunk_bytes); }), host_ms([&] {
-        FusedLinearLoss(x, w, at::Tensor(), labels, -100, LossReduction::kSum, 1e-4, chunk_bytes,
-                        {}, false);
+      host_ms([&] { ComputeLogitStats(x, w, at::Tensor(), labels, tile_bytes); }), host_ms([&] {
+        FusedLinearLoss(x, w, at::Tensor(), labels, -100, LossReduction::kSum, 1e-4, tile_bytes, {},
+                        false);
       }),
       host_ms([&] {
         if (!head->Forward(x.view({1, n, d}), options).ok()) std::abort();
@@ -517,7 +516,9 @@ int main(int argc, char** argv) {
   using namespace lmhead;
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   const bool breakdown = argc > 1 && std::string(argv[1]) == "--breakdown";
-  const bool chunk_sweep = argc > 1 && std::string(argv[1]) == "--chunk_sweep";
+  const bool old_tile_sweep = argc > 1 && std::string(argv[1]) == "--chunk_sweep";
+  if (old_tile_sweep) std::fprintf(stderr, "--chunk_sweep is deprecated, use --tile_sweep\n");
+  const bool tile_sweep = old_tile_sweep || (argc > 1 && std::string(argv[1]) == "--tile_sweep");
   const bool paths = argc > 1 && std::string(argv[1]) == "--paths";
   const bool sustained = argc > 1 && std::string(argv[1]) == "--sustained";
   if (c10::cuda::device_count() == 0) {
@@ -555,11 +556,11 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  if (chunk_sweep) {
+  if (tile_sweep) {
     for (int64_t d : {2048, 4096}) {
-      for (int64_t n : {8192, 32768}) ChunkSweep(d, 128256, n, 9);
+      for (int64_t n : {8192, 32768}) TileSweep(d, 128256, n, 9);
     }
-    ChunkSweep(4096, 256000, 8192, 9);
+    TileSweep(4096, 256000, 8192, 9);
     return 0;
   }
   if (breakdown) {
@@ -567,7 +568,7 @@ int main(int argc, char** argv) {
     HostProfile(4096, 128256, 8192, 15);
     for (int64_t d : {2048, 4096}) {
       for (int64_t v : {100352, 128256}) {
-        Breakdown(d, v, 8192, FusedChunking(8192, v, 2, DefaultFusedChunkBytes(at::kCUDA)), 15);
+        Breakdown(d, v, 8192, LogitTiling(8192, v, 2, DefaultLogitTileBytes(at::kCUDA)), 15);
       }
     }
     return 0;

@@ -6,7 +6,8 @@ OLMo-core's state-dict names, the head's configuration in `PATH.json` beside the
 docs/API.md), decodes each request's tensors with `torch.frombuffer`, calls `LMHead.forward` with
 its options and encodes the outputs; no queue, no batching, no staging, one call per gRPC worker
 thread; gRPC's health service. What it does not support (per-request configuration other than
-`loss_implementation`, `logits_dtype`, `fused_chunk_bytes`, `return_argmax`) is answered
+`loss_implementation`, `logits_dtype`, `logit_tile_bytes` (or its deprecated name
+`fused_chunk_bytes`), `return_argmax`) is answered
 UNIMPLEMENTED; what OLMo-core or PyTorch refuses (hidden states in another dtype than the head's,
 int32 labels), INVALID_ARGUMENT with its message; it checks no more than they do (it takes
 rank-2 hidden states, for one). GetModel names the model and its sizes only.
@@ -122,9 +123,10 @@ class Model:
                 or config.dtype):
             raise Refused(grpc.StatusCode.UNIMPLEMENTED, "per-request configuration")
         o = request.options
-        if o.logits_dtype or o.HasField("fused_chunk_bytes") or o.return_argmax:
+        if (o.logits_dtype or o.HasField("logit_tile_bytes") or o.HasField("fused_chunk_bytes")
+                or o.return_argmax):
             raise Refused(grpc.StatusCode.UNIMPLEMENTED,
-                          "logits_dtype, fused_chunk_bytes, return_argmax")
+                          "logits_dtype, logit_tile_bytes, return_argmax")
         head = self.head
         if config.loss_implementation:
             head = self.heads[_IMPLEMENTATIONS[config.loss_implementation]]

@@ -32,6 +32,7 @@
 #include "client/lmhead_client.h"
 #include "client/tensor_file.h"
 #include "client/tensor_view.h"
+#include "proto/wire_dtype.h"
 
 namespace lmhead {
 namespace {
@@ -46,7 +47,16 @@ struct Flag {
   std::string value;  // the placeholder in --help; empty: a switch without a value
   std::string help;
   std::string default_value;
+  // Set: this is the old name of flag `replaced_by`, kept for one release. Its value goes to
+  // that flag, with a deprecation message on stderr; giving both with different values is an
+  // error.
+  std::string replaced_by;
 };
+
+// The old name `old_name` of `flag` (deprecated; removed in the next release).
+Flag DeprecatedName(const std::string& old_name, const Flag& flag) {
+  return {old_name, flag.value, absl::StrCat("deprecated: use --", flag.name), "", flag.name};
+}
 
 using Values = std::map<std::string, std::string>;
 
@@ -78,11 +88,13 @@ void PrintUsage(const std::vector<Command>& commands, std::ostream& out) {
   }
 }
 
-// Parses --flag=value, --flag value and --switch. Returns false (after printing why) on error.
+// Parses --flag=value, --flag value and --switch; a deprecated name's value goes to its
+// flag's. Returns false (after printing why) on error.
 bool ParseFlags(const Command& command, int argc, char** argv, Values* values, bool* help) {
   for (const Flag& flag : command.flags) {
     if (!flag.default_value.empty()) (*values)[flag.name] = flag.default_value;
   }
+  Values given;  // what the command line says, under the names it used
   for (int i = 0; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--help" || arg == "-h") {
@@ -121,7 +133,23 @@ bool ParseFlags(const Command& command, int argc, char** argv, Values* values, b
       }
       value = argv[++i];
     }
+    given[arg] = value;
     (*values)[arg] = value;
+  }
+  for (const Flag& flag : command.flags) {
+    const auto old = given.find(flag.name);
+    if (flag.replaced_by.empty() || old == given.end()) continue;
+    std::cerr << "lmhead " << command.name << ": --" << flag.name << " is deprecated, use --"
+              << flag.replaced_by << " (the old name goes in the next release)\n";
+    if (const auto now = given.find(flag.replaced_by);
+        now != given.end() && now->second != old->second) {
+      std::cerr << "lmhead " << command.name << ": --" << flag.name << " " << old->second
+                << " and --" << flag.replaced_by << " " << now->second << " disagree; give --"
+                << flag.replaced_by << " alone\n";
+      return false;
+    }
+    values->erase(flag.name);
+    (*values)[flag.replaced_by] = old->second;
   }
   return true;
 }
@@ -274,11 +302,6 @@ int RunHealth(const Values& values) {
   return *status == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
 }
 
-std::string DataTypeShortName(int dtype) {
-  const std::string name = v1::DataType_Name(static_cast<v1::DataType>(dtype));
-  return name.empty() ? absl::StrCat(dtype) : name.substr(std::string("DATA_TYPE_").size());
-}
-
 int RunModels(const Values& values) {
   if (Get(values, "address").empty()) return UsageError("models", "--address is required");
   absl::StatusOr<ClientOptions> options = ClientOptionsFrom(values);
@@ -300,7 +323,7 @@ int RunModels(const Values& values) {
   for (const v1::ModelInfo& model : models->models()) {
     std::cout << absl::StrFormat(
         "%-16s %-8d %-11d %-6s %-12d %-7s %s%s\n", model.name(), model.d_model(),
-        model.vocab_size(), DataTypeShortName(model.dtype()), model.num_params(),
+        model.vocab_size(), DataTypeName(model.dtype()), model.num_params(),
         // One entry per executor (ModelInfo.devices); servers before it report `device` only.
         model.devices().empty() ? model.device() : absl::StrJoin(model.devices(), ","),
         model.version(), model.name() == models->default_model() ? " (default)" : "");
@@ -322,7 +345,7 @@ int RunLoadModel(const Values& values) {
   if (!model.ok()) return Failed(model.status());
   std::cout << absl::StrFormat("loaded %s: d_model %d, vocab_size %d, %s, version %s\n",
                                model->name(), model->d_model(), model->vocab_size(),
-                               DataTypeShortName(model->dtype()), model->version());
+                               DataTypeName(model->dtype()), model->version());
   return 0;
 }
 
@@ -453,20 +476,20 @@ int RunForward(const Values& values) {
       return UsageError(command, absl::StrCat("--", flag, ": needs --labels"));
     }
   }
-  double chunk_mib = 0;
-  if (!absl::SimpleAtod(Get(values, "chunk_mib"), &chunk_mib) || chunk_mib < 0) {
-    return UsageError(command, "--chunk_mib: expected a number >= 0");
+  double micro_batch_mib = 0;
+  if (!absl::SimpleAtod(Get(values, "micro_batch_mib"), &micro_batch_mib) || micro_batch_mib < 0) {
+    return UsageError(command, "--micro_batch_mib: expected a number >= 0");
   }
   // Unset: kDefaultParallelStreams for a streamed job (docs/API.md: 4 streams moved a 256 MiB
   // job 1.65 x faster than 1 on an H200 host, 8 and 16 little more).
-  int parallel_streams = chunk_mib > 0 ? kDefaultParallelStreams : 1;
+  int parallel_streams = micro_batch_mib > 0 ? kDefaultParallelStreams : 1;
   if (const std::string given = Get(values, "parallel_streams");
       !given.empty() && (!absl::SimpleAtoi(given, &parallel_streams) || parallel_streams < 1)) {
     return UsageError(command, "--parallel_streams: expected an integer >= 1");
   }
-  if (parallel_streams > 1 && chunk_mib == 0) {
-    return UsageError(command,
-                      "--parallel_streams: needs --chunk_mib > 0 (with 0 the job is one request)");
+  if (parallel_streams > 1 && micro_batch_mib == 0) {
+    return UsageError(
+        command, "--parallel_streams: needs --micro_batch_mib > 0 (with 0 the job is one request)");
   }
 
   // Read in place from read-only mappings of the files: the requests' hidden states are sent from
@@ -481,7 +504,8 @@ int RunForward(const Values& values) {
     if (!mapped.ok()) return FailedInput("labels", mapped.status());
     labels = *std::move(mapped);
   }
-  // The scoring's ids are read whole (one copy; ForwardChunked copies each micro-batch's rows).
+  // The scoring's ids are read whole (one copy; ForwardMicroBatched copies each micro-batch's
+  // rows).
   for (const auto& [file, ids] : {std::pair{"candidate_ids", &args.scoring.candidate_ids},
                                   std::pair{"segment_ids", &args.scoring.segment_ids}}) {
     if (Get(values, file).empty()) continue;
@@ -497,13 +521,14 @@ int RunForward(const Values& values) {
   }
   auto client = LMHeadClient::Connect(Get(values, "address"), *client_options);
   absl::StatusOr<v1::ForwardResponse> response;
-  const auto max_chunk_bytes = static_cast<int64_t>(chunk_mib * (1 << 20));
-  if (max_chunk_bytes == 0 || static_cast<int64_t>(hidden->data.size()) <= max_chunk_bytes) {
+  const auto max_micro_batch_bytes = static_cast<int64_t>(micro_batch_mib * (1 << 20));
+  if (max_micro_batch_bytes == 0 ||
+      static_cast<int64_t>(hidden->data.size()) <= max_micro_batch_bytes) {
     response = client->Forward(*hidden, labels, args);
   } else {
     const bool tty = isatty(STDERR_FILENO);
-    response = client->ForwardChunked(
-        *hidden, labels, args, max_chunk_bytes,
+    response = client->ForwardMicroBatched(
+        *hidden, labels, args, max_micro_batch_bytes,
         [tty](int64_t done, int64_t total) {
           constexpr int kWidth = 30;
           const int filled = static_cast<int>(kWidth * done / std::max<int64_t>(total, 1));
@@ -548,6 +573,9 @@ int RunForward(const Values& values) {
             << " scored tokens\n";
   return 0;
 }
+
+const Flag kMicroBatchMib{"micro_batch_mib", "MIB",
+                          "micro-batch size for streaming; 0 sends one request", "64"};
 
 std::vector<Command> Commands() {
   return {
@@ -600,7 +628,7 @@ std::vector<Command> Commands() {
        "logits/loss/ce_loss/z_loss/argmax and the scoring outputs asked for (label_logprobs,\n"
        "entropy, label_rank, top_k_ids, top_k_logprobs, candidate_logprobs, segment_*) to a\n"
        ".safetensors file (metadata: model, model_version, num_scored_tokens,\n"
-       "num_nonfinite_inputs). Inputs larger than --chunk_mib are streamed in micro-batches\n"
+       "num_nonfinite_inputs). Inputs larger than --micro_batch_mib are streamed in micro-batches\n"
        "along the batch dimension, with a progress bar.\n"
        "Input files are memory-mapped, not read: gRPC sends the hidden states from the mapping\n"
        "(labels are copied into each request), in the file's dtype (bf16 stays bf16).",
@@ -651,7 +679,8 @@ std::vector<Command> Commands() {
             "override the model's loss implementation", ""},
            {"dtype", "bf16|fp16|fp32", "compute dtype override", ""},
            {"logits_dtype", "bf16|fp16|fp32", "dtype of the returned logits", ""},
-           {"chunk_mib", "MIB", "micro-batch size for streaming; 0 sends one request", "64"},
+           kMicroBatchMib,
+           DeprecatedName("chunk_mib", kMicroBatchMib),
            {"parallel_streams", "N",
             "streams (and connections) a streamed job is spread over (default 4; 1 when the job is "
             "one request)",

@@ -42,6 +42,16 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
+// ForwardArgs::fused_chunk_bytes is deprecated; these are the only places that touch it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+ForwardArgs::ForwardArgs() = default;
+ForwardArgs::ForwardArgs(const ForwardArgs&) = default;
+ForwardArgs::ForwardArgs(ForwardArgs&&) = default;
+ForwardArgs& ForwardArgs::operator=(const ForwardArgs&) = default;
+ForwardArgs& ForwardArgs::operator=(ForwardArgs&&) = default;
+ForwardArgs::~ForwardArgs() = default;
+
 namespace {
 
 // The request for `args` without hidden states and labels.
@@ -70,6 +80,9 @@ v1::ForwardRequest RequestWithoutInputs(const ForwardArgs& args) {
     *options->mutable_logits_to_keep_positions() = std::get<v1::Tensor>(args.logits_to_keep);
   }
   options->set_logits_dtype(args.logits_dtype);
+  if (args.logit_tile_bytes.has_value()) options->set_logit_tile_bytes(*args.logit_tile_bytes);
+  // The deprecated name goes out as the deprecated field: the server takes it, or refuses both
+  // when they disagree.
   if (args.fused_chunk_bytes.has_value()) options->set_fused_chunk_bytes(*args.fused_chunk_bytes);
   options->set_return_argmax(args.return_argmax);
   if (args.scoring.any()) {
@@ -87,6 +100,7 @@ v1::ForwardRequest RequestWithoutInputs(const ForwardArgs& args) {
   }
   return request;
 }
+#pragma GCC diagnostic pop
 
 // The labels of a call given `labels` as a view and `args`: the view, or a view of args.labels;
 // INVALID_ARGUMENT when both are given.
@@ -514,14 +528,14 @@ absl::Status InJobMicroBatches(const absl::Status& status, int64_t first) {
 
 }  // namespace
 
-absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
+absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardMicroBatched(
     const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
     const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {
-  return ForwardChunked(ViewOf(hidden_states), std::nullopt, args, max_micro_batch_bytes, progress,
-                        parallel_streams);
+  return ForwardMicroBatched(ViewOf(hidden_states), std::nullopt, args, max_micro_batch_bytes,
+                             progress, parallel_streams);
 }
 
-absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardChunked(
+absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardMicroBatched(
     const TensorView& hidden_states, const std::optional<TensorView>& labels,
     const ForwardArgs& args, int64_t max_micro_batch_bytes,
     const std::function<void(int64_t, int64_t)>& progress, int parallel_streams) {

@@ -41,7 +41,7 @@ struct ClientOptions {
   // to 5 s), within the call's deadline; not when the server answers that the same call would
   // fail again (a limit it enforces). Unary calls by gRPC's retry policy (the channel's service
   // config, RetryServiceConfig); a stream by this client, only while none of its micro-batches
-  // has been answered (docs/API.md "Retries" says why), except that ForwardChunked's streams
+  // has been answered (docs/API.md "Retries" says why), except that ForwardMicroBatched's streams
   // that end UNAVAILABLE after answers go on in a new stream from the first micro-batch not
   // answered. 1: no retry. Default 5.
   int max_attempts = 5;
@@ -144,9 +144,23 @@ struct ForwardArgs {
   v1::LossImplementation loss_implementation = v1::LOSS_IMPLEMENTATION_UNSPECIFIED;
   v1::DataType compute_dtype = v1::DATA_TYPE_UNSPECIFIED;  // the model's dtype
   v1::DataType logits_dtype = v1::DATA_TYPE_UNSPECIFIED;   // the compute dtype
-  std::optional<int64_t> fused_chunk_bytes;
+  // The most bytes of the tile of logits fused_linear holds at once (options.logit_tile_bytes);
+  // unset: the server's default.
+  std::optional<int64_t> logit_tile_bytes;
+  // The old name of logit_tile_bytes, kept for one release: sent as the deprecated field
+  // options.fused_chunk_bytes (the server refuses the two when they disagree).
+  [[deprecated("use logit_tile_bytes")]] std::optional<int64_t> fused_chunk_bytes;
   bool return_argmax = false;  // also return each kept position's most likely token id
   ScoringArgs scoring;         // scoring outputs; default none
+
+  // Declared, and defined where fused_chunk_bytes' deprecation is silenced: GCC would otherwise
+  // warn about it in every translation unit that makes or copies a ForwardArgs.
+  ForwardArgs();
+  ForwardArgs(const ForwardArgs&);
+  ForwardArgs(ForwardArgs&&);
+  ForwardArgs& operator=(const ForwardArgs&);
+  ForwardArgs& operator=(ForwardArgs&&);
+  ~ForwardArgs();
 };
 
 // The request Forward sends for `hidden_states` and `args`.
@@ -210,22 +224,38 @@ class LMHeadClient {
   // streams after it; the job fails with the first failure in its order, its message's
   // " (micro-batch N)" counted in the job. Each stream holds one of the server's
   // --max_open_streams while it runs.
-  absl::StatusOr<v1::ForwardResponse> ForwardChunked(
+  absl::StatusOr<v1::ForwardResponse> ForwardMicroBatched(
       const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
       const std::function<void(int64_t done, int64_t total)>& progress = {},
       int parallel_streams = 1);
-  // ForwardChunked of views (e.g. MapTensorFile's of a memory-mapped file), the same requests and
-  // result; nothing of the whole job is copied. Each micro-batch's request is made as the stream
-  // asks for it: its rows of `labels` (or args.labels; both given: INVALID_ARGUMENT) are copied
-  // into it, and its rows of hidden states are sent from where they are when the view has an
+  // ForwardMicroBatched of views (e.g. MapTensorFile's of a memory-mapped file), the same requests
+  // and result; nothing of the whole job is copied. Each micro-batch's request is made as the
+  // stream asks for it: its rows of `labels` (or args.labels; both given: INVALID_ARGUMENT) are
+  // copied into it, and its rows of hidden states are sent from where they are when the view has an
   // owner (SerializeForwardRequest; a retried stream resends them from there too), else copied
   // once, into the serialised request. The views' bytes must stay valid and unchanged until the
   // call returns. (The v1::Tensor overload is this one with views without owner.)
-  absl::StatusOr<v1::ForwardResponse> ForwardChunked(
+  absl::StatusOr<v1::ForwardResponse> ForwardMicroBatched(
       const TensorView& hidden_states, const std::optional<TensorView>& labels,
       const ForwardArgs& args, int64_t max_micro_batch_bytes,
       const std::function<void(int64_t done, int64_t total)>& progress = {},
       int parallel_streams = 1);
+  // The old names of ForwardMicroBatched, kept for one release.
+  [[deprecated("use ForwardMicroBatched")]] absl::StatusOr<v1::ForwardResponse> ForwardChunked(
+      const v1::Tensor& hidden_states, const ForwardArgs& args, int64_t max_micro_batch_bytes,
+      const std::function<void(int64_t done, int64_t total)>& progress = {},
+      int parallel_streams = 1) {
+    return ForwardMicroBatched(hidden_states, args, max_micro_batch_bytes, progress,
+                               parallel_streams);
+  }
+  [[deprecated("use ForwardMicroBatched")]] absl::StatusOr<v1::ForwardResponse> ForwardChunked(
+      const TensorView& hidden_states, const std::optional<TensorView>& labels,
+      const ForwardArgs& args, int64_t max_micro_batch_bytes,
+      const std::function<void(int64_t done, int64_t total)>& progress = {},
+      int parallel_streams = 1) {
+    return ForwardMicroBatched(hidden_states, labels, args, max_micro_batch_bytes, progress,
+                               parallel_streams);
+  }
 
   absl::StatusOr<v1::ListModelsResponse> ListModels();
   absl::StatusOr<v1::ModelInfo> GetModel(const std::string& name = "");
@@ -250,10 +280,10 @@ class LMHeadClient {
       std::function<std::unique_ptr<grpc::ClientReaderWriter<Request, v1::ForwardResponse>>(
           grpc::ClientContext* context)>;
   // ForwardStream with requests that are `Request`s: v1::ForwardRequest messages (ForwardStream),
-  // or grpc::ByteBuffers serialised by SerializeForwardRequest (ForwardChunked). With `rewind`,
-  // a stream that ends UNAVAILABLE after answers (its server went away) is opened again, within
-  // options.max_attempts, for the micro-batches not answered: rewind(n) makes `next` start again
-  // at micro-batch n (the first unanswered), and on_response's index goes on from there.
+  // or grpc::ByteBuffers serialised by SerializeForwardRequest (ForwardMicroBatched). With
+  // `rewind`, a stream that ends UNAVAILABLE after answers (its server went away) is opened again,
+  // within options.max_attempts, for the micro-batches not answered: rewind(n) makes `next` start
+  // again at micro-batch n (the first unanswered), and on_response's index goes on from there.
   template <class Request>
   absl::Status ForwardStreamOn(const OpenStream<Request>& open,
                                const std::function<bool(Request* request)>& next,

@@ -1,5 +1,5 @@
 // LMHeadClient's requests, without a server: what MakeForwardRequest puts in ForwardOptions, and
-// the arguments ForwardChunked refuses before it connects. The calls themselves are tested
+// the arguments ForwardMicroBatched refuses before it connects. The calls themselves are tested
 // against the real server in tests/e2e.
 #include "client/lmhead_client.h"
 
@@ -68,14 +68,14 @@ TEST(MakeForwardRequestTest, FillsScoringOptions) {
   }
 }
 
-// ForwardChunked of 3 rows of hidden states with `args` is INVALID_ARGUMENT containing `message`,
-// before anything is sent (the address is never dialled).
+// ForwardMicroBatched of 3 rows of hidden states with `args` is INVALID_ARGUMENT containing
+// `message`, before anything is sent (the address is never dialled).
 void ExpectRefusedBeforeSending(const ForwardArgs& args, const std::string& message) {
   ClientOptions options;
   options.timeout = std::chrono::seconds(5);
   auto client = LMHeadClient::Connect("127.0.0.1:1", options);
   absl::StatusOr<v1::ForwardResponse> response =
-      client->ForwardChunked(Hidden(3, 2, 4), args, /*max_micro_batch_bytes=*/32);
+      client->ForwardMicroBatched(Hidden(3, 2, 4), args, /*max_micro_batch_bytes=*/32);
   EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument) << response.status();
   EXPECT_NE(response.status().message().find(message), absl::string_view::npos)
       << response.status();
@@ -83,7 +83,7 @@ void ExpectRefusedBeforeSending(const ForwardArgs& args, const std::string& mess
 
 // Ids split with the batch must have the job's rows; refused before anything is sent (the
 // address is never dialled).
-TEST(ForwardChunkedTest, RefusesScoringIdsThatCannotBeSplitWithTheBatch) {
+TEST(ForwardMicroBatchedTest, RefusesScoringIdsThatCannotBeSplitWithTheBatch) {
   ForwardArgs args;
   args.labels = Int64({3, 2}, {1, 2, 3, 4, 5, 6});
   args.scoring.segment_ids = Int64({2, 2}, {0, 0, 0, 0});
@@ -105,7 +105,7 @@ TEST(ForwardChunkedTest, RefusesScoringIdsThatCannotBeSplitWithTheBatch) {
 
 // Labels and positions split with the batch must have the job's rows too: a streamed job would
 // otherwise drop extra rows silently (one request is refused by the server).
-TEST(ForwardChunkedTest, RefusesLabelsAndPositionsWithOtherRowsThanTheJob) {
+TEST(ForwardMicroBatchedTest, RefusesLabelsAndPositionsWithOtherRowsThanTheJob) {
   ForwardArgs args;
   args.labels = Int64({4, 2}, {1, 2, 3, 4, 5, 6, 7, 8});
   ExpectRefusedBeforeSending(
@@ -118,6 +118,24 @@ TEST(ForwardChunkedTest, RefusesLabelsAndPositionsWithOtherRowsThanTheJob) {
       args,
       "logits_to_keep: expected (batch, K) positions, split with the batch (3 rows); got "
       "shape [2, 1]");
+}
+
+// ForwardChunked, ForwardMicroBatched's old name (deprecated for one release), is the same call.
+TEST(ForwardMicroBatchedTest, TheDeprecatedNameStillWorks) {
+  auto client = LMHeadClient::Connect("127.0.0.1:1");
+  ForwardArgs args;
+  args.labels = Int64({4, 2}, {1, 2, 3, 4, 5, 6, 7, 8});
+  const v1::Tensor hidden = Hidden(3, 2, 4);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  const absl::Status of_tensor = client->ForwardChunked(hidden, args, 32).status();
+  const absl::Status of_views =
+      client->ForwardChunked(ViewOf(hidden), std::nullopt, args, 32).status();
+#pragma GCC diagnostic pop
+  const absl::Status expected = client->ForwardMicroBatched(hidden, args, 32).status();
+  EXPECT_EQ(expected.code(), absl::StatusCode::kInvalidArgument) << expected;
+  EXPECT_EQ(of_tensor, expected);
+  EXPECT_EQ(of_views, expected);
 }
 
 // Several addresses make one ipv4:/ipv6: target balanced round-robin; one host:port is left as

@@ -1,4 +1,5 @@
-// Conversions between lmhead::DType and LibTorch's scalar types.
+// The LibTorch scalar type of each lmhead::DType (core <-> c10::ScalarType; the server's wire
+// dtypes have theirs in server/tensor_codec.h).
 #ifndef LMHEAD_CORE_DTYPE_H_
 #define LMHEAD_CORE_DTYPE_H_
 
@@ -8,7 +9,8 @@
 
 namespace lmhead {
 
-inline c10::ScalarType ToScalarType(DType dtype) {
+// The scalar type of `dtype`.
+inline c10::ScalarType ScalarTypeOf(DType dtype) {
   switch (dtype) {
     case DType::kFloat32:
       return c10::ScalarType::Float;

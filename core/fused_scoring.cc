@@ -11,7 +11,7 @@ namespace {
 
 // Top-k keys: one int64 per (token, vocabulary id) whose order is the order of the top-k (by
 // logit descending, ties by id ascending), so that a top-k of keys is exact and merges across
-// chunks. High half: the fp32 logit's bits mapped to an int32 of the same order (-0 as +0, every
+// tiles. High half: the fp32 logit's bits mapped to an int32 of the same order (-0 as +0, every
 // NaN as one NaN above +inf, where torch.sort and torch.argmax rank NaN); low half: 2^32 - 1 - id.
 constexpr int64_t kLowHalf = int64_t{1} << 32;
 constexpr int64_t kMagnitudeBits = 0x7FFFFFFF;
@@ -41,7 +41,7 @@ struct TokenState {
   at::Tensor sum;          // (rows,) fp32: sum of exp(l - shift), shift = max, or 0 while -inf
   at::Tensor weighted;     // (rows,) fp32: sum of exp(l - shift) * (l - shift)
   at::Tensor label;        // (rows,) int64: the labels, any valid id where ignored
-  at::Tensor label_logit;  // (rows,) fp32: the label's logit, once its chunk is seen
+  at::Tensor label_logit;  // (rows,) fp32: the label's logit, once its tile is seen
   at::Tensor threshold;    // label_rank: (rows,) fp32, the label's logit computed before the GEMM
   at::Tensor above;        // label_rank: (rows,) int64, logits above the label's
   at::Tensor keys;         // top-k with ATen: (rows, k) int64, the best keys so far
@@ -77,16 +77,16 @@ TokenState Rows(const TokenState& all, int64_t t0, int64_t rows) {
 // max with -inf (no logit yet, or only -inf logits) as 0: what the sums are relative to.
 at::Tensor Shift(const at::Tensor& max) { return max.masked_fill(max.isneginf(), 0.0); }
 
-// The top-k keys and the candidates' logits of one chunk into `state`; the keys need `logits` in
+// The top-k keys and the candidates' logits of one tile into `state`; the keys need `logits` in
 // fp32, the candidates take them in any dtype (converted after the gather).
 void AccumulateTopKAndCandidates(const at::Tensor& logits, int64_t col0, TokenState& state) {
   const int64_t cols = logits.size(1);
   if (state.keys.defined()) {
     const int64_t k = state.keys.size(1);
-    const at::Tensor chunk_best = std::get<0>(
+    const at::Tensor tile_best = std::get<0>(
         TopKKeys(logits, col0).topk(std::min(k, cols), 1, /*largest=*/true, /*sorted=*/false));
     state.keys.copy_(std::get<0>(
-        at::cat({state.keys, chunk_best}, 1).topk(k, 1, /*largest=*/true, /*sorted=*/true)));
+        at::cat({state.keys, tile_best}, 1).topk(k, 1, /*largest=*/true, /*sorted=*/true)));
   }
   if (state.candidates.defined()) {
     const at::Tensor& ids = state.candidates;
@@ -98,26 +98,26 @@ void AccumulateTopKAndCandidates(const at::Tensor& logits, int64_t col0, TokenSt
   }
 }
 
-// Folds one chunk of logits (rows, cols) in the compute dtype, vocabulary columns from col0,
+// Folds one tile of logits (rows, cols) in the compute dtype, vocabulary columns from col0,
 // into `state`: on CUDA the softmax, label, rank and argmax terms in one kernel, else with ATen.
-void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
-  const int64_t cols = chunk.size(1);
-  if (AccumulateScoringStats(chunk, col0, state.label, state.threshold, state.max, state.sum,
+void Accumulate(const at::Tensor& tile, int64_t col0, TokenState& state) {
+  const int64_t cols = tile.size(1);
+  if (AccumulateScoringStats(tile, col0, state.label, state.threshold, state.max, state.sum,
                              state.weighted, state.label_logit, state.above,
                              state.argmax.value.defined() ? &state.argmax : nullptr)) {
     if (state.top_values.defined()) {
-      TORCH_CHECK(AccumulateTopK(chunk, col0, state.top_values, state.top_ids),
+      TORCH_CHECK(AccumulateTopK(tile, col0, state.top_values, state.top_ids),
                   "the top-k kernel did not run where the scoring kernel did");
     }
     // Where the kernels run the top-k is theirs: only the candidates are left, gathered from the
-    // chunk as it is (no fp32 copy of the whole chunk).
+    // tile as it is (no fp32 copy of the whole tile).
     TORCH_CHECK(!state.keys.defined(), "ATen top-k keys where the top-k kernel runs");
-    AccumulateTopKAndCandidates(chunk, col0, state);
+    AccumulateTopKAndCandidates(tile, col0, state);
     return;
   }
-  const at::Tensor logits = chunk.to(at::kFloat);  // the compute dtype's values, exactly
+  const at::Tensor logits = tile.to(at::kFloat);  // the compute dtype's values, exactly
 
-  // Online log-sum-exp and entropy: the state rescaled to the new shift, plus the chunk's terms.
+  // Online log-sum-exp and entropy: the state rescaled to the new shift, plus the tile's terms.
   // Nothing is rescaled while the state holds only -inf logits (its sums are 0).
   const at::Tensor new_max = at::maximum(state.max, logits.amax(1));
   const at::Tensor old_shift = Shift(state.max);
@@ -135,14 +135,14 @@ void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
   }
   state.max.copy_(new_max);
 
-  // The label's logit where its column is in this chunk; logits above it (in the label's chunk
-  // its own logit from the chunk, so its column never counts; elsewhere the one computed before).
-  const at::Tensor in_chunk = state.label.ge(col0).logical_and(state.label.lt(col0 + cols));
+  // The label's logit where its column is in this tile; logits above it (in the label's tile
+  // its own logit from the tile, so its column never counts; elsewhere the one computed before).
+  const at::Tensor in_tile = state.label.ge(col0).logical_and(state.label.lt(col0 + cols));
   const at::Tensor picked =
       logits.gather(1, (state.label - col0).clamp(0, cols - 1).unsqueeze(1)).squeeze(1);
-  state.label_logit.copy_(at::where(in_chunk, picked, state.label_logit));
+  state.label_logit.copy_(at::where(in_tile, picked, state.label_logit));
   if (state.above.defined()) {
-    const at::Tensor threshold = at::where(in_chunk, picked, state.threshold);
+    const at::Tensor threshold = at::where(in_tile, picked, state.threshold);
     state.above.add_(logits.gt(threshold.unsqueeze(1)).sum(1));
   }
 
@@ -150,7 +150,7 @@ void Accumulate(const at::Tensor& chunk, int64_t col0, TokenState& state) {
 }
 
 // The label's logit per token in fp32, computed before the GEMM and rounded once to the compute
-// dtype as the GEMM rounds it: what label_rank compares the logits outside the label's chunk
+// dtype as the GEMM rounds it: what label_rank compares the logits outside the label's tile
 // against.
 at::Tensor LabelLogitBeforeGemm(const at::Tensor& h, const at::Tensor& weight,
                                 const at::Tensor& bias, const at::Tensor& labels) {
@@ -201,8 +201,8 @@ FusedScores Outputs(const PassResult& pass, const at::Tensor& valid, const Scori
 // its one pass (core/ops/logit_stats.h, FusedGemmScoring).
 PassResult ScoreWithFusedGemm(const at::Tensor& h, const at::Tensor& weight,
                               const at::Tensor& safe_labels, const ScoringOptions& options,
-                              bool wants_argmax, int64_t chunk_bytes,
-                              const std::function<void()>& between_chunks) {
+                              bool wants_argmax, int64_t tile_bytes,
+                              const std::function<void()>& between_tiles) {
   FusedGemmScoring scoring;
   if (options.label_rank) {
     // In slices, so that the fp32 copies of h's rows and their labels' weight rows stay small.
@@ -216,8 +216,8 @@ PassResult ScoreWithFusedGemm(const at::Tensor& h, const at::Tensor& weight,
                                       safe_labels.narrow(0, t0, rows)));
     }
   }
-  const LogitStats stats = ComputeLogitStatsFusedGemm(h, weight, safe_labels, chunk_bytes,
-                                                      between_chunks, wants_argmax, &scoring);
+  const LogitStats stats = ComputeLogitStatsFusedGemm(h, weight, safe_labels, tile_bytes,
+                                                      between_tiles, wants_argmax, &scoring);
   PassResult pass;
   pass.lse = stats.lse;
   pass.label_logit = stats.label_logit;
@@ -231,23 +231,23 @@ PassResult ScoreWithFusedGemm(const at::Tensor& h, const at::Tensor& weight,
 
 FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& labels, int64_t ignore_index,
-                              const ScoringOptions& options, bool with_argmax, int64_t chunk_bytes,
-                              const std::function<void()>& between_chunks) {
+                              const ScoringOptions& options, bool with_argmax, int64_t tile_bytes,
+                              const std::function<void()>& between_tiles) {
   const int64_t num_tokens = h.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
   const auto int64 = h.options().dtype(at::kLong);
   const bool segments = options.segment_ids.has_value();
   // The argmax (for the loss's outputs, or is_greedy) is the top-1, or, where the CUDA kernel
-  // folds the chunks and no top-k is asked, the kernel's running argmax.
+  // folds the tiles and no top-k is asked, the kernel's running argmax.
   const bool wants_argmax = with_argmax || segments;
   const at::Tensor valid = labels.ne(ignore_index);
   const at::Tensor safe_labels = labels.masked_fill(~valid, 0);
   // Where the loss takes the fused GEMM, so do the scores its epilogue gives; the top-k and the
-  // candidates need each chunk's logits: the chunked pass.
+  // candidates need each tile's logits: the tiled pass.
   if (options.top_k == 0 && !options.candidate_ids.has_value() &&
-      FusedGemmPreferred(h, weight, bias, chunk_bytes, wants_argmax, /*with_scoring=*/true)) {
-    return Outputs(ScoreWithFusedGemm(h, weight, safe_labels, options, wants_argmax, chunk_bytes,
-                                      between_chunks),
+      FusedGemmPreferred(h, weight, bias, tile_bytes, wants_argmax, /*with_scoring=*/true)) {
+    return Outputs(ScoreWithFusedGemm(h, weight, safe_labels, options, wants_argmax, tile_bytes,
+                                      between_tiles),
                    valid, options, with_argmax);
   }
   const bool running_argmax = wants_argmax && options.top_k == 0 && ScoringKernelApplies(h);
@@ -284,8 +284,8 @@ FusedScores ScoreHiddenStates(const at::Tensor& h, const at::Tensor& weight, con
 
   // The state of the current token slice: views of the whole pass's.
   TokenState state;
-  ForEachLogitChunk(
-      h, weight, bias, kScoringWorkingBytes, chunk_bytes, between_chunks,
+  ForEachLogitTile(
+      h, weight, bias, kScoringWorkingBytes, tile_bytes, between_tiles,
       [&](int64_t t0, int64_t rows) {
         state = Rows(all, t0, rows);
         if (state.threshold.defined()) {

@@ -1,8 +1,8 @@
-// ScoreHiddenStates against ScoreLogitRows on the same logits, over chunkings from single
+// ScoreHiddenStates against ScoreLogitRows on the same logits, over tilings from single
 // columns to the whole vocabulary. The data are small dyadic numbers, so every logit is exact in
 // fp32 and bf16 whatever the GEMM's shape or summation order: ids, ranks and argmax must then be
 // equal, values equal to fp32 rounding, and ties (many, and duplicate weight rows) go to the
-// lower id across chunk boundaries.
+// lower id across tile boundaries.
 #include "core/fused_scoring.h"
 
 #include <ATen/ATen.h>
@@ -27,7 +27,7 @@ struct Problem {
 
   // Dyadic data: h in {-1, 0, 1}, weights and bias in multiples of 1/8 within [-1, 1], so a logit
   // is a multiple of 1/8 of magnitude at most 17: exact in bf16 (8 significant bits) and fp32.
-  // Rows 5, 6 and the last copy row 2 (ties split across chunks); with `infinite_bias`, a few
+  // Rows 5, 6 and the last copy row 2 (ties split across tiles); with `infinite_bias`, a few
   // bias entries are -inf (logits of probability 0), one of them a label's.
   Problem(int64_t tokens, int64_t vocab, at::ScalarType dtype, bool with_bias, bool infinite_bias,
           uint64_t seed) {
@@ -67,18 +67,17 @@ void ExpectEqual(const at::Tensor& got, const at::Tensor& want, const std::strin
   EXPECT_TRUE(at::equal(got, want)) << what << "\n" << got << "\nvs\n" << want;
 }
 
-TEST(ScoreHiddenStatesTest, EqualsScoreLogitRowsOverEveryChunking) {
+TEST(ScoreHiddenStatesTest, EqualsScoreLogitRowsOverEveryTiling) {
   int runs = 0;
   for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
     for (const int64_t vocab : {int64_t{1000}, int64_t{257}}) {
-      // 1 byte: one logit a chunk; 700: about 25 columns; 8 KiB: 2 x 128 columns; 0: one chunk.
-      for (const int64_t chunk_bytes :
-           {int64_t{1}, int64_t{700}, int64_t{8192}, int64_t{1} << 30}) {
-        if (chunk_bytes == 1 && vocab > 300) continue;  // (slow, and 257 covers it)
+      // 1 byte: one logit a tile; 700: about 25 columns; 8 KiB: 2 x 128 columns; 0: one tile.
+      for (const int64_t tile_bytes : {int64_t{1}, int64_t{700}, int64_t{8192}, int64_t{1} << 30}) {
+        if (tile_bytes == 1 && vocab > 300) continue;  // (slow, and 257 covers it)
         for (int bias = 0; bias < 3; ++bias) {
           const std::string what =
               std::string(c10::toString(dtype)) + " V=" + std::to_string(vocab) +
-              " chunk_bytes=" + std::to_string(chunk_bytes) + " bias=" + std::to_string(bias);
+              " tile_bytes=" + std::to_string(tile_bytes) + " bias=" + std::to_string(bias);
           SCOPED_TRACE(what);
           const Problem p(/*tokens=*/9, vocab, dtype, bias > 0, bias == 2, /*seed=*/runs);
           const int64_t tokens = p.h.size(0);
@@ -100,7 +99,7 @@ TEST(ScoreHiddenStatesTest, EqualsScoreLogitRowsOverEveryChunking) {
           const bool with_argmax = bias != 1;
           const PositionScores want = ScoreLogitRows(p.logits, p.labels, kIgnore, options);
           const FusedScores got = ScoreHiddenStates(p.h, p.weight, p.bias, p.labels, kIgnore,
-                                                    options, with_argmax, chunk_bytes);
+                                                    options, with_argmax, tile_bytes);
           ExpectClose(got.scores.label_logprobs, want.label_logprobs, "label_logprobs");
           ExpectClose(got.scores.entropy, want.entropy, "entropy");
           ExpectEqual(got.scores.label_rank, want.label_rank, "label_rank");
@@ -139,7 +138,7 @@ TEST(ScoreHiddenStatesTest, ComputesOnlyWhatIsAsked) {
               "entropy");
 }
 
-// Ordinary (Gaussian) data: the logits of the chunks and of one GEMM round differently, so values
+// Ordinary (Gaussian) data: the logits of the tiles and of one GEMM round differently, so values
 // agree to rounding; in fp32 the order is still the same here.
 TEST(ScoreHiddenStatesTest, GaussianDataAgreesToRounding) {
   at::Generator gen = at::detail::createCPUGenerator(11);

@@ -24,7 +24,7 @@ absl::StatusOr<std::unique_ptr<LayerNorm>> LayerNorm::Build(const LayerNormConfi
   absl::Status created = CatchTorchErrors([&]() -> absl::Status {
     if (config.EffectiveAffine()) {
       const auto options =
-          at::TensorOptions().dtype(ToScalarType(config.EffectiveDType())).device(device);
+          at::TensorOptions().dtype(ScalarTypeOf(config.EffectiveDType())).device(device);
       norm->weight_ = at::ones({size}, options);
       if (config.EffectiveBias()) norm->bias_ = at::zeros({size}, options);
     }

@@ -25,7 +25,7 @@ std::string ShapeString(at::IntArrayRef shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-std::string DTypeString(c10::ScalarType type) { return std::string(c10::toString(type)); }
+std::string ScalarTypeName(c10::ScalarType type) { return std::string(c10::toString(type)); }
 
 // Hugging Face spellings of our parameter names.
 const std::map<std::string, std::string>& HuggingFaceNames() {
@@ -134,8 +134,8 @@ LMOutput FusedOutput(const LossTerms& terms, int64_t batch, int64_t kept,
   return out;
 }
 
-int64_t FusedChunkBytes(int64_t requested, const c10::Device& device) {
-  return requested > 0 ? requested : DefaultFusedChunkBytes(device);
+int64_t LogitTileBytes(int64_t requested, const c10::Device& device) {
+  return requested > 0 ? requested : DefaultLogitTileBytes(device);
 }
 
 // The number of scored positions when both index tensors are on the host (free), else unset.
@@ -226,7 +226,7 @@ absl::StatusOr<LossOutputSpec> LossOutputs(const LMHeadConfig& config, int64_t b
   if (options.z_loss_multiplier.has_value()) {
     spec.z_loss_dtype = options.loss_implementation.value_or(config.loss_implementation) ==
                                 LossImplementation::kFusedLinear
-                            ? ToScalarType(config.dtype)
+                            ? ScalarTypeOf(config.dtype)
                             : at::kFloat;
   }
   const auto* divisor = std::get_if<at::Tensor>(&options.loss_div_factor);
@@ -305,7 +305,7 @@ absl::Status LMHead::CreateParameters(const c10::Device& device) {
     if (norm_->bias().defined()) parameters_.emplace_back("norm.bias", norm_->bias());
   }
   return CatchTorchErrors([&]() -> absl::Status {
-    const auto options = at::TensorOptions().dtype(ToScalarType(config_.dtype)).device(device);
+    const auto options = at::TensorOptions().dtype(ScalarTypeOf(config_.dtype)).device(device);
     weight_ = at::empty({vocab_size_, d_model_}, options);
     parameters_.emplace_back("w_out.weight", weight_);
     if (config_.EffectiveBias()) {
@@ -380,8 +380,8 @@ absl::Status LMHead::LoadStateDict(const std::map<std::string, at::Tensor>& tens
     }
     if (tensor.scalar_type() != param.scalar_type()) {
       return absl::InvalidArgumentError(absl::StrCat("key '", given, "': expected dtype ",
-                                                     DTypeString(param.scalar_type()), ", got ",
-                                                     DTypeString(tensor.scalar_type())));
+                                                     ScalarTypeName(param.scalar_type()), ", got ",
+                                                     ScalarTypeName(tensor.scalar_type())));
     }
   }
   return CatchTorchErrors([&]() -> absl::Status {
@@ -401,9 +401,9 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
                           x.defined() ? ShapeString(x.sizes()) : "an undefined tensor"));
   }
   if (x.scalar_type() != weight_.scalar_type()) {
-    return InvalidArgument(
-        "x", absl::StrCat("dtype ", DTypeString(x.scalar_type()),
-                          " does not match the head's dtype ", DTypeString(weight_.scalar_type())));
+    return InvalidArgument("x", absl::StrCat("dtype ", ScalarTypeName(x.scalar_type()),
+                                             " does not match the head's dtype ",
+                                             ScalarTypeName(weight_.scalar_type())));
   }
   if (x.device() != weight_.device()) {
     return InvalidArgument(
@@ -417,7 +417,7 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
       return InvalidArgument(
           "logits_to_keep",
           absl::StrCat("a positions tensor must be int64 of shape (batch=", batch, ", K), got ",
-                       positions->defined() ? absl::StrCat(DTypeString(positions->scalar_type()),
+                       positions->defined() ? absl::StrCat(ScalarTypeName(positions->scalar_type()),
                                                            " ", ShapeString(positions->sizes()))
                                             : "an undefined tensor"));
     }
@@ -443,7 +443,7 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
       return InvalidArgument(
           "labels",
           absl::StrCat("expected int64 of shape (batch=", batch, ", seq_len=", length, "), got ",
-                       labels.defined() ? absl::StrCat(DTypeString(labels.scalar_type()), " ",
+                       labels.defined() ? absl::StrCat(ScalarTypeName(labels.scalar_type()), " ",
                                                        ShapeString(labels.sizes()))
                                         : "an undefined tensor"));
     }
@@ -466,8 +466,8 @@ absl::Status LMHead::ValidateStructure(const at::Tensor& x, const ForwardOptions
       return InvalidArgument("loss_reduction",
                              "'none' needs a non-empty batch (the loss is reshaped to (B, -1))");
     }
-    if (options.fused_chunk_bytes < 0) {
-      return InvalidArgument("fused_chunk_bytes", "must be positive, or 0 for the default");
+    if (options.logit_tile_bytes < 0) {
+      return InvalidArgument("logit_tile_bytes", "must be positive, or 0 for the default");
     }
     if (const auto* divisor = std::get_if<at::Tensor>(&options.loss_div_factor)) {
       if (divisor->defined() && divisor->device() != x.device() &&
@@ -674,13 +674,13 @@ absl::StatusOr<LMOutput> LMHead::ForwardValidated(const at::Tensor& x,
       at::Tensor groups;
       if (!host_scored.has_value()) scored = QueueScoredCount(on_x_device);
       if (!host_groups.has_value()) groups = SegmentCount(on_x_device);
-      LMOutput output = ForwardChecked(x, on_x_device);
+      LMOutput output = ComputeForwardOrThrow(x, on_x_device);
       output.num_scored_tokens = host_scored.has_value() ? *host_scored : scored.item<int64_t>();
       KeepSegments(output.scoring, host_groups.has_value() ? *host_groups : groups.item<int64_t>());
       return output;
     }
     const QueuedIndexCheck check = QueueIndexCheck(x.size(1), vocab_size_, on_x_device);
-    LMOutput output = ForwardChecked(x, on_x_device);
+    LMOutput output = ComputeForwardOrThrow(x, on_x_device);
     check.copied.synchronize();  // waits for the check, queued ahead of the forward
     const int64_t* counts = check.counts.data_ptr<int64_t>();
     if (counts[0] == 0) {
@@ -704,28 +704,28 @@ at::Tensor LMHead::Logits(const at::Tensor& h) const {
   return at::linear(h, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
 }
 
-LMOutput LMHead::ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const {
+LMOutput LMHead::ComputeForwardOrThrow(const at::Tensor& x, const ForwardOptions& options) const {
   const at::Tensor h =
       SelectPositions(norm_ != nullptr ? norm_->Forward(x) : x, options.logits_to_keep);
   if (!UsesFusedLinear(options)) return DefaultOutput(Logits(h), options);
-  const auto between_chunks = [&options]() {
+  const auto between_tiles = [&options]() {
     if (!options.interrupt_check) return;
     if (absl::Status status = options.interrupt_check(); !status.ok()) throw StatusError(status);
   };
   const at::Tensor rows = h.contiguous().view({-1, d_model_});
   const at::Tensor labels = KeptLabels(options);
-  const int64_t chunk_bytes = FusedChunkBytes(options.fused_chunk_bytes, x.device());
+  const int64_t tile_bytes = LogitTileBytes(options.logit_tile_bytes, x.device());
   if (!options.scoring.any()) {
     const LossTerms terms = FusedLinearLoss(rows, weight_, bias_, labels, options.ignore_index,
                                             options.loss_reduction, options.z_loss_multiplier,
-                                            chunk_bytes, between_chunks, options.return_argmax);
+                                            tile_bytes, between_tiles, options.return_argmax);
     return FusedOutput(terms, h.size(0), h.size(1), options);
   }
   // One pass for the loss's statistics and the scoring outputs (docs/notes/scoring.md).
   const ScoringOptions scoring = KeptScoring(options, h.size(0), h.size(1));
   const FusedScores fused =
       ScoreHiddenStates(rows, weight_, bias_, labels, options.ignore_index, scoring,
-                        options.return_argmax, chunk_bytes, between_chunks);
+                        options.return_argmax, tile_bytes, between_tiles);
   const LossTerms terms =
       FinishFusedLinearLoss(fused.stats, labels, options.ignore_index, options.loss_reduction,
                             options.z_loss_multiplier, h.scalar_type(), options.return_argmax);
@@ -827,7 +827,7 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
     ScoringOptions all;
     int64_t candidates = 0;
     bool with_argmax = false;
-    bool same_chunk_bytes = true;
+    bool same_tile_bytes = true;
     std::vector<at::Tensor> labels;
     for (const Member& member : members) {
       const ScoringOptions& own = member.scoring;
@@ -840,8 +840,8 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
         candidates = std::max(candidates, own.candidate_ids->size(-1));
       }
       with_argmax = with_argmax || member.options.return_argmax;
-      same_chunk_bytes = same_chunk_bytes && member.options.fused_chunk_bytes ==
-                                                 members.front().options.fused_chunk_bytes;
+      same_tile_bytes = same_tile_bytes &&
+                        member.options.logit_tile_bytes == members.front().options.logit_tile_bytes;
       labels.push_back(
           member.labels.masked_fill(member.labels.eq(member.options.ignore_index), -1));
     }
@@ -858,14 +858,14 @@ void LMHead::ForwardPackedScoring(const std::vector<ForwardItem>& items,
       }
       all.candidate_ids = at::cat(per_row);
     }
-    const int64_t chunk_bytes = FusedChunkBytes(
-        same_chunk_bytes ? members.front().options.fused_chunk_bytes : 0, h.device());
+    const int64_t tile_bytes =
+        LogitTileBytes(same_tile_bytes ? members.front().options.logit_tile_bytes : 0, h.device());
     fused = ScoreHiddenStates(h.contiguous(), weight_, bias_, at::cat(labels), /*ignore_index=*/-1,
-                              all, with_argmax, chunk_bytes);
+                              all, with_argmax, tile_bytes);
     return absl::OkStatus();
   });
 
-  // Each member finalised on its own rows, as ForwardChecked finalises one forward.
+  // Each member finalised on its own rows, as ComputeForwardOrThrow finalises one forward.
   for (const Member& member : members) {
     const int64_t n = member.batch * member.kept;
     results[member.index] = CatchTorchErrors([&]() -> absl::StatusOr<LMOutput> {
@@ -972,19 +972,19 @@ void LMHead::ForwardPacked(const std::vector<ForwardItem>& items, const std::vec
       return absl::OkStatus();
     }
     bool with_argmax = false;
-    bool same_chunk_bytes = true;
+    bool same_tile_bytes = true;
     std::vector<PackedLossRequest> requests;
     for (const Member& member : members) {
       const ForwardOptions& options = member.options;
       with_argmax = with_argmax || options.return_argmax;
-      same_chunk_bytes = same_chunk_bytes &&
-                         options.fused_chunk_bytes == members.front().options.fused_chunk_bytes;
+      same_tile_bytes =
+          same_tile_bytes && options.logit_tile_bytes == members.front().options.logit_tile_bytes;
       requests.push_back({member.host_labels, options.ignore_index, options.loss_reduction,
                           options.z_loss_multiplier, options.return_argmax});
     }
-    const int64_t chunk_bytes = FusedChunkBytes(
-        same_chunk_bytes ? members.front().options.fused_chunk_bytes : 0, h.device());
-    losses = PackedFusedLinearLoss(h, weight_, bias_, requests, chunk_bytes, with_argmax);
+    const int64_t tile_bytes =
+        LogitTileBytes(same_tile_bytes ? members.front().options.logit_tile_bytes : 0, h.device());
+    losses = PackedFusedLinearLoss(h, weight_, bias_, requests, tile_bytes, with_argmax);
     return absl::OkStatus();
   });
 

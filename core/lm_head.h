@@ -46,11 +46,11 @@ struct ForwardOptions {
 
   // Extension: overrides the head's configured loss implementation for this call.
   std::optional<LossImplementation> loss_implementation;
-  // Extension: the most bytes of transient logits `fused_linear` keeps at once (one chunk of
+  // Extension: the most bytes of transient logits `fused_linear` keeps at once (one tile of
   // tokens x vocabulary columns, counting the logits in the input dtype and any working copies
   // the device's epilogue needs). 0 picks the device's default: 128 MiB on the CPU, 224 MiB on
   // CUDA (larger GEMMs; the whole forward then stays under 256 MB of extra device memory).
-  int64_t fused_chunk_bytes = 0;
+  int64_t logit_tile_bytes = 0;
   // Extension: also return LMOutput::argmax, each scored position's most likely token id. With
   // fused_linear it is found in the same pass as the loss, without logits.
   bool return_argmax = false;
@@ -59,9 +59,9 @@ struct ForwardOptions {
   // without labels; the others need them. segment_ids are (B, S) like labels and sliced by
   // logits_to_keep as labels are; candidate_ids are (C,) or (B, S', C) over the kept positions.
   // `default` computes them from the logits (return_logits=False drops the logits after);
-  // `fused_linear` in its pass over vocabulary chunks, without logits (core/fused_scoring.h).
+  // `fused_linear` in its pass over vocabulary tiles, without logits (core/fused_scoring.h).
   ScoringOptions scoring;
-  // Extension: polled before the compute starts and between fused_linear chunks; the first
+  // Extension: polled before the compute starts and between fused_linear tiles; the first
   // non-OK status it returns stops the forward, and Forward returns that status (the server
   // passes deadline and cancellation checks). Unset: never stops.
   std::function<absl::Status()> interrupt_check;
@@ -173,14 +173,14 @@ class LMHead {
   // which computes for every token what any of them asks: the largest top_k, every candidate
   // list, and each item keeps its own). An invalid item, or one whose
   // interrupt_check fails before the batch starts, gets its status without affecting the others.
-  // interrupt_check is polled once per item before the packed compute, not between its chunks.
+  // interrupt_check is polled once per item before the packed compute, not between its tiles.
   // Results come in item order. Each x must be on the head's device; index tensors may be on
   // the host, as for Forward.
   // Details: every item not marked `validated` is validated up front (ValidateForward), so index
   // tensors on a CUDA device cost a synchronisation per such item here. A group of one item runs
-  // exactly as Forward (bit-identical results, interrupt_check polled between fused_linear chunks
+  // exactly as Forward (bit-identical results, interrupt_check polled between fused_linear tiles
   // too). The packed fused_linear pass finds the argmax if any item asks for it, and uses the
-  // items' fused_chunk_bytes when they all give the same, else the device's default. The logits of
+  // items' logit_tile_bytes when they all give the same, else the device's default. The logits of
   // a packed item are a view of its group's logits (they keep the whole group's alive). An
   // exception in the packed compute gives every item of its group that status.
   std::vector<absl::StatusOr<LMOutput>> ForwardBatch(const std::vector<ForwardItem>& items) const;
@@ -226,7 +226,7 @@ class LMHead {
                                             bool queue_index_check) const;
   // The compute of one forward, index tensors on x's device and valid, the segment sums S' wide
   // (the callers keep G of them); may throw c10::Error.
-  LMOutput ForwardChecked(const at::Tensor& x, const ForwardOptions& options) const;
+  LMOutput ComputeForwardOrThrow(const at::Tensor& x, const ForwardOptions& options) const;
   // ForwardBatch's packed compute of the items `group` (two or more, valid, on one path:
   // UsesFusedLinear for all or for none), writing their results.
   void ForwardPacked(const std::vector<ForwardItem>& items, const std::vector<size_t>& group,

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -43,10 +44,6 @@ std::vector<std::pair<std::string, LMHeadConfig>> Heads(DType dtype) {
   normalized.dtype = dtype;
   heads.emplace_back("normalized", normalized);
   return heads;
-}
-
-at::ScalarType ScalarTypeOf(DType dtype) {
-  return dtype == DType::kFloat32 ? at::kFloat : at::kBFloat16;
 }
 
 // The kept labels, counted here without the head's helpers.
@@ -397,15 +394,15 @@ TEST(LMHeadBatchTest, InvalidAndInterruptedItemsDoNotAffectTheOthers) {
   }
 }
 
-// A packed fused_linear pass takes the items' fused_chunk_bytes when they agree (here chunks of a
+// A packed fused_linear pass takes the items' logit_tile_bytes when they agree (here tiles of a
 // few tokens and columns), else the default; the results do not depend on it.
-TEST(LMHeadBatchTest, FusedChunkBytesAgreedOrMixed) {
+TEST(LMHeadBatchTest, LogitTileBytesAgreedOrMixed) {
   std::unique_ptr<LMHead> head = MakeHead(LMHeadConfig{});
   ItemMaker maker(*head, 9);
-  for (const std::vector<int64_t>& chunk_bytes :
+  for (const std::vector<int64_t>& tile_bytes :
        {std::vector<int64_t>{400, 400, 400}, std::vector<int64_t>{400, 0, 1 << 20}}) {
     std::vector<ForwardItem> items;
-    for (const int64_t bytes : chunk_bytes) {
+    for (const int64_t bytes : tile_bytes) {
       items.push_back(
           maker.Make(LossImplementation::kFusedLinear, LossReduction::kSum, 1e-3, 0, 0));
       if (!items.back().options.labels.has_value()) {
@@ -413,12 +410,12 @@ TEST(LMHeadBatchTest, FusedChunkBytesAgreedOrMixed) {
             at::randint(kV, {items.back().x.size(0), items.back().x.size(1)}, at::kLong);
         items.back().options.return_logits.reset();
       }
-      items.back().options.fused_chunk_bytes = bytes;
+      items.back().options.logit_tile_bytes = bytes;
     }
     const std::vector<absl::StatusOr<LMOutput>> results = head->ForwardBatch(items);
     for (size_t i = 0; i < items.size(); ++i) {
       ExpectSameResult(results[i], head->Forward(items[i].x, items[i].options), at::kFloat,
-                       /*exact=*/false, absl::StrCat("chunk_bytes ", chunk_bytes[i]));
+                       /*exact=*/false, absl::StrCat("tile_bytes ", tile_bytes[i]));
     }
   }
 }

@@ -4,7 +4,7 @@
 //
 // Most tests use dyadic parameters and inputs (x in {-1, 0, 1}, weights and bias in multiples of
 // 1/8 within [-1, 1], d_model 16): every logit is then a multiple of 1/8 below 18 in magnitude,
-// exact in fp32 and bf16 whatever the GEMM's shape, chunking or summation order. So the float64
+// exact in fp32 and bf16 whatever the GEMM's shape, tiling or summation order. So the float64
 // logits are the head's logits, ids and ranks must be equal exactly (ties included: the
 // vocabulary has many equal logits, and duplicate weight rows), and values equal to fp32
 // rounding of the softmax. One test uses Gaussian data to show that rounding alone separates the
@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/scoring.h"
 #include "gmock/gmock.h"
@@ -40,10 +41,6 @@ constexpr int64_t kIgnore = -100;
 std::string TestDevice() {
   const char* device = std::getenv("LMHEAD_TEST_DEVICE");
   return device == nullptr || *device == '\0' ? "cpu" : device;
-}
-
-at::ScalarType ScalarTypeOf(DType dtype) {
-  return dtype == DType::kFloat32 ? at::kFloat : at::kBFloat16;
 }
 
 // A head of `config` with dyadic parameters (rows 5, 6 and the last copy row 2; normalized heads
@@ -171,12 +168,12 @@ ScoringOptions AllOutputs(int64_t batch, int64_t kept, int64_t vocab, int varian
 
 struct Implementation {
   LossImplementation name;
-  int64_t chunk_bytes;
+  int64_t tile_bytes;
 };
 
 // The grid: fp32 and bf16; vocabularies of 1000 and 257 (no multiple of 128); LMHead with a bias
 // and NormalizedLMHead; logits_to_keep 0, 4, -2 and a positions tensor; `default` and
-// `fused_linear` with one chunk, chunks of ~25 columns and of 128-column multiples; ignored
+// `fused_linear` with one tile, tiles of ~25 columns and of 128-column multiples; ignored
 // labels, a label among tied logits, segment ids with gaps and -1.
 TEST(LMHeadScoringTest, BothImplementationsMatchScoreLogitsOnFloat64Logits) {
   int checked = 0;
@@ -212,13 +209,13 @@ TEST(LMHeadScoringTest, BothImplementationsMatchScoreLogitsOnFloat64Logits) {
             const std::string what = absl::StrCat(
                 Name(dtype), " V=", vocab, " ", type == LMHeadType::kNormalized ? "normalized" : "",
                 " keep=", std::holds_alternative<int64_t>(keep) ? std::get<int64_t>(keep) : -99,
-                " ", Name(implementation.name), " chunk_bytes=", implementation.chunk_bytes);
+                " ", Name(implementation.name), " tile_bytes=", implementation.tile_bytes);
             ForwardOptions options;
             options.labels = labels;
             options.ignore_index = kIgnore;
             options.logits_to_keep = keep;
             options.loss_implementation = implementation.name;
-            options.fused_chunk_bytes = implementation.chunk_bytes;
+            options.logit_tile_bytes = implementation.tile_bytes;
             options.return_argmax = checked % 3 == 0;
             if (checked % 2 == 1) options.return_logits = false;  // the default still scores
             options.scoring = AllOutputs(2, kept, vocab, checked, segments);
@@ -252,7 +249,7 @@ TEST(LMHeadScoringTest, NaNHiddenStatesGiveNaNScores) {
     ForwardOptions options;
     options.labels = at::randint(300, {2, 4}, at::kLong);
     options.loss_implementation = implementation;
-    options.fused_chunk_bytes = 3000;  // several vocabulary chunks
+    options.logit_tile_bytes = 3000;  // several vocabulary tiles
     options.scoring =
         AllOutputs(2, 4, 300, 3, at::tensor({0, 0, 1, 1, 0, 0, 1, 1}, at::kLong).view({2, 4}));
     absl::StatusOr<LMOutput> out = head->Forward(x, options);
@@ -382,7 +379,7 @@ TEST(LMHeadScoringTest, FusedLossIsUnchangedByScoring) {
   at::Generator gen = at::detail::createCPUGenerator(8);
   const at::Tensor x = at::randn({3, 7, 64}, gen);
   for (const LossReduction reduction : {LossReduction::kNone, LossReduction::kMean}) {
-    for (const int64_t chunk_bytes : {int64_t{0}, int64_t{5000}}) {
+    for (const int64_t tile_bytes : {int64_t{0}, int64_t{5000}}) {
       ForwardOptions options;
       options.labels = at::randint(1000, {3, 7}, gen, at::TensorOptions(at::kLong));
       options.labels->index_put_({1, 2}, kIgnore);
@@ -390,7 +387,7 @@ TEST(LMHeadScoringTest, FusedLossIsUnchangedByScoring) {
       options.loss_reduction = reduction;
       options.z_loss_multiplier = 1e-3;
       options.return_argmax = true;
-      options.fused_chunk_bytes = chunk_bytes;
+      options.logit_tile_bytes = tile_bytes;
       absl::StatusOr<LMOutput> without = (*head)->Forward(x, options);
       options.scoring.entropy = true;
       absl::StatusOr<LMOutput> with = (*head)->Forward(x, options);
@@ -406,7 +403,7 @@ TEST(LMHeadScoringTest, FusedLossIsUnchangedByScoring) {
   }
 }
 
-// Ordinary (Gaussian) data through a layer norm: the fused pass's chunks and the default path's
+// Ordinary (Gaussian) data through a layer norm: fused_linear's tiles and the default path's
 // one GEMM round their logits differently. In fp32 that moves values by fp32 rounding; in bf16 a
 // logit may round to its bf16 neighbour (2^-8 relative), which moves log-probabilities by up to
 // that much and may reorder logits tied within it. So values are compared with those
@@ -428,7 +425,7 @@ TEST(LMHeadScoringTest, GaussianDataAgreesToRounding) {
     options.scoring = AllOutputs(2, 9, 1000, 1, at::randint(-1, 4, {2, 9}, gen, at::kLong));
     absl::StatusOr<LMOutput> dflt = (*head)->Forward(x, options);
     options.loss_implementation = LossImplementation::kFusedLinear;
-    options.fused_chunk_bytes = 6000;
+    options.logit_tile_bytes = 6000;
     absl::StatusOr<LMOutput> fused = (*head)->Forward(x, options);
     ASSERT_TRUE(dflt.ok() && fused.ok());
     const ScoringOutputs& got = fused->scoring;
@@ -479,13 +476,13 @@ TEST(LMHeadScoringTest, GaussianDataAgreesToRounding) {
   }
 }
 
-// interrupt_check is polled between the scoring pass's chunks as between the loss's.
-TEST(LMHeadScoringTest, InterruptCheckStopsBetweenScoringChunks) {
+// interrupt_check is polled between the scoring pass's tiles as between the loss's.
+TEST(LMHeadScoringTest, InterruptCheckStopsBetweenScoringTiles) {
   std::unique_ptr<LMHead> head = ExactHead(LMHeadConfig{}, 300, 2);
   ForwardOptions options;
   options.labels = at::randint(300, {2, 4}, at::kLong);
   options.loss_implementation = LossImplementation::kFusedLinear;
-  options.fused_chunk_bytes = 2 * 300 * (4 + 24);  // 2 tokens x the vocabulary: 4 chunks
+  options.logit_tile_bytes = 2 * 300 * (4 + 24);  // 2 tokens x the vocabulary: 4 tiles
   options.scoring.top_k = 3;
   int checks = 0;
   options.interrupt_check = [&checks]() {
@@ -493,11 +490,11 @@ TEST(LMHeadScoringTest, InterruptCheckStopsBetweenScoringChunks) {
   };
   const at::Tensor x = ExactX(2, 4, at::kFloat, 3);
   EXPECT_EQ(head->Forward(x, options).status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_EQ(checks, 3);  // before the compute, then before chunks 1 and 2
+  EXPECT_EQ(checks, 3);  // before the compute, then before tiles 1 and 2
   options.interrupt_check = [&checks]() { return ++checks, absl::OkStatus(); };
   checks = 0;
   ASSERT_TRUE(head->Forward(x, options).ok());
-  EXPECT_EQ(checks, 5);  // before the compute and before each of the 4 chunks
+  EXPECT_EQ(checks, 5);  // before the compute and before each of the 4 tiles
 }
 
 // ForwardBatch: every item's scoring outputs are Forward's (default items packed into one GEMM,
@@ -519,7 +516,7 @@ TEST(LMHeadScoringTest, ForwardBatchEqualsForwardPerItem) {
       ForwardOptions& o = item.options;
       o.loss_implementation =
           i < 4 ? LossImplementation::kDefault : LossImplementation::kFusedLinear;
-      o.fused_chunk_bytes = i % 2 == 0 ? 0 : 700;
+      o.logit_tile_bytes = i % 2 == 0 ? 0 : 700;
       o.logits_to_keep = i % 3 == 0 ? std::variant<int64_t, at::Tensor>(int64_t{-1})
                                     : std::variant<int64_t, at::Tensor>(int64_t{0});
       const int64_t kept = KeptLength(o.logits_to_keep, length);

@@ -159,12 +159,12 @@ TEST(LMHeadTest, LossesMatchFp64ForBothImplementations) {
       at::where(valid, lse_ref * lse_ref, at::zeros_like(lse_ref)).sum().item<double>();
 
   for (LossImplementation impl : {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
-    for (int64_t chunk_bytes : {int64_t{1}, int64_t{128} << 20}) {  // 1 token per chunk, or all
+    for (int64_t tile_bytes : {int64_t{1}, int64_t{128} << 20}) {  // 1 token per tile, or all
       ForwardOptions options;
       options.labels = labels;
       options.loss_implementation = impl;
       options.z_loss_multiplier = 1e-3;
-      options.fused_chunk_bytes = chunk_bytes;
+      options.logit_tile_bytes = tile_bytes;
       options.loss_reduction = LossReduction::kSum;
       absl::StatusOr<LMOutput> out = head->Forward(x, options);
       ASSERT_TRUE(out.ok()) << out.status();
@@ -407,35 +407,35 @@ TEST(LMHeadTest, LossOutputsMatchWhatForwardReturns) {
   }
 }
 
-TEST(LMHeadTest, InterruptCheckStopsBetweenFusedChunks) {
+TEST(LMHeadTest, InterruptCheckStopsBetweenLogitTiles) {
   auto head = MakeHead(LMHeadConfig{});
   const at::Tensor x = RandomX(2, 8, 21);
   ForwardOptions options;
   options.labels = RandomLabels(2, 8, 22);
   options.loss_implementation = LossImplementation::kFusedLinear;
-  options.fused_chunk_bytes = 4 * kV * 12;  // 4 tokens a chunk: 4 chunks
+  options.logit_tile_bytes = 4 * kV * 12;  // 4 tokens a tile: 4 tiles
   int checks = 0;
   options.interrupt_check = [&checks]() {
     return ++checks < 3 ? absl::OkStatus() : absl::DeadlineExceededError("deadline passed");
   };
   absl::StatusOr<LMOutput> out = head->Forward(x, options);
   EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_EQ(checks, 3);  // before the compute, then before chunks 1 and 2
+  EXPECT_EQ(checks, 3);  // before the compute, then before tiles 1 and 2
 
   options.interrupt_check = [&checks]() { return ++checks, absl::OkStatus(); };
   checks = 0;
   out = head->Forward(x, options);
   ASSERT_TRUE(out.ok()) << out.status();
-  EXPECT_EQ(checks, 5);  // before the compute and before each of the 4 chunks
+  EXPECT_EQ(checks, 5);  // before the compute and before each of the 4 tiles
   options.interrupt_check = []() { return absl::CancelledError("client went away"); };
   options.loss_implementation = LossImplementation::kDefault;
   EXPECT_EQ(head->Forward(x, options).status().code(), absl::StatusCode::kCancelled);
 }
 
 // return_argmax: every implementation and path picks what torch.argmax picks on the logits, across
-// vocabulary chunks: the first of exactly tied maxima (integer data, so the logits are exact in
+// vocabulary tiles: the first of exactly tied maxima (integer data, so the logits are exact in
 // any summation order), and id 0 for an all-NaN row.
-TEST(LMHeadTest, ReturnArgmaxIsTorchArgmaxAcrossChunks) {
+TEST(LMHeadTest, ReturnArgmaxIsTorchArgmaxAcrossTiles) {
   LMHeadConfig config;
   config.bias = false;
   std::unique_ptr<LMHead> head = MakeHead(config);
@@ -459,13 +459,13 @@ TEST(LMHeadTest, ReturnArgmaxIsTorchArgmaxAcrossChunks) {
   ASSERT_TRUE(without_labels.ok()) << without_labels.status();
   EXPECT_TRUE(at::equal(*without_labels->argmax, expected));
   for (LossImplementation impl : {LossImplementation::kDefault, LossImplementation::kFusedLinear}) {
-    // 0: one chunk; 400 bytes: chunks of a few tokens x a few columns, the tie split across them.
-    for (const int64_t chunk_bytes : {int64_t{0}, int64_t{400}}) {
-      SCOPED_TRACE(absl::StrCat(Name(impl), " chunk_bytes=", chunk_bytes));
+    // 0: one tile; 400 bytes: tiles of a few tokens x a few columns, the tie split across them.
+    for (const int64_t tile_bytes : {int64_t{0}, int64_t{400}}) {
+      SCOPED_TRACE(absl::StrCat(Name(impl), " tile_bytes=", tile_bytes));
       ForwardOptions options;
       options.labels = labels;
       options.loss_implementation = impl;
-      options.fused_chunk_bytes = chunk_bytes;
+      options.logit_tile_bytes = tile_bytes;
       options.return_argmax = true;
       options.logits_to_keep = int64_t{-1};
       absl::StatusOr<LMOutput> out = head->Forward(x, options);

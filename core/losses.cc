@@ -50,7 +50,7 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
   return {ce + z, ce, z};
 }
 
-int64_t DefaultFusedChunkBytes(const c10::Device& device) {
+int64_t DefaultLogitTileBytes(const c10::Device& device) {
   return (device.is_cuda() ? int64_t{224} : int64_t{128}) << 20;
 }
 
@@ -60,11 +60,11 @@ at::Tensor FusedSafeLabels(const at::Tensor& labels, int64_t ignore_index) {
 
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
-                          std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
-                          const std::function<void()>& between_chunks, bool with_argmax) {
-  // Per-token log-sum-exp and label logit, never more than chunk_bytes of logits at a time.
+                          std::optional<double> z_loss_multiplier, int64_t tile_bytes,
+                          const std::function<void()>& between_tiles, bool with_argmax) {
+  // Per-token log-sum-exp and label logit, never more than tile_bytes of logits at a time.
   const LogitStats stats = ComputeLogitStats(h, weight, bias, FusedSafeLabels(labels, ignore_index),
-                                             chunk_bytes, between_chunks, with_argmax);
+                                             tile_bytes, between_tiles, with_argmax);
   return FinishFusedLinearLoss(stats, labels, ignore_index, reduction, z_loss_multiplier,
                                h.scalar_type(), with_argmax);
 }
@@ -100,7 +100,7 @@ LossTerms FinishFusedLinearLoss(const LogitStats& stats, const at::Tensor& label
 std::vector<PackedLoss> PackedFusedLinearLoss(const at::Tensor& h, const at::Tensor& weight,
                                               const at::Tensor& bias,
                                               const std::vector<PackedLossRequest>& requests,
-                                              int64_t chunk_bytes, bool with_argmax) {
+                                              int64_t tile_bytes, bool with_argmax) {
   const int64_t count = static_cast<int64_t>(requests.size());
   const int64_t vocab_size = weight.size(0);
   const c10::Device device = h.device();
@@ -169,7 +169,7 @@ std::vector<PackedLoss> PackedFusedLinearLoss(const at::Tensor& h, const at::Ten
   // FinishFusedLinearLoss's row terms, for every row at once.
   const at::Tensor valid = marked_device.ge(0);
   const LogitStats stats = ComputeLogitStats(h, weight, bias, marked_device.clamp_min(0),
-                                             chunk_bytes, /*between_chunks=*/{}, with_argmax);
+                                             tile_bytes, /*between_tiles=*/{}, with_argmax);
   const at::Tensor& lse = stats.lse;
   const at::Tensor divisor = scales_device[1];
   const at::Tensor ce_rows = at::where(valid, lse - stats.label_logit, 0.0) / divisor;

@@ -34,21 +34,21 @@ LossTerms DefaultLoss(const at::Tensor& logits, const at::Tensor& labels, int64_
                       LossReduction reduction, std::optional<double> z_loss_multiplier);
 
 // `fused_linear`: what OLMo-core's Liger path returns, forward only, without ever holding more
-// than one chunk of logits. h (N, D) and weight (V, D) share a dtype; bias (V,) may be undefined.
-// The logits are formed one chunk (token rows x vocabulary columns) at a time, and never more
-// than `chunk_bytes` of them exist at once (ComputeLogitStats, core/ops/logit_stats.h).
+// than one tile of logits. h (N, D) and weight (V, D) share a dtype; bias (V,) may be undefined.
+// The logits are formed one tile (token rows x vocabulary columns) at a time, and never more
+// than `tile_bytes` of them exist at once (ComputeLogitStats, core/ops/logit_stats.h).
 // Per token: lse (merged across vocabulary slices) and the label logit in fp32; ce = lse - label
 // logit and z = s * lse^2 with s = EffectiveZLossMultiplier (added to `loss` even when no
 // multiplier is given, as upstream); ignored rows are 0; "mean" divides each row by the number
 // of valid tokens (0 valid tokens gives 0). z_loss is in the input dtype; ce_loss = loss - z_loss
-// when a multiplier is given, else loss. `between_chunks`, when set, runs before each chunk and
+// when a multiplier is given, else loss. `between_tiles`, when set, runs before each tile and
 // may throw to abandon the work. `with_argmax` also returns each token's most likely id (what
 // torch.argmax gives on its logits), found in the same pass. ComputeLogitStats, then
 // FinishFusedLinearLoss. May throw c10::Error.
 LossTerms FusedLinearLoss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& labels, int64_t ignore_index, LossReduction reduction,
-                          std::optional<double> z_loss_multiplier, int64_t chunk_bytes,
-                          const std::function<void()>& between_chunks = {},
+                          std::optional<double> z_loss_multiplier, int64_t tile_bytes,
+                          const std::function<void()>& between_tiles = {},
                           bool with_argmax = false);
 
 // The labels ComputeLogitStats takes for FusedLinearLoss: `labels` with ignore_index replaced
@@ -93,10 +93,10 @@ struct PackedLoss {
 std::vector<PackedLoss> PackedFusedLinearLoss(const at::Tensor& h, const at::Tensor& weight,
                                               const at::Tensor& bias,
                                               const std::vector<PackedLossRequest>& requests,
-                                              int64_t chunk_bytes, bool with_argmax);
+                                              int64_t tile_bytes, bool with_argmax);
 
-// The chunk budget FusedLinearLoss uses on `device` when the caller sets none.
-int64_t DefaultFusedChunkBytes(const c10::Device& device);
+// The tile budget FusedLinearLoss uses on `device` when the caller sets none.
+int64_t DefaultLogitTileBytes(const c10::Device& device);
 
 }  // namespace lmhead
 

@@ -27,7 +27,7 @@ namespace lmhead {
 // The largest top_k a request may ask for.
 inline constexpr int64_t kMaxTopK = 64;
 // The most candidate ids per position (C): bounds the (B, S', C) input and output, and the
-// gathers of the fused pass (C values per token and vocabulary chunk).
+// gathers of fused_linear's pass (C values per token and vocabulary tile).
 inline constexpr int64_t kMaxCandidates = 4096;
 
 // Which scoring outputs to compute; none by default. B is the batch, S the sequence length and
@@ -97,8 +97,8 @@ absl::StatusOr<ScoringOutputs> ScoreLogits(const at::Tensor& logits,
                                            int64_t ignore_index, const ScoringOptions& options);
 
 // --- For the heads (LMHead::Forward): the per-position reference, and the assembly it shares
-// with the fused pass (core/fused_scoring.h). Arguments are valid (the checks above passed) and
-// on the compute device; N = B * S' flattened kept positions. Each may throw c10::Error. ---
+// with fused_linear's pass (core/fused_scoring.h). Arguments are valid (the checks above passed)
+// and on the compute device; N = B * S' flattened kept positions. Each may throw c10::Error. ---
 
 // Per kept position, what the outputs are assembled from: each tensor defined iff needed.
 struct PositionScores {

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -17,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "core/config.h"
 #include "core/dtype.h"
+#include "proto/wire_dtype.h"
 #include "server/logging.h"
 #include "server/status.h"
 #include "server/tensor_codec.h"
@@ -28,120 +30,96 @@ absl::Status Invalid(absl::string_view field, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", message));
 }
 
-// ---- Enums: wire -> core (unset gives nullopt; unknown values are errors naming the field).
+// ---- Enums: one table per enum, core <-> wire, read both ways.
 
+template <typename Core, typename Wire>
+struct EnumPair {
+  Core core;
+  Wire wire;
+};
+
+constexpr EnumPair<DType, v1::DataType> kDTypes[] = {
+    {DType::kBFloat16, v1::DATA_TYPE_BF16},
+    {DType::kFloat16, v1::DATA_TYPE_FP16},
+    {DType::kFloat32, v1::DATA_TYPE_FP32},
+};
+constexpr EnumPair<LayerNormType, v1::LayerNormType> kLayerNormTypes[] = {
+    {LayerNormType::kDefault, v1::LAYER_NORM_TYPE_DEFAULT},
+    {LayerNormType::kRms, v1::LAYER_NORM_TYPE_RMS},
+    {LayerNormType::kQwenRms, v1::LAYER_NORM_TYPE_QWEN_RMS},
+    {LayerNormType::kCuteRms, v1::LAYER_NORM_TYPE_CUTE_RMS},
+    {LayerNormType::kFusedRms, v1::LAYER_NORM_TYPE_FUSED_RMS},
+    {LayerNormType::kL2Norm, v1::LAYER_NORM_TYPE_L2_NORM},
+};
+constexpr EnumPair<LMHeadType, v1::HeadType> kHeadTypes[] = {
+    {LMHeadType::kDefault, v1::HEAD_TYPE_DEFAULT},
+    {LMHeadType::kNormalized, v1::HEAD_TYPE_NORMALIZED},
+};
+constexpr EnumPair<LossImplementation, v1::LossImplementation> kLossImplementations[] = {
+    {LossImplementation::kDefault, v1::LOSS_IMPLEMENTATION_DEFAULT},
+    {LossImplementation::kFusedLinear, v1::LOSS_IMPLEMENTATION_FUSED_LINEAR},
+};
+constexpr EnumPair<LossReduction, v1::LossReduction> kLossReductions[] = {
+    {LossReduction::kMean, v1::LOSS_REDUCTION_MEAN},
+    {LossReduction::kSum, v1::LOSS_REDUCTION_SUM},
+    {LossReduction::kNone, v1::LOSS_REDUCTION_NONE},
+};
+
+// The wire value of `value` in `table`.
+template <typename Core, typename Wire, size_t N>
+Wire ToWire(const EnumPair<Core, Wire> (&table)[N], Core value) {
+  for (const auto& [core, wire] : table) {
+    if (core == value) return wire;
+  }
+  return Wire{};  // every core value is in its table
+}
+
+// The core value of wire `value` in `table`: nullopt when unset (0); INVALID_ARGUMENT naming
+// `field` ("unknown <enum_name> value N") when `table` does not have it.
+template <typename Core, typename Wire, size_t N>
+absl::StatusOr<std::optional<Core>> FromWire(const EnumPair<Core, Wire> (&table)[N], int value,
+                                             absl::string_view field, absl::string_view enum_name) {
+  if (value == 0) return std::optional<Core>();
+  for (const auto& [core, wire] : table) {
+    if (wire == value) return std::optional<Core>(core);
+  }
+  return Invalid(field, absl::StrCat("unknown ", enum_name, " value ", value));
+}
+
+// A parameter dtype: floating types only, the message says which.
 absl::StatusOr<std::optional<DType>> ParamDTypeFromWire(int value, absl::string_view field) {
-  switch (value) {
-    case v1::DATA_TYPE_UNSPECIFIED:
-      return std::optional<DType>();
-    case v1::DATA_TYPE_BF16:
-      return std::optional<DType>(DType::kBFloat16);
-    case v1::DATA_TYPE_FP16:
-      return std::optional<DType>(DType::kFloat16);
-    case v1::DATA_TYPE_FP32:
-      return std::optional<DType>(DType::kFloat32);
-    default:
-      return Invalid(
-          field, absl::StrCat("expected BF16, FP16 or FP32 (or unset), got ", DataTypeName(value)));
-  }
+  absl::StatusOr<std::optional<DType>> dtype = FromWire(kDTypes, value, field, "DataType");
+  if (dtype.ok()) return dtype;
+  return Invalid(field,
+                 absl::StrCat("expected BF16, FP16 or FP32 (or unset), got ", DataTypeName(value)));
 }
 
-absl::StatusOr<std::optional<LayerNormType>> LayerNormTypeFromWire(int value,
-                                                                   absl::string_view field) {
-  switch (value) {
-    case v1::LAYER_NORM_TYPE_UNSPECIFIED:
-      return std::optional<LayerNormType>();
-    case v1::LAYER_NORM_TYPE_DEFAULT:
-      return std::optional(LayerNormType::kDefault);
-    case v1::LAYER_NORM_TYPE_RMS:
-      return std::optional(LayerNormType::kRms);
-    case v1::LAYER_NORM_TYPE_QWEN_RMS:
-      return std::optional(LayerNormType::kQwenRms);
-    case v1::LAYER_NORM_TYPE_CUTE_RMS:
-      return std::optional(LayerNormType::kCuteRms);
-    case v1::LAYER_NORM_TYPE_FUSED_RMS:
-      return std::optional(LayerNormType::kFusedRms);
-    case v1::LAYER_NORM_TYPE_L2_NORM:
-      return std::optional(LayerNormType::kL2Norm);
-    default:
-      return Invalid(field, absl::StrCat("unknown LayerNormType value ", value));
-  }
-}
-
-absl::StatusOr<std::optional<LMHeadType>> HeadTypeFromWire(int value, absl::string_view field) {
-  switch (value) {
-    case v1::HEAD_TYPE_UNSPECIFIED:
-      return std::optional<LMHeadType>();
-    case v1::HEAD_TYPE_DEFAULT:
-      return std::optional(LMHeadType::kDefault);
-    case v1::HEAD_TYPE_NORMALIZED:
-      return std::optional(LMHeadType::kNormalized);
-    default:
-      return Invalid(field, absl::StrCat("unknown HeadType value ", value));
-  }
-}
-
-absl::StatusOr<std::optional<LossImplementation>> LossImplementationFromWire(
-    int value, absl::string_view field) {
-  switch (value) {
-    case v1::LOSS_IMPLEMENTATION_UNSPECIFIED:
-      return std::optional<LossImplementation>();
-    case v1::LOSS_IMPLEMENTATION_DEFAULT:
-      return std::optional(LossImplementation::kDefault);
-    case v1::LOSS_IMPLEMENTATION_FUSED_LINEAR:
-      return std::optional(LossImplementation::kFusedLinear);
-    default:
-      return Invalid(field, absl::StrCat("unknown LossImplementation value ", value));
-  }
-}
-
+// Unset is "mean", as upstream's default.
 absl::StatusOr<LossReduction> LossReductionFromWire(int value, absl::string_view field) {
-  switch (value) {
-    case v1::LOSS_REDUCTION_UNSPECIFIED:
-    case v1::LOSS_REDUCTION_MEAN:
-      return LossReduction::kMean;
-    case v1::LOSS_REDUCTION_SUM:
-      return LossReduction::kSum;
-    case v1::LOSS_REDUCTION_NONE:
-      return LossReduction::kNone;
-    default:
-      return Invalid(field, absl::StrCat("unknown LossReduction value ", value));
-  }
+  absl::StatusOr<std::optional<LossReduction>> reduction =
+      FromWire(kLossReductions, value, field, "LossReduction");
+  if (!reduction.ok()) return reduction.status();
+  return reduction->value_or(LossReduction::kMean);
 }
 
 // ---- Core -> wire.
 
-v1::DataType ToWire(DType dtype) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return v1::DATA_TYPE_BF16;
-    case DType::kFloat16:
-      return v1::DATA_TYPE_FP16;
-    case DType::kFloat32:
-      return v1::DATA_TYPE_FP32;
-  }
-  return v1::DATA_TYPE_UNSPECIFIED;
-}
-
 v1::HeadConfig ToWire(const LMHeadConfig& config) {
   v1::HeadConfig out;
-  out.set_name(config.name == LMHeadType::kNormalized ? v1::HEAD_TYPE_NORMALIZED
-                                                      : v1::HEAD_TYPE_DEFAULT);
+  out.set_name(ToWire(kHeadTypes, config.name));
   if (config.layer_norm.has_value()) {
     const LayerNormConfig& norm = *config.layer_norm;
     v1::LayerNormConfig* wire = out.mutable_layer_norm();
-    wire->set_name(static_cast<v1::LayerNormType>(static_cast<int>(norm.name) + 1));
+    wire->set_name(ToWire(kLayerNormTypes, norm.name));
     if (norm.eps) wire->set_eps(*norm.eps);
     if (norm.elementwise_affine) wire->set_elementwise_affine(*norm.elementwise_affine);
     if (norm.bias) wire->set_bias(*norm.bias);
     if (norm.full_precision) wire->set_full_precision(*norm.full_precision);
-    if (norm.dtype) wire->set_dtype(ToWire(*norm.dtype));
+    if (norm.dtype) wire->set_dtype(ToWire(kDTypes, *norm.dtype));
   }
   if (config.bias) out.set_bias(*config.bias);
-  out.set_dtype(ToWire(config.dtype));
-  out.set_loss_implementation(config.loss_implementation == LossImplementation::kFusedLinear
-                                  ? v1::LOSS_IMPLEMENTATION_FUSED_LINEAR
-                                  : v1::LOSS_IMPLEMENTATION_DEFAULT);
+  out.set_dtype(ToWire(kDTypes, config.dtype));
+  out.set_loss_implementation(ToWire(kLossImplementations, config.loss_implementation));
   return out;
 }
 
@@ -155,7 +133,7 @@ v1::ModelInfo ModelInfoToWire(const Model& model, bool expose_path) {
   info.set_d_model(head.d_model());
   info.set_vocab_size(head.vocab_size());
   *info.mutable_config() = ToWire(head.config());
-  info.set_dtype(ToWire(head.config().dtype));
+  info.set_dtype(ToWire(kDTypes, head.config().dtype));
   info.set_num_params(head.config().NumParams(head.d_model(), head.vocab_size()));
   info.set_device(head.device().str());
   for (const std::string& device : model.devices()) info.add_devices(device);
@@ -174,7 +152,8 @@ namespace {
 // The request's config overrides, decoded: unknown enum values are errors naming the field.
 absl::StatusOr<LMHeadConfigOverride> OverrideFromWire(const v1::HeadConfig& wire) {
   LMHeadConfigOverride override_;
-  absl::StatusOr<std::optional<LMHeadType>> name = HeadTypeFromWire(wire.name(), "config.name");
+  absl::StatusOr<std::optional<LMHeadType>> name =
+      FromWire(kHeadTypes, wire.name(), "config.name", "HeadType");
   if (!name.ok()) return name.status();
   override_.name = *name;
   if (wire.has_bias()) override_.bias = wire.bias();
@@ -182,7 +161,7 @@ absl::StatusOr<LMHeadConfigOverride> OverrideFromWire(const v1::HeadConfig& wire
     const v1::LayerNormConfig& norm = wire.layer_norm();
     LayerNormConfigOverride& norm_override = override_.layer_norm.emplace();
     absl::StatusOr<std::optional<LayerNormType>> type =
-        LayerNormTypeFromWire(norm.name(), "config.layer_norm.name");
+        FromWire(kLayerNormTypes, norm.name(), "config.layer_norm.name", "LayerNormType");
     if (!type.ok()) return type.status();
     norm_override.name = *type;
     if (norm.has_eps()) norm_override.eps = norm.eps();
@@ -198,7 +177,8 @@ absl::StatusOr<LMHeadConfigOverride> OverrideFromWire(const v1::HeadConfig& wire
   if (!dtype.ok()) return dtype.status();
   override_.dtype = *dtype;
   absl::StatusOr<std::optional<LossImplementation>> implementation =
-      LossImplementationFromWire(wire.loss_implementation(), "config.loss_implementation");
+      FromWire(kLossImplementations, wire.loss_implementation(), "config.loss_implementation",
+               "LossImplementation");
   if (!implementation.ok()) return implementation.status();
   override_.loss_implementation = *implementation;
   return override_;
@@ -253,7 +233,7 @@ absl::Status WithWireFields(const absl::Status& status, const v1::ForwardRequest
       {"return_logits", "options.return_logits"},
       {"ignore_index", "options.ignore_index"},
       {"z_loss_multiplier", "options.z_loss_multiplier"},
-      {"fused_chunk_bytes", "options.fused_chunk_bytes"},
+      {"logit_tile_bytes", "options.logit_tile_bytes"},
       {"loss_implementation", "config.loss_implementation"},
       {"top_k", "options.scoring.top_k"},
       {"candidate_ids", "options.scoring.candidate_ids"},
@@ -475,6 +455,40 @@ absl::Status ResolveRegions(const v1::ForwardRequest& request, const SharedMemor
   return absl::OkStatus();
 }
 
+// options.logit_tile_bytes, or options.fused_chunk_bytes, its deprecated name (read for one
+// release; the first use in a process logs a warning); both set to different values is an
+// error naming both. nullopt when neither is set.
+absl::StatusOr<std::optional<int64_t>> LogitTileBytesFromWire(const v1::ForwardOptions& wire) {
+  std::optional<int64_t> bytes;
+  absl::string_view field = "options.logit_tile_bytes";
+  if (wire.has_logit_tile_bytes()) bytes = wire.logit_tile_bytes();
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  if (wire.has_fused_chunk_bytes()) {
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true)) {
+      LogWarning(kNoRequest,
+                 "a client sent options.fused_chunk_bytes, deprecated: it is read for one more "
+                 "release; send options.logit_tile_bytes (logged once per process)");
+    }
+    if (bytes.has_value() && *bytes != wire.fused_chunk_bytes()) {
+      return Invalid("options.logit_tile_bytes",
+                     absl::StrCat(*bytes,
+                                  " disagrees with options.fused_chunk_bytes, its "
+                                  "deprecated name, ",
+                                  wire.fused_chunk_bytes(), "; send logit_tile_bytes alone"));
+    }
+    if (!bytes.has_value()) field = "options.fused_chunk_bytes";
+    bytes = wire.fused_chunk_bytes();
+  }
+#pragma GCC diagnostic pop
+  if (bytes.has_value() && *bytes < 0) {
+    return Invalid(
+        field, absl::StrCat("expected a positive byte count (or 0 for the default), got ", *bytes));
+  }
+  return bytes;
+}
+
 }  // namespace
 
 absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Options& limits,
@@ -504,14 +518,9 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
   options.loss_reduction = *reduction;
   if (wire.has_z_loss_multiplier()) options.z_loss_multiplier = wire.z_loss_multiplier();
   if (wire.has_return_logits()) options.return_logits = wire.return_logits();
-  if (wire.has_fused_chunk_bytes()) {
-    if (wire.fused_chunk_bytes() < 0) {
-      return Invalid("options.fused_chunk_bytes",
-                     absl::StrCat("expected a positive byte count (or 0 for the default), got ",
-                                  wire.fused_chunk_bytes()));
-    }
-    options.fused_chunk_bytes = wire.fused_chunk_bytes();
-  }
+  absl::StatusOr<std::optional<int64_t>> tile_bytes = LogitTileBytesFromWire(wire);
+  if (!tile_bytes.ok()) return tile_bytes.status();
+  if (tile_bytes->has_value()) options.logit_tile_bytes = **tile_bytes;
   options.return_argmax = wire.return_argmax();
   options.scoring.label_logprobs = wire.scoring().label_logprobs();
   options.scoring.entropy = wire.scoring().entropy();
@@ -524,12 +533,12 @@ absl::StatusOr<ForwardPlan> PlanForward(const ModelRegistry& registry, const Opt
   if (wire.loss_div_factor_case() == v1::ForwardOptions::kLossDivFactorValue) {
     options.loss_div_factor = wire.loss_div_factor_value();
   }
-  plan.logits_dtype = ToWire(plan.config.dtype);
+  plan.logits_dtype = ToWire(kDTypes, plan.config.dtype);
   if (wire.logits_dtype() != v1::DATA_TYPE_UNSPECIFIED) {
     absl::StatusOr<std::optional<DType>> dtype =
         ParamDTypeFromWire(wire.logits_dtype(), "options.logits_dtype");
     if (!dtype.ok()) return dtype.status();
-    plan.logits_dtype = ToWire(**dtype);
+    plan.logits_dtype = ToWire(kDTypes, **dtype);
   }
 
   // Tensor shapes.

@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "core/config.h"
 #include "server/auth.h"
 
 namespace lmhead {
@@ -158,8 +159,7 @@ absl::Status ValidateOptions(const Options& options) {
     return Invalid("demo_vocab_size",
                    absl::StrCat("must be positive, got ", options.demo_vocab_size));
   }
-  if (options.demo_dtype != "float32" && options.demo_dtype != "bfloat16" &&
-      options.demo_dtype != "float16") {
+  if (!ParseDType(options.demo_dtype).ok()) {
     return Invalid("demo_dtype", "expected float32, bfloat16 or float16");
   }
   if (options.max_message_bytes < 1 || options.max_message_bytes > INT_MAX) {

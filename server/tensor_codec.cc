@@ -17,28 +17,16 @@ namespace {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "the wire format is little-endian; a big-endian host would need byte swaps");
 
-}  // namespace
-
-c10::ScalarType ScalarTypeOf(v1::DataType dtype) {
-  switch (dtype) {
-    case v1::DATA_TYPE_BF16:
-      return c10::ScalarType::BFloat16;
-    case v1::DATA_TYPE_FP16:
-      return c10::ScalarType::Half;
-    case v1::DATA_TYPE_FP32:
-      return c10::ScalarType::Float;
-    case v1::DATA_TYPE_INT32:
-      return c10::ScalarType::Int;
-    case v1::DATA_TYPE_INT64:
-      return c10::ScalarType::Long;
-    case v1::DATA_TYPE_BOOL:
-      return c10::ScalarType::Bool;
-    default:
-      return c10::ScalarType::Undefined;
-  }
-}
-
-namespace {
+// The wire dtypes and their LibTorch scalar types, one table read both ways.
+struct WireScalarType {
+  v1::DataType dtype;
+  c10::ScalarType type;
+};
+constexpr WireScalarType kWireScalarTypes[] = {
+    {v1::DATA_TYPE_BF16, c10::ScalarType::BFloat16}, {v1::DATA_TYPE_FP16, c10::ScalarType::Half},
+    {v1::DATA_TYPE_FP32, c10::ScalarType::Float},    {v1::DATA_TYPE_INT32, c10::ScalarType::Int},
+    {v1::DATA_TYPE_INT64, c10::ScalarType::Long},    {v1::DATA_TYPE_BOOL, c10::ScalarType::Bool},
+};
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -46,44 +34,18 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-std::string DataTypeName(int dtype) {
-  switch (dtype) {
-    case v1::DATA_TYPE_BF16:
-      return "BF16";
-    case v1::DATA_TYPE_FP16:
-      return "FP16";
-    case v1::DATA_TYPE_FP32:
-      return "FP32";
-    case v1::DATA_TYPE_INT32:
-      return "INT32";
-    case v1::DATA_TYPE_INT64:
-      return "INT64";
-    case v1::DATA_TYPE_BOOL:
-      return "BOOL";
-    case v1::DATA_TYPE_UNSPECIFIED:
-      return "DATA_TYPE_UNSPECIFIED";
-    default:
-      return absl::StrCat("unknown value ", dtype);
+c10::ScalarType ScalarTypeOf(v1::DataType dtype) {
+  for (const auto& [wire, type] : kWireScalarTypes) {
+    if (wire == dtype) return type;
   }
+  return c10::ScalarType::Undefined;
 }
 
 v1::DataType DataTypeOf(c10::ScalarType type) {
-  switch (type) {
-    case c10::ScalarType::BFloat16:
-      return v1::DATA_TYPE_BF16;
-    case c10::ScalarType::Half:
-      return v1::DATA_TYPE_FP16;
-    case c10::ScalarType::Float:
-      return v1::DATA_TYPE_FP32;
-    case c10::ScalarType::Int:
-      return v1::DATA_TYPE_INT32;
-    case c10::ScalarType::Long:
-      return v1::DATA_TYPE_INT64;
-    case c10::ScalarType::Bool:
-      return v1::DATA_TYPE_BOOL;
-    default:
-      return v1::DATA_TYPE_UNSPECIFIED;
+  for (const auto& [wire, scalar_type] : kWireScalarTypes) {
+    if (scalar_type == type) return wire;
   }
+  return v1::DATA_TYPE_UNSPECIFIED;
 }
 
 absl::StatusOr<std::vector<int64_t>> ValidateTensor(const v1::Tensor& tensor,

@@ -29,9 +29,6 @@ namespace lmhead {
 // The largest rank a wire tensor may have.
 inline constexpr int kMaxTensorRank = 8;
 
-// "BF16", "FP16", "FP32", "INT32", "INT64", or "unknown value N".
-std::string DataTypeName(int dtype);
-
 // What a field must look like.
 struct TensorRule {
   absl::string_view field;                     // the field's name in messages

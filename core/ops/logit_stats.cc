@@ -36,7 +36,7 @@ cuda::LogitType CudaLogitType(at::ScalarType dtype) {
 
 void AccumulateWithCuda(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                         at::Tensor& lse, at::Tensor& label_logit, RunningArgmax* argmax) {
-  TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
+  TORCH_CHECK(logits.stride(1) == 1, "logit tile must have unit column stride");
   TORCH_CHECK(lse.is_contiguous() && label_logit.is_contiguous() && safe_labels.is_contiguous(),
               "per-token statistics must be contiguous");
   TORCH_CHECK(argmax == nullptr || (argmax->value.is_contiguous() && argmax->index.is_contiguous()),
@@ -70,7 +70,7 @@ bool AccumulateScoringStats(const at::Tensor& logits, int64_t col0, const at::Te
 #ifdef LMHEAD_WITH_CUDA
   if (!ScoringKernelApplies(logits)) return false;
   const c10::DeviceGuard on_logits_device(logits.device());  // the kernel launches there
-  TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
+  TORCH_CHECK(logits.stride(1) == 1, "logit tile must have unit column stride");
   for (const at::Tensor* state : std::initializer_list<const at::Tensor*>{
            &safe_labels, &max, &sum, &weighted, &label_logit}) {
     TORCH_CHECK(state->is_contiguous(), "per-token scoring state must be contiguous");
@@ -101,7 +101,7 @@ bool AccumulateTopK(const at::Tensor& logits, int64_t col0, at::Tensor& values, 
 #ifdef LMHEAD_WITH_CUDA
   if (!ScoringKernelApplies(logits)) return false;
   const c10::DeviceGuard on_logits_device(logits.device());  // the kernel launches there
-  TORCH_CHECK(logits.stride(1) == 1, "logit chunk must have unit column stride");
+  TORCH_CHECK(logits.stride(1) == 1, "logit tile must have unit column stride");
   TORCH_CHECK(values.is_contiguous() && ids.is_contiguous() && values.dim() == 2 &&
                   ids.sizes() == values.sizes() && values.size(0) == logits.size(0),
               "the running top-k must be contiguous (rows, k)");
@@ -116,10 +116,10 @@ bool AccumulateTopK(const at::Tensor& logits, int64_t col0, at::Tensor& values, 
 #endif
 }
 
-FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
-                              int64_t chunk_bytes) {
-  const int64_t budget = std::max<int64_t>(chunk_bytes / bytes_per_logit, 1);  // logits
-  FusedChunkShape shape;
+LogitTileShape LogitTiling(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
+                           int64_t tile_bytes) {
+  const int64_t budget = std::max<int64_t>(tile_bytes / bytes_per_logit, 1);  // logits
+  LogitTileShape shape;
   // Many tokens per GEMM keep the weight from being re-read; wide vocabulary slices keep each
   // GEMM large. Tokens first, down to what still leaves room for kMinVocabColumns.
   constexpr int64_t kMaxTokenRows = 8192;
@@ -128,7 +128,7 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
                                          std::max<int64_t>(std::min(num_tokens, kMaxTokenRows), 1));
   shape.vocab_columns = std::clamp<int64_t>(budget / shape.token_rows, 1, vocab_size);
   // A slice narrower than the vocabulary is a whole number of kColumnAlignment columns: the
-  // chunk's rows (its GEMM's leading dimension) then start 16-byte aligned and GEMM tiles stay
+  // tile's rows (its GEMM's leading dimension) then start 16-byte aligned and GEMM tiles stay
   // whole. An odd width (budget / token_rows for most token counts) made cuBLAS fall back to
   // kernels 3.5x slower on an H200 (docs/notes/fused_gemm_dispatch.md).
   constexpr int64_t kColumnAlignment = 128;
@@ -138,25 +138,25 @@ FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t by
   return shape;
 }
 
-void ForEachLogitChunk(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                       int64_t working_bytes_per_logit, int64_t chunk_bytes,
-                       const std::function<void()>& between_chunks,
-                       const std::function<void(int64_t t0, int64_t rows)>& begin_rows,
-                       const std::function<void(const at::Tensor& logits, int64_t v0)>& fold) {
+void ForEachLogitTile(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                      int64_t working_bytes_per_logit, int64_t tile_bytes,
+                      const std::function<void()>& between_tiles,
+                      const std::function<void(int64_t t0, int64_t rows)>& begin_rows,
+                      const std::function<void(const at::Tensor& logits, int64_t v0)>& fold) {
   const int64_t num_tokens = h.size(0);
   const int64_t vocab_size = weight.size(0);
-  const FusedChunkShape chunk = FusedChunking(
-      num_tokens, vocab_size, h.element_size() + working_bytes_per_logit, chunk_bytes);
-  // One buffer for every chunk's logits; each chunk is a contiguous view of its front.
+  const LogitTileShape tile =
+      LogitTiling(num_tokens, vocab_size, h.element_size() + working_bytes_per_logit, tile_bytes);
+  // One buffer for every tile's logits; each tile is a contiguous view of its front.
   const at::Tensor buffer =
-      at::empty({std::min(chunk.token_rows, num_tokens) * chunk.vocab_columns}, h.options());
-  for (int64_t t0 = 0; t0 < num_tokens; t0 += chunk.token_rows) {
-    const int64_t rows = std::min(chunk.token_rows, num_tokens - t0);
+      at::empty({std::min(tile.token_rows, num_tokens) * tile.vocab_columns}, h.options());
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += tile.token_rows) {
+    const int64_t rows = std::min(tile.token_rows, num_tokens - t0);
     const at::Tensor h_rows = h.narrow(0, t0, rows);
     if (begin_rows) begin_rows(t0, rows);
-    for (int64_t v0 = 0; v0 < vocab_size; v0 += chunk.vocab_columns) {
-      const int64_t cols = std::min(chunk.vocab_columns, vocab_size - v0);
-      if (between_chunks) between_chunks();
+    for (int64_t v0 = 0; v0 < vocab_size; v0 += tile.vocab_columns) {
+      const int64_t cols = std::min(tile.vocab_columns, vocab_size - v0);
+      if (between_tiles) between_tiles();
       const at::Tensor w_cols = weight.narrow(0, v0, cols).t();
       at::Tensor logits = buffer.narrow(0, 0, rows * cols).view({rows, cols});
       if (bias.defined()) {
@@ -169,10 +169,10 @@ void ForEachLogitChunk(const at::Tensor& h, const at::Tensor& weight, const at::
   }
 }
 
-LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weight,
-                                    const at::Tensor& bias, const at::Tensor& safe_labels,
-                                    int64_t chunk_bytes,
-                                    const std::function<void()>& between_chunks, bool with_argmax) {
+LogitStats ComputeLogitStatsTiled(const at::Tensor& h, const at::Tensor& weight,
+                                  const at::Tensor& bias, const at::Tensor& safe_labels,
+                                  int64_t tile_bytes, const std::function<void()>& between_tiles,
+                                  bool with_argmax) {
   const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
   const int64_t num_tokens = h.size(0);
   const auto fp32 = h.options().dtype(at::kFloat);
@@ -184,7 +184,7 @@ LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weigh
     best.index =
         at::full({num_tokens}, std::numeric_limits<int64_t>::max(), h.options().dtype(at::kLong));
   }
-  // The CUDA kernel reads the chunk as it is; the ATen path also holds two fp32 copies.
+  // The CUDA kernel reads the tile as it is; the ATen path also holds two fp32 copies.
   int64_t working_bytes = cpu::kLogitStatsWorkingBytes;
 #ifdef LMHEAD_WITH_CUDA
   if (h.is_cuda()) working_bytes = 0;
@@ -194,8 +194,8 @@ LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weigh
   at::Tensor lse_rows;
   at::Tensor label_logit_rows;
   RunningArgmax best_rows;
-  ForEachLogitChunk(
-      h, weight, bias, working_bytes, chunk_bytes, between_chunks,
+  ForEachLogitTile(
+      h, weight, bias, working_bytes, tile_bytes, between_tiles,
       [&](int64_t t0, int64_t rows) {
         labels_rows = safe_labels.narrow(0, t0, rows);
         lse_rows = stats.lse.narrow(0, t0, rows);
@@ -230,7 +230,7 @@ bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::T
 #endif
 }
 
-int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax, bool with_scoring) {
+int64_t FusedGemmMinTileBytes(int64_t vocab_size, bool with_argmax, bool with_scoring) {
 #ifdef LMHEAD_WITH_CUDA
   return 128 * cuda::FusedLogitStatsScratchBytesPerRow(vocab_size, with_argmax, with_scoring);
 #else
@@ -240,25 +240,25 @@ int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax, bool with_s
 }
 
 bool FusedGemmPreferred(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                        int64_t chunk_bytes, bool with_argmax, bool with_scoring) {
+                        int64_t tile_bytes, bool with_argmax, bool with_scoring) {
   // At d=4096, run back to back at the cards' power cap, the fused GEMM is slower than the
-  // chunked path on both the H100 and the H200 (docs/notes/fused_gemm_dispatch.md).
+  // tiled path on both the H100 and the H200 (docs/notes/fused_gemm_dispatch.md).
   constexpr int64_t kFusedGemmMaxRowBytes = 4096;
   return FusedGemmApplies(h, weight, bias) &&
          h.size(1) * h.element_size() <= kFusedGemmMaxRowBytes &&
-         chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax, with_scoring);
+         tile_bytes >= FusedGemmMinTileBytes(weight.size(0), with_argmax, with_scoring);
 }
 
 LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
-                                      const at::Tensor& safe_labels, int64_t chunk_bytes,
-                                      const std::function<void()>& between_chunks, bool with_argmax,
+                                      const at::Tensor& safe_labels, int64_t tile_bytes,
+                                      const std::function<void()>& between_tiles, bool with_argmax,
                                       FusedGemmScoring* scoring) {
 #ifdef LMHEAD_WITH_CUDA
   const bool with_scoring = scoring != nullptr;
   TORCH_CHECK(FusedGemmApplies(h, weight, at::Tensor()),
               "the fused GEMM does not apply to these operands (see FusedGemmApplies)");
-  TORCH_CHECK(chunk_bytes >= FusedGemmMinChunkBytes(weight.size(0), with_argmax, with_scoring),
-              "chunk_bytes is below one 128-token slice of the fused GEMM's partials");
+  TORCH_CHECK(tile_bytes >= FusedGemmMinTileBytes(weight.size(0), with_argmax, with_scoring),
+              "tile_bytes is below one 128-token slice of the fused GEMM's partials");
   const c10::DeviceGuard on_h_device(h.device());  // our kernels launch on the current device
   const int64_t num_tokens = h.size(0);
   const int64_t vocab_size = weight.size(0);
@@ -281,14 +281,14 @@ LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& wei
   // Whole 128-row tiles per slice, as many as the scratch budget holds (at least one, checked
   // above).
   const int64_t slice_rows =
-      std::min(num_tokens, std::max<int64_t>(chunk_bytes / bytes_per_row / 128, 1) * 128);
+      std::min(num_tokens, std::max<int64_t>(tile_bytes / bytes_per_row / 128, 1) * 128);
   const at::Tensor scratch =
       at::empty({std::max<int64_t>(slice_rows, 1) * bytes_per_row}, h.options().dtype(at::kByte));
   const at::Tensor labels = safe_labels.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h.device().index()).stream();
   for (int64_t t0 = 0; t0 < num_tokens; t0 += slice_rows) {
     const int64_t rows = std::min(slice_rows, num_tokens - t0);
-    if (between_chunks) between_chunks();
+    if (between_tiles) between_tiles();
     cuda::FusedScoringTerms terms;
     if (with_scoring) {
       terms.entropy = scoring->entropy.data_ptr<float>() + t0;
@@ -307,21 +307,21 @@ LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& wei
   }
   return stats;
 #else
-  (void)h, (void)weight, (void)safe_labels, (void)chunk_bytes, (void)between_chunks,
+  (void)h, (void)weight, (void)safe_labels, (void)tile_bytes, (void)between_tiles,
       (void)with_argmax, (void)scoring;
   TORCH_CHECK(false, "the fused GEMM needs a --config=cuda build");
 #endif
 }
 
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                             const at::Tensor& safe_labels, int64_t chunk_bytes,
-                             const std::function<void()>& between_chunks, bool with_argmax) {
-  if (FusedGemmPreferred(h, weight, bias, chunk_bytes, with_argmax)) {
-    return ComputeLogitStatsFusedGemm(h, weight, safe_labels, chunk_bytes, between_chunks,
+                             const at::Tensor& safe_labels, int64_t tile_bytes,
+                             const std::function<void()>& between_tiles, bool with_argmax) {
+  if (FusedGemmPreferred(h, weight, bias, tile_bytes, with_argmax)) {
+    return ComputeLogitStatsFusedGemm(h, weight, safe_labels, tile_bytes, between_tiles,
                                       with_argmax);
   }
-  return ComputeLogitStatsChunked(h, weight, bias, safe_labels, chunk_bytes, between_chunks,
-                                  with_argmax);
+  return ComputeLogitStatsTiled(h, weight, bias, safe_labels, tile_bytes, between_tiles,
+                                with_argmax);
 }
 
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,

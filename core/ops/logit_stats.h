@@ -2,7 +2,7 @@
 // computed without ever holding the whole logits. On Hopper (bf16, fp16, rows of h up to 4 KiB)
 // one fused GEMM reduces each tile of logits in registers
 // (core/ops/cuda/fused_logit_stats_cuda.h); elsewhere a GEMM per
-// chunk into a buffer, then an epilogue that folds the chunk into the statistics: the kernel in
+// tile into a buffer, then an epilogue that folds the tile into the statistics: the kernel in
 // core/ops/cuda for CUDA tensors (--config=cuda builds), ATen (core/ops/cpu) for other devices.
 #ifndef LMHEAD_CORE_OPS_LOGIT_STATS_H_
 #define LMHEAD_CORE_OPS_LOGIT_STATS_H_
@@ -15,28 +15,28 @@
 
 namespace lmhead {
 
-// How the (tokens x vocabulary) logits are tiled: chunks of token_rows x vocab_columns, both at
-// least 1, of at most `chunk_bytes` at `bytes_per_logit`; vocab_columns is the whole vocabulary
+// How the (tokens x vocabulary) logits are tiled: tiles of token_rows x vocab_columns, both at
+// least 1, of at most `tile_bytes` at `bytes_per_logit`; vocab_columns is the whole vocabulary
 // or a multiple of 128 (unless the budget allows fewer than 128 columns).
-struct FusedChunkShape {
+struct LogitTileShape {
   int64_t token_rows = 1;
   int64_t vocab_columns = 1;
 };
-FusedChunkShape FusedChunking(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
-                              int64_t chunk_bytes);
+LogitTileShape LogitTiling(int64_t num_tokens, int64_t vocab_size, int64_t bytes_per_logit,
+                           int64_t tile_bytes);
 
 // Walks the logits h W^T (+ b) of h (N, D), weight (V, D) of one dtype and bias (V,) or
-// undefined, in chunks of FusedChunking(N, V, h's element size + working_bytes_per_logit,
-// chunk_bytes)'s shape: token slices in order, each with its vocabulary slices in increasing
-// column order. Each chunk is formed in h's dtype in one reused buffer, a contiguous (rows, cols)
+// undefined, in tiles of LogitTiling(N, V, h's element size + working_bytes_per_logit,
+// tile_bytes)'s shape: token slices in order, each with its vocabulary slices in increasing
+// column order. Each tile is formed in h's dtype in one reused buffer, a contiguous (rows, cols)
 // view of its front, and passed to `fold(logits, v0)` (v0: its first column);
-// `begin_rows(t0, rows)`, when set, runs before a token slice's first chunk; `between_chunks`,
-// when set, before each chunk (either may throw to abandon the work). May throw c10::Error.
-void ForEachLogitChunk(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                       int64_t working_bytes_per_logit, int64_t chunk_bytes,
-                       const std::function<void()>& between_chunks,
-                       const std::function<void(int64_t t0, int64_t rows)>& begin_rows,
-                       const std::function<void(const at::Tensor& logits, int64_t v0)>& fold);
+// `begin_rows(t0, rows)`, when set, runs before a token slice's first tile; `between_tiles`,
+// when set, before each tile (either may throw to abandon the work). May throw c10::Error.
+void ForEachLogitTile(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                      int64_t working_bytes_per_logit, int64_t tile_bytes,
+                      const std::function<void()>& between_tiles,
+                      const std::function<void(int64_t t0, int64_t rows)>& begin_rows,
+                      const std::function<void(const at::Tensor& logits, int64_t v0)>& fold);
 
 // (N,) each.
 struct LogitStats {
@@ -47,7 +47,7 @@ struct LogitStats {
   at::Tensor argmax;
 };
 
-// A running argmax over vocabulary chunks that come in increasing column order: (N,) fp32 best
+// A running argmax over vocabulary tiles that come in increasing column order: (N,) fp32 best
 // values (start at -inf) and (N,) int64 their vocabulary ids (start at INT64_MAX).
 struct RunningArgmax {
   at::Tensor value;
@@ -56,41 +56,41 @@ struct RunningArgmax {
 
 // h (N, D) and weight (V, D) of one dtype, bias (V,) or undefined, safe_labels (N,) int64 in
 // [0, V) (ignored tokens hold any valid id). The logits are formed in h's dtype, and at most
-// `chunk_bytes` of logits, their working copies or partial statistics exist at any time. May throw
+// `tile_bytes` of logits, their working copies or partial statistics exist at any time. May throw
 // c10::Error.
-// `between_chunks`, when set, runs before each chunk (it may throw to abandon the work).
+// `between_tiles`, when set, runs before each tile (it may throw to abandon the work).
 // `with_argmax` also fills LogitStats::argmax.
 // ComputeLogitStatsFusedGemm where FusedGemmApplies, rows of h are at most 4 KiB (where it was
-// measured faster on both Hopper cards) and chunk_bytes allows it; ComputeLogitStatsChunked
+// measured faster on both Hopper cards) and tile_bytes allows it; ComputeLogitStatsTiled
 // elsewhere. Why: docs/notes/fused_gemm_dispatch.md.
 LogitStats ComputeLogitStats(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                             const at::Tensor& safe_labels, int64_t chunk_bytes,
-                             const std::function<void()>& between_chunks = {},
+                             const at::Tensor& safe_labels, int64_t tile_bytes,
+                             const std::function<void()>& between_tiles = {},
                              bool with_argmax = false);
 
-// The same by chunks: AccumulateLogitStats on every chunk of ForEachLogitChunk.
-LogitStats ComputeLogitStatsChunked(const at::Tensor& h, const at::Tensor& weight,
-                                    const at::Tensor& bias, const at::Tensor& safe_labels,
-                                    int64_t chunk_bytes,
-                                    const std::function<void()>& between_chunks = {},
-                                    bool with_argmax = false);
+// The same by tiles: AccumulateLogitStats on every tile of ForEachLogitTile.
+LogitStats ComputeLogitStatsTiled(const at::Tensor& h, const at::Tensor& weight,
+                                  const at::Tensor& bias, const at::Tensor& safe_labels,
+                                  int64_t tile_bytes,
+                                  const std::function<void()>& between_tiles = {},
+                                  bool with_argmax = false);
 
-// The scoring pass's fold of one chunk of logits (rows, cols), vocabulary columns from col0, on
+// The scoring pass's fold of one tile of logits (rows, cols), vocabulary columns from col0, on
 // a CUDA device: one kernel (core/ops/cuda/logit_stats_cuda.h, AccumulateScoringStats) updates
 // the rows' fp32 max, sum and weighted (the online log-sum-exp and entropy terms, relative to
 // the max, or to 0 while it is -inf), label_logit, and with `threshold` and `above` (both or
 // neither) the int64 count of logits above the label's, and with `argmax` the running argmax.
-// Every state tensor is contiguous, (rows,), on the chunk's device. Returns false, having done
+// Every state tensor is contiguous, (rows,), on the tile's device. Returns false, having done
 // nothing, where the kernel does not run (not a CUDA tensor, or a build without CUDA). May throw
 // c10::Error.
-// Whether AccumulateScoringStats runs for chunks of logits on `h`'s device.
+// Whether AccumulateScoringStats runs for tiles of logits on `h`'s device.
 bool ScoringKernelApplies(const at::Tensor& h);
 bool AccumulateScoringStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                             const at::Tensor& threshold, at::Tensor& max, at::Tensor& sum,
                             at::Tensor& weighted, at::Tensor& label_logit, at::Tensor& above,
                             RunningArgmax* argmax);
 
-// The scoring pass's running top-k over chunks of logits (rows, cols), vocabulary columns from
+// The scoring pass's running top-k over tiles of logits (rows, cols), vocabulary columns from
 // col0, on a CUDA device (core/ops/cuda/logit_stats_cuda.h, AccumulateTopK): `values` (rows, k)
 // fp32 and `ids` (rows, k) int64, contiguous, each row best first by torch.argmax's order (NaN
 // first, then the larger logit, then the lower id); empty slots hold (-inf, INT64_MAX), which is
@@ -103,14 +103,14 @@ bool AccumulateTopK(const at::Tensor& logits, int64_t col0, at::Tensor& values, 
 // aligned rows).
 bool FusedGemmApplies(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
 
-// The smallest chunk_bytes ComputeLogitStatsFusedGemm takes: one 128-token slice of partials.
-int64_t FusedGemmMinChunkBytes(int64_t vocab_size, bool with_argmax, bool with_scoring = false);
+// The smallest tile_bytes ComputeLogitStatsFusedGemm takes: one 128-token slice of partials.
+int64_t FusedGemmMinTileBytes(int64_t vocab_size, bool with_argmax, bool with_scoring = false);
 
 // Whether ComputeLogitStats (and the scoring pass) take the fused GEMM: FusedGemmApplies, rows of
-// h of at most 4 KiB (where it was measured faster than the chunked path on both Hopper cards,
-// docs/notes/fused_gemm_dispatch.md) and chunk_bytes >= FusedGemmMinChunkBytes.
+// h of at most 4 KiB (where it was measured faster than the tiled path on both Hopper cards,
+// docs/notes/fused_gemm_dispatch.md) and tile_bytes >= FusedGemmMinTileBytes.
 bool FusedGemmPreferred(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                        int64_t chunk_bytes, bool with_argmax, bool with_scoring = false);
+                        int64_t tile_bytes, bool with_argmax, bool with_scoring = false);
 
 // The scoring terms the fused GEMM adds (core/ops/cuda/fused_logit_stats_cuda.h,
 // FusedScoringTerms): given `threshold`, (N,) fp32 (the label's logit computed before the GEMM,
@@ -123,19 +123,19 @@ struct FusedGemmScoring {
 };
 
 // The same by one fused GEMM per slice of tokens (core/ops/cuda/fused_logit_stats_cuda.h: no
-// logits in memory; the partials of a slice fit in chunk_bytes), with the scoring terms when
-// `scoring` is given. Requires FusedGemmApplies (no bias) and chunk_bytes >=
-// FusedGemmMinChunkBytes; throws c10::Error otherwise.
+// logits in memory; the partials of a slice fit in tile_bytes), with the scoring terms when
+// `scoring` is given. Requires FusedGemmApplies (no bias) and tile_bytes >=
+// FusedGemmMinTileBytes; throws c10::Error otherwise.
 LogitStats ComputeLogitStatsFusedGemm(const at::Tensor& h, const at::Tensor& weight,
-                                      const at::Tensor& safe_labels, int64_t chunk_bytes,
-                                      const std::function<void()>& between_chunks = {},
+                                      const at::Tensor& safe_labels, int64_t tile_bytes,
+                                      const std::function<void()>& between_tiles = {},
                                       bool with_argmax = false,
                                       FusedGemmScoring* scoring = nullptr);
 
-// One chunk: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
+// One tile: logits (rows, cols) in the input dtype, vocabulary columns [col0, col0 + cols), unit
 // column stride; lse and label_logit (rows,) fp32 views updated in place: lse <- logaddexp(lse,
-// logsumexp(row)), label_logit <- the row's label logit where the label lies in this chunk;
-// `argmax`, when given, (rows,) views updated with the chunk's best. On CUDA it runs on the
+// logsumexp(row)), label_logit <- the row's label logit where the label lies in this tile;
+// `argmax`, when given, (rows,) views updated with the tile's best. On CUDA it runs on the
 // current stream of the logits' device. May throw c10::Error.
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                           at::Tensor& lse, at::Tensor& label_logit,

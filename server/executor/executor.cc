@@ -71,7 +71,7 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
         // Hidden states in a CUDA shared-memory region come to the host first.
         const at::Tensor x = job.x.is_cpu() ? job.x : job.x.to(at::kCPU);
         launched.nonfinite[i] = at::isfinite(rows(x)).logical_not().sum(-1);
-        item.x = x.to(ToScalarType(job.plan.config.dtype));
+        item.x = x.to(ScalarTypeOf(job.plan.config.dtype));
       }
       return item;
     });
@@ -118,7 +118,7 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
         row += source.size(0);
       }
       const at::Tensor nonfinite = at::isfinite(sent).logical_not().sum(-1);
-      const at::Tensor converted = sent.to(ToScalarType(batch[jobs.front()]->plan.config.dtype));
+      const at::Tensor converted = sent.to(ScalarTypeOf(batch[jobs.front()]->plan.config.dtype));
       row = 0;
       for (const size_t i : jobs) {
         const at::Tensor& x = batch[i]->x;
@@ -142,7 +142,7 @@ std::vector<absl::StatusOr<ForwardItem>> PlaceInputs(Executor::Launched& launche
 // Queues the copy of `tensors` to pinned host memory and points each at its copy (same dtype,
 // sizes, strides): once per device storage, however many of them view it (a packed batch's
 // losses are views of a few tensors). May throw c10::Error.
-void ToHost(const std::vector<at::Tensor*>& tensors) {
+void ToHostOrThrow(const std::vector<at::Tensor*>& tensors) {
   std::map<const void*, at::Tensor> copies;  // device storage -> its bytes on the host
   for (at::Tensor* tensor : tensors) {
     if (!tensor->defined() || tensor->is_cpu()) continue;
@@ -161,7 +161,7 @@ void ToHost(const std::vector<at::Tensor*>& tensors) {
 
 // `output`'s logits converted to `logits_dtype` (on the device) and copied to pinned host memory
 // on their own (each caller's logits are large: none keeps another's alive). May throw.
-void LogitsToHost(LMOutput& output, v1::DataType logits_dtype) {
+void LogitsToHostOrThrow(LMOutput& output, v1::DataType logits_dtype) {
   if (!output.logits.has_value()) return;
   const at::Tensor converted = output.logits->to(ScalarTypeOf(logits_dtype));
   at::Tensor host = at::empty(
@@ -219,7 +219,7 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
       if (!output.ok()) continue;
       // Large, so a failure (out of memory) is this caller's alone.
       absl::Status copied = CatchTorchErrors([&]() -> absl::Status {
-        LogitsToHost(*output, launched->batch[i]->plan.logits_dtype);
+        LogitsToHostOrThrow(*output, launched->batch[i]->plan.logits_dtype);
         return absl::OkStatus();
       });
       if (!copied.ok()) {
@@ -234,7 +234,7 @@ std::unique_ptr<Executor::Launched> LaunchBatch(std::vector<std::shared_ptr<Job>
         if (tensor->has_value()) tensors.push_back(&**tensor);
       }
     }
-    ToHost(tensors);
+    ToHostOrThrow(tensors);
     const c10::impl::VirtualGuardImpl guard(device.type());
     c10::Event finished(device.type(), c10::EventFlag::BACKEND_DEFAULT);
     finished.record(guard.getStream(device));

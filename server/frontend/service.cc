@@ -107,7 +107,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
   // sizes, dtype, device) without a copy of x.
   const at::Tensor shape_of_x = at::empty({1}, at::TensorOptions()
                                                    .device((*head)->device())
-                                                   .dtype(ToScalarType((*head)->config().dtype)))
+                                                   .dtype(ScalarTypeOf((*head)->config().dtype)))
                                     .expand(job->x.sizes());
   if (absl::Status valid = (*head)->ValidateForward(shape_of_x, job->plan.options); !valid.ok()) {
     return WithWireFields(valid, request);
@@ -139,7 +139,7 @@ absl::StatusOr<Call> Decode(const ModelRegistry& registry, const Options& limits
 }
 
 // Waits for `job`'s answer. A job whose caller stops wanting it is withdrawn from the queue; one
-// already running is waited for (the core polls still_wanted between chunks).
+// already running is waited for (the core polls still_wanted between tiles).
 absl::StatusOr<LMOutput> AwaitJob(Scheduler& scheduler, Job& job) {
   while (!job.done.WaitForNotificationWithTimeout(absl::Milliseconds(10))) {
     if (absl::Status wanted = job.still_wanted(); !wanted.ok() && scheduler.Withdraw(job)) {

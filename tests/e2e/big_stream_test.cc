@@ -19,7 +19,7 @@ TEST(BigStreamTest, MoreThanTwoGibibytesWithBoundedServerMemory) {
   // Micro-batches of 60 MiB: 16 x 98304 x 8 fp32 hidden states (48 MiB) and int64 labels
   // (12 MiB); 36 of them make 2.11 GiB.
   constexpr int64_t kSeq = 98304;
-  constexpr int kChunks = 36;
+  constexpr int kMicroBatches = 36;
   absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(
       {absl::StrCat("--demo_d_model=", kDModel), absl::StrCat("--demo_vocab_size=", kVocab)});
   ASSERT_TRUE(server.ok()) << server.status();
@@ -55,7 +55,7 @@ TEST(BigStreamTest, MoreThanTwoGibibytesWithBoundedServerMemory) {
   const auto start = std::chrono::steady_clock::now();
   absl::Status status = client->ForwardStream(
       [&](v1::ForwardRequest* next) {
-        if (sent == kChunks) return false;
+        if (sent == kMicroBatches) return false;
         *next = request;
         bytes_sent += next->hidden_states().data().size() + next->labels().data().size();
         ++sent;
@@ -73,10 +73,10 @@ TEST(BigStreamTest, MoreThanTwoGibibytesWithBoundedServerMemory) {
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ASSERT_TRUE(status.ok()) << status;
-  ASSERT_EQ(losses.size(), static_cast<size_t>(kChunks));
+  ASSERT_EQ(losses.size(), static_cast<size_t>(kMicroBatches));
   for (float loss : losses) EXPECT_EQ(loss, losses[0]);  // same micro-batch, same answer
   EXPECT_GT(bytes_sent, int64_t{2} << 30);
-  EXPECT_EQ(scored, kChunks * kBatch * kSeq * 7 / 8);
+  EXPECT_EQ(scored, kMicroBatches * kBatch * kSeq * 7 / 8);
   const int64_t peak = (*server)->PeakRssBytes();
   EXPECT_GT(steady_peak, 0);
   // Bounded: the server never held more than a few micro-batches' worth (each one costs its

@@ -103,16 +103,17 @@ TEST_F(CliTest, ForwardReadsNpyAndWritesSafetensors) {
   std::memcpy(labels.data(), ids, sizeof(ids));
   WriteNpy(dir + "/labels.npy", "<i8", "(2, 3)", labels);
 
-  for (const std::string chunking :
-       {"", " --chunk_mib 0.0008", " --chunk_mib 0.0008 --parallel_streams 2"}) {
-    SCOPED_TRACE(chunking);
+  for (const std::string micro_batching :
+       {"", " --micro_batch_mib 0.0008", " --micro_batch_mib 0.0008 --parallel_streams 2"}) {
+    SCOPED_TRACE(micro_batching);
     const std::string output = dir + "/out.safetensors";
-    Result run = RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir,
-                                     "/hidden.npy --labels ", dir, "/labels.npy --output ", output,
-                                     " --z_loss_multiplier 1e-4 --logits_dtype bf16", chunking));
+    Result run =
+        RunCli(absl::StrCat("forward ", Address(), " --hidden ", dir, "/hidden.npy --labels ", dir,
+                            "/labels.npy --output ", output,
+                            " --z_loss_multiplier 1e-4 --logits_dtype bf16", micro_batching));
     ASSERT_EQ(run.exit_code, 0) << run.out;
     EXPECT_NE(run.out.find("5 scored tokens"), std::string::npos) << run.out;
-    if (!chunking.empty()) {
+    if (!micro_batching.empty()) {
       EXPECT_NE(run.out.find("2/2 micro-batches"), std::string::npos) << run.out;
     }
     std::ifstream file(output, std::ios::binary);
@@ -129,6 +130,41 @@ TEST_F(CliTest, ForwardReadsNpyAndWritesSafetensors) {
       EXPECT_EQ(tensors->at(name).shape_size(), 0) << name;
     }
   }
+}
+
+// --chunk_mib, --micro_batch_mib's old name, works for one more release: the same job, with a
+// one-line deprecation message; both names with different values are a usage error.
+TEST_F(CliTest, TheOldChunkMibFlagStillWorks) {
+  const std::string dir = std::getenv("TEST_TMPDIR");
+  WriteNpy(dir + "/old_flag.npy", "<f4", "(2, 3, 64)", std::string(2 * 3 * 64 * 4, '\0'));
+  const std::string forward = absl::StrCat("forward ", Address(), " --hidden ", dir,
+                                           "/old_flag.npy --output ", dir, "/old_flag.safetensors");
+  const std::string deprecated =
+      "lmhead forward: --chunk_mib is deprecated, use --micro_batch_mib (the old name goes in "
+      "the next release)\n";
+  for (const std::string flags :
+       {" --chunk_mib 0.0008", " --chunk_mib=0.0008 --micro_batch_mib 0.0008"}) {
+    Result old = RunCli(forward + flags);
+    EXPECT_EQ(old.exit_code, 0) << flags << ": " << old.out;
+    EXPECT_NE(old.out.find("2/2 micro-batches"), std::string::npos) << flags << ": " << old.out;
+    EXPECT_NE(old.out.find(deprecated), std::string::npos) << flags << ": " << old.out;
+  }
+  Result now = RunCli(forward + " --micro_batch_mib 0.0008");
+  EXPECT_EQ(now.exit_code, 0) << now.out;
+  EXPECT_EQ(now.out.find("deprecated"), std::string::npos) << now.out;
+
+  Result both = RunCli(forward + " --micro_batch_mib 0.0008 --chunk_mib 1");
+  EXPECT_EQ(both.exit_code, 2) << both.out;
+  EXPECT_NE(both.out.find("lmhead forward: --chunk_mib 1 and --micro_batch_mib 0.0008 disagree; "
+                          "give --micro_batch_mib alone\n"),
+            std::string::npos)
+      << both.out;
+
+  const std::string help = RunCli("forward --help").out;
+  EXPECT_NE(help.find("--micro_batch_mib MIB"), std::string::npos) << help;
+  EXPECT_NE(help.find("--chunk_mib MIB                deprecated: use --micro_batch_mib\n"),
+            std::string::npos)
+      << help;
 }
 
 TEST_F(CliTest, ErrorsAndHelp) {
@@ -152,13 +188,14 @@ TEST_F(CliTest, ErrorsAndHelp) {
   EXPECT_NE(unknown_flag.out.find("unknown flag --adress"), std::string::npos);
   EXPECT_EQ(RunCli("frobnicate").exit_code, 2);
   EXPECT_EQ(RunCli("models").exit_code, 2);  // --address is required
-  Result streams_without_chunks = RunCli(
-      "forward --address x --hidden h.npy --output o.safetensors --chunk_mib 0 "
+  Result streams_without_micro_batches = RunCli(
+      "forward --address x --hidden h.npy --output o.safetensors --micro_batch_mib 0 "
       "--parallel_streams 2");
-  EXPECT_EQ(streams_without_chunks.exit_code, 2) << streams_without_chunks.out;
-  EXPECT_NE(streams_without_chunks.out.find("--parallel_streams: needs --chunk_mib > 0"),
-            std::string::npos)
-      << streams_without_chunks.out;
+  EXPECT_EQ(streams_without_micro_batches.exit_code, 2) << streams_without_micro_batches.out;
+  EXPECT_NE(
+      streams_without_micro_batches.out.find("--parallel_streams: needs --micro_batch_mib > 0"),
+      std::string::npos)
+      << streams_without_micro_batches.out;
 
   const std::string dir = std::getenv("TEST_TMPDIR");
   WriteNpy(dir + "/h.npy", "<f4", "(1, 1, 64)", std::string(256, '\0'));
@@ -200,7 +237,7 @@ float ScalarFromOutput(const std::string& path, const std::string& name) {
 }
 
 // Issue 11: the CLI combined streamed micro-batches differently from one request. Hidden
-// states (2, 5, 16) fp32; the CLI streams when they exceed --chunk_mib.
+// states (2, 5, 16) fp32; the CLI streams when they exceed --micro_batch_mib.
 TEST(CliMicroBatchTest, StreamedJobsGiveWhatOneRequestGives) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
       ServerProcess::Start({"--demo_d_model=16", "--demo_vocab_size=50"});
@@ -220,34 +257,34 @@ TEST(CliMicroBatchTest, StreamedJobsGiveWhatOneRequestGives) {
   }
   WriteNpy(dir + "/ignored.npy", "<i8", "(2, 5)", ignored);
   WriteNpy(dir + "/scored.npy", "<i8", "(2, 5)", scored);
-  const auto run = [&](const std::string& args, const std::string& chunking) {
+  const auto run = [&](const std::string& args, const std::string& micro_batching) {
     const std::string output = dir + "/combined.safetensors";
     Result result =
         RunCli(absl::StrCat("forward --address ", (*server)->address(), " --hidden ", dir,
-                            "/h16.npy --output ", output, " ", args, " ", chunking));
+                            "/h16.npy --output ", output, " ", args, " ", micro_batching));
     EXPECT_EQ(result.exit_code, 0) << result.out;
     return std::pair{ScalarFromOutput(output, "loss"), ScalarFromOutput(output, "ce_loss")};
   };
   // fused_linear, every label ignored, mean: 0.0, as one request and upstream's fused path.
   const std::string all_ignored =
       absl::StrCat("--labels ", dir, "/ignored.npy --loss_implementation fused_linear");
-  for (const std::string chunking : {"--chunk_mib 0", "--chunk_mib 0.0001"}) {
-    const auto [loss, ce_loss] = run(all_ignored, chunking);
-    EXPECT_EQ(loss, 0.0f) << chunking;
-    EXPECT_EQ(ce_loss, 0.0f) << chunking;
+  for (const std::string micro_batching : {"--micro_batch_mib 0", "--micro_batch_mib 0.0001"}) {
+    const auto [loss, ce_loss] = run(all_ignored, micro_batching);
+    EXPECT_EQ(loss, 0.0f) << micro_batching;
+    EXPECT_EQ(ce_loss, 0.0f) << micro_batching;
   }
   // sum over scored tokens divided by 0: +inf, as one request and torch.
   const std::string divided_by_zero =
       absl::StrCat("--labels ", dir, "/scored.npy --loss_reduction sum --loss_div_factor 0");
-  for (const std::string chunking : {"--chunk_mib 0", "--chunk_mib 0.0005"}) {
-    const auto [loss, ce_loss] = run(divided_by_zero, chunking);
-    EXPECT_TRUE(std::isinf(loss) && loss > 0) << chunking << ": " << loss;
-    EXPECT_TRUE(std::isinf(ce_loss) && ce_loss > 0) << chunking << ": " << ce_loss;
+  for (const std::string micro_batching : {"--micro_batch_mib 0", "--micro_batch_mib 0.0005"}) {
+    const auto [loss, ce_loss] = run(divided_by_zero, micro_batching);
+    EXPECT_TRUE(std::isinf(loss) && loss > 0) << micro_batching << ": " << loss;
+    EXPECT_TRUE(std::isinf(ce_loss) && ce_loss > 0) << micro_batching << ": " << ce_loss;
   }
   // A finite job: the streamed mean equals one request's up to summation order.
   const std::string finite = absl::StrCat("--labels ", dir, "/scored.npy --z_loss_multiplier 1e-3");
-  const auto [one_loss, one_ce] = run(finite, "--chunk_mib 0");
-  const auto [streamed_loss, streamed_ce] = run(finite, "--chunk_mib 0.0001");
+  const auto [one_loss, one_ce] = run(finite, "--micro_batch_mib 0");
+  const auto [streamed_loss, streamed_ce] = run(finite, "--micro_batch_mib 0.0001");
   EXPECT_NEAR(streamed_loss, one_loss, 1e-5 * std::fabs(one_loss));
   EXPECT_NEAR(streamed_ce, one_ce, 1e-5 * std::fabs(one_ce));
   EXPECT_EQ((*server)->Stop(), 0);
@@ -298,24 +335,25 @@ TEST(CliMappedInputTest, Bf16MicroBatchesOverParallelStreamsAreOneStreams) {
 
   for (const std::string reduction : {"none", "mean"}) {
     SCOPED_TRACE(reduction);
-    const auto run = [&](const std::string& chunking) {
+    const auto run = [&](const std::string& micro_batching) {
       const std::string output = dir + "/mapped.safetensors";
       Result result = RunCli(absl::StrCat(
           "forward --address ", (*server)->address(), " --hidden ", dir,
           "/bf16.safetensors --hidden_name hidden --labels ", dir, "/labels36.npy --output ",
           output, " --loss_reduction ", reduction,
-          " --z_loss_multiplier 1e-3 --return_argmax true --logits_dtype fp32 ", chunking));
-      EXPECT_EQ(result.exit_code, 0) << chunking << ": " << result.out;
-      if (absl::StrContains(chunking, "0.001")) {
+          " --z_loss_multiplier 1e-3 --return_argmax true --logits_dtype fp32 ", micro_batching));
+      EXPECT_EQ(result.exit_code, 0) << micro_batching << ": " << result.out;
+      if (absl::StrContains(micro_batching, "0.001")) {
         EXPECT_NE(result.out.find("5/5 micro-batches"), std::string::npos) << result.out;
       }
       return ReadOutput(output);
     };
-    const std::string one_stream = run("--chunk_mib 0.001");
+    const std::string one_stream = run("--micro_batch_mib 0.001");
     for (const std::string streams : {"2", "3"}) {
-      EXPECT_EQ(run("--chunk_mib 0.001 --parallel_streams " + streams), one_stream) << streams;
+      EXPECT_EQ(run("--micro_batch_mib 0.001 --parallel_streams " + streams), one_stream)
+          << streams;
     }
-    const std::string one_request = run("--chunk_mib 0");
+    const std::string one_request = run("--micro_batch_mib 0");
     absl::StatusOr<std::map<std::string, v1::Tensor>> streamed =
         ParseSafetensorsTensors(one_stream);
     absl::StatusOr<std::map<std::string, v1::Tensor>> whole = ParseSafetensorsTensors(one_request);
@@ -346,7 +384,7 @@ TEST(CliMappedInputTest, Bf16MicroBatchesOverParallelStreamsAreOneStreams) {
   WriteNpy(dir + "/fp32.npy", "<f4", "(9, 4, 64)", fp32);
   Result too_big =
       RunCli(absl::StrCat("forward --address ", (*server)->address(), " --hidden ", dir,
-                          "/fp32.npy --output ", dir, "/too_big.safetensors --chunk_mib 0"));
+                          "/fp32.npy --output ", dir, "/too_big.safetensors --micro_batch_mib 0"));
   EXPECT_EQ(too_big.exit_code, 1) << too_big.out;
   EXPECT_NE(too_big.out.find("RESOURCE_EXHAUSTED"), std::string::npos) << too_big.out;
   EXPECT_EQ((*server)->Stop(), 0);
@@ -634,10 +672,10 @@ TEST_F(CliScoringTest, StreamedJobWritesWhatOneRequestWrites) {
                      "--candidate_ids ",
                      dir, "/score_candidates_all.safetensors --segment_ids ", dir,
                      "/score_segments.safetensors --segment_ids_name segment_ids");
-    const std::map<std::string, v1::Tensor> one = Forward(flags + " --chunk_mib 0");
+    const std::map<std::string, v1::Tensor> one = Forward(flags + " --micro_batch_mib 0");
     std::string printed;
     const std::map<std::string, v1::Tensor> streamed =
-        Forward(flags + " --chunk_mib 0.0004 --parallel_streams 2", &printed);
+        Forward(flags + " --micro_batch_mib 0.0004 --parallel_streams 2", &printed);
     EXPECT_NE(printed.find("4/4 micro-batches"), std::string::npos) << printed;
     ASSERT_EQ(one.size(), streamed.size());
     ASSERT_EQ(one.count("segment_is_greedy"), 1u);
@@ -690,7 +728,7 @@ TEST_F(CliScoringTest, UsageAndServerErrors) {
        "INVALID_ARGUMENT: options.scoring.segment_ids: kept positions' ids must lie in [-1, 2), "
        "got 2"},
       // Streamed, the client splits the ids with the rows, so it needs the job's batch.
-      {absl::StrCat(labels, " --chunk_mib 0.0004 --segment_ids ", dir,
+      {absl::StrCat(labels, " --micro_batch_mib 0.0004 --segment_ids ", dir,
                     "/short_segments.safetensors"),
        "INVALID_ARGUMENT: segment_ids: expected (batch, seq_len) like labels, split with the "
        "batch (4 rows); got shape [2, 6]"},
@@ -802,7 +840,7 @@ TEST(CliReplicasTest, JobSurvivesAReplicaKilledMidStream) {
   // One row (1 KiB) per micro-batch, 16 per stream.
   const std::string job = absl::StrCat(" --hidden ", dir, "/replica_hidden.npy --labels ", dir,
                                        "/replica_labels.npy --return_logits true --timeout 120");
-  const std::string streamed = job + " --chunk_mib 0.001 --parallel_streams 3";
+  const std::string streamed = job + " --micro_batch_mib 0.001 --parallel_streams 3";
 
   Result alone = RunCli(absl::StrCat("forward --address ", addresses[0], streamed, " --output ",
                                      dir, "/replica_alone.safetensors"));
@@ -845,8 +883,9 @@ TEST(CliReplicasTest, JobSurvivesAReplicaKilledMidStream) {
   // One request per job, three addresses of which one is gone: every job is answered.
   for (int i = 0; i < 6; ++i) {
     SCOPED_TRACE(i);
-    Result one = RunCli(absl::StrCat("forward --address ", list, job, " --chunk_mib 0 --output ",
-                                     dir, "/replica_one.safetensors"));
+    Result one =
+        RunCli(absl::StrCat("forward --address ", list, job, " --micro_batch_mib 0 --output ", dir,
+                            "/replica_one.safetensors"));
     ASSERT_EQ(one.exit_code, 0) << one.out;
     ExpectSameOutputs(ReadOutputs(dir + "/replica_one.safetensors"), want, 1e-5);
   }

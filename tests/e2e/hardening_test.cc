@@ -521,11 +521,11 @@ TEST(RetryTest, BusyIsRetriedUntilItPassesButALimitIsNot) {
   EXPECT_EQ((*server)->Stop(), 0);
 }
 
-// Issue 13: ForwardChunked of a memory-mapped file sends each micro-batch's rows of hidden
+// Issue 13: ForwardMicroBatched of a memory-mapped file sends each micro-batch's rows of hidden
 // states from the mapping, not copied; a stream refused before its first answer is tried again,
 // resending those micro-batches, and the job's answer is the one a free server gives, and the one
 // the copying path (v1::Tensor) gives, byte for byte.
-TEST(RetryTest, AChunkedJobFromAMappedFileIsRetriedWithTheSameBytes) {
+TEST(RetryTest, AMicroBatchedJobFromAMappedFileIsRetriedWithTheSameBytes) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
       ServerProcess::Start({"--max_open_streams=1", "--max_batch_tokens=1"});
   ASSERT_TRUE(server.ok()) << server.status();
@@ -558,11 +558,11 @@ TEST(RetryTest, AChunkedJobFromAMappedFileIsRetriedWithTheSameBytes) {
     }
   };
   absl::StatusOr<v1::ForwardResponse> expected =
-      connect(1, "free")->ForwardChunked(*mapped, std::nullopt, args, two_rows);
+      connect(1, "free")->ForwardMicroBatched(*mapped, std::nullopt, args, two_rows);
   ASSERT_TRUE(expected.ok()) << expected.status();
   EXPECT_EQ(expected->logits().dtype(), v1::DATA_TYPE_FP32);
   absl::StatusOr<v1::ForwardResponse> copied =
-      connect(1, "copied")->ForwardChunked(hidden, args, two_rows);
+      connect(1, "copied")->ForwardMicroBatched(hidden, args, two_rows);
   ASSERT_TRUE(copied.ok()) << copied.status();
   expect_same(*copied, *expected);
 
@@ -573,7 +573,7 @@ TEST(RetryTest, AChunkedJobFromAMappedFileIsRetriedWithTheSameBytes) {
   holder.ReleaseWhenLogged([&] { return (*server)->Log(); },
                            "request_id=mapped ForwardStream failed: RESOURCE_EXHAUSTED");
   absl::StatusOr<v1::ForwardResponse> retried =
-      connect(5, "mapped")->ForwardChunked(*mapped, std::nullopt, args, two_rows);
+      connect(5, "mapped")->ForwardMicroBatched(*mapped, std::nullopt, args, two_rows);
   holder.Join();
   ASSERT_TRUE(holding) << (*server)->Log();
   ASSERT_TRUE(retried.ok()) << retried.status();
@@ -632,7 +632,7 @@ TEST(AuthTest, CallsNeedATokenAndHealthDoesNot) {
     EXPECT_EQ(client->GetModel("demo").status().code(), absl::StatusCode::kUnauthenticated);
     EXPECT_EQ(client->Forward(ToWire(x), args).status().code(), absl::StatusCode::kUnauthenticated);
     const absl::StatusOr<v1::ForwardResponse> streamed =
-        client->ForwardChunked(ToWire(x), args, /*max_micro_batch_bytes=*/256);
+        client->ForwardMicroBatched(ToWire(x), args, /*max_micro_batch_bytes=*/256);
     EXPECT_EQ(streamed.status().code(), absl::StatusCode::kUnauthenticated) << streamed.status();
     // Probes carry no token.
     const auto health = client->Health("");
@@ -645,7 +645,7 @@ TEST(AuthTest, CallsNeedATokenAndHealthDoesNot) {
     const absl::StatusOr<v1::ForwardResponse> one = client->Forward(ToWire(x), args);
     ASSERT_TRUE(one.ok()) << one.status();
     const absl::StatusOr<v1::ForwardResponse> streamed =
-        client->ForwardChunked(ToWire(x), args, /*max_micro_batch_bytes=*/256);
+        client->ForwardMicroBatched(ToWire(x), args, /*max_micro_batch_bytes=*/256);
     ASSERT_TRUE(streamed.ok()) << streamed.status();
     EXPECT_EQ(streamed->loss().data(), one->loss().data());
   }

@@ -31,6 +31,16 @@ using ::grpc::health::v1::HealthCheckResponse;
 constexpr int64_t kDModel = 64;
 constexpr int64_t kVocab = 1000;
 
+// Sets fused_chunk_bytes, logit_tile_bytes' deprecated name (kept for one release), for the
+// tests that it still works.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+void SetDeprecatedTileBytes(ForwardArgs* args, int64_t bytes) { args->fused_chunk_bytes = bytes; }
+void SetDeprecatedTileBytes(v1::ForwardOptions* options, int64_t bytes) {
+  options->set_fused_chunk_bytes(bytes);
+}
+#pragma GCC diagnostic pop
+
 std::unique_ptr<LMHeadClient> Connect(const ServerProcess& server, ClientOptions options = {}) {
   if (options.timeout.count() == 0) options.timeout = std::chrono::seconds(60);
   return LMHeadClient::Connect(server.address(), options);
@@ -54,7 +64,7 @@ Inputs MakeInputs(int64_t batch, int64_t length, uint64_t seed = 1, int64_t d_mo
 
 void ExpectClose(const v1::Tensor& wire, const at::Tensor& expected, const std::string& what,
                  double rtol = 1e-5, double atol = 1e-6) {
-  ASSERT_EQ(wire.dtype(), WireType(expected.scalar_type())) << what;
+  ASSERT_EQ(wire.dtype(), DataTypeOf(expected.scalar_type())) << what;
   const at::Tensor got = FromWire(wire);
   ASSERT_EQ(got.sizes(), expected.sizes()) << what;
   EXPECT_TRUE(at::allclose(got.to(at::kDouble), expected.to(at::kDouble), rtol, atol,
@@ -223,7 +233,14 @@ std::vector<Scenario> Scenarios() {
          a->loss_implementation = v1::LOSS_IMPLEMENTATION_FUSED_LINEAR;
          o->loss_implementation = LossImplementation::kFusedLinear;
          a->z_loss_multiplier = o->z_loss_multiplier = 1e-4;
-         a->fused_chunk_bytes = o->fused_chunk_bytes = 4096;
+         a->logit_tile_bytes = o->logit_tile_bytes = 4096;
+       }},
+      {"fused_linear, the tile by its deprecated name (options.fused_chunk_bytes)",
+       [](const Inputs&, ForwardArgs* a, ForwardOptions* o) {
+         a->loss_implementation = v1::LOSS_IMPLEMENTATION_FUSED_LINEAR;
+         o->loss_implementation = LossImplementation::kFusedLinear;
+         SetDeprecatedTileBytes(a, 4096);
+         o->logit_tile_bytes = 4096;
        }},
       {"int32 labels", [](const Inputs& in, ForwardArgs* a,
                           ForwardOptions*) { a->labels = ToWire(in.labels.to(at::kInt)); }},
@@ -418,7 +435,7 @@ TEST_F(ServerTest, ForwardStreamServesAClientThatWaitsForEachAnswer) {
   ExpectStillServing();
 }
 
-TEST_F(ServerTest, ForwardChunkedCombinesLikeOneForward) {
+TEST_F(ServerTest, ForwardMicroBatchedCombinesLikeOneForward) {
   auto client = Connect(*server_);
   const Inputs inputs = MakeInputs(7, 6);
   const int64_t row_bytes = 6 * kDModel * 4;
@@ -437,29 +454,30 @@ TEST_F(ServerTest, ForwardChunkedCombinesLikeOneForward) {
       absl::StatusOr<v1::ForwardResponse> whole = client->Forward(ToWire(inputs.x), args);
       ASSERT_TRUE(whole.ok()) << whole.status();
       std::vector<int64_t> progress;
-      absl::StatusOr<v1::ForwardResponse> chunked = client->ForwardChunked(
+      absl::StatusOr<v1::ForwardResponse> micro_batched = client->ForwardMicroBatched(
           ToWire(inputs.x), args, 2 * row_bytes,
           [&](int64_t done, int64_t total) { progress.push_back(done * 100 + total); });
-      ASSERT_TRUE(chunked.ok()) << chunked.status();
+      ASSERT_TRUE(micro_batched.ok()) << micro_batched.status();
       EXPECT_EQ(progress, (std::vector<int64_t>{104, 204, 304, 404}));
-      EXPECT_EQ(chunked->num_scored_tokens(), whole->num_scored_tokens());
-      EXPECT_EQ(chunked->has_logits(), whole->has_logits());
-      if (whole->has_logits()) ExpectClose(chunked->logits(), FromWire(whole->logits()), "logits");
+      EXPECT_EQ(micro_batched->num_scored_tokens(), whole->num_scored_tokens());
+      EXPECT_EQ(micro_batched->has_logits(), whole->has_logits());
+      if (whole->has_logits())
+        ExpectClose(micro_batched->logits(), FromWire(whole->logits()), "logits");
       for (const auto& [name, got, want] :
-           {std::tuple{"loss", &chunked->loss(), &whole->loss()},
-            std::tuple{"ce_loss", &chunked->ce_loss(), &whole->ce_loss()},
-            std::tuple{"z_loss", &chunked->z_loss(), &whole->z_loss()}}) {
-        ExpectClose(*got, FromWire(*want).to(TorchType(got->dtype())), name, 1e-4, 1e-5);
+           {std::tuple{"loss", &micro_batched->loss(), &whole->loss()},
+            std::tuple{"ce_loss", &micro_batched->ce_loss(), &whole->ce_loss()},
+            std::tuple{"z_loss", &micro_batched->z_loss(), &whole->z_loss()}}) {
+        ExpectClose(*got, FromWire(*want).to(ScalarTypeOf(got->dtype())), name, 1e-4, 1e-5);
       }
     }
   }
 }
 
-// parallel_streams spreads a chunked job's micro-batches over several streams and connections:
-// on a server that computes each micro-batch alone, exactly one stream's answer, for every
-// reduction, with positions and a per-row divisor; progress counts every micro-batch; a refused
-// micro-batch, first or last, fails the job with its status.
-TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
+// parallel_streams spreads a micro_batched job's micro-batches over several streams and
+// connections: on a server that computes each micro-batch alone, exactly one stream's answer, for
+// every reduction, with positions and a per-row divisor; progress counts every micro-batch; a
+// refused micro-batch, first or last, fails the job with its status.
+TEST_F(ServerTest, ForwardMicroBatchedOverParallelStreamsIsOneStream) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> unpacked =
       ServerProcess::Start({"--max_batch_tokens=1"});
   ASSERT_TRUE(unpacked.ok()) << unpacked.status();
@@ -482,11 +500,11 @@ TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
       args.loss_div_factor = 3.0;
     }
     absl::StatusOr<v1::ForwardResponse> one =
-        client->ForwardChunked(ToWire(inputs.x), args, 2 * row_bytes);
+        client->ForwardMicroBatched(ToWire(inputs.x), args, 2 * row_bytes);
     ASSERT_TRUE(one.ok()) << one.status();
     for (int streams : {2, 3, 5, 12}) {
       std::vector<int64_t> progress;
-      absl::StatusOr<v1::ForwardResponse> spread = client->ForwardChunked(
+      absl::StatusOr<v1::ForwardResponse> spread = client->ForwardMicroBatched(
           ToWire(inputs.x), args, 2 * row_bytes,
           [&](int64_t done, int64_t total) { progress.push_back(done * 100 + total); }, streams);
       ASSERT_TRUE(spread.ok()) << streams << ": " << spread.status();
@@ -508,7 +526,7 @@ TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
     labels.index_put_({bad_row, 1}, kVocab + 3);
     args.labels = ToWire(labels);
     absl::StatusOr<v1::ForwardResponse> failed =
-        client->ForwardChunked(ToWire(inputs.x), args, row_bytes, {}, 4);
+        client->ForwardMicroBatched(ToWire(inputs.x), args, row_bytes, {}, 4);
     ASSERT_FALSE(failed.ok());
     EXPECT_EQ(failed.status().code(), absl::StatusCode::kInvalidArgument) << failed.status();
     EXPECT_TRUE(absl::StrContains(failed.status().message(), "labels")) << failed.status();
@@ -521,14 +539,16 @@ TEST_F(ServerTest, ForwardChunkedOverParallelStreamsIsOneStream) {
     labels.index_put_({2, 1}, -5);
     labels.index_put_({7, 1}, kVocab);
     args.labels = ToWire(labels);
-    const absl::Status one = client->ForwardChunked(ToWire(inputs.x), args, row_bytes).status();
+    const absl::Status one =
+        client->ForwardMicroBatched(ToWire(inputs.x), args, row_bytes).status();
     ASSERT_FALSE(one.ok());
     EXPECT_TRUE(absl::EndsWith(one.message(), "(micro-batch 2)")) << one;
     for (int i = 0; i < 4; ++i) {
-      EXPECT_EQ(client->ForwardChunked(ToWire(inputs.x), args, row_bytes, {}, 4).status(), one);
+      EXPECT_EQ(client->ForwardMicroBatched(ToWire(inputs.x), args, row_bytes, {}, 4).status(),
+                one);
     }
   }
-  EXPECT_EQ(client->ForwardChunked(ToWire(inputs.x), {}, row_bytes, {}, 0).status().code(),
+  EXPECT_EQ(client->ForwardMicroBatched(ToWire(inputs.x), {}, row_bytes, {}, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*unpacked)->Stop(), 0) << (*unpacked)->Log();
 }
@@ -740,9 +760,22 @@ TEST_F(ServerTest, BadInputMatrixGetsExactCodesAndTheServerKeepsServing) {
       {"integer compute dtype",
        [](v1::ForwardRequest* r) { r->mutable_config()->set_dtype(v1::DATA_TYPE_INT32); }, kInvalid,
        "config.dtype: expected BF16, FP16 or FP32 (or unset), got INT32"},
-      {"non-positive fused chunk",
-       [](v1::ForwardRequest* r) { r->mutable_options()->set_fused_chunk_bytes(-1); }, kInvalid,
+      {"negative logit tile",
+       [](v1::ForwardRequest* r) { r->mutable_options()->set_logit_tile_bytes(-1); }, kInvalid,
+       "options.logit_tile_bytes: expected a positive byte count (or 0 for the default), got -1"},
+      // fused_chunk_bytes, logit_tile_bytes' deprecated name, is checked as it was; both names
+      // with different values are refused.
+      {"negative fused_chunk_bytes (deprecated name)",
+       [](v1::ForwardRequest* r) { SetDeprecatedTileBytes(r->mutable_options(), -1); }, kInvalid,
        "options.fused_chunk_bytes: expected a positive byte count (or 0 for the default), got -1"},
+      {"logit tile and its deprecated name disagree",
+       [](v1::ForwardRequest* r) {
+         r->mutable_options()->set_logit_tile_bytes(4096);
+         SetDeprecatedTileBytes(r->mutable_options(), 8192);
+       },
+       kInvalid,
+       "options.logit_tile_bytes: 4096 disagrees with options.fused_chunk_bytes, its deprecated "
+       "name, 8192; send logit_tile_bytes alone"},
       {"return_logits false without labels",
        [](v1::ForwardRequest* r) {
          r->clear_labels();

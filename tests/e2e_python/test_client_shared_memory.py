@@ -209,11 +209,11 @@ def test_streams_give_the_inline_bits(server, reduction):
         _same(shared.forward_stream(x, micro_batch_size=3, **args), want)
         # parallel_streams is not needed with shared memory: one stream, the same answer.
         _same(shared.forward_stream(x, micro_batch_size=3, parallel_streams=3, **args), want)
-        chunks = list(shared.iter_forward_stream(x, micro_batch_size=3, **args))
-        want_chunks = list(inline.iter_forward_stream(x, micro_batch_size=3, **args))
-        assert [(c.start, c.stop, c.num_scored_tokens) for c in chunks] == \
-            [(c.start, c.stop, c.num_scored_tokens) for c in want_chunks]
-        for got, expected in zip(chunks, want_chunks):
+        micro_batches = list(shared.iter_forward_stream(x, micro_batch_size=3, **args))
+        want_micro_batches = list(inline.iter_forward_stream(x, micro_batch_size=3, **args))
+        assert [(c.start, c.stop, c.num_scored_tokens) for c in micro_batches] == \
+            [(c.start, c.stop, c.num_scored_tokens) for c in want_micro_batches]
+        for got, expected in zip(micro_batches, want_micro_batches):
             _same(got.output, expected.output)
         assert shared._shm.stats["system_calls"] == 3 * 5
         # Each micro-batch in flight had a buffer of its own, at most STREAM_WINDOW at once,
@@ -227,9 +227,9 @@ def test_streams_give_the_inline_bits(server, reduction):
 def test_a_stream_abandoned_midway_gives_its_buffers_back(server):
     x = torch.randn(12, 64, D)
     with RemoteLMHead(server.address, shared_memory="on") as head:
-        chunks = head.iter_forward_stream(x, micro_batch_size=1)
-        next(chunks)
-        chunks.close()  # cancels the stream
+        micro_batches = head.iter_forward_stream(x, micro_batch_size=1)
+        next(micro_batches)
+        micro_batches.close()  # cancels the stream
         assert _wait_for(lambda: len(head._shm._free) == head._shm._buffers)
         _same(head.forward(x), RemoteLMHead(server.address, shared_memory="off").forward(x))
 

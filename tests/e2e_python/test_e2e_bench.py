@@ -15,7 +15,7 @@ def test_e2e_bench_runs_at_a_small_shape(server_binary):
     run = subprocess.run(
         [sys.executable, str(REPO / "bench/e2e_bench.py"), "--lmhead", str(SERVER),
          "--cli", str(cli) if cli.exists() else "", "--d_model", "64", "--vocab_size", "1000",
-         "--tokens", "512", "--rows", "4", "--chunk_mib", "0.0625", "--repeat", "1",
+         "--tokens", "512", "--rows", "4", "--micro_batch_mib", "0.0625", "--repeat", "1",
          "--streams", "1,2", "--kernel_tokens_per_s", "1e6"],
         capture_output=True, text=True, timeout=600, env={"PYTHONPATH": str(CLIENT)})
     assert run.returncode == 0, run.stdout + run.stderr

@@ -53,7 +53,7 @@ def _forward(head: RemoteLMHead, case: Case, m: Materialized):
             m.x, labels=m.labels, ignore_index=case.ignore_index, loss_reduction=case.reduction,
             z_loss_multiplier=case.zml, loss_div_factor=m.div, return_logits=case.return_logits,
             logits_to_keep=m.keep, loss_implementation=case.impl_option,
-            fused_chunk_bytes=case.chunk_bytes)
+            logit_tile_bytes=case.tile_bytes)
     except LMHeadError as e:
         return e.code.name, e.details, {}
     if isinstance(out, torch.Tensor):

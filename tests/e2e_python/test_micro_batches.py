@@ -234,7 +234,7 @@ def test_errors_name_the_request_field(server):
         (dict(return_logits=False), "options.return_logits: "),
         (dict(labels=labels, loss_implementation="fused_linear", return_logits=True),
          "options.return_logits: "),
-        (dict(fused_chunk_bytes=-1, labels=labels), "options.fused_chunk_bytes: "),
+        (dict(logit_tile_bytes=-1, labels=labels), "options.logit_tile_bytes: "),
     ]
     with RemoteLMHead(server.address, timeout=60) as head:
         for args, prefix in bad:

@@ -259,12 +259,12 @@ def test_connections_are_recycled_without_failing_calls(start_server):
             time.sleep(0.05)
         stream = head.iter_forward_stream(x, labels=labels, loss_reduction="none",
                                           micro_batch_size=1)
-        chunks = []
-        for chunk in stream:
-            chunks.append(chunk)
+        micro_batches = []
+        for micro_batch in stream:
+            micro_batches.append(micro_batch)
             time.sleep(0.6)  # the stream lives past the connection's age
-        assert [c.start for c in chunks] == [0, 1, 2, 3]
-        for c in chunks:
+        assert [c.start for c in micro_batches] == [0, 1, 2, 3]
+        for c in micro_batches:
             np.testing.assert_allclose(c.output.loss, want[c.start:c.stop], rtol=1e-6)
     ready = states.count(grpc.ChannelConnectivity.READY)
     assert ready >= 3, states  # connected, then reconnected after each age

@@ -81,7 +81,10 @@ def random_request(rng: random.Random) -> pb.ForwardRequest:
     elif choice < 0.3:
         options.loss_div_factor_tensor.CopyFrom(random_tensor(rng, [B, 1], pb.DATA_TYPE_FP32))
     if rng.random() < 0.2:
-        options.fused_chunk_bytes = rng.choice([-1, 0, 1, 1 << 40])
+        # Either name of the tile budget (fused_chunk_bytes is the deprecated one), or both.
+        for name in rng.choice([("logit_tile_bytes",), ("fused_chunk_bytes",),
+                                ("logit_tile_bytes", "fused_chunk_bytes")]):
+            setattr(options, name, rng.choice([-1, 0, 1, 1 << 40]))
     if rng.random() < 0.2:
         options.logits_dtype = rng.choice([0, 1, 2, 3, 4, 5, 42])
     config = request.config
@@ -155,8 +158,8 @@ def test_random_malformed_streams_end_cleanly(server):
     print("random streams by status:", codes)
 
 
-def test_deadline_stops_a_long_fused_forward_between_chunks(server_binary, tmp_path):
-    """A CPU forward that takes seconds stops at its deadline (checked between fused chunks)
+def test_deadline_stops_a_long_fused_forward_between_tiles(server_binary, tmp_path):
+    """A CPU forward that takes seconds stops at its deadline (checked between fused_linear's tiles)
     instead of running on after the client has given up."""
     process = ServerProcess(["--demo_d_model=1024", "--demo_vocab_size=50304"], tmp_path)
     try:
@@ -166,7 +169,7 @@ def test_deadline_stops_a_long_fused_forward_between_chunks(server_binary, tmp_p
             hidden_states=pb.Tensor(dtype=pb.DATA_TYPE_FP32, shape=x.shape, data=x.tobytes()),
             labels=pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=labels.shape, data=labels.tobytes()))
         request.config.loss_implementation = pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
-        request.options.fused_chunk_bytes = 8 << 20  # many small chunks
+        request.options.logit_tile_bytes = 8 << 20  # many small tiles
         with grpc.insecure_channel(process.address) as channel:
             stub = pb_grpc.LMHeadServiceStub(channel)
             start = time.monotonic()

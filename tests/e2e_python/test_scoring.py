@@ -221,12 +221,12 @@ def test_every_output_matches_the_reference(server, model, implementation):
     per_position = torch.randint(0, V, (4, 9, 5), generator=gen)
     per_position[..., 0] = 7  # a tied id
     with RemoteLMHead(server.address, model=model, timeout=60) as head:
-        for top_k, candidates, chunk in ((64, per_position, None), (1, torch.tensor([150]), None),
-                                         (5, torch.arange(0, V, 2), 4096)):
-            what = f"{model} {implementation} k={top_k} C={candidates.shape} chunk={chunk}"
+        for top_k, candidates, tile in ((64, per_position, None), (1, torch.tensor([150]), None),
+                                        (5, torch.arange(0, V, 2), 4096)):
+            what = f"{model} {implementation} k={top_k} C={candidates.shape} tile={tile}"
             scores = head.score(x, labels, label_logprobs=True, entropy=True, label_rank=True,
                                 top_k=top_k, candidate_ids=candidates, segment_ids=segments,
-                                loss_implementation=implementation, fused_chunk_bytes=chunk,
+                                loss_implementation=implementation, logit_tile_bytes=tile,
                                 loss_reduction="sum")
             want = _reference(x, labels, top_k=top_k, candidates=candidates, segments=segments)
             _check(scores, want, what)

@@ -144,11 +144,11 @@ def test_forward_stream_equals_forward(server, model, reduction, micro_batch_siz
     with RemoteLMHead(server.address, model=model, timeout=60) as head:
         unary = head.forward(x, **args)
         streamed = head.forward_stream(x, micro_batch_size=micro_batch_size, **args)
-        chunks = list(head.iter_forward_stream(x, micro_batch_size=micro_batch_size, **args))
+        parts = list(head.iter_forward_stream(x, micro_batch_size=micro_batch_size, **args))
     assert_same(streamed, unary, model)
     rows = list(range(0, x.shape[0], micro_batch_size))
-    assert [(c.start, c.stop) for c in chunks] == [(a, min(a + micro_batch_size, 6)) for a in rows]
-    assert sum(c.num_scored_tokens for c in chunks) == int((labels.gather(1, keep) != -100).sum())
+    assert [(c.start, c.stop) for c in parts] == [(a, min(a + micro_batch_size, 6)) for a in rows]
+    assert sum(c.num_scored_tokens for c in parts) == int((labels.gather(1, keep) != -100).sum())
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -163,7 +163,7 @@ def test_return_argmax_picks_the_largest_logit(server, model, implementation):
         output, argmax = head.forward(x, **args)
         streamed_output, streamed_argmax = head.forward_stream(x, micro_batch_size=4, **args)
         logits_too, argmax_without_labels = head.forward(x, return_argmax=True)
-        chunks = list(head.iter_forward_stream(x, micro_batch_size=4, **args))
+        micro_batches = list(head.iter_forward_stream(x, micro_batch_size=4, **args))
     assert type(output) is LMOutputWithLoss
     assert argmax.dtype == torch.int64 and argmax.shape == logits.shape[:2]
 
@@ -176,7 +176,7 @@ def test_return_argmax_picks_the_largest_logit(server, model, implementation):
 
     assert_picks_the_largest(argmax)
     assert_picks_the_largest(streamed_argmax)
-    assert_picks_the_largest(torch.cat([c.output[1] for c in chunks]))
+    assert_picks_the_largest(torch.cat([c.output[1] for c in micro_batches]))
     assert_same(streamed_output, output, model)
     assert torch.equal(argmax_without_labels, logits_too.argmax(-1))
 
@@ -215,11 +215,106 @@ def test_forward_stream_logits_numpy_and_byte_budget(server):
     with RemoteLMHead(server.address, timeout=60) as head:
         unary = head.forward(x.numpy())
         # 2 rows of 7 x 32 fp32 per micro-batch.
-        chunks = list(head.iter_forward_stream(x.numpy(), max_chunk_bytes=2 * 7 * D * 4))
-        streamed = head.forward_stream(x.numpy(), max_chunk_bytes=2 * 7 * D * 4)
+        micro_batches = list(head.iter_forward_stream(x.numpy(),
+                                                      max_micro_batch_bytes=2 * 7 * D * 4))
+        streamed = head.forward_stream(x.numpy(), max_micro_batch_bytes=2 * 7 * D * 4)
     assert isinstance(unary, np.ndarray) and isinstance(streamed, np.ndarray)
-    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 4), (4, 5)]
+    assert [(c.start, c.stop) for c in micro_batches] == [(0, 2), (2, 4), (4, 5)]
     np.testing.assert_allclose(streamed, unary, rtol=1.3e-6, atol=1e-5)
+
+
+def test_old_names_still_work_with_a_deprecation_warning(server):
+    """max_chunk_bytes= (now max_micro_batch_bytes=) and StreamChunk (now StreamMicroBatch) work
+    for one more release, each with a DeprecationWarning; both keywords at once are a
+    TypeError."""
+    import lmhead_client
+    from lmhead_client import StreamMicroBatch, client
+
+    x, labels = inputs(B=5)
+    budget = 2 * 7 * D * 4  # 2 rows per micro-batch
+    with RemoteLMHead(server.address, timeout=60) as head:
+        want = head.forward_stream(x, labels=labels, max_micro_batch_bytes=budget)
+        with pytest.warns(DeprecationWarning, match=r"forward_stream\(\): max_chunk_bytes= is "
+                          r"deprecated, use max_micro_batch_bytes="):
+            old = head.forward_stream(x, labels=labels, max_chunk_bytes=budget)
+        assert_same(old, want, "rms_fp32")
+        with pytest.warns(DeprecationWarning, match="iter_forward_stream"):
+            bounds = [(c.start, c.stop)
+                      for c in head.iter_forward_stream(x, max_chunk_bytes=budget)]
+        assert bounds == [(0, 2), (2, 4), (4, 5)]
+        with pytest.warns(DeprecationWarning, match="score_stream"):
+            scores = head.score_stream(x, labels, label_logprobs=True, max_chunk_bytes=budget)
+        assert scores.label_logprobs.shape == (5, 7)
+        for call in (lambda: head.forward_stream(x, max_chunk_bytes=budget,
+                                                 max_micro_batch_bytes=budget),
+                     lambda: list(head.iter_forward_stream(x, max_chunk_bytes=budget,
+                                                           max_micro_batch_bytes=budget)),
+                     lambda: head.score_stream(x, labels, label_logprobs=True,
+                                               max_chunk_bytes=budget,
+                                               max_micro_batch_bytes=budget)):
+            with pytest.raises(TypeError, match="got both max_micro_batch_bytes= and its "
+                               "deprecated name max_chunk_bytes="):
+                call()
+    for module in (lmhead_client, client):
+        with pytest.warns(DeprecationWarning, match=r"StreamChunk is deprecated, use "
+                          r"StreamMicroBatch"):
+            assert module.StreamChunk is StreamMicroBatch
+        with pytest.raises(AttributeError):
+            module.NoSuchName  # noqa: B018
+
+
+def test_the_tile_budget_by_its_deprecated_name(server):
+    """options.fused_chunk_bytes (field 10, deprecated) is still read as logit_tile_bytes, with a
+    warning in the server's log, and refused when both differ; the client's fused_chunk_bytes=
+    keyword still works with a DeprecationWarning (TypeError with logit_tile_bytes= too)."""
+    x, labels = inputs()
+    args = dict(labels=labels, loss_reduction="none")
+    tile = 2 * V * 4  # two tokens of fp32 logits: several tiles
+    with RemoteLMHead(server.address, model="fused_bf16", timeout=60) as head:
+        want = head.forward(x, logit_tile_bytes=tile, **args)
+        with pytest.warns(DeprecationWarning, match=r"forward\(\): fused_chunk_bytes= is "
+                          r"deprecated, use logit_tile_bytes="):
+            old = head.forward(x, fused_chunk_bytes=tile, **args)
+        assert_same(old, want, "fused_bf16")
+        for method in ("score", "score_stream"):
+            with pytest.warns(DeprecationWarning, match=method):
+                getattr(head, method)(x, labels, entropy=True, fused_chunk_bytes=tile)
+        with pytest.warns(DeprecationWarning, match="forward_stream"):
+            head.forward_stream(x, fused_chunk_bytes=tile, micro_batch_size=4, **args)
+        with pytest.raises(TypeError, match="got both logit_tile_bytes= and its deprecated name "
+                           "fused_chunk_bytes="):
+            head.forward(x, fused_chunk_bytes=tile, logit_tile_bytes=tile, **args)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'chunk_bytes'"):
+            head.forward(x, chunk_bytes=tile)
+
+    hidden = pb.Tensor(dtype=pb.DATA_TYPE_FP32, shape=x.shape, data=x.numpy().tobytes())
+    label_tensor = pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=labels.shape,
+                             data=labels.numpy().tobytes())
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LMHeadServiceStub(channel)
+
+        def forward(**options):
+            request = pb.ForwardRequest(model="fused_bf16", hidden_states=hidden,
+                                        labels=label_tensor)
+            for name, value in options.items():
+                setattr(request.options, name, value)
+            return stub.Forward(request, timeout=60)
+
+        new, old = forward(logit_tile_bytes=tile), forward(fused_chunk_bytes=tile)
+        assert old.loss == new.loss and old.num_scored_tokens == new.num_scored_tokens
+        assert forward(logit_tile_bytes=tile, fused_chunk_bytes=tile).loss == new.loss
+        with pytest.raises(grpc.RpcError) as error:
+            forward(logit_tile_bytes=tile, fused_chunk_bytes=2 * tile)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details() == (
+            f"options.logit_tile_bytes: {tile} disagrees with options.fused_chunk_bytes, its "
+            f"deprecated name, {2 * tile}; send logit_tile_bytes alone")
+        with pytest.raises(grpc.RpcError) as error:
+            forward(fused_chunk_bytes=-1)
+        assert error.value.details() == ("options.fused_chunk_bytes: expected a positive byte "
+                                         "count (or 0 for the default), got -1")
+    # Logged once per process, however many calls used the old name.
+    assert server.log().count("options.fused_chunk_bytes, deprecated") == 1
 
 
 def test_forward_stream_refuses_what_cannot_be_split(server):

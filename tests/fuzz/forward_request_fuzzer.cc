@@ -102,7 +102,7 @@ void Run(const v1::ForwardRequest& request, const DetachedData* hidden_states_da
   absl::StatusOr<at::Tensor> x = CatchTorchErrors([&]() -> absl::StatusOr<at::Tensor> {
     absl::StatusOr<at::Tensor> host = DecodeInputs(request, &*plan);
     if (!host.ok()) return host;
-    return host->to(ToScalarType(plan->config.dtype));
+    return host->to(ScalarTypeOf(plan->config.dtype));
   });
   if (!x.ok()) return CheckRefusal(x.status(), "DecodeInputs");
   const absl::Status valid = WithWireFields((*head)->ValidateForward(*x, plan->options), request);

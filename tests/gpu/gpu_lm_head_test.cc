@@ -1,7 +1,7 @@
 // GPU tests (tag requires-gpu; run on the GPU machine by tools/gpu/test.sh): both loss
 // implementations on CUDA against an fp64 reference and against the CPU path, over dtypes, head
 // types and norms, vocab sizes that are not multiples of any tile, N=1, ignored and all-ignored
-// labels, every logits_to_keep form and chunkings that split tokens and vocabulary.
+// labels, every logits_to_keep form and tilings that split tokens and vocabulary.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/lm_head.h"
 #include "core/ops/logit_stats.h"
 #include "gtest/gtest.h"
@@ -31,7 +32,7 @@ struct Case {
   std::optional<double> z;
   int ignore;  // 0 none, 1 some, 2 all
   int keep;    // 0: 0, 1: -3, 2: positions tensor
-  int64_t chunk_bytes;
+  int64_t tile_bytes;
   bool bias;
   int head;  // 0: RMS norm, 1: layer norm, 2: no norm, 3: NormalizedLMHead
 };
@@ -41,7 +42,7 @@ const char* const kHeadNames[] = {"rms norm", "layer norm", "no norm", "normaliz
 std::string Describe(const Case& c) {
   return absl::StrCat(Name(c.dtype), " V=", c.vocab, " B=", c.batch, " S=", c.seq, " ",
                       Name(c.reduction), " z=", c.z ? std::to_string(*c.z) : "None",
-                      " ignore=", c.ignore, " keep=", c.keep, " chunk=", c.chunk_bytes,
+                      " ignore=", c.ignore, " keep=", c.keep, " tile=", c.tile_bytes,
                       " bias=", c.bias, " head=", kHeadNames[c.head]);
 }
 
@@ -57,7 +58,7 @@ std::vector<Case> Grid() {
           ++i;
           Case c{dtype, vocab, 1 + i % 3, (i % 4 == 0) ? 1 : 5 + i % 7, reduction,
                  i % 2 ? std::optional<double>(1e-3) : std::nullopt, ignore, i % 3,
-                 // small budgets split tokens and vocabulary into many chunks
+                 // small budgets split tokens and vocabulary into many tiles
                  i % 2 ? int64_t{128} << 20 : int64_t{4096} + 97 * i, i % 3 != 1, (i / 3) % 4};
           cases.push_back(c);
         }
@@ -83,18 +84,6 @@ Reference Fp64(const at::Tensor& logits2d, const at::Tensor& labels1d, int64_t i
   const at::Tensor ce =
       at::where(valid, lse - l.gather(1, safe.unsqueeze(1)).squeeze(1), at::zeros_like(lse));
   return {ce, lse, valid};
-}
-
-at::ScalarType ScalarTypeOf(DType dtype) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return at::kBFloat16;
-    case DType::kFloat16:
-      return at::kHalf;
-    case DType::kFloat32:
-      return at::kFloat;
-  }
-  return at::kFloat;
 }
 
 // One rounding step of the dtype, relative (2^-7 for bf16, 2^-10 for fp16), with room for fp32
@@ -145,7 +134,7 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
   options.labels = labels;
   options.loss_reduction = c.reduction;
   options.z_loss_multiplier = c.z;
-  options.fused_chunk_bytes = c.chunk_bytes;
+  options.logit_tile_bytes = c.tile_bytes;
   options.loss_div_factor = 3.0;
   if (c.keep == 1) options.logits_to_keep = int64_t{-3};
   if (c.keep == 2) {
@@ -182,9 +171,9 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
     ASSERT_TRUE(h.ok()) << h.status();
     ASSERT_TRUE(g_host_labels.ok()) << g_host_labels.status();
     EXPECT_TRUE(at::allclose(g_host_labels->loss->cpu(), g->loss->cpu(), 0, 0, /*equal_nan=*/true));
-    // The argmax picks a largest logit: default's equals torch.argmax on the same logits; the
-    // fused chunks' own GEMMs may round a logit differently by one unit, so fused's pick must
-    // reach the maximum within that.
+    // The argmax picks a largest logit: default's equals torch.argmax on the same logits;
+    // fused_linear's tiles, in GEMMs of their own, may round a logit differently by one unit, so
+    // fused_linear's pick must reach the maximum within that.
     const at::Tensor all_logits = *logits->logits;
     ASSERT_TRUE(g->argmax.has_value());
     ASSERT_EQ(g->argmax->sizes(), all_logits.sizes().slice(0, 2));
@@ -244,10 +233,10 @@ TEST_P(GpuLMHeadTest, MatchesFp64AndCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, GpuLMHeadTest, ::testing::ValuesIn(Grid()));
 
-// The fused epilogue's argmax is torch.argmax's: exactly tied maxima split across vocabulary chunks
+// fused_linear's argmax is torch.argmax's: exactly tied maxima split across vocabulary tiles
 // (integer data: the logits are exact in any order) give the first id; so do tied +inf columns;
 // the first NaN column wins over every number; an all-NaN row gives 0.
-TEST(GpuLMHeadArgmaxTest, FirstOfTiesAcrossChunksInfAndNaN) {
+TEST(GpuLMHeadArgmaxTest, FirstOfTiesAcrossTilesInfAndNaN) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   struct Columns {
     const char* what;
@@ -277,13 +266,13 @@ TEST(GpuLMHeadArgmaxTest, FirstOfTiesAcrossChunksInfAndNaN) {
       const at::Tensor expected = (*gpu)->Forward(x, logits_only)->logits->argmax(-1);
       ASSERT_EQ(expected[0][0].item<int64_t>(), special.ids[0]);
       ASSERT_EQ(expected[2][4].item<int64_t>(), 0);
-      for (const int64_t chunk_bytes : {int64_t{0}, int64_t{3000}, int64_t{1} << 20}) {
+      for (const int64_t tile_bytes : {int64_t{0}, int64_t{3000}, int64_t{1} << 20}) {
         SCOPED_TRACE(::testing::Message()
-                     << special.what << ", " << Name(dtype) << ", chunk_bytes " << chunk_bytes);
+                     << special.what << ", " << Name(dtype) << ", tile_bytes " << tile_bytes);
         ForwardOptions options;
         options.labels = at::randint(50304, {3, 11}, gen, at::TensorOptions(at::kLong));
         options.loss_implementation = LossImplementation::kFusedLinear;
-        options.fused_chunk_bytes = chunk_bytes;
+        options.logit_tile_bytes = tile_bytes;
         options.return_argmax = true;
         auto out = (*gpu)->Forward(x, options);
         ASSERT_TRUE(out.ok()) << out.status();
@@ -338,7 +327,7 @@ TEST(GpuLMHeadErrorsTest, IndexTensorsOnHostOrDevice) {
 // Forward returns once its work is queued, with labels and positions on the host or on the
 // device: the device is still busy with the forward's own GEMMs (milliseconds at these shapes)
 // when it returns, so nothing inside it waited for them. d=2048 takes the fused GEMM on Hopper,
-// d=4096 the chunked path.
+// d=4096 the tiled path.
 class GpuLMHeadAsyncWidthTest : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(GpuLMHeadAsyncWidthTest, ForwardReturnsBeforeItsWorkIsDone) {
@@ -399,7 +388,7 @@ TEST(GpuLMHeadAsyncTest, NoDeviceAllocationAfterWarmUp) {
         options.labels = on_device ? labels.cuda() : labels;
         options.return_argmax = true;
         options.z_loss_multiplier = 1e-4;
-        options.fused_chunk_bytes = 8 << 20;  // several chunks
+        options.logit_tile_bytes = 8 << 20;  // several tiles
         auto out = (*gpu)->Forward(x, options);
         ASSERT_TRUE(out.ok()) << out.status();
         c10::cuda::device_synchronize();
@@ -427,7 +416,7 @@ TEST(GpuLMHeadAsyncTest, NoDeviceAllocationAfterWarmUp) {
 // head, for both loss implementations, the three reductions, with and without z-loss (0.0 too),
 // loss_div_factor as a number and a tensor, argmax, ignored and all-ignored labels, items that
 // keep no position (also a whole group of them) and every logits_to_keep form, with the fused
-// GEMM (bf16, no bias) and the chunked path (fp32, bias).
+// GEMM (bf16, no bias) and the tiled path (fp32, bias).
 TEST(GpuLMHeadBatchTest, PackedItemsMatchTheirOwnForward) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (const bool bf16 : {true, false}) {
@@ -563,15 +552,15 @@ TEST(GpuLMHeadBatchTest, PackedForwardReturnsBeforeItsWorkIsDone) {
   }
 }
 
-// The fused GEMM (where it can run: Hopper, bf16 and fp16, no bias) against the chunked path
+// The fused GEMM (where it can run: Hopper, bf16 and fp16, no bias) against the tiled path
 // and against fp64 over one cuBLAS GEMM's logits: ragged tiles in tokens and vocabulary, N=1,
 // several token slices, with argmax. The two
 // GEMMs may round a logit to the dtype differently (their fp32 sums differ in the last bits), so a
 // few rows may differ by one rounding unit.
-TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
+TEST(GpuFusedGemmTest, MatchesTiledAndFp64) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   struct Shape {
-    int64_t n, v, d, chunk_bytes;
+    int64_t n, v, d, tile_bytes;
   };
   // Two slices of 512 rows at V=32003: 126 vocabulary tiles of 256, 16 bytes each with argmax.
   const int64_t two_slices = 512 * 126 * 16;
@@ -580,7 +569,7 @@ TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
                            Shape{1000, 32003, 256, two_slices}, Shape{4099, 50304, 1024, 64 << 20},
                            Shape{513, 256, 4096, 1 << 20}}) {
       SCOPED_TRACE(::testing::Message() << dtype << " N=" << s.n << " V=" << s.v << " d=" << s.d
-                                        << " chunk_bytes=" << s.chunk_bytes);
+                                        << " tile_bytes=" << s.tile_bytes);
       at::Generator gen = at::detail::createCPUGenerator(s.n * 7 + s.v);
       const auto opts = at::TensorOptions(at::kCUDA).dtype(dtype);
       const at::Tensor h = at::randn({s.n, s.d}, gen).to(opts);
@@ -589,17 +578,17 @@ TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
         GTEST_SKIP() << "the fused GEMM needs a compute capability 9.0 device";
       }
       const at::Tensor labels = at::randint(s.v, {s.n}, gen, at::TensorOptions(at::kLong)).cuda();
-      const LogitStats fused = ComputeLogitStatsFusedGemm(h, w, labels, s.chunk_bytes, {}, true);
-      const LogitStats chunked =
-          ComputeLogitStatsChunked(h, w, at::Tensor(), labels, s.chunk_bytes, {}, true);
+      const LogitStats fused = ComputeLogitStatsFusedGemm(h, w, labels, s.tile_bytes, {}, true);
+      const LogitStats tiled =
+          ComputeLogitStatsTiled(h, w, at::Tensor(), labels, s.tile_bytes, {}, true);
       const at::Tensor logits = at::mm(h, w.t()).to(at::kDouble).cpu();
       const at::Tensor lse = at::logsumexp(logits, {1});
       const at::Tensor label_logit = logits.gather(1, labels.cpu().unsqueeze(1)).squeeze(1);
       const double unit =
           dtype == at::kBFloat16 ? RoundingUnit(DType::kBFloat16) : RoundingUnit(DType::kFloat16);
       const double bound = unit * logits.abs().max().item<double>();
-      for (const LogitStats* got : {&fused, &chunked}) {
-        SCOPED_TRACE(got == &fused ? "fused GEMM" : "chunked");
+      for (const LogitStats* got : {&fused, &tiled}) {
+        SCOPED_TRACE(got == &fused ? "fused GEMM" : "tiled");
         const at::Tensor ce_error =
             ((got->lse.cpu().to(at::kDouble) - got->label_logit.cpu().to(at::kDouble)) -
              (lse - label_logit))
@@ -610,21 +599,21 @@ TEST(GpuFusedGemmTest, MatchesChunkedAndFp64) {
         const at::Tensor best = std::get<0>(logits.max(1));
         EXPECT_TRUE((picked >= best - unit * best.abs()).all().item<bool>());
       }
-      EXPECT_TRUE(at::allclose(fused.lse, chunked.lse, 0, bound));
+      EXPECT_TRUE(at::allclose(fused.lse, tiled.lse, 0, bound));
     }
   }
 }
 
 // Scoring in the fused GEMM's epilogue (label log-probabilities, entropy, rank and the argmax
 // behind segment sums) against fp64 over one cuBLAS GEMM's logits in the compute dtype, and
-// against the chunked pass (fused_chunk_bytes below the fused GEMM's minimum): vocabularies that
+// against the tiled pass (logit_tile_bytes below the fused GEMM's minimum): vocabularies that
 // are not multiples of the tile, ignored labels, a NaN row, several token slices. The GEMMs may
 // round a logit differently by one unit, so a rank is checked against the counts of logits
 // surely above and possibly above the label's.
-TEST(GpuFusedGemmTest, ScoringMatchesChunkedAndFp64) {
+TEST(GpuFusedGemmTest, ScoringMatchesTiledAndFp64) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   struct Shape {
-    int64_t n, v, d, chunk_bytes;
+    int64_t n, v, d, tile_bytes;
   };
   // V=32003: 251 tiles of 128 at 24 bytes each with scoring; 128-row slices, so 8 of them.
   const int64_t slices_of_128 = 128 * 251 * 24;
@@ -652,12 +641,12 @@ TEST(GpuFusedGemmTest, ScoringMatchesChunkedAndFp64) {
       if (!FusedGemmApplies(x.view({s.n, s.d}), w, at::Tensor())) {
         GTEST_SKIP() << "the fused GEMM needs a compute capability 9.0 device";
       }
-      const auto run = [&](int64_t chunk_bytes) {
+      const auto run = [&](int64_t tile_bytes) {
         ForwardOptions options;
         options.labels = labels;
         options.loss_implementation = LossImplementation::kFusedLinear;
         options.return_logits = false;
-        options.fused_chunk_bytes = chunk_bytes;
+        options.logit_tile_bytes = tile_bytes;
         options.scoring.label_logprobs = true;
         options.scoring.entropy = true;
         options.scoring.label_rank = true;
@@ -667,8 +656,8 @@ TEST(GpuFusedGemmTest, ScoringMatchesChunkedAndFp64) {
         EXPECT_TRUE(out.ok()) << out.status();
         return *std::move(out);
       };
-      const LMOutput fused = run(s.chunk_bytes);
-      const LMOutput chunked = run(100000);  // below the minimum of every shape here
+      const LMOutput fused = run(s.tile_bytes);
+      const LMOutput tiled = run(100000);  // below the minimum of every shape here
       // The reference: the logits of one cuBLAS GEMM in the compute dtype, in fp64.
       const at::Tensor logits = at::mm(x.view({s.n, s.d}), w.t()).to(at::kDouble).cpu();
       const at::Tensor flat_labels = labels.view({s.n});
@@ -686,8 +675,8 @@ TEST(GpuFusedGemmTest, ScoringMatchesChunkedAndFp64) {
       const at::Tensor slack = unit * (label_logit.abs() + logits.abs());
       const at::Tensor rank_low = (logits - label_logit).gt(slack).sum(1) + 1;
       const at::Tensor rank_high = (logits - label_logit).ge(-slack).sum(1);
-      for (const LMOutput* got : {&fused, &chunked}) {
-        SCOPED_TRACE(got == &fused ? "fused GEMM" : "chunked");
+      for (const LMOutput* got : {&fused, &tiled}) {
+        SCOPED_TRACE(got == &fused ? "fused GEMM" : "tiled");
         const at::Tensor logprobs = got->scoring.label_logprobs->view({s.n}).cpu().to(at::kDouble);
         const at::Tensor entropy = got->scoring.entropy->view({s.n}).cpu().to(at::kDouble);
         const at::Tensor rank = got->scoring.label_rank->view({s.n}).cpu();
@@ -707,8 +696,8 @@ TEST(GpuFusedGemmTest, ScoringMatchesChunkedAndFp64) {
       }
       // The segment sums are formed from the same per-token scores by the same code.
       const at::Tensor sums_fused = fused.scoring.segment_logprob_sums->cpu();
-      const at::Tensor sums_chunked = chunked.scoring.segment_logprob_sums->cpu();
-      EXPECT_TRUE(at::allclose(sums_fused, sums_chunked, 1e-3, 7 * bound, /*equal_nan=*/true));
+      const at::Tensor sums_tiled = tiled.scoring.segment_logprob_sums->cpu();
+      EXPECT_TRUE(at::allclose(sums_fused, sums_tiled, 1e-3, 7 * bound, /*equal_nan=*/true));
     }
   }
 }
@@ -745,10 +734,10 @@ TEST(GpuLMHeadDeviceTest, HeadOnSecondDevice) {
 
 TEST(GpuLMHeadSmokeTest, SmallCaseForComputeSanitizer) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  // With a bias and small chunks: the chunked path over ragged chunks. Without a bias, on
+  // With a bias and small tiles: the tiled path over ragged tiles. Without a bias, on
   // Hopper: the fused GEMM, over a ragged tile in tokens and vocabulary.
   for (const bool bias : {true, false}) {
-    SCOPED_TRACE(bias ? "bias, chunked" : "no bias, fused GEMM where it applies");
+    SCOPED_TRACE(bias ? "bias, tiled" : "no bias, fused GEMM where it applies");
     LMHeadConfig config;
     config.dtype = DType::kBFloat16;
     config.bias = bias;
@@ -757,7 +746,7 @@ TEST(GpuLMHeadSmokeTest, SmallCaseForComputeSanitizer) {
     ForwardOptions options;
     options.labels = at::randint(1003, {2, 90}, at::TensorOptions(at::kLong)).cuda();
     options.loss_implementation = LossImplementation::kFusedLinear;
-    options.fused_chunk_bytes = bias ? 3000 : 1 << 20;
+    options.logit_tile_bytes = bias ? 3000 : 1 << 20;
     options.loss_reduction = LossReduction::kNone;
     options.return_argmax = true;
     auto out = (*gpu)->Forward(at::randn({2, 90, 32}).to(at::kBFloat16).cuda(), options);

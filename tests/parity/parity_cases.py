@@ -86,7 +86,7 @@ class Case:
     keep: Union[int, str] = 0
     return_logits: Optional[bool] = None
     x_dtype: Optional[str] = None  # the input's dtype when it differs from the head's
-    chunk_bytes: Optional[int] = None  # options.fused_chunk_bytes
+    tile_bytes: Optional[int] = None  # options.logit_tile_bytes
 
     @property
     def effective_impl(self) -> str:
@@ -196,7 +196,7 @@ def covering_grid(rng: random.Random, count: int) -> List[Case]:
                 div=div,
                 keep=f["keep"],
                 return_logits=f["return_logits"],
-                chunk_bytes=rng.choice([None, 200, 1000, 2000, 5000]) if fused else None,
+                tile_bytes=rng.choice([None, 200, 1000, 2000, 5000]) if fused else None,
             )
         )
     return cases
@@ -257,16 +257,16 @@ def targeted_cases() -> List[Case]:
     add(Case(dtype="float16", reduction="mean", zml=1e-3, norm=norm("rms")))
     add(Case(dtype="float16", reduction="sum", zml=1e-3, norm=norm("default"), **fused))
     add(Case(dtype="float16", head="normalized", labels="absent"))
-    # Fused chunking: down to one logit per chunk, several token rows per chunk with a remainder,
+    # fused_linear's tiles: down to one logit per tile, several token rows per tile with a rest,
     # and (V > 1024) vocabulary slices with a remainder.
-    for chunk in (1, 64, 300, 2000, 5000):
-        add(Case(B=3, S=7, reduction="none", zml=1e-3, chunk_bytes=chunk, **fused))
-        add(Case(B=3, S=7, reduction="mean", chunk_bytes=chunk, dtype="bfloat16", **fused))
-    for chunk in (20000, 40000, None):
+    for tile in (1, 64, 300, 2000, 5000):
+        add(Case(B=3, S=7, reduction="none", zml=1e-3, tile_bytes=tile, **fused))
+        add(Case(B=3, S=7, reduction="mean", tile_bytes=tile, dtype="bfloat16", **fused))
+    for tile in (20000, 40000, None):
         for dtype in ("float32", "bfloat16"):
-            add(Case(B=3, S=7, V=2500, reduction="none", zml=1e-3, chunk_bytes=chunk, dtype=dtype,
+            add(Case(B=3, S=7, V=2500, reduction="none", zml=1e-3, tile_bytes=tile, dtype=dtype,
                      labels="some_ignored", norm=norm("rms"), **fused))
-            add(Case(B=3, S=7, V=2500, reduction="sum", zml=1e-3, chunk_bytes=chunk, dtype=dtype,
+            add(Case(B=3, S=7, V=2500, reduction="sum", zml=1e-3, tile_bytes=tile, dtype=dtype,
                      **fused))
     # The per-call implementation override (our extension).
     add(Case(impl_option="fused_linear", reduction="sum", zml=1e-3))
@@ -502,8 +502,8 @@ def materialize(case: Case, index: int, tmp: Path) -> Tuple[Materialized, dict]:
     }
     if case.impl_option is not None:
         options["loss_implementation"] = case.impl_option
-    if case.chunk_bytes is not None:
-        options["fused_chunk_bytes"] = case.chunk_bytes
+    if case.tile_bytes is not None:
+        options["logit_tile_bytes"] = case.tile_bytes
     entry = {
         "config": our_config_json(case),
         "d_model": case.D,

@@ -17,7 +17,7 @@
 //   "options": {"ignore_index": int, "loss_reduction": string, "z_loss_multiplier": null|number,
 //               "loss_div_factor": null|number|"tensor", "return_logits": null|bool,
 //               "logits_to_keep": int|"tensor", "loss_implementation": string (optional),
-//               "fused_chunk_bytes": int (optional)}   (missing = the forward defaults)
+//               "logit_tile_bytes": int (optional)}   (missing = the forward defaults)
 //   "output": safetensors path written with the outputs present (logits, loss, ce_loss, z_loss)
 // }]}
 //
@@ -107,7 +107,7 @@ absl::StatusOr<ForwardOptions> ReadOptions(const Json& options, const Safetensor
     if (!impl.ok()) return impl.status();
     out.loss_implementation = *impl;
   }
-  out.fused_chunk_bytes = options.value("fused_chunk_bytes", out.fused_chunk_bytes);
+  out.logit_tile_bytes = options.value("logit_tile_bytes", out.logit_tile_bytes);
   return out;
 }
 

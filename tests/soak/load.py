@@ -174,7 +174,7 @@ def make_case(rng: np.random.Generator, model: ModelSpec, max_tokens: int = 256)
     if rng.random() < 0.2:
         kwargs["logits_dtype"] = str(rng.choice(["bf16", "fp16", "fp32"]))
     if effective == "fused_linear" and rng.random() < 0.3:
-        kwargs["fused_chunk_bytes"] = int(rng.choice([1 << 14, 1 << 16, 1 << 20]))
+        kwargs["logit_tile_bytes"] = int(rng.choice([1 << 14, 1 << 16, 1 << 20]))
     return Case(model, x, kwargs)
 
 
@@ -431,9 +431,9 @@ BAD_CASES: List[BadCase] = [
             labels=False),
     BadCase("return_logits_true_with_fused", _fused_return_logits, IA, "options.return_logits",
             fused=True),
-    BadCase("fused_chunk_bytes_negative",
-            lambda q, m: setattr(q.options, "fused_chunk_bytes", -1), IA,
-            "options.fused_chunk_bytes"),
+    BadCase("logit_tile_bytes_negative",
+            lambda q, m: setattr(q.options, "logit_tile_bytes", -1), IA,
+            "options.logit_tile_bytes"),
     BadCase("div_factor_int64", lambda q, m: q.options.loss_div_factor_tensor.CopyFrom(
         tensor(pb.DATA_TYPE_INT64, [], bytes(8))), IA, "options.loss_div_factor_tensor.dtype"),
     BadCase("labels_per_row_div_factor_3x1", _div_factor_3x1, IA,
@@ -495,14 +495,14 @@ def heavy_tokens(model: ModelSpec, limits: Limits) -> int:
 
 def heavy_request(rng: np.random.Generator, model: ModelSpec, limits: Limits) -> pb.ForwardRequest:
     """A valid request that computes for tens of milliseconds and returns little:
-    fused_linear in many small chunks (default and return_logits=False on a normalized head)."""
+    fused_linear in many small tiles of logits (default and return_logits=False on a normalized head)."""
     tokens = heavy_tokens(model, limits)
     request = good_request(rng, model, B=4, S=max(1, tokens // 4))
     if model.normalized:
         request.options.return_logits = False
     else:
         request.config.loss_implementation = pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
-        request.options.fused_chunk_bytes = 256 << 10
+        request.options.logit_tile_bytes = 256 << 10
     return request
 
 

@@ -119,7 +119,7 @@ for s in "${steps[@]}"; do
     paths) build gpu_lm_head_bench && run "$build/gpu_lm_head_bench" --paths "${quick[@]}" ;;
     sustained) build gpu_lm_head_bench && run "$build/gpu_lm_head_bench" --sustained ;;
     breakdown) build gpu_lm_head_bench && run "$build/gpu_lm_head_bench" --breakdown ;;
-    tiles) build gpu_lm_head_bench && run "$build/gpu_lm_head_bench" --chunk_sweep ;;
+    tiles) build gpu_lm_head_bench && run "$build/gpu_lm_head_bench" --tile_sweep ;;
     *) echo "unknown step: $s (forward scoring serving executor e2e paths sustained breakdown tiles)"
       exit 2 ;;
   esac

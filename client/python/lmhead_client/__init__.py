@@ -19,6 +19,13 @@ except ModuleNotFoundError as e:  # pragma: no cover - a checkout without genera
     raise
 
 from lmhead_client._tensors import BF16
-from lmhead_client.client import LMHeadError, LMOutputWithLoss, RemoteLMHead, Scores, StreamChunk
+from lmhead_client.client import (LMHeadError, LMOutputWithLoss, RemoteLMHead, Scores,
+                                  StreamMicroBatch, _deprecated_name)
 
-__all__ = ["BF16", "LMHeadError", "LMOutputWithLoss", "RemoteLMHead", "Scores", "StreamChunk"]
+__all__ = ["BF16", "LMHeadError", "LMOutputWithLoss", "RemoteLMHead", "Scores",
+           "StreamMicroBatch"]
+
+
+def __getattr__(name: str):
+    """Old names (StreamChunk: StreamMicroBatch), for one release, with a DeprecationWarning."""
+    return _deprecated_name(__name__, name, globals())

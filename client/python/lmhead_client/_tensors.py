@@ -90,8 +90,7 @@ _TORCH_TO_WIRE = {} if torch is None else {
     torch.int32: pb.DATA_TYPE_INT32,
     torch.int64: pb.DATA_TYPE_INT64,
 }
-_ITEMSIZE = {pb.DATA_TYPE_BF16: 2, pb.DATA_TYPE_FP16: 2, pb.DATA_TYPE_FP32: 4,
-             pb.DATA_TYPE_INT32: 4, pb.DATA_TYPE_INT64: 8, pb.DATA_TYPE_BOOL: 1}
+_ITEMSIZE = {wire: numpy_dtype.itemsize for wire, numpy_dtype in _WIRE_TO_NUMPY.items()}
 
 
 class TensorLayout(NamedTuple):

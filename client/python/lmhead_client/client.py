@@ -12,6 +12,7 @@ import random
 import re
 import threading
 import time
+import warnings
 import weakref
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -34,13 +35,29 @@ _IMPLEMENTATIONS = {
     "default": pb.LOSS_IMPLEMENTATION_DEFAULT,
     "fused_linear": pb.LOSS_IMPLEMENTATION_FUSED_LINEAR,
 }
+
+
+def _wire_value(table: dict, argument: str, value):
+    """table[value] (the wire enum value of a name), or ValueError naming `argument`, as
+    upstream raises one for an unknown name."""
+    if value not in table:
+        raise ValueError(f"{argument}: expected one of {sorted(table)}, got {value!r}")
+    return table[value]
+
+
+def _implementation_name(wire_value: int) -> str:
+    """The name of a model's configured loss implementation (lmhead.v1.LossImplementation)."""
+    for name, value in _IMPLEMENTATIONS.items():
+        if value == wire_value:
+            return name
+    return "default"
 _LOSS_FIELDS = ("loss", "ce_loss", "z_loss")
 # The arguments of score() that choose outputs (ScoringOptions), and the forward arguments it
 # takes besides them.
 _SCORING_ARGS = ("label_logprobs", "entropy", "label_rank", "top_k", "candidate_ids",
                  "segment_ids")
 _SCORE_FORWARD_ARGS = ("ignore_index", "loss_reduction", "z_loss_multiplier", "loss_div_factor",
-                       "logits_to_keep", "loss_implementation", "fused_chunk_bytes")
+                       "logits_to_keep", "loss_implementation", "logit_tile_bytes")
 
 
 class LMOutputWithLoss(NamedTuple):
@@ -73,7 +90,7 @@ class Scores(NamedTuple):
     num_scored_tokens: int = 0
 
 
-class StreamChunk(NamedTuple):
+class StreamMicroBatch(NamedTuple):
     """One micro-batch of `iter_forward_stream`: rows [start, stop) of the batch, what
     `forward` returns for them, and how many of their tokens were scored."""
 
@@ -81,6 +98,64 @@ class StreamChunk(NamedTuple):
     stop: int
     output: object
     num_scored_tokens: int
+
+
+# Old public names, kept for one release: each still works, with a DeprecationWarning.
+_DEPRECATED_NAMES = {"StreamChunk": "StreamMicroBatch"}
+
+
+def _deprecated_name(module: str, name: str, namespace: dict):
+    """The object a deprecated name of `module` stands for (module __getattr__): warns with a
+    DeprecationWarning; AttributeError for a name that is not one."""
+    if name not in _DEPRECATED_NAMES:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new = _DEPRECATED_NAMES[name]
+    warnings.warn(f"{module}.{name} is deprecated, use {new} (the old name goes in the next "
+                  "release)", DeprecationWarning, stacklevel=3)
+    return namespace[new]
+
+
+def __getattr__(name: str):
+    return _deprecated_name(__name__, name, globals())
+
+
+# Micro-batches of a streamed job hold this much of its hidden states unless told otherwise.
+DEFAULT_MAX_MICRO_BATCH_BYTES = 64 << 20
+
+
+def _renamed_keyword(kwargs: dict, old: str, new: str, value, method: str, stacklevel: int = 3):
+    """The value of keyword `new` (`value`; None when not given), or of its deprecated name `old`
+    when kwargs has it (taken out of kwargs, with a DeprecationWarning for the caller
+    `stacklevel` - 1 frames up). TypeError when both are given."""
+    if old not in kwargs:
+        return value
+    old_value = kwargs.pop(old)
+    if value is not None:
+        raise TypeError(f"{method}() got both {new}= and its deprecated name {old}=; "
+                        f"give {new}= alone")
+    warnings.warn(f"{method}(): {old}= is deprecated, use {new}= (the old name goes in the next "
+                  "release)", DeprecationWarning, stacklevel=stacklevel)
+    return old_value
+
+
+def _renamed_forward_args(forward_args: dict, method: str, stacklevel: int = 4) -> None:
+    """Moves forward's deprecated keyword fused_chunk_bytes= in forward_args to logit_tile_bytes=
+    (_renamed_keyword), for the public method that was called with them."""
+    if "fused_chunk_bytes" in forward_args:
+        forward_args["logit_tile_bytes"] = _renamed_keyword(
+            forward_args, "fused_chunk_bytes", "logit_tile_bytes",
+            forward_args.get("logit_tile_bytes"), method, stacklevel)
+
+
+def _stream_keywords(forward_args: dict, max_micro_batch_bytes: Optional[int], method: str
+                     ) -> Optional[int]:
+    """The micro-batch budget of a streaming method (max_micro_batch_bytes, or max_chunk_bytes=,
+    its deprecated name, taken out of forward_args), after _renamed_forward_args."""
+    max_micro_batch_bytes = _renamed_keyword(forward_args, "max_chunk_bytes",
+                                             "max_micro_batch_bytes", max_micro_batch_bytes,
+                                             method, stacklevel=4)
+    _renamed_forward_args(forward_args, method, stacklevel=5)
+    return max_micro_batch_bytes
 
 
 def _reraise(error: grpc.RpcError):
@@ -444,7 +519,8 @@ class RemoteLMHead:
                 z_loss_multiplier: Optional[float] = None, loss_div_factor=None,
                 return_logits: Optional[bool] = None, logits_to_keep=0,
                 loss_implementation: Optional[str] = None, logits_dtype=None,
-                fused_chunk_bytes: Optional[int] = None, return_argmax: bool = False):
+                logit_tile_bytes: Optional[int] = None, return_argmax: bool = False,
+                **deprecated):
         """LMHead.forward(x, ...) on the server; the arguments are upstream's.
 
         x: (B, S, d_model) hidden states, a torch tensor (float32/bfloat16/float16) or a numpy
@@ -452,7 +528,9 @@ class RemoteLMHead:
         a (B, K) int64 tensor) and loss_div_factor (a number or a tensor) likewise.
         Extensions: loss_implementation ("default" or "fused_linear") overrides the model's for
         this call; logits_dtype (e.g. "bf16", torch.float32) is the dtype of returned logits;
-        fused_chunk_bytes bounds fused_linear's transient logits; return_argmax=True also
+        logit_tile_bytes bounds the tile of logits fused_linear holds at once (its old name
+        fused_chunk_bytes= still works for one release, with a DeprecationWarning);
+        return_argmax=True also
         returns each kept position's most likely token id, (B, S') int64, logits.argmax(-1)
         (with fused_linear found without logits), as a pair (output, argmax).
 
@@ -460,12 +538,16 @@ class RemoteLMHead:
         x is a torch tensor, numpy arrays otherwise (bfloat16 values as float32).
         Raises LMHeadError (with the gRPC status code) when the server refuses the call.
         """
+        logit_tile_bytes = _renamed_keyword(deprecated, "fused_chunk_bytes", "logit_tile_bytes",
+                                            logit_tile_bytes, "forward")
+        for name in deprecated:
+            raise TypeError(f"forward() got an unexpected keyword argument {name!r}")
         args = dict(
             labels=labels, ignore_index=ignore_index, loss_reduction=loss_reduction,
             z_loss_multiplier=z_loss_multiplier, loss_div_factor=loss_div_factor,
             return_logits=return_logits, logits_to_keep=logits_to_keep,
             loss_implementation=loss_implementation, logits_dtype=logits_dtype,
-            fused_chunk_bytes=fused_chunk_bytes, return_argmax=return_argmax)
+            logit_tile_bytes=logit_tile_bytes, return_argmax=return_argmax)
         fields = self._call(x, args)[1]
         return _output(fields, _tensors.is_torch(x), labels is not None, return_argmax)
 
@@ -489,7 +571,7 @@ class RemoteLMHead:
             row and continuation the sum of log p(label), the scored token count, whether every
             label was the argmax and the summed entropy, (B, G).
         forward_args: forward's ignore_index, loss_reduction, z_loss_multiplier,
-        loss_div_factor, logits_to_keep, loss_implementation and fused_chunk_bytes.
+        loss_div_factor, logits_to_keep, loss_implementation and logit_tile_bytes.
         Without labels every kept position is scored for entropy, top_k and candidates (at least
         one of them must be asked for; ValueError otherwise), and there is no loss.
 
@@ -497,6 +579,7 @@ class RemoteLMHead:
         otherwise, as forward. Raises LMHeadError when the server refuses the call (an
         INVALID_ARGUMENT names the field, e.g. "options.scoring.top_k: ...").
         """
+        _renamed_forward_args(forward_args, "score")
         has_labels, args = _score_arguments(
             hidden_states, labels, dict(label_logprobs=label_logprobs, entropy=entropy,
                                         label_rank=label_rank, top_k=top_k,
@@ -507,7 +590,7 @@ class RemoteLMHead:
                        has_labels)
 
     def score_stream(self, hidden_states, labels=None, *, micro_batch_size: Optional[int] = None,
-                     max_chunk_bytes: int = 64 << 20, parallel_streams: int = 4,
+                     max_micro_batch_bytes: Optional[int] = None, parallel_streams: int = 4,
                      **score_args) -> Scores:
         """score(hidden_states, labels, **score_args) for jobs of any size, sent in
         micro-batches of rows as forward_stream sends them, with the same result as one score
@@ -516,37 +599,43 @@ class RemoteLMHead:
         absent continuation (count 0, sums 0, is_greedy true), and the loss combined as
         forward_stream combines it. Labels, segment_ids, a (B, S', C) candidate_ids and a
         (B, K) logits_to_keep are split with the rows."""
+        max_micro_batch_bytes = _stream_keywords(score_args, max_micro_batch_bytes,
+                                                 "score_stream")
         scoring = {name: score_args.pop(name) for name in _SCORING_ARGS if name in score_args}
         has_labels, args = _score_arguments(hidden_states, labels, scoring, score_args,
                                             "score_stream")
-        combined, scored = self._stream_job(hidden_states, micro_batch_size, max_chunk_bytes,
-                                            parallel_streams, args)
+        combined, scored = self._stream_job(hidden_states, micro_batch_size,
+                                            max_micro_batch_bytes, parallel_streams, args)
         return _scores(combined, scored, _tensors.is_torch(hidden_states), has_labels)
 
     def iter_forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
-                            max_chunk_bytes: int = 64 << 20,
-                            **forward_args) -> Iterator[StreamChunk]:
-        """Runs forward over one ForwardStream call in micro-batches of rows of x, yielding
-        each micro-batch's result as it arrives (see StreamChunk). Each micro-batch is reduced
-        on its own: "mean" gives per-micro-batch means. `forward_stream` combines them."""
+                            max_micro_batch_bytes: Optional[int] = None,
+                            **forward_args) -> Iterator[StreamMicroBatch]:
+        """Runs forward over one ForwardStream call in micro-batches of rows of x (as
+        forward_stream splits them), yielding each micro-batch's result as it arrives (see
+        StreamMicroBatch). Each micro-batch is reduced on its own: "mean" gives per-micro-batch
+        means. `forward_stream` combines them."""
+        max_micro_batch_bytes = _stream_keywords(forward_args, max_micro_batch_bytes,
+                                                 "iter_forward_stream")
         if "parallel_streams" in forward_args:
             raise TypeError("iter_forward_stream sends one stream; parallel_streams is "
                             "forward_stream's")
         _refuse_scoring(forward_args, "iter_forward_stream")
-        for start, stop, response, fields in self._resuming(x, micro_batch_size, max_chunk_bytes,
-                                                            forward_args):
+        for start, stop, response, fields in self._resuming(x, micro_batch_size,
+                                                            max_micro_batch_bytes, forward_args):
             output = _output(fields, _tensors.is_torch(x), forward_args.get("labels") is not None,
                              forward_args.get("return_argmax", False))
-            yield StreamChunk(start, stop, output, response.num_scored_tokens)
+            yield StreamMicroBatch(start, stop, output, response.num_scored_tokens)
 
     def forward_stream(self, x, *, micro_batch_size: Optional[int] = None,
-                       max_chunk_bytes: int = 64 << 20, parallel_streams: int = 4,
+                       max_micro_batch_bytes: Optional[int] = None, parallel_streams: int = 4,
                        **forward_args):
         """forward(x, **forward_args) for jobs of any size: x is split along the batch into
-        micro-batches (`micro_batch_size` rows, or as many as fit `max_chunk_bytes` of hidden
-        states), sent over one ForwardStream, and the answers combined into what one forward
-        call returns, by the rule of docs/API.md "Combining micro-batches" (the C++ client and
-        the CLI follow the same rule):
+        micro-batches (`micro_batch_size` rows, or as many as fit `max_micro_batch_bytes` of
+        hidden states, default 64 MiB; `max_chunk_bytes`, its old name, still works for one
+        release, with a DeprecationWarning), sent over one ForwardStream, and the answers
+        combined into what one forward call returns, by the rule of docs/API.md "Combining
+        micro-batches" (the C++ client and the CLI follow the same rule):
 
         - logits, argmax and "none" losses: concatenated along the batch.
         - "sum" and "mean": each micro-batch is sent as "sum" without loss_div_factor; then
@@ -567,8 +656,10 @@ class RemoteLMHead:
         memory the micro-batches go over the main channel's one stream whatever this says: the
         regions belong to its connection, and the bytes no longer cross a socket.
         """
+        max_micro_batch_bytes = _stream_keywords(forward_args, max_micro_batch_bytes,
+                                                 "forward_stream")
         _refuse_scoring(forward_args, "forward_stream")
-        combined = self._stream_job(x, micro_batch_size, max_chunk_bytes, parallel_streams,
+        combined = self._stream_job(x, micro_batch_size, max_micro_batch_bytes, parallel_streams,
                                     forward_args)[0]
         combined = {name: _tensors.to_user(decoded, _tensors.is_torch(x))
                     for name, decoded in combined.items()}
@@ -595,7 +686,7 @@ class RemoteLMHead:
             if lease is not None:
                 lease.release()
 
-    def _stream_job(self, x, micro_batch_size, max_chunk_bytes, parallel_streams,
+    def _stream_job(self, x, micro_batch_size, max_micro_batch_bytes, parallel_streams,
                     forward_args) -> Tuple[Dict[str, _tensors.Decoded], int]:
         """forward_stream's job: the micro-batches' outputs combined (docs/API.md "Combining
         micro-batches"), and the scored tokens."""
@@ -604,9 +695,7 @@ class RemoteLMHead:
             raise ValueError(f"parallel_streams must be a positive integer, got "
                              f"{parallel_streams!r}")
         reduction = forward_args.get("loss_reduction", "mean")
-        if reduction not in _REDUCTIONS:  # before it is sent as "sum"
-            raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
-                             f"got {reduction!r}")
+        _wire_value(_REDUCTIONS, "loss_reduction", reduction)  # before it is sent as "sum"
         divisor = forward_args.get("loss_div_factor")
         sent_args = dict(forward_args)
         if reduction != "none":
@@ -619,10 +708,11 @@ class RemoteLMHead:
             reduction, None if reduction == "none" or divisor is None else float(divisor),
             lambda: self._implementation(forward_args))
         if parallel_streams > 1 and self._shared_memory_for(x, micro_batch_size,
-                                                            max_chunk_bytes, sent_args):
+                                                            max_micro_batch_bytes, sent_args):
             parallel_streams = 1
-        for response, fields in self._parallel_streams(x, micro_batch_size, max_chunk_bytes,
-                                                       sent_args, parallel_streams):
+        for response, fields in self._parallel_streams(x, micro_batch_size,
+                                                       max_micro_batch_bytes, sent_args,
+                                                       parallel_streams):
             combiner.add(response, fields)
         return combiner.finish(), combiner.num_scored_tokens
 
@@ -673,10 +763,8 @@ class RemoteLMHead:
             info = self._model_info
             if info is None:
                 info = self._model_info = self.get_model()
-            implementation = args.get("loss_implementation") or (
-                "fused_linear"
-                if info.config.loss_implementation == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
-                else "default")
+            implementation = (args.get("loss_implementation")
+                              or _implementation_name(info.config.loss_implementation))
             if labels is not None and implementation != "default":
                 return None
             batch, length = int(x.shape[0]), int(x.shape[1])
@@ -692,11 +780,12 @@ class RemoteLMHead:
         except (LMHeadError, KeyError, ValueError, TypeError, AttributeError, IndexError):
             return None  # the server's answer will say what is wrong
 
-    def _shared_memory_for(self, x, micro_batch_size, max_chunk_bytes, forward_args) -> bool:
+    def _shared_memory_for(self, x, micro_batch_size, max_micro_batch_bytes,
+                           forward_args) -> bool:
         """Whether the micro-batches of this job would go through shared memory."""
         if self._shm is None:
             return False
-        bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
+        bounds = _micro_batches(x, micro_batch_size, max_micro_batch_bytes)
         rows = bounds[0][1] - bounds[0][0]
         row_bytes = int(np.prod(x.shape[1:])) * _itemsize(x) if len(x.shape) else 0
         return self._shm.wants(rows * row_bytes)
@@ -704,15 +793,13 @@ class RemoteLMHead:
     def _request(self, *, labels=None, ignore_index=-100, loss_reduction="mean",
                  z_loss_multiplier=None, loss_div_factor=None, return_logits=None,
                  logits_to_keep=0, loss_implementation=None, logits_dtype=None,
-                 fused_chunk_bytes=None, return_argmax=False, label_logprobs=False,
+                 logit_tile_bytes=None, return_argmax=False, label_logprobs=False,
                  entropy=False, label_rank=False, top_k=0, candidate_ids=None,
                  segment_ids=None) -> pb.ForwardRequest:
         """The request's small fields (the hidden states and labels are added by _prepare)."""
-        if loss_reduction not in _REDUCTIONS:
-            raise ValueError(f"loss_reduction: expected one of {sorted(_REDUCTIONS)}, "
-                             f"got {loss_reduction!r}")
-        options = pb.ForwardOptions(ignore_index=int(ignore_index),
-                                    loss_reduction=_REDUCTIONS[loss_reduction])
+        options = pb.ForwardOptions(
+            ignore_index=int(ignore_index),
+            loss_reduction=_wire_value(_REDUCTIONS, "loss_reduction", loss_reduction))
         if z_loss_multiplier is not None:
             options.z_loss_multiplier = float(z_loss_multiplier)
         if isinstance(loss_div_factor, (int, float, np.number)):
@@ -727,8 +814,8 @@ class RemoteLMHead:
             options.logits_to_keep_positions.CopyFrom(_tensors.encode(logits_to_keep))
         if logits_dtype is not None:
             options.logits_dtype = _tensors.wire_dtype(logits_dtype)
-        if fused_chunk_bytes is not None:
-            options.fused_chunk_bytes = int(fused_chunk_bytes)
+        if logit_tile_bytes is not None:
+            options.logit_tile_bytes = int(logit_tile_bytes)
         options.return_argmax = bool(return_argmax)
         scoring = pb.ScoringOptions(label_logprobs=bool(label_logprobs), entropy=bool(entropy),
                                     label_rank=bool(label_rank), top_k=int(top_k))
@@ -741,21 +828,19 @@ class RemoteLMHead:
 
         request = pb.ForwardRequest(model=self.model or "", options=options)
         if loss_implementation is not None:
-            if loss_implementation not in _IMPLEMENTATIONS:
-                raise ValueError(f"loss_implementation: expected one of "
-                                 f"{sorted(_IMPLEMENTATIONS)}, got {loss_implementation!r}")
-            request.config.loss_implementation = _IMPLEMENTATIONS[loss_implementation]
+            request.config.loss_implementation = _wire_value(
+                _IMPLEMENTATIONS, "loss_implementation", loss_implementation)
         return request
 
-    def _parallel_streams(self, x, micro_batch_size, max_chunk_bytes, forward_args,
+    def _parallel_streams(self, x, micro_batch_size, max_micro_batch_bytes, forward_args,
                           streams: int) -> List[Tuple[pb.ForwardResponse, Dict]]:
         """(answer, its decoded outputs) for every micro-batch of x, in order, over up to
         `streams` ForwardStream calls at once, each given a run of consecutive micro-batches."""
-        bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
+        bounds = _micro_batches(x, micro_batch_size, max_micro_batch_bytes)
         streams = min(streams, len(bounds))
         if streams == 1:
-            return [(r, f) for _, _, r, f in self._resuming(x, micro_batch_size, max_chunk_bytes,
-                                                            forward_args)]
+            return [(r, f) for _, _, r, f in self._resuming(x, micro_batch_size,
+                                                            max_micro_batch_bytes, forward_args)]
         size = bounds[1][0] - bounds[0][0]  # rows per micro-batch (all but the last)
         batch = int(x.shape[0])
         row_args = _row_arguments(batch, forward_args)
@@ -777,7 +862,7 @@ class RemoteLMHead:
             try:
                 part_x, args = parts[s]
                 results[s] = [(r, f) for _, _, r, f in self._resuming(
-                    part_x, size, max_chunk_bytes, args, method=methods[s],
+                    part_x, size, max_micro_batch_bytes, args, method=methods[s],
                     calls=calls, index=s)]
             except LMHeadError as e:
                 # The micro-batch the server names, counted in the job rather than the stream.
@@ -802,7 +887,7 @@ class RemoteLMHead:
             raise failed[0]
         return [response for part in results for response in part]
 
-    def _resuming(self, x, micro_batch_size, max_chunk_bytes, forward_args, **stream
+    def _resuming(self, x, micro_batch_size, max_micro_batch_bytes, forward_args, **stream
                   ) -> Iterator[Tuple[int, int, pb.ForwardResponse, Dict[str, _tensors.Decoded]]]:
         """_stream(x, ...), carried on when its server goes away after answers: a stream that
         ends UNAVAILABLE after answering micro-batches is followed, within max_attempts and
@@ -821,7 +906,7 @@ class RemoteLMHead:
             offset, before = done, answered
             try:
                 for start, stop, response, fields in self._stream(
-                        part, micro_batch_size, max_chunk_bytes, args, **stream):
+                        part, micro_batch_size, max_micro_batch_bytes, args, **stream):
                     done, answered = offset + stop, answered + 1
                     yield offset + start, offset + stop, response, fields
                 return
@@ -839,7 +924,7 @@ class RemoteLMHead:
             time.sleep(random.uniform(0, backoff))
             backoff = min(backoff * 2, 5.0)
 
-    def _stream(self, x, micro_batch_size, max_chunk_bytes, forward_args, method=None,
+    def _stream(self, x, micro_batch_size, max_micro_batch_bytes, forward_args, method=None,
                 calls: Optional["_Calls"] = None, index: int = 0
                 ) -> Iterator[Tuple[int, int, pb.ForwardResponse, Dict[str, _tensors.Decoded]]]:
         """(start, stop, response, its decoded outputs) per micro-batch of one ForwardStream call
@@ -847,7 +932,7 @@ class RemoteLMHead:
         when given. On the main channel micro-batches may use shared memory: each holds a buffer
         of its own until its answer is read, at most STREAM_WINDOW at once."""
         batch = int(x.shape[0])
-        bounds = _micro_batches(x, micro_batch_size, max_chunk_bytes)
+        bounds = _micro_batches(x, micro_batch_size, max_micro_batch_bytes)
         row_args = _row_arguments(batch, forward_args)
         shared = method is None and self._shm is not None
         window = threading.Semaphore(_shared_memory.STREAM_WINDOW)
@@ -953,9 +1038,7 @@ class RemoteLMHead:
         """The loss implementation a call with `forward_args` runs: its own, or the model's."""
         implementation = forward_args.get("loss_implementation")
         if implementation is None:
-            configured = self.get_model().config.loss_implementation
-            implementation = ("fused_linear" if configured == pb.LOSS_IMPLEMENTATION_FUSED_LINEAR
-                              else "default")
+            implementation = _implementation_name(self.get_model().config.loss_implementation)
         return implementation
 
 
@@ -1050,14 +1133,17 @@ def _kept_start(logits_to_keep: int, length: int) -> int:
     return length if k <= -length else -k
 
 
-def _micro_batches(x, micro_batch_size: Optional[int], max_chunk_bytes: int
+def _micro_batches(x, micro_batch_size: Optional[int], max_micro_batch_bytes: Optional[int]
                    ) -> List[Tuple[int, int]]:
     """[start, stop) rows of each micro-batch of x: `micro_batch_size` rows, or as many as fit
-    `max_chunk_bytes`; one empty micro-batch for an empty x."""
+    `max_micro_batch_bytes` (None: DEFAULT_MAX_MICRO_BATCH_BYTES); one empty micro-batch for an
+    empty x."""
     batch = int(x.shape[0])
     if micro_batch_size is None:
+        if max_micro_batch_bytes is None:
+            max_micro_batch_bytes = DEFAULT_MAX_MICRO_BATCH_BYTES
         row_bytes = int(np.prod(x.shape[1:])) * _itemsize(x)
-        micro_batch_size = max(1, max_chunk_bytes // max(1, row_bytes))
+        micro_batch_size = max(1, max_micro_batch_bytes // max(1, row_bytes))
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
     return [(a, min(a + micro_batch_size, batch))

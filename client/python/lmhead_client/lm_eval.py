@@ -142,9 +142,9 @@ class LMHeadLM(HFLM):
         batch_size = self.batch_size  # a number (as HFLM's, which then ignores override_bs)
         pbar = tqdm(total=len(requests), disable=(disable_tqdm or (self.rank != 0)),
                     desc="Running loglikelihood requests")
-        for chunk in re_ord.get_batched(n=batch_size):
+        for batch in re_ord.get_batched(n=batch_size):
             inps, inplens, cont_toks_list = [], [], []
-            for _, context_enc, continuation_enc in chunk:
+            for _, context_enc, continuation_enc in batch:
                 assert len(context_enc) > 0
                 assert len(continuation_enc) > 0
                 assert len(continuation_enc) <= self.max_length
@@ -161,7 +161,7 @@ class LMHeadLM(HFLM):
             # order the answers go back to re_ord.
             pieces = []
             for (request_str, ctx_tokens, _), states, inplen, cont_toks in zip(
-                    chunk, hidden, inplens, cont_toks_list):
+                    batch, hidden, inplens, cont_toks_list):
                 ctx_len = inplen + (states.shape[0] - padding_len_inp)
                 states = self._select_cont_toks(states, contlen=len(cont_toks), inplen=ctx_len)
                 for request_str, cont_toks, states in re_ord.get_cache(

@@ -10,20 +10,20 @@ void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tens
   const int64_t cols = logits.size(1);
   const at::Tensor logits_fp32 = logits.to(at::kFloat);
   lse.copy_(at::logaddexp(lse, at::logsumexp(logits_fp32, {1})));
-  const at::Tensor in_chunk = safe_labels.ge(col0).logical_and(safe_labels.lt(col0 + cols));
+  const at::Tensor in_tile = safe_labels.ge(col0).logical_and(safe_labels.lt(col0 + cols));
   const at::Tensor column = (safe_labels - col0).clamp(0, cols - 1).unsqueeze(1);
-  label_logit.copy_(at::where(in_chunk, logits_fp32.gather(1, column).squeeze(1), label_logit));
+  label_logit.copy_(at::where(in_tile, logits_fp32.gather(1, column).squeeze(1), label_logit));
   if (best_value == nullptr) return;
   // max(dim) returns the first maximum (a NaN if there is one), as argmax does; among equal
-  // values the lower id wins, so an earlier chunk keeps its best on ties.
-  const auto [chunk_value, chunk_index] = logits_fp32.max(1);
-  const at::Tensor id = chunk_index + col0;
+  // values the lower id wins, so an earlier tile keeps its best on ties.
+  const auto [tile_value, tile_index] = logits_fp32.max(1);
+  const at::Tensor id = tile_index + col0;
   const at::Tensor better =
-      chunk_value.gt(*best_value)
-          .logical_or(chunk_value.eq(*best_value).logical_and(id.lt(*best_index)))
-          .logical_or(chunk_value.isnan().logical_and(best_value->isnan().logical_not()));
+      tile_value.gt(*best_value)
+          .logical_or(tile_value.eq(*best_value).logical_and(id.lt(*best_index)))
+          .logical_or(tile_value.isnan().logical_and(best_value->isnan().logical_not()));
   best_index->copy_(at::where(better, id, *best_index));
-  best_value->copy_(at::where(better, chunk_value, *best_value));
+  best_value->copy_(at::where(better, tile_value, *best_value));
 }
 
 }  // namespace lmhead::cpu

@@ -9,7 +9,7 @@
 namespace lmhead::cpu {
 
 // The contract of lmhead::AccumulateLogitStats (core/ops/logit_stats.h). Works on an fp32 copy
-// of the chunk plus one fp32 temporary (8 working bytes per logit). May throw c10::Error.
+// of the tile plus one fp32 temporary (8 working bytes per logit). May throw c10::Error.
 // best_value and best_index are both given or both null (the running argmax, RunningArgmax).
 void AccumulateLogitStats(const at::Tensor& logits, int64_t col0, const at::Tensor& safe_labels,
                           at::Tensor& lse, at::Tensor& label_logit, at::Tensor* best_value,

@@ -113,10 +113,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (lane == 0) {
-    const float chunk_lse = state.m == -INFINITY ? -INFINITY : state.m + __logf(state.s);
+    const float tile_lse = state.m == -INFINITY ? -INFINITY : state.m + __logf(state.s);
     const float old = lse[row];
-    const float hi = fmaxf(old, chunk_lse);
-    lse[row] = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(fminf(old, chunk_lse) - hi));
+    const float hi = fmaxf(old, tile_lse);
+    lse[row] = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(fminf(old, tile_lse) - hi));
     const int64_t column = labels[row] - col0;
     if (column >= 0 && column < cols) label_logit[row] = ToFloat(x[column]);
     if constexpr (kArgmax) {
@@ -177,7 +177,7 @@ __device__ __forceinline__ EntropyState MergeEntropy(EntropyState a, EntropyStat
 
 // One warp per row, as AccumulateLogitStatsKernel: each lane folds its columns into an
 // EntropyState, counts those above the row's threshold and (kArgmax) tracks its best column;
-// the warp merges them with shuffles and lane 0 merges the chunk into the row's state.
+// the warp merges them with shuffles and lane 0 merges the tile into the row's state.
 template <typename T, bool kRank, bool kArgmax>
 __global__ void __launch_bounds__(kThreads)
     AccumulateScoringStatsKernel(const T* __restrict__ logits, int64_t rows, int64_t cols,
