@@ -387,11 +387,9 @@ int64_t WireBytes(const grpc::ByteBuffer& request) {
 
 // Opens ForwardStream calls on `channel` whose requests are already serialised
 // (SerializeForwardRequest). gRPC's C++ API has no public synchronous call of raw bytes; this is
-// how generated stubs open theirs. `wait_for_ready`: the call waits (within its deadline) for a
-// connection that is not up yet instead of failing at once.
-auto OpenSerializedStream(std::shared_ptr<grpc::Channel> channel, bool wait_for_ready = false) {
-  return [channel = std::move(channel), wait_for_ready](grpc::ClientContext* context) {
-    if (wait_for_ready) context->set_wait_for_ready(true);
+// how generated stubs open theirs.
+auto OpenSerializedStream(std::shared_ptr<grpc::Channel> channel) {
+  return [channel = std::move(channel)](grpc::ClientContext* context) {
     return std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, v1::ForwardResponse>>(
         grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, v1::ForwardResponse>::Create(
             channel.get(),
@@ -401,10 +399,39 @@ auto OpenSerializedStream(std::shared_ptr<grpc::Channel> channel, bool wait_for_
   };
 }
 
+// Waits for `channel`'s connection (READY), asking it to connect, before an attempt of a stream.
+// gRPC fails a call at once while its channel's last connection attempt has failed, and connects
+// again only about 1 s later; an attempt that failed once for a passing reason (gRPC 1.51 can
+// even report a connect() still under way as failed, docs/API.md "Retries") would otherwise cost
+// the call its attempts within that second. Waits at most `*wait_left` (the call's, from
+// kConnectionWait; what it waited is taken off) and not past `deadline`, so that a server that
+// cannot be reached fails the call after one such wait. False when `cancelled` returns true
+// first (asked every 50 ms).
+bool AwaitConnection(grpc::Channel& channel, absl::Time deadline, absl::Duration* wait_left,
+                     const std::function<bool()>& cancelled) {
+  constexpr absl::Duration kPoll = absl::Milliseconds(50);
+  const absl::Time start = absl::Now();
+  const absl::Time give_up = std::min(deadline, start + *wait_left);
+  bool connected_or_gave_up = true;
+  for (grpc_connectivity_state state = channel.GetState(/*try_to_connect=*/true);
+       state != GRPC_CHANNEL_READY && state != GRPC_CHANNEL_SHUTDOWN;
+       state = channel.GetState(/*try_to_connect=*/true)) {
+    const absl::Time now = absl::Now();
+    if (now >= give_up) break;
+    if (cancelled()) {
+      connected_or_gave_up = false;
+      break;
+    }
+    channel.WaitForStateChange(state, absl::ToChronoTime(std::min(give_up, now + kPoll)));
+  }
+  *wait_left = std::max(absl::ZeroDuration(), *wait_left - (absl::Now() - start));
+  return connected_or_gave_up;
+}
+
 }  // namespace
 
 template <class Request>
-absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
+absl::Status LMHeadClient::ForwardStreamOn(grpc::Channel* channel, const OpenStream<Request>& open,
                                            const std::function<bool(Request*)>& next,
                                            const OnResponse& on_response,
                                            StreamCancellation* cancellation,
@@ -422,7 +449,15 @@ absl::Status LMHeadClient::ForwardStreamOn(const OpenStream<Request>& open,
   bool exhausted = false;  // `next` returned false
   absl::Duration backoff = kInitialBackoff;
   int64_t index = 0;  // answers received, over every attempt
+  // What is left of the call's waits for a connection (AwaitConnection).
+  absl::Duration connection_wait_left = kConnectionWait;
+  const std::function<bool()> cancelled = [cancellation]() {
+    return cancellation != nullptr && cancellation->WaitForCancel(absl::ZeroDuration());
+  };
   for (int attempt = 1;; ++attempt) {
+    if (!AwaitConnection(*channel, deadline, &connection_wait_left, cancelled)) {
+      return absl::CancelledError("the stream was cancelled");
+    }
     grpc::ClientContext context;
     if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
     if (!options_.request_id.empty()) context.AddMetadata("x-request-id", options_.request_id);
@@ -505,7 +540,7 @@ absl::Status LMHeadClient::ForwardStream(const NextRequest& next, const OnRespon
   const OpenStream<v1::ForwardRequest> open = [this](grpc::ClientContext* context) {
     return stub_->ForwardStream(context);
   };
-  return ForwardStreamOn(open, next, on_response, cancellation);
+  return ForwardStreamOn(channel_.get(), open, next, on_response, cancellation);
 }
 
 namespace {
@@ -675,7 +710,7 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardMicroBatched(
       return true;
     };
     absl::Status status = ForwardStreamOn<grpc::ByteBuffer>(
-        OpenSerializedStream(channel_), next, on_response, /*cancellation=*/nullptr,
+        channel_.get(), OpenSerializedStream(channel_), next, on_response, /*cancellation=*/nullptr,
         [&](int64_t answered) { sent = answered; });
     if (!failure.ok()) return failure;
     if (!status.ok()) return status;
@@ -697,13 +732,11 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardMicroBatched(
     absl::MutexLock lock(&mu);
     for (int later = s + 1; later < streams; ++later) cancellations[later].Cancel();
   };
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
   std::vector<OpenStream<grpc::ByteBuffer>> opens;
-  // Streams after the first run on connections opened for this job: the server answered on the
-  // first a moment ago, so one that fails to connect (seen once on an H200 host, "failed to
-  // connect to all addresses") waits for gRPC's reconnection rather than failing the job. A
-  // server that is gone fails the first stream, which cancels the others.
   for (int s = 0; s < streams; ++s) {
-    opens.push_back(OpenSerializedStream(StreamChannel(s), /*wait_for_ready=*/s > 0));
+    channels.push_back(StreamChannel(s));
+    opens.push_back(OpenSerializedStream(channels[s]));
   }
   std::vector<std::thread> threads;
   for (int s = 0; s < streams; ++s) {
@@ -722,8 +755,9 @@ absl::StatusOr<v1::ForwardResponse> LMHeadClient::ForwardMicroBatched(
         if (progress) progress(done, micro_batches);
         return true;
       };
-      statuses[s] = ForwardStreamOn(opens[s], next, on_response, &cancellations[s],
-                                    [&](int64_t answered) { next_index = first[s] + answered; });
+      statuses[s] =
+          ForwardStreamOn(channels[s].get(), opens[s], next, on_response, &cancellations[s],
+                          [&](int64_t answered) { next_index = first[s] + answered; });
       if (!statuses[s].ok()) cancel_after(s);
     });
   }

@@ -89,6 +89,11 @@ absl::StatusOr<ChannelTarget> ChannelTargetOf(absl::string_view address);
 // "" when it would hold nothing.
 std::string RetryServiceConfig(int max_attempts, bool round_robin = false);
 
+// How long a stream waits in all for its channel's connection when it is not up
+// (LMHeadClient::ForwardStream). gRPC 1.51 connects again about 1 s after a failed attempt, then
+// 1.6 s after that (each +-20%): three attempts fit.
+constexpr absl::Duration kConnectionWait = absl::Seconds(5);
+
 // Cancels a ForwardStream call from another thread, whichever attempt it is on. Thread-safe.
 class StreamCancellation {
  public:
@@ -201,8 +206,11 @@ class LMHeadClient {
   // has work. A stream the server refuses before its first answer (RESOURCE_EXHAUSTED or
   // UNAVAILABLE: too many open streams, a full queue) is retried as options.max_attempts says,
   // resending the micro-batches it had sent (up to 256 MiB of them; beyond, no retry); `next`
-  // is called once per micro-batch whatever the attempts. `cancellation` may be given to cancel
-  // from another thread.
+  // is called once per micro-batch whatever the attempts. Each attempt first waits for the
+  // channel's connection, up to kConnectionWait in all of the call and within its deadline, so
+  // that a connection attempt that fails once (gRPC reconnects after about 1 s) costs a wait, not
+  // the call; a server that cannot be reached fails it with gRPC's UNAVAILABLE after that wait.
+  // `cancellation` may be given to cancel from another thread.
   using NextRequest = std::function<bool(v1::ForwardRequest* request)>;
   using OnResponse = std::function<bool(int64_t index, const v1::ForwardResponse& response)>;
   absl::Status ForwardStream(const NextRequest& next, const OnResponse& on_response,
@@ -285,7 +293,8 @@ class LMHeadClient {
   // within options.max_attempts, for the micro-batches not answered: rewind(n) makes `next` start
   // again at micro-batch n (the first unanswered), and on_response's index goes on from there.
   template <class Request>
-  absl::Status ForwardStreamOn(const OpenStream<Request>& open,
+  absl::Status ForwardStreamOn(grpc::Channel* channel,  // `open`'s; waited for (AwaitConnection)
+                               const OpenStream<Request>& open,
                                const std::function<bool(Request* request)>& next,
                                const OnResponse& on_response, StreamCancellation* cancellation,
                                const std::function<void(int64_t answered)>& rewind = {});
